@@ -1,0 +1,3 @@
+from distillgate.cli.main import main
+
+main()

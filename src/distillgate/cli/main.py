@@ -1,0 +1,83 @@
+"""The ``distillgate`` command: noun-verb groups, loaded lazily so that ``distillgate policy ...`` never imports torch.
+
+Each noun lives in its own module under ``distillgate.cli`` and exposes a click object named ``cli``. Register a
+new noun by adding one line to ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from distillgate import __version__
+from distillgate.errors import DistillgateError
+
+# noun -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "policy": ("distillgate.cli.policy_cmd", "Validate, explain and test policies."),
+    "audit": ("distillgate.cli.audit_cmd", "Verify, checkpoint and export the decision log."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module = importlib.import_module(COMMANDS[cmd_name][0])
+        command: click.Command = module.cli
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(__version__, prog_name="distillgate")
+def cli() -> None:
+    """distillgate: governed model-distillation research.
+
+    Set DISTILLGATE_DEBUG=1 to see tracebacks.
+    """
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point: maps the error tree to exit codes (1 user error, 2 policy/integrity, 3 internal)."""
+    try:
+        return cli.main(args=argv, prog_name="distillgate", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(1)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except DistillgateError as exc:
+        if os.environ.get("DISTILLGATE_DEBUG") == "1":
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception:
+        if os.environ.get("DISTILLGATE_DEBUG") == "1":
+            traceback.print_exc()
+        else:
+            exc_type, exc_value, _ = sys.exc_info()
+            click.echo(
+                f"internal error: {exc_type.__name__ if exc_type else 'Exception'}: {exc_value}\n"
+                "  hint: rerun with DISTILLGATE_DEBUG=1 for the traceback and report it",
+                err=True,
+            )
+        sys.exit(3)
