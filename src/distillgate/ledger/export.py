@@ -104,8 +104,10 @@ def export_run(store: Store, policies: PolicySet, run: str, to_url: str, *, user
     entries = list(store.entries(run=run))
     if not entries:
         raise NotFoundError(f"no decisions recorded for run {run!r}", hint="check the run id (policy_run_id)")
-    if project is None:
-        project = next((str(e.body["project"]) for e in entries if e.body.get("project")), None)
+    if project is None:  # the project the run's allowed decisions were made for
+        allowed = Counter(str(e.body["project"]) for e in entries
+                          if e.body.get("decision") == "allow" and e.body.get("project"))
+        project = allowed.most_common(1)[0][0] if allowed else None
     policy = policies.select(project)
     request = Request(user=user, project=project, run=run, output_type=None, kind="export", destination=to_url)
     admission = store.admit(policy, request)

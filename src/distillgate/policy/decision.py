@@ -178,7 +178,8 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
                 f"{policy.policy_id!r} (allowed: {', '.join(policy.allowed_projects)})")
         else:
             users = policy.users_for(request.project)
-            if users is not None and request.user is not None and request.user not in users:
+            if users is not None and request.user is not None and request.user not in users \
+                    and request.kind != "review":  # reviewers are governed by review.reviewers
                 add("USER_NOT_ALLOWED", f"user {request.user!r} may not use project {request.project!r} "
                     f"(allowed users: {', '.join(users)})")
     if request.output_type:
