@@ -44,6 +44,7 @@ class NormaliseConfig(_Strict):
     parse_json: bool = True  # parse JSON answers (also inside ```json fences) and re-serialise canonically
     key_aliases: dict[str, str] = Field(default_factory=lambda: {"type": "category", "intent": "category"})
     label_key: str = "category"
+    plain_label: bool = True  # a non-JSON answer of at most 4 words (e.g. "card_arrival") is read as the label
     label_aliases: dict[str, str] = Field(default_factory=dict)
     canonical_labels: bool = True  # lower-case, spaces and hyphens to underscores
     refusal_patterns: list[str] = Field(

@@ -94,5 +94,11 @@ def normalise_output(
     lowered = text.lower()
     if any(pattern in lowered for pattern in cfg.refusal_patterns):
         return Normalised(cfg.refusal_text, cfg.refusal_label, parsed=True, refusal=True)
-    label = canonical_label(max(label_probs, key=lambda k: label_probs[k]), cfg) if label_probs else None
-    return Normalised(_SPACES.sub(" ", text), label, parsed=False)
+    flat = _SPACES.sub(" ", text)
+    if label_probs:
+        label = canonical_label(max(label_probs, key=lambda k: label_probs[k]), cfg)
+    elif cfg.plain_label and flat and len(flat) <= 64 and len(flat.split(" ")) <= 4:
+        label = canonical_label(flat.strip(" .\"'"), cfg)  # a bare answer like "card_arrival" is the label
+    else:
+        label = None
+    return Normalised(flat, label, parsed=False)
