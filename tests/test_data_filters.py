@@ -6,14 +6,13 @@ import json
 
 import pytest
 
+from _data_support import BANKING_LABELS, make_dataset, teacher_answer
 from distillgate.data.config import NormaliseConfig, parse_config
 from distillgate.data.filters import REASONS, compile_filters
 from distillgate.data.normalize import normalise_output
 from distillgate.data.pipeline import build, process
 from distillgate.data.schema import Row
 from distillgate.errors import ConfigError
-
-from _data_support import BANKING_LABELS, make_dataset, teacher_answer
 
 
 def test_normalise_stable_keys_labels_and_trimming():

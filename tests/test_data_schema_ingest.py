@@ -6,12 +6,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from _data_support import BANKING_TRAIN
 from distillgate.data.config import ColumnMapping, IngestConfig, parse_config
 from distillgate.data.ingest import ingest_file
-from distillgate.data.schema import ARROW_SCHEMA, FIELD_NAMES, SCHEMA_VERSION, Row, read_parquet, write_parquet
+from distillgate.data.schema import (
+    ARROW_SCHEMA,
+    FIELD_NAMES,
+    SCHEMA_VERSION,
+    Row,
+    read_parquet,
+    write_parquet,
+)
 from distillgate.errors import ConfigError, NotFoundError, UserError
-
-from _data_support import BANKING_TRAIN
 
 
 def _full_row() -> Row:

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from _data_support import banking_rows
 from distillgate.data.config import DedupConfig, parse_config
 from distillgate.data.dedup import NearIndex, exact_groups, jaccard, near_duplicate_clusters, shingles
 from distillgate.data.guard import ensure_trainable
@@ -13,8 +14,6 @@ from distillgate.data.leakage import leakage_check
 from distillgate.data.pipeline import process
 from distillgate.data.schema import Row
 from distillgate.errors import DatasetGuardError, UserError
-
-from _data_support import banking_rows
 
 
 def test_shingles_and_exact_groups():

@@ -89,8 +89,8 @@ class DedupConfig(_Strict):
     """MinHash LSH near-duplicate parameters (see docs/dataset.md for the S-curve)."""
 
     ngram: int = Field(default=2, ge=1, le=5)  # word n-gram shingles (texts shorter than n use their words)
-    num_perm: int = Field(default=128, ge=16, le=1024)
-    bands: int = Field(default=32, ge=1)
+    num_perm: int = Field(default=64, ge=8, le=1024)
+    bands: int = Field(default=16, ge=1)
     threshold: float = Field(default=0.8, gt=0.0, le=1.0)  # Jaccard on shingle sets, verified exactly
     seed: int = 42
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from distillgate.data.config import DatasetConfig, EvalSet
-from distillgate.data.dedup import NearIndex, exact_key, near_duplicate_clusters
+from distillgate.data.dedup import NearIndex, cluster_sketches, sketch
 from distillgate.data.filters import ANSWER_REASONS, RowFilter, agreement_scores, compile_filters
 from distillgate.data.ingest import read_records
 from distillgate.data.leakage import LeakageReport, leakage_check
@@ -120,13 +120,15 @@ def filter_rows(
         if row.input_id not in text_of:
             text_of[row.input_id] = row.input
             order.append(row.input_id)
+    sketches = sketch([text_of[i] for i in order], config.dedup)
     first_by_key: dict[bytes, str] = {}
     keeper: dict[str, str] = {}
-    for input_id in order:
-        keeper[input_id] = first_by_key.setdefault(exact_key(text_of[input_id]), input_id)
-    uniques = [i for i in order if keeper[i] == i]
+    for input_id, key in zip(order, sketches.exact_keys, strict=True):
+        keeper[input_id] = first_by_key.setdefault(key, input_id)
+    positions = [p for p, i in enumerate(order) if keeper[i] == i]
+    uniques = [order[p] for p in positions]
     t3 = time.perf_counter()
-    clusters = near_duplicate_clusters([text_of[i] for i in uniques], config.dedup)
+    clusters = cluster_sketches(sketches, config.dedup, positions)
     cluster_of = {i: uniques[c] for i, c in zip(uniques, clusters.clusters, strict=True)}
     report.clusters = len(set(clusters.clusters))
     for row, why in zip(rows, reasons, strict=True):
@@ -166,11 +168,11 @@ def filter_rows(
         for code in row.filter_reasons:
             report.reasons[code] = report.reasons.get(code, 0) + 1
             by_label = report.reasons_by_label.setdefault(code, {})
-            key = row.label or "<none>"
-            by_label[key] = by_label.get(key, 0) + 1
+            label_key = row.label or "<none>"
+            by_label[label_key] = by_label.get(label_key, 0) + 1
     report.passed = sum(1 for r in rows if r.filter_status == "pass")
     report.timings_s = {
-        "row_filters": t1 - t0, "disagreement": t2 - t1, "exact_dup": t3 - t2, "near_dup": t4 - t3,
+        "row_filters": t1 - t0, "disagreement": t2 - t1, "sketch_and_exact_dup": t3 - t2, "near_dup": t4 - t3,
         "decontamination": t5 - t4,
     }
     return report
