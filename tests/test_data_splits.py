@@ -133,3 +133,31 @@ def test_golden_fraction_and_guard():
         ensure_trainable([*train, golden[0].to_record()])
     with pytest.raises(DatasetGuardError):
         ensure_trainable(train, golden_ids=[train[0]["row_id"]])
+
+
+def test_hashed_shingles_match_string_shingles_and_exhaustive_clusters():
+    from distillgate.data.dedup import sketch
+
+    texts = [r["text"] for r in banking_rows(limit=1500)] + ["Hi", "!!!", "card", "two words"]
+    cfg = DedupConfig(threshold=0.6)
+    sk = sketch(texts, cfg)
+    string_sets = [set(shingles(t, cfg.ngram)) for t in texts]
+    assert [len(sk.shingle_set(i)) for i in range(len(texts))] == [len(s) for s in string_sets]
+    # exhaustive single-linkage clustering as the reference
+    parent = list(range(len(texts)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i in range(len(texts)):
+        for j in range(i):
+            if jaccard(string_sets[i], string_sets[j]) >= cfg.threshold:
+                ri, rj = find(i), find(j)
+                parent[max(ri, rj)] = min(ri, rj)
+    expected = [find(i) for i in range(len(texts))]
+    got = near_duplicate_clusters(texts, cfg).clusters
+    agree = sum(1 for a, b in zip(expected, got, strict=True) if a == b) / len(texts)
+    assert agree >= 0.995, agree
+    assert sum(1 for a, b in zip(expected, got, strict=True) if a != b) <= 3
