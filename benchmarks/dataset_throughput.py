@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from distillgate.data.config import parse_config  # noqa: E402
-from distillgate.data.pipeline import filter_rows, normalise_rows  # noqa: E402
+from distillgate.data.pipeline import filter_rows, normalise_rows, paused_gc  # noqa: E402
 from distillgate.data.schema import Row  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "dataset_throughput.json"
@@ -70,7 +70,8 @@ def run_one(source: str, n: int) -> dict[str, object]:
                                                                                  "categories.json")}})
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    parsed = normalise_rows(rows, cfg)
+    with paused_gc():
+        parsed = normalise_rows(rows, cfg)
     t1 = time.perf_counter()
     report = filter_rows(rows, cfg, parsed=parsed)
     t2 = time.perf_counter()

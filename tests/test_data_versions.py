@@ -128,6 +128,12 @@ def test_export_file_formats(frozen, tmp_path):
     assert set(train.column("split").to_pylist()) == {"train"}
     assert set(train.column("filter_status").to_pylist()) == {"pass"}
     assert len(written) == len(list(base.rglob("*.*")))
+    import datasets  # the `test` extra installs it
+
+    loaded = datasets.load_dataset(str(base / "hf"), cache_dir=str(tmp_path / "hf-cache"))
+    assert set(loaded) >= {"train", "validation", "test"}
+    assert loaded["train"].num_rows == train.num_rows
+    assert loaded["train"][0]["row_id"] == train.column("row_id")[0].as_py()
     with pytest.raises(DestinationError, match="DESTINATION_NOT_APPROVED"):
         export_version(v1, (tmp_path / "elsewhere").as_uri(), allowed=[dest.as_uri()])
     with pytest.raises(DestinationError, match="DESTINATION_NOT_APPROVED"):
