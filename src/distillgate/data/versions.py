@@ -326,6 +326,22 @@ def release_notes(parent: Version | None, rows: Sequence[Row], content: Mapping[
         lines += [str(content["user_notes"]), ""]
     lines.append(f"{content['rows']} rows; splits: " + ", ".join(f"{k}={v}" for k, v in counts["split"].items()))
     lines.append(f"golden rows (hash-locked): {content['golden']['count']}; human-edited rows: {counts['edited']}")
+    norm = content["config"]["normalise"]
+    lines.append(
+        f"normalisation: keys {norm['key_aliases']} -> label key {norm['label_key']!r}; "
+        f"{len(norm['label_aliases'])} label alias(es); canonical labels {norm['canonical_labels']}; "
+        f"refusals -> {norm['refusal_text']!r} ({norm['refusal_label']}); explanations <= "
+        f"{norm['max_explanation_chars']} chars"
+    )
+    filters = content["config"]["filters"]
+    active = sorted(k for k, v in filters.items() if v not in (None, False, []))
+    lines.append("filters in force: " + ", ".join(active))
+    teacher = content["teacher"]
+    if teacher["prompt_templates"]:
+        lines.append("teacher prompts: " + ", ".join(f"{k} ({', '.join(h[:12] for h in v)})"
+                                                     for k, v in teacher["prompt_templates"].items()))
+    if teacher["models"]:
+        lines.append("teacher models: " + ", ".join(teacher["models"]))
     if parent is None:
         lines.append("first version (no parent)")
     else:
