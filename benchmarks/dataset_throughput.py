@@ -121,8 +121,13 @@ def main() -> None:
               f"throughput ratio (largest/smallest, exact+near): "
               f"{b['rows_per_s_exact_near_dup'] / a['rows_per_s_exact_near_dup']:.2f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    # merge with earlier runs of other sizes (the 1M run is expensive: run it once, keep its figures)
+    previous = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else []
+    fresh = {(r["source"], r["rows"]) for r in runs}
+    merged = sorted([*(r for r in previous if (r["source"], r["rows"]) not in fresh), *runs],
+                    key=lambda r: (r["source"] != "banking77", r["rows"]))
     RESULTS.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                                   "runs": runs}, indent=2) + "\n")
+                                   "runs": merged}, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 

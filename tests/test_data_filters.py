@@ -76,6 +76,12 @@ def test_clean_answer_passes_every_row_filter():
     assert _check(filters, '{"type": "card_arrival", "explanation": "see [1]"}') == []
 
 
+def test_allowed_labels_are_canonicalised_like_answers():
+    # banking77 spells one category "Refund_not_showing_up"; answers are canonicalised to lower case
+    assert _check({"allowed_labels_file": str(BANKING_LABELS)}, '{"type": "Refund_not_showing_up"}') == []
+    assert _check({"allowed_labels": ["Card Arrival"]}, '{"type": "card-arrival"}') == []
+
+
 def test_bad_filter_config_is_a_config_error():
     with pytest.raises(ConfigError):
         compile_filters(parse_config({"filters": {"json_schema": {"type": "nope"}}}).filters)

@@ -16,7 +16,8 @@ from typing import Any
 import jsonschema
 import orjson
 
-from distillgate.data.config import FiltersConfig
+from distillgate.data.config import FiltersConfig, NormaliseConfig
+from distillgate.data.normalize import canonical_label
 from distillgate.data.schema import Row
 from distillgate.errors import ConfigError, ConfigIssue, NotFoundError
 
@@ -99,7 +100,10 @@ def _allowed_labels(cfg: FiltersConfig, base: Path | None) -> frozenset[str] | N
     return frozenset(labels)
 
 
-def compile_filters(cfg: FiltersConfig, *, base: Path | None = None) -> RowFilter:
+def compile_filters(
+    cfg: FiltersConfig, *, base: Path | None = None, normalise: NormaliseConfig | None = None
+) -> RowFilter:
+    """Compile one task's filters. Allowed labels are put through the same label canonicalisation as answers."""
     validator = None
     if cfg.json_schema is not None:
         try:
@@ -116,7 +120,10 @@ def compile_filters(cfg: FiltersConfig, *, base: Path | None = None) -> RowFilte
         citation = re.compile(cfg.citation.pattern) if cfg.citation is not None else None
     except re.error as exc:
         raise ConfigError("filters.citation", [ConfigIssue("filters.citation.pattern", str(exc))]) from None
-    return RowFilter(cfg, validator, forbidden, citation, _allowed_labels(cfg, base))
+    allowed = _allowed_labels(cfg, base)
+    if allowed is not None and normalise is not None:
+        allowed = frozenset(canonical_label(label, normalise) for label in allowed)
+    return RowFilter(cfg, validator, forbidden, citation, allowed)
 
 
 def agreement_scores(labels_by_input: dict[str, list[str | None]]) -> dict[str, float]:

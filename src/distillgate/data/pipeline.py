@@ -127,7 +127,8 @@ def _filter_rows(
     for row, ok in zip(rows, parsed, strict=True):
         rf = compiled.get(row.task)
         if rf is None:
-            rf = compiled[row.task] = compile_filters(config.filters_for(row.task), base=base)
+            rf = compiled[row.task] = compile_filters(config.filters_for(row.task), base=base,
+                                                     normalise=config.normalise)
         reasons.append(rf.check(row, ok))
     t1 = time.perf_counter()
 
