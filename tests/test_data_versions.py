@@ -76,6 +76,19 @@ def test_load_version_for_trainers_and_tamper_check(frozen):
         load_version("deadbeefdead", root=wc.root)
 
 
+def test_load_trainable_refuses_protected_splits(frozen):
+    from distillgate.data.versions import load_trainable
+    from distillgate.errors import DatasetGuardError
+
+    wc, v1 = frozen
+    train = load_trainable(v1.path)
+    assert train and {r["split"] for r in train} == {"train"} and {r["filter_status"] for r in train} == {"pass"}
+    both = load_trainable(v1.path, splits=("train", "val"))
+    assert len(both) > len(train)
+    with pytest.raises(DatasetGuardError, match="protected"):
+        load_trainable(v1.path, splits=("train", "golden"))
+
+
 def test_golden_lock_detects_changes(frozen):
     wc, _ = frozen
     golden = next(r for r in wc.rows() if r.split == "golden")

@@ -226,6 +226,28 @@ def load_version(ref: str | Path, *, root: str | Path | None = None) -> list[dic
     return records
 
 
+def load_trainable(
+    ref: str | Path, *, splits: Sequence[str] = ("train",), root: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """Rows of ``splits`` (train and/or val) that passed the filters, checked by the dataset guard.
+
+    Raises ``DatasetGuardError`` when asked for a protected split, so training code cannot get golden/test rows.
+    """
+    from distillgate.data.guard import TRAINABLE_SPLITS, ensure_trainable
+    from distillgate.errors import DatasetGuardError
+
+    wanted = set(splits)
+    if wanted - TRAINABLE_SPLITS:
+        raise DatasetGuardError(
+            f"refusing to load protected split(s) {sorted(wanted - TRAINABLE_SPLITS)} for training",
+            hint="train on 'train' (and 'val'); golden, test and holdout rows are for evaluation (load_version)",
+        )
+    manifest, records = _read_checked(resolve_version(ref, root))
+    rows = [r for r in records if r["filter_status"] == "pass" and r["split"] in wanted]
+    ensure_trainable(rows, golden_ids=manifest.get("golden", {}).get("row_ids", ()))
+    return rows
+
+
 # -- diffs ---------------------------------------------------------------------------------------------------
 
 _CAUSES: list[tuple[str, tuple[str, ...]]] = [
