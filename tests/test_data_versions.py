@@ -80,7 +80,7 @@ def test_load_trainable_refuses_protected_splits(frozen):
     from distillgate.data.versions import load_trainable
     from distillgate.errors import DatasetGuardError
 
-    wc, v1 = frozen
+    _, v1 = frozen
     train = load_trainable(v1.path)
     assert train and {r["split"] for r in train} == {"train"} and {r["filter_status"] for r in train} == {"pass"}
     both = load_trainable(v1.path, splits=("train", "val"))
