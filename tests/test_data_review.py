@@ -151,3 +151,21 @@ def test_review_cli_flow(tmp_path):
     assert stale.returncode == 1 and "changed since you read it" in stale.stderr
     show = run_cli("review", "show", rid, "--dataset", ds)
     assert "edited: True" in show.stdout and "carol" in show.stdout
+
+
+def test_build_skips_rows_a_reviewer_changed_meanwhile(tmp_path):
+    from distillgate.data.pipeline import process
+
+    wc = make_dataset(tmp_path, RECORDS)
+    build(wc)
+    rows = wc.rows()
+    read_versions = {r.row_id: r.version for r in rows}
+    process(rows, wc.config)  # a build in progress ...
+    target = wc.get("ds-traffic-4:0")
+    review.correct(wc, target.row_id, "alice", target.version, "refund_not_showing_up", "meanwhile")
+    rows[4].split = "test"  # ... that would overwrite the reviewer's row
+    rows[5].split = "test"
+    changed, conflicts = wc.save_build(rows, read_versions)
+    assert conflicts == [target.row_id]
+    assert wc.get(target.row_id).label == "refund_not_showing_up"
+    assert changed >= 1 and wc.get(rows[5].row_id).split == "test"

@@ -170,7 +170,9 @@ def freeze(wc: WorkingCopy, *, notes: str = "") -> Version:
             raise
     if lock and not wc.get_meta("golden_lock"):
         wc.set_meta("golden_lock", lock)
-    head.write_text(version_id + "\n")
+    tmp_head = head.with_name(f".{HEAD}.tmp")
+    tmp_head.write_text(version_id + "\n")
+    os.replace(tmp_head, head)  # HEAD moves atomically
     return open_version(target)
 
 
