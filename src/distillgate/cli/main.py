@@ -21,6 +21,8 @@ from distillgate.errors import DistillgateError
 COMMANDS: dict[str, tuple[str, str]] = {
     "policy": ("distillgate.cli.policy_cmd", "Validate, explain and test policies."),
     "audit": ("distillgate.cli.audit_cmd", "Verify, checkpoint and export the decision log."),
+    "dataset": ("distillgate.cli.dataset_cmd", "Build, review, split, freeze, diff and export datasets."),
+    "review": ("distillgate.cli.review_cmd", "Review dataset rows: queues, next, show, accept, correct, reject."),
 }
 
 
