@@ -21,6 +21,9 @@ from distillgate.errors import DistillgateError
 COMMANDS: dict[str, tuple[str, str]] = {
     "policy": ("distillgate.cli.policy_cmd", "Validate, explain and test policies."),
     "audit": ("distillgate.cli.audit_cmd", "Verify, checkpoint and export the decision log."),
+    "gateway": ("distillgate.cli.gateway_cmd", "Serve the policy gateway (OpenAI-compatible proxy)."),
+    "keys": ("distillgate.cli.keys_cmd", "Create, list and revoke gateway API keys."),
+    "stamp": ("distillgate.cli.stamp_cmd", "Verify provenance stamps of gateway responses."),
 }
 
 
