@@ -33,3 +33,29 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
 @pytest.fixture
 def cli_run():
     return run_cli
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def s3_server(monkeypatch: pytest.MonkeyPatch):
+    """A real S3-compatible server on loopback (moto's server mode); yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1", "DISTILLGATE_S3_ENDPOINT": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
