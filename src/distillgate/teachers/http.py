@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +129,7 @@ class HttpTeacher(Teacher):
             await asyncio.sleep(_retry_delay(cfg, attempt, retry_after))
             attempt += 1
 
-    async def stream_raw(self, path: str, content: bytes) -> AsyncIterator[bytes]:
+    async def stream_raw(self, path: str, content: bytes) -> AsyncGenerator[bytes, None]:
         """POST a streaming request; yield each SSE ``data:`` payload (bytes, ``[DONE]`` excluded).
 
         Retries happen only before the answer starts. A stream that ends without ``[DONE]`` raises UpstreamError.
