@@ -10,6 +10,7 @@ It can be told to misbehave, one behaviour per upcoming request (FIFO), from Pyt
     stall   wait ``seconds`` before answering (longer than the client's timeout → the client times out)
     reset   drop the connection with a TCP reset before answering
     cut     stream ``after_chunks`` SSE chunks, then close the connection without ``[DONE]``
+    slow    stream normally but wait ``seconds`` between SSE chunks (for client-disconnect tests)
 
 Python::
 
@@ -49,7 +50,7 @@ MODELS = ("fake-teacher", "fake-teacher-large")
 class Behaviour:
     """What the fake does with one request."""
 
-    kind: str = "ok"  # ok | status | stall | reset | cut
+    kind: str = "ok"  # ok | status | stall | reset | cut | slow
     status: int = 200
     seconds: float = 0.0
     after_chunks: int = 2
@@ -72,11 +73,15 @@ class Behaviour:
         return cls(kind="cut", after_chunks=after_chunks)
 
     @classmethod
+    def slow(cls, seconds: float) -> Behaviour:
+        return cls(kind="slow", seconds=seconds)
+
+    @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Behaviour:
         allowed = {"kind", "status", "seconds", "after_chunks", "retry_after"}
         unknown = set(raw) - allowed
-        if unknown or raw.get("kind") not in {"ok", "status", "stall", "reset", "cut"}:
-            raise ValueError(f"bad behaviour {raw!r}: kind in ok|status|stall|reset|cut, keys {sorted(allowed)}")
+        if unknown or raw.get("kind") not in {"ok", "status", "stall", "reset", "cut", "slow"}:
+            raise ValueError(f"bad behaviour {raw!r}: kind in ok|status|stall|reset|cut|slow, keys {sorted(allowed)}")
         return cls(**raw)
 
 
@@ -404,7 +409,10 @@ class FakeUpstream:
                 return
             data = b"data: " + orjson.dumps(ev) + b"\n\n"
             writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-            if count % 8 == 7:
+            if beh.kind == "slow":
+                await writer.drain()
+                await asyncio.sleep(beh.seconds)
+            elif count % 8 == 7:
                 await writer.drain()
         done = b"data: [DONE]\n\n"
         writer.write(f"{len(done):x}\r\n".encode() + done + b"\r\n0\r\n\r\n")

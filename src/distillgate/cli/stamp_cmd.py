@@ -20,7 +20,11 @@ def cli() -> None:
 def _load(source: str) -> tuple[Stamp, dict[str, Any] | None]:
     """A stamp from a response JSON file, a stamp JSON file, or an X-Distillgate-Stamp header value."""
     path = Path(source)
-    if path.exists():
+    try:
+        is_file = path.is_file()
+    except OSError:  # a header value is longer than a file name may be
+        is_file = False
+    if is_file:
         try:
             doc = orjson.loads(path.read_bytes())
         except orjson.JSONDecodeError as exc:
