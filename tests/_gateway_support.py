@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fakes.fake_upstream import FakeUpstream, fake_upstream
 
 from distillgate.gateway.app import Gateway
 from distillgate.gateway.config import config_from_data
 from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.server import build_gateway
+
+from fakes.fake_upstream import FakeUpstream, fake_upstream
 
 MAIN_POLICY: dict[str, Any] = {
     "policy_id": "research",

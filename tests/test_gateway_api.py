@@ -12,12 +12,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from _gateway_support import Running, running_gateway
-from conftest import run_cli
-from fakes.fake_upstream import Behaviour
 
+from _gateway_support import Running, running_gateway
 from distillgate.gateway.stamps import Stamp, response_digest
 from distillgate.ledger.verify import verify_db
+
+from conftest import run_cli
+from fakes.fake_upstream import Behaviour
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,8 @@ def test_metadata_identity_is_stripped_before_forwarding(gw: Running) -> None:
         "policy_output_type": "summaries", "trace": "keep-me"})
     forwarded = gw.fake.requests[-1]["body"]
     assert forwarded["metadata"] == {"trace": "keep-me"}
-    assert forwarded["stream"] is False if "stream" in forwarded else True
+    assert not any(k.startswith("x-policy") for k in gw.fake.requests[-1]["headers"])
+    assert "authorization" not in gw.fake.requests[-1]["headers"]  # the caller's gateway key never leaves
     assert gw.log()[-2]["run"] == "run-meta"
 
 
@@ -176,7 +178,7 @@ def test_streaming_passes_chunks_settles_and_stamps(gw: Running) -> None:
     assert stamp.verify(gw.gateway.store.signer.public_key_pem())
     assert stamp.payload["response_hash"] == response_digest(
         [{"index": 0, "message": {"content": text}, "finish_reason": "stop"}])
-    decision, settlement = last_entries(gw, 2)
+    _decision, settlement = last_entries(gw, 2)
     assert settlement["outcome"] == "ok" and settlement["completion_tokens"] == 6
     assert gw.fake.requests[-1]["body"]["stream_options"] == {"include_usage": True}
 

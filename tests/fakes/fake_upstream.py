@@ -91,6 +91,7 @@ class _State:
     reply: str | None = None
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=2000))
     served: int = 0
+    connections: int = 0
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error",
@@ -160,6 +161,8 @@ class FakeUpstream:
             self._state.behaviours.clear()
             self._state.requests.clear()
             self._state.reply = None
+            self._state.served = 0
+            self._state.connections = 0
 
     @property
     def requests(self) -> list[dict[str, Any]]:
@@ -168,7 +171,13 @@ class FakeUpstream:
 
     @property
     def served(self) -> int:
+        """Inference requests received since the last clear()."""
         return self._state.served
+
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted since the last clear()."""
+        return self._state.connections
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def start(self) -> FakeUpstream:
@@ -226,6 +235,7 @@ class FakeUpstream:
     # -- HTTP ------------------------------------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        self._state.connections += 1
         try:
             while True:
                 try:

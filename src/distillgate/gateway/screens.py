@@ -158,7 +158,12 @@ def load_screens(specs: Sequence[str] = DEFAULT_SCREENS) -> tuple[Screen, ...]:
             issues.append(ConfigIssue(f"screens[{i}]", f"cannot import {spec!r}: {exc}",
                                       "check the module is importable and the attribute exists"))
             continue
-        screen = obj() if callable(obj) and not isinstance(obj, Screen) else obj
+        try:
+            screen = obj() if isinstance(obj, type) or (callable(obj) and not isinstance(obj, Screen)) else obj
+        except TypeError as exc:
+            issues.append(ConfigIssue(f"screens[{i}]", f"cannot build {spec!r} without arguments: {exc}",
+                                      "point at a Screen instance or a zero-argument factory"))
+            continue
         if not isinstance(screen, Screen):
             issues.append(ConfigIssue(f"screens[{i}]", f"{spec!r} is not a Screen",
                                       "give it name, output_class and scan(text) -> ScreenHit | None"))
