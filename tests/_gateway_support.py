@@ -113,7 +113,11 @@ def running_gateway(tmp: Path, *, extra_config: dict[str, Any] | None = None,
                                 "upstreams": {"fake": {"base_url": fake.base_url, "max_retries": 2,
                                                        "backoff_s": 0.01, "timeout_s": 2.0}},
                                 "reclaim_interval_s": 0.5}
-        data.update(extra_config or {})
+        for key, value in (extra_config or {}).items():
+            if key == "upstreams" and value is None:  # a second upstream on the same fake
+                data["upstreams"]["other"] = dict(data["upstreams"]["fake"])
+            else:
+                data[key] = value
         gateway = build_gateway(config_from_data(data))
         port = free_port()
         try:

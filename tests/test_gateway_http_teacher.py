@@ -7,10 +7,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from fakes.fake_upstream import Behaviour, FakeUpstream, fake_upstream
 
 from distillgate.errors import ConfigError, UpstreamError
 from distillgate.teachers.http import HttpTeacher, HttpUpstreamConfig
+
+from fakes.fake_upstream import Behaviour, FakeUpstream, fake_upstream
 
 BODY = {"model": "fake-teacher", "messages": [{"role": "user", "content": "hi there"}]}
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 from distillgate.errors import NotFoundError, UserError
 from distillgate.gateway.keys import KeyStore
+
+from conftest import run_cli
 
 
 def test_create_check_revoke(tmp_path: Path) -> None:

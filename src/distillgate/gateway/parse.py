@@ -92,9 +92,9 @@ def _identity(headers: Mapping[str, str], metadata: dict[str, Any]) -> dict[str,
     for key, header in IDENTITY_KEYS.items():
         value = headers.get(header)
         meta_value = metadata.pop(key, None)
-        if value is None and meta_value is not None:
-            if not isinstance(meta_value, str):
-                raise _bad(f"metadata.{key} must be a string, got {type(meta_value).__name__}", f"metadata.{key}")
+        if meta_value is not None and not isinstance(meta_value, str):
+            raise _bad(f"metadata.{key} must be a string, got {type(meta_value).__name__}", f"metadata.{key}")
+        if value is None:
             value = meta_value
         out[key] = value or None
     return out
