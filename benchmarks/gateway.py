@@ -7,6 +7,8 @@ In one run, on loopback, against the same fast upstream (the in-repo fake teache
                 uvloop/httptools): the same HTTP stack as the gateway, nothing else
   distillgate   the full gateway: API key check, screens, decide() + quota reservation + decision-log entry
                 (fsync, synchronous=FULL) before forwarding, settlement (fsync) after, signed stamp
+  distillgate-after  the same with ``settle: after_reply`` (the decision is durable before the answer; the
+                settlement commits while the answer travels)
   distillgate-h11  the same gateway on uvicorn's pure-Python stack (asyncio loop + h11): the alternative to
                 uvloop/httptools
 
@@ -22,7 +24,6 @@ machine's cores, so absolute numbers depend on the host; ratios are the point.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -73,8 +74,9 @@ GATEWAY = r'''
 import sys, uvicorn
 from distillgate.gateway.config import config_from_data
 from distillgate.gateway.server import build_gateway
-policy, db, upstream, port, loop, http = sys.argv[1:7]
-gw = build_gateway(config_from_data({"policy": policy, "db": db, "upstreams": {"fake": {"base_url": upstream}}}))
+policy, db, upstream, port, loop, http, settle = sys.argv[1:8]
+gw = build_gateway(config_from_data({"policy": policy, "db": db, "upstreams": {"fake": {"base_url": upstream}},
+                                     "settle": settle}))
 uvicorn.run(gw, host="127.0.0.1", port=int(port), loop=loop, http=http, access_log=False, log_level="warning",
             lifespan="on", backlog=2048)
 '''
@@ -167,7 +169,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    ap.add_argument("--only", nargs="+", default=["direct", "passthrough", "distillgate", "distillgate-h11"])
+    ap.add_argument("--only", nargs="+", default=["direct", "passthrough", "distillgate", "distillgate-after",
+                                                  "distillgate-h11"])
     args = ap.parse_args()
     sys.path.insert(0, str(SRC))
     from distillgate.gateway.keys import KeyStore
@@ -186,14 +189,14 @@ def main() -> None:
             procs.append(start(PASSTHROUGH, upstream, str(port)))
             wait_port(port, procs[-1])
             targets["passthrough"] = port
-        for name, loop, http in (("distillgate", "uvloop", "httptools"), ("distillgate-h11", "asyncio", "h11")):
+        for name, loop, http, settle in GATEWAYS:
             if name in args.only:
                 port = free_port()
                 procs.append(start(GATEWAY, str(tmp / "policy.json"), str(tmp / f"{name}.db"), upstream, str(port),
-                                   loop, http))
+                                   loop, http, settle))
                 wait_port(port, procs[-1])
                 targets[name] = port
-        for name in ("distillgate", "distillgate-h11"):  # each gateway has its own store: give it a key
+        for name, *_ in GATEWAYS:  # each gateway has its own store: give it a key
             if name in targets:
                 ks = KeyStore(tmp / f"{name}.db")
                 KEYS[name] = ks.create("bench")[1]
@@ -220,6 +223,9 @@ def main() -> None:
 
 
 KEYS: dict[str, str] = {}
+GATEWAYS = (("distillgate", "uvloop", "httptools", "before_reply"),
+            ("distillgate-after", "uvloop", "httptools", "after_reply"),
+            ("distillgate-h11", "asyncio", "h11", "before_reply"))
 
 
 def print_table(results: dict[tuple[str, int], dict[str, float]], concurrency: list[int]) -> None:

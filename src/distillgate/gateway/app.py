@@ -104,7 +104,7 @@ class Gateway:
 
     def __init__(self, *, policies: PolicySet, store: Store, keys: KeyStore, router: Router,
                  screens: Sequence[Screen], max_body_bytes: int = 1 << 20, reclaim_interval_s: float = 30.0,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, settle_before_reply: bool = True) -> None:
         self.policies = policies
         self.store = store
         self.keys = keys
@@ -113,7 +113,9 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.reclaim_interval_s = reclaim_interval_s
         self.metrics = metrics or Metrics()
+        self.settle_before_reply = settle_before_reply
         self._reclaimer: asyncio.Task[None] | None = None
+        self._settling: set[asyncio.Task[Any]] = set()
         self._openapi = orjson.dumps(openapi_document())
 
     # -- ASGI entry ---------------------------------------------------------------------------------------------
@@ -170,6 +172,8 @@ class Gateway:
                     self._reclaimer.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await self._reclaimer
+                if self._settling:  # settlements still on their way to the log
+                    await asyncio.gather(*self._settling, return_exceptions=True)
                 await self.router.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -303,10 +307,17 @@ class Gateway:
         problems, enforcement = self._contract_problems(policy, inb.output_type, choices)
         reasons = ("OUTPUT_FORMAT_VIOLATION",) if problems else ()
         upstream_id = resp.get("id") if isinstance(resp.get("id"), str) else None
-        entry = await self.store.asettle(
+        settling = self.store.asettle(
             adm.reservation_id, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             records=len(choices), response_hash=response_hash, upstream_id=upstream_id, outcome="ok",
             reasons=reasons, extra={"contract": problems[:10], "enforcement": enforcement} if problems else None)
+        settlement_index: int | None = None
+        if self.settle_before_reply or (problems and enforcement == "block"):
+            settlement_index = (await settling).index
+        else:  # the decision is durable already; the settlement commits while the answer travels
+            task = asyncio.create_task(settling)
+            self._settling.add(task)
+            task.add_done_callback(self._settled)
         self._count_tokens(prompt_tokens, completion_tokens)
         if problems and enforcement == "block":
             raise ApiError(422, f"the teacher's answer broke the output contract of {inb.output_type!r}: "
@@ -321,11 +332,16 @@ class Gateway:
             request_hash=request_hash, response_hash=response_hash)
         resp["model"] = inb.model if route.upstream_model != inb.model else resp.get("model", inb.model)
         resp["distillgate"] = {"stamp": stamp.as_dict(), "decision_index": adm.entry.index,
-                               "settlement_index": entry.index, "flags": list(reasons),
+                               "settlement_index": settlement_index, "flags": list(reasons),
                                **({"contract_problems": problems} if problems else {})}
         out = orjson.dumps(resp)
         await _send(send, 200, out, [_JSON, index_header, (STAMP_HEADER.encode(), stamp.header_value().encode())])
         return 200
+
+    def _settled(self, task: asyncio.Task[Any]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.metrics.settle_errors.inc()  # the reservation stays held; reclaim_expired refunds it later
 
     def _count_tokens(self, prompt_tokens: Any, completion_tokens: Any) -> None:
         if isinstance(prompt_tokens, int):

@@ -19,6 +19,7 @@
     screens: [credentials, extraction]    # or "package.module:attr"
     max_body_bytes: 1048576
     reclaim_interval_s: 30
+    settle: before_reply                  # or after_reply (see docs/gateway.md)
 
 Routing of a model name: the ``models`` table (glob patterns, first match); else ``UPSTREAM/rest`` goes to that
 upstream with ``rest`` as the model; else ``local/...`` goes to the in-process local teacher; else, when exactly
@@ -28,7 +29,7 @@ one upstream is configured, that one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -66,6 +67,7 @@ class GatewayConfig(_Strict):
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     reclaim_interval_s: float = Field(default=30.0, gt=0)
     access_log: bool = False
+    settle: Literal["before_reply", "after_reply"] = "before_reply"
 
     def check(self, source: str) -> None:
         """Cross-field checks pydantic cannot express; raises ConfigError with every issue."""

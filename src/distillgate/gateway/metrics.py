@@ -26,6 +26,8 @@ class Metrics:
                                            "Answers that broke an output contract", ["output_type", "enforcement"],
                                            registry=r)
         self.in_flight = Gauge("distillgate_in_flight_requests", "Requests being handled", registry=r)
+        self.settle_errors = Counter("distillgate_settle_errors_total", "Settlements that failed to commit",
+                                     registry=r)
         self.reclaimed = Counter("distillgate_reservations_reclaimed_total", "Expired reservations refunded",
                                  registry=r)
 

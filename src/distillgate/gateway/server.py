@@ -25,7 +25,8 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     store = Store.open(Path(config.db))
     keys = KeyStore(config.db)
     return Gateway(policies=policies, store=store, keys=keys, router=router, screens=screens,
-                   max_body_bytes=config.max_body_bytes, reclaim_interval_s=config.reclaim_interval_s)
+                   max_body_bytes=config.max_body_bytes, reclaim_interval_s=config.reclaim_interval_s,
+                   settle_before_reply=config.settle == "before_reply")
 
 
 def serve(config: GatewayConfig) -> None:
