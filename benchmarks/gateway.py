@@ -5,6 +5,7 @@ In one run, on loopback, against the same fast upstream (the in-repo fake teache
   direct        the load generator talks to the fake teacher itself
   passthrough   a minimal Python pass-through proxy (raw ASGI + pooled aiohttp client, uvicorn
                 uvloop/httptools): the same HTTP stack as the gateway, nothing else
+  passthrough-h11  the same on uvicorn's pure-Python stack (asyncio loop + h11)
   distillgate   the full gateway: API key check, screens, decide() + quota reservation + decision-log entry
                 (fsync, synchronous=FULL) before forwarding, settlement (fsync) after, signed stamp
   distillgate-after  the same with ``settle: after_reply`` (the decision is durable before the answer; the
@@ -47,7 +48,7 @@ POLICY = {
 
 PASSTHROUGH = r'''
 import sys, aiohttp, uvicorn
-upstream, port = sys.argv[1], int(sys.argv[2])
+upstream, port, loop, http = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 session = None
 async def app(scope, receive, send):
     global session
@@ -67,7 +68,7 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": r.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]})
     await send({"type": "http.response.body", "body": content})
-uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", access_log=False, log_level="warning")
+uvicorn.run(app, host="127.0.0.1", port=port, loop=loop, http=http, access_log=False, log_level="warning")
 '''
 
 GATEWAY = r'''
@@ -165,12 +166,43 @@ def load(port: int, conc: int, seconds: float, req: str) -> dict[str, float]:
     return result
 
 
+def store_latency(tmp: Path, n: int = 200) -> dict[str, float]:
+    """p50 of the durable log calls alone (no HTTP), to attribute the gateway's added latency."""
+    import uvloop
+
+    from distillgate.ledger.store import Store
+    from distillgate.policy import PolicySet, Request, policy_from_data
+
+    policies = PolicySet([policy_from_data(POLICY)])
+    store = Store.open(tmp / "store-only.db")
+    req = Request(user="bench", project="bench", run="run", output_type="labels", max_tokens=16)
+
+    async def go() -> dict[str, float]:
+        admit: list[float] = []
+        settle: list[float] = []
+        for i in range(n + 20):
+            t0 = time.perf_counter()
+            adm = await store.aadmit(policies, req, request_hash="0" * 64)
+            t1 = time.perf_counter()
+            assert adm.reservation_id is not None
+            await store.asettle(adm.reservation_id, prompt_tokens=10, completion_tokens=10, records=1)
+            if i >= 20:
+                admit.append(t1 - t0)
+                settle.append(time.perf_counter() - t1)
+        return {"aadmit_p50": statistics.median(admit), "asettle_p50": statistics.median(settle)}
+
+    try:
+        return uvloop.run(go())
+    finally:
+        store.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    ap.add_argument("--only", nargs="+", default=["direct", "passthrough", "distillgate", "distillgate-after",
-                                                  "distillgate-h11"])
+    ap.add_argument("--only", nargs="+", default=["direct", "passthrough", "passthrough-h11", "distillgate",
+                                                  "distillgate-after", "distillgate-h11"])
     args = ap.parse_args()
     sys.path.insert(0, str(SRC))
     from distillgate.gateway.keys import KeyStore
@@ -184,11 +216,12 @@ def main() -> None:
         wait_port(fake_port, procs[-1])
         upstream = f"http://127.0.0.1:{fake_port}/v1"
         targets: dict[str, int] = {"direct": fake_port}
-        if "passthrough" in args.only:
-            port = free_port()
-            procs.append(start(PASSTHROUGH, upstream, str(port)))
-            wait_port(port, procs[-1])
-            targets["passthrough"] = port
+        for name, loop, http in (("passthrough", "uvloop", "httptools"), ("passthrough-h11", "asyncio", "h11")):
+            if name in args.only:
+                port = free_port()
+                procs.append(start(PASSTHROUGH, upstream, str(port), loop, http))
+                wait_port(port, procs[-1])
+                targets[name] = port
         for name, loop, http, settle in GATEWAYS:
             if name in args.only:
                 port = free_port()
@@ -212,6 +245,9 @@ def main() -> None:
                 print(f"  measured {name:16s} c={conc:<3d} {r['rps']:8.0f} req/s  p50 {r['p50'] * 1e3:6.2f} ms  "
                       f"p99 {r['p99'] * 1e3:6.2f} ms  errors {int(r['errors'])}", file=sys.stderr, flush=True)
         print_table(results, args.concurrency)
+        lat = store_latency(tmp)
+        print(f"\ndurable log alone (in-process, sequential): aadmit p50 {lat['aadmit_p50'] * 1e3:.2f} ms, "
+              f"asettle p50 {lat['asettle_p50'] * 1e3:.2f} ms")
     finally:
         for p in procs:
             p.send_signal(signal.SIGINT)
