@@ -290,3 +290,28 @@ def test_log_verifies_and_stamp_cli(gw: Running, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     report = verify_db(gw.db)
     assert report.ok, report
+
+
+def test_tools_and_response_format_pass_through_unchanged(gw: Running) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    client(gw).chat.completions.create(model="fake-teacher", messages=MSG, tools=tools,  # type: ignore[arg-type]
+                                       response_format=fmt)  # type: ignore[arg-type]
+    forwarded = gw.fake.requests[-1]["body"]
+    assert forwarded["tools"] == tools and forwarded["response_format"] == fmt
+
+
+def test_upstream_client_error_is_passed_on_and_refunded(gw: Running) -> None:
+    gw.fake.push(Behaviour.status_error(400))
+    with pytest.raises(openai.BadRequestError) as info:
+        client(gw).chat.completions.create(model="fake-teacher", messages=MSG)
+    assert info.value.body["code"] == "upstream_rejected"  # type: ignore[index]
+    assert gw.fake.served == 1  # a 400 is not retried
+    assert gw.log()[-1]["outcome"] == "upstream_error" and gw.log()[-1]["tokens_charged"] == 0
+
+
+def test_streaming_legacy_completions(gw: Running) -> None:
+    chunks = list(client(gw).completions.create(model="fake-teacher", prompt="hello there", stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Echo: hello there"
+    assert "distillgate" in (chunks[-1].model_extra or {})
+    assert gw.log()[-1]["outcome"] == "ok"
