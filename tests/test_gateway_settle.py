@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import httpx
+
 from _gateway_support import running_gateway
 
 
