@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import importlib
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -61,9 +61,12 @@ class Route:
 class Router:
     """Resolves model names and owns the upstream clients."""
 
-    def __init__(self, http: Mapping[str, HttpUpstreamConfig], models: Mapping[str, str] | None = None) -> None:
+    def __init__(self, http: Mapping[str, HttpUpstreamConfig], models: Mapping[str, str] | None = None, *,
+                 local_loader: Callable[[str], Teacher] | None = None) -> None:
+        """``local_loader(spec) -> Teacher`` loads ``local/...`` models (default: the teachers registry)."""
         self._http: dict[str, Upstream] = {name: HttpTeacher(cfg) for name, cfg in http.items()}
         self._models = dict(models or {})
+        self._load_local = local_loader or _load_local
         self._local: dict[str, Upstream] = {}
         self._local_lock = asyncio.Lock()
 
@@ -96,8 +99,14 @@ class Router:
         if route.upstream_model not in self._local:
             async with self._local_lock:
                 if route.upstream_model not in self._local:
-                    self._local[route.upstream_model] = TeacherUpstream(
-                        await asyncio.to_thread(_load_local, route.upstream_model))
+                    try:
+                        teacher = await asyncio.to_thread(self._load_local, route.upstream_model)
+                    except ApiError:
+                        raise
+                    except Exception as exc:
+                        raise ApiError(404, f"model {route.upstream_model!r} could not be loaded as a local "
+                                       f"teacher: {exc}", code="model_not_found", param="model") from exc
+                    self._local[route.upstream_model] = TeacherUpstream(teacher)
         return self._local[route.upstream_model]
 
     async def aclose(self) -> None:
@@ -111,9 +120,5 @@ def _load_local(spec: str) -> Teacher:
     except ImportError as exc:
         raise ApiError(404, f"model {spec!r}: local teachers are not available in this build",
                        code="model_not_found", param="model") from exc
-    try:
-        teacher: Teacher = registry.load_teacher(spec)
-    except Exception as exc:
-        raise ApiError(404, f"model {spec!r} could not be loaded as a local teacher: {exc}",
-                       code="model_not_found", param="model") from exc
+    teacher: Teacher = registry.load_teacher(spec)
     return teacher
