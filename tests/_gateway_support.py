@@ -43,6 +43,7 @@ TINY_POLICY: dict[str, Any] = {
     "allowed_projects": ["tiny"],
     "allowed_outputs": ["summaries"],
     "quotas": {"tokens_per_day": 200, "records_per_run": 3, "default_max_tokens": 16},
+    "approved_models": ["fake-teacher"],
 }
 
 

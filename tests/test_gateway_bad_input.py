@@ -136,3 +136,12 @@ def test_fuzzed_bodies_never_500(http: httpx.Client, body: dict) -> None:
 def test_fuzzed_bytes_never_500(http: httpx.Client, raw: bytes) -> None:
     resp = http.post("/chat/completions", content=raw)
     assert 400 <= resp.status_code < 500 and "error" in resp.json()
+
+
+def test_models_list_follows_the_policy(gw: Running) -> None:
+    """Two upstreams list the fake's models as fake/... and other/...; the policy approves only other/*."""
+    listed = httpx.get(gw.base_url + "/models", headers=gw.headers()).json()["data"]
+    ids = [m["id"] for m in listed]
+    assert "other/fake-teacher" in ids and "other/fake-teacher-large" in ids
+    assert "fake-teacher" in ids  # named in the models table and approved
+    assert not [i for i in ids if i.startswith("fake/")]  # not approved by the policy

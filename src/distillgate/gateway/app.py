@@ -193,7 +193,7 @@ class Gateway:
                            code=code.lower(), reasons=[code])
         usable = [p for p in self.policies if any(
             (users := p.users_for(proj)) is None or check.user in users for proj in p.allowed_projects)]
-        names = set(self.router.configured_models())
+        names = set(self.router.configured_models()) | set(await self.router.upstream_models())
         for p in usable:
             names.update(m for m in p.approved_models or [] if not any(ch in m for ch in "*?["))
         allowed = sorted(m for m in names if any(p.model_approved(m) for p in usable))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import importlib
+import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -69,6 +70,7 @@ class Router:
         self._load_local = local_loader or _load_local
         self._local: dict[str, Upstream] = {}
         self._local_lock = asyncio.Lock()
+        self._listed: tuple[float, list[str]] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -92,6 +94,26 @@ class Router:
     def configured_models(self) -> list[str]:
         """Model names the config names explicitly (glob patterns excluded)."""
         return [m for m in self._models if not any(ch in m for ch in "*?[")]
+
+    async def upstream_models(self, max_age_s: float = 60.0) -> list[str]:
+        """Model ids the HTTP upstreams list at ``/models`` (cached; an upstream that fails is skipped).
+
+        With one upstream the ids are as listed; with several they are prefixed ``NAME/`` (how they route).
+        """
+        now = time.monotonic()
+        if self._listed is not None and now - self._listed[0] < max_age_s:
+            return self._listed[1]
+        names: list[str] = []
+        for name, up in self._http.items():
+            if not isinstance(up, HttpTeacher):
+                continue
+            try:
+                ids = await up.get_models()
+            except (UpstreamError, OSError, ValueError, KeyError, TypeError):
+                continue
+            names += ids if len(self._http) == 1 else [f"{name}/{i}" for i in ids]
+        self._listed = (now, names)
+        return names
 
     async def get(self, route: Route) -> Upstream:
         if route.upstream_name != "local":

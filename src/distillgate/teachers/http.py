@@ -186,11 +186,14 @@ class HttpTeacher(Teacher):
             attempt += 1
 
     async def get_models(self) -> list[str]:
-        async with self._client().get(self._base + "/models") as resp:
-            body = await resp.read()
-            if resp.status != 200:
-                raise UpstreamError(f"upstream {self.config.name!r} /models answered {resp.status}",
-                                    status=resp.status)
+        try:
+            async with self._client().get(self._base + "/models") as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise UpstreamError(f"upstream {self.config.name!r} /models answered {resp.status}",
+                                        status=resp.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._conn_failed(0, exc) from exc
         return [str(m["id"]) for m in orjson.loads(body).get("data", [])]
 
     # -- Teacher interface ------------------------------------------------------------------------------------
