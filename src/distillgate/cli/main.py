@@ -23,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("distillgate.cli.audit_cmd", "Verify, checkpoint and export the decision log."),
     "dataset": ("distillgate.cli.dataset_cmd", "Build, review, split, freeze, diff and export datasets."),
     "review": ("distillgate.cli.review_cmd", "Review dataset rows: queues, next, show, accept, correct, reject."),
+    "gateway": ("distillgate.cli.gateway_cmd", "Serve the policy gateway (OpenAI-compatible proxy)."),
+    "keys": ("distillgate.cli.keys_cmd", "Create, list and revoke gateway API keys."),
+    "stamp": ("distillgate.cli.stamp_cmd", "Verify provenance stamps of gateway responses."),
 }
 
 

@@ -1,0 +1,293 @@
+"""Gateway overhead benchmark (prints figures, asserts nothing).
+
+In one run, on loopback, against the same fast upstream (the in-repo fake teacher, its own process):
+
+  direct        the load generator talks to the fake teacher itself
+  passthrough   a minimal Python pass-through proxy (raw ASGI + pooled aiohttp client, uvicorn
+                uvloop/httptools): the same HTTP stack as the gateway, nothing else
+  passthrough-h11  the same on uvicorn's pure-Python stack (asyncio loop + h11)
+  distillgate   the full gateway: API key check, screens, decide() + quota reservation + decision-log entry
+                (fsync, synchronous=FULL) before forwarding, settlement (fsync) after, signed stamp
+  distillgate-after  the same with ``settle: after_reply`` (the decision is durable before the answer; the
+                settlement commits while the answer travels)
+  distillgate-h11  the same gateway on uvicorn's pure-Python stack (asyncio loop + h11): the alternative to
+                uvloop/httptools
+
+For each: throughput (requests/s) at concurrency 1/16/64 and p50/p99 latency; then ratios against passthrough
+and the p50 latency each proxy adds over direct at concurrency 1.
+
+    python benchmarks/gateway.py [--seconds 4] [--concurrency 1 16 64] [--only direct distillgate]
+
+The load generator is a raw keep-alive HTTP/1.1 client on uvloop in its own process. Everything shares this
+machine's cores, so absolute numbers depend on the host; ratios are the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+TESTS = ROOT / "tests"
+
+POLICY = {
+    "policy_id": "bench", "allowed_projects": ["bench"], "allowed_outputs": ["labels"],
+    "blocked_outputs": ["third_party_model_extraction", "credentialed_api_replication"],
+    "quotas": {"tokens_per_day": 10**12, "records_per_run": 10**12},
+}
+
+PASSTHROUGH = r'''
+import sys, aiohttp, uvicorn
+upstream, port, loop, http = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+session = None
+async def app(scope, receive, send):
+    global session
+    if scope["type"] != "http":
+        return
+    if session is None:
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+    body = b""
+    while True:
+        m = await receive()
+        body += m.get("body", b"")
+        if not m.get("more_body"):
+            break
+    async with session.post(upstream + scope["path"].removeprefix("/v1"), data=body,
+                            headers={"content-type": "application/json"}) as r:
+        content = await r.read()
+    await send({"type": "http.response.start", "status": r.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]})
+    await send({"type": "http.response.body", "body": content})
+uvicorn.run(app, host="127.0.0.1", port=port, loop=loop, http=http, access_log=False, log_level="warning")
+'''
+
+GATEWAY = r'''
+import sys, uvicorn
+from distillgate.gateway.config import config_from_data
+from distillgate.gateway.server import build_gateway
+policy, db, upstream, port, loop, http, settle = sys.argv[1:8]
+gw = build_gateway(config_from_data({"policy": policy, "db": db, "upstreams": {"fake": {"base_url": upstream}},
+                                     "settle": settle}))
+uvicorn.run(gw, host="127.0.0.1", port=int(port), loop=loop, http=http, access_log=False, log_level="warning",
+            lifespan="on", backlog=2048)
+'''
+
+FAKE = r'''
+import sys
+sys.path.insert(0, sys.argv[2])
+from fakes.fake_upstream import main
+main(["--port", sys.argv[1]])
+'''
+
+LOADGEN = r'''
+import asyncio, json, sys, time, uvloop
+host, port, conc, seconds, req = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5].encode("latin-1")
+
+async def worker(lat, stop_at):
+    reader, writer = await asyncio.open_connection(host, port)
+    errors = 0
+    while time.perf_counter() < stop_at:
+        t0 = time.perf_counter()
+        writer.write(req)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        await reader.readexactly(length)
+        if not head.startswith(b"HTTP/1.1 200"):
+            errors += 1
+        lat.append(time.perf_counter() - t0)
+    writer.close()
+    return errors
+
+async def main():
+    # warm-up
+    await asyncio.gather(*[worker([], time.perf_counter() + 0.5) for _ in range(conc)])
+    lat = []
+    t0 = time.perf_counter()
+    errors = sum(await asyncio.gather(*[worker(lat, t0 + seconds) for _ in range(conc)]))
+    elapsed = time.perf_counter() - t0
+    lat.sort()
+    print(json.dumps({"n": len(lat), "rps": len(lat) / elapsed, "p50": lat[len(lat) // 2],
+                      "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))], "errors": errors}))
+
+uvloop.run(main())
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def start(code: str, *args: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def request_bytes(path: str, key: str) -> str:
+    body = json.dumps({"model": "fake-teacher", "max_tokens": 16,
+                       "messages": [{"role": "user", "content": "my card was lost, what should I do?"}]})
+    headers = {"host": "bench", "content-type": "application/json", "content-length": str(len(body)),
+               "authorization": f"Bearer {key}", "x-policy-user": "bench", "x-policy-project": "bench",
+               "x-policy-run": "run", "x-policy-output-type": "labels"}
+    return f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n" + body
+
+
+def load(port: int, conc: int, seconds: float, req: str) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", LOADGEN, "127.0.0.1", str(port), str(conc), str(seconds), req],
+                         capture_output=True, text=True, check=True)
+    result: dict[str, float] = json.loads(out.stdout)
+    return result
+
+
+def store_latency(tmp: Path, n: int = 200) -> dict[str, float]:
+    """p50 of the durable log calls alone (no HTTP), to attribute the gateway's added latency."""
+    import uvloop
+
+    from distillgate.ledger.store import Store
+    from distillgate.policy import PolicySet, Request, policy_from_data
+
+    policies = PolicySet([policy_from_data(POLICY)])
+    store = Store.open(tmp / "store-only.db")
+    req = Request(user="bench", project="bench", run="run", output_type="labels", max_tokens=16)
+
+    async def go() -> dict[str, float]:
+        admit: list[float] = []
+        settle: list[float] = []
+        for i in range(n + 20):
+            t0 = time.perf_counter()
+            adm = await store.aadmit(policies, req, request_hash="0" * 64)
+            t1 = time.perf_counter()
+            assert adm.reservation_id is not None
+            await store.asettle(adm.reservation_id, prompt_tokens=10, completion_tokens=10, records=1)
+            if i >= 20:
+                admit.append(t1 - t0)
+                settle.append(time.perf_counter() - t1)
+        return {"aadmit_p50": statistics.median(admit), "asettle_p50": statistics.median(settle)}
+
+    try:
+        return uvloop.run(go())
+    finally:
+        store.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--only", nargs="+", default=["direct", "passthrough", "passthrough-h11", "distillgate",
+                                                  "distillgate-after", "distillgate-h11"])
+    args = ap.parse_args()
+    sys.path.insert(0, str(SRC))
+    from distillgate.gateway.keys import KeyStore
+
+    tmp = Path(tempfile.mkdtemp(prefix="dg-bench-"))
+    (tmp / "policy.json").write_text(json.dumps(POLICY))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        fake_port = free_port()
+        procs.append(start(FAKE, str(fake_port), str(TESTS)))
+        wait_port(fake_port, procs[-1])
+        upstream = f"http://127.0.0.1:{fake_port}/v1"
+        targets: dict[str, int] = {"direct": fake_port}
+        for name, loop, http in (("passthrough", "uvloop", "httptools"), ("passthrough-h11", "asyncio", "h11")):
+            if name in args.only:
+                port = free_port()
+                procs.append(start(PASSTHROUGH, upstream, str(port), loop, http))
+                wait_port(port, procs[-1])
+                targets[name] = port
+        for name, loop, http, settle in GATEWAYS:
+            if name in args.only:
+                port = free_port()
+                procs.append(start(GATEWAY, str(tmp / "policy.json"), str(tmp / f"{name}.db"), upstream, str(port),
+                                   loop, http, settle))
+                wait_port(port, procs[-1])
+                targets[name] = port
+        for name, *_ in GATEWAYS:  # each gateway has its own store: give it a key
+            if name in targets:
+                ks = KeyStore(tmp / f"{name}.db")
+                KEYS[name] = ks.create("bench")[1]
+                ks.close()
+        results: dict[tuple[str, int], dict[str, float]] = {}
+        for name, port in targets.items():
+            if name not in args.only:
+                continue
+            for conc in args.concurrency:
+                req = request_bytes("/v1/chat/completions", KEYS.get(name, "not-needed"))
+                results[(name, conc)] = load(port, conc, args.seconds, req)
+                r = results[(name, conc)]
+                print(f"  measured {name:16s} c={conc:<3d} {r['rps']:8.0f} req/s  p50 {r['p50'] * 1e3:6.2f} ms  "
+                      f"p99 {r['p99'] * 1e3:6.2f} ms  errors {int(r['errors'])}", file=sys.stderr, flush=True)
+        print_table(results, args.concurrency)
+        lat = store_latency(tmp)
+        print(f"\ndurable log alone (in-process, sequential): aadmit p50 {lat['aadmit_p50'] * 1e3:.2f} ms, "
+              f"asettle p50 {lat['asettle_p50'] * 1e3:.2f} ms")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+KEYS: dict[str, str] = {}
+GATEWAYS = (("distillgate", "uvloop", "httptools", "before_reply"),
+            ("distillgate-after", "uvloop", "httptools", "after_reply"),
+            ("distillgate-h11", "asyncio", "h11", "before_reply"))
+
+
+def print_table(results: dict[tuple[str, int], dict[str, float]], concurrency: list[int]) -> None:
+    names = list(dict.fromkeys(n for n, _ in results))
+    print(f"\n{'target':18s} {'conc':>4s} {'req/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'vs passthrough':>15s} "
+          f"{'errors':>6s}")
+    for name in names:
+        for conc in concurrency:
+            r = results.get((name, conc))
+            if r is None:
+                continue
+            base = results.get(("passthrough", conc))
+            ratio = f"{r['rps'] / base['rps']:.2f}x" if base else "-"
+            print(f"{name:18s} {conc:4d} {r['rps']:9.0f} {r['p50'] * 1e3:8.2f} {r['p99'] * 1e3:8.2f} {ratio:>15s} "
+                  f"{int(r['errors']):6d}")
+    direct = results.get(("direct", 1))
+    if direct:
+        print("\nadded p50 latency at concurrency 1 (vs direct):")
+        for name in names:
+            r = results.get((name, 1))
+            if r and name != "direct":
+                print(f"  {name:18s} +{(r['p50'] - direct['p50']) * 1e3:.2f} ms")
+    med = [results[(n, c)]["rps"] for n, c in results if n == "distillgate"]
+    if med:
+        print(f"\ndistillgate median throughput over concurrencies: {statistics.median(med):.0f} req/s")
+
+
+if __name__ == "__main__":
+    main()

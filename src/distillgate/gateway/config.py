@@ -1,0 +1,102 @@
+"""The gateway's configuration (``gateway.yaml``); unknown keys are rejected and every problem is reported at once.
+
+    host: 127.0.0.1
+    port: 8080
+    db: ./distillgate.db
+    policy: examples/policies/            # a policy file or a directory of them
+    upstreams:
+      openai:
+        base_url: https://api.openai.com/v1
+        api_key_env: OPENAI_API_KEY
+        timeout_s: 120
+        connect_timeout_s: 5
+        max_retries: 2
+        backoff_s: 0.2
+        max_connections: 256
+    models:                               # model name (glob) -> upstream name; first match wins
+      gpt-4o-mini: openai
+      "*": openai
+    screens: [credentials, extraction]    # or "package.module:attr"
+    max_body_bytes: 1048576
+    reclaim_interval_s: 30
+    settle: before_reply                  # or after_reply (see docs/gateway.md)
+
+Routing of a model name: the ``models`` table (glob patterns, first match); else ``UPSTREAM/rest`` goes to that
+upstream with ``rest`` as the model; else ``local/...`` goes to the in-process local teacher; else, when exactly
+one upstream is configured, that one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from distillgate.errors import ConfigError, ConfigIssue
+from distillgate.policy.model import issues_from_validation, parse_document
+from distillgate.teachers.http import HttpUpstreamConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UpstreamSettings(_Strict):
+    base_url: str
+    api_key_env: str | None = None
+    timeout_s: float = Field(default=120.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    backoff_s: float = Field(default=0.2, ge=0)
+    max_backoff_s: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=256, ge=1)
+
+    def to_http(self, name: str) -> HttpUpstreamConfig:
+        return HttpUpstreamConfig(name=name, **self.model_dump())
+
+
+class GatewayConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    db: str = "./distillgate.db"
+    policy: str
+    upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
+    models: dict[str, str] = Field(default_factory=dict)
+    screens: list[str] = Field(default_factory=lambda: ["credentials", "extraction"])
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    reclaim_interval_s: float = Field(default=30.0, gt=0)
+    access_log: bool = False
+    settle: Literal["before_reply", "after_reply"] = "before_reply"
+
+    def check(self, source: str) -> None:
+        """Cross-field checks pydantic cannot express; raises ConfigError with every issue."""
+        issues: list[ConfigIssue] = []
+        for pattern, upstream in self.models.items():
+            if upstream not in self.upstreams and upstream != "local":
+                issues.append(ConfigIssue(f"models.{pattern}", f"upstream {upstream!r} is not configured",
+                                          f"use one of {[*sorted(self.upstreams), 'local']}"))
+        for name, up in self.upstreams.items():
+            issues.extend(up.to_http(name).issues(f"upstreams.{name}."))
+            if "/" in name:
+                issues.append(ConfigIssue(f"upstreams.{name}", "upstream names cannot contain '/'",
+                                          "rename it, e.g. my-upstream"))
+        if not Path(self.policy).exists():
+            issues.append(ConfigIssue("policy", f"{self.policy} does not exist", "give a policy file or directory"))
+        if issues:
+            raise ConfigError(source, issues)
+
+
+def config_from_data(data: Any, source: str = "<gateway config>") -> GatewayConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(source, [ConfigIssue("", "the gateway config must be a mapping", "start with policy: ...")])
+    try:
+        cfg = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, issues_from_validation(GatewayConfig, exc)) from exc
+    cfg.check(source)
+    return cfg
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    return config_from_data(parse_document(Path(path)), str(path))

@@ -1,0 +1,173 @@
+"""Parse and validate OpenAI request bodies; pull out the policy identity.
+
+Everything the gateway needs to judge a request is read here once: the model, ``n``, ``max_tokens``, logprob and
+logit-bias settings, the prompt text (for screens and the token estimate) and the identity (headers win over the
+body's ``metadata``). Identity keys are stripped from ``metadata`` before the body is forwarded. A body that is not
+what the OpenAI API accepts is answered with a 400 naming the bad field (``param``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from distillgate.gateway.errors import ApiError
+from distillgate.policy import estimate_tokens, prompt_text
+
+IDENTITY_KEYS = {"policy_user": "x-policy-user", "policy_project_id": "x-policy-project",
+                 "policy_run_id": "x-policy-run", "policy_output_type": "x-policy-output-type"}
+ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
+MAX_N = 128
+MAX_TOKENS_CAP = 10_000_000
+
+
+@dataclass(slots=True)
+class Inbound:
+    """A validated request."""
+
+    route: str  # "chat" | "completions"
+    body: dict[str, Any]  # what is forwarded (identity metadata stripped)
+    model: str
+    stream: bool
+    n: int
+    max_tokens: int | None
+    prompt: str
+    prompt_tokens: int
+    top_logprobs: int | None
+    logit_bias_size: int
+    user: str | None
+    project: str | None
+    run: str | None
+    output_type: str | None
+    include_usage: bool
+
+
+def _bad(message: str, param: str | None = None, code: str = "invalid_request") -> ApiError:
+    return ApiError(400, message, code=code, param=param)
+
+
+def _int(body: Mapping[str, Any], key: str, lo: int, hi: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise _bad(f"'{key}' must be an integer between {lo} and {hi}, got {value!r}", key)
+    return value
+
+
+def _number(body: Mapping[str, Any], key: str, lo: float, hi: float) -> None:
+    value = body.get(key)
+    if value is None:
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool) or not lo <= value <= hi:
+        raise _bad(f"'{key}' must be a number between {lo} and {hi}, got {value!r}", key)
+
+
+def _type(body: Mapping[str, Any], key: str, types: type | tuple[type, ...], what: str) -> None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, types):
+        raise _bad(f"'{key}' must be {what}, got {type(value).__name__}", key)
+
+
+def load_body(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise _bad("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        msg = str(exc)
+        if "utf-8" in msg.lower() or "surrogates" in msg.lower():
+            raise _bad(f"the request body is not valid UTF-8: {msg}", code="invalid_utf8") from exc
+        raise _bad(f"the request body is not valid JSON: {msg}", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise _bad(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+def _identity(headers: Mapping[str, str], metadata: dict[str, Any]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for key, header in IDENTITY_KEYS.items():
+        value = headers.get(header)
+        meta_value = metadata.pop(key, None)
+        if meta_value is not None and not isinstance(meta_value, str):
+            raise _bad(f"metadata.{key} must be a string, got {type(meta_value).__name__}", f"metadata.{key}")
+        if value is None:
+            value = meta_value
+        out[key] = value or None
+    return out
+
+
+def parse_request(route: str, raw: bytes, headers: Mapping[str, str]) -> Inbound:
+    """Validate a ``/v1/chat/completions`` (route "chat") or ``/v1/completions`` body."""
+    body = load_body(raw)
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise _bad("'model' is required and must be a non-empty string", "model")
+    if route == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad("'messages' is required and must be a non-empty array", "messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise _bad(f"messages[{i}] must be an object", f"messages[{i}]")
+            if m.get("role") not in ROLES:
+                raise _bad(f"messages[{i}].role must be one of {sorted(ROLES)}, got {m.get('role')!r}",
+                           f"messages[{i}].role")
+            content = m.get("content")
+            if content is not None and not isinstance(content, str | list):
+                raise _bad(f"messages[{i}].content must be a string, an array of parts or null",
+                           f"messages[{i}].content")
+        logprobs = body.get("logprobs")
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise _bad("'logprobs' must be a boolean", "logprobs")
+        top = _int(body, "top_logprobs", 0, 20)
+        if top is not None and not logprobs:
+            raise _bad("'top_logprobs' requires 'logprobs': true", "top_logprobs")
+        _type(body, "tools", list, "an array")
+        _type(body, "response_format", dict, "an object")
+        max_tokens = _int(body, "max_completion_tokens", 1, MAX_TOKENS_CAP)
+        if max_tokens is None:
+            max_tokens = _int(body, "max_tokens", 1, MAX_TOKENS_CAP)
+    else:
+        prompt = body.get("prompt")
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                            and all(isinstance(p, str) for p in prompt))):
+            raise _bad("'prompt' is required and must be a string or an array of strings", "prompt")
+        top = _int(body, "logprobs", 0, 5)
+        max_tokens = _int(body, "max_tokens", 1, MAX_TOKENS_CAP)
+    n = _int(body, "n", 1, MAX_N) or 1
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean", "stream")
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise _bad("'stream_options' must be an object", "stream_options")
+    _number(body, "temperature", 0, 2)
+    _number(body, "top_p", 0, 1)
+    _type(body, "stop", (str, list), "a string or an array of strings")
+    bias = body.get("logit_bias")
+    if bias is not None and (not isinstance(bias, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in bias.values())):
+        raise _bad("'logit_bias' must be an object mapping token ids to numbers", "logit_bias")
+    metadata = body.get("metadata")
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict):
+        raise _bad("'metadata' must be an object", "metadata")
+    ident = _identity(headers, metadata)
+    if "metadata" in body:
+        if metadata:
+            body["metadata"] = metadata
+        else:
+            del body["metadata"]
+    text = prompt_text(body)
+    return Inbound(
+        route=route, body=body, model=model, stream=stream, n=n, max_tokens=max_tokens, prompt=text,
+        prompt_tokens=estimate_tokens(text), top_logprobs=top, logit_bias_size=len(bias or {}),
+        user=ident["policy_user"], project=ident["policy_project_id"], run=ident["policy_run_id"],
+        output_type=ident["policy_output_type"],
+        include_usage=bool(stream_options and stream_options.get("include_usage")),
+    )

@@ -1,0 +1,42 @@
+"""Build a gateway from its configuration and serve it with uvicorn (uvloop + httptools).
+
+Why uvicorn with uvloop/httptools: see ``benchmarks/gateway.py`` and docs/gateway.md (it is the fastest ASGI server
+installed here that supports streaming and lifespan; the gateway's cost is dominated by the durable log write, not
+the HTTP layer).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distillgate.gateway.app import Gateway
+from distillgate.gateway.config import GatewayConfig
+from distillgate.gateway.keys import KeyStore
+from distillgate.gateway.screens import load_screens
+from distillgate.gateway.upstreams import Router
+from distillgate.ledger.store import Store
+from distillgate.policy import load_policies
+
+
+def build_gateway(config: GatewayConfig) -> Gateway:
+    policies = load_policies(config.policy)
+    screens = load_screens(config.screens)
+    router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models)
+    store = Store.open(Path(config.db))
+    keys = KeyStore(config.db)
+    return Gateway(policies=policies, store=store, keys=keys, router=router, screens=screens,
+                   max_body_bytes=config.max_body_bytes, reclaim_interval_s=config.reclaim_interval_s,
+                   settle_before_reply=config.settle == "before_reply")
+
+
+def serve(config: GatewayConfig) -> None:
+    import uvicorn
+
+    gateway = build_gateway(config)
+    try:
+        uvicorn.run(gateway, host=config.host, port=config.port, loop="uvloop", http="httptools",
+                    lifespan="on", access_log=config.access_log, log_level="info",
+                    timeout_keep_alive=30, backlog=2048)
+    finally:
+        gateway.store.close()
+        gateway.keys.close()

@@ -1,0 +1,146 @@
+"""Model name → upstream. HTTP upstreams are pooled ``HttpTeacher``s; ``local/...`` models are in-process
+teachers loaded lazily (once, off the event loop) through ``distillgate.teachers.registry.load_teacher``.
+
+Every upstream is used through two raw-bytes calls, ``post_raw(path, body)`` and ``stream_raw(path, body)``; an
+in-process ``Teacher`` is adapted to them by :class:`TeacherUpstream`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import importlib
+import time
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from distillgate.errors import UpstreamError
+from distillgate.gateway.errors import ApiError
+from distillgate.teachers.base import Teacher
+from distillgate.teachers.http import HttpTeacher, HttpUpstreamConfig
+
+
+class Upstream(Protocol):
+    async def post_raw(self, path: str, content: bytes) -> bytes: ...
+
+    def stream_raw(self, path: str, content: bytes) -> AsyncGenerator[bytes, None]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class TeacherUpstream:
+    """Adapts any in-process ``Teacher`` to the raw-bytes upstream calls."""
+
+    def __init__(self, teacher: Teacher) -> None:
+        self.teacher = teacher
+
+    async def post_raw(self, path: str, content: bytes) -> bytes:
+        body = orjson.loads(content)
+        if path == "/chat/completions":
+            return orjson.dumps(await self.teacher.chat_completion(body))
+        return orjson.dumps(await self.teacher.completion(body))
+
+    async def stream_raw(self, path: str, content: bytes) -> AsyncGenerator[bytes, None]:
+        if path != "/chat/completions":
+            raise UpstreamError(f"teacher {self.teacher.model_name!r} cannot stream {path}", status=400)
+        async for chunk in self.teacher.stream_chat_completion(orjson.loads(content)):
+            yield orjson.dumps(chunk)
+
+    async def aclose(self) -> None:
+        await self.teacher.aclose()
+
+
+@dataclass(frozen=True)
+class Route:
+    upstream_name: str
+    upstream_model: str  # the model name sent upstream
+
+
+class Router:
+    """Resolves model names and owns the upstream clients."""
+
+    def __init__(self, http: Mapping[str, HttpUpstreamConfig], models: Mapping[str, str] | None = None, *,
+                 local_loader: Callable[[str], Teacher] | None = None) -> None:
+        """``local_loader(spec) -> Teacher`` loads ``local/...`` models (default: the teachers registry)."""
+        self._http: dict[str, Upstream] = {name: HttpTeacher(cfg) for name, cfg in http.items()}
+        self._models = dict(models or {})
+        self._load_local = local_loader or _load_local
+        self._local: dict[str, Upstream] = {}
+        self._local_lock = asyncio.Lock()
+        self._listed: tuple[float, list[str]] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._http)
+
+    def route(self, model: str) -> Route:
+        for pattern, name in self._models.items():
+            if fnmatch.fnmatchcase(model, pattern):
+                return Route(name, model)
+        if "/" in model:
+            prefix, rest = model.split("/", 1)
+            if prefix in self._http and rest:
+                return Route(prefix, rest)
+            if prefix == "local":
+                return Route("local", model)
+        if len(self._http) == 1:
+            return Route(next(iter(self._http)), model)
+        raise ApiError(404, f"the model {model!r} does not exist on this gateway (no upstream serves it)",
+                       code="model_not_found", param="model")
+
+    def configured_models(self) -> list[str]:
+        """Model names the config names explicitly (glob patterns excluded)."""
+        return [m for m in self._models if not any(ch in m for ch in "*?[")]
+
+    async def upstream_models(self, max_age_s: float = 60.0) -> list[str]:
+        """Model ids the HTTP upstreams list at ``/models`` (cached; an upstream that fails is skipped).
+
+        With one upstream the ids are as listed; with several they are prefixed ``NAME/`` (how they route).
+        """
+        now = time.monotonic()
+        if self._listed is not None and now - self._listed[0] < max_age_s:
+            return self._listed[1]
+        names: list[str] = []
+        for name, up in self._http.items():
+            if not isinstance(up, HttpTeacher):
+                continue
+            try:
+                ids = await up.get_models()
+            except (UpstreamError, OSError, ValueError, KeyError, TypeError):
+                continue
+            names += ids if len(self._http) == 1 else [f"{name}/{i}" for i in ids]
+        self._listed = (now, names)
+        return names
+
+    async def get(self, route: Route) -> Upstream:
+        if route.upstream_name != "local":
+            return self._http[route.upstream_name]
+        if route.upstream_model not in self._local:
+            async with self._local_lock:
+                if route.upstream_model not in self._local:
+                    try:
+                        teacher = await asyncio.to_thread(self._load_local, route.upstream_model)
+                    except ApiError:
+                        raise
+                    except Exception as exc:
+                        raise ApiError(404, f"model {route.upstream_model!r} could not be loaded as a local "
+                                       f"teacher: {exc}", code="model_not_found", param="model") from exc
+                    self._local[route.upstream_model] = TeacherUpstream(teacher)
+        return self._local[route.upstream_model]
+
+    async def aclose(self) -> None:
+        for up in [*self._http.values(), *self._local.values()]:
+            await up.aclose()
+
+
+def _load_local(spec: str) -> Teacher:
+    try:
+        registry: Any = importlib.import_module("distillgate.teachers.registry")
+    except ImportError as exc:
+        raise ApiError(404, f"model {spec!r}: local teachers are not available in this build",
+                       code="model_not_found", param="model") from exc
+    teacher: Teacher = registry.load_teacher(spec)
+    return teacher

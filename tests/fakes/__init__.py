@@ -1,0 +1,1 @@
+"""In-repo fakes (real servers, not mocks) shared by tests and benchmarks."""
