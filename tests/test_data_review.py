@@ -8,12 +8,13 @@ import threading
 import pytest
 
 from _data_support import make_dataset, sample, teacher_answer
-from conftest import run_cli
 from distillgate.data import review
 from distillgate.data.pipeline import build
 from distillgate.data.store import WorkingCopy, append_generated
 from distillgate.data.versions import freeze
 from distillgate.errors import ConflictError, DatasetGuardError, NotFoundError, UserError
+
+from conftest import run_cli
 
 RECORDS = [
     {"id": str(i), "text": t, "answer": teacher_answer(lbl)}

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from _data_support import banking_rows, make_dataset, sample, teacher_answer
-from conftest import run_cli
 from distillgate.data import review
 from distillgate.data.config import parse_config
 from distillgate.data.export import export_version
@@ -19,6 +18,8 @@ from distillgate.data.store import WorkingCopy
 from distillgate.data.versions import diff, freeze, load_version
 from distillgate.destinations import read_file
 from distillgate.errors import DestinationError, IntegrityError, NotFoundError, UserError
+
+from conftest import run_cli
 
 
 def _banking_records(n: int = 120) -> list[dict[str, str]]:
