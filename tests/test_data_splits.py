@@ -139,10 +139,15 @@ def test_hashed_shingles_match_string_shingles_and_exhaustive_clusters():
     from distillgate.data.dedup import sketch
 
     texts = [r["text"] for r in banking_rows(limit=1500)] + ["Hi", "!!!", "card", "two words"]
-    cfg = DedupConfig(threshold=0.6)
-    sk = sketch(texts, cfg)
-    string_sets = [set(shingles(t, cfg.ngram)) for t in texts]
+    sk = sketch(texts, DedupConfig())
+    string_sets = [set(shingles(t, 2)) for t in texts]
     assert [len(sk.shingle_set(i)) for i in range(len(texts))] == [len(s) for s in string_sets]
+    for threshold, allowed_misses in ((0.8, 0), (0.6, 8)):  # LSH recall: 0.9998 at 0.8, 0.89 at 0.6
+        _compare_with_exhaustive(texts, DedupConfig(threshold=threshold), allowed_misses)
+
+
+def _compare_with_exhaustive(texts: list[str], cfg: DedupConfig, allowed_misses: int) -> None:
+    string_sets = [set(shingles(t, cfg.ngram)) for t in texts]
     # exhaustive single-linkage clustering as the reference
     parent = list(range(len(texts)))
 
@@ -158,6 +163,5 @@ def test_hashed_shingles_match_string_shingles_and_exhaustive_clusters():
                 parent[max(ri, rj)] = min(ri, rj)
     expected = [find(i) for i in range(len(texts))]
     got = near_duplicate_clusters(texts, cfg).clusters
-    agree = sum(1 for a, b in zip(expected, got, strict=True) if a == b) / len(texts)
-    assert agree >= 0.995, agree
-    assert sum(1 for a, b in zip(expected, got, strict=True) if a != b) <= 3
+    assert len(set(expected)) < len(texts) - 10  # there are clusters to find
+    assert sum(1 for a, b in zip(expected, got, strict=True) if a != b) <= allowed_misses
