@@ -165,3 +165,43 @@ def _compare_with_exhaustive(texts: list[str], cfg: DedupConfig, allowed_misses:
     got = near_duplicate_clusters(texts, cfg).clusters
     assert len(set(expected)) < len(texts) - 10  # there are clusters to find
     assert sum(1 for a, b in zip(expected, got, strict=True) if a != b) <= allowed_misses
+
+
+def test_split_invariants_hold_for_random_datasets():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    vocab = ["card", "top", "up", "rate", "fee", "lost", "my", "the", "app", "why", "refund", "cash", "pin"]
+    row_strategy = st.tuples(
+        st.lists(st.sampled_from(vocab), min_size=1, max_size=6),  # input words (collisions are likely)
+        st.sampled_from(["card_arrival", "top_up_failed", "exchange_rate"]),
+        st.one_of(st.none(), st.sampled_from(["g1", "g2", "g3", "g4"])),
+        st.booleans(),  # valid JSON answer?
+    )
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(row_strategy, min_size=1, max_size=40), st.integers(0, 5))
+    def check(specs, seed):
+        rows = [
+            Row(row_id=f"r{i}:0", input_id=f"r{i}", input=" ".join(words), source_group=group,
+                output_raw=f'{{"type": "{label}"}}' if ok else "free text answer that is not json")
+            for i, (words, label, group, ok) in enumerate(specs)
+        ]
+        cfg = parse_config({"filters": {"valid_json": True, "near_duplicates": False},
+                            "split": {"seed": seed, "golden": {"fraction": 0.2}}})
+        report = process(rows, cfg)
+        for row in rows:
+            assert (row.split == "excluded") == (row.filter_status == "fail")
+            assert row.split in ("train", "val", "test", "golden", "holdout", "excluded")
+        live = [r for r in rows if r.filter_status == "pass"]
+        for key in ("source_group", "dup_cluster"):
+            seen: dict[str, set[str]] = {}
+            for r in live:
+                value = getattr(r, key)
+                if value:
+                    seen.setdefault(value, set()).add(r.split or "")
+            assert all(len(s) == 1 for s in seen.values()), (key, seen)
+        assert report.leakage.clean
+        assert sum(report.split.counts.values()) == len(rows)
+
+    check()
