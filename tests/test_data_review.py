@@ -170,3 +170,47 @@ def test_build_skips_rows_a_reviewer_changed_meanwhile(tmp_path):
     assert conflicts == [target.row_id]
     assert wc.get(target.row_id).label == "refund_not_showing_up"
     assert changed >= 1 and wc.get(rows[5].row_id).split == "test"
+
+
+_WRITER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from _data_support import sample, teacher_answer
+from distillgate.data.store import WorkingCopy
+wc = WorkingCopy.open({ds!r})
+for template, index in wc.pending_generation(k=2):
+    wc.append_generated([sample(template.input_id, index, teacher_answer("card_arrival"))])
+    print("stored", template.input_id, index, flush=True)
+    time.sleep(0.02)
+"""
+
+
+def test_append_survives_sigkill_and_resumes_exactly_once(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    records = [{"id": str(i), "text": f"question number {i} about my card"} for i in range(60)]
+    wc = make_dataset(tmp_path, [])
+    traffic = tmp_path / "t.jsonl"
+    traffic.write_text("".join(json.dumps(r) + "\n" for r in records))
+    from distillgate.data.config import IngestConfig
+    from distillgate.data.ingest import ingest_file
+
+    wc.add_inputs(ingest_file(traffic, IngestConfig.model_validate({"columns": {"record_id": "id"}})).rows)
+    script = _WRITER.format(tests=str(Path(__file__).parent), ds=str(wc.root))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for _ in range(15):  # let it store some samples, then kill it mid-run
+        assert proc.stdout.readline().startswith("stored")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stored = wc.count_rows()
+    assert 15 <= stored < 120
+    rerun = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.count("stored") == 120 - stored  # only the missing samples were generated again
+    ids = [r.row_id for r in wc.rows()]
+    assert len(ids) == len(set(ids)) == 120

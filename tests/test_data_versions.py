@@ -205,6 +205,9 @@ def test_dataset_cli_end_to_end(tmp_path):
                   "--map", "group=account")
     assert out.returncode == 0, out.stderr
     assert "200 new" in out.stdout
+    again = run_cli("dataset", "ingest", ds, str(traffic), "--map", "input=msg", "--map", "output=intent",
+                    "--map", "group=account")
+    assert "0 new, 200 already present" in again.stdout  # re-ingesting is idempotent
     out = run_cli("dataset", "build", ds, "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)

@@ -22,7 +22,8 @@ _EXPORTS = {
     "ingest_file": "ingest",
     "build": "pipeline", "process": "pipeline",
     "leakage_check": "leakage",
-    "freeze": "versions", "open_version": "versions", "load_version": "versions", "diff": "versions",
+    "freeze": "versions", "open_version": "versions", "load_version": "versions", "load_trainable": "versions",
+    "diff": "versions",
     "export_version": "export",
     "ensure_trainable": "guard",
 }

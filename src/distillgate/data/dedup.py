@@ -1,12 +1,13 @@
 """Exact and near-duplicate detection: word n-gram shingles, MinHash + LSH banding for candidates, exact Jaccard check.
 
-Texts are lower-cased and split into ``\\w+`` words. Exact duplicates share the same word sequence (case, spacing and
-punctuation ignored). Near-duplicates: the shingles are word ``ngram``-grams (a text with fewer words is one
-shingle), hashed to 64 bits (words are hashed by ``rensa``'s stable token hash, n-grams combined in numpy). Two
-texts are near-duplicates when the Jaccard similarity of their shingle sets is at least ``threshold``.
+Texts are lower-cased and split into words (maximal runs of ASCII letters, digits, ``_`` and non-ASCII
+characters), tokenised and hashed in numpy over the UTF-8 bytes. Exact duplicates share the same word sequence
+(case, spacing and punctuation ignored). Near-duplicates: the shingles are word ``ngram``-grams (a text with fewer
+words is one shingle), hashed to 64 bits (a polynomial hash of each word's bytes, n-grams combined). Two texts are
+near-duplicates when the Jaccard similarity of their shingle sets is at least ``threshold``.
 
-MinHash signatures (``num_perm`` seeded 32-bit permutations ``h = ((x ^ b) * a) mod 2^32; h ^= h >> 15``) are cut into ``bands`` bands of
-``r = num_perm / bands`` rows; texts sharing a band are candidates. A pair with similarity s becomes a candidate
+MinHash signatures (``num_perm`` seeded 32-bit permutations ``h = ((x ^ b) * a) mod 2^32; h ^= h >> 15``) are cut
+into ``bands`` bands of ``r = num_perm / bands`` rows; texts sharing a band are candidates. A pair with similarity s becomes a candidate
 with probability ``1 - (1 - s**r)**bands``; with the defaults (64 permutations, 16 bands of 4) that is 0.9998 at
 s=0.8 and 0.64 at s=0.5. Every candidate pair is verified with the exact Jaccard of the shingle-hash sets, so the
 sketch only costs recall, never precision. Within one band bucket all pairs are checked when the bucket holds at
@@ -18,7 +19,6 @@ Everything is deterministic for a given seed and linear in memory (about 0.5 KB 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import re
 from collections.abc import Sequence
@@ -26,11 +26,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-import rensa
 
 from distillgate.data.config import DedupConfig
 
-_WORD = re.compile(r"\w+")
+# A word is a maximal run of ASCII letters, digits, "_" and non-ASCII characters (after lower-casing); the
+# vectorised tokeniser below reads the same definition from UTF-8 bytes.
+_WORD = re.compile("[0-9a-z_\u0080-\U0010ffff]+")
+_WORD_BYTE = np.zeros(256, dtype=bool)
+for _c in b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_":
+    _WORD_BYTE[_c] = True
+_WORD_BYTE[0x80:] = True
+_P = np.uint64(0x100000001B3)  # odd: invertible mod 2^64
+_P_INV = np.uint64(pow(0x100000001B3, -1, 2**64))
 CHUNK_ROWS = 4096
 MAX_BUCKET_PAIRS_SIZE = 16
 _MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5,
@@ -62,22 +69,18 @@ def jaccard(a: set[str] | set[int], b: set[str] | set[int]) -> float:
     return inter / (len(a) + len(b) - inter)
 
 
-def exact_key(text: str) -> bytes:
-    """Key for exact duplicates: the text's lower-cased words (case, spacing and punctuation ignored)."""
-    return hashlib.blake2b(" ".join(_WORD.findall(text.lower())).encode(), digest_size=16).digest()
-
-
 def exact_groups(texts: Sequence[str]) -> list[int]:
-    """For each text, the index of the first text with the same exact key (itself when it is the first)."""
-    first: dict[bytes, int] = {}
-    return [first.setdefault(exact_key(text), i) for i, text in enumerate(texts)]
+    """For each text, the index of the first text with the same words (case, spacing, punctuation ignored)."""
+    first: dict[int, int] = {}
+    keys = sketch(texts, DedupConfig(num_perm=8, bands=1)).exact_keys
+    return [first.setdefault(key, i) for i, key in enumerate(keys)]
 
 
 @dataclass
 class Sketches:
     """Per text: exact key, shingle hashes (flat, with offsets) and a MinHash signature row."""
 
-    exact_keys: list[bytes]
+    exact_keys: list[int]  # 64-bit hash of the word sequence
     offsets: npt.NDArray[np.int64]  # (N+1,)
     shingle_hashes: U64  # (total shingles,)
     signatures: npt.NDArray[np.uint32]  # (N, num_perm)
@@ -96,19 +99,71 @@ def _perms(cfg: DedupConfig) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uin
     return a, b
 
 
-def _chunk_shingles(texts: Sequence[str], ngram: int) -> tuple[list[bytes], list[int], U64]:
+def _mix(h: U64) -> U64:
+    """A 64-bit finaliser (xorshift-multiply) so that every output bit depends on every input bit."""
+    with np.errstate(over="ignore"):
+        h = h ^ (h >> np.uint64(33))
+        h = h * np.uint64(0xFF51AFD7ED558CCD)
+        h = h ^ (h >> np.uint64(33))
+        h = h * np.uint64(0xC4CEB9FE1A85EC53)
+        return h ^ (h >> np.uint64(33))
+
+
+def _token_hashes(texts: Sequence[str]) -> tuple[U64, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Word hashes of a chunk of texts, vectorised over its UTF-8 bytes.
+
+    Returns (hashes in text order, row of each hash, number of hashes per row). A text without any word gets one
+    hash of its whole content instead.
+    """
+    joined = "\x00".join(t.replace("\x00", " ") for t in texts).lower().encode("utf-8")
+    buf = np.frombuffer(joined, dtype=np.uint8)
+    n = len(buf)
+    with np.errstate(over="ignore"):
+        powers = np.empty(n + 1, dtype=np.uint64)
+        powers[0] = 1
+        powers[1:] = _P
+        np.cumprod(powers, out=powers)  # P^i mod 2^64
+        inverse = np.empty(n + 1, dtype=np.uint64)
+        inverse[0] = 1
+        inverse[1:] = _P_INV
+        np.cumprod(inverse, out=inverse)
+        prefix = np.zeros(n + 1, dtype=np.uint64)
+        np.cumsum((buf.astype(np.uint64) + np.uint64(1)) * powers[:n], out=prefix[1:])
+
+        def span_hash(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> U64:
+            return _mix((prefix[b] - prefix[a]) * inverse[a] + (b - a).astype(np.uint64))
+
+        word = _WORD_BYTE[buf]
+        edges = np.diff(np.concatenate(([False], word, [False])).astype(np.int8))
+        starts = np.flatnonzero(edges == 1)
+        ends = np.flatnonzero(edges == -1)
+        seps = np.flatnonzero(buf == 0)
+        row_start = np.concatenate(([0], seps + 1))
+        row_end = np.concatenate((seps, [n]))
+        token_row = np.searchsorted(seps, starts)  # separators before the token = its row
+        hashes = span_hash(starts, ends)
+        per_row = np.bincount(token_row, minlength=len(texts)).astype(np.int64)
+        empty = np.flatnonzero(per_row == 0)
+        if len(empty):  # no words: the whole text is the one token
+            hashes = np.concatenate((hashes, span_hash(row_start[empty], row_end[empty])))
+            token_row = np.concatenate((token_row, empty))
+            order = np.argsort(token_row, kind="stable")
+            hashes, token_row = hashes[order], token_row[order]
+            per_row[empty] = 1
+    return hashes, token_row, per_row
+
+
+def _chunk_shingles(texts: Sequence[str], ngram: int) -> tuple[list[int], list[int], U64]:
     """Exact keys, shingle counts and flat shingle hashes for a chunk of texts."""
-    word_lists = [_WORD.findall(t.lower()) for t in texts]
-    keys = [hashlib.blake2b(" ".join(w).encode(), digest_size=16).digest() for w in word_lists]
-    fallback = [w or [t.strip().lower()] for t, w in zip(texts, word_lists, strict=True)]
-    hashed = rensa.RMinHash.hash_token_sets(fallback)
-    lengths = np.fromiter((len(h) for h in hashed), dtype=np.int64, count=len(hashed))
-    flat = np.fromiter(itertools.chain.from_iterable(hashed), dtype=np.uint64, count=int(lengths.sum()))
+    flat, row_of, lengths = _token_hashes(texts)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
     n = ngram
     total = len(flat)
-    row_of = np.repeat(np.arange(len(lengths)), lengths)
     pos = np.arange(total, dtype=np.int64) - starts[row_of]
+    with np.errstate(over="ignore"):
+        # exact key: the word sequence, position-weighted, plus its length
+        weights = _mix(pos.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+        keys = _mix(np.add.reduceat(flat * weights, starts) + lengths.astype(np.uint64))
     counts = np.where(lengths >= n, lengths - n + 1, 1)
     out_off = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
     out = np.empty(int(counts.sum()), dtype=np.uint64)
@@ -126,13 +181,13 @@ def _chunk_shingles(texts: Sequence[str], ngram: int) -> tuple[list[bytes], list
             weighted = flat * _MIX[np.minimum(pos, len(_MIX) - 1)]
             sums = np.add.reduceat(weighted, starts)
             out[out_off[short]] = sums[short]
-    return keys, counts.tolist(), out
+    return keys.tolist(), counts.tolist(), out
 
 
 def sketch(texts: Sequence[str], cfg: DedupConfig) -> Sketches:
     """Exact keys, shingle hashes and MinHash signatures for ``texts`` (chunked; memory linear in N)."""
     a, b = _perms(cfg)
-    keys: list[bytes] = []
+    keys: list[int] = []
     all_counts: list[int] = []
     hash_parts: list[U64] = []
     sig_parts: list[npt.NDArray[np.uint32]] = []

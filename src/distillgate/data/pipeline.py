@@ -152,7 +152,7 @@ def _filter_rows(
             text_of[row.input_id] = row.input
             order.append(row.input_id)
     sketches = sketch([text_of[i] for i in order], config.dedup)
-    first_by_key: dict[bytes, str] = {}
+    first_by_key: dict[int, str] = {}
     keeper: dict[str, str] = {}
     for input_id, key in zip(order, sketches.exact_keys, strict=True):
         keeper[input_id] = first_by_key.setdefault(key, input_id)
