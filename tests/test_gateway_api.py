@@ -56,6 +56,9 @@ def test_chat_completion_allowed_is_logged_settled_and_stamped(gw: Running) -> N
     assert decision["tokens_reserved"] == decision["tokens_requested"] > 100  # 2 x 50 + prompt estimate
     assert settlement["kind"] == "settlement" and settlement["outcome"] == "ok"
     assert settlement["tokens_charged"] == resp.usage.total_tokens and settlement["records_charged"] == 2
+    # the policy has audit.log_content: the request and the answer are in the log, not only their hashes
+    assert decision["content"]["request"]["messages"] == MSG
+    assert settlement["extra"]["content"]["response"][1]["text"] == "Echo: my card was lost yesterday"
     assert int(raw.headers["x-distillgate-decision"]) == decision["index"]
     # the stamp, in the header and in the body, signs the decision entry and the answer
     stamp = Stamp.from_header(raw.headers["x-distillgate-stamp"])

@@ -327,7 +327,7 @@ class Gateway:
         settling = self.store.asettle(
             adm.reservation_id, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             records=len(choices), response_hash=response_hash, upstream_id=upstream_id, outcome="ok",
-            reasons=reasons, extra={"contract": problems[:10], "enforcement": enforcement} if problems else None)
+            reasons=reasons, extra=_settle_extra(policy, problems, enforcement, choices))
         settlement_index: int | None = None
         if self.settle_before_reply or (problems and enforcement == "block"):
             settlement_index = (await settling).index
@@ -462,7 +462,7 @@ class Gateway:
             adm.reservation_id, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             records=len(choices) or inb.n, response_hash=response_hash, upstream_id=state.upstream_id,
             outcome="ok", reasons=reasons,
-            extra={"contract": problems[:10], "enforcement": enforcement} if problems else None)
+            extra=_settle_extra(policy, problems, enforcement, choices))
         self._count_tokens(prompt_tokens, completion_tokens)
         if problems and enforcement == "block":
             raise ApiError(422, f"the teacher's answer broke the output contract of {inb.output_type!r}: "
@@ -503,6 +503,20 @@ class Gateway:
             if c.get("finish_reason") is not None:
                 state.finish[i] = c["finish_reason"]
         return True
+
+
+def _settle_extra(policy: Policy, problems: list[str], enforcement: str | None,
+                  choices: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Contract problems, and the answer itself when the policy has ``audit.log_content``."""
+    extra: dict[str, Any] = {}
+    if problems:
+        extra["contract"] = problems[:10]
+        extra["enforcement"] = enforcement
+    if policy.audit.log_content:
+        extra["content"] = {"response": [
+            {"index": c.get("index", 0), "text": (c.get("message") or {}).get("content") if "message" in c
+             else c.get("text"), "finish_reason": c.get("finish_reason")} for c in choices]}
+    return extra or None
 
 
 def route_label(path: str) -> str:
