@@ -8,6 +8,7 @@ Every error a user can meet says what went wrong *and how to fix it*. The CLI ma
     │   ├── ConfigError                   a policy / project / gateway file is invalid (carries every issue)
     │   ├── NotFoundError                 a file, dataset, version, key or run does not exist
     │   ├── DatasetGuardError             golden or test rows offered to training
+    │   ├── ConflictError                 a row changed since it was read (optimistic concurrency)
     │   └── DestinationError              an export destination is malformed or unreachable
     ├── PolicyDenied                      exit 2: the policy said no (carries the reason codes)
     ├── IntegrityError                    exit 2: a decision log, stamp or checkpoint failed verification
@@ -76,6 +77,10 @@ class DatasetGuardError(UserError):
 
 class DestinationError(UserError):
     pass
+
+
+class ConflictError(UserError):
+    """A write named a version that is no longer current (someone else changed the record first)."""
 
 
 class PolicyDenied(DistillgateError):

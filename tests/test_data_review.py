@@ -1,0 +1,172 @@
+"""Generation I/O (exactly-once append), review operations with optimistic concurrency, and the review CLI."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from _data_support import make_dataset, sample, teacher_answer
+from distillgate.data import review
+from distillgate.data.pipeline import build
+from distillgate.data.store import WorkingCopy, append_generated
+from distillgate.data.versions import freeze
+from distillgate.errors import ConflictError, DatasetGuardError, NotFoundError, UserError
+
+from conftest import run_cli
+
+RECORDS = [
+    {"id": str(i), "text": t, "answer": teacher_answer(lbl)}
+    for i, (t, lbl) in enumerate([
+        ("Where is my new card?", "card_arrival"),
+        ("My top up did not go through", "top_up_failed"),
+        ("What exchange rate do you use?", "exchange_rate"),
+        ("I think someone stole my card", "lost_or_stolen_card"),
+        ("Can I get a refund for this purchase?", "request_refund"),
+        ("The app shows a payment I did not make", "card_payment_not_recognised"),
+    ])
+]
+
+
+def test_append_generated_is_exactly_once(tmp_path):
+    wc = make_dataset(tmp_path, [])
+    traffic = tmp_path / "t.jsonl"
+    traffic.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in RECORDS))
+    from distillgate.data.ingest import ingest_file
+
+    wc.add_inputs(ingest_file(traffic).rows)
+    todo = wc.pending_generation(k=2)
+    assert len(todo) == 12
+    first = [sample(t.input_id, i, teacher_answer("card_arrival")) for t, i in todo[:5]]
+    assert wc.append_generated(first).added == 5
+    again = wc.append_generated(first)  # a rerun re-sending stored samples is a no-op
+    assert (again.added, again.already_present) == (0, 5)
+    assert len(wc.pending_generation(k=2)) == 7
+    result = append_generated(wc.root, [sample(t.input_id, i, "x") for t, i in wc.pending_generation(k=2)])
+    assert result.added == 7 and wc.count_rows() == 12 and wc.pending_generation(k=2) == []
+    row = wc.get("t-0:1")
+    assert row.stamp == {"decision_id": "d-t-0-1", "signature": "sig", "key_id": "k1"}
+    assert row.teacher_card["parameter_count"] == 134515008 and row.prompt_template_id == "intent-v1"
+    with pytest.raises(NotFoundError, match="never ingested"):
+        wc.append_generated([sample("t-0", 5, "x"), sample("nope", 0, "x")])
+    assert wc.count_rows() == 12  # the whole batch was rolled back
+
+
+def test_correct_keeps_teacher_answer_and_survives_rebuild(tmp_path):
+    wc = make_dataset(tmp_path, RECORDS)
+    build(wc)
+    row = wc.get("ds-traffic-2:0")
+    verdict = review.correct(wc, row.row_id, "alice", row.version, "exchange_rate_fees", "asks about fees")
+    stored = wc.get(row.row_id)
+    assert stored.label == "exchange_rate_fees" and stored.teacher_label == "exchange_rate"
+    assert stored.output_raw == row.output_raw and stored.edited is True
+    assert stored.reviewer == "alice" and stored.review_reason == "asks about fees"
+    assert stored.review_before["label"] == "exchange_rate" and stored.review_after["label"] == "exchange_rate_fees"
+    assert verdict.row.version == row.version + 1
+    build(wc)
+    assert wc.get(row.row_id).label == "exchange_rate_fees"
+
+
+def test_stale_version_is_refused(tmp_path):
+    wc = make_dataset(tmp_path, RECORDS)
+    build(wc)
+    row = wc.get("ds-traffic-0:0")
+    review.accept(wc, row.row_id, "alice", row.version)
+    with pytest.raises(ConflictError, match="changed since you read it"):
+        review.reject(wc, row.row_id, "bob", row.version, "spam")
+    assert wc.get(row.row_id).review_state == "accepted"
+
+
+def test_concurrent_reviewers_only_one_wins(tmp_path):
+    wc = make_dataset(tmp_path, RECORDS)
+    build(wc)
+    row = wc.get("ds-traffic-1:0")
+    outcomes: list[str] = []
+
+    def act(name: str) -> None:
+        with WorkingCopy.open(wc.root) as own:
+            try:
+                review.correct(own, row.row_id, name, row.version, f"label_{name}", "because")
+                outcomes.append("ok")
+            except ConflictError:
+                outcomes.append("conflict")
+
+    threads = [threading.Thread(target=act, args=(f"r{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["conflict", "conflict", "conflict", "ok"]
+
+
+def test_queues_reject_and_accept_override(tmp_path):
+    records = [*RECORDS, {"id": "9", "text": "Help me with a thing", "answer": "Some free text, not JSON at all"}]
+    wc = make_dataset(tmp_path, records, {"filters": {"valid_json": True}, "review": {"rare_label_max_count": 1}})
+    build(wc)
+    sizes = review.queue_sizes(wc)
+    assert sizes["failed_parse"] == 1 and sizes["reason:INVALID_JSON:<none>"] == 1
+    assert sizes["rare_labels"] == 6
+    bad = review.next_row(wc, "failed_parse", "alice")
+    assert bad is not None and bad.input_id == "ds-traffic-9"
+    review.correct(wc, bad.row_id, "alice", bad.version, "other", "free text but clear intent")
+    build(wc)
+    assert wc.get(bad.row_id).filter_status == "pass"  # a human vouched for the answer
+    assert review.next_row(wc, "failed_parse", "alice") is None
+    row = wc.get("ds-traffic-0:0")
+    review.reject(wc, row.row_id, "bob", row.version, "not a banking question")
+    build(wc)
+    rejected = wc.get(row.row_id)
+    assert rejected.split == "excluded" and "REVIEW_REJECTED" in rejected.filter_reasons
+    with pytest.raises(NotFoundError, match="no review queue"):
+        review.queue_rows(wc, "nonsense")
+    with pytest.raises(UserError, match="reviewer"):
+        review.accept(wc, "ds-traffic-3:0", " ", 1)
+
+
+def test_golden_rows_are_locked_after_freeze(tmp_path):
+    wc = make_dataset(tmp_path, RECORDS, {"split": {"golden": {"fraction": 0.5}, "holdout": {"enabled": False}}})
+    build(wc)
+    freeze(wc)
+    golden = [r for r in wc.rows() if r.split == "golden"]
+    assert golden
+    with pytest.raises(DatasetGuardError, match="hash-locked"):
+        review.correct(wc, golden[0].row_id, "alice", golden[0].version, "x", "y")
+
+
+def test_review_cli_flow(tmp_path):
+    wc = make_dataset(tmp_path, RECORDS, {"review": {"rare_label_max_count": 1}})
+    build(wc)
+    ds = str(wc.root)
+    out = run_cli("review", "queues", "--dataset", ds)
+    assert out.returncode == 0 and "rare_labels" in out.stdout
+    nxt = run_cli("review", "next", "rare_labels", "--dataset", ds, "--reviewer", "carol", "--json")
+    assert nxt.returncode == 0, nxt.stderr
+    shown = json.loads(nxt.stdout)
+    rid, ver = shown["row_id"], str(shown["version"])
+    ok = run_cli("review", "correct", rid, "--dataset", ds, "--reviewer", "carol", "--row-version", ver,
+                 "--label", "card_delivery_estimate", "--reason", "asks when, not where")
+    assert ok.returncode == 0, ok.stderr
+    assert "card_delivery_estimate" in ok.stdout
+    stale = run_cli("review", "accept", rid, "--dataset", ds, "--reviewer", "dan", "--row-version", ver)
+    assert stale.returncode == 1 and "changed since you read it" in stale.stderr
+    show = run_cli("review", "show", rid, "--dataset", ds)
+    assert "edited: True" in show.stdout and "carol" in show.stdout
+
+
+def test_build_skips_rows_a_reviewer_changed_meanwhile(tmp_path):
+    from distillgate.data.pipeline import process
+
+    wc = make_dataset(tmp_path, RECORDS)
+    build(wc)
+    rows = wc.rows()
+    read_versions = {r.row_id: r.version for r in rows}
+    process(rows, wc.config)  # a build in progress ...
+    target = wc.get("ds-traffic-4:0")
+    review.correct(wc, target.row_id, "alice", target.version, "refund_not_showing_up", "meanwhile")
+    rows[4].split = "test"  # ... that would overwrite the reviewer's row
+    rows[5].split = "test"
+    changed, conflicts = wc.save_build(rows, read_versions)
+    assert conflicts == [target.row_id]
+    assert wc.get(target.row_id).label == "refund_not_showing_up"
+    assert changed >= 1 and wc.get(rows[5].row_id).split == "test"
