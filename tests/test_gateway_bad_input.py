@@ -153,12 +153,12 @@ def test_models_list_follows_the_policy(gw: Running) -> None:
     assert not [i for i in ids if i.startswith("fake/")]  # not approved by the policy
 
 
-def test_schemathesis_finds_no_server_errors(gw: Running) -> None:
+def test_schemathesis_finds_no_server_errors(gw: Running, tmp_path: Path) -> None:
     """Property-based run of schemathesis against /openapi.json: every documented check passes."""
     st = Path(sys.executable).with_name("st")
     args = [str(st), "run", gw.url + "/openapi.json", "--url", gw.url, "--max-examples", "25", "--checks", "all",
             "--seed", "1", "--no-color"]
     for k, v in gw.headers().items():
         args += ["-H", f"{k}: {v}"]
-    res = subprocess.run(args, capture_output=True, text=True, timeout=240)
+    res = subprocess.run(args, capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its cache goes there
     assert res.returncode == 0, res.stdout[-4000:]
