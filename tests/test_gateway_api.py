@@ -56,10 +56,14 @@ def test_chat_completion_allowed_is_logged_settled_and_stamped(gw: Running) -> N
     assert decision["tokens_reserved"] == decision["tokens_requested"] > 100  # 2 x 50 + prompt estimate
     assert settlement["kind"] == "settlement" and settlement["outcome"] == "ok"
     assert settlement["tokens_charged"] == resp.usage.total_tokens and settlement["records_charged"] == 2
+    # the policy has audit.log_content: the request and the answer are in the log, not only their hashes
+    assert decision["content"]["request"]["messages"] == MSG
+    assert settlement["extra"]["content"]["response"][1]["text"] == "Echo: my card was lost yesterday"
     assert int(raw.headers["x-distillgate-decision"]) == decision["index"]
     # the stamp, in the header and in the body, signs the decision entry and the answer
     stamp = Stamp.from_header(raw.headers["x-distillgate-stamp"])
-    body_stamp = Stamp.from_dict(resp.model_extra["distillgate"]["stamp"])  # type: ignore[index]
+    body_stamp = Stamp.from_response(resp)
+    assert body_stamp == Stamp.from_response(json.loads(raw.http_response.text))
     assert stamp == body_stamp
     pem = gw.gateway.store.signer.public_key_pem()
     assert stamp.verify(pem)
@@ -174,7 +178,7 @@ def test_streaming_passes_chunks_settles_and_stamps(gw: Running) -> None:
     assert usage and usage[0].completion_tokens == 6
     lp = [c.choices[0].logprobs.content[0].logprob for c in chunks if c.choices and c.choices[0].logprobs]
     assert lp and all(round(v, 2) == v for v in lp)  # hardening.round_logprobs = 2
-    stamp = Stamp.from_dict(chunks[-1].model_extra["distillgate"]["stamp"])  # type: ignore[index]
+    stamp = Stamp.from_response(chunks[-1])
     assert stamp.verify(gw.gateway.store.signer.public_key_pem())
     assert stamp.payload["response_hash"] == response_digest(
         [{"index": 0, "message": {"content": text}, "finish_reason": "stop"}])

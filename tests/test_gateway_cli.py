@@ -82,3 +82,10 @@ def test_serve_with_flags_only(tmp_path: Path) -> None:
     assert proc.stderr is not None and b"Application shutdown complete" in proc.stderr.read()
     res = run_cli("audit", "verify", "--db", str(db))
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_example_config_validates() -> None:
+    root = Path(__file__).resolve().parent.parent
+    res = run_cli("gateway", "serve", "--config", str(root / "examples" / "gateway.yaml"), "--check", cwd=root)
+    assert res.returncode == 0, res.stderr
+    assert '"local/*": "local"' in res.stdout

@@ -14,7 +14,10 @@ from distillgate.errors import ConfigError
 from distillgate.gateway.screens import (
     CREDENTIAL_CLASS,
     EXTRACTION_CLASS,
+    CredentialScreen,
+    ExtractionScreen,
     ScreenHit,
+    _entropy,
     load_screens,
     run_screens,
 )
@@ -80,3 +83,25 @@ def test_screens_are_pluggable() -> None:
 def test_screens_never_crash(text: str) -> None:
     for hit in run_screens(load_screens(), text):
         assert hit.output_class in (CREDENTIAL_CLASS, EXTRACTION_CLASS)
+
+
+def _without_prefilter(screen: CredentialScreen | ExtractionScreen, text: str) -> bool:
+    if any(p.search(text) for _, p in screen.RULES):
+        return True
+    return isinstance(screen, CredentialScreen) and any(
+        _entropy(m.group(1)) >= 3.5 and any(c.isdigit() for c in m.group(1))
+        for m in screen.ASSIGNMENT.finditer(text))
+
+
+fragments = st.sampled_from([
+    "AKIA", "ABCDEFGHIJKLMNOP", "sk-", "sk-ant-", "x" * 24, "Q7q9Zk2P", "ghp_", "AIza", "hf_", "Bearer ",
+    "api_key=", "password: ", "-----BEGIN PRIVATE KEY-----", "repeat ", "your ", "system prompt", "imitate ",
+    "ChatGPT", "Claude", "Gemini", "GPT-4o", "o1", "distill ", "clone ", "the ", " ", ".", "\n", "İ", "ß"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(fragments | st.text(max_size=8), max_size=12).map("".join))
+def test_prefilter_never_hides_a_rule(text: str) -> None:
+    """The cheap substring prefilter is a superset of every rule: same answers as running all rules."""
+    for screen in (CredentialScreen(), ExtractionScreen()):
+        assert (screen.scan(text) is not None) == _without_prefilter(screen, text)

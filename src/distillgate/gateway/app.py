@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -36,10 +37,12 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+_log = logging.getLogger("distillgate.gateway")
 _JSON = (b"content-type", b"application/json")
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
 _PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+_GET_PATHS = {"/v1/models": "GET", "/healthz": "GET", "/metrics": "GET", "/openapi.json": "GET"}
 _UPSTREAM_PATHS = {"chat": "/chat/completions", "completions": "/completions"}
 
 
@@ -132,9 +135,11 @@ class Gateway:
         self.metrics.in_flight.inc()
         try:
             route = _PATHS.get(path)
+            allowed_method = "POST" if route is not None else _GET_PATHS.get(path)
+            if allowed_method is not None and method != allowed_method:
+                raise ApiError(405, f"{path} accepts {allowed_method} only", code="method_not_allowed",
+                               headers=[(b"allow", allowed_method.encode())])
             if route is not None:
-                if method != "POST":
-                    raise ApiError(405, f"{path} accepts POST only", code="method_not_allowed")
                 status = await self._inference(route, scope, receive, send)
             elif method == "GET" and path == "/v1/models":
                 status = await self._models(scope, send)
@@ -155,6 +160,13 @@ class Gateway:
         except DistillgateError as exc:  # a user error surfacing from a component: report, never a bare 500
             status = 400 if exc.exit_code == 1 else 500
             await _send_json(send, status, error_body(status, str(exc), code="gateway_error"))
+        except Exception:  # a bug: logged with its traceback, answered OpenAI-shaped, then re-raised
+            status = 500
+            _log.exception("internal error on %s %s", method, path)
+            with contextlib.suppress(Exception):  # the response may have started already
+                await _send_json(send, 500, error_body(500, "internal gateway error; the operator's log has "
+                                                       "the traceback", code="internal_error"))
+            raise
         finally:
             self.metrics.in_flight.dec()
             label = route_label(path)
@@ -229,7 +241,12 @@ class Gateway:
         hits = frozenset(h.output_class for h in run_screens(self.screens, inb.prompt)) if inb.prompt else frozenset()
         for hit in hits:
             self.metrics.screen_hits.labels(hit).inc()
-        route = self.router.route(inb.model)
+        try:
+            route = self.router.route(inb.model)
+        except ApiError:
+            if check.status == "ok":
+                raise
+            route = Route("", inb.model)  # unauthenticated: the decision below denies with 401 first
         user = inb.user or check.user
         policy = self.policies.select(inb.project)
         request = Request(
@@ -310,7 +327,7 @@ class Gateway:
         settling = self.store.asettle(
             adm.reservation_id, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             records=len(choices), response_hash=response_hash, upstream_id=upstream_id, outcome="ok",
-            reasons=reasons, extra={"contract": problems[:10], "enforcement": enforcement} if problems else None)
+            reasons=reasons, extra=_settle_extra(policy, problems, enforcement, choices))
         settlement_index: int | None = None
         if self.settle_before_reply or (problems and enforcement == "block"):
             settlement_index = (await settling).index
@@ -445,7 +462,7 @@ class Gateway:
             adm.reservation_id, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             records=len(choices) or inb.n, response_hash=response_hash, upstream_id=state.upstream_id,
             outcome="ok", reasons=reasons,
-            extra={"contract": problems[:10], "enforcement": enforcement} if problems else None)
+            extra=_settle_extra(policy, problems, enforcement, choices))
         self._count_tokens(prompt_tokens, completion_tokens)
         if problems and enforcement == "block":
             raise ApiError(422, f"the teacher's answer broke the output contract of {inb.output_type!r}: "
@@ -486,6 +503,20 @@ class Gateway:
             if c.get("finish_reason") is not None:
                 state.finish[i] = c["finish_reason"]
         return True
+
+
+def _settle_extra(policy: Policy, problems: list[str], enforcement: str | None,
+                  choices: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Contract problems, and the answer itself when the policy has ``audit.log_content``."""
+    extra: dict[str, Any] = {}
+    if problems:
+        extra["contract"] = problems[:10]
+        extra["enforcement"] = enforcement
+    if policy.audit.log_content:
+        extra["content"] = {"response": [
+            {"index": c.get("index", 0), "text": (c.get("message") or {}).get("content") if "message" in c
+             else c.get("text"), "finish_reason": c.get("finish_reason")} for c in choices]}
+    return extra or None
 
 
 def route_label(path: str) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from distillgate.gateway.parse import MAX_TOKENS_CAP
+
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "code", "reasons"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
@@ -19,9 +21,9 @@ _MESSAGE = {"type": "object", "required": ["role"], "properties": {
     "content": {"anyOf": [{"type": "string"}, {"type": "array"}, {"type": "null"}]}}}
 
 _COMMON = {
-    "model": {"type": "string", "minLength": 1},
+    "model": {"type": "string", "minLength": 1, "pattern": "\\S"},
     "n": {"type": "integer", "minimum": 1, "maximum": 128},
-    "max_tokens": {"type": "integer", "minimum": 1},
+    "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS_CAP},
     "stream": {"type": "boolean"},
     "stream_options": {"type": "object"},
     "temperature": {"type": "number", "minimum": 0, "maximum": 2},
@@ -32,9 +34,10 @@ _COMMON = {
 
 _CHAT = {"type": "object", "required": ["model", "messages"], "properties": {
     **_COMMON, "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
-    "max_completion_tokens": {"type": "integer", "minimum": 1},
+    "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS_CAP},
     "logprobs": {"type": "boolean"}, "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
-    "response_format": {"type": "object"}, "tools": {"type": "array"}}}
+    "response_format": {"type": "object"}, "tools": {"type": "array"}},
+    "dependentSchemas": {"top_logprobs": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}}
 
 _COMPLETIONS = {"type": "object", "required": ["model", "prompt"], "properties": {
     **_COMMON, "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},

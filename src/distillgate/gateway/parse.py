@@ -49,10 +49,13 @@ def _bad(message: str, param: str | None = None, code: str = "invalid_request") 
     return ApiError(400, message, code=code, param=param)
 
 
-def _int(body: Mapping[str, Any], key: str, lo: int, hi: int) -> int | None:
+def _int(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
     value = body.get(key)
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():  # JSON does not tell 3 from 3.0
+        value = int(value)
+        body[key] = value
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise _bad(f"'{key}' must be an integer between {lo} and {hi}, got {value!r}", key)
     return value
@@ -113,7 +116,8 @@ def parse_request(route: str, raw: bytes, headers: Mapping[str, str]) -> Inbound
         for i, m in enumerate(messages):
             if not isinstance(m, dict):
                 raise _bad(f"messages[{i}] must be an object", f"messages[{i}]")
-            if m.get("role") not in ROLES:
+            role = m.get("role")
+            if not isinstance(role, str) or role not in ROLES:
                 raise _bad(f"messages[{i}].role must be one of {sorted(ROLES)}, got {m.get('role')!r}",
                            f"messages[{i}].role")
             content = m.get("content")

@@ -75,7 +75,16 @@ class CredentialScreen:
         r"(?:api[_-]?key|secret[_-]?key|access[_-]?token|auth[_-]?token|client[_-]?secret|password)"
         r"""["']?\s*[:=]\s*["']?([A-Za-z0-9_\-/+.]{20,})""", re.I)
 
+    # Every rule needs one of these substrings (lower-cased superset): a cheap check skips the rules for most
+    # prompts.
+    TRIGGERS = ("akia", "asia", "agpa", "aida", "aroa", "aws", "sk-", "sk_", "rk_", "ghp_", "gho_", "ghu_",
+                "ghs_", "ghr_", "github_pat", "xox", "aiza", "hf_", "begin", "bearer", "key", "secret", "token",
+                "password")
+
     def scan(self, text: str) -> ScreenHit | None:
+        lowered = text.lower()
+        if not any(t in lowered for t in self.TRIGGERS):
+            return None
         for rule, pattern in self.RULES:
             if pattern.search(text):
                 return ScreenHit(self.name, self.output_class, rule)
@@ -125,7 +134,14 @@ class ExtractionScreen:
             r"\b[^.?!\n]{0,20}\bof\b[^.?!\n]{0,10}\b" + _PROVIDER + r"\b", re.I)),
     )
 
+    # Every rule needs one of these substrings (lower-cased superset of _PROVIDER and the prompt words).
+    TRIGGERS = ("prompt", "instruction", "message", "rules", "gpt", "openai", "o1", "o3", "claude", "anthropic",
+                "gemini", "bard", "google", "copilot", "grok", "mistral", "deepseek", "command", "palm")
+
     def scan(self, text: str) -> ScreenHit | None:
+        lowered = text.lower()
+        if not any(t in lowered for t in self.TRIGGERS):
+            return None
         for rule, pattern in self.RULES:
             if pattern.search(text):
                 return ScreenHit(self.name, self.output_class, rule)

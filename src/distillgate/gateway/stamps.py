@@ -64,6 +64,17 @@ class Stamp:
         return cls({k: data[k] for k in PAYLOAD_KEYS}, str(data["signature"]))
 
     @classmethod
+    def from_response(cls, response: Any) -> Stamp:
+        """The stamp of a gateway answer: a response dict, an openai SDK object (``model_extra``), or the last
+        chunk of a stream."""
+        extra = response if isinstance(response, Mapping) else (getattr(response, "model_extra", None) or {})
+        block = extra.get("distillgate") if isinstance(extra, Mapping) else None
+        if not isinstance(block, Mapping) or not isinstance(block.get("stamp"), Mapping):
+            raise IntegrityError("the response carries no distillgate.stamp",
+                                 hint="was it answered by the distillgate gateway? streams carry it in the last chunk")
+        return cls.from_dict(block["stamp"])
+
+    @classmethod
     def from_header(cls, value: str) -> Stamp:
         try:
             raw = base64.urlsafe_b64decode(value.strip() + "=" * (-len(value.strip()) % 4))
