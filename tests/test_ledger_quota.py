@@ -125,3 +125,22 @@ def test_several_processes_share_one_database_exactly(tmp_path: Path) -> None:
     from distillgate.ledger.verify import verify_db
 
     assert verify_db(db).ok
+
+
+def test_early_admission_is_the_durable_one(tmp_path: Path) -> None:
+    import asyncio
+    import sqlite3
+
+    async def go() -> None:
+        with Store.open(tmp_path / "e.db") as store:
+            adm, durable = await store.aadmit_early(SMALL, request(max_tokens=10))
+            assert adm.decision.allowed and adm.reservation_id
+            assert (await durable) == adm
+            conn = sqlite3.connect(tmp_path / "e.db")
+            stored = conn.execute("SELECT entry_hash FROM log WHERE idx=?", (adm.entry.index,)).fetchone()
+            conn.close()
+            assert stored == (adm.entry.entry_hash,)
+            denied, durable2 = await store.aadmit_early(SMALL, request(project="moonshot"))
+            assert not denied.decision.allowed and (await durable2).entry.index == adm.entry.index + 1
+
+    asyncio.run(go())

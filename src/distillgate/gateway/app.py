@@ -255,9 +255,14 @@ class Gateway:
             auth=check.status, key_user=check.user, top_logprobs=inb.top_logprobs,
             logit_bias_size=inb.logit_bias_size, screen_hits=hits)
         request_hash = sha256_hex(raw)
-        adm = await self.store.aadmit(self.policies, request, request_hash=request_hash, key_id=check.key_id,
-                                      content={"request": inb.body} if policy.audit.log_content else None)
+        # The admission is returned as soon as it is decided and reserved; its commit (fsync) runs while an allowed
+        # request is forwarded. Nothing reaches the client before `durable` resolved.
+        adm, durable = await self.store.aadmit_early(
+            self.policies, request, request_hash=request_hash, key_id=check.key_id,
+            content={"request": inb.body} if policy.audit.log_content else None)
         decision = adm.decision
+        if not decision.allowed or inb.stream:
+            await _made_durable(durable)
         self.metrics.decisions.labels("allow" if decision.allowed else "deny").inc()
         for code in decision.reasons:
             self.metrics.reasons.labels(code).inc()
@@ -271,13 +276,20 @@ class Gateway:
         if route.upstream_model != inb.model:
             body["model"] = route.upstream_model
         try:
-            upstream = await self.router.get(route)
-        except ApiError:
-            await self.store.asettle(adm.reservation_id, outcome="upstream_error")
+            try:
+                upstream = await self.router.get(route)
+            except ApiError:
+                await self.store.asettle(adm.reservation_id, outcome="upstream_error")
+                raise
+            if inb.stream:
+                return await self._stream(inb, route, upstream, adm, policy, request_hash, receive, send,
+                                          index_header)
+            return await self._complete(inb, route, upstream, adm, policy, request_hash, send, index_header,
+                                        durable)
+        except BaseException:
+            with contextlib.suppress(BaseException):  # an error answer, too, waits for the durable decision
+                await durable
             raise
-        if inb.stream:
-            return await self._stream(inb, route, upstream, adm, policy, request_hash, receive, send, index_header)
-        return await self._complete(inb, route, upstream, adm, policy, request_hash, send, index_header)
 
     async def _fail_upstream(self, adm: Admission, route: Route, exc: UpstreamError,
                              index_header: tuple[bytes, bytes]) -> ApiError:
@@ -304,7 +316,8 @@ class Gateway:
         return problems, contract.enforcement
 
     async def _complete(self, inb: Inbound, route: Route, upstream: Upstream, adm: Admission, policy: Policy,
-                        request_hash: str, send: Send, index_header: tuple[bytes, bytes]) -> int:
+                        request_hash: str, send: Send, index_header: tuple[bytes, bytes],
+                        durable: Awaitable[Admission]) -> int:
         assert adm.reservation_id is not None
         try:
             raw = await upstream.post_raw(_UPSTREAM_PATHS[inb.route], orjson.dumps(inb.body))
@@ -352,6 +365,7 @@ class Gateway:
                                "settlement_index": settlement_index, "flags": list(reasons),
                                **({"contract_problems": problems} if problems else {})}
         out = orjson.dumps(resp)
+        await _made_durable(durable)
         await _send(send, 200, out, [_JSON, index_header, (STAMP_HEADER.encode(), stamp.header_value().encode())])
         return 200
 
@@ -530,6 +544,15 @@ async def _wait_disconnect(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def _made_durable(durable: Awaitable[Admission]) -> None:
+    """Wait until the decision is committed; a failed commit answers 503 and nothing else."""
+    try:
+        await durable
+    except Exception as exc:
+        raise ApiError(503, f"the decision could not be written to the decision log ({exc}); nothing was "
+                       "answered: retry later", code="decision_log_unavailable") from exc
 
 
 async def _send(send: Send, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]]) -> None:

@@ -100,7 +100,7 @@ def utc_day(now: datetime | None = None) -> str:
 
 
 def iso(now: datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return now.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,8 @@ class _Txn:
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('head', ?)", (orjson.dumps(head.as_dict()),))
 
 
-_Job = tuple[Callable[[_Txn], Any], "Future[Any]"]
+# (work, future resolved after COMMIT, optional future resolved as soon as the work ran, before COMMIT)
+_Job = tuple[Callable[[_Txn], Any], "Future[Any]", "Future[Any] | None"]
 
 
 class Store:
@@ -294,18 +295,23 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 txn = _Txn(conn, self)
-                for fn, _ in batch:
+                for fn, _, early in batch:
                     conn.execute("SAVEPOINT job")
                     saved = (txn.next_index, txn.prev_hash, Frontier(txn.frontier.size, list(txn.frontier.nodes)),
                              txn.appended)
                     try:
-                        results.append((True, fn(txn)))
+                        value = fn(txn)
                         conn.execute("RELEASE job")
+                        results.append((True, value))
+                        if early is not None:
+                            early.set_result(value)
                     except Exception as exc:
                         conn.execute("ROLLBACK TO job")
                         conn.execute("RELEASE job")
                         txn.next_index, txn.prev_hash, txn.frontier, txn.appended = saved
                         results.append((False, exc))
+                        if early is not None:
+                            early.set_exception(exc)
                 txn.finish()
                 conn.execute("COMMIT")
             except BaseException:
@@ -313,20 +319,22 @@ class Store:
                     conn.execute("ROLLBACK")
                 raise
         except Exception as exc:  # the commit itself failed: nobody's work is durable
-            for _, fut in batch:
+            for _, fut, early in batch:
                 fut.set_exception(exc)
+                if early is not None and not early.done():
+                    early.set_exception(exc)
             return
-        for (ok, value), (_, fut) in zip(results, batch, strict=True):
+        for (ok, value), (_, fut, _early) in zip(results, batch, strict=True):
             if ok:
                 fut.set_result(value)
             else:
                 fut.set_exception(value)
 
-    def _submit(self, fn: Callable[[_Txn], T]) -> Future[T]:
+    def _submit(self, fn: Callable[[_Txn], T], early: Future[T] | None = None) -> Future[T]:
         if self._closed:
             raise InternalError("the store is closed")
         fut: Future[T] = Future()
-        self._queue.put((fn, fut))
+        self._queue.put((fn, fut, early))
         return fut
 
     def _call(self, fn: Callable[[_Txn], T]) -> T:
@@ -375,23 +383,37 @@ class Store:
         ).fetchone()
         return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
-    @staticmethod
-    def _bump(conn: sqlite3.Connection, scope: str, key: str, day: str, tokens: int, records: int) -> None:
-        conn.execute(
-            "INSERT INTO counters (scope, key, day, tokens, records) VALUES (?,?,?,?,?) "
-            "ON CONFLICT(scope, key, day) DO UPDATE SET tokens = tokens + excluded.tokens, "
-            "records = records + excluded.records",
-            (scope, key, day, tokens, records),
-        )
-
     def _apply(self, conn: sqlite3.Connection, project: str | None, user: str | None, run: str | None, day: str,
                tokens: int, records: int) -> None:
+        rows: list[tuple[str, str, str, int, int]] = []
         if project is not None:
-            self._bump(conn, "project", project, day, tokens, 0)
+            rows.append(("project", project, day, tokens, 0))
             if run is not None:
-                self._bump(conn, "run", f"{project}\x1f{run}", "", tokens, records)
+                rows.append(("run", f"{project}\x1f{run}", "", tokens, records))
         if user is not None:
-            self._bump(conn, "user", user, day, tokens, 0)
+            rows.append(("user", user, day, tokens, 0))
+        if not rows:
+            return
+        conn.execute(
+            "INSERT INTO counters (scope, key, day, tokens, records) VALUES "
+            + ",".join("(?,?,?,?,?)" for _ in rows)
+            + " ON CONFLICT(scope, key, day) DO UPDATE SET tokens = tokens + excluded.tokens, "
+            "records = records + excluded.records",
+            [v for r in rows for v in r],
+        )
+
+    @staticmethod
+    def _usage_in(conn: sqlite3.Connection, project: str | None, user: str | None, run: str | None,
+                  day: str) -> Usage:
+        keys = (("project", project or "", day), ("user", user or "", day), ("run", f"{project}\x1f{run}", ""))
+        found = {(sc, k, d): (t, r) for sc, k, d, t, r in conn.execute(
+            "SELECT scope, key, day, tokens, records FROM counters WHERE (scope, key, day) IN "
+            "((?,?,?),(?,?,?),(?,?,?))", [v for key in keys for v in key])}
+        return Usage(
+            tokens_today_project=int(found.get(keys[0], (0, 0))[0]),
+            tokens_today_user=int(found.get(keys[1], (0, 0))[0]),
+            records_run=int(found.get(keys[2], (0, 0))[1]),
+        )
 
     def _admit_job(self, policies: Policy | PolicySet, request: Request, request_hash: str | None,
                    key_id: str | None, content: Any, extra: Mapping[str, Any] | None) -> Callable[[_Txn], Admission]:
@@ -399,11 +421,7 @@ class Store:
             conn = txn.conn
             policy = policies.select(request.project) if isinstance(policies, PolicySet) else policies
             day = utc_day(txn.now)
-            usage = Usage(
-                tokens_today_project=self._counter(conn, "project", request.project or "", day)[0],
-                tokens_today_user=self._counter(conn, "user", request.user or "", day)[0],
-                records_run=self._counter(conn, "run", f"{request.project}\x1f{request.run}", "")[1],
-            )
+            usage = self._usage_in(conn, request.project, request.user, request.run, day)
             decision = decide(policy, request, usage)
             reservation_id = None
             tokens = records = 0
@@ -459,6 +477,24 @@ class Store:
                      key_id: str | None = None, content: Any = None,
                      extra: Mapping[str, Any] | None = None) -> Admission:
         return await self._acall(self._admit_job(policies, request, request_hash, key_id, content, extra))
+
+    async def aadmit_early(self, policies: Policy | PolicySet, request: Request, *, request_hash: str | None = None,
+                           key_id: str | None = None, content: Any = None,
+                           extra: Mapping[str, Any] | None = None) -> tuple[Admission, asyncio.Future[Admission]]:
+        """Like ``aadmit``, but return the admission as soon as it is decided and reserved, *before* its commit.
+
+        The second value resolves once the decision is durable (or raises if the commit failed). A caller may start
+        forwarding an allowed request while the fsync runs, but must await the second value before it tells the
+        client anything: a client never learns of a decision that is not in the log.
+        """
+        early: Future[Admission] = Future()
+        durable = asyncio.wrap_future(self._submit(
+            self._admit_job(policies, request, request_hash, key_id, content, extra), early))
+        try:
+            return await asyncio.wrap_future(early), durable
+        except BaseException:
+            durable.cancel()
+            raise
 
     def _settle_job(self, reservation_id: str, prompt_tokens: int | None, completion_tokens: int | None,
                     records: int | None, response_hash: str | None, upstream_id: str | None, outcome: str,
@@ -562,13 +598,7 @@ class Store:
 
     # -- reads ----------------------------------------------------------------------------------------------------
     def usage(self, project: str | None, user: str | None, run: str | None, day: str | None = None) -> Usage:
-        conn = self._reader()
-        day = day or utc_day()
-        return Usage(
-            tokens_today_project=self._counter(conn, "project", project or "", day)[0],
-            tokens_today_user=self._counter(conn, "user", user or "", day)[0],
-            records_run=self._counter(conn, "run", f"{project}\x1f{run}", "")[1],
-        )
+        return self._usage_in(self._reader(), project, user, run, day or utc_day())
 
     def run_tokens(self, project: str, run: str) -> int:
         return self._counter(self._reader(), "run", f"{project}\x1f{run}", "")[0]
