@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,7 +152,3 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         self.now += seconds
 
-
-Clock = Callable[[], float]
-__all__ = ["LABELS", "XSS_OUTPUT", "FakeClock", "LiveSite", "csrf_of", "json", "live_site", "make_site",
-           "version_of"]

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from _web_support import FakeClock, csrf_of, live_site, version_of
+from _web_support import POLICY, FakeClock, csrf_of, live_site, version_of
 from distillgate.data import review
 from distillgate.gateway.keys import KeyStore
+from distillgate.policy.model import PolicySet, policy_from_data
 
 
 @pytest.fixture()
@@ -47,10 +48,6 @@ def test_policy_change_is_judged_on_every_page(tmp_path: Path) -> None:
         client = live.sign_in("bob")
         assert client.get("/").status_code == 200
         # the same site, but the policy now lists only alice for the project
-        from distillgate.policy.model import PolicySet, policy_from_data
-
-        from _web_support import POLICY
-
         narrowed = {**POLICY, "review": {"reviewers": {"bank": ["alice"]}}}
         object.__setattr__(live.site, "policies", PolicySet([policy_from_data(narrowed)]))
         page = client.get("/rows/ds-traffic-1%3A0")
