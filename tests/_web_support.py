@@ -37,6 +37,7 @@ RECORDS = [
         ("I think someone stole my card", teacher_answer("lost_or_stolen_card")),
         ("Can I get a refund for this purchase?", teacher_answer("request_refund")),
         ("The app shows a payment I did not make", teacher_answer("card_payment_not_recognised")),
+        ("I think someone stole my card yesterday", teacher_answer("lost_or_stolen_card")),  # near-dup of 3
     ])
 ]
 # second teacher samples: three disagree with the first, so the disagreement queue has three inputs (6 rows)

@@ -202,3 +202,17 @@ def test_overview_shows_queues_labels_reasons_edits_and_the_version_diff(tmp_pat
         assert "card_arrival" in text and "Edits by reviewer" in text and "<td>bob</td>" in text
         assert "human edit: <strong>1</strong>" in text
         assert "ds-traffic-5:0" in text
+
+
+def test_row_view_shows_samples_probabilities_source_and_near_duplicates(tmp_path: Path) -> None:
+    with live_site(tmp_path) as live:
+        client = live.sign_in("alice")
+        text = html.unescape(client.get("/rows/ds-traffic-0%3A1").text)
+        assert "confidence <strong>45%</strong>" in text and "samples agree 50%" in text
+        assert '<meter min="0" max="1" value="0.45" aria-label="top_up_failed probability">' in text
+        page = client.get("/rows/ds-traffic-3%3A1")
+        text = html.unescape(page.text)
+        assert page.status_code == 200
+        assert text.count('<article class="sample') == 2 and "lost_or_stolen_card" in text
+        assert "SAMPLE_DISAGREEMENT" in text and "ds-traffic.jsonl · record 3" in text
+        assert 'href="/rows/ds-traffic-6%3A0"' in page.text and "I think someone stole my card yesterday" in text

@@ -63,9 +63,12 @@ def _queue_predicates(rows: list[Row], cfg: ReviewConfig) -> dict[str, Callable[
     }
 
 
-def queue_sizes(wc: WorkingCopy, *, include_done: bool = False) -> dict[str, int]:
-    """Every non-empty queue with its number of rows still to review (or all rows, with ``include_done``)."""
-    rows = wc.rows()
+def queue_sizes(wc: WorkingCopy, *, include_done: bool = False, rows: list[Row] | None = None) -> dict[str, int]:
+    """Every non-empty queue with its number of rows still to review (or all rows, with ``include_done``).
+
+    ``rows``: the working copy's rows when the caller has just read them (saves a second read).
+    """
+    rows = wc.rows() if rows is None else rows
     preds = _queue_predicates(rows, wc.config.review)
     todo = rows if include_done else [r for r in rows if r.review_state == "unreviewed"]
     sizes = {name: sum(1 for r in todo if pred(r)) for name, pred in preds.items()}

@@ -57,8 +57,8 @@ class Overview:
 
 def overview(wc: WorkingCopy, *, max_labels: int = 40) -> Overview:
     rows = wc.rows()
-    todo = review.queue_sizes(wc)
-    total = review.queue_sizes(wc, include_done=True)
+    todo = review.queue_sizes(wc, rows=rows)
+    total = review.queue_sizes(wc, include_done=True, rows=rows)
     queues = [QueueLine(name, todo.get(name, 0), n, _queue_help(name)) for name, n in total.items()]
     queues.sort(key=lambda q: (q.name.startswith("reason:"), -q.todo, q.name))
     labels = Counter(r.label or "<none>" for r in rows if r.review_state != "rejected")
@@ -119,20 +119,24 @@ class RowView:
 
 def row_view(wc: WorkingCopy, row_id: str, *, max_dups: int = 8) -> RowView:
     row = review.show(wc, row_id)
-    rows = wc.rows()
-    samples = sorted((r for r in rows if r.input_id == row.input_id), key=lambda r: r.sample_index)
-    dups = [r for r in rows if r.input_id != row.input_id and r.sample_index == 0 and (
-        (row.dup_cluster is not None and r.dup_cluster == row.dup_cluster)
-        or r.exact_dup_of == row.input_id or row.exact_dup_of == r.input_id)]
+    samples = sorted(wc.rows_where("input_id", row.input_id), key=lambda r: r.sample_index)
+    dups: dict[str, Row] = {}
+    candidates = [*(wc.rows_where("dup_cluster", row.dup_cluster) if row.dup_cluster else []),
+                  *wc.rows_where("exact_dup_of", row.input_id),
+                  *(wc.rows_where("input_id", row.exact_dup_of) if row.exact_dup_of else [])]
+    for r in candidates:
+        if r.input_id != row.input_id and r.sample_index == 0:
+            dups.setdefault(r.row_id, r)
     probs = sorted((row.label_probs or {}).items(), key=lambda kv: -kv[1])[:5]
+    allowed = review.allowed_labels(wc, row.task)
     return RowView(
         row=row,
         samples=samples,
-        near_duplicates=dups[:max_dups],
+        near_duplicates=list(dups.values())[:max_dups],
         reasons=[(code, text.split(": ", 1)[1]) for code, text in zip(row.filter_reasons,
                                                                       describe(row.filter_reasons), strict=True)],
         probs=probs,
-        allowed_labels=review.allowed_labels(wc, row.task),
-        known_labels=sorted({r.label for r in rows if r.label} | {r.teacher_label for r in rows if r.teacher_label}),
+        allowed_labels=allowed,
+        known_labels=wc.labels() if allowed is None else [],
         lease=review.lease_of(wc, row_id),
     )
