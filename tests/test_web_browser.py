@@ -67,6 +67,10 @@ def test_reviewer_works_a_queue_with_the_keyboard(tmp_path: Path, browser: Any) 
         assert page.locator("main script, main img").count() == 0
         assert page.inner_text("h1 + pre") == "Where is my new card? <b>bold</b>"
         assert page.locator(".sample").count() == 2  # both teacher samples, side by side
+        unlabelled = page.evaluate(
+            "[...document.querySelectorAll('input:not([type=hidden]), select, textarea')]"
+            ".filter(el => el.labels.length === 0).map(el => el.name)")
+        assert unlabelled == []  # every control has a label
 
         page.keyboard.press("a")  # accept: the queue moves on to the next row
         page.wait_for_url("**/rows/ds-traffic-2%3A0?queue=disagreement")

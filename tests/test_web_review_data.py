@@ -127,7 +127,7 @@ def test_review_serve_runs_as_a_command(tmp_path: Path) -> None:
                 assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
                 assert time.monotonic() < deadline, "review serve did not start"
                 time.sleep(0.2)
-        assert login.status_code == 200 and "run-9" in login.text
+        assert login.status_code == 200 and "Sign in to review" in login.text
         with httpx.Client(base_url=url) as client:
             import re
 
@@ -135,7 +135,7 @@ def test_review_serve_runs_as_a_command(tmp_path: Path) -> None:
             token = re.search(r'name="csrf" value="([^"]+)"', page)
             assert token
             reply = client.post("/login", data={"csrf": token.group(1), "api_key": secret}, follow_redirects=True)
-            assert reply.status_code == 200 and "Dataset bank-intents" in reply.text
+            assert reply.status_code == 200 and "Dataset bank-intents" in reply.text and "run-9" in reply.text
     finally:
         proc.terminate()
         proc.wait(20)
