@@ -55,6 +55,19 @@ def test_writes_respect_leases_and_free_the_row(wc: WorkingCopy) -> None:
     assert review.lease_of(wc, row.row_id) is None  # the write released the lease
 
 
+def test_rows_where_and_release_all(wc: WorkingCopy) -> None:
+    assert [r.row_id for r in wc.rows_where("input_id", "ds-traffic-3")] == ["ds-traffic-3:0", "ds-traffic-3:1"]
+    assert [r.row_id for r in wc.rows_where("dup_cluster", "ds-traffic-3")] == [
+        "ds-traffic-3:0", "ds-traffic-6:0", "ds-traffic-3:1"]
+    with pytest.raises(UserError, match="no field 'nope'"):
+        wc.rows_where("nope", 1)
+    review.claim(wc, "ds-traffic-1:0", "alice")
+    review.claim(wc, "ds-traffic-2:0", "alice")
+    review.claim(wc, "ds-traffic-4:0", "bob")
+    assert review.release_all(wc, "alice") == 2
+    assert review.lease_of(wc, "ds-traffic-1:0") is None and review.lease_of(wc, "ds-traffic-4:0") is not None
+
+
 def test_claim_next_hands_each_reviewer_a_different_row(wc: WorkingCopy) -> None:
     a = review.claim_next(wc, "disagreement", "alice", now=0.0)
     b = review.claim_next(wc, "disagreement", "bob", now=0.0)

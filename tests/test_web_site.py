@@ -216,3 +216,13 @@ def test_row_view_shows_samples_probabilities_source_and_near_duplicates(tmp_pat
         assert text.count('<article class="sample') == 2 and "lost_or_stolen_card" in text
         assert "SAMPLE_DISAGREEMENT" in text and "ds-traffic.jsonl · record 3" in text
         assert 'href="/rows/ds-traffic-6%3A0"' in page.text and "I think someone stole my card yesterday" in text
+
+
+def test_signing_out_frees_the_reviewers_rows(tmp_path: Path) -> None:
+    with live_site(tmp_path) as live:
+        alice, bob = live.sign_in("alice"), live.sign_in("bob")
+        page = alice.get("/rows/ds-traffic-1%3A0")
+        assert 'being reviewed by alice' in bob.get("/rows/ds-traffic-1%3A0").text
+        out = alice.post("/logout", data={"csrf": csrf_of(page.text)})
+        assert out.status_code == 303 and alice.get("/").status_code == 303
+        assert 'id="accept-form"' in bob.get("/rows/ds-traffic-1%3A0").text

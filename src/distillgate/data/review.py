@@ -264,6 +264,12 @@ def release(wc: WorkingCopy, row_id: str, reviewer: str) -> bool:
     return bool(cur.rowcount)
 
 
+def release_all(wc: WorkingCopy, reviewer: str) -> int:
+    """Give back every lease ``reviewer`` holds (on sign-out); returns how many."""
+    _ensure_leases(wc)
+    return int(wc.conn.execute("DELETE FROM review_leases WHERE reviewer=?", (reviewer.strip(),)).rowcount)
+
+
 def claim_next(wc: WorkingCopy, queue: str, reviewer: str, *, ttl_s: float = LEASE_TTL_S,
                now: float | None = None, skip: frozenset[str] = frozenset()) -> Row | None:
     """Lease and return the next unreviewed row of ``queue`` nobody else is working (rows in ``skip`` last).

@@ -155,6 +155,9 @@ class ReviewApp:
         form = await request.form()
         if not self.csrf_ok(request, form):
             return self.forbidden(request, "The form expired or did not come from this site. Reload and try again.")
+        user = request.session.get("user")
+        if isinstance(user, str):
+            await run_in_threadpool(self._with_wc, lambda wc: review.release_all(wc, user))
         request.session.clear()
         request.session["flash"] = "Signed out."
         return RedirectResponse("/login", status_code=303)
