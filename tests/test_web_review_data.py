@@ -163,5 +163,10 @@ def test_review_serve_reports_bad_input(tmp_path: Path) -> None:
     result = run_cli("review", "serve", "--dataset", str(tmp_path / "empty"), "--policy", str(policy),
                      "--project", "bank", "--db", str(tmp_path / "x.db"))
     assert result.returncode == 1 and "not a dataset working copy" in result.stderr
+    dataset = make_review_dataset(tmp_path)
+    unknown = run_cli("review", "serve", "--dataset", str(dataset), "--policy", str(policy), "--project", "nope",
+                      "--db", str(tmp_path / "x.db"))
+    assert unknown.returncode == 1 and "no policy allows project 'nope'" in unknown.stderr
+    assert "one of bank, other" in unknown.stderr
     helptext = run_cli("review", "serve", "--help")
     assert helptext.returncode == 0 and "--lease-ttl" in helptext.stdout

@@ -44,6 +44,10 @@ class ReviewSite:
                                 hint="pass --dataset DIR of a working copy made by `distillgate dataset init`")
         if not self.project or not self.project.strip():
             raise UserError("a review site needs the project it reviews", hint="pass --project NAME")
+        if self.project not in self.policy.allowed_projects:
+            known = sorted({p for policy in self.policies for p in policy.allowed_projects})
+            raise UserError(f"no policy allows project {self.project!r}, so nobody could review it",
+                            hint=f"pass --project with one of {', '.join(known)}, or add it to a policy")
         if self.session_ttl_s <= 0 or self.lease_ttl_s <= 0:
             raise UserError("session and lease lifetimes must be positive",
                             hint="pass --session-ttl and --lease-ttl in seconds, e.g. 28800 and 300")
