@@ -1,4 +1,4 @@
-"""``distillgate review``: queues, next, show, accept, correct, reject (the same functions the web pages call)."""
+"""``distillgate review``: queues, next, show, accept, correct, reject (the same functions the web pages call), serve."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import click
 import orjson
 
+from distillgate.cli.review_serve import serve
 from distillgate.data.schema import Row
 
 
@@ -149,3 +150,6 @@ def reject_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, reaso
     with WorkingCopy.open(dataset) as wc:
         verdict = reject(wc, row_id, reviewer, row_version, reason)
     click.echo(f"rejected {row_id} (now version {verdict.row.version})")
+
+
+cli.add_command(serve)

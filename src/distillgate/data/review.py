@@ -13,22 +13,42 @@ Queues (slices of the working copy):
     failed_parse          answers that did not parse (INVALID_JSON / SCHEMA_MISMATCH)
     disagreement          the k teacher samples did not all agree
     reason:CODE:LABEL     rows failed with reason CODE whose label is LABEL (filter reason x label)
+
+Leases: a reviewer working a row holds a lease on it (``claim``; ``claim_next`` takes the next free row of a queue)
+that expires after ``LEASE_TTL_S`` seconds unless renewed. While another reviewer's lease is live, ``claim`` and
+every write on that row raise ``ConflictError``; a write releases the writer's lease. So two reviewers never work
+the same row at once, and a reviewer who walks away frees the row when the lease runs out.
+
+Decision log: ``review_event(verdict, ...)`` is the body of the ``review`` event the caller appends to the decision
+log (``Store.append_event("review", ...)``); ``log_review`` does both. The event's ``run`` and ``reviewer`` are what
+a run bundle's manifest lists as the run's reviewers.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from distillgate.data.config import ReviewConfig
+from distillgate.data.filters import compile_filters
 from distillgate.data.schema import Row
 from distillgate.data.store import WorkingCopy
-from distillgate.errors import DatasetGuardError, NotFoundError, UserError
+from distillgate.errors import ConflictError, DatasetGuardError, NotFoundError, UserError
 
 FIXED_QUEUES = ("low_confidence", "long_outputs", "rare_labels", "failed_parse", "disagreement")
+LEASE_TTL_S = 300.0
+
+_LEASES = """
+CREATE TABLE IF NOT EXISTS review_leases (
+    row_id TEXT PRIMARY KEY,
+    reviewer TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
 
 
 def _queue_predicates(rows: list[Row], cfg: ReviewConfig) -> dict[str, Callable[[Row], bool]]:
@@ -43,9 +63,12 @@ def _queue_predicates(rows: list[Row], cfg: ReviewConfig) -> dict[str, Callable[
     }
 
 
-def queue_sizes(wc: WorkingCopy, *, include_done: bool = False) -> dict[str, int]:
-    """Every non-empty queue with its number of rows still to review (or all rows, with ``include_done``)."""
-    rows = wc.rows()
+def queue_sizes(wc: WorkingCopy, *, include_done: bool = False, rows: list[Row] | None = None) -> dict[str, int]:
+    """Every non-empty queue with its number of rows still to review (or all rows, with ``include_done``).
+
+    ``rows``: the working copy's rows when the caller has just read them (saves a second read).
+    """
+    rows = wc.rows() if rows is None else rows
     preds = _queue_predicates(rows, wc.config.review)
     todo = rows if include_done else [r for r in rows if r.review_state == "unreviewed"]
     sizes = {name: sum(1 for r in todo if pred(r)) for name, pred in preds.items()}
@@ -132,6 +155,12 @@ def _apply(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, a
             raise UserError("a correction needs the new label", hint="pass --label LABEL")
         if not reason or not reason.strip():
             raise UserError("a correction needs a reason", hint="pass --reason TEXT")
+        allowed = allowed_labels(wc, row.task)
+        if allowed is not None and label.strip() not in allowed:
+            raise UserError(
+                f"label {label.strip()!r} is not an allowed label of task {row.task!r}",
+                hint="pick one of the labels in filters.allowed_labels / allowed_labels_file",
+            )
         row.review_state = "corrected"
         row.edited = True
         row.label = label.strip()
@@ -147,7 +176,12 @@ def _apply(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, a
     row.reviewed_at = _now()
     row.review_before = before
     row.review_after = _snapshot(row)
-    return Verdict(wc.update_row(row, expected_version), action)
+    _ensure_leases(wc)
+    with wc.transaction():
+        _check_lease(wc, row_id, reviewer.strip(), time.time())
+        saved = wc.update_row(row, expected_version)
+        wc.conn.execute("DELETE FROM review_leases WHERE row_id=?", (row_id,))
+    return Verdict(saved, action)
 
 
 def accept(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, reason: str | None = None) -> Verdict:
@@ -163,3 +197,136 @@ def correct(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, 
 def reject(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, reason: str) -> Verdict:
     """Drop the row from every split (reason code REVIEW_REJECTED)."""
     return _apply(wc, row_id, reviewer, expected_version, "reject", None, reason)
+
+
+def allowed_labels(wc: WorkingCopy, task: str) -> list[str] | None:
+    """The labels a correction of ``task`` may use (canonicalised, sorted); None when the config names none."""
+    compiled = compile_filters(wc.config.filters_for(task), base=wc.root, normalise=wc.config.normalise)
+    return sorted(compiled.allowed) if compiled.allowed is not None else None
+
+
+# -- leases ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lease:
+    row_id: str
+    reviewer: str
+    expires_at: float  # seconds since the epoch
+
+
+def _ensure_leases(wc: WorkingCopy) -> None:
+    wc.conn.executescript(_LEASES)
+
+
+def lease_of(wc: WorkingCopy, row_id: str, *, now: float | None = None) -> Lease | None:
+    """The live lease on ``row_id`` (None when nobody holds one or it expired)."""
+    _ensure_leases(wc)
+    found = wc.conn.execute("SELECT reviewer, expires_at FROM review_leases WHERE row_id=?", (row_id,)).fetchone()
+    at = time.time() if now is None else now
+    if found is None or float(found[1]) <= at:
+        return None
+    return Lease(row_id, str(found[0]), float(found[1]))
+
+
+def _check_lease(wc: WorkingCopy, row_id: str, reviewer: str, now: float) -> None:
+    found = wc.conn.execute("SELECT reviewer, expires_at FROM review_leases WHERE row_id=?", (row_id,)).fetchone()
+    if found is not None and found[0] != reviewer and float(found[1]) > now:
+        until = datetime.fromtimestamp(float(found[1]), UTC).isoformat(timespec="seconds")
+        raise ConflictError(
+            f"row {row_id!r} is being reviewed by {found[0]} (lease until {until})",
+            hint="take the next row of the queue; the row frees itself when the lease expires",
+        )
+
+
+def claim(wc: WorkingCopy, row_id: str, reviewer: str, *, ttl_s: float = LEASE_TTL_S,
+          now: float | None = None) -> Lease:
+    """Take (or renew) the lease on ``row_id`` for ``reviewer``; ConflictError while someone else holds it."""
+    _check_reviewer(reviewer)
+    wc.get(row_id)  # NotFoundError for unknown rows
+    _ensure_leases(wc)
+    at = time.time() if now is None else now
+    who = reviewer.strip()
+    with wc.transaction() as conn:
+        _check_lease(wc, row_id, who, at)
+        conn.execute(
+            "INSERT INTO review_leases(row_id, reviewer, expires_at) VALUES(?, ?, ?) ON CONFLICT(row_id) DO UPDATE"
+            " SET reviewer=excluded.reviewer, expires_at=excluded.expires_at",
+            (row_id, who, at + ttl_s),
+        )
+    return Lease(row_id, who, at + ttl_s)
+
+
+def release(wc: WorkingCopy, row_id: str, reviewer: str) -> bool:
+    """Give back ``reviewer``'s lease on ``row_id``; True when there was one."""
+    _ensure_leases(wc)
+    cur = wc.conn.execute("DELETE FROM review_leases WHERE row_id=? AND reviewer=?", (row_id, reviewer.strip()))
+    return bool(cur.rowcount)
+
+
+def release_all(wc: WorkingCopy, reviewer: str) -> int:
+    """Give back every lease ``reviewer`` holds (on sign-out); returns how many."""
+    _ensure_leases(wc)
+    return int(wc.conn.execute("DELETE FROM review_leases WHERE reviewer=?", (reviewer.strip(),)).rowcount)
+
+
+def claim_next(wc: WorkingCopy, queue: str, reviewer: str, *, ttl_s: float = LEASE_TTL_S,
+               now: float | None = None, skip: frozenset[str] = frozenset()) -> Row | None:
+    """Lease and return the next unreviewed row of ``queue`` nobody else is working (rows in ``skip`` last).
+
+    A row this reviewer already holds comes first, so reloading the page does not hand out a second row.
+    """
+    _check_reviewer(reviewer)
+    _ensure_leases(wc)
+    at = time.time() if now is None else now
+    held = {
+        str(r): (str(who), float(exp))
+        for r, who, exp in wc.conn.execute("SELECT row_id, reviewer, expires_at FROM review_leases")
+        if float(exp) > at
+    }
+    who = reviewer.strip()
+    rows = queue_rows(wc, queue)
+    mine = [r for r in rows if held.get(r.row_id, ("", 0.0))[0] == who and r.row_id not in skip]
+    free = [r for r in rows if r.row_id not in held and r.row_id not in skip]
+    later = [r for r in rows if r.row_id in skip and (r.row_id not in held or held[r.row_id][0] == who)]
+    for row in [*mine, *free, *later]:
+        try:
+            claim(wc, row.row_id, who, ttl_s=ttl_s, now=at)
+        except ConflictError:  # someone took it between our read and our claim
+            continue
+        return row
+    return None
+
+
+# -- decision log ------------------------------------------------------------------------------------------
+
+
+class EventLog(Protocol):
+    """What ``log_review`` needs of the ledger: ``distillgate.ledger.store.Store`` fits."""
+
+    def append_event(self, kind: str, fields: Mapping[str, Any]) -> Any: ...
+
+
+def review_event(verdict: Verdict, *, dataset: str, project: str | None, run: str | None) -> dict[str, Any]:
+    """The body of the ``review`` decision-log event recording ``verdict``."""
+    row = verdict.row
+    return {
+        "reviewer": row.reviewer,
+        "user": row.reviewer,
+        "row_id": row.row_id,
+        "row_version": row.version,
+        "action": verdict.action,
+        "before": row.review_before,
+        "after": row.review_after,
+        "reason": row.review_reason,
+        "edited": row.edited,
+        "reviewed_at": row.reviewed_at,
+        "dataset": dataset,
+        "project": project,
+        "run": run,
+    }
+
+
+def log_review(log: EventLog, verdict: Verdict, *, dataset: str, project: str | None, run: str | None) -> Any:
+    """Append the ``review`` event of ``verdict`` to the decision log; returns the log entry."""
+    return log.append_event("review", review_event(verdict, dataset=dataset, project=project, run=run))

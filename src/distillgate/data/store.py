@@ -27,7 +27,7 @@ import orjson
 import yaml
 
 from distillgate.data.config import DatasetConfig, parse_config
-from distillgate.data.schema import Row, make_row_id
+from distillgate.data.schema import FIELD_NAMES, Row, make_row_id
 from distillgate.errors import ConflictError, NotFoundError, UserError
 
 CONFIG_FILE = "dataset.yaml"
@@ -195,6 +195,23 @@ class WorkingCopy:
 
     def rows(self) -> list[Row]:
         return [_loads(b) for (b,) in self.conn.execute("SELECT body FROM rows ORDER BY rowid")]
+
+    def rows_where(self, field: str, value: Any) -> list[Row]:
+        """Rows whose ``field`` equals ``value`` (``input_id`` uses its index; other fields a scan in SQLite)."""
+        if field == "input_id":
+            cur = self.conn.execute("SELECT body FROM rows WHERE input_id=? ORDER BY rowid", (value,))
+        elif field in FIELD_NAMES:
+            cur = self.conn.execute(
+                "SELECT body FROM rows WHERE json_extract(CAST(body AS TEXT), ?) = ? ORDER BY rowid",
+                (f"$.{field}", value))
+        else:
+            raise UserError(f"rows have no field {field!r}", hint="see the row fields in docs/dataset.md")
+        return [_loads(b) for (b,) in cur]
+
+    def labels(self) -> list[str]:
+        """The distinct final labels of the working copy, sorted."""
+        return [str(v) for (v,) in self.conn.execute("SELECT DISTINCT label FROM rows WHERE label IS NOT NULL"
+                                                      " ORDER BY label")]
 
     def count_rows(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM rows").fetchone()[0])

@@ -1,0 +1,127 @@
+"""The review page in a real browser: Debian's chromium driven by Playwright, against a live uvicorn server.
+
+A reviewer signs in, works the disagreement queue with the keyboard only (accept, correct a label, reject), and the
+test then reads the working copy and the decision log to check what was stored. Hostile teacher output (a
+``<script>``, an ``onerror`` image, a ``javascript:`` link) must show as text and never run. Screenshots of each
+page are kept under the test's tmp dir (``shots/``); the browser console must stay free of errors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _web_support import live_site
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed")
+
+
+@pytest.fixture()
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_reviewer_works_a_queue_with_the_keyboard(tmp_path: Path, browser: Any) -> None:
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    with live_site(tmp_path) as live:
+        page = browser.new_page(viewport={"width": 1366, "height": 768})
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+
+        page.goto(live.url + "/")
+        assert page.url.endswith("/login")
+        page.screenshot(path=str(shots / "1-login.png"), full_page=True)
+        page.keyboard.type(live.keys["alice"])  # the key field has focus
+        page.keyboard.press("Enter")
+        page.wait_for_url(live.url + "/")
+        page.screenshot(path=str(shots / "2-overview.png"), full_page=True)
+        assert "signed in as" in page.inner_text("header") and "alice" in page.inner_text("header")
+
+        # open the disagreement queue by its number key
+        key = page.get_attribute('a[href="/queues/disagreement/next"]', "data-key")
+        assert key
+        page.keyboard.press(key)
+        page.wait_for_url("**/rows/ds-traffic-0%3A0?queue=disagreement")
+        page.screenshot(path=str(shots / "3-row-hostile-output.png"), full_page=True)
+        # the hostile output is shown as text, and nothing of it ran
+        assert "<script>window.__pwned = 1</script>" in page.inner_text(".sample.current pre")
+        assert page.evaluate("typeof window.__pwned") == "undefined"
+        assert page.locator('a[href^="javascript:"]').count() == 0
+        assert page.locator("main script, main img").count() == 0
+        assert page.inner_text("h1 + pre") == "Where is my new card? <b>bold</b>"
+        assert page.locator(".sample").count() == 2  # both teacher samples, side by side
+        unlabelled = page.evaluate(
+            "[...document.querySelectorAll('input:not([type=hidden]), select, textarea')]"
+            ".filter(el => el.labels.length === 0).map(el => el.name)")
+        assert unlabelled == []  # every control has a label
+
+        page.keyboard.press("a")  # accept: the queue moves on to the next row
+        page.wait_for_url("**/rows/ds-traffic-2%3A0?queue=disagreement")
+        assert "Accepted row ds-traffic-0:0" in page.inner_text(".flash")
+
+        page.keyboard.press("c")  # correct: focus lands on the label picker
+        assert page.evaluate("document.activeElement.id") == "label"
+        page.keyboard.press("ArrowDown")  # options: (choose a label), card_arrival, ...
+        assert page.input_value("#label") == "card_arrival"
+        page.keyboard.press("Tab")
+        page.keyboard.type("asks where the card is, not about rates")
+        page.screenshot(path=str(shots / "4-row-correcting.png"), full_page=True)
+        page.keyboard.press("Enter")
+        page.wait_for_url("**/rows/ds-traffic-3%3A0?queue=disagreement")
+
+        page.keyboard.press("r")  # reject: focus lands on the reason
+        assert page.evaluate("document.activeElement.id") == "reject-reason"
+        page.keyboard.type("the input is not a banking question")
+        page.keyboard.press("Enter")
+        page.wait_for_url("**/rows/ds-traffic-5%3A0?queue=disagreement")
+        page.keyboard.press("o")  # back to the overview
+        page.wait_for_url(live.url + "/")
+        page.screenshot(path=str(shots / "5-overview-after.png"), full_page=True)
+        assert "alice" in page.inner_text("#edits-h + table")
+
+        # focus is visible: a focused control has an outline
+        page.keyboard.press("Tab")
+        outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+        assert outline != "none"
+        page.close()
+
+        wc = live.dataset()
+        try:
+            accepted, corrected, rejected = (wc.get(f"ds-traffic-{i}:0") for i in (0, 2, 3))
+        finally:
+            wc.close()
+        assert (accepted.review_state, accepted.label, accepted.reviewer) == ("accepted", "card_arrival", "alice")
+        assert (corrected.review_state, corrected.edited, corrected.label, corrected.teacher_label) == (
+            "corrected", True, "card_arrival", "exchange_rate")
+        assert corrected.review_reason == "asks where the card is, not about rates"
+        assert corrected.review_before == {"label": "exchange_rate", "review_state": "unreviewed",
+                                           "filter_status": "fail"}
+        assert rejected.review_state == "rejected" and rejected.split == "excluded"
+        assert "REVIEW_REJECTED" in rejected.filter_reasons
+        events = live.events()
+        assert [(e["action"], e["row_id"], e["reviewer"], e["run"], e["project"]) for e in events] == [
+            ("accept", "ds-traffic-0:0", "alice", "run-7", "bank"),
+            ("correct", "ds-traffic-2:0", "alice", "run-7", "bank"),
+            ("reject", "ds-traffic-3:0", "alice", "run-7", "bank"),
+        ]
+        assert events[1]["before"]["label"] == "exchange_rate" and events[1]["after"]["label"] == "card_arrival"
+    assert problems == []
+    assert sorted(p.name for p in shots.iterdir()) == [
+        "1-login.png", "2-overview.png", "3-row-hostile-output.png", "4-row-correcting.png", "5-overview-after.png"]
