@@ -144,10 +144,17 @@ def test_review_cli_flow(tmp_path):
     assert nxt.returncode == 0, nxt.stderr
     shown = json.loads(nxt.stdout)
     rid, ver = shown["row_id"], str(shown["version"])
+    db = str(tmp_path / "log.db")
     ok = run_cli("review", "correct", rid, "--dataset", ds, "--reviewer", "carol", "--row-version", ver,
-                 "--label", "card_delivery_estimate", "--reason", "asks when, not where")
+                 "--label", "card_delivery_estimate", "--reason", "asks when, not where",
+                 "--db", db, "--project", "internal-compression", "--run", "r7")
     assert ok.returncode == 0, ok.stderr
-    assert "card_delivery_estimate" in ok.stdout
+    assert "card_delivery_estimate" in ok.stdout and "logged review event" in ok.stdout
+    from distillgate.ledger import Store
+
+    with Store.open(db) as store:
+        events = [e.body for e in store.entries(kind="review")]
+    assert len(events) == 1 and events[0]["reviewer"] == "carol" and events[0]["run"] == "r7"
     stale = run_cli("review", "accept", rid, "--dataset", ds, "--reviewer", "dan", "--row-version", ver)
     assert stale.returncode == 1 and "changed since you read it" in stale.stderr
     show = run_cli("review", "show", rid, "--dataset", ds)

@@ -34,6 +34,26 @@ def _version_option(func: Any) -> Any:
                         help="The row version you reviewed (from `review show`); stale versions are refused.")(func)
 
 
+def _log_option(func: Any) -> Any:
+    """``--db/--project/--run``: when ``--db`` is given, the verdict is also a ``review`` event in the decision log."""
+    func = click.option("--run", default=None, help="policy_run_id the dataset belongs to (recorded).")(func)
+    func = click.option("--project", default=None, help="policy_project_id the dataset belongs to (recorded).")(func)
+    return click.option("--db", default=lambda: os.environ.get("DISTILLGATE_DB"), show_default="$DISTILLGATE_DB",
+                        type=click.Path(dir_okay=False),
+                        help="Store whose decision log records the review event.")(func)
+
+
+def _log_verdict(verdict: Any, dataset: str, db: str | None, project: str | None, run: str | None) -> None:
+    if not db:
+        return
+    from distillgate.data.review import log_review
+    from distillgate.ledger.store import Store
+
+    with Store.open(db) as store:
+        entry = log_review(store, verdict, dataset=os.path.abspath(dataset), project=project, run=run)
+    click.echo(f"logged review event at decision-log index {entry.index}")
+
+
 def _render(row: Row, as_json: bool) -> str:
     if as_json:
         return orjson.dumps(row.to_record(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
@@ -107,8 +127,10 @@ def show_cmd(row_id: str, dataset: str, as_json: bool) -> None:
 @_dataset_option
 @_reviewer_option
 @_version_option
+@_log_option
 @click.option("--reason", default=None)
-def accept_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, reason: str | None) -> None:
+def accept_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, reason: str | None, db: str | None,
+               project: str | None, run: str | None) -> None:
     """Keep the teacher's label."""
     from distillgate.data.review import accept
     from distillgate.data.store import WorkingCopy
@@ -116,6 +138,7 @@ def accept_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, reaso
     with WorkingCopy.open(dataset) as wc:
         verdict = accept(wc, row_id, reviewer, row_version, reason)
     click.echo(f"accepted {row_id} (now version {verdict.row.version})")
+    _log_verdict(verdict, dataset, db, project, run)
 
 
 @cli.command("correct")
@@ -125,7 +148,9 @@ def accept_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, reaso
 @_version_option
 @click.option("--label", required=True, help="The correct label.")
 @click.option("--reason", required=True, help="Why the teacher was wrong.")
-def correct_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, label: str, reason: str) -> None:
+@_log_option
+def correct_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, label: str, reason: str,
+                db: str | None, project: str | None, run: str | None) -> None:
     """Store a human label (the teacher's answer is kept; the row is marked edited)."""
     from distillgate.data.review import correct
     from distillgate.data.store import WorkingCopy
@@ -134,6 +159,7 @@ def correct_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, labe
         verdict = correct(wc, row_id, reviewer, row_version, label, reason)
     click.echo(f"corrected {row_id}: label {verdict.row.teacher_label!r} -> {verdict.row.label!r} "
                f"(now version {verdict.row.version})")
+    _log_verdict(verdict, dataset, db, project, run)
 
 
 @cli.command("reject")
@@ -142,7 +168,9 @@ def correct_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, labe
 @_reviewer_option
 @_version_option
 @click.option("--reason", required=True)
-def reject_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, reason: str) -> None:
+@_log_option
+def reject_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, reason: str, db: str | None,
+               project: str | None, run: str | None) -> None:
     """Drop the row from every split."""
     from distillgate.data.review import reject
     from distillgate.data.store import WorkingCopy
@@ -150,6 +178,7 @@ def reject_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, reaso
     with WorkingCopy.open(dataset) as wc:
         verdict = reject(wc, row_id, reviewer, row_version, reason)
     click.echo(f"rejected {row_id} (now version {verdict.row.version})")
+    _log_verdict(verdict, dataset, db, project, run)
 
 
 cli.add_command(serve)
