@@ -189,10 +189,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             if grad_w is not None:
                 grad_w += grad_z.t() @ h.to(cdt)
         kd_mean, ce_mean = kd_sum / n, ce_sum / n
-        if teacher is None:
-            loss = ce_mean
-        else:
-            loss = kd_scale * kd_mean + hard_weight * ce_mean
+        loss = ce_mean.clone() if teacher is None else kd_scale * kd_mean + hard_weight * ce_mean
         ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
         ctx.has_grad_w = grad_w is not None
         ctx.mark_non_differentiable(kd_mean, ce_mean)
@@ -226,8 +223,9 @@ def chunked_kd_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: tor
         raise UserError(f"teacher vocabulary ({teacher.head_weight.shape[0]}) differs from the student's "
                         f"({head_weight.shape[0]})", hint="full-logit KD needs teacher and student to share a "
                         "tokenizer; use stored top_logprobs or label_probs instead")
-    loss, kd, ce = _FusedHeadLoss.apply(hidden, head_weight, labels, teacher, kind, float(temperature),
-                                        float(beta), float(hard_weight), int(chunk_size))
+    loss, kd, ce = _FusedHeadLoss.apply(  # type: ignore[no-untyped-call]
+        hidden, head_weight, labels, teacher, kind, float(temperature), float(beta), float(hard_weight),
+        int(chunk_size))
     return LossParts(loss=loss, kd=float(kd), ce=float(ce))
 
 
