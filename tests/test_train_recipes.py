@@ -15,8 +15,8 @@ from distillgate.train import load_rows, parse_config, run_recipe
 from distillgate.train.config import ModelSource, PromptSettings
 from distillgate.train.encode import answer_ids, collate, make_examples, prompt_ids
 from distillgate.train.labels import score_labels
-from distillgate.train.losses import divergence
 from distillgate.train.loop import StepResult, train
+from distillgate.train.losses import divergence
 from distillgate.train.student import decoder_and_head, load_causal_lm
 
 PROMPT = {"template": "say the word {input}", "system": "classify"}

@@ -44,3 +44,43 @@ def score_labels(model: Any, prompt: Sequence[int], labels: Sequence[Sequence[in
 def label_distribution(model: Any, prompt: Sequence[int], labels: Sequence[Sequence[int]]) -> torch.Tensor:
     """(L,) probabilities over the label set (label scores renormalised)."""
     return torch.softmax(score_labels(model, prompt, labels), dim=-1)
+
+
+@torch.no_grad()
+def score_labels_batch(model: Any, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
+                       pad_id: int = 0) -> torch.Tensor:
+    """(B, L) label log-likelihoods for several prompts at once (inference only; left-padded prompt batch)."""
+    device = next(model.parameters()).device
+    b, n = len(prompts), len(labels)
+    width = max(len(p) for p in prompts)
+    x = torch.full((b, width), pad_id, dtype=torch.long, device=device)
+    pmask = torch.zeros((b, width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        x[i, width - len(p):] = torch.tensor(list(p))
+        pmask[i, width - len(p):] = 1
+    pos = (pmask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=x, attention_mask=pmask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
+    scores = first[:, torch.tensor([lab[0] for lab in labels], device=device)]  # (B, L)
+    longest = max(len(lab) for lab in labels)
+    if longest == 1:
+        return scores
+    cont = torch.zeros((n, longest - 1), dtype=torch.long, device=device)
+    lmask = torch.zeros((n, longest - 1), dtype=torch.long, device=device)
+    for j, lab in enumerate(labels):
+        cont[j, : len(lab) - 1] = torch.tensor(list(lab[:-1]))
+        lmask[j, : len(lab) - 1] = 1
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)  # row i's cache repeated for labels 0..n-1
+    ids = cont.repeat(b, 1)  # (B*L, longest-1)
+    mask = torch.cat([pmask.repeat_interleave(n, 0), lmask.repeat(b, 1)], dim=1)
+    lengths = pmask.sum(-1).repeat_interleave(n)  # (B*L,)
+    cpos = lengths[:, None] + torch.arange(longest - 1, device=device)[None, :]
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=cpos,
+                                   past_key_values=cache, use_cache=False).logits.float(), dim=-1)
+    logp = logp.view(b, n, longest - 1, -1)
+    for j, lab in enumerate(labels):
+        steps = torch.arange(len(lab) - 1, device=device)
+        nxt = torch.tensor(list(lab[1:]), device=device)
+        scores[:, j] += logp[:, j, steps, nxt].sum(-1)
+    return scores
