@@ -207,3 +207,46 @@ def test_cli_validate_and_run(tmp_path: Path, models: Path, cli_run: Any) -> Non
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert Path(summary["model_dir"], "config.json").exists() and summary["steps"] == 2
     assert "resolved config" in done.stderr
+
+
+def test_batched_label_scoring_matches_one_prompt_at_a_time() -> None:
+    from _train_support import make_model
+    from distillgate.train.labels import score_labels_batch
+
+    model = make_model(3).eval()
+    prompts = [[2, 5, 6, 7, 8], [2, 9, 10], [2, 11, 12, 13, 14, 15, 16]]
+    labels = [[8, 3], [9, 10, 3], [11, 3], [12, 13, 14, 3]]
+    with torch.no_grad():
+        one = torch.stack([score_labels(model, p, labels) for p in prompts])
+        # the direct formula: sum of next-token log-probs of prompt + label, one sequence at a time
+        direct = torch.empty(3, 4)
+        for i, p in enumerate(prompts):
+            for j, lab in enumerate(labels):
+                logp = torch.log_softmax(model(input_ids=torch.tensor([p + lab])).logits[0], -1)
+                direct[i, j] = sum(logp[len(p) - 1 + k, t] for k, t in enumerate(lab))
+    torch.testing.assert_close(one, direct, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(score_labels_batch(model, prompts, labels), one, rtol=1e-4, atol=1e-4)
+
+
+def test_load_rows_reads_jsonl_and_parquet_and_keeps_provenance(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distillgate.errors import NotFoundError, UserError
+    from distillgate.train.rows import provenance
+
+    rows = toy_rows(3)
+    rows[0]["filter_status"] = "fail"
+    rows[1]["stamp"] = {"decision_id": "d-1"}
+    rows[2]["decision_id"] = "d-2"
+    write_jsonl(tmp_path / "r.jsonl", rows)
+    got = load_rows(tmp_path / "r.jsonl")
+    assert [r["row_id"] for r in got] == [rows[1]["row_id"], rows[2]["row_id"]]
+    assert provenance(got)["policy_decisions"] == ["d-2", "decision_id:d-1"]
+    pq.write_table(pa.Table.from_pylist(toy_rows(4)), tmp_path / "r.parquet")
+    assert len(load_rows(tmp_path / "r.parquet")) == 4
+    (tmp_path / "bad.jsonl").write_text('{"row_id": "x", "split": "train"}\n')
+    with pytest.raises(UserError, match="lacks input"):
+        load_rows(tmp_path / "bad.jsonl")
+    with pytest.raises(NotFoundError):
+        load_rows(tmp_path / "missing.jsonl")
