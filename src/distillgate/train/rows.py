@@ -1,0 +1,75 @@
+"""Reading a frozen dataset version's rows for training (JSONL or Parquet), and what the run record keeps of them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from distillgate.errors import NotFoundError, UserError
+
+REQUIRED = ("row_id", "input", "split")
+
+
+def load_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a dataset file (``.jsonl``/``.json`` one object per line, or ``.parquet``) as plain dicts.
+
+    Rows whose ``filter_status`` is ``fail`` are dropped here; every row must carry ``row_id``, ``input``, ``split``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise NotFoundError(f"rows file {str(p)!r} does not exist", hint="point 'rows' at a JSONL or Parquet file")
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows: list[dict[str, Any]] = pq.read_table(p).to_pylist()
+    elif p.suffix in (".jsonl", ".json", ".ndjson"):
+        rows = []
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{p}:{n}: not valid JSON ({exc.msg})", hint="write one JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{p}:{n}: a row must be a JSON object", hint="write one JSON object per line")
+            rows.append(obj)
+    else:
+        raise UserError(f"cannot read rows from {p.name!r}", hint="use a .jsonl or .parquet file")
+    for i, row in enumerate(rows):
+        missing = [k for k in REQUIRED if row.get(k) in (None, "")]
+        if missing:
+            raise UserError(f"{p}: row {i} lacks {', '.join(missing)}",
+                            hint="rows come from a frozen dataset version; rebuild it with distillgate dataset")
+    return [r for r in rows if r.get("filter_status", "pass") != "fail"]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def provenance(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the run record keeps about the rows: counts by split, edits, and the policy decisions behind them."""
+    decisions: set[str] = set()
+    for row in rows:
+        for key in ("decision_id", "policy_decision_id"):
+            if row.get(key):
+                decisions.add(str(row[key]))
+        stamp = row.get("stamp")
+        if isinstance(stamp, dict):
+            for key in ("decision_id", "request_id", "entry_hash"):
+                if stamp.get(key):
+                    decisions.add(f"{key}:{stamp[key]}")
+    return {
+        "n_rows": len(rows),
+        "splits": dict(Counter(str(r.get("split")) for r in rows)),
+        "edited": sum(1 for r in rows if r.get("edited")),
+        "policy_decisions": sorted(decisions),
+    }
