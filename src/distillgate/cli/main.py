@@ -21,6 +21,9 @@ from distillgate.errors import DistillgateError
 COMMANDS: dict[str, tuple[str, str]] = {
     "policy": ("distillgate.cli.policy_cmd", "Validate, explain and test policies."),
     "audit": ("distillgate.cli.audit_cmd", "Verify, checkpoint and export the decision log."),
+    "eval": ("distillgate.cli.eval_cmd", "Compare teacher and student item by item; write the report."),
+    "refusal": ("distillgate.cli.refusal_cmd", "Detect refusals in answers; check detectors against hand labels."),
+    "route": ("distillgate.cli.route_cmd", "Choose and apply the student-or-teacher routing threshold."),
 }
 
 
