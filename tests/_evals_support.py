@@ -1,7 +1,7 @@
 """A real OpenAI-compatible chat server on loopback for the evaluation tests (a fake teacher, not a mock).
 
 ``FakeChatServer(answer)`` starts a Starlette app under uvicorn in a thread. ``answer(model, messages)`` returns
-the reply text. Requests (body and headers) are kept in ``server.requests`` so tests can check that identity
+the reply text, or ``(text, logprob)`` to set the per-token log-probability reported when ``logprobs`` is asked. Requests (body and headers) are kept in ``server.requests`` so tests can check that identity
 headers travelled. A user message containing ``DENY`` is refused with an OpenAI-shaped 403 body, like the policy
 gateway does.
 """
@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-Answerer = Callable[[str, list[dict[str, str]]], str]
+Answerer = Callable[[str, list[dict[str, str]]], "str | tuple[str, float]"]
 
 
 class FakeChatServer:
@@ -51,12 +51,13 @@ class FakeChatServer:
             return JSONResponse({"error": {"message": "denied by policy", "type": "policy_denied",
                                            "code": "OUTPUT_TYPE_BLOCKED", "reasons": ["OUTPUT_TYPE_BLOCKED"]}},
                                 status_code=403, headers={"X-Policy-Decision": "deny"})
-        text = self.answer(body["model"], body["messages"])
+        reply = self.answer(body["model"], body["messages"])
+        text, logprob = reply if isinstance(reply, tuple) else (reply, self.logprob)
         tokens = max(1, len(text.split()))
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
                                   "finish_reason": "stop"}
         if body.get("logprobs"):
-            choice["logprobs"] = {"content": [{"token": w, "logprob": self.logprob} for w in text.split()]}
+            choice["logprobs"] = {"content": [{"token": w, "logprob": logprob} for w in text.split()]}
         return JSONResponse({
             "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
             "model": body["model"], "choices": [choice],
