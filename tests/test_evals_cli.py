@@ -10,9 +10,9 @@ import random
 from pathlib import Path
 
 import pytest
+
 from _evals_support import FakeChatServer
 from conftest import run_cli
-
 from distillgate.evals.suites import load_banking77, load_xstest
 
 SAMPLE, SEED = 60, 4
@@ -60,7 +60,7 @@ def eval_run(tmp_path_factory):
 
 
 def test_eval_stores_every_answer_and_sends_identity(eval_run):
-    suite, teacher, student, out, requests, _ = eval_run
+    _, _, _, out, requests, _ = eval_run
     lines = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
     assert len(lines) == 2 * SAMPLE
     roles = {(r["role"], r["item_id"]) for r in lines}

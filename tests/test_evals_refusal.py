@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 
 import pytest
-from conftest import run_cli
 
+from conftest import run_cli
 from distillgate.evals.refusal import (
     REFUSAL_DIR,
     EmbeddingDetector,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from _evals_support import FakeChatServer, lookup_answerer
 
+from _evals_support import FakeChatServer, lookup_answerer
 from distillgate.errors import UpstreamError, UserError
 from distillgate.evals.answers import run_source
 from distillgate.evals.sources import AnswerSource, OpenAIChatSource
@@ -51,7 +51,7 @@ def test_a_suite_run_parses_labels_and_records_denials_as_unanswered():
     assert answers[0].error == "HTTP 403 OUTPUT_TYPE_BLOCKED" and answers[0].label is None
     assert answers[0].meta["reasons"] == ["OUTPUT_TYPE_BLOCKED"]
     assert answers[1].label == suite.items[1].gold  # parsed out of a sentence
-    assert all(a.label == it.gold for a, it in zip(answers[2:], suite.items[2:]))
+    assert all(a.label == it.gold for a, it in zip(answers[2:], suite.items[2:], strict=True))
     assert all(a.confidence is None for a in answers)  # no logprobs asked for
     system = server.requests[1]["body"]["messages"][0]["content"]
     assert "card_arrival" in system and "exactly one intent" in system

@@ -27,7 +27,8 @@ from distillgate.evals.suites import load_banking77
 
 
 def answers_for(items, labels, role, model="m"):
-    return [Answer(it.item_id, role, model, lab or "", lab, None, None, 0.1, 3, 1) for it, lab in zip(items, labels)]
+    return [Answer(it.item_id, role, model, lab or "", lab, None, None, 0.1, 3, 1)
+            for it, lab in zip(items, labels, strict=True)]
 
 
 def test_accuracy_and_agreement_hand_values():

@@ -7,7 +7,13 @@ import json
 import pytest
 
 from distillgate.errors import NotFoundError, UserError
-from distillgate.evals.suites import length_bucket, load_banking77, load_dataset_items, load_xstest, parse_label
+from distillgate.evals.suites import (
+    length_bucket,
+    load_banking77,
+    load_dataset_items,
+    load_xstest,
+    parse_label,
+)
 
 LABELS = ["card_arrival", "card_linking", "exchange_rate", "top_up_failed", "top_up_failed_twice"]
 
