@@ -200,4 +200,5 @@ def test_xstest_refusal_transfer_through_http(tmp_path):
     assert rates["under-refusal"]["student"]["estimate"] == pytest.approx(1 / n_unsafe)
     assert [x["prompt"] for x in m["refusal_transfer"]["teacher_only_items"]] == [first_unsafe]
     assert m["routing"] is None
+    assert m["metadata"]["policy_ids"] == ["test-policy"]  # read from the X-Policy-Id response header
     assert "Refusal transfer" in (tmp_path / "report.html").read_text()

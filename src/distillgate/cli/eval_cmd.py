@@ -141,6 +141,9 @@ def run_eval(*, suite: str, dataset: str | None, split: str | None, dataset_vers
             finally:
                 source.close()
         (out / "cards.json").write_text(json.dumps(cards, indent=2, default=str) + "\n", encoding="utf-8")
+    seen = sorted({str(a.meta["x-policy-id"]) for a in answers if a.meta.get("x-policy-id")})
+    if seen and not policy_ids:
+        metadata["policy_ids"] = seen  # as reported by the gateway's X-Policy-Id response header
     if the_suite.kind == "refusal":
         det = make_detector(detector)
         answers = label_refusals(answers, list(det.classify([a.raw for a in answers])))

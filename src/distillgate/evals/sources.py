@@ -12,6 +12,7 @@ Both report latency and token counts with every generation.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import time
@@ -188,6 +189,7 @@ def _mean_logprob(logprobs: Any) -> float | None:
 
 
 SMOLLM2_ALIAS = "smollm2"
+SCORE_CHUNK = 16  # labels scored per forward pass
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -258,7 +260,11 @@ class LocalCausalLMSource:
         return Generation(text.strip(), latency, int(ids.shape[1]), int(new.shape[0]), mean_lp)
 
     def score_labels(self, messages: Sequence[Message], labels: Sequence[str]) -> tuple[list[float], float]:
-        """Softmax over labels of log P(label tokens + end-of-turn | prompt); the prompt is encoded once."""
+        """Softmax over labels of log P(label tokens + end-of-turn | prompt).
+
+        The prompt is encoded once; its cache is then copied for chunks of labels of similar token length, so
+        padding stays small and no chunk holds more than ``SCORE_CHUNK`` copies of the prompt cache.
+        """
         torch = self._torch
         if not labels:
             raise UserError("cannot score an empty label set", hint="give the suite at least one label")
@@ -266,27 +272,35 @@ class LocalCausalLMSource:
         eos = self._tokenizer.eos_token_id
         label_ids = [self._tokenizer.encode(label, add_special_tokens=False) + ([eos] if eos is not None else [])
                      for label in labels]
-        width = max(len(t) for t in label_ids)
-        batch = torch.full((len(labels), width), eos if eos is not None else 0, dtype=torch.long)
-        for i, toks in enumerate(label_ids):
-            batch[i, : len(toks)] = torch.tensor(toks)
+        order = sorted(range(len(labels)), key=lambda i: len(label_ids[i]))
+        totals = [0.0] * len(labels)
+        p = ids.shape[1]
         start = time.perf_counter()
         with torch.no_grad():
-            first = self._model(ids, use_cache=True)
-            cache = first.past_key_values
-            cache.batch_repeat_interleave(len(labels))
-            p = ids.shape[1]
-            positions = torch.arange(p, p + width).unsqueeze(0).expand(len(labels), -1)
-            # Right padding needs no mask: a causal model never lets a token see the padding after it.
-            rest = self._model(batch, past_key_values=cache, position_ids=positions, use_cache=False)
+            first = self._model(ids, use_cache=True, logits_to_keep=1)
             first_logp = torch.log_softmax(first.logits[0, -1].float(), dim=-1)  # (V,)
-            rest_logp = torch.log_softmax(rest.logits.float(), dim=-1)  # (L, W, V)
-        totals: list[float] = []
-        for i, toks in enumerate(label_ids):
-            total = float(first_logp[toks[0]])
-            for j in range(1, len(toks)):
-                total += float(rest_logp[i, j - 1, toks[j]])
-            totals.append(total)
+            for i, toks in enumerate(label_ids):
+                totals[i] = float(first_logp[toks[0]])
+            for c0 in range(0, len(order), SCORE_CHUNK):
+                chunk = [i for i in order[c0:c0 + SCORE_CHUNK] if len(label_ids[i]) > 1]
+                if not chunk:
+                    continue
+                # feed every label token but the last: position j predicts token j + 1
+                width = max(len(label_ids[i]) for i in chunk) - 1
+                batch = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, i in enumerate(chunk):
+                    feed = label_ids[i][:-1]
+                    batch[row, : len(feed)] = torch.tensor(feed)
+                cache = copy.deepcopy(first.past_key_values)
+                cache.batch_repeat_interleave(len(chunk))
+                positions = torch.arange(p, p + width).unsqueeze(0).expand(len(chunk), -1)
+                # Right padding needs no mask: a causal model never lets a token see the padding after it.
+                out = self._model(batch, past_key_values=cache, position_ids=positions, use_cache=False)
+                logp = torch.log_softmax(out.logits.float(), dim=-1)  # (chunk, width, V)
+                for row, i in enumerate(chunk):
+                    toks = label_ids[i]
+                    for j in range(1, len(toks)):
+                        totals[i] += float(logp[row, j - 1, toks[j]])
         elapsed = time.perf_counter() - start
         top = max(totals)
         exps = [math.exp(t - top) for t in totals]
