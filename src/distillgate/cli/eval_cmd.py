@@ -1,0 +1,195 @@
+"""``distillgate eval``: run teacher and student on the same items, store every answer, write the report.
+
+    distillgate eval --suite banking77 --sample 200 \\
+        --teacher local/smollm2 --teacher-url http://127.0.0.1:8080/v1 --project p --user u --run-id r1 \\
+        --student ./students/kd-1 --out runs/r1/eval
+
+``--teacher-url`` makes the teacher an OpenAI-compatible endpoint (the policy gateway); without it ``--teacher``
+is a local model (directory, .gguf, or ``smollm2``). The same holds for the student. ``--answers FILE`` skips the
+models and recomputes the report from a stored answers file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from distillgate.errors import UserError
+
+
+def _source(name: str, url: str | None, api_key: str | None, headers: dict[str, str], logprobs: bool,
+            threads: int) -> Any:
+    from distillgate.evals.sources import LocalCausalLMSource, OpenAIChatSource
+
+    if url:
+        return OpenAIChatSource(name=name, base_url=url, api_key=api_key, headers=headers,
+                                request_logprobs=logprobs)
+    return LocalCausalLMSource(name, threads=threads)
+
+
+def _load_suite(suite: str, dataset: str | None, split: str | None, sample: int | None, seed: int,
+                answer_format: str) -> Any:
+    from distillgate.evals.suites import load_banking77, load_dataset_items, load_xstest
+
+    fmt: Any = answer_format
+    if dataset:
+        return load_dataset_items(Path(dataset), split=split, sample=sample, seed=seed, answer_format=fmt)
+    if suite == "banking77":
+        return load_banking77(sample=sample, seed=seed, answer_format=fmt)
+    if suite == "xstest":
+        return load_xstest(sample=sample, seed=seed)
+    raise UserError(f"unknown suite {suite!r}", hint="use banking77, xstest, or --dataset FILE")
+
+
+@click.command(name="eval")
+@click.option("--suite", type=click.Choice(["banking77", "xstest", "dataset"]), default="banking77",
+              show_default=True, help="Which items; 'dataset' needs --dataset.")
+@click.option("--dataset", type=click.Path(dir_okay=False), help="Dataset-version export (csv/jsonl/parquet).")
+@click.option("--split", help="Only rows of this split of --dataset (e.g. test, golden, holdout).")
+@click.option("--dataset-version", help="Dataset version id recorded in the report.")
+@click.option("--sample", type=int, help="Fixed random sample of this many items (same --seed, same items).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--answer-format", type=click.Choice(["label", "json"]), default="label", show_default=True,
+              help="Ask for a bare label or a JSON object (then JSON validity is scored).")
+@click.option("--teacher", help="Teacher model name (with --teacher-url) or local model path / 'smollm2'.")
+@click.option("--teacher-url", help="OpenAI-compatible base URL ending in /v1 (the policy gateway).")
+@click.option("--student", help="Student model name (with --student-url) or local model path / 'smollm2'.")
+@click.option("--student-url", help="OpenAI-compatible base URL for the student, if it is served.")
+@click.option("--student-mode", type=click.Choice(["auto", "generate", "score"]), default="auto",
+              show_default=True, help="score: label probabilities (local student, classification); "
+              "generate: parse the generated text. auto: score when possible.")
+@click.option("--api-key", envvar="DISTILLGATE_API_KEY", help="Bearer key for the URLs [$DISTILLGATE_API_KEY].")
+@click.option("--user", "policy_user", help="X-Policy-User sent to the gateway.")
+@click.option("--project", "policy_project", help="X-Policy-Project sent to the gateway.")
+@click.option("--run-id", help="X-Policy-Run sent to the gateway, recorded in the report.")
+@click.option("--output-type", default="evaluation", show_default=True, help="X-Policy-Output-Type.")
+@click.option("--logprobs/--no-logprobs", default=False, help="Ask HTTP models for token log-probs.")
+@click.option("--policy-id", "policy_ids", multiple=True, help="Policy id(s) in force, for the report.")
+@click.option("--checkpoint", help="Decision-log checkpoint (a JSON file or an id) recorded in the report.")
+@click.option("--detector", type=click.Choice(["string", "embedding"]), default="embedding", show_default=True,
+              help="Refusal detector for refusal suites.")
+@click.option("--target", type=float, default=0.95, show_default=True,
+              help="Routing: student accuracy on routed items >= target x teacher accuracy on them.")
+@click.option("--min-routed", type=int, default=10, show_default=True, help="Routing: fewest items routed.")
+@click.option("--resamples", type=int, default=2000, show_default=True, help="Bootstrap resamples.")
+@click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for local models.")
+@click.option("--answers", "answers_path", type=click.Path(dir_okay=False),
+              help="Recompute from this answers.jsonl instead of running the models.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Folder for answers.jsonl, metrics.json, report.html, threshold.json.")
+def cli(**opts: Any) -> None:
+    """Run TEACHER and STUDENT on the same items and compare them item by item."""
+    run_eval(**opts)
+
+
+def run_eval(*, suite: str, dataset: str | None, split: str | None, dataset_version: str | None,
+             sample: int | None, seed: int, answer_format: str, teacher: str | None, teacher_url: str | None,
+             student: str | None, student_url: str | None, student_mode: str, api_key: str | None,
+             policy_user: str | None, policy_project: str | None, run_id: str | None, output_type: str,
+             logprobs: bool, policy_ids: tuple[str, ...], checkpoint: str | None, detector: str, target: float,
+             min_routed: int, resamples: int, threads: int, answers_path: str | None, out_dir: str) -> None:
+    from distillgate.evals.answers import label_refusals, read_answers, run_source, write_answers
+    from distillgate.evals.evaluate import evaluate
+    from distillgate.evals.refusal import make_detector
+    from distillgate.evals.report import write_report
+    from distillgate.evals.routing import RouteThreshold, save_threshold
+    from distillgate.evals.sources import LabelScorer
+
+    if suite == "dataset" and not dataset:
+        raise UserError("--suite dataset needs --dataset FILE", hint="point --dataset at a dataset-version export")
+    the_suite = _load_suite(suite, dataset, split, sample, seed, answer_format)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metadata: dict[str, Any] = {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "dataset_version": dataset_version, "policy_ids": list(policy_ids), "run_id": run_id,
+        "checkpoint": _checkpoint(checkpoint), "detector": detector if the_suite.kind == "refusal" else None,
+        "command": "distillgate " + " ".join(sys.argv[1:]) if sys.argv else None,
+    }
+    cards: dict[str, dict[str, Any]] = {}
+    if answers_path:
+        answers = read_answers(Path(answers_path))
+        cards = json.loads(Path(answers_path).with_name("cards.json").read_text(encoding="utf-8")) \
+            if Path(answers_path).with_name("cards.json").exists() else {}
+    else:
+        if not teacher or not student:
+            raise UserError("--teacher and --student are required unless --answers is given",
+                            hint="e.g. --teacher smollm2 --student ./my-student")
+        headers = {k: v for k, v in {"X-Policy-User": policy_user, "X-Policy-Project": policy_project,
+                                     "X-Policy-Run": run_id, "X-Policy-Output-Type": output_type}.items() if v}
+        answers = []
+        for role, name, url in (("teacher", teacher, teacher_url), ("student", student, student_url)):
+            source = _source(name, url, api_key, headers, logprobs, threads)
+            try:
+                mode = "generate"
+                if role == "student" and student_mode != "generate" and the_suite.kind == "classification" \
+                        and isinstance(source, LabelScorer):
+                    mode = "score"
+                elif role == "student" and student_mode == "score":
+                    raise UserError("--student-mode score needs a local student and a classification suite",
+                                    hint="use --student-mode generate")
+                click.echo(f"{role}: {source.name} ({mode}) on {len(the_suite.items)} items", err=True)
+                answers += run_source(the_suite, source, role, mode=mode,  # type: ignore[arg-type]
+                                      progress=_progress(role))
+                cards[role] = source.describe()
+            finally:
+                source.close()
+        (out / "cards.json").write_text(json.dumps(cards, indent=2, default=str) + "\n", encoding="utf-8")
+    seen = sorted({str(a.meta["x-policy-id"]) for a in answers if a.meta.get("x-policy-id")})
+    if seen and not policy_ids:
+        metadata["policy_ids"] = seen  # as reported by the gateway's X-Policy-Id response header
+    if the_suite.kind == "refusal":
+        det = make_detector(detector)
+        answers = label_refusals(answers, list(det.classify([a.raw for a in answers])))
+    write_answers(out / "answers.jsonl", answers)
+    result = evaluate(the_suite, answers, teacher_card=cards.get("teacher"), student_card=cards.get("student"),
+                      metadata=metadata, routing_target=target, routing_min_items=min_routed,
+                      resamples=resamples, seed=seed)
+    html, metrics = write_report(result, out)
+    click.echo(f"answers: {out / 'answers.jsonl'}\nmetrics: {metrics}\nreport:  {html}")
+    if result.routing is not None:
+        chosen = result.routing.chosen
+        kind: Any = result.routing.confidence_kind
+        threshold = RouteThreshold(
+            threshold=chosen.threshold, confidence=kind, student=result.student.get("model", ""),
+            teacher=result.teacher.get("model", ""), suite=result.suite, target=target, min_items=min_routed,
+            coverage=chosen.coverage, student_accuracy=_finite(chosen.student_accuracy),
+            teacher_accuracy=_finite(chosen.teacher_accuracy), system_accuracy=_finite(chosen.system_accuracy),
+            items=result.items)
+        save_threshold(threshold, out / "threshold.json")
+        click.echo(f"routing: {chosen.coverage:.1%} of traffic to the student at threshold {chosen.threshold:.4g}"
+                   f" -> {out / 'threshold.json'}")
+    for key, value in result.headline().items():
+        if isinstance(value, dict) and "estimate" in value:
+            value = value["estimate"]
+        click.echo(f"  {key}: {value}")
+
+
+def _finite(value: float) -> float | None:
+    import math
+
+    return value if math.isfinite(value) else None
+
+
+def _checkpoint(value: str | None) -> Any:
+    if value and os.path.isfile(value):
+        text = Path(value).read_text(encoding="utf-8")
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text.strip()
+    return value
+
+
+def _progress(role: str) -> Any:
+    def report(done: int, total: int) -> None:
+        if done == total or done % 10 == 0:
+            click.echo(f"  {role}: {done}/{total}", err=True)
+
+    return report
