@@ -159,3 +159,12 @@ def test_bad_templates_and_settings_are_rejected(tmp_path: Path) -> None:
                         "temprature": 1})
     assert {i.path for i in info.value.issues} == {"k", "temprature"}
     assert PromptTemplate(id="a", user="{input}").sha256 != PromptTemplate(id="a", user="{input}", system="s").sha256
+
+
+def test_client_timeouts_are_retried(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path, 2)
+    with running_gateway(tmp_path) as gw, WorkingCopy.open(root) as wc:
+        gw.fake.push(Behaviour.stall(1.5))  # longer than the client's timeout, shorter than the gateway's
+        target = GatewayTarget(gw.base_url, gw.keys["alice"])
+        report = generate(wc, TEMPLATE, settings(concurrency=1, timeout_s=0.5), target)
+    assert report.added == 2 and report.failed == 0 and report.retried == 1
