@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -168,3 +169,14 @@ def test_client_timeouts_are_retried(tmp_path: Path) -> None:
         target = GatewayTarget(gw.base_url, gw.keys["alice"])
         report = generate(wc, TEMPLATE, settings(concurrency=1, timeout_s=0.5), target)
     assert report.added == 2 and report.failed == 0 and report.retried == 1
+
+
+def test_one_job_per_working_copy(tmp_path: Path) -> None:
+    from distillgate.data.generate import job_lock
+
+    root = make_dataset(tmp_path, 1)
+    busy = f"another generation job \\(pid {os.getpid()}\\)"
+    with WorkingCopy.open(root) as wc, job_lock(root), pytest.raises(UserError, match=busy):
+        generate(wc, TEMPLATE, settings(), GatewayTarget("http://127.0.0.1:9/v1", "k"))
+    with job_lock(root):  # released when the holder leaves
+        pass

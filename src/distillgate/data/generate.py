@@ -27,12 +27,16 @@ This module is a pure client of the gateway's HTTP API; starting an in-process g
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
+import os
 import random
 import string
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -381,9 +385,35 @@ async def agenerate(wc: WorkingCopy, template: PromptTemplate, settings: Generat
     return report
 
 
+LOCK_FILE = "generate.lock"
+
+
+@contextlib.contextmanager
+def job_lock(root: Path) -> Iterator[None]:
+    """One generation job per working copy at a time (two would spend quota twice for the same rows).
+
+    An ``flock`` on ``<dir>/generate.lock``: the OS drops it when the process dies, even by SIGKILL.
+    """
+    path = Path(root) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise UserError(f"another generation job (pid {holder}) is running on {root}",
+                            hint="wait for it to finish, or stop it; a rerun then resumes where it stopped") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def generate(wc: WorkingCopy, template: PromptTemplate, settings: GenerateSettings, target: GatewayTarget,
              *, label_scorer: LabelScorer | None = None, on_progress: ProgressFn | None = None,
              on_start: Callable[[int, int], None] | None = None) -> GenerateReport:
-    """Synchronous wrapper of ``agenerate`` (runs its own event loop)."""
-    return asyncio.run(agenerate(wc, template, settings, target, label_scorer=label_scorer,
-                                 on_progress=on_progress, on_start=on_start))
+    """Synchronous wrapper of ``agenerate`` (runs its own event loop), holding the working copy's job lock."""
+    with job_lock(wc.root):
+        return asyncio.run(agenerate(wc, template, settings, target, label_scorer=label_scorer,
+                                     on_progress=on_progress, on_start=on_start))
