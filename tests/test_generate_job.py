@@ -180,3 +180,25 @@ def test_one_job_per_working_copy(tmp_path: Path) -> None:
         generate(wc, TEMPLATE, settings(), GatewayTarget("http://127.0.0.1:9/v1", "k"))
     with job_lock(root):  # released when the holder leaves
         pass
+
+
+def test_token_quota_stop(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path, 4)
+    with running_gateway(tmp_path) as gw, WorkingCopy.open(root) as wc:
+        target = GatewayTarget(gw.base_url, gw.keys["alice"])
+        report = generate(wc, TEMPLATE, settings(project="tiny", run="tok", concurrency=1, max_tokens=150), target)
+    assert report.stop_status == 429 and report.stopped_by == ["TOKENS_PER_DAY_EXCEEDED"] and report.quota_stop
+    assert report.added >= 1 and len(stored_rows(root)) == report.added
+
+
+def test_contract_violation_fails_the_row_not_the_job(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path, 3)
+    with running_gateway(tmp_path) as gw, WorkingCopy.open(root) as wc:
+        target = GatewayTarget(gw.base_url, gw.keys["alice"])
+        # output type "labels" has a blocking contract (card_lost | top_up_failed); the fake echoes the prompt
+        report = generate(wc, TEMPLATE, settings(output_type="labels", concurrency=1), target)
+        assert (report.failed, report.added, report.stopped) == (3, 0, False)
+        assert "422 OUTPUT_FORMAT_VIOLATION" in report.failures[0]
+        gw.fake.set_reply("card_lost")
+        fixed = generate(wc, TEMPLATE, settings(output_type="labels", concurrency=1), target)
+    assert fixed.added == 3 and {r["output_raw"] for r in stored_rows(root)} == {"card_lost"}

@@ -3,7 +3,8 @@
 With ``--gateway URL`` (and ``--api-key`` / ``$DISTILLGATE_API_KEY``) it talks to a running gateway. Without it,
 it starts one in this process (uvicorn in a thread, on a free loopback port) over ``--db`` and ``--policy`` /
 ``--upstream`` / ``--gateway-config``, creates a fresh API key for ``--user``, and revokes the key and stops the
-gateway at the end. Exit 0 when done, 2 when a denial stopped it (what was generated is kept), 1 on bad input.
+gateway at the end. Exit 0 when done, 2 when a denial stopped it (what was generated is kept), 3 when rows failed after retries
+(a rerun retries them), 1 on bad input.
 """
 
 from __future__ import annotations
@@ -241,8 +242,6 @@ def generate(directory: str, traffic: str | None, maps: tuple[str, ...], templat
                    f"{report.tokens} tokens used, {report.seconds:.1f}s")
         for line in report.failures[:5]:
             click.echo(f"  failed: {line}", err=True)
-        if report.failed:
-            click.echo("  rerun the same command to retry the failed rows", err=True)
     if report.stopped:
         kind = "out of quota" if report.quota_stop else "denied by policy"
         raise PolicyDenied(
@@ -251,3 +250,6 @@ def generate(directory: str, traffic: str | None, maps: tuple[str, ...], templat
             report.stopped_by,
             hint="raise the quota or wait for the next day, then rerun the same command to finish"
             if report.quota_stop else "fix the identity/policy named by the reason codes, then rerun")
+    if report.failed:
+        raise UpstreamError(f"{report.failed} row(s) failed (first: {report.failures[0]})",
+                            hint="rerun the same command to retry them; the rows stored are kept")
