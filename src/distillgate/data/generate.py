@@ -137,7 +137,7 @@ class GenerateSettings(BaseModel):
         """The sampling settings recorded on the row of ``sample_index``."""
         return {"model": self.model, "n": 1, "temperature": self.temperature, "top_p": self.top_p,
                 "max_tokens": self.max_tokens, "seed": None if self.seed is None else self.seed + sample_index,
-                "logprobs": self.logprobs or bool(self.top_logprobs), "top_logprobs": self.top_logprobs,
+                "logprobs": self.logprobs or self.top_logprobs is not None, "top_logprobs": self.top_logprobs,
                 "k": self.k}
 
 
