@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from _evals_support import FakeChatServer
-from conftest import run_cli
 from distillgate.evals.suites import load_banking77, load_xstest
+
+from conftest import run_cli
 
 SAMPLE, SEED = 60, 4
 CHROMIUM = "/usr/bin/chromium"

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from _evals_support import FakeChatServer
-from conftest import run_cli
 from distillgate.evals.sources import LabelScorer, LocalCausalLMSource
+
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,6 @@ import csv
 
 import pytest
 
-from conftest import run_cli
 from distillgate.evals.refusal import (
     REFUSAL_DIR,
     EmbeddingDetector,
@@ -14,6 +13,8 @@ from distillgate.evals.refusal import (
     agreement,
     read_labelled,
 )
+
+from conftest import run_cli
 
 
 def test_string_baseline_kinds():

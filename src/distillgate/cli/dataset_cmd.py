@@ -234,3 +234,12 @@ def export_cmd(ref: str, url: str, formats: tuple[str, ...], allowed: tuple[str,
                              endpoint_url=os.environ.get("DISTILLGATE_S3_ENDPOINT"))
     for item in written:
         click.echo(item)
+
+
+def _register_generate() -> None:
+    from distillgate.cli.generate_cmd import generate
+
+    cli.add_command(generate)
+
+
+_register_generate()
