@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("distillgate.cli.keys_cmd", "Create, list and revoke gateway API keys."),
     "stamp": ("distillgate.cli.stamp_cmd", "Verify provenance stamps of gateway responses."),
     "train": ("distillgate.cli.train_cmd", "Train a student with the sft or kd recipe."),
+    "run": ("distillgate.cli.run_cmd", "Run a whole governed distillation study from a project file."),
     "eval": ("distillgate.cli.eval_cmd", "Compare teacher and student item by item; write the report."),
     "refusal": ("distillgate.cli.refusal_cmd", "Detect refusals in answers; check detectors against hand labels."),
     "route": ("distillgate.cli.route_cmd", "Choose and apply the student-or-teacher routing threshold."),

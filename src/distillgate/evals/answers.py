@@ -50,7 +50,7 @@ def answer_item(suite: Suite, item: Item, source: AnswerSource, role: Role, mode
     """Ask ``source`` about one item. ``score`` mode needs a ``LabelScorer`` and a classification suite."""
     import math
 
-    messages = suite.messages(item)
+    messages = suite.messages(item, role)
     if mode == "score":
         if not isinstance(source, LabelScorer) or suite.kind != "classification":
             raise UserError(f"{source.name} cannot score labels on suite {suite.name!r}",

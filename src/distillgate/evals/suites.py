@@ -47,9 +47,14 @@ class Suite:
     answer_format: AnswerFormat = "label"
     max_tokens: int = 16
     meta: dict[str, Any] = field(default_factory=dict)
+    #: role ("teacher"/"student") -> system prompt replacing the suite's own; a student distilled with a short
+    #: prompt (the teacher's long instruction compressed away) is evaluated with the prompt it was trained on.
+    system_prompts: dict[str, str] = field(default_factory=dict)
 
-    def messages(self, item: Item) -> list[dict[str, str]]:
-        """The chat messages both models receive for ``item``."""
+    def messages(self, item: Item, role: str | None = None) -> list[dict[str, str]]:
+        """The chat messages a model in ``role`` receives for ``item`` (both get the same unless overridden)."""
+        if role is not None and role in self.system_prompts:
+            return [{"role": "system", "content": self.system_prompts[role]}, {"role": "user", "content": item.text}]
         if self.kind == "refusal":
             return [{"role": "user", "content": item.text}]
         choices = ", ".join(self.labels)

@@ -1,0 +1,96 @@
+"""One evaluation of a teacher/student pair on one suite: answers, statistics, report, routing threshold.
+
+Used by ``distillgate eval`` and by the ``eval`` stage of ``distillgate run``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distillgate.errors import UserError
+from distillgate.evals.answers import label_refusals, run_source, write_answers
+from distillgate.evals.evaluate import EvalResult, evaluate
+from distillgate.evals.refusal import make_detector
+from distillgate.evals.report import write_report
+from distillgate.evals.routing import RouteThreshold, save_threshold
+from distillgate.evals.sources import AnswerSource, LabelScorer
+from distillgate.evals.suites import Suite
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class PairRun:
+    result: EvalResult
+    answers_path: Path
+    metrics_path: Path
+    report_path: Path
+    threshold_path: Path | None
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _bind(progress: Progress | None, role: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    report = progress
+
+    def bound(done: int, total: int) -> None:
+        report(role, done, total)
+
+    return bound
+
+
+def evaluate_pair(suite: Suite, teacher: AnswerSource, student: AnswerSource, out: Path, *,
+                  student_mode: str = "auto", metadata: dict[str, Any] | None = None, detector: str = "embedding",
+                  target: float = 0.95, min_routed: int = 10, resamples: int = 2000, seed: int = 0,
+                  progress: Progress | None = None) -> PairRun:
+    """Run both models on every item of ``suite``; write answers, cards, metrics, report and threshold."""
+    out.mkdir(parents=True, exist_ok=True)
+    answers = []
+    cards: dict[str, dict[str, Any]] = {}
+    for role, source in (("teacher", teacher), ("student", student)):
+        mode = "generate"
+        if role == "student" and student_mode != "generate" and suite.kind == "classification" \
+                and isinstance(source, LabelScorer):
+            mode = "score"
+        elif role == "student" and student_mode == "score":
+            raise UserError("student mode 'score' needs a local student and a classification suite",
+                            hint="use student mode 'generate'")
+        answers += run_source(suite, source, role, mode=mode,  # type: ignore[arg-type]
+                              progress=_bind(progress, role))
+        cards[role] = source.describe()
+    (out / "cards.json").write_text(json.dumps(cards, indent=2, default=str) + "\n", encoding="utf-8")
+    meta = dict(metadata or {})
+    seen = sorted({str(a.meta["x-policy-id"]) for a in answers if a.meta.get("x-policy-id")})
+    if seen and not meta.get("policy_ids"):
+        meta["policy_ids"] = seen
+    if suite.kind == "refusal":
+        meta["detector"] = detector
+        det = make_detector(detector)
+        answers = label_refusals(answers, list(det.classify([a.raw for a in answers])))
+    write_answers(out / "answers.jsonl", answers)
+    result = evaluate(suite, answers, teacher_card=cards.get("teacher"), student_card=cards.get("student"),
+                      metadata=meta, routing_target=target, routing_min_items=min_routed,
+                      resamples=resamples, seed=seed)
+    html, metrics = write_report(result, out)
+    threshold_path = None
+    if result.routing is not None:
+        chosen = result.routing.chosen
+        kind: Any = result.routing.confidence_kind
+        threshold = RouteThreshold(
+            threshold=chosen.threshold, confidence=kind, student=result.student.get("model", ""),
+            teacher=result.teacher.get("model", ""), suite=result.suite, target=target, min_items=min_routed,
+            coverage=chosen.coverage, student_accuracy=_finite(chosen.student_accuracy),
+            teacher_accuracy=_finite(chosen.teacher_accuracy), system_accuracy=_finite(chosen.system_accuracy),
+            items=result.items)
+        threshold_path = out / "threshold.json"
+        save_threshold(threshold, threshold_path)
+    return PairRun(result, out / "answers.jsonl", metrics, html, threshold_path)

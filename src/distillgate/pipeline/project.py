@@ -1,0 +1,167 @@
+"""The project file of ``distillgate run``: one YAML document naming every choice of a governed study.
+
+Validated like a policy: unknown keys are rejected and every problem is reported at once, including problems of
+the embedded dataset (``dataset:``) and training (``train:``) sections, which are checked by their own modules.
+Relative paths are resolved against the project file's folder. ``key=value`` overrides apply before validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from distillgate.errors import ConfigError, ConfigIssue
+from distillgate.pipeline.overrides import apply_overrides
+from distillgate.policy.model import issues_from_validation, parse_document
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherSection(_Strict):
+    model: str = "local/smollm2-135m-instruct"
+    upstream: str | None = Field(default=None, description="OpenAI-compatible base URL; null = local teacher")
+    api_key_env: str = "TEACHER_API_KEY"
+    timeout_s: float = Field(default=120.0, gt=0)
+
+
+class GatewaySection(_Strict):
+    url: str | None = Field(default=None, description="a running gateway (…/v1); null = start one in-process")
+    api_key_env: str = "DISTILLGATE_API_KEY"
+
+
+class TaskSection(_Strict):
+    kind: Literal["classification"] = "classification"
+    output_type: str = "labels"
+    labels_file: str
+    teacher_system_prompt: str | None = Field(
+        default=None, description="null = the evaluation suite's prompt (the intent list and the instruction)")
+    student_system_prompt: str | None = Field(
+        default=None, description="the short prompt the student is trained and evaluated with; null = teacher's")
+    template: str = "{input}"
+    template_id: str = "task"
+
+
+class TrafficSection(_Strict):
+    path: str
+    format: Literal["csv", "jsonl", "parquet"] | None = None
+    columns: dict[str, str] = Field(default_factory=lambda: {"input": "text"})
+    limit: int | None = Field(default=None, ge=1, description="a fixed random sample of this many records")
+    seed: int = 0
+    dataset_source: str | None = Field(default=None, description="name judged against approved_datasets")
+
+
+class GenerationSection(_Strict):
+    k: int = Field(default=1, ge=1, le=16)
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    max_tokens: int = Field(default=12, ge=1)
+    top_logprobs: int | None = Field(default=20, ge=0, le=20)
+    concurrency: int = Field(default=8, ge=1, le=64)
+    seed: int = 0
+
+
+class EvalSuite(_Strict):
+    name: Literal["banking77", "xstest"]
+    sample: int | None = Field(default=None, ge=1)
+    seed: int = 0
+
+
+class EvalSection(_Strict):
+    suites: list[EvalSuite] = Field(default_factory=lambda: [EvalSuite(name="banking77", sample=200)])
+    resamples: int = Field(default=1000, ge=100)
+    routing_target: float = Field(default=0.95, gt=0, le=1)
+    min_routed: int = Field(default=10, ge=1)
+    detector: Literal["string", "embedding"] = "embedding"
+    threads: int = Field(default=2, ge=1)
+
+
+class ExportSection(_Strict):
+    to: str | None = Field(default=None, description="file:///… or s3://… ; judged by the policy's destinations")
+
+
+class Project(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    project: str = Field(description="policy_project_id")
+    user: str = Field(description="policy_user who runs the study")
+    run: str | None = Field(default=None, description="policy_run_id; default: the project file's name")
+    policy: str
+    workdir: str
+    store: str | None = None
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    gateway: GatewaySection = Field(default_factory=GatewaySection)
+    task: TaskSection
+    traffic: TrafficSection
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    dataset: dict[str, Any] = Field(default_factory=dict, description="dataset config (docs/dataset.md)")
+    train: dict[str, Any] = Field(default_factory=dict, description="training config (docs/training.md)")
+    eval: EvalSection = Field(default_factory=EvalSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+
+    # -- resolved paths --------------------------------------------------------------------------------------
+    def path(self, base: Path, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    @property
+    def run_id(self) -> str:
+        return self.run or self.name
+
+
+# Keys of the train section that the pipeline fills in itself.
+TRAIN_MANAGED = ("rows", "output_dir", "dataset_version")
+
+
+def load_project(path: str | Path, overrides: list[str] | None = None) -> tuple[Project, dict[str, Any], Path]:
+    """Return the validated project, the resolved document (overrides applied) and the project file's folder."""
+    p = Path(path)
+    doc = parse_document(p)
+    if not isinstance(doc, dict):
+        raise ConfigError(str(p), [ConfigIssue("", "a project file must be a mapping", "start with `name: ...`")])
+    doc = apply_overrides(doc, overrides or [])
+    issues: list[ConfigIssue] = []
+    project: Project | None = None
+    try:
+        project = Project.model_validate(doc)
+    except ValidationError as exc:
+        issues.extend(issues_from_validation(Project, exc))
+    issues.extend(_section_issues(doc))
+    if issues or project is None:
+        raise ConfigError(str(p), issues)
+    base = p.resolve().parent
+    for key, value in (("policy", project.policy), ("traffic.path", project.traffic.path),
+                       ("task.labels_file", project.task.labels_file)):
+        if not project.path(base, value).exists():
+            issues.append(ConfigIssue(key, f"{value!r} does not exist (relative to {base})", "fix the path"))
+    if issues:
+        raise ConfigError(str(p), issues)
+    return project, doc, base
+
+
+def _section_issues(doc: dict[str, Any]) -> list[ConfigIssue]:
+    """Problems of the embedded dataset and train sections, reported with their full path."""
+    from distillgate.data.config import parse_config as parse_dataset
+
+    issues: list[ConfigIssue] = []
+    dataset = doc.get("dataset")
+    if isinstance(dataset, dict):
+        try:
+            parse_dataset(dataset, "dataset")
+        except ConfigError as exc:
+            issues.extend(ConfigIssue(f"dataset.{i.path}", i.message, i.fix) for i in exc.issues)
+    train = doc.get("train")
+    if isinstance(train, dict):
+        managed = [k for k in TRAIN_MANAGED if k in train]
+        issues.extend(ConfigIssue(f"train.{k}", "is set by `distillgate run`", "remove it") for k in managed)
+        from distillgate.train.config import parse_config as parse_train
+
+        probe = {**{k: v for k, v in train.items() if k not in TRAIN_MANAGED}, "rows": "rows.jsonl",
+                 "output_dir": "out"}
+        try:
+            parse_train(probe, "train")
+        except ConfigError as exc:
+            issues.extend(ConfigIssue(f"train.{i.path}", i.message, i.fix) for i in exc.issues
+                          if i.path.split(".")[0] not in TRAIN_MANAGED)
+    return issues

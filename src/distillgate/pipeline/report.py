@@ -1,0 +1,162 @@
+"""The run's front page: ``<workdir>/report.html`` (self-contained) and ``<workdir>/metrics.json``.
+
+Headline numbers first (teacher and student accuracy against gold, agreement, retention with its interval,
+refusal rates, speed-up, the traffic share the student can take), then the stages, the governance metadata
+(policies, dataset version, teacher card, decision-log checkpoint, reviewers) and links to each suite's full report.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from distillgate.pipeline.run import Pipeline
+
+
+def _est(value: Any) -> str:
+    if isinstance(value, dict) and "estimate" in value:
+        est, lo, hi = value.get("estimate"), value.get("low"), value.get("high")
+        if isinstance(est, (int, float)) and isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+            return f"{est:.3f} <span class=ci>[{lo:.3f}, {hi:.3f}]</span>"
+        return html.escape(str(est))
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{html.escape(str(k))}: {_est(v)}" for k, v in value.items())
+    return html.escape(str(value))
+
+
+def headline_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    for suite, m in metrics.get("suites", {}).items():
+        for key, value in (m.get("headline") or {}).items():
+            rows.append((suite, key.replace("_", " "), _est(value)))
+    return rows
+
+
+def collect_metrics(pipeline: Pipeline) -> dict[str, Any]:
+    eval_out = pipeline.require("eval")
+    suites: dict[str, Any] = {}
+    for key, path in (eval_out.get("files") or {}).items():
+        if key.endswith("_metrics"):
+            suites[key.removesuffix("_metrics")] = json.loads(Path(path).read_text())
+    train = pipeline.require("train")
+    version = pipeline.require("freeze")
+    record = json.loads(Path(train["record"]).read_text()) if Path(train["record"]).exists() else {}
+    manifest = json.loads((Path(version["version_dir"]) / "manifest.json").read_text())
+    p = pipeline.project
+    return {
+        "run": p.run_id, "name": p.name, "project": p.project, "user": p.user,
+        "policies": [{"policy_id": pol.policy_id, "policy_hash": pol.content_hash} for pol in pipeline.policies],
+        "dataset_version": version["version_id"],
+        "dataset_counts": manifest.get("counts"),
+        "teacher": manifest.get("teacher"),
+        "training": {k: record.get(k) for k in ("recipe", "steps", "tokens", "train_seconds", "final_loss", "student")
+                     if k in record} or {k: train.get(k) for k in ("rows", "steps", "final_loss")},
+        "checkpoint": pipeline.checkpoint(),
+        "reviewers": _reviewers(pipeline),
+        "suites": suites,
+    }
+
+
+def _reviewers(pipeline: Pipeline) -> list[str]:
+    from distillgate.ledger.store import Store
+
+    with Store.open(pipeline.store_path) as store:
+        return sorted({str(e.body.get("reviewer")) for e in store.entries(run=pipeline.project.run_id, kind="review")
+                       if e.body.get("reviewer")})
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1050px;color:#1d2433;
+padding:0 1rem;line-height:1.45}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #d8dde6}
+.sub{color:#5b6577}table{border-collapse:collapse;width:100%;margin:.6rem 0}
+td,th{border-bottom:1px solid #e6e9ef;padding:.35rem .5rem;text-align:left;vertical-align:top}
+th{background:#f4f6fa;font-weight:600}.ci{color:#5b6577;font-size:.85em}code{font-size:.85em;word-break:break-all}
+.cards{display:flex;flex-wrap:wrap;gap:.8rem}.card{border:1px solid #d8dde6;border-radius:8px;padding:.7rem 1rem;
+min-width:200px;flex:1}.card b{display:block;font-size:1.35rem}.card span{color:#5b6577;font-size:.85rem}
+a{color:#1f5fbf}
+"""
+
+
+def render(metrics: dict[str, Any], stages: list[dict[str, Any]], links: dict[str, str]) -> str:
+    e = html.escape
+    cards = []
+    for suite, m in metrics.get("suites", {}).items():
+        h = m.get("headline") or {}
+        for key in ("teacher_accuracy", "student_accuracy", "accuracy_retention", "agreement",
+                    "student_traffic_share", "speedup_mean_latency"):
+            if key in h:
+                cards.append(f"<div class=card><span>{e(suite)} · {e(key.replace('_', ' '))}</span>"
+                             f"<b>{_est(h[key])}</b></div>")
+        for key in ("over_refusal", "under_refusal"):
+            if key in h:
+                cards.append(f"<div class=card><span>{e(suite)} · {e(key.replace('_', ' '))} "
+                             f"(teacher / student)</span><b>{_est(h[key].get('teacher'))} / "
+                             f"{_est(h[key].get('student'))}</b></div>")
+    stage_rows = "".join(f"<tr><td>{e(s['name'])}</td><td>{e(s['status'])}</td><td>{e(s['summary'])}</td></tr>"
+                         for s in stages)
+    head_rows = "".join(f"<tr><td>{e(a)}</td><td>{e(b)}</td><td>{c}</td></tr>" for a, b, c in headline_rows(metrics))
+    link_items = "".join(f"<li><a href='{e(href)}'>{e(name)}</a></li>" for name, href in links.items())
+    cp = metrics.get("checkpoint") or {}
+    meta = [
+        ("project / user / run", f"{metrics.get('project')} / {metrics.get('user')} / {metrics.get('run')}"),
+        ("policies", ", ".join(f"{p['policy_id']}@{p['policy_hash'][:16]}" for p in metrics.get("policies", []))),
+        ("dataset version", str(metrics.get("dataset_version"))),
+        ("dataset counts", json.dumps(metrics.get("dataset_counts"), sort_keys=True)),
+        ("teacher", json.dumps(metrics.get("teacher"), sort_keys=True)),
+        ("training", json.dumps(metrics.get("training"), sort_keys=True, default=str)),
+        ("decision-log checkpoint", f"tree size {cp.get('tree_size')}, root {cp.get('root_hash')}, key {cp.get('key_id')}"),
+        ("reviewers", ", ".join(metrics.get("reviewers") or []) or "none recorded"),
+    ]
+    meta_rows = "".join(f"<tr><th>{e(k)}</th><td><code>{e(v)}</code></td></tr>" for k, v in meta)
+    return f"""<!doctype html><html lang=en><head><meta charset=utf-8>
+<meta name=viewport content="width=device-width,initial-scale=1"><title>distillgate run {e(str(metrics.get('name')))}</title>
+<style>{_CSS}</style></head><body>
+<h1>distillgate run: {e(str(metrics.get('name')))}</h1>
+<p class=sub>A governed distillation study: every teacher call went through the policy gateway and is in the
+decision log. Intervals are 95% paired bootstrap intervals over items.</p>
+<h2>Headline</h2><div class=cards>{''.join(cards) or '<p>no evaluation yet</p>'}</div>
+<h2>All headline numbers</h2><table><tr><th>suite</th><th>measure</th><th>value</th></tr>{head_rows}</table>
+<h2>Full reports</h2><ul>{link_items}</ul>
+<h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>result</th></tr>{stage_rows}</table>
+<h2>Governance</h2><table>{meta_rows}</table>
+</body></html>
+"""
+
+
+def write_run_report(pipeline: Pipeline) -> tuple[Path, Path]:
+    metrics = collect_metrics(pipeline)
+    stages = []
+    for name in ("generate", "build", "freeze", "train", "eval"):
+        path = pipeline.cache.path(name)
+        if path.exists():
+            data = json.loads(path.read_text())
+            outputs = data.get("outputs") or {}
+            stages.append({"name": name, "status": "done", "summary": _stage_summary(name, outputs)})
+    links = {}
+    for key, path in (pipeline.require("eval").get("files") or {}).items():
+        if key.endswith("_report"):
+            links[f"{key.removesuffix('_report')} report"] = str(Path(path).relative_to(pipeline.workdir))
+    out_html = pipeline.workdir / "report.html"
+    out_metrics = pipeline.workdir / "metrics.json"
+    out_html.write_text(render(metrics, stages, links), encoding="utf-8")
+    out_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    return out_html, out_metrics
+
+
+def _stage_summary(name: str, outputs: dict[str, Any]) -> str:
+    if name == "generate":
+        r = outputs.get("report") or {}
+        return f"{outputs.get('rows')} rows; {r.get('tokens')} tokens"
+    if name == "build":
+        return f"{outputs.get('passed')}/{outputs.get('rows')} pass; splits {outputs.get('splits')}"
+    if name == "freeze":
+        return f"version {str(outputs.get('version_id'))[:16]}"
+    if name == "train":
+        return f"{outputs.get('rows')} rows, {outputs.get('steps')} steps, final loss {outputs.get('final_loss')}"
+    return ", ".join(sorted((outputs.get("headline") or {}).keys()))

@@ -1,0 +1,457 @@
+"""``distillgate run PROJECT.yaml``: a whole governed distillation study, stage by stage.
+
+    generate → build → freeze → train → eval → report → export
+
+Every teacher call (generation and evaluation) goes through the policy gateway (started in-process on loopback
+unless ``gateway.url`` names one), so quotas, the decision log and provenance stamps cover the whole study. Each
+stage is skipped when its fingerprint (its configuration, its inputs' content hashes and the fingerprints of the
+stages before it) matches the last completed run of that stage, so a rerun after a crash or an edit redoes only what
+changed. ``--from STAGE`` reruns from a stage on; ``--only STAGE`` runs one stage (its inputs must exist).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from distillgate.errors import NotFoundError, PolicyDenied, UpstreamError, UserError
+from distillgate.ledger.canonical import canonical_json
+from distillgate.pipeline.cache import StageCache, StageRecord, file_sha256, fingerprint
+from distillgate.pipeline.project import Project
+from distillgate.policy.decision import Request
+from distillgate.policy.model import PolicySet, load_policies
+
+STAGES = ("generate", "build", "freeze", "train", "eval", "report", "export")
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    status: str  # "ran" | "cached" | "skipped"
+    seconds: float
+    summary: str
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+def banking_system_prompt(labels: list[str]) -> str:
+    """The teacher's instruction: the evaluation suite's own banking77 prompt, so generation and evaluation agree."""
+    from distillgate.evals.suites import Item, Suite
+
+    suite = Suite("banking77", "classification", [], labels)
+    return suite.messages(Item("x", "x", None))[0]["content"]
+
+
+class Pipeline:
+    def __init__(self, project: Project, doc: dict[str, Any], base: Path, *, console: Console | None = None,
+                 project_file: Path | None = None) -> None:
+        self.project = project
+        self.doc = doc
+        self.base = base
+        self.project_file = project_file
+        self.console = console or Console(stderr=True)
+        self.workdir = project.path(base, project.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.store_path = project.path(base, project.store) if project.store else self.workdir / "distillgate.db"
+        self.policy_path = project.path(base, project.policy)
+        self.policies: PolicySet = load_policies(self.policy_path)
+        self.labels: list[str] = json.loads(project.path(base, project.task.labels_file).read_text())
+        self.teacher_system = project.task.teacher_system_prompt or banking_system_prompt(self.labels)
+        self.student_system = project.task.student_system_prompt or self.teacher_system
+        self.cache = StageCache(self.workdir)
+        self._stack = contextlib.ExitStack()
+        self._target: Any = None
+        self.records: dict[str, StageRecord] = {}
+
+    # -- shared services ------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._stack.close()
+
+    def gateway(self) -> Any:
+        """A GatewayTarget (base URL + API key): the configured gateway, or one started in this process."""
+        if self._target is not None:
+            return self._target
+        from distillgate.data.generate import GatewayTarget
+
+        p = self.project
+        if p.gateway.url:
+            key = os.environ.get(p.gateway.api_key_env)
+            if not key:
+                raise UserError(f"gateway.url is set but ${p.gateway.api_key_env} is empty",
+                                hint="export the API key from `distillgate keys create`")
+            self._target = GatewayTarget(base_url=p.gateway.url, api_key=key)
+            return self._target
+        from distillgate.gateway.inprocess import local_gateway
+
+        data: dict[str, Any] = {"policy": str(self.policy_path), "db": str(self.store_path)}
+        if p.teacher.upstream:
+            upstream: dict[str, Any] = {"base_url": p.teacher.upstream, "timeout_s": p.teacher.timeout_s}
+            if os.environ.get(p.teacher.api_key_env):
+                upstream["api_key_env"] = p.teacher.api_key_env
+            else:
+                self.console.print(f"[yellow]note:[/] ${p.teacher.api_key_env} is empty; calling the upstream "
+                                   "without an API key")
+            data["upstreams"] = {"teacher": upstream}
+            data["models"] = {p.teacher.model: "teacher"}
+        self._target = self._stack.enter_context(local_gateway(data, p.user))
+        return self._target
+
+    def judge(self, request: Request) -> None:
+        """Ask the policy (and log the answer) for a non-inference action: dataset use, export destination."""
+        from distillgate.ledger.store import Store
+
+        with Store.open(self.store_path) as store:
+            adm = store.admit(self.policies, request)
+        if not adm.decision.allowed:
+            raise PolicyDenied(f"{request.kind} denied by policy {adm.decision.policy_id!r}: {adm.decision.message}",
+                               adm.decision.reasons)
+
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
+                        TimeRemainingColumn(), console=self.console, transient=True)
+
+    # -- stages ---------------------------------------------------------------------------------------------------
+    def fp_generate(self) -> str:
+        p = self.project
+        return fingerprint("generate", p.teacher.model_dump(), p.task.model_dump(), p.traffic.model_dump(),
+                           file_sha256(p.path(self.base, p.traffic.path)), p.generation.model_dump(), p.run_id,
+                           p.project, p.user, self.teacher_system)
+
+    def dataset_config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = json.loads(json.dumps(self.project.dataset))
+        ingest = cfg.setdefault("ingest", {})
+        ingest["columns"] = {"record_id": "_record", **self.project.traffic.columns}
+        ingest["format"] = "jsonl"  # the pipeline ingests its own sample file
+        return cfg
+
+    def working_copy(self) -> Any:
+        from distillgate.data.store import CONFIG_FILE, WorkingCopy
+
+        root = self.workdir / "dataset"
+        config = self.dataset_config()
+        if (root / "working.sqlite").exists():
+            (root / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+            return WorkingCopy.open(root)
+        return WorkingCopy.create(root, config)
+
+    def sample_traffic(self) -> Path:
+        from distillgate.data.ingest import read_records
+
+        t = self.project.traffic
+        records = list(read_records(self.project.path(self.base, t.path), t.format))
+        for i, record in enumerate(records):
+            record.setdefault("_record", str(i))
+        if t.limit is not None and t.limit < len(records):
+            picked = sorted(random.Random(t.seed).sample(range(len(records)), t.limit))
+            records = [records[i] for i in picked]
+        out = self.workdir / "traffic.sample.jsonl"
+        out.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+        return out
+
+    def stage_generate(self) -> StageOutcome:
+        from distillgate.data.generate import PromptTemplate, generate, parse_settings
+        from distillgate.data.ingest import ingest_file
+
+        p = self.project
+        if p.traffic.dataset_source:
+            self.judge(Request(user=p.user, project=p.project, run=p.run_id, output_type=None, kind="dataset",
+                               dataset_source=p.traffic.dataset_source))
+        sample = self.sample_traffic()
+        with self.working_copy() as wc:
+            ingested = ingest_file(sample, wc.config.ingest)
+            new, known = wc.add_inputs(ingested.rows)
+            template = PromptTemplate(id=p.task.template_id, user=p.task.template, system=self.teacher_system)
+            g = p.generation
+            settings = parse_settings({
+                "model": p.teacher.model, "user": p.user, "project": p.project, "run": p.run_id,
+                "output_type": p.task.output_type, "k": g.k, "temperature": g.temperature,
+                "max_tokens": g.max_tokens, "seed": g.seed, "logprobs": g.top_logprobs is not None,
+                "top_logprobs": g.top_logprobs, "labels": self.labels, "concurrency": g.concurrency,
+                "timeout_s": p.teacher.timeout_s,
+            }, "generation")
+            target = self.gateway()
+            start = time.monotonic()
+            with self._progress() as progress:
+                task = progress.add_task("teacher generation", total=None, rate="")
+
+                def on_start(total: int, already: int) -> None:
+                    progress.update(task, total=max(total, 1), completed=already)
+
+                def on_progress(rows_done: int, tokens: int) -> None:
+                    rate = tokens / max(time.monotonic() - start, 1e-9)
+                    progress.update(task, completed=rows_done, rate=f"{rate:,.0f} tok/s")
+
+                report = generate(wc, template, settings, target, on_progress=on_progress, on_start=on_start)
+            if report.stopped:
+                raise PolicyDenied(f"generation stopped by the gateway: {report.stop_message}",
+                                   list(report.stopped_by or []),
+                                   hint="the rows stored so far are kept; rerun after fixing the cause")
+            if report.failed:
+                raise UpstreamError(f"{report.failed} generation call(s) failed: {report.failures[:1]}",
+                                    hint="rerun: stored rows are kept and only the missing ones are asked for")
+            rows = wc.count_rows()
+        return StageOutcome("generate", "ran", 0, f"{new} new inputs ({known} known); {report.added} teacher "
+                            f"answers added, {report.already_present} already stored; {report.tokens:,} tokens",
+                            {"rows": rows, "report": report.as_dict(), "dataset_dir": str(self.workdir / "dataset")})
+
+    def stage_build(self) -> StageOutcome:
+        from distillgate.data.pipeline import build
+
+        with self.working_copy() as wc:
+            report = build(wc)
+            rows = wc.rows()
+        passed = sum(r.filter_status == "pass" for r in rows)
+        splits: dict[str, int] = {}
+        for r in rows:
+            splits[str(r.split)] = splits.get(str(r.split), 0) + 1
+        leak = report.leakage
+        return StageOutcome("build", "ran", 0, f"{passed}/{len(rows)} rows pass the filters; splits "
+                            + ", ".join(f"{k}={v}" for k, v in sorted(splits.items())),
+                            {"passed": passed, "rows": len(rows), "splits": splits,
+                             "leakage": getattr(leak, "hits", None) if leak is not None else None})
+
+    def stage_freeze(self) -> StageOutcome:
+        from distillgate.data.versions import freeze
+
+        with self.working_copy() as wc:
+            version = freeze(wc, notes=f"distillgate run {self.project.name} (run {self.project.run_id})")
+        return StageOutcome("freeze", "ran", 0, f"dataset version {version.version_id[:16]}",
+                            {"version_id": version.version_id, "version_dir": str(version.path),
+                             "files": {"manifest": str(version.path / "manifest.json")}})
+
+    def train_config(self, version: dict[str, Any]) -> dict[str, Any]:
+        cfg: dict[str, Any] = _resolve_paths(json.loads(json.dumps(self.project.train)), self.base)
+        prompt = cfg.setdefault("prompt", {})
+        prompt.setdefault("system", self.student_system)
+        prompt.setdefault("template", self.project.task.template)
+        cfg.setdefault("labels", self.labels)
+        out = self.workdir / "train"
+        cfg["rows"] = str(out / "rows.jsonl")
+        cfg["output_dir"] = str(out)
+        cfg["dataset_version"] = version["version_id"]
+        return cfg
+
+    def stage_train(self) -> StageOutcome:
+        from distillgate.data.versions import load_trainable
+        from distillgate.train import run_recipe
+        from distillgate.train.config import parse_config
+
+        version = self.require("freeze")
+        rows = load_trainable(version["version_dir"], splits=("train",))
+        if not rows:
+            raise UserError("no training rows passed the filters", hint="look at `distillgate dataset status`")
+        out = self.workdir / "train"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rows.jsonl").write_bytes(b"".join(orjson.dumps(r, default=str) + b"\n" for r in rows))
+        config = parse_config(self.train_config(version), "train")
+        result = run_recipe(config)
+        return StageOutcome("train", "ran", 0, f"{config.recipe} on {len(rows)} rows, {result.steps} steps, "
+                            f"final loss {result.final_loss:.4f}, {result.tokens_per_second:,.0f} tok/s",
+                            {"model_dir": str(result.model_dir), "record": str(result.record_path),
+                             "rows": len(rows), "steps": result.steps, "final_loss": result.final_loss,
+                             "files": {"model": str(result.model_dir), "record": str(result.record_path)}})
+
+    def stage_eval(self) -> StageOutcome:
+        from distillgate.evals.run import evaluate_pair
+        from distillgate.evals.sources import LocalCausalLMSource, OpenAIChatSource
+        from distillgate.evals.suites import load_banking77, load_xstest
+
+        p = self.project
+        train = self.require("train")
+        version = self.require("freeze")
+        target = self.gateway()
+        headers = {"X-Policy-User": p.user, "X-Policy-Project": p.project, "X-Policy-Run": p.run_id,
+                   "X-Policy-Output-Type": p.task.output_type}
+        summaries: dict[str, Any] = {}
+        files: dict[str, str] = {}
+        for spec in p.eval.suites:
+            if spec.name == "banking77":
+                suite = load_banking77(sample=spec.sample, seed=spec.seed)
+                suite = _with_prompts(suite, {"teacher": self.teacher_system, "student": self.student_system})
+            else:
+                suite = load_xstest(sample=spec.sample, seed=spec.seed)
+            teacher = OpenAIChatSource(name=p.teacher.model, base_url=target.base_url, api_key=target.api_key,
+                                       headers=headers, request_logprobs=True)
+            student = LocalCausalLMSource(train["model_dir"], name=f"student:{p.name}", threads=p.eval.threads)
+            out = self.workdir / "eval" / spec.name
+            metadata = {"run_id": p.run_id, "dataset_version": version["version_id"],
+                        "policy_ids": [f"{pol.policy_id}@{pol.content_hash[:16]}" for pol in self.policies],
+                        "checkpoint": self.checkpoint()}
+            with self._progress() as progress:
+                bars = {role: progress.add_task(f"{spec.name}: {role}", total=len(suite.items), rate="")
+                        for role in ("teacher", "student")}
+
+                def on_progress(role: str, done: int, total: int, bars: dict[str, Any] = bars,
+                                progress: Progress = progress) -> None:
+                    progress.update(bars[role], completed=done)
+
+                try:
+                    run = evaluate_pair(suite, teacher, student, out, metadata=metadata, detector=p.eval.detector,
+                                        target=p.eval.routing_target, min_routed=p.eval.min_routed,
+                                        resamples=p.eval.resamples, seed=spec.seed, progress=on_progress)
+                finally:
+                    teacher.close()
+                    student.close()
+            summaries[spec.name] = run.result.headline()
+            files[f"{spec.name}_report"] = str(run.report_path)
+            files[f"{spec.name}_metrics"] = str(run.metrics_path)
+        return StageOutcome("eval", "ran", 0, "; ".join(f"{k}: {_short(v)}" for k, v in summaries.items()),
+                            {"headline": summaries, "files": files})
+
+    def checkpoint(self) -> dict[str, Any]:
+        from distillgate.ledger.store import Store
+
+        with Store.open(self.store_path) as store:
+            return store.checkpoint().as_dict()
+
+    def stage_report(self) -> StageOutcome:
+        from distillgate.pipeline.report import write_run_report
+
+        html, metrics = write_run_report(self)
+        return StageOutcome("report", "ran", 0, f"{html}", {"files": {"report": str(html),
+                                                                      "metrics": str(metrics)}})
+
+    def stage_export(self) -> StageOutcome:
+        from distillgate.pipeline.bundle import export_bundle
+
+        to = self.project.export.to
+        if not to:
+            return StageOutcome("export", "skipped", 0, "no export.to in the project file")
+        urls = export_bundle(self, to)
+        return StageOutcome("export", "ran", 0, f"{len(urls)} files to {to}", {"urls": urls})
+
+    # -- driver ---------------------------------------------------------------------------------------------------
+    def require(self, stage: str) -> dict[str, Any]:
+        record = self.records.get(stage)
+        if record is None:
+            path = self.cache.path(stage)
+            if not path.exists():
+                raise NotFoundError(f"stage {stage!r} has not run yet", hint=f"run with --from {stage} or without --only")
+            record = StageRecord(stage, "", orjson.loads(path.read_bytes())["outputs"])
+        outputs: dict[str, Any] = record.outputs
+        return outputs
+
+    def fingerprints(self) -> Iterator[tuple[str, Callable[[], str]]]:
+        p = self.project
+        chain: list[str] = []
+
+        def link(name: str, *parts: Any) -> Callable[[], str]:
+            def compute() -> str:
+                fp = fingerprint(name, *parts, chain[-1] if chain else None)
+                chain.append(fp)
+                return fp
+            return compute
+
+        def first() -> str:
+            chain.append(self.fp_generate())
+            return chain[-1]
+
+        yield "generate", first
+        yield "build", link("build", self.dataset_config())
+        yield "freeze", link("freeze")
+        yield "train", link("train", {k: v for k, v in p.train.items()}, self.student_system)
+        yield "eval", link("eval", p.eval.model_dump(), self.teacher_system, self.student_system)
+        yield "report", link("report")
+        yield "export", link("export", p.export.model_dump())
+
+    def run(self, *, start: str | None = None, only: str | None = None, force: bool = False) -> list[StageOutcome]:
+        for name in (start, only):
+            if name is not None and name not in STAGES:
+                raise UserError(f"unknown stage {name!r}", hint=f"stages: {', '.join(STAGES)}")
+        outcomes: list[StageOutcome] = []
+        forced = False
+        try:
+            for name, compute in self.fingerprints():
+                fp = compute()
+                if only is not None and name != only:
+                    continue
+                if start is not None and name == start:
+                    forced = True
+                cached = None if (force or forced or only is not None) else self.cache.get(name, fp)
+                if cached is not None:
+                    self.records[name] = cached
+                    outcomes.append(StageOutcome(name, "cached", 0.0, "unchanged: skipped", cached.outputs))
+                    self.console.print(f"[dim]• {name}: unchanged, skipped[/]")
+                    continue
+                self.console.print(f"[bold]• {name}[/]")
+                began = time.monotonic()
+                outcome = getattr(self, f"stage_{name}")()
+                outcome.seconds = time.monotonic() - began
+                record = StageRecord(name, fp, outcome.outputs)
+                self.cache.put(record)
+                self.records[name] = record
+                outcomes.append(outcome)
+                self.console.print(f"  {outcome.summary} [dim]({outcome.seconds:.1f}s)[/]")
+                forced = True  # what a stage that ran produced may differ: every later stage runs too
+        finally:
+            self.close()
+        return outcomes
+
+    def summary_table(self, outcomes: list[StageOutcome]) -> Table:
+        table = Table(title=f"distillgate run {self.project.name} (run {self.project.run_id})")
+        table.add_column("stage")
+        table.add_column("status")
+        table.add_column("time", justify="right")
+        table.add_column("result")
+        for o in outcomes:
+            table.add_row(o.name, o.status, f"{o.seconds:.1f}s", o.summary)
+        return table
+
+
+def _resolve_paths(node: Any, base: Path) -> Any:
+    """Model ``path`` values in the train section are relative to the project file (``pkg:NAME`` stays)."""
+    if isinstance(node, dict):
+        out = {k: _resolve_paths(v, base) for k, v in node.items()}
+        path = out.get("path")
+        if isinstance(path, str) and not path.startswith("pkg:") and not Path(path).is_absolute():
+            out["path"] = str((base / path).resolve())
+        return out
+    if isinstance(node, list):
+        return [_resolve_paths(v, base) for v in node]
+    return node
+
+
+def _with_prompts(suite: Any, prompts: dict[str, str]) -> Any:
+    from dataclasses import replace
+
+    return replace(suite, system_prompts=prompts)
+
+
+def _short(headline: dict[str, Any]) -> str:
+    parts = []
+    for key, value in headline.items():
+        if isinstance(value, dict) and "estimate" in value:
+            value = value["estimate"]
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.3f}")
+    return ", ".join(parts[:4])
+
+
+def resolved_project_yaml(pipeline: Pipeline) -> bytes:
+    return yaml.safe_dump(pipeline.doc, sort_keys=False).encode()
+
+
+def project_hash(pipeline: Pipeline) -> str:
+    from distillgate.ledger.canonical import sha256_hex
+
+    return sha256_hex(canonical_json(pipeline.doc))
