@@ -5,12 +5,16 @@ policy gateway would sit) and answering by generation. Student: the same model i
 classification items by label scoring. Prints accuracy, retention, agreement, refusal rates, latency, tokens/s,
 routing share and how long the statistics take; writes both reports.
 
-    python benchmarks/eval_smollm2_pair.py --banking77 40 --xstest 30 --out /tmp/eval-bench
+    python benchmarks/eval_smollm2_pair.py --intents 36 --banking77 0 --xstest 16 --out /tmp/eval-bench
+
+``--intents N`` evaluates on N banking77 test items from six intents only (a 6-way task a 135M model can do
+better than chance on, with a short prompt); ``--banking77 N`` on the full 77-way task.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import socket
 import sys
@@ -35,9 +39,30 @@ from distillgate.evals.refusal import make_detector
 from distillgate.evals.report import write_report
 from distillgate.evals.sources import LocalCausalLMSource, OpenAIChatSource
 from distillgate.evals.stats import paired_mean_bootstrap
-from distillgate.evals.suites import load_banking77, load_xstest
+from distillgate.evals.suites import load_banking77, load_dataset_items, load_xstest
 
 MODEL_NAME = "local/smollm2-135m-instruct"
+INTENTS = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed", "cash_withdrawal_charge",
+           "terminate_account"]
+DATA = Path(__file__).resolve().parents[1] / "data" / "banking77"
+
+
+def intent_subset(path: Path, per_intent: int) -> Path:
+    """A dataset-version-like CSV: ``per_intent`` test items of each of six intents, first in file order."""
+    kept: list[dict[str, str]] = []
+    counts = dict.fromkeys(INTENTS, 0)
+    with (DATA / "test.csv").open(newline="", encoding="utf-8") as fh:
+        for i, row in enumerate(csv.DictReader(fh)):
+            if row["category"] in counts and counts[row["category"]] < per_intent:
+                counts[row["category"]] += 1
+                kept.append({"row_id": f"banking77-test-{i}", "text": row["text"], "label": row["category"],
+                             "source": "banking77/test"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["row_id", "text", "label", "source"])
+        writer.writeheader()
+        writer.writerows(kept)
+    return path
 
 
 def serve(local: LocalCausalLMSource) -> tuple[uvicorn.Server, str]:
@@ -107,7 +132,8 @@ def bootstrap_speed() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--banking77", type=int, default=40, help="banking77 items (0: skip)")
+    parser.add_argument("--intents", type=int, default=36, help="items of the 6-intent banking77 task (0: skip)")
+    parser.add_argument("--banking77", type=int, default=0, help="items of the 77-way banking77 task (0: skip)")
     parser.add_argument("--xstest", type=int, default=30, help="XSTest items (0: skip)")
     parser.add_argument("--xstest-tokens", type=int, default=64)
     parser.add_argument("--detector", default="embedding")
@@ -123,14 +149,19 @@ def main() -> None:
     cards: dict[str, Any] = {"teacher": teacher.describe(), "student": local.describe()}
     meta = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run_id": "bench",
             "note": "teacher served over the OpenAI API on loopback (no policy gateway in this benchmark)"}
+    suites = []
+    if args.intents:
+        csv_path = intent_subset(out / "banking77-6-intents.csv", -(-args.intents // len(INTENTS)))
+        suites.append(("banking77-6-intents", load_dataset_items(csv_path, sample=args.intents, seed=0)))
     if args.banking77:
-        suite = load_banking77(sample=args.banking77, seed=0)
+        suites.append(("banking77", load_banking77(sample=args.banking77, seed=0)))
+    for folder, suite in suites:
         answers = run_source(suite, teacher, "teacher") + run_source(suite, local, "student", mode="score")
         result = evaluate(suite, answers, teacher_card=cards["teacher"], student_card=cards["student"],
                           metadata=meta, routing_min_items=5)
-        (out / "banking77").mkdir(parents=True, exist_ok=True)
-        write_answers(out / "banking77" / "answers.jsonl", answers)
-        write_report(result, out / "banking77")
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        write_answers(out / folder / "answers.jsonl", answers)
+        write_report(result, out / folder)
         show(result)
     if args.xstest:
         suite = load_xstest(sample=args.xstest, seed=0, max_tokens=args.xstest_tokens)

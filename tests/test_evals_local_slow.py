@@ -58,23 +58,33 @@ def test_label_scores_match_a_direct_full_forward(smollm2):
 
 def test_eval_end_to_end_with_a_served_teacher_and_a_local_student(smollm2, tmp_path):
     """Teacher: SmolLM2 behind a real OpenAI-compatible server (as the gateway would serve it); student: the
-    local GGUF, label scoring. Small on purpose: 6 items."""
+    local GGUF, label scoring. Small on purpose: 4 items of a 3-intent banking77 subset (short prompt)."""
+    data = tmp_path / "subset.csv"
+    data.write_text(
+        "row_id,text,label,golden\n"
+        "a,I still have not received my new card.,card_arrival,true\n"
+        "b,What exchange rate do you use for euros?,exchange_rate,false\n"
+        "c,My top-up did not go through.,top_up_failed,false\n"
+        "d,When will my card arrive?,card_arrival,false\n")
 
     def serve(model, messages):
-        gen = smollm2.generate(messages, max_tokens=16)
-        return gen.text
+        return smollm2.generate(messages, max_tokens=8).text
 
+    out = tmp_path / "eval"
     with FakeChatServer(serve, models=("local/smollm2",)) as server:
-        proc = run_cli("eval", "--suite", "banking77", "--sample", "6", "--seed", "0",
+        proc = run_cli("eval", "--suite", "dataset", "--dataset", str(data), "--task",
+                       "You classify customer messages to a bank into exactly one intent.",
                        "--teacher", "local/smollm2", "--teacher-url", server.base_url, "--api-key", "test-key",
-                       "--student", "smollm2", "--resamples", "200", "--min-routed", "2", "--out", str(tmp_path),
-                       timeout=600)
+                       "--student", "smollm2", "--resamples", "200", "--min-routed", "2", "--out", str(out),
+                       timeout=900)
     assert proc.returncode == 0, proc.stderr
-    m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["items"] == 6
-    student = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()
-               if json.loads(x)["role"] == "student"]
-    assert all(a["confidence_kind"] == "label_prob" and 0 < a["confidence"] <= 1 for a in student)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["items"] == 4
+    student = [a for a in map(json.loads, (out / "answers.jsonl").read_text().splitlines())
+               if a["role"] == "student"]
+    assert all(a["confidence_kind"] == "label_prob" and 1 / 3 <= a["confidence"] <= 1 for a in student)
+    assert all(a["label"] in {"card_arrival", "exchange_rate", "top_up_failed"} for a in student)
     assert m["student"]["parameter_count"] == 134_515_008
     assert m["routing"]["confidence_kind"] == "label_prob"
-    assert (tmp_path / "report.html").stat().st_size > 20_000
+    assert {r["value"] for r in m["retention"] if r["slice"] == "golden"} == {"golden", "not golden"}
+    assert (out / "report.html").stat().st_size > 20_000

@@ -34,12 +34,13 @@ def _source(name: str, url: str | None, api_key: str | None, headers: dict[str, 
 
 
 def _load_suite(suite: str, dataset: str | None, split: str | None, sample: int | None, seed: int,
-                answer_format: str) -> Any:
-    from distillgate.evals.suites import load_banking77, load_dataset_items, load_xstest
+                answer_format: str, task: str | None) -> Any:
+    from distillgate.evals.suites import DATASET_TASK, load_banking77, load_dataset_items, load_xstest
 
     fmt: Any = answer_format
     if dataset:
-        return load_dataset_items(Path(dataset), split=split, sample=sample, seed=seed, answer_format=fmt)
+        return load_dataset_items(Path(dataset), split=split, sample=sample, seed=seed, answer_format=fmt,
+                                  task=task or DATASET_TASK)
     if suite == "banking77":
         return load_banking77(sample=sample, seed=seed, answer_format=fmt)
     if suite == "xstest":
@@ -53,6 +54,7 @@ def _load_suite(suite: str, dataset: str | None, split: str | None, sample: int 
 @click.option("--dataset", type=click.Path(dir_okay=False), help="Dataset-version export (csv/jsonl/parquet).")
 @click.option("--split", help="Only rows of this split of --dataset (e.g. test, golden, holdout).")
 @click.option("--dataset-version", help="Dataset version id recorded in the report.")
+@click.option("--task", help="First sentence of the classification prompt for --dataset suites.")
 @click.option("--sample", type=int, help="Fixed random sample of this many items (same --seed, same items).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--answer-format", type=click.Choice(["label", "json"]), default="label", show_default=True,
@@ -88,7 +90,7 @@ def cli(**opts: Any) -> None:
     run_eval(**opts)
 
 
-def run_eval(*, suite: str, dataset: str | None, split: str | None, dataset_version: str | None,
+def run_eval(*, suite: str, dataset: str | None, split: str | None, dataset_version: str | None, task: str | None,
              sample: int | None, seed: int, answer_format: str, teacher: str | None, teacher_url: str | None,
              student: str | None, student_url: str | None, student_mode: str, api_key: str | None,
              policy_user: str | None, policy_project: str | None, run_id: str | None, output_type: str,
@@ -103,7 +105,7 @@ def run_eval(*, suite: str, dataset: str | None, split: str | None, dataset_vers
 
     if suite == "dataset" and not dataset:
         raise UserError("--suite dataset needs --dataset FILE", hint="point --dataset at a dataset-version export")
-    the_suite = _load_suite(suite, dataset, split, sample, seed, answer_format)
+    the_suite = _load_suite(suite, dataset, split, sample, seed, answer_format, task)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metadata: dict[str, Any] = {

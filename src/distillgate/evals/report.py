@@ -154,6 +154,7 @@ def _ci(iv: Interval, pct: bool = True) -> str:
 def render_html(result: EvalResult) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
+    env.tests["finite_number"] = lambda v: isinstance(v, int | float) and math.isfinite(v)
     env.filters["pct"] = _fmt
     env.filters["ci"] = lambda iv, pct=True: markupsafe.Markup(_ci(iv, pct))
     env.filters["num"] = lambda v: "–" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.3g}")

@@ -230,19 +230,43 @@ class LocalCausalLMSource:
         self._model: Any = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, **kwargs)
         self._model.train(False)
         self._torch = torch
+        self._prefix_key: tuple[int, ...] | None = None
+        self._prefix_cache: Any = None
 
     def _prompt_ids(self, messages: Sequence[Message]) -> Any:
         encoded = self._tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True,
                                                       return_tensors="pt")
         return encoded if isinstance(encoded, self._torch.Tensor) else encoded["input_ids"]
 
+    def _prefix(self, messages: Sequence[Message], ids: Any) -> tuple[Any, int]:
+        """(a copy of the cache of the system message's tokens, their number), or (None, 0).
+
+        Every item of a classification suite shares one long system message (the label list); encoding it once
+        and copying its cache saves most of the per-item compute. Used only when those tokens are exactly a
+        prefix of the full prompt.
+        """
+        if not messages or messages[0].get("role") != "system":
+            return None, 0
+        encoded = self._tokenizer.apply_chat_template([dict(messages[0])], return_tensors="pt")
+        pre = (encoded if isinstance(encoded, self._torch.Tensor) else encoded["input_ids"])[0].tolist()
+        n = len(pre)
+        if n < 16 or n >= ids.shape[1] or ids[0, :n].tolist() != pre:
+            return None, 0
+        if self._prefix_key != tuple(pre):
+            with self._torch.no_grad():
+                out = self._model(ids[:, :n], use_cache=True, logits_to_keep=1)
+            self._prefix_key, self._prefix_cache = tuple(pre), out.past_key_values
+        return copy.deepcopy(self._prefix_cache), n
+
     def generate(self, messages: Sequence[Message], *, max_tokens: int) -> Generation:
         torch = self._torch
         ids = self._prompt_ids(messages)
+        cache, _ = self._prefix(messages, ids)
         start = time.perf_counter()
         with torch.no_grad():
             out = self._model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                past_key_values=cache,
                 output_scores=True, return_dict_in_generate=True,
                 pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id,
             )
@@ -262,7 +286,7 @@ class LocalCausalLMSource:
     def score_labels(self, messages: Sequence[Message], labels: Sequence[str]) -> tuple[list[float], float]:
         """Softmax over labels of log P(label tokens + end-of-turn | prompt).
 
-        The prompt is encoded once; its cache is then copied for chunks of labels of similar token length, so
+        The prompt is encoded once (its system message once per label set, see ``_prefix``); its cache is then copied for chunks of labels of similar token length, so
         padding stays small and no chunk holds more than ``SCORE_CHUNK`` copies of the prompt cache.
         """
         torch = self._torch
@@ -275,9 +299,10 @@ class LocalCausalLMSource:
         order = sorted(range(len(labels)), key=lambda i: len(label_ids[i]))
         totals = [0.0] * len(labels)
         p = ids.shape[1]
+        cache, n = self._prefix(messages, ids)
         start = time.perf_counter()
         with torch.no_grad():
-            first = self._model(ids, use_cache=True, logits_to_keep=1)
+            first = self._model(ids[:, n:], past_key_values=cache, use_cache=True, logits_to_keep=1)
             first_logp = torch.log_softmax(first.logits[0, -1].float(), dim=-1)  # (V,)
             for i, toks in enumerate(label_ids):
                 totals[i] = float(first_logp[toks[0]])

@@ -47,6 +47,7 @@ class Suite:
     answer_format: AnswerFormat = "label"
     max_tokens: int = 16
     meta: dict[str, Any] = field(default_factory=dict)
+    task: str = "You classify customer messages to a bank into exactly one intent."
     #: role ("teacher"/"student") -> system prompt replacing the suite's own; a student distilled with a short
     #: prompt (the teacher's long instruction compressed away) is evaluated with the prompt it was trained on.
     system_prompts: dict[str, str] = field(default_factory=dict)
@@ -59,11 +60,11 @@ class Suite:
             return [{"role": "user", "content": item.text}]
         choices = ", ".join(self.labels)
         if self.answer_format == "json":
-            instruction = ('Reply with only a JSON object of the form {"label": "<intent>"}, where <intent> is '
+            instruction = ('Reply with only a JSON object of the form {"label": "<label>"}, where <label> is '
                            "copied exactly from this list: ")
         else:
-            instruction = "Reply with only the intent name, copied exactly from this list: "
-        system = ("You classify customer messages to a bank into exactly one intent. " + instruction + choices)
+            instruction = "Reply with only the label, copied exactly from this list: "
+        system = self.task + " " + instruction + choices
         return [{"role": "system", "content": system}, {"role": "user", "content": item.text}]
 
     def parse(self, raw: str) -> str | None:
@@ -179,8 +180,12 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     raise UserError(f"cannot read {path}: unknown extension {path.suffix!r}", hint="use .csv, .jsonl or .parquet")
 
 
+DATASET_TASK = "You classify each message into exactly one label."
+
+
 def load_dataset_items(path: Path, *, labels: Sequence[str] | None = None, split: str | None = None,
-                       sample: int | None = None, seed: int = 0, answer_format: AnswerFormat = "label") -> Suite:
+                       sample: int | None = None, seed: int = 0, answer_format: AnswerFormat = "label",
+                       task: str = DATASET_TASK) -> Suite:
     """A classification suite from a dataset-version export.
 
     Columns used: an id (``row_id``/``id``), the text (``text``/``input``/``prompt``), the gold label
@@ -221,4 +226,4 @@ def load_dataset_items(path: Path, *, labels: Sequence[str] | None = None, split
     return Suite(path.stem, "classification", chosen, label_set, answer_format,
                  max_tokens=24 if answer_format == "json" else 16,
                  meta={"data": str(path), "sample": sample, "seed": seed, "split": split,
-                       "population": len(items)})
+                       "population": len(items)}, task=task)
