@@ -140,6 +140,9 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, examples: Sequence[Ex
             if done % config.log_every == 0 or done == total:
                 history.append({"step": done, "loss": last_loss, **result.parts,
                                 "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds})
+                if bar.disable:  # no terminal: the same figures as plain log lines
+                    print(f"{config.recipe} step {done}/{total} loss {last_loss:.4f} "
+                          f"tok/s {tokens / seconds:.1f}", file=sys.stderr, flush=True)
             if done % config.checkpoint_every == 0 and done < total:
                 path = ckpt_dir / f"step-{done:08d}.pt"
                 torch.save({"model": _trainable_state(model), "optimizer": optimizer.state_dict(),
