@@ -96,12 +96,8 @@ def run_eval(*, suite: str, dataset: str | None, split: str | None, dataset_vers
              policy_user: str | None, policy_project: str | None, run_id: str | None, output_type: str,
              logprobs: bool, policy_ids: tuple[str, ...], checkpoint: str | None, detector: str, target: float,
              min_routed: int, resamples: int, threads: int, answers_path: str | None, out_dir: str) -> None:
-    from distillgate.evals.answers import label_refusals, read_answers, run_source, write_answers
-    from distillgate.evals.evaluate import evaluate
-    from distillgate.evals.refusal import make_detector
-    from distillgate.evals.report import write_report
-    from distillgate.evals.routing import RouteThreshold, save_threshold
-    from distillgate.evals.sources import LabelScorer
+    from distillgate.evals.answers import read_answers
+    from distillgate.evals.run import collect_answers, score_and_report
 
     if suite == "dataset" and not dataset:
         raise UserError("--suite dataset needs --dataset FILE", hint="point --dataset at a dataset-version export")
@@ -125,58 +121,29 @@ def run_eval(*, suite: str, dataset: str | None, split: str | None, dataset_vers
                             hint="e.g. --teacher smollm2 --student ./my-student")
         headers = {k: v for k, v in {"X-Policy-User": policy_user, "X-Policy-Project": policy_project,
                                      "X-Policy-Run": run_id, "X-Policy-Output-Type": output_type}.items() if v}
-        answers = []
-        for role, name, url in (("teacher", teacher, teacher_url), ("student", student, student_url)):
-            source = _source(name, url, api_key, headers, logprobs, threads)
-            try:
-                mode = "generate"
-                if role == "student" and student_mode != "generate" and the_suite.kind == "classification" \
-                        and isinstance(source, LabelScorer):
-                    mode = "score"
-                elif role == "student" and student_mode == "score":
-                    raise UserError("--student-mode score needs a local student and a classification suite",
-                                    hint="use --student-mode generate")
-                click.echo(f"{role}: {source.name} ({mode}) on {len(the_suite.items)} items", err=True)
-                answers += run_source(the_suite, source, role, mode=mode,  # type: ignore[arg-type]
-                                      progress=_progress(role))
-                cards[role] = source.describe()
-            finally:
-                source.close()
+        teacher_source = _source(teacher, teacher_url, api_key, headers, logprobs, threads)
+        student_source = _source(student, student_url, api_key, headers, logprobs, threads)
+        try:
+            click.echo(f"teacher: {teacher_source.name}; student: {student_source.name}; "
+                       f"{len(the_suite.items)} items", err=True)
+            answers, cards = collect_answers(the_suite, teacher_source, student_source, student_mode=student_mode,
+                                             progress=_progress)
+        finally:
+            teacher_source.close()
+            student_source.close()
         (out / "cards.json").write_text(json.dumps(cards, indent=2, default=str) + "\n", encoding="utf-8")
-    seen = sorted({str(a.meta["x-policy-id"]) for a in answers if a.meta.get("x-policy-id")})
-    if seen and not policy_ids:
-        metadata["policy_ids"] = seen  # as reported by the gateway's X-Policy-Id response header
-    if the_suite.kind == "refusal":
-        det = make_detector(detector)
-        answers = label_refusals(answers, list(det.classify([a.raw for a in answers])))
-    write_answers(out / "answers.jsonl", answers)
-    result = evaluate(the_suite, answers, teacher_card=cards.get("teacher"), student_card=cards.get("student"),
-                      metadata=metadata, routing_target=target, routing_min_items=min_routed,
-                      resamples=resamples, seed=seed)
-    html, metrics = write_report(result, out)
-    click.echo(f"answers: {out / 'answers.jsonl'}\nmetrics: {metrics}\nreport:  {html}")
-    if result.routing is not None:
+    run = score_and_report(the_suite, answers, cards, out, metadata=metadata, detector=detector, target=target,
+                           min_routed=min_routed, resamples=resamples, seed=seed)
+    result = run.result
+    click.echo(f"answers: {run.answers_path}\nmetrics: {run.metrics_path}\nreport:  {run.report_path}")
+    if result.routing is not None and run.threshold_path is not None:
         chosen = result.routing.chosen
-        kind: Any = result.routing.confidence_kind
-        threshold = RouteThreshold(
-            threshold=chosen.threshold, confidence=kind, student=result.student.get("model", ""),
-            teacher=result.teacher.get("model", ""), suite=result.suite, target=target, min_items=min_routed,
-            coverage=chosen.coverage, student_accuracy=_finite(chosen.student_accuracy),
-            teacher_accuracy=_finite(chosen.teacher_accuracy), system_accuracy=_finite(chosen.system_accuracy),
-            items=result.items)
-        save_threshold(threshold, out / "threshold.json")
         click.echo(f"routing: {chosen.coverage:.1%} of traffic to the student at threshold {chosen.threshold:.4g}"
-                   f" -> {out / 'threshold.json'}")
+                   f" -> {run.threshold_path}")
     for key, value in result.headline().items():
         if isinstance(value, dict) and "estimate" in value:
             value = value["estimate"]
         click.echo(f"  {key}: {value}")
-
-
-def _finite(value: float) -> float | None:
-    import math
-
-    return value if math.isfinite(value) else None
 
 
 def _checkpoint(value: str | None) -> Any:
@@ -189,9 +156,6 @@ def _checkpoint(value: str | None) -> Any:
     return value
 
 
-def _progress(role: str) -> Any:
-    def report(done: int, total: int) -> None:
-        if done == total or done % 10 == 0:
-            click.echo(f"  {role}: {done}/{total}", err=True)
-
-    return report
+def _progress(role: str, done: int, total: int) -> None:
+    if done == total or done % 10 == 0:
+        click.echo(f"  {role}: {done}/{total}", err=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from distillgate.errors import UserError
-from distillgate.evals.answers import label_refusals, run_source, write_answers
+from distillgate.evals.answers import Answer, label_refusals, run_source, write_answers
 from distillgate.evals.evaluate import EvalResult, evaluate
 from distillgate.evals.refusal import make_detector
 from distillgate.evals.report import write_report
@@ -48,13 +48,10 @@ def _bind(progress: Progress | None, role: str) -> Callable[[int, int], None] | 
     return bound
 
 
-def evaluate_pair(suite: Suite, teacher: AnswerSource, student: AnswerSource, out: Path, *,
-                  student_mode: str = "auto", metadata: dict[str, Any] | None = None, detector: str = "embedding",
-                  target: float = 0.95, min_routed: int = 10, resamples: int = 2000, seed: int = 0,
-                  progress: Progress | None = None) -> PairRun:
-    """Run both models on every item of ``suite``; write answers, cards, metrics, report and threshold."""
-    out.mkdir(parents=True, exist_ok=True)
-    answers = []
+def collect_answers(suite: Suite, teacher: AnswerSource, student: AnswerSource, *, student_mode: str = "auto",
+                    progress: Progress | None = None) -> tuple[list[Answer], dict[str, dict[str, Any]]]:
+    """Both models answer every item (the student by label scoring when it can, unless told to generate)."""
+    answers: list[Answer] = []
     cards: dict[str, dict[str, Any]] = {}
     for role, source in (("teacher", teacher), ("student", student)):
         mode = "generate"
@@ -67,11 +64,18 @@ def evaluate_pair(suite: Suite, teacher: AnswerSource, student: AnswerSource, ou
         answers += run_source(suite, source, role, mode=mode,  # type: ignore[arg-type]
                               progress=_bind(progress, role))
         cards[role] = source.describe()
-    (out / "cards.json").write_text(json.dumps(cards, indent=2, default=str) + "\n", encoding="utf-8")
+    return answers, cards
+
+
+def score_and_report(suite: Suite, answers: list[Answer], cards: dict[str, dict[str, Any]], out: Path, *,
+                     metadata: dict[str, Any] | None = None, detector: str = "embedding", target: float = 0.95,
+                     min_routed: int = 10, resamples: int = 2000, seed: int = 0) -> PairRun:
+    """Statistics, report, metrics and routing threshold from stored answers."""
+    out.mkdir(parents=True, exist_ok=True)
     meta = dict(metadata or {})
     seen = sorted({str(a.meta["x-policy-id"]) for a in answers if a.meta.get("x-policy-id")})
     if seen and not meta.get("policy_ids"):
-        meta["policy_ids"] = seen
+        meta["policy_ids"] = seen  # as reported by the gateway's X-Policy-Id response header
     if suite.kind == "refusal":
         meta["detector"] = detector
         det = make_detector(detector)
@@ -94,3 +98,15 @@ def evaluate_pair(suite: Suite, teacher: AnswerSource, student: AnswerSource, ou
         threshold_path = out / "threshold.json"
         save_threshold(threshold, threshold_path)
     return PairRun(result, out / "answers.jsonl", metrics, html, threshold_path)
+
+
+def evaluate_pair(suite: Suite, teacher: AnswerSource, student: AnswerSource, out: Path, *,
+                  student_mode: str = "auto", metadata: dict[str, Any] | None = None, detector: str = "embedding",
+                  target: float = 0.95, min_routed: int = 10, resamples: int = 2000, seed: int = 0,
+                  progress: Progress | None = None) -> PairRun:
+    """Run both models on every item of ``suite``; write answers, cards, metrics, report and threshold."""
+    answers, cards = collect_answers(suite, teacher, student, student_mode=student_mode, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cards.json").write_text(json.dumps(cards, indent=2, default=str) + "\n", encoding="utf-8")
+    return score_and_report(suite, answers, cards, out, metadata=metadata, detector=detector, target=target,
+                            min_routed=min_routed, resamples=resamples, seed=seed)
