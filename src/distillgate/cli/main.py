@@ -21,6 +21,7 @@ from distillgate.errors import DistillgateError
 COMMANDS: dict[str, tuple[str, str]] = {
     "policy": ("distillgate.cli.policy_cmd", "Validate, explain and test policies."),
     "audit": ("distillgate.cli.audit_cmd", "Verify, checkpoint and export the decision log."),
+    "teacher": ("distillgate.cli.teacher_cmd", "Chat with a teacher model and show its card."),
 }
 
 
