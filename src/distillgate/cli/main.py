@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("distillgate.cli.eval_cmd", "Compare teacher and student item by item; write the report."),
     "refusal": ("distillgate.cli.refusal_cmd", "Detect refusals in answers; check detectors against hand labels."),
     "route": ("distillgate.cli.route_cmd", "Choose and apply the student-or-teacher routing threshold."),
+    "teacher": ("distillgate.cli.teacher_cmd", "Chat with a teacher model and show its card."),
 }
 
 

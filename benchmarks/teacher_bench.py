@@ -1,0 +1,178 @@
+"""Benchmark the local teacher: load times, tokens/s (single, batch 8, batch 32), shared-prefix KV-cache speedup,
+and banking77 zero-/few-shot accuracy by label scoring on a fixed random sample of the test set.
+
+    python benchmarks/teacher_bench.py [--rows 500] [--accuracy-budget-s 1800] [--skip-load]
+
+Prints a table and writes benchmarks/results/teacher_bench.json (updated as accuracy rows complete, so a run cut
+short still leaves its figures). Uses at most 2 CPU threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+from distillgate.teachers.engine import LocalModel, SamplingParams  # noqa: E402
+from distillgate.teachers.loading import DEFAULT_MODEL, load_model, resolve_spec  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "teacher_bench.json"
+DATA = ROOT / "data" / "banking77"
+
+
+def read_rows(name: str) -> list[dict[str, str]]:
+    with (DATA / name).open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def spaced(category: str) -> str:
+    return category.replace("_", " ")
+
+
+def taxonomy_system(categories: list[str]) -> str:
+    lines = "\n".join(f"- {spaced(c)}" for c in categories)
+    return ("You classify customer messages to a bank into exactly one intent.\nIntents:\n" + lines +
+            "\nReply with the intent only, exactly as written in the list.")
+
+
+def save(report: dict[str, Any]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2))
+
+
+def measure_loads(report: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        source = resolve_spec(DEFAULT_MODEL)
+        first = load_model(source, cache_dir=Path(tmp))
+        second = load_model(source, cache_dir=Path(tmp))
+        assert not first.from_cache and second.from_cache
+        report["load_seconds"] = {"first_dequantise_and_cache": round(first.load_seconds, 2),
+                                  "second_from_disk_cache": round(second.load_seconds, 2),
+                                  "speedup": round(first.load_seconds / second.load_seconds, 2)}
+        print(f"load: first (dequantise + write cache) {first.load_seconds:.1f}s, "
+              f"second (from cache) {second.load_seconds:.1f}s")
+
+
+def throughput(engine: LocalModel, prompts: list[list[dict[str, str]]], batch: int, tokens: int) -> dict[str, Any]:
+    params = SamplingParams(max_tokens=tokens, temperature=0.0)
+    # a stop-free greedy run; rows that hit EOS early are counted by the tokens they produced
+    started = time.perf_counter()
+    gens = engine.generate(prompts[:batch], params, prefix_cache=False)
+    elapsed = time.perf_counter() - started
+    produced = sum(g.completion_tokens for g in gens)
+    return {"batch": batch, "completion_tokens": produced, "seconds": round(elapsed, 2),
+            "tokens_per_s": round(produced / elapsed, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=500)
+    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--accuracy-budget-s", type=float, default=1800.0)
+    parser.add_argument("--skip-load", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    report: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs, torch threads 2, load avg at start "
+                                         f"{os.getloadavg()[0]:.1f}", "model": DEFAULT_MODEL}
+    if not args.skip_load:
+        measure_loads(report)
+        save(report)
+    loaded = load_model(resolve_spec(DEFAULT_MODEL))
+    engine = LocalModel(loaded.model, loaded.tokenizer, loaded.card, model_name=DEFAULT_MODEL)
+    report["card"] = loaded.card.as_dict()
+
+    categories: list[str] = json.loads((DATA / "categories.json").read_text())
+    test = read_rows("test.csv")
+    train = read_rows("train.csv")
+    rng = random.Random(0)
+    sample = rng.sample(test, args.rows)
+    user_prompts = [[{"role": "user", "content": r["text"]}] for r in sample[:32]]
+
+    # throughput, no shared prefix (plain user questions, chat template only)
+    report["throughput"] = []
+    for batch in (1, 8, 32):
+        row = throughput(engine, user_prompts, batch, args.max_tokens)
+        report["throughput"].append(row)
+        print(f"throughput batch {batch:>2}: {row['completion_tokens']} tokens in {row['seconds']}s "
+              f"= {row['tokens_per_s']} tok/s")
+        save(report)
+
+    # shared-prefix KV cache: 8 rows behind the 77-intent taxonomy
+    system = {"role": "system", "content": taxonomy_system(categories)}
+    prefixed = [[system, {"role": "user", "content": r["text"]}] for r in sample[:8]]
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    timings = {}
+    outputs = {}
+    for use in (False, True):
+        started = time.perf_counter()
+        outputs[use] = engine.generate(prefixed, params, prefix_cache=use)
+        timings[use] = time.perf_counter() - started
+    same = [a.token_ids == b.token_ids for a, b in zip(outputs[False], outputs[True], strict=True)]
+    report["prefix_cache"] = {"rows": 8, "prompt_tokens_per_row": outputs[True][0].prompt_tokens,
+                              "max_tokens": 8, "seconds_without": round(timings[False], 2),
+                              "seconds_with": round(timings[True], 2),
+                              "speedup": round(timings[False] / timings[True], 2),
+                              "identical_outputs": all(same)}
+    print(f"prefix cache (8 rows x {outputs[True][0].prompt_tokens} prompt tokens, 8 new): "
+          f"{timings[False]:.1f}s without, {timings[True]:.1f}s with, x{timings[False] / timings[True]:.2f}, "
+          f"identical={all(same)}")
+    save(report)
+
+    # banking77 accuracy by label scoring
+    labels = [spaced(c) for c in categories]
+    shots_rows = random.Random(1).sample(train, args.shots)
+    few: list[dict[str, str]] = [system]
+    for r in shots_rows:
+        few += [{"role": "user", "content": r["text"]}, {"role": "assistant", "content": spaced(r["category"])}]
+    correct = {"zero_shot": 0, "few_shot": 0}
+    done = 0
+    started = time.perf_counter()
+    chunk = 4
+    for at in range(0, len(sample), chunk):
+        rows = sample[at:at + chunk]
+        for name, head in (("zero_shot", [system]), ("few_shot", few)):
+            prompts = [[*head, {"role": "user", "content": r["text"]}] for r in rows]
+            dists = engine.score_labels_batch(prompts, labels)
+            for r, dist in zip(rows, dists, strict=True):
+                correct[name] += max(dist, key=dist.__getitem__) == spaced(r["category"])
+        done += len(rows)
+        elapsed = time.perf_counter() - started
+        report["banking77"] = {
+            "sample": f"random.Random(0).sample(test, {args.rows}); first {done} rows scored",
+            "rows_scored": done, "shots": args.shots, "seconds": round(elapsed, 1),
+            "seconds_per_row_both_prompts": round(elapsed / done, 2),
+            "zero_shot_accuracy": round(correct["zero_shot"] / done, 4),
+            "few_shot_accuracy": round(correct["few_shot"] / done, 4),
+            "chance": round(1 / len(labels), 4),
+            "prompt": "system: 77-intent list (underscores as spaces) + 'Reply with the intent only'; "
+                      "label = intent text + <|im_end|>; few-shot adds user/assistant example turns",
+        }
+        save(report)
+        if done % 20 == 0:
+            print(f"  {done} rows: zero-shot {correct['zero_shot'] / done:.3f}, "
+                  f"few-shot {correct['few_shot'] / done:.3f} ({elapsed / done:.1f}s/row)", flush=True)
+        if elapsed > args.accuracy_budget_s:
+            print(f"accuracy budget of {args.accuracy_budget_s}s spent after {done} rows")
+            break
+    acc = report["banking77"]
+    print(f"banking77 ({done} rows): zero-shot {acc['zero_shot_accuracy']}, few-shot {acc['few_shot_accuracy']}, "
+          f"chance {acc['chance']}")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
