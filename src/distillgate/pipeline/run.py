@@ -138,7 +138,7 @@ class Pipeline:
                            p.project, p.user, self.teacher_system)
 
     def dataset_config(self) -> dict[str, Any]:
-        cfg: dict[str, Any] = json.loads(json.dumps(self.project.dataset))
+        cfg: dict[str, Any] = _resolve_paths(json.loads(json.dumps(self.project.dataset)), self.base)
         ingest = cfg.setdefault("ingest", {})
         ingest["columns"] = {"record_id": "_record", **self.project.traffic.columns}
         ingest["format"] = "jsonl"  # the pipeline ingests its own sample file
@@ -419,12 +419,14 @@ class Pipeline:
 
 
 def _resolve_paths(node: Any, base: Path) -> Any:
-    """Model ``path`` values in the train section are relative to the project file (``pkg:NAME`` stays)."""
+    """``path`` and ``*_file`` values are relative to the project file (``pkg:NAME`` and ``gguf_file``, a name
+    inside the model folder, stay as written)."""
     if isinstance(node, dict):
         out = {k: _resolve_paths(v, base) for k, v in node.items()}
-        path = out.get("path")
-        if isinstance(path, str) and not path.startswith("pkg:") and not Path(path).is_absolute():
-            out["path"] = str((base / path).resolve())
+        for key, value in out.items():
+            if (key == "path" or key.endswith("_file")) and key != "gguf_file" and isinstance(value, str) \
+                    and not value.startswith("pkg:") and not Path(value).is_absolute():
+                out[key] = str((base / value).resolve())
         return out
     if isinstance(node, list):
         return [_resolve_paths(v, base) for v in node]
