@@ -115,6 +115,21 @@ def elicits_reasoning(text: str) -> bool:
     return _COT_RE.search(text) is not None
 
 
+_SENTENCE_RE = re.compile(r"(?<=[.!?:])\s+|\n+")
+
+
+_STOPWORDS = frozenset(
+    ["a", "an", "the", "and", "or", "but", "if", "of", "to", "in", "on", "at", "by", "for", "with", "from", "as", "is", "are", "was", "were", "be", "been", "being", "do", "does", "did", "how", "what", "why", "when", "where", "which", "who", "whom", "whose", "can", "could", "would", "should", "will", "shall", "may", "might", "must", "i", "you", "he", "she", "it", "we", "they", "me", "my", "your", "his", "her", "its", "our", "their", "this", "that", "these", "those", "there", "here", "not", "no", "yes", "so", "than", "then", "too", "very", "just", "about", "into", "over", "under", "up", "down", "out", "all", "any", "some", "each", "every", "please", "tell", "give", "me", "explain"]
+)
+
+
+def task_text(text: str) -> str:
+    """The prompt's content words without its reasoning-elicitation sentences: what the task is about."""
+    kept = [part for part in _SENTENCE_RE.split(text) if not _COT_RE.search(part)]
+    content = [w for w in words(" ".join(kept) or text) if w not in _STOPWORDS]
+    return " ".join(content) or text
+
+
 @dataclass(frozen=True)
 class Sketch:
     """What the detectors use: derived from ``RequestFeatures`` on the request path, or from a logged record."""
@@ -137,30 +152,35 @@ class Sketch:
     n: int
     declared_run_size: int | None
     cot: bool
+    task_minhash: np.ndarray | None = None  # MinHash of task_text(prompt), only for reasoning-eliciting prompts
     embedding: np.ndarray | None = None
 
     @classmethod
     def of(cls, f: RequestFeatures) -> Sketch:
         tokens = words(f.prompt)
         vocab = set(tokens)
+        cot = elicits_reasoning(f.prompt)
         return cls(
             ts=f.ts, user=f.user, key_id=f.key_id, project=f.project, run=f.run, output_type=f.output_type,
             minhash=minhash(f.prompt, vocab), vocab_size=len(vocab), prompt_chars=len(f.prompt),
             prompt_fp=prompt_fingerprint(f.prompt, tokens), top_logprobs=int(f.top_logprobs or 0), logprobs=f.logprobs,
             bias_size=len(f.logit_bias), bias_pattern=bias_pattern(f.logit_bias), max_tokens=f.max_tokens, n=f.n,
-            declared_run_size=f.declared_run_size, cot=elicits_reasoning(f.prompt),
+            declared_run_size=f.declared_run_size, cot=cot,
+            task_minhash=minhash(task_text(f.prompt)) if cot else None,
         )
 
     def record(self) -> dict[str, Any]:
         rec: dict[str, Any] = {
             "v": RECORD_VERSION, "ts": round(self.ts, 3), "user": self.user, "key_id": self.key_id,
             "project": self.project, "run": self.run, "output_type": self.output_type,
-            "minhash": base64.b64encode(self.minhash.astype("<u4").tobytes()).decode(),
+            "minhash": _b64(self.minhash),
             "vocab": self.vocab_size, "chars": self.prompt_chars, "fp": self.prompt_fp,
             "top_logprobs": self.top_logprobs, "logprobs": self.logprobs,
             "bias": {"size": self.bias_size, "pattern": self.bias_pattern},
             "max_tokens": self.max_tokens, "n": self.n, "declared_run_size": self.declared_run_size, "cot": self.cot,
         }
+        if self.task_minhash is not None:
+            rec["task_minhash"] = _b64(self.task_minhash)
         if self.embedding is not None:
             rec["embedding"] = quantise(self.embedding)
         return rec
@@ -175,13 +195,22 @@ class Sketch:
         return cls(
             ts=float(rec["ts"]), user=rec.get("user"), key_id=rec.get("key_id"), project=rec.get("project"),
             run=rec.get("run"), output_type=rec.get("output_type"),
-            minhash=np.frombuffer(base64.b64decode(rec["minhash"]), dtype="<u4").astype(np.uint32),
+            minhash=_unb64(rec["minhash"]),
             vocab_size=int(rec["vocab"]), prompt_chars=int(rec["chars"]), prompt_fp=str(rec["fp"]),
             top_logprobs=int(rec.get("top_logprobs") or 0), logprobs=bool(rec.get("logprobs")),
             bias_size=int(bias.get("size") or 0), bias_pattern=bias.get("pattern"), max_tokens=rec.get("max_tokens"),
             n=int(rec.get("n") or 1), declared_run_size=rec.get("declared_run_size"), cot=bool(rec.get("cot")),
+            task_minhash=_unb64(rec["task_minhash"]) if rec.get("task_minhash") else None,
             embedding=dequantise(emb) if emb is not None else None,
         )
+
+
+def _b64(signature: np.ndarray) -> str:
+    return base64.b64encode(signature.astype("<u4").tobytes()).decode()
+
+
+def _unb64(data: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(data), dtype="<u4").astype(np.uint32)
 
 
 def quantise(vector: np.ndarray) -> str:

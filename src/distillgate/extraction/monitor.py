@@ -30,7 +30,7 @@ def _effective(rules: ExtractionRules) -> dict[str, tuple[float, int, int, tuple
     hit = _EFFECTIVE.get(id(rules))
     if hit is not None and hit[0] is rules:
         return hit[1]
-    table = {}
+    table: dict[str, tuple[float, int, int, tuple[str, ...]]] = {}
     for name in SIGNAL_NAMES:
         rule = rules.rule(name)
         table[name] = (rules.threshold(name), rule.window or 1, rule.min_requests or 1, tuple(rule.scopes))

@@ -11,7 +11,7 @@ from distillgate.extraction.features import MINHASH_PERMS, Sketch
 
 COMPARE_ROWS = 128  # recent prompts a new prompt is compared with (template sweeps, reasoning families)
 TWIN_MAX_WORDS = 3.0  # near-twin: at most this many words differ (estimated from MinHash), yet not identical
-UNRELATED_MAX_JACCARD = 0.25
+UNRELATED_MAX_MEAN_JACCARD = 0.15
 KEY_RECENT = 50
 
 
@@ -93,8 +93,8 @@ class ScopeState:
         ev.harvest = wants_lp and (self.fp_counts[s.prompt_fp] > 0
                                    or (s.top_logprobs >= 10 and (s.max_tokens or 0) <= 1))
         ev.new_bias_pattern = s.bias_pattern is not None and self.bias_counts[s.bias_pattern] == 0
-        if s.cot and self.cot_recent.size >= 1:
-            ev.cot_unrelated = bool(self.cot_recent.jaccard(s.minhash).max() < UNRELATED_MAX_JACCARD)
+        if s.cot and s.task_minhash is not None and self.cot_recent.size >= 1:
+            ev.cot_unrelated = bool(self.cot_recent.jaccard(s.task_minhash).mean() < UNRELATED_MAX_MEAN_JACCARD)
         return ev
 
     def add(self, s: Sketch, fp: int, ev: Events) -> None:
@@ -103,8 +103,8 @@ class ScopeState:
         if s.declared_run_size is not None:
             self.declared = s.declared_run_size
         self.recent.add(s.minhash, s.vocab_size, fp)
-        if s.cot:
-            self.cot_recent.add(s.minhash, s.vocab_size, fp)
+        if s.cot and s.task_minhash is not None:
+            self.cot_recent.add(s.task_minhash, s.vocab_size, fp)
         self.twin.append(ev.twin)
         _push_counted(self.bias, self.bias_counts, s.bias_pattern)
         self.harvest.append(ev.harvest)
@@ -131,7 +131,7 @@ class ScopeState:
         if self.declared:
             return float(self.declared), "declared run size"
         if project is not None:
-            others = [c for r, c in project.run_records.items() if r != run]
+            others = [c for r, c in project.run_records.items() if r != run and c >= 20]
             if len(others) >= 3:
                 return 3.0 * float(np.median(others)), "3x the project's median run"
         return None, ""
