@@ -13,6 +13,7 @@ COMPARE_ROWS = 128  # recent prompts a new prompt is compared with (template swe
 TWIN_MAX_WORDS = 3.0  # near-twin: at most this many words differ (estimated from MinHash), yet not identical
 UNRELATED_MAX_MEAN_JACCARD = 0.15
 KEY_RECENT = 50
+HARVEST_REPEATS = 4  # a logprob request counts as harvesting from the 5th time its prompt is seen in the window
 
 
 @dataclass
@@ -90,7 +91,7 @@ class ScopeState:
             delta = a + b - 2.0 * inter
             ev.twin = bool(np.any((delta <= TWIN_MAX_WORDS) & (self.recent.fp[: self.recent.size] != fp)))
         wants_lp = s.logprobs or s.top_logprobs > 0
-        ev.harvest = wants_lp and (self.fp_counts[s.prompt_fp] > 0
+        ev.harvest = wants_lp and (self.fp_counts[s.prompt_fp] >= HARVEST_REPEATS
                                    or (s.top_logprobs >= 10 and (s.max_tokens or 0) <= 1))
         ev.new_bias_pattern = s.bias_pattern is not None and self.bias_counts[s.bias_pattern] == 0
         if s.cot and s.task_minhash is not None and self.cot_recent.size >= 1:

@@ -82,14 +82,14 @@ DEFAULT_RULES: dict[str, SignalRule] = {
     "template_sweep": SignalRule(threshold=0.6, window=200, min_requests=30),
     # distinct logit_bias patterns in the window
     "logit_bias_sweep": SignalRule(threshold=16, window=200, min_requests=1),
-    # logprob requests repeating an earlier prompt, or full single-token distributions (top_logprobs>=10, max_tokens<=1)
+    # logprob requests repeating a prompt seen 4 times before in the window, or full single-token distributions (top_logprobs>=10, max_tokens<=1)
     "logprob_harvest": SignalRule(threshold=20, window=200, min_requests=1),
     # share of the window's requests eliciting reasoning traces on tasks unrelated to the others
     "reasoning_elicitation": SignalRule(threshold=0.3, window=200, min_requests=30),
     # keys whose own traffic is mostly suspicious, inside one user or project
     "key_coordination": SignalRule(threshold=3, window=1000, min_requests=30, scopes=("user", "project")),
     # share of embedded prompts whose nearest approved-traffic neighbour is farther than the reference's 1st pct.
-    "prompt_drift": SignalRule(threshold=0.5, window=100, min_requests=20),
+    "prompt_drift": SignalRule(threshold=0.5, window=100, min_requests=20, scopes=("user", "key", "run")),
 }
 
 
