@@ -168,28 +168,28 @@ class ExtractionMonitor:
                     value = st.records / expected
                     evidence = {"records": st.records, "expected": expected, "basis": basis}
             elif name == "template_sweep" and len(st.twin) >= min_req:
-                twins = sum(st.twin)
+                twins = st.twin.true
                 value, evidence, contributes = twins / len(st.twin), {"near_twins": twins, "requests": len(st.twin)}, ev.twin
             elif name == "logit_bias_sweep" and len(st.bias) >= min_req:
                 value = float(len(st.bias_counts))
                 evidence, contributes = {"distinct_bias_patterns": len(st.bias_counts)}, s.bias_size > 0
             elif name == "logprob_harvest" and len(st.harvest) >= min_req:
-                value = float(sum(st.harvest))
+                value = float(st.harvest.true)
                 evidence, contributes = {"harvesting_requests": int(value), "requests": len(st.harvest)}, ev.harvest
             elif name == "reasoning_elicitation" and len(st.cot) >= min_req:
-                k = sum(st.cot)
+                k = st.cot.true
                 value, contributes = k / len(st.cot), ev.cot_unrelated
                 evidence = {"unrelated_reasoning_requests": k, "requests": len(st.cot)}
-            elif name == "key_coordination" and st.count >= min_req:
+            elif name == "key_coordination" and st.count >= min_req and ev.suspicious:
                 keys = st.suspicious_keys(min_req)
                 value, contributes = float(len(keys)), (s.key_id or "") in keys
                 evidence = {"keys": sorted(keys)[:20]}
             elif name == "prompt_drift" and len(st.drift) >= min_req:
-                k = sum(st.drift)
+                k = st.drift.true
                 value = k / len(st.drift)
                 evidence = {"outside_reference": k, "embedded": len(st.drift),
                             "mean_nn_similarity": round(float(np.mean(st.drift_sims)), 4)}
-                contributes = bool(st.drift and st.drift[-1])
+                contributes = st.drift.last
             if value is None or value < threshold or not (ungated or contributes):
                 continue
             yield Signal(name, float(value), threshold, window, scope, ident, evidence)

@@ -59,6 +59,27 @@ class Ring:
         return same.astype(np.float32) * np.float32(1.0 / MINHASH_PERMS)  # type: ignore[no-any-return]
 
 
+class Flags:
+    """A sliding window of booleans with a running count (O(1) per update and per read)."""
+
+    def __init__(self, size: int) -> None:
+        self.items: deque[bool] = deque(maxlen=size)
+        self.true = 0
+
+    def append(self, flag: bool) -> None:
+        if len(self.items) == self.items.maxlen and self.items[0]:
+            self.true -= 1
+        self.items.append(flag)
+        self.true += flag
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def last(self) -> bool:
+        return bool(self.items) and self.items[-1]
+
+
 class ScopeState:
     """Sliding windows of one identity (a user, key, project or run)."""
 
@@ -69,16 +90,16 @@ class ScopeState:
         self.declared: int | None = None
         self.recent = Ring(COMPARE_ROWS)
         self.cot_recent = Ring(COMPARE_ROWS // 2)
-        self.twin: deque[bool] = deque(maxlen=windows["template_sweep"])
+        self.twin = Flags(windows["template_sweep"])
         self.bias: deque[str | None] = deque(maxlen=windows["logit_bias_sweep"])
         self.bias_counts: Counter[str] = Counter()
-        self.harvest: deque[bool] = deque(maxlen=windows["logprob_harvest"])
+        self.harvest = Flags(windows["logprob_harvest"])
         self.fps: deque[str] = deque(maxlen=windows["logprob_harvest"])
         self.fp_counts: Counter[str] = Counter()
-        self.cot: deque[bool] = deque(maxlen=windows["reasoning_elicitation"])
-        self.drift: deque[bool] = deque(maxlen=windows["prompt_drift"])
+        self.cot = Flags(windows["reasoning_elicitation"])
+        self.drift = Flags(windows["prompt_drift"])
         self.drift_sims: deque[float] = deque(maxlen=windows["prompt_drift"])
-        self.key_events: OrderedDict[str, deque[bool]] = OrderedDict()  # key -> recent suspicious flags
+        self.key_events: OrderedDict[str, Flags] = OrderedDict()  # key -> recent suspicious flags
         self.run_records: OrderedDict[str, int] = OrderedDict()  # project scope: records per run
 
     # -- events of a new request against this scope ---------------------------------------------------------------
@@ -112,7 +133,7 @@ class ScopeState:
         _push_counted(self.fps, self.fp_counts, s.prompt_fp)
         self.cot.append(ev.cot_unrelated)
         key = s.key_id or ""
-        flags = self.key_events.pop(key, None) or deque(maxlen=KEY_RECENT)
+        flags = self.key_events.pop(key, None) or Flags(KEY_RECENT)
         flags.append(ev.suspicious)
         self.key_events[key] = flags
         while len(self.key_events) > 1000:
@@ -126,7 +147,7 @@ class ScopeState:
     # -- signal values ----------------------------------------------------------------------------------------------
     def suspicious_keys(self, min_requests: int) -> list[str]:
         return [k for k, flags in self.key_events.items()
-                if len(flags) >= min(min_requests, KEY_RECENT) and sum(flags) / len(flags) >= 0.5]
+                if len(flags) >= min(min_requests, KEY_RECENT) and flags.true / len(flags) >= 0.5]
 
     def expected_records(self, project: ScopeState | None, run: str | None) -> tuple[float | None, str]:
         if self.declared:
