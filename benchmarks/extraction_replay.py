@@ -224,6 +224,7 @@ def main() -> None:
     ap.add_argument("--legit-runs", type=int, default=300)
     ap.add_argument("--attackers", type=int, default=20, help="sessions per attack type")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--cache", default="", help="npz file caching the embeddings between runs (same seed/sizes)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "extraction_replay.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -235,8 +236,17 @@ def main() -> None:
     t0 = time.perf_counter()
     base = MiniLMEmbedder() if args.embedder == "minilm" else HashingEmbedder()
     texts = sorted({f.prompt for s in sessions for f in s.requests} | {t for r in references.values() for t in r})
-    vecs = base.embed(texts)
-    table = dict(zip(texts, vecs, strict=True))
+    cache = Path(args.cache) if args.cache else None
+    if cache is not None and cache.exists():
+        stored = np.load(cache, allow_pickle=False)
+        table = dict(zip(stored["texts"].tolist(), stored["vecs"], strict=True))
+        missing = [t for t in texts if t not in table]
+        if missing:
+            table.update(zip(missing, base.embed(missing), strict=True))
+    else:
+        table = dict(zip(texts, base.embed(texts), strict=True))
+    if cache is not None:
+        np.savez(cache, texts=np.array(list(table)), vecs=np.stack(list(table.values())))
     embed_s = time.perf_counter() - t0
     print(f"embedded {len(texts)} distinct prompts with {args.embedder} in {embed_s:.1f}s")
 

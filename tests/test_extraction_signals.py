@@ -169,3 +169,28 @@ def test_observe_is_thread_safe_and_memory_is_bounded() -> None:
     for i in range(100):
         monitor.observe(feat("x", user=f"many{i}", key=f"km{i}", run=f"rm{i}"))
     assert len(monitor._scopes) <= 50
+
+
+@pytest.mark.slow
+def test_prompt_drift_with_minilm_separates_other_domains_from_banking() -> None:
+    from distillgate.extraction import MiniLMEmbedder
+
+    monitor = ExtractionMonitor(embedder=MiniLMEmbedder(), background=False)
+    monitor.set_reference("bank", banking_texts()[:800])
+    legit = [feat(t, run="ok", user="bob", key="k-bob") for t in banking_texts("test")[:60]]
+    _, names = fired(monitor, legit)
+    assert "prompt_drift" not in names
+    other = [feat(p, user="cov", key="k-cov", run="cov") for p in coverage_prompts(40)]
+    first, names = fired(monitor, other)
+    assert "prompt_drift" in names and first is not None and first <= 25
+
+
+def test_every_signal_and_rule_key_is_documented() -> None:
+    from pathlib import Path
+
+    from distillgate.policy.extraction_rules import SIGNAL_NAMES, ExtractionRules, SignalRule
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "extraction.md").read_text()
+    missing = [n for n in (*SIGNAL_NAMES, *SignalRule.model_fields, *ExtractionRules.model_fields)
+               if f"`{n}`" not in doc and f".{n}`" not in doc and f"`{n}." not in doc]
+    assert not missing, f"document these in docs/extraction.md: {missing}"
