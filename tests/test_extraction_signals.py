@@ -176,11 +176,11 @@ def test_prompt_drift_with_minilm_separates_other_domains_from_banking() -> None
     from distillgate.extraction import MiniLMEmbedder
 
     monitor = ExtractionMonitor(embedder=MiniLMEmbedder(), background=False)
-    monitor.set_reference("bank", banking_texts()[:800])
-    legit = [feat(t, run="ok", user="bob", key="k-bob") for t in banking_texts("test")[:60]]
+    monitor.set_reference("bank", banking_texts()[:400])
+    legit = [feat(t, run="ok", user="bob", key="k-bob") for t in banking_texts("test")[:40]]
     _, names = fired(monitor, legit)
     assert "prompt_drift" not in names
-    other = [feat(p, user="cov", key="k-cov", run="cov") for p in coverage_prompts(40)]
+    other = [feat(p, user="cov", key="k-cov", run="cov") for p in coverage_prompts(30)]
     first, names = fired(monitor, other)
     assert "prompt_drift" in names and first is not None and first <= 25
 
