@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from distillgate.cli.common import db_option
+from distillgate.cli.scan_cmd import scan as scan_cmd
 
 
 @click.group("audit")
@@ -97,3 +98,6 @@ def log(db: str, run: str | None, limit: int) -> None:
         entries = list(store.entries(run=run))
     for e in entries[-limit:]:
         click.echo(json.dumps(e.as_dict(), sort_keys=True))
+
+
+cli.add_command(scan_cmd)

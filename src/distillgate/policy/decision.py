@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distillgate.destinations import url_allowed
+from distillgate.policy.extraction_rules import ACTION_CODES, SIGNAL_NAMES, Signal
 from distillgate.policy.model import Policy
 from distillgate.policy.reasons import REASONS, status_for
 
@@ -40,6 +41,7 @@ class Request:
     destination: str | None = None
     dataset_source: str | None = None
     requester: str | None = None  # for kind="review": who started the run under review
+    signals: tuple[Signal, ...] = ()  # extraction-abuse signals from distillgate.extraction.ExtractionMonitor
 
     @property
     def tokens_requested(self) -> int:
@@ -221,6 +223,17 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
         elif hardening.max_logit_bias_entries is not None and request.logit_bias_size > hardening.max_logit_bias_entries:
             add("LOGIT_BIAS_FORBIDDEN", f"logit_bias has {request.logit_bias_size} entries "
                 f"> {hardening.max_logit_bias_entries}")
+
+    # extraction-abuse signals: the policy's threshold and action decide
+    rules = policy.extraction
+    if rules.enabled:
+        for signal in request.signals:
+            if signal.name not in SIGNAL_NAMES:
+                continue
+            threshold = rules.threshold(signal.name)
+            if signal.value >= threshold:
+                add(ACTION_CODES[rules.rule(signal.name).action], f"{signal.name}={signal.value:.3g} >= {threshold:g} "
+                    f"over the last {signal.window} requests of {signal.scope} {signal.scope_id!r}")
 
     # volume
     quotas = policy.quotas

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distillgate.errors import ConfigError, ConfigIssue, NotFoundError
+from distillgate.policy.extraction_rules import ExtractionRules
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,127}$"
 
@@ -110,6 +111,7 @@ class Policy(StrictModel):
     output_contracts: dict[str, OutputContract] = Field(default_factory=dict)
     review: Review = Field(default_factory=Review)
     hardening: Hardening = Field(default_factory=Hardening)
+    extraction: ExtractionRules = Field(default_factory=ExtractionRules)
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:

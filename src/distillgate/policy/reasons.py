@@ -104,6 +104,10 @@ REASONS: dict[str, ReasonInfo] = {
         "Traffic from this identity looks like model extraction; the policy denies it.", True, 403,
         "contact the governance team with the run's justification",
     ),
+    "EXTRACTION_THROTTLED": ReasonInfo(
+        "An extraction-abuse signal fired and the policy throttles it: the request is refused with 429.", True, 429,
+        "slow down and spread the run's traffic, or ask the governance team to review the run",
+    ),
     # --- recorded flags (never deny on their own) --------------------------------------------------------------
     "OUTPUT_FORMAT_VIOLATION": ReasonInfo(
         "The teacher's answer broke the output type's format contract (schema, label set or length).", False, 200

@@ -1,0 +1,233 @@
+"""``RequestFeatures`` (what the gateway knows about one request) and its privacy-preserving log record.
+
+The record (``features_record``) is what the decision log keeps so that ``distillgate audit scan`` can re-run the
+detectors offline: a MinHash signature of the prompt's word set, its length, a short fingerprint of the exact
+prompt, the logprob / logit_bias shape of the request and the key id. The prompt text itself is never stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from distillgate.errors import UserError
+
+RECORD_VERSION = 1
+MINHASH_PERMS = 64
+_WORD_RE = re.compile(r"[a-z0-9']+")
+_rng = np.random.default_rng(20240611)  # fixed: signatures must be comparable across processes and releases
+_MUL = (_rng.integers(1, 2**63 - 1, size=MINHASH_PERMS, dtype=np.uint64) | np.uint64(1))
+_ADD = _rng.integers(0, 2**63 - 1, size=MINHASH_PERMS, dtype=np.uint64)
+
+# phrases that ask a model to spell out its reasoning (chain-of-thought elicitation)
+_COT_RE = re.compile(
+    r"step[- ]by[- ]step|show (?:your|all|the) (?:work|reasoning|steps)|explain your reasoning|chain[- ]of[- ]thought"
+    r"|think (?:it )?through|reason(?:ing)? (?:through|trace)|<think>|walk me through your (?:reasoning|thinking)"
+    r"|before answering,? (?:think|reason)|full reasoning|internal monologue|scratchpad",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class RequestFeatures:
+    """One request as the detectors see it. ``prompt`` is used to build the sketch and is never logged."""
+
+    ts: float
+    user: str | None
+    key_id: str | None
+    project: str | None
+    run: str | None
+    model: str | None
+    output_type: str | None
+    prompt: str = field(repr=False)
+    top_logprobs: int | None = None
+    logprobs: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    max_tokens: int | None = None
+    n: int = 1
+    declared_run_size: int | None = None
+
+    @property
+    def prompt_chars(self) -> int:
+        return len(self.prompt)
+
+    @classmethod
+    def from_openai(cls, body: Mapping[str, Any], *, user: str | None, key_id: str | None, project: str | None,
+                    run: str | None, output_type: str | None, ts: float | None = None,
+                    declared_run_size: int | None = None) -> RequestFeatures:
+        """Build from an OpenAI chat/completions request body (what the gateway parsed)."""
+        from distillgate.policy.decision import prompt_text
+
+        raw_bias = body.get("logit_bias") or {}
+        if not isinstance(raw_bias, Mapping):
+            raise UserError("logit_bias must be an object mapping token ids to biases",
+                            hint='send e.g. {"logit_bias": {"50256": -100}}')
+        try:
+            bias = tuple(sorted((int(k), float(v)) for k, v in raw_bias.items()))
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"logit_bias has a non-integer token id or non-numeric bias: {exc}",
+                            hint="keys are token ids (integers as strings), values numbers in [-100, 100]") from exc
+        top = body.get("top_logprobs")
+        logprobs = body.get("logprobs")
+        if isinstance(logprobs, int) and not isinstance(logprobs, bool) and top is None:
+            top = logprobs  # legacy completions API: logprobs=N means top N
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        return cls(
+            ts=time.time() if ts is None else ts, user=user, key_id=key_id, project=project, run=run,
+            model=body.get("model"), output_type=output_type, prompt=prompt_text(body),
+            top_logprobs=int(top) if top is not None else None, logprobs=bool(logprobs) or bool(top),
+            logit_bias=bias, max_tokens=int(max_tokens) if max_tokens is not None else None,
+            n=int(body.get("n") or 1), declared_run_size=declared_run_size,
+        )
+
+
+def words(text: str) -> list[str]:
+    return _WORD_RE.findall(text.lower())
+
+
+def minhash(text: str, vocab: set[str] | None = None) -> np.ndarray:
+    """MinHash signature (uint32, MINHASH_PERMS values) of the prompt's set of lower-cased words."""
+    vocab = (vocab if vocab is not None else set(words(text))) or {""}
+    hashes = np.fromiter((xxhash.xxh64_intdigest(w.encode()) for w in vocab), dtype=np.uint64, count=len(vocab))
+    mixed = hashes[:, None] * _MUL[None, :] + _ADD[None, :]  # (W, P), wraps mod 2**64
+    return (mixed >> np.uint64(32)).astype(np.uint32).min(axis=0)  # type: ignore[no-any-return]
+
+
+def prompt_fingerprint(text: str, tokens: list[str] | None = None) -> str:
+    """16 hex digits of the normalised prompt: equal prompts, equal fingerprint (not reversible in practice)."""
+    return xxhash.xxh64_hexdigest(" ".join(tokens if tokens is not None else words(text)).encode())
+
+
+def bias_pattern(bias: tuple[tuple[int, float], ...]) -> str | None:
+    if not bias:
+        return None
+    return xxhash.xxh64_hexdigest(",".join(f"{t}:{round(b)}" for t, b in bias).encode())
+
+
+def elicits_reasoning(text: str) -> bool:
+    return _COT_RE.search(text) is not None
+
+
+_SENTENCE_RE = re.compile(r"(?<=[.!?:])\s+|\n+")
+
+
+_STOPWORDS = frozenset(
+    ["a", "an", "the", "and", "or", "but", "if", "of", "to", "in", "on", "at", "by", "for", "with", "from", "as", "is", "are", "was", "were", "be", "been", "being", "do", "does", "did", "how", "what", "why", "when", "where", "which", "who", "whom", "whose", "can", "could", "would", "should", "will", "shall", "may", "might", "must", "i", "you", "he", "she", "it", "we", "they", "me", "my", "your", "his", "her", "its", "our", "their", "this", "that", "these", "those", "there", "here", "not", "no", "yes", "so", "than", "then", "too", "very", "just", "about", "into", "over", "under", "up", "down", "out", "all", "any", "some", "each", "every", "please", "tell", "give", "me", "explain"]
+)
+
+
+def task_text(text: str) -> str:
+    """The prompt's content words without its reasoning-elicitation sentences: what the task is about."""
+    kept = [part for part in _SENTENCE_RE.split(text) if not _COT_RE.search(part)]
+    content = [w for w in words(" ".join(kept) or text) if w not in _STOPWORDS]
+    return " ".join(content) or text
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """What the detectors use: derived from ``RequestFeatures`` on the request path, or from a logged record."""
+
+    ts: float
+    user: str | None
+    key_id: str | None
+    project: str | None
+    run: str | None
+    output_type: str | None
+    minhash: np.ndarray
+    vocab_size: int
+    prompt_chars: int
+    prompt_fp: str
+    top_logprobs: int
+    logprobs: bool
+    bias_size: int
+    bias_pattern: str | None
+    max_tokens: int | None
+    n: int
+    declared_run_size: int | None
+    cot: bool
+    task_minhash: np.ndarray | None = None  # MinHash of task_text(prompt), only for reasoning-eliciting prompts
+    embedding: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, f: RequestFeatures) -> Sketch:
+        tokens = words(f.prompt)
+        vocab = set(tokens)
+        cot = elicits_reasoning(f.prompt)
+        return cls(
+            ts=f.ts, user=f.user, key_id=f.key_id, project=f.project, run=f.run, output_type=f.output_type,
+            minhash=minhash(f.prompt, vocab), vocab_size=len(vocab), prompt_chars=len(f.prompt),
+            prompt_fp=prompt_fingerprint(f.prompt, tokens), top_logprobs=int(f.top_logprobs or 0), logprobs=f.logprobs,
+            bias_size=len(f.logit_bias), bias_pattern=bias_pattern(f.logit_bias), max_tokens=f.max_tokens, n=f.n,
+            declared_run_size=f.declared_run_size, cot=cot,
+            task_minhash=minhash(task_text(f.prompt)) if cot else None,
+        )
+
+    def record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "v": RECORD_VERSION, "ts": round(self.ts, 3), "user": self.user, "key_id": self.key_id,
+            "project": self.project, "run": self.run, "output_type": self.output_type,
+            "minhash": _b64(self.minhash),
+            "vocab": self.vocab_size, "chars": self.prompt_chars, "fp": self.prompt_fp,
+            "top_logprobs": self.top_logprobs, "logprobs": self.logprobs,
+            "bias": {"size": self.bias_size, "pattern": self.bias_pattern},
+            "max_tokens": self.max_tokens, "n": self.n, "declared_run_size": self.declared_run_size, "cot": self.cot,
+        }
+        if self.task_minhash is not None:
+            rec["task_minhash"] = _b64(self.task_minhash)
+        if self.embedding is not None:
+            rec["embedding"] = quantise(self.embedding)
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> Sketch:
+        if rec.get("v") != RECORD_VERSION:
+            raise UserError(f"extraction record version {rec.get('v')!r} is not supported (want {RECORD_VERSION})",
+                            hint="re-run `audit scan` with the distillgate release that wrote the log")
+        bias = rec.get("bias") or {}
+        emb = rec.get("embedding")
+        return cls(
+            ts=float(rec["ts"]), user=rec.get("user"), key_id=rec.get("key_id"), project=rec.get("project"),
+            run=rec.get("run"), output_type=rec.get("output_type"),
+            minhash=_unb64(rec["minhash"]),
+            vocab_size=int(rec["vocab"]), prompt_chars=int(rec["chars"]), prompt_fp=str(rec["fp"]),
+            top_logprobs=int(rec.get("top_logprobs") or 0), logprobs=bool(rec.get("logprobs")),
+            bias_size=int(bias.get("size") or 0), bias_pattern=bias.get("pattern"), max_tokens=rec.get("max_tokens"),
+            n=int(rec.get("n") or 1), declared_run_size=rec.get("declared_run_size"), cot=bool(rec.get("cot")),
+            task_minhash=_unb64(rec["task_minhash"]) if rec.get("task_minhash") else None,
+            embedding=dequantise(emb) if emb is not None else None,
+        )
+
+
+def _b64(signature: np.ndarray) -> str:
+    return base64.b64encode(signature.astype("<u4").tobytes()).decode()
+
+
+def _unb64(data: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(data), dtype="<u4").astype(np.uint32)
+
+
+def quantise(vector: np.ndarray) -> str:
+    """int8 quantisation of a unit vector (scale 127), base64: 384 bytes for MiniLM."""
+    q = np.clip(np.round(vector * 127.0), -127, 127).astype(np.int8)
+    return base64.b64encode(q.tobytes()).decode()
+
+
+def dequantise(data: str) -> np.ndarray:
+    v = np.frombuffer(base64.b64decode(data), dtype=np.int8).astype(np.float32) / 127.0
+    norm = float(np.linalg.norm(v)) or 1.0
+    return v / norm  # type: ignore[no-any-return]
+
+
+def features_record(features: RequestFeatures, embedding: np.ndarray | None = None) -> dict[str, Any]:
+    """The compact, privacy-preserving record the gateway stores in the decision entry (``extra["extraction"]``)."""
+    sketch = Sketch.of(features)
+    if embedding is not None:
+        sketch = Sketch(**{**sketch.__dict__, "embedding": embedding})
+    return sketch.record()

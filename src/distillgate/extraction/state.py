@@ -1,0 +1,171 @@
+"""Per-identity sliding-window state and the cheap detectors that read it (all O(window) numpy work)."""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from distillgate.extraction.features import MINHASH_PERMS, Sketch
+
+COMPARE_ROWS = 128  # recent prompts a new prompt is compared with (template sweeps, reasoning families)
+TWIN_MAX_WORDS = 3.0  # near-twin: at most this many words differ (estimated from MinHash), yet not identical
+UNRELATED_MAX_MEAN_JACCARD = 0.15
+KEY_RECENT = 50
+HARVEST_REPEATS = 4  # a logprob request counts as harvesting from the 5th time its prompt is seen in the window
+
+
+@dataclass
+class Events:
+    """What one request contributed, per detector (computed against a scope's state before it is added)."""
+
+    twin: bool = False
+    harvest: bool = False
+    new_bias_pattern: bool = False
+    cot_unrelated: bool = False
+
+    @property
+    def suspicious(self) -> bool:
+        return self.twin or self.harvest or self.new_bias_pattern or self.cot_unrelated
+
+
+class Ring:
+    """The last ``cap`` MinHash signatures with their word-set sizes and prompt fingerprints (grows on demand)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.mh = np.zeros((8, MINHASH_PERMS), dtype=np.uint8)  # 8-bit minwise hashing (b-bit MinHash)
+        self.vocab = np.zeros(8, dtype=np.float32)
+        self.fp = np.zeros(8, dtype=np.uint64)
+        self.size = 0
+        self.pos = 0
+
+    def add(self, mh: np.ndarray, vocab: int, fp: int) -> None:
+        if self.size == len(self.mh) and self.size < self.cap:
+            grow = min(self.cap, 2 * len(self.mh))
+            self.mh = np.resize(self.mh, (grow, MINHASH_PERMS))
+            self.vocab = np.resize(self.vocab, grow)
+            self.fp = np.resize(self.fp, grow)
+            self.pos = self.size
+        self.mh[self.pos] = mh.astype(np.uint8)
+        self.vocab[self.pos] = vocab
+        self.fp[self.pos] = fp
+        self.pos = (self.pos + 1) % len(self.mh)
+        self.size = min(self.size + 1, len(self.mh))
+
+    def jaccard(self, mh: np.ndarray) -> np.ndarray:
+        same = np.count_nonzero(self.mh[: self.size] == mh.astype(np.uint8), axis=1)
+        return same.astype(np.float32) * np.float32(1.0 / MINHASH_PERMS)  # type: ignore[no-any-return]
+
+
+class Flags:
+    """A sliding window of booleans with a running count (O(1) per update and per read)."""
+
+    def __init__(self, size: int) -> None:
+        self.items: deque[bool] = deque(maxlen=size)
+        self.true = 0
+
+    def append(self, flag: bool) -> None:
+        if len(self.items) == self.items.maxlen and self.items[0]:
+            self.true -= 1
+        self.items.append(flag)
+        self.true += flag
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def last(self) -> bool:
+        return bool(self.items) and self.items[-1]
+
+
+class ScopeState:
+    """Sliding windows of one identity (a user, key, project or run)."""
+
+    def __init__(self, windows: dict[str, int]) -> None:
+        self.windows = windows
+        self.count = 0
+        self.records = 0
+        self.declared: int | None = None
+        self.recent = Ring(COMPARE_ROWS)
+        self.cot_recent = Ring(COMPARE_ROWS // 2)
+        self.twin = Flags(windows["template_sweep"])
+        self.bias: deque[str | None] = deque(maxlen=windows["logit_bias_sweep"])
+        self.bias_counts: Counter[str] = Counter()
+        self.harvest = Flags(windows["logprob_harvest"])
+        self.fps: deque[str] = deque(maxlen=windows["logprob_harvest"])
+        self.fp_counts: Counter[str] = Counter()
+        self.cot = Flags(windows["reasoning_elicitation"])
+        self.drift = Flags(windows["prompt_drift"])
+        self.drift_sims: deque[float] = deque(maxlen=windows["prompt_drift"])
+        self.key_events: OrderedDict[str, Flags] = OrderedDict()  # key -> recent suspicious flags
+        self.run_records: OrderedDict[str, int] = OrderedDict()  # project scope: records per run
+
+    # -- events of a new request against this scope ---------------------------------------------------------------
+    def events(self, s: Sketch, fp: int) -> Events:
+        ev = Events()
+        if self.recent.size:
+            j = self.recent.jaccard(s.minhash)
+            a, b = self.recent.vocab[: self.recent.size], float(s.vocab_size)
+            inter = j * (a + b) / (1.0 + j)
+            delta = a + b - 2.0 * inter
+            ev.twin = bool(np.any((delta <= TWIN_MAX_WORDS) & (self.recent.fp[: self.recent.size] != fp)))
+        wants_lp = s.logprobs or s.top_logprobs > 0
+        ev.harvest = wants_lp and (self.fp_counts[s.prompt_fp] >= HARVEST_REPEATS
+                                   or (s.top_logprobs >= 10 and (s.max_tokens or 0) <= 1))
+        ev.new_bias_pattern = s.bias_pattern is not None and self.bias_counts[s.bias_pattern] == 0
+        if s.cot and s.task_minhash is not None and self.cot_recent.size >= 1:
+            ev.cot_unrelated = bool(self.cot_recent.jaccard(s.task_minhash).mean() < UNRELATED_MAX_MEAN_JACCARD)
+        return ev
+
+    def add(self, s: Sketch, fp: int, ev: Events) -> None:
+        self.count += 1
+        self.records += max(1, s.n)
+        if s.declared_run_size is not None:
+            self.declared = s.declared_run_size
+        self.recent.add(s.minhash, s.vocab_size, fp)
+        if s.cot and s.task_minhash is not None:
+            self.cot_recent.add(s.task_minhash, s.vocab_size, fp)
+        self.twin.append(ev.twin)
+        _push_counted(self.bias, self.bias_counts, s.bias_pattern)
+        self.harvest.append(ev.harvest)
+        _push_counted(self.fps, self.fp_counts, s.prompt_fp)
+        self.cot.append(ev.cot_unrelated)
+        key = s.key_id or ""
+        flags = self.key_events.pop(key, None) or Flags(KEY_RECENT)
+        flags.append(ev.suspicious)
+        self.key_events[key] = flags
+        while len(self.key_events) > 1000:
+            self.key_events.popitem(last=False)
+
+    def add_run(self, run: str, records: int) -> None:
+        self.run_records[run] = self.run_records.pop(run, 0) + records
+        while len(self.run_records) > 1000:
+            self.run_records.popitem(last=False)
+
+    # -- signal values ----------------------------------------------------------------------------------------------
+    def suspicious_keys(self, min_requests: int) -> list[str]:
+        return [k for k, flags in self.key_events.items()
+                if len(flags) >= min(min_requests, KEY_RECENT) and flags.true / len(flags) >= 0.5]
+
+    def expected_records(self, project: ScopeState | None, run: str | None) -> tuple[float | None, str]:
+        if self.declared:
+            return float(self.declared), "declared run size"
+        if project is not None:
+            others = [c for r, c in project.run_records.items() if r != run and c >= 20]
+            if len(others) >= 3:
+                return 3.0 * float(np.median(others)), "3x the project's median run"
+        return None, ""
+
+
+def _push_counted(window: deque[str | None] | deque[str], counts: Counter[str], item: str | None) -> None:
+    if window.maxlen is not None and len(window) == window.maxlen:
+        old = window[0]
+        if old is not None:
+            counts[old] -= 1
+            if counts[old] <= 0:
+                del counts[old]
+    window.append(item)  # type: ignore[arg-type]
+    if item is not None:
+        counts[item] += 1

@@ -1,0 +1,196 @@
+"""Each extraction signal on crafted traffic: it fires on the attack and stays quiet on real legitimate traffic."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from _extraction_support import (
+    banking_texts,
+    coverage_prompts,
+    feat,
+    legit_banking,
+    template_sweep,
+    xstest_prompts,
+)
+from distillgate.errors import UserError
+from distillgate.extraction import (
+    ExtractionMonitor,
+    HashingEmbedder,
+    RequestFeatures,
+    Signal,
+    Sketch,
+    features_record,
+)
+
+
+def fired(monitor: ExtractionMonitor, traffic: list[RequestFeatures]) -> tuple[int | None, set[str]]:
+    """(index of the first request that got a signal, names of all signals seen)."""
+    first, names = None, set()
+    for i, f in enumerate(traffic):
+        signals = monitor.observe(f)
+        if signals and first is None:
+            first = i
+        names |= {s.name for s in signals}
+    return first, names
+
+
+def test_legitimate_banking_generation_run_fires_nothing() -> None:
+    first, names = fired(ExtractionMonitor(), legit_banking(600, top_logprobs=5))
+    assert first is None, names
+
+
+def test_xstest_eval_run_fires_nothing() -> None:
+    traffic = [feat(p, project="safety", run="eval-1", max_tokens=256, output_type="rubrics") for p in xstest_prompts()]
+    first, names = fired(ExtractionMonitor(), traffic)
+    assert first is None, names
+
+
+def test_template_sweep_is_detected() -> None:
+    first, names = fired(ExtractionMonitor(), template_sweep(120, user="eve", key="k-eve", run="sweep"))
+    assert "template_sweep" in names
+    assert first is not None and first < 40
+
+
+def test_logit_bias_sweep_fires_and_a_fixed_label_bias_does_not() -> None:
+    probe = [feat("Say one word.", user="mal", key="k-mal", run="probe", logit_bias=((1000 + i, 100.0),),
+                  top_logprobs=5, max_tokens=1) for i in range(60)]
+    first, names = fired(ExtractionMonitor(), probe)
+    assert {"logit_bias_sweep", "logprob_harvest"} <= names and first is not None and first <= 20
+    labels = tuple((t, 5.0) for t in range(77))  # a classifier run constraining output to its label tokens
+    legit = legit_banking(200, logit_bias=labels)
+    assert fired(ExtractionMonitor(), legit)[0] is None
+
+
+def test_logprob_harvest_on_repeated_prompts() -> None:
+    traffic = [feat(f"Complete: the secret word is {i % 3}", user="h", key="k-h", run="lp", top_logprobs=20,
+                    max_tokens=4) for i in range(60)]
+    first, names = fired(ExtractionMonitor(), traffic)
+    assert "logprob_harvest" in names and first is not None and first < 40
+
+
+def test_reasoning_elicitation_across_unrelated_tasks() -> None:
+    tasks = xstest_prompts()[::5]
+    traffic = [feat(f"{t} Think step by step and show all your reasoning.", user="c", key="k-c", run="cot",
+                    output_type="summaries") for t in tasks]
+    first, names = fired(ExtractionMonitor(), traffic)
+    assert "reasoning_elicitation" in names and first is not None and first < 60
+
+
+def test_volume_against_the_declared_run_size() -> None:
+    monitor = ExtractionMonitor()
+    traffic = legit_banking(80, declared_run_size=50)
+    hits = [i for i, f in enumerate(traffic) if any(s.name == "volume" for s in monitor.observe(f))]
+    assert hits and hits[0] == 59  # 60 records = 1.2 x 50
+    sig = next(s for s in monitor.observe(traffic[0]) if s.name == "volume")
+    assert sig.scope == "run" and sig.evidence["basis"] == "declared run size"
+
+
+def test_volume_against_project_history() -> None:
+    monitor = ExtractionMonitor()
+    texts = banking_texts()
+    for r in range(4):
+        for t in texts[r * 100:(r * 100) + 100]:
+            assert not [s for s in monitor.observe(feat(t, run=f"hist-{r}")) if s.name == "volume"]
+    names = [s.name for t in texts[1000:1400] for s in monitor.observe(feat(t, run="big"))]
+    assert "volume" in names
+
+
+def test_several_keys_acting_as_one() -> None:
+    monitor = ExtractionMonitor()
+    keys = [f"k{i}" for i in range(5)]
+    sweep = template_sweep(200)
+    signals: list[Signal] = []
+    legit = legit_banking(200, user="bob", key="k-bob", run="bob-run", declared_run_size=1000)
+    for i, f in enumerate(sweep):  # interleaved with a legitimate user of the same project
+        signals += monitor.observe(feat(f.prompt, user=f"u{i % 5}", key=keys[i % 5], run=f"r{i % 5}"))
+        assert not monitor.observe(legit[i])
+    coord = [s for s in signals if s.name == "key_coordination"]
+    assert coord and coord[0].scope == "project" and len(coord[0].evidence["keys"]) >= 3  # type: ignore[arg-type]
+
+
+def test_prompt_drift_runs_in_the_background() -> None:
+    monitor = ExtractionMonitor(embedder=HashingEmbedder())
+    monitor.set_reference("bank", [f"Message: {t}" for t in banking_texts()[:1500]])
+    try:
+        legit = [feat(f"Message: {t}", run="ok") for t in banking_texts("test")[:150]]
+        _, names = fired(monitor, legit)
+        monitor.drain()
+        assert "prompt_drift" not in names
+        other = [feat(p, user="cov", key="k-cov", run="cov") for p in coverage_prompts(150)]
+        names = set()
+        for f in other:
+            names |= {s.name for s in monitor.observe(f)}
+            monitor.drain()  # the worker's result applies to the identity's following requests
+        assert "prompt_drift" in names
+    finally:
+        monitor.close()
+
+
+def test_features_record_keeps_no_prompt_text_and_round_trips() -> None:
+    secret = "my account number is 12345678 and my name is Zebulon"
+    f = feat(secret, top_logprobs=3, logit_bias=((7, -100.0),), max_tokens=1, declared_run_size=10)
+    rec = features_record(f, embedding=np.ones(8, dtype=np.float32) / np.sqrt(8))
+    text = repr(rec)
+    assert "12345678" not in text and "Zebulon" not in text.lower() and "zebulon" not in text
+    back = Sketch.from_record(rec)
+    orig = Sketch.of(f)
+    assert np.array_equal(back.minhash, orig.minhash) and back.prompt_fp == orig.prompt_fp
+    assert back.bias_pattern == orig.bias_pattern and back.top_logprobs == 3 and back.declared_run_size == 10
+    assert back.embedding is not None and abs(float(back.embedding.sum()) - np.sqrt(8)) < 0.05
+
+
+def test_from_openai_parses_the_request_shape() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 5, "logprobs": True,
+            "logit_bias": {"50256": -100, "11": 3}, "max_tokens": 1, "n": 2}
+    f = RequestFeatures.from_openai(body, user="a", key_id="k", project="p", run="r", output_type="labels")
+    assert f.logit_bias == ((11, 3.0), (50256, -100.0)) and f.top_logprobs == 5 and f.n == 2 and f.prompt == "hi"
+    with pytest.raises(UserError, match="logit_bias"):
+        RequestFeatures.from_openai({"logit_bias": {"x": 1}}, user="a", key_id="k", project="p", run="r",
+                                    output_type="labels")
+
+
+def test_observe_is_thread_safe_and_memory_is_bounded() -> None:
+    monitor = ExtractionMonitor(max_scopes=50)
+    traffic = legit_banking(400)
+
+    def worker(offset: int) -> None:
+        for f in traffic[offset::4]:
+            monitor.observe(feat(f.prompt, user=f"u{offset}", key=f"k{offset}", run=f"r{offset}"))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert monitor._scopes[("project", "bank")].count == 400
+    for i in range(100):
+        monitor.observe(feat("x", user=f"many{i}", key=f"km{i}", run=f"rm{i}"))
+    assert len(monitor._scopes) <= 50
+
+
+@pytest.mark.slow
+def test_prompt_drift_with_minilm_separates_other_domains_from_banking() -> None:
+    from distillgate.extraction import MiniLMEmbedder
+
+    monitor = ExtractionMonitor(embedder=MiniLMEmbedder(), background=False)
+    monitor.set_reference("bank", banking_texts()[:400])
+    legit = [feat(t, run="ok", user="bob", key="k-bob") for t in banking_texts("test")[:40]]
+    _, names = fired(monitor, legit)
+    assert "prompt_drift" not in names
+    other = [feat(p, user="cov", key="k-cov", run="cov") for p in coverage_prompts(30)]
+    first, names = fired(monitor, other)
+    assert "prompt_drift" in names and first is not None and first <= 25
+
+
+def test_every_signal_and_rule_key_is_documented() -> None:
+    from pathlib import Path
+
+    from distillgate.policy.extraction_rules import SIGNAL_NAMES, ExtractionRules, SignalRule
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "extraction.md").read_text()
+    missing = [n for n in (*SIGNAL_NAMES, *SignalRule.model_fields, *ExtractionRules.model_fields)
+               if f"`{n}`" not in doc and f".{n}`" not in doc and f"`{n}." not in doc]
+    assert not missing, f"document these in docs/extraction.md: {missing}"
