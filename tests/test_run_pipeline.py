@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 import yaml
-from _train_support import make_tokenizer
-from conftest import run_cli
-from fakes.fake_upstream import fake_upstream
 
+from _train_support import make_tokenizer
 from distillgate.errors import ConfigError
 from distillgate.pipeline.project import load_project
+
+from conftest import run_cli
+from fakes.fake_upstream import fake_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 

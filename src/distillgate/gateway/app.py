@@ -13,12 +13,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
-from distillgate.errors import DistillgateError, UpstreamError
+from distillgate.errors import DistillgateError, UpstreamError, UserError
+from distillgate.extraction import ExtractionMonitor, RequestFeatures, log_extra
 from distillgate.gateway.contracts import check_output
 from distillgate.gateway.errors import ApiError, error_body
 from distillgate.gateway.keys import KeyStore
@@ -107,8 +108,11 @@ class Gateway:
 
     def __init__(self, *, policies: PolicySet, store: Store, keys: KeyStore, router: Router,
                  screens: Sequence[Screen], max_body_bytes: int = 1 << 20, reclaim_interval_s: float = 30.0,
-                 metrics: Metrics | None = None, settle_before_reply: bool = True) -> None:
+                 metrics: Metrics | None = None, settle_before_reply: bool = True,
+                 monitor: ExtractionMonitor | None = None) -> None:
         self.policies = policies
+        #: extraction-abuse signals on every request (docs/extraction.md); the policy decides what they do
+        self.monitor = monitor if monitor is not None else ExtractionMonitor(policies)
         self.store = store
         self.keys = keys
         self.router = router
@@ -254,12 +258,21 @@ class Gateway:
             max_tokens=inb.max_tokens or policy.quotas.default_max_tokens, prompt_tokens=inb.prompt_tokens, n=inb.n,
             auth=check.status, key_user=check.user, top_logprobs=inb.top_logprobs,
             logit_bias_size=inb.logit_bias_size, screen_hits=hits)
+        try:
+            features = RequestFeatures.from_openai(inb.body, user=user, key_id=check.key_id, project=inb.project,
+                                                   run=inb.run, output_type=inb.output_type)
+        except UserError as exc:
+            raise ApiError(400, exc.message, code="invalid_request") from exc
+        signals = self.monitor.observe(features)
+        if signals:
+            request = replace(request, signals=signals)
+        extra = log_extra(features, signals)
         request_hash = sha256_hex(raw)
         # The admission is returned as soon as it is decided and reserved; its commit (fsync) runs while an allowed
         # request is forwarded. Nothing reaches the client before `durable` resolved.
         adm, durable = await self.store.aadmit_early(
             self.policies, request, request_hash=request_hash, key_id=check.key_id,
-            content={"request": inb.body} if policy.audit.log_content else None)
+            content={"request": inb.body} if policy.audit.log_content else None, extra=extra)
         decision = adm.decision
         if not decision.allowed or inb.stream:
             await _made_durable(durable)
