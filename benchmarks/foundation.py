@@ -1,8 +1,9 @@
 """Foundation benchmark: decide() throughput, durable decision-log appends, verify time.
 
-    python benchmarks/foundation.py [--entries 20000] [--verify-entries 100000]
+    python benchmarks/foundation.py [--entries 20000] [--verify-entries 100000] [--out foundation.json]
+    python benchmarks/foundation.py --verify-entries 1000000 --out foundation_1m.json   # the 1M-entry verify
 
-Prints a table and writes benchmarks/results/foundation.json. Every append is committed with fsync
+Prints a table and writes benchmarks/results/foundation.json (or --out), with the load average of the run. Every append is committed with fsync
 (SQLite WAL, synchronous=FULL) before the caller returns.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import threading
 import time
@@ -71,16 +73,20 @@ def main() -> None:
     ap.add_argument("--decisions", type=int, default=200_000)
     ap.add_argument("--entries", type=int, default=3000)
     ap.add_argument("--verify-entries", type=int, default=100_000)
+    ap.add_argument("--out", default="foundation.json", help="file name under benchmarks/results/")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        results = {
+        results: dict[str, float] = {
             "decide_per_s": bench_decide(args.decisions),
             "appends_per_s_1_writer": bench_appends(Path(tmp) / "a.db", args.entries // 3, 1),
             "appends_per_s_16_writers": bench_appends(Path(tmp) / "b.db", args.entries, 16),
             "appends_per_s_64_writers": bench_appends(Path(tmp) / "c.db", args.entries, 64),
         }
         db = Path(tmp) / "v.db"
+        start = time.perf_counter()
         fill_fast(db, args.verify_entries)
+        results["fill_s"] = time.perf_counter() - start
         start = time.perf_counter()
         report = verify_db(db)
         elapsed = time.perf_counter() - start
@@ -89,10 +95,13 @@ def main() -> None:
         results["verify_s"] = elapsed
         results["verify_s_per_1M_extrapolated"] = elapsed * 1_000_000 / args.verify_entries
     results["group_commit_speedup_16"] = results["appends_per_s_16_writers"] / results["appends_per_s_1_writer"]
+    results["load_average_1m_before"] = load_before
+    results["load_average_1m_after"] = os.getloadavg()[0]
+    results["cpus"] = os.cpu_count() or 0
     print(f"{'measure':<34}{'value':>14}")
     for key, value in results.items():
         print(f"{key:<34}{value:>14,.1f}")
-    out = Path(__file__).parent / "results" / "foundation.json"
+    out = Path(__file__).parent / "results" / args.out
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
 

@@ -12,11 +12,15 @@ In one run, on loopback, against the same fast upstream (the in-repo fake teache
                 settlement commits while the answer travels)
   distillgate-h11  the same gateway on uvicorn's pure-Python stack (asyncio loop + h11): the alternative to
                 uvloop/httptools
+  litellm       LiteLLM's proxy (``litellm[proxy]`` from PyPI, installed by this script into its own venv under
+                ``.cache/litellm-venv``), a plain pass-through to the same fake teacher with a master key, one worker
 
 For each: throughput (requests/s) at concurrency 1/16/64 and p50/p99 latency; then ratios against passthrough
 and the p50 latency each proxy adds over direct at concurrency 1.
 
-    python benchmarks/gateway.py [--seconds 4] [--concurrency 1 16 64] [--only direct distillgate]
+    python benchmarks/gateway.py [--seconds 4] [--concurrency 1 16 64] [--only direct distillgate litellm]
+
+Writes benchmarks/results/gateway.json (every figure, the ratios, and the load average during the run).
 
 The load generator is a raw keep-alive HTTP/1.1 client on uvloop in its own process. Everything shares this
 machine's cores, so absolute numbers depend on the host; ratios are the point.
@@ -126,6 +130,42 @@ uvloop.run(main())
 '''
 
 
+LITELLM_VENV = ROOT / ".cache" / "litellm-venv"
+LITELLM_KEY = "sk-bench-master-key"
+RESULTS = ROOT / "benchmarks" / "results" / "gateway.json"
+
+
+def litellm_binary(venv: Path) -> Path:
+    """The litellm CLI in its own venv (created and filled from PyPI on first use: it is not our dependency)."""
+    exe = venv / "bin" / "litellm"
+    if not exe.exists():
+        print(f"installing litellm[proxy] into {venv} (once) ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=True)
+    return exe
+
+
+def start_litellm(venv: Path, upstream: str, port: int, tmp: Path) -> subprocess.Popen[bytes]:
+    config = tmp / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        "  - model_name: fake-teacher\n"
+        "    litellm_params:\n"
+        "      model: openai/fake-teacher\n"
+        f"      api_base: {upstream}\n"
+        "      api_key: not-needed\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+        "general_settings:\n"
+        f"  master_key: {LITELLM_KEY}\n")
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+           "LITELLM_TELEMETRY": "False", "NO_DOCS": "True"}
+    env.pop("PYTHONPATH", None)
+    log = (tmp / "litellm.log").open("wb")
+    return subprocess.Popen([str(litellm_binary(venv)), "--config", str(config), "--host", "127.0.0.1",
+                             "--port", str(port), "--num_workers", "1"], env=env, stdout=log, stderr=log)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -202,11 +242,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--only", nargs="+", default=["direct", "passthrough", "passthrough-h11", "distillgate",
-                                                  "distillgate-after", "distillgate-h11"])
+                                                  "distillgate-after", "distillgate-h11", "litellm"])
+    ap.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV)
     args = ap.parse_args()
     sys.path.insert(0, str(SRC))
     from distillgate.gateway.keys import KeyStore
 
+    load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="dg-bench-"))
     (tmp / "policy.json").write_text(json.dumps(POLICY))
     procs: list[subprocess.Popen[bytes]] = []
@@ -229,6 +271,12 @@ def main() -> None:
                                    loop, http, settle))
                 wait_port(port, procs[-1])
                 targets[name] = port
+        if "litellm" in args.only:
+            port = free_port()
+            procs.append(start_litellm(args.litellm_venv, upstream, port, tmp))
+            wait_port(port, procs[-1], timeout=300)  # litellm imports for a long time
+            targets["litellm"] = port
+            KEYS["litellm"] = LITELLM_KEY
         for name, *_ in GATEWAYS:  # each gateway has its own store: give it a key
             if name in targets:
                 ks = KeyStore(tmp / f"{name}.db")
@@ -248,6 +296,7 @@ def main() -> None:
         lat = store_latency(tmp)
         print(f"\ndurable log alone (in-process, sequential): aadmit p50 {lat['aadmit_p50'] * 1e3:.2f} ms, "
               f"asettle p50 {lat['asettle_p50'] * 1e3:.2f} ms")
+        write_json(results, args, lat, load_before)
     finally:
         for p in procs:
             p.send_signal(signal.SIGINT)
@@ -262,6 +311,35 @@ KEYS: dict[str, str] = {}
 GATEWAYS = (("distillgate", "uvloop", "httptools", "before_reply"),
             ("distillgate-after", "uvloop", "httptools", "after_reply"),
             ("distillgate-h11", "asyncio", "h11", "before_reply"))
+
+
+def ratios(results: dict[tuple[str, int], dict[str, float]], concurrency: list[int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for conc in concurrency:
+        dg = results.get(("distillgate", conc))
+        for base in ("passthrough", "litellm"):
+            other = results.get((base, conc))
+            if dg and other and other["rps"]:
+                out[f"distillgate_over_{base}_c{conc}"] = dg["rps"] / other["rps"]
+    return out
+
+
+def write_json(results: dict[tuple[str, int], dict[str, float]], args: argparse.Namespace,
+               lat: dict[str, float], load_before: float) -> None:
+    doc = {
+        "seconds_per_point": args.seconds,
+        "cpus": os.cpu_count(),
+        "load_average_1m_before": load_before,
+        "load_average_1m_after": os.getloadavg()[0],
+        "points": [{"target": n, "concurrency": c, **r} for (n, c), r in results.items()],
+        "ratios": ratios(results, args.concurrency),
+        "durable_log_alone": lat,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(doc, indent=2))
+    for key, value in doc["ratios"].items():
+        print(f"  {key:36s} {value:8.2f}x")
+    print(f"wrote {RESULTS}")
 
 
 def print_table(results: dict[tuple[str, int], dict[str, float]], concurrency: list[int]) -> None:

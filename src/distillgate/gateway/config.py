@@ -19,6 +19,7 @@
     screens: [credentials, extraction]    # or "package.module:attr"
     max_body_bytes: 1048576
     reclaim_interval_s: 30
+    reservation_ttl_s: 600                # a reservation not settled by then is refunded by reclaim
     settle: before_reply                  # or after_reply (see docs/gateway.md)
 
 Routing of a model name: the ``models`` table (glob patterns, first match); else ``UPSTREAM/rest`` goes to that
@@ -66,6 +67,7 @@ class GatewayConfig(_Strict):
     screens: list[str] = Field(default_factory=lambda: ["credentials", "extraction"])
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     reclaim_interval_s: float = Field(default=30.0, gt=0)
+    reservation_ttl_s: float = Field(default=600.0, gt=0)
     access_log: bool = False
     settle: Literal["before_reply", "after_reply"] = "before_reply"
 
@@ -81,6 +83,13 @@ class GatewayConfig(_Strict):
             if "/" in name:
                 issues.append(ConfigIssue(f"upstreams.{name}", "upstream names cannot contain '/'",
                                           "rename it, e.g. my-upstream"))
+        for name, up in self.upstreams.items():
+            longest = up.timeout_s * (up.max_retries + 1) + up.max_backoff_s * up.max_retries
+            if self.reservation_ttl_s <= longest:
+                issues.append(ConfigIssue("reservation_ttl_s", f"{self.reservation_ttl_s:g} s is not longer than the "
+                                          f"longest request to upstream {name!r} ({longest:g} s with retries), so "
+                                          "reclaim could refund a request still in flight",
+                                          f"set reservation_ttl_s above {longest:g} or lower upstreams.{name}.timeout_s"))
         if not Path(self.policy).exists():
             issues.append(ConfigIssue("policy", f"{self.policy} does not exist", "give a policy file or directory"))
         if issues:

@@ -22,7 +22,7 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     policies = load_policies(config.policy)
     screens = load_screens(config.screens)
     router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models)
-    store = Store.open(Path(config.db))
+    store = Store.open(Path(config.db), reservation_ttl_s=config.reservation_ttl_s)
     keys = KeyStore(config.db)
     return Gateway(policies=policies, store=store, keys=keys, router=router, screens=screens,
                    max_body_bytes=config.max_body_bytes, reclaim_interval_s=config.reclaim_interval_s,
