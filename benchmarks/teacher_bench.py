@@ -1,10 +1,12 @@
 """Benchmark the local teacher: load times, tokens/s (single, batch 8, batch 32), shared-prefix KV-cache speedup,
 and banking77 zero-/few-shot accuracy by label scoring on a fixed random sample of the test set.
 
-    python benchmarks/teacher_bench.py [--rows 500] [--accuracy-budget-s 1800] [--skip-load]
+    python benchmarks/teacher_bench.py [--rows 500] [--accuracy-budget-s 1800]
+        [--parts load,throughput,prefix,accuracy] [--batches 1,8,32]
 
-Prints a table and writes benchmarks/results/teacher_bench.json (updated as accuracy rows complete, so a run cut
-short still leaves its figures). Uses at most 2 CPU threads.
+Prints a table and writes benchmarks/results/teacher_bench.json, merging into the figures already there (so parts
+can be run separately) and saving after every step (so a run cut short still leaves its figures). Uses at most 2
+CPU threads.
 """
 
 from __future__ import annotations
@@ -83,12 +85,17 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--accuracy-budget-s", type=float, default=1800.0)
-    parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument("--parts", default="load,throughput,prefix,accuracy")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--prefix-rows", type=int, default=8)
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     torch.set_num_threads(2)
-    report: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs, torch threads 2, load avg at start "
-                                         f"{os.getloadavg()[0]:.1f}", "model": DEFAULT_MODEL}
-    if not args.skip_load:
+    report: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    report.setdefault("runs", []).append(f"parts={args.parts}: {os.cpu_count()} CPUs, torch threads 2, "
+                                         f"load avg at start {os.getloadavg()[0]:.1f}")
+    report["model"] = DEFAULT_MODEL
+    if "load" in parts:
         measure_loads(report)
         save(report)
     loaded = load_model(resolve_spec(DEFAULT_MODEL))
@@ -103,35 +110,47 @@ def main() -> None:
     user_prompts = [[{"role": "user", "content": r["text"]}] for r in sample[:32]]
 
     # throughput, no shared prefix (plain user questions, chat template only)
-    report["throughput"] = []
-    for batch in (1, 8, 32):
+    throughput_rows = {row["batch"]: row for row in report.get("throughput", [])}
+    for batch in [int(b) for b in args.batches.split(",")] if "throughput" in parts else []:
         row = throughput(engine, user_prompts, batch, args.max_tokens)
-        report["throughput"].append(row)
+        throughput_rows[batch] = row
+        report["throughput"] = [throughput_rows[b] for b in sorted(throughput_rows)]
         print(f"throughput batch {batch:>2}: {row['completion_tokens']} tokens in {row['seconds']}s "
               f"= {row['tokens_per_s']} tok/s")
         save(report)
 
     # shared-prefix KV cache: 8 rows behind the 77-intent taxonomy
     system = {"role": "system", "content": taxonomy_system(categories)}
-    prefixed = [[system, {"role": "user", "content": r["text"]}] for r in sample[:8]]
-    params = SamplingParams(max_tokens=8, temperature=0.0)
+    prefixed = [[system, {"role": "user", "content": r["text"]}] for r in sample[:args.prefix_rows]]
+    params = SamplingParams(max_tokens=4, temperature=0.0)
     timings = {}
     outputs = {}
-    for use in (False, True):
+    for use in (False, True) if "prefix" in parts else ():
         started = time.perf_counter()
         outputs[use] = engine.generate(prefixed, params, prefix_cache=use)
         timings[use] = time.perf_counter() - started
+    if "prefix" in parts:
+        prefix_report(report, outputs, timings)
+    if "accuracy" in parts:
+        accuracy(report, engine, categories, train, sample, system, args)
+    print(f"wrote {RESULTS}")
+
+
+def prefix_report(report: dict[str, Any], outputs: dict[bool, Any], timings: dict[bool, float]) -> None:
     same = [a.token_ids == b.token_ids for a, b in zip(outputs[False], outputs[True], strict=True)]
-    report["prefix_cache"] = {"rows": 8, "prompt_tokens_per_row": outputs[True][0].prompt_tokens,
-                              "max_tokens": 8, "seconds_without": round(timings[False], 2),
+    report["prefix_cache"] = {"rows": len(outputs[True]), "prompt_tokens_per_row": outputs[True][0].prompt_tokens,
+                              "max_tokens": 4, "seconds_without": round(timings[False], 2),
                               "seconds_with": round(timings[True], 2),
                               "speedup": round(timings[False] / timings[True], 2),
                               "identical_outputs": all(same)}
-    print(f"prefix cache (8 rows x {outputs[True][0].prompt_tokens} prompt tokens, 8 new): "
+    print(f"prefix cache ({len(outputs[True])} rows x {outputs[True][0].prompt_tokens} prompt tokens, 4 new): "
           f"{timings[False]:.1f}s without, {timings[True]:.1f}s with, x{timings[False] / timings[True]:.2f}, "
           f"identical={all(same)}")
     save(report)
 
+
+def accuracy(report: dict[str, Any], engine: LocalModel, categories: list[str], train: list[dict[str, str]],
+             sample: list[dict[str, str]], system: dict[str, str], args: argparse.Namespace) -> None:
     # banking77 accuracy by label scoring
     labels = [spaced(c) for c in categories]
     shots_rows = random.Random(1).sample(train, args.shots)
@@ -162,7 +181,7 @@ def main() -> None:
                       "label = intent text + <|im_end|>; few-shot adds user/assistant example turns",
         }
         save(report)
-        if done % 20 == 0:
+        if done % 4 == 0:
             print(f"  {done} rows: zero-shot {correct['zero_shot'] / done:.3f}, "
                   f"few-shot {correct['few_shot'] / done:.3f} ({elapsed / done:.1f}s/row)", flush=True)
         if elapsed > args.accuracy_budget_s:
@@ -171,7 +190,6 @@ def main() -> None:
     acc = report["banking77"]
     print(f"banking77 ({done} rows): zero-shot {acc['zero_shot_accuracy']}, few-shot {acc['few_shot_accuracy']}, "
           f"chance {acc['chance']}")
-    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":
