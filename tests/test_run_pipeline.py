@@ -129,3 +129,25 @@ def test_policy_denials_exit_2(tmp_path: Path) -> None:
         assert unapproved.returncode == 2 and "approved_datasets" in unapproved.stderr
     bad = run_cli("run", str(project), "nonsense=1")
     assert bad.returncode == 1 and "nonsense" in bad.stderr
+
+
+def test_remote_example_runs_against_an_openai_compatible_upstream(tmp_path: Path) -> None:
+    """examples/banking77/project.remote.yaml, pointed at the fake upstream and shrunk by overrides."""
+    tiny_student(tmp_path / "tiny")
+    bundle = Path("/tmp/distillgate-bundles") / f"test-{tmp_path.name}"
+    with fake_upstream(reply="card_arrival") as fake:
+        res = run_cli(
+            "run", str(ROOT / "examples" / "banking77" / "project.remote.yaml"),
+            f"teacher.upstream={fake.base_url}", "teacher.model=fake-teacher", f"workdir={tmp_path / 'work'}",
+            "traffic.limit=12", "generation.max_tokens=3", "train.recipe=sft", "train.max_steps=1",
+            f"train.student={{model: {{path: {tmp_path / 'tiny'}}}}}", "train.max_length=96",
+            "eval.suites=[{name: banking77, sample: 4}]", "eval.resamples=100", "eval.min_routed=1",
+            f"export.to={bundle.as_uri()}/",
+            env={"TEACHER_API_KEY": "sk-test-not-a-real-key"}, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        sent = [r for r in fake.requests if r["path"].endswith("/chat/completions")]
+    assert len(sent) == 12 + 4 and all(r["body"]["model"] == "fake-teacher" for r in sent)
+    assert all("metadata" not in r["body"] for r in sent)  # identity metadata never reaches the upstream
+    assert all(r["headers"].get("authorization") == "Bearer sk-test-not-a-real-key" for r in sent)
+    assert (bundle / "bundle.json").exists()
+    assert "sk-test-not-a-real-key" not in (bundle / "decision-log" / "decisions.jsonl").read_text()
