@@ -127,6 +127,9 @@ class GenerateSettings(BaseModel):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     labels: list[str] | None = None
+    #: ask the teacher to answer with the most probable of ``labels`` and to return its distribution over them
+    #: (the ``label_choices`` extension, served by the local teacher through the gateway): soft labels for KD
+    label_scoring: bool = False
     concurrency: int = Field(default=8, ge=1, le=256)
     max_attempts: int = Field(default=4, ge=1, le=20)
     backoff_s: float = Field(default=0.5, ge=0)
@@ -136,6 +139,7 @@ class GenerateSettings(BaseModel):
     def sampling(self, sample_index: int) -> dict[str, Any]:
         """The sampling settings recorded on the row of ``sample_index``."""
         return {"model": self.model, "n": 1, "temperature": self.temperature, "top_p": self.top_p,
+                "label_scoring": self.label_scoring,
                 "max_tokens": self.max_tokens, "seed": None if self.seed is None else self.seed + sample_index,
                 "logprobs": self.logprobs or self.top_logprobs is not None, "top_logprobs": self.top_logprobs,
                 "k": self.k}
@@ -260,6 +264,10 @@ class _Job:
                 body[key] = sampling[key]
         if sampling["logprobs"]:
             body["logprobs"] = True
+        if s.label_scoring and s.labels:
+            body["extra_body"] = {"label_choices": list(s.labels)}
+            body.pop("top_logprobs", None)
+            body.pop("logprobs", None)
         return body
 
     async def _call(self, messages: list[dict[str, str]], sample_index: int) -> Any:
@@ -319,8 +327,9 @@ class _Job:
                 self.report.failures.append(msg)
             return
         choice = resp.choices[0]
-        label_probs = None
-        if self.scorer is not None and self.settings.labels:
+        served = (choice.model_extra or {}).get("label_probs")
+        label_probs = {str(k): float(v) for k, v in served.items()} if isinstance(served, dict) else None
+        if label_probs is None and self.scorer is not None and self.settings.labels:
             label_probs = await self.scorer.score(messages, self.settings.labels)
         sampling = self.settings.sampling(sample_index)
         sampling["finish_reason"] = choice.finish_reason

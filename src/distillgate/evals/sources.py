@@ -80,6 +80,8 @@ class OpenAIChatSource:
     request_logprobs: bool = False
     temperature: float = 0.0
     retries: int = 2
+    #: ask for the most probable of these labels (the ``label_choices`` extension of distillgate's local teacher)
+    label_choices: list[str] | None = None
     transport: httpx.BaseTransport | None = None
     _client: httpx.Client | None = field(default=None, init=False, repr=False)
 
@@ -99,7 +101,9 @@ class OpenAIChatSource:
             "max_tokens": max_tokens,
             "temperature": self.temperature,
         }
-        if self.request_logprobs:
+        if self.label_choices:
+            body["label_choices"] = list(self.label_choices)
+        elif self.request_logprobs:
             body["logprobs"] = True
         last_error = ""
         for _attempt in range(self.retries + 1):
@@ -150,6 +154,11 @@ class OpenAIChatSource:
                                 hint="the endpoint must speak the OpenAI chat.completions format") from exc
         usage = payload.get("usage") or {}
         mean_lp = _mean_logprob(choice.get("logprobs"))
+        probs = choice.get("label_probs")
+        if isinstance(probs, dict) and probs:
+            meta["label_probs"] = probs
+            top = max(float(v) for v in probs.values())
+            mean_lp = math.log(top) if top > 0 else None
         for key in ("provenance", "stamp", "distillgate"):
             if key in payload:
                 meta[key] = payload[key]

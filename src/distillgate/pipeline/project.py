@@ -59,6 +59,8 @@ class GenerationSection(_Strict):
     temperature: float = Field(default=0.0, ge=0, le=2)
     max_tokens: int = Field(default=12, ge=1)
     top_logprobs: int | None = Field(default=20, ge=0, le=20)
+    label_scoring: bool = Field(default=False, description="teacher answers with its most probable label and "
+                                "returns its distribution over the labels (local teacher; the KD target)")
     concurrency: int = Field(default=8, ge=1, le=64)
     seed: int = 0
 
@@ -67,6 +69,7 @@ class EvalSuite(_Strict):
     name: Literal["banking77", "xstest"]
     sample: int | None = Field(default=None, ge=1)
     seed: int = 0
+    max_tokens: int | None = Field(default=None, ge=1, description="answer length for free-text suites (xstest)")
 
 
 class EvalSection(_Strict):
@@ -157,7 +160,8 @@ def _section_issues(doc: dict[str, Any]) -> list[ConfigIssue]:
         issues.extend(ConfigIssue(f"train.{k}", "is set by `distillgate run`", "remove it") for k in managed)
         from distillgate.train.config import parse_config as parse_train
 
-        probe = {**{k: v for k, v in train.items() if k not in TRAIN_MANAGED}, "rows": "rows.jsonl",
+        probe = {"labels": ["(the task's labels)"],  # filled in from task.labels_file by the pipeline
+                 **{k: v for k, v in train.items() if k not in TRAIN_MANAGED}, "rows": "rows.jsonl",
                  "output_dir": "out"}
         try:
             parse_train(probe, "train")

@@ -187,6 +187,7 @@ class Pipeline:
                 "output_type": p.task.output_type, "k": g.k, "temperature": g.temperature,
                 "max_tokens": g.max_tokens, "seed": g.seed, "logprobs": g.top_logprobs is not None,
                 "top_logprobs": g.top_logprobs, "labels": self.labels, "concurrency": g.concurrency,
+                "label_scoring": g.label_scoring,
                 "timeout_s": p.teacher.timeout_s,
             }, "generation")
             target = self.gateway()
@@ -289,9 +290,11 @@ class Pipeline:
                 suite = load_banking77(sample=spec.sample, seed=spec.seed)
                 suite = _with_prompts(suite, {"teacher": self.teacher_system, "student": self.student_system})
             else:
-                suite = load_xstest(sample=spec.sample, seed=spec.seed)
+                suite = load_xstest(sample=spec.sample, seed=spec.seed, max_tokens=spec.max_tokens or 96)
+            scoring = p.generation.label_scoring and suite.kind == "classification"
             teacher = OpenAIChatSource(name=p.teacher.model, base_url=target.base_url, api_key=target.api_key,
-                                       headers=headers, request_logprobs=True)
+                                       headers=headers, request_logprobs=True,
+                                       label_choices=list(suite.labels) if scoring else None)
             student = LocalCausalLMSource(train["model_dir"], name=f"student:{p.name}", threads=p.eval.threads)
             out = self.workdir / "eval" / spec.name
             metadata = {"run_id": p.run_id, "dataset_version": version["version_id"],

@@ -42,8 +42,14 @@ class LocalTeacher(Teacher):
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._closed = False
         self.batches_run = 0  # how many batched forward loops ran (observability, tests)
+        self._engine_lock = threading.Lock()  # the engine is not thread-safe: generation and label scoring share it
         self._thread = threading.Thread(target=self._worker, name=f"teacher:{self.model_name}", daemon=True)
         self._thread.start()
+        self._label_queue: queue.Queue[tuple[Prompt, list[str], concurrent.futures.Future[Any]] | None] = \
+            queue.Queue()
+        self._label_thread = threading.Thread(target=self._label_worker, name=f"labels:{self.model_name}",
+                                              daemon=True)
+        self._label_thread.start()
 
     # ------------------------------------------------------------------ worker
     def submit(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams],
@@ -100,14 +106,17 @@ class LocalTeacher(Teacher):
 
         try:
             self.batches_run += 1
-            gens = self.engine.generate(prompts, params, on_delta=dispatch)
+            with self._engine_lock:
+                gens = self.engine.generate(prompts, params, on_delta=dispatch)
         except Exception as exc:  # one bad job must not fail its batch-mates: retry them alone
             if len(jobs) == 1:
                 jobs[0].future.set_exception(_as_upstream(exc))
                 return
             for job in jobs:
                 try:
-                    job.future.set_result(self.engine.generate(job.prompts, job.params, on_delta=job.on_delta))
+                    with self._engine_lock:
+                        one = self.engine.generate(job.prompts, job.params, on_delta=job.on_delta)
+                    job.future.set_result(one)
                 except Exception as single:
                     job.future.set_exception(_as_upstream(single))
             return
@@ -129,7 +138,59 @@ class LocalTeacher(Teacher):
         sha = self.engine.card().file_sha256 or "unknown"
         return f"dg-{sha[:12]}"
 
+    def _label_worker(self) -> None:
+        """Score concurrent label requests together: one padded pass per batch, the shared prefix computed once."""
+        while True:
+            first = self._label_queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._label_queue.get(timeout=self.batch_wait_s)
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._label_queue.put(None)
+                    break
+                batch.append(nxt)
+            groups: dict[tuple[str, ...], list[tuple[Prompt, concurrent.futures.Future[Any]]]] = {}
+            for prompt, wanted, future in batch:
+                if future.set_running_or_notify_cancel():
+                    groups.setdefault(tuple(wanted), []).append((prompt, future))
+            for label_set, jobs in groups.items():
+                try:
+                    with self._engine_lock:
+                        probs = self.engine.score_labels_batch([p for p, _ in jobs], list(label_set))
+                        sizes = [len(self.engine.encode(p)) for p, _ in jobs]
+                except Exception as exc:
+                    for _, future in jobs:
+                        future.set_exception(_as_upstream(exc))
+                    continue
+                for (_, future), dist, size in zip(jobs, probs, sizes, strict=True):
+                    future.set_result((dist, size))
+
+    async def score_labels(self, messages: Prompt, labels: Sequence[str]) -> tuple[dict[str, float], int]:
+        """The teacher's distribution over ``labels`` as the answer to ``messages``, and the prompt's tokens."""
+        if self._closed:
+            raise UpstreamError(f"teacher {self.model_name!r} is closed", status=503)
+        future: concurrent.futures.Future[tuple[dict[str, float], int]] = concurrent.futures.Future()
+        self._label_queue.put((messages, list(labels), future))
+        return await asyncio.wrap_future(future)
+
+    async def _label_completion(self, body: Mapping[str, Any], labels: list[str]) -> dict[str, Any]:
+        req = wire.parse_chat(body)
+        if req.stream or req.n != 1:
+            raise UpstreamError("label_choices answers one non-streamed choice (n=1, stream=false)", status=400)
+        probs, prompt_tokens = await self.score_labels(req.messages, labels)
+        best = max(probs, key=probs.__getitem__)
+        answer_tokens = len(self.engine.tokenizer(best, add_special_tokens=False)["input_ids"])
+        return wire.label_response(self.model_name, self.fingerprint(), probs, prompt_tokens, answer_tokens)
+
     async def chat_completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        if body.get("label_choices") is not None:
+            labels = wire.parse_label_choices(body.get("label_choices"))
+            return await self._label_completion({k: v for k, v in body.items() if k != "label_choices"}, labels)
         req = wire.parse_chat(body)
         gens = await self.generate([req.messages] * req.n,
                                    [wire.choice_params(req.params, j) for j in range(req.n)])
@@ -188,7 +249,9 @@ class LocalTeacher(Teacher):
             return
         self._closed = True
         self._queue.put(None)
+        self._label_queue.put(None)
         await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self._label_thread.join)
 
 
 def _as_upstream(exc: Exception) -> UpstreamError:

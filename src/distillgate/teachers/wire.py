@@ -216,6 +216,35 @@ def usage(prompt_tokens: int, gens: Sequence[Generation]) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion}
 
 
+MAX_LABEL_CHOICES = 512
+
+
+def parse_label_choices(raw: Any) -> list[str]:
+    """``label_choices`` (a distillgate extension): the answer is the most probable of these labels."""
+    if not isinstance(raw, list) or not raw or not all(isinstance(x, str) and x.strip() for x in raw):
+        raise _bad(["label_choices must be a non-empty list of non-empty strings"])
+    if len(raw) > MAX_LABEL_CHOICES or len(set(raw)) != len(raw):
+        raise _bad([f"label_choices must hold at most {MAX_LABEL_CHOICES} distinct labels"])
+    return [str(x) for x in raw]
+
+
+def label_response(model: str, fingerprint: str, probs: Mapping[str, float], prompt_tokens: int,
+                   completion_tokens: int) -> dict[str, Any]:
+    """A chat.completion whose content is the most probable label; ``label_probs`` rides on the choice."""
+    best = max(probs, key=lambda k: probs[k])
+    return {
+        "id": new_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": best, "refusal": None},
+                     "logprobs": None, "finish_reason": "stop", "label_probs": dict(probs)}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
 def chat_response(model: str, fingerprint: str, gens: Sequence[Generation]) -> dict[str, Any]:
     return {
         "id": new_id("chatcmpl"),
