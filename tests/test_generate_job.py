@@ -202,3 +202,19 @@ def test_contract_violation_fails_the_row_not_the_job(tmp_path: Path) -> None:
         gw.fake.set_reply("card_lost")
         fixed = generate(wc, TEMPLATE, settings(output_type="labels", concurrency=1), target)
     assert fixed.added == 3 and {r["output_raw"] for r in stored_rows(root)} == {"card_lost"}
+
+
+def test_label_scoring_sends_label_choices_and_stores_label_probs(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path, 3)
+    labels = ["card_arrival", "lost_or_stolen_card", "exchange_rate"]
+    with running_gateway(tmp_path) as gw, WorkingCopy.open(root) as wc:
+        target = GatewayTarget(gw.base_url, gw.keys["alice"])
+        report = generate(wc, TEMPLATE, settings(labels=labels, label_scoring=True, max_tokens=8), target)
+        sent = [r["body"] for r in gw.fake.requests if r["path"].endswith("/chat/completions")]
+    assert report.added == 3
+    assert all(body["label_choices"] == labels and "logprobs" not in body for body in sent)
+    for row in stored_rows(root):
+        probs = row["label_probs"]
+        assert set(probs) == set(labels) and abs(sum(probs.values()) - 1) < 1e-9
+        assert row["output_raw"] == max(probs, key=probs.__getitem__)  # the answer is the most probable label
+        assert row["sampling"]["label_scoring"] is True and row["stamp"]

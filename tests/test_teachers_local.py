@@ -189,3 +189,24 @@ def test_teacher_rejects_a_prompt_longer_than_the_context(engine: LocalModel) ->
         asyncio.run(scenario())
     assert info.value.status == 400 and "context" in info.value.message
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_label_choices_answer_with_the_most_probable_label(engine: LocalModel) -> None:
+    """The ``label_choices`` extension: concurrent requests are scored together and match direct scoring."""
+
+    async def scenario() -> list[dict[str, object]]:
+        teacher = LocalTeacher(engine, batch_wait_s=0.05)
+        answers = await asyncio.gather(*(teacher.chat_completion({"messages": p, "label_choices": LABELS})
+                                         for p in _prompts()))
+        await teacher.aclose()
+        return list(answers)
+
+    answers = asyncio.run(scenario())
+    for answer, prompt in zip(answers, _prompts(), strict=True):
+        choice = answer["choices"][0]  # type: ignore[index]
+        probs = choice["label_probs"]
+        direct = engine.score_labels(prompt, LABELS)
+        assert set(probs) == set(LABELS) and abs(sum(probs.values()) - 1) < 1e-6
+        assert all(abs(probs[k] - direct[k]) < 1e-4 for k in LABELS)
+        assert choice["message"]["content"] == max(direct, key=direct.__getitem__)
+        assert answer["usage"]["prompt_tokens"] == len(engine.encode(prompt))  # type: ignore[index]

@@ -206,3 +206,18 @@ def test_closed_teacher_refuses_with_503() -> None:
     with pytest.raises(UpstreamError) as info:
         asyncio.run(scenario())
     assert info.value.status == 503
+
+
+def test_label_choices_are_validated() -> None:
+    import pytest
+
+    from distillgate.errors import UpstreamError
+    from distillgate.teachers.wire import label_response, parse_label_choices
+
+    assert parse_label_choices(["a", "b"]) == ["a", "b"]
+    for bad in ([], ["a", "a"], ["a", ""], "a", [1, 2]):
+        with pytest.raises(UpstreamError) as info:
+            parse_label_choices(bad)
+        assert info.value.status == 400
+    out = label_response("m", "fp", {"a": 0.25, "b": 0.75}, prompt_tokens=10, completion_tokens=1)
+    assert out["choices"][0]["message"]["content"] == "b" and out["usage"]["total_tokens"] == 11

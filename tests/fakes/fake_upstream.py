@@ -363,6 +363,15 @@ class FakeUpstream:
                                           "finish_reason": "stop", "logprobs": None}
                 if want_lp:
                     choice["logprobs"] = {"content": [_logprob_entry(w, k, top) for k, w in enumerate(words)]}
+                labels = req.get("label_choices")
+                if isinstance(labels, list) and labels:  # distillgate's label_choices extension
+                    # deterministic: the label sharing most characters with the prompt wins, probabilities decay
+                    prompt = " ".join(str(m.get("content", "")) for m in req.get("messages", []))
+                    ranked = sorted(labels, key=lambda lab: (-sum(c in prompt for c in str(lab)), str(lab)))
+                    weights = [1.0 / (r + 1) for r in range(len(ranked))]
+                    total = sum(weights)
+                    choice["message"]["content"] = ranked[0]
+                    choice["label_probs"] = {lab: w / total for lab, w in zip(ranked, weights, strict=True)}
             else:
                 choice = {"index": i, "text": text, "finish_reason": "stop", "logprobs": None}
                 if want_lp:
