@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 
 def _est(value: Any) -> str:
+    if value is None or (isinstance(value, dict) and value.get("estimate", 0) is None):
+        return "undefined"
     if isinstance(value, dict) and "estimate" in value:
         est, lo, hi = value.get("estimate"), value.get("low"), value.get("high")
         if isinstance(est, (int, float)) and isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
