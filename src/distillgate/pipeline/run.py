@@ -35,7 +35,6 @@ from rich.progress import (
 from rich.table import Table
 
 from distillgate.errors import NotFoundError, PolicyDenied, UpstreamError, UserError
-from distillgate.ledger.canonical import canonical_json
 from distillgate.pipeline.cache import StageCache, StageRecord, file_sha256, fingerprint
 from distillgate.pipeline.project import Project
 from distillgate.policy.decision import Request
@@ -451,12 +450,3 @@ def _short(headline: dict[str, Any]) -> str:
             parts.append(f"{key}={value:.3f}")
     return ", ".join(parts[:4])
 
-
-def resolved_project_yaml(pipeline: Pipeline) -> bytes:
-    return yaml.safe_dump(pipeline.doc, sort_keys=False).encode()
-
-
-def project_hash(pipeline: Pipeline) -> str:
-    from distillgate.ledger.canonical import sha256_hex
-
-    return sha256_hex(canonical_json(pipeline.doc))
