@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from distillgate.data.schema import SCHEMA_VERSION, Row, rows_sha256, table_to_records, write_parquet
 from distillgate.data.store import WorkingCopy
 from distillgate.errors import IntegrityError, NotFoundError, UserError
+from distillgate.ledger.canonical import sha256_file
 
 MANIFEST = "manifest.json"
 ROWS_FILE = "rows.parquet"
@@ -42,13 +43,6 @@ HEAD = "HEAD"
 def _canonical(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -160,7 +154,7 @@ def freeze(wc: WorkingCopy, *, notes: str = "") -> Version:
                 "version_id": version_id,
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 **content,
-                "files": {ROWS_FILE: _file_sha256(tmp / ROWS_FILE)},
+                "files": {ROWS_FILE: sha256_file(tmp / ROWS_FILE)},
             }
             (tmp / MANIFEST).write_bytes(orjson.dumps(manifest, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2))
             (tmp / NOTES).write_text(notes_text)
@@ -203,7 +197,7 @@ def resolve_version(ref: str | Path, root: str | Path | None = None) -> Path:
 def _read_checked(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     manifest = orjson.loads((path / MANIFEST).read_bytes())
     expected = manifest.get("files", {}).get(ROWS_FILE)
-    if expected != _file_sha256(path / ROWS_FILE):
+    if expected != sha256_file(path / ROWS_FILE):
         raise IntegrityError(
             f"{path / ROWS_FILE} does not match the hash in its manifest",
             hint="the version was modified after freezing; restore it from an export or re-freeze",

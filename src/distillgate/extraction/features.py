@@ -231,3 +231,17 @@ def features_record(features: RequestFeatures, embedding: np.ndarray | None = No
     if embedding is not None:
         sketch = Sketch(**{**sketch.__dict__, "embedding": embedding})
     return sketch.record()
+
+
+def identities(s: Sketch) -> list[tuple[str, str]]:
+    """The scopes a request belongs to: its user, key, project and (project-qualified) run."""
+    out = []
+    if s.user:
+        out.append(("user", s.user))
+    if s.key_id:
+        out.append(("key", s.key_id))
+    if s.project:
+        out.append(("project", s.project))
+        if s.run:
+            out.append(("run", f"{s.project}/{s.run}"))
+    return out

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from distillgate.extraction.embed import Embedder, Reference
-from distillgate.extraction.features import RequestFeatures, Sketch
+from distillgate.extraction.features import RequestFeatures, Sketch, identities
 from distillgate.extraction.state import ScopeState
 from distillgate.policy.extraction_rules import SIGNAL_NAMES, ExtractionRules, Signal
 from distillgate.policy.model import Policy, PolicySet
@@ -115,7 +115,7 @@ class ExtractionMonitor:
         fp = int(s.prompt_fp, 16)
         fired: list[Signal] = []
         with self._lock:
-            scopes = self._identities(s)
+            scopes = identities(s)
             states = [(scope, ident, self._state(scope, ident, rules)) for scope, ident in scopes]
             project_state = next((st for scope, _, st in states if scope == "project"), None)
             if project_state is not None and s.run is not None:
@@ -128,18 +128,6 @@ class ExtractionMonitor:
                 gate = scope != "project"
                 fired.extend(self._values(rules, scope, ident, st, s, ev, project_state, gate))
         return tuple(fired)
-
-    def _identities(self, s: Sketch) -> list[tuple[str, str]]:
-        out = []
-        if s.user:
-            out.append(("user", s.user))
-        if s.key_id:
-            out.append(("key", s.key_id))
-        if s.project:
-            out.append(("project", s.project))
-            if s.run:
-                out.append(("run", f"{s.project}/{s.run}"))
-        return out
 
     def _state(self, scope: str, ident: str, rules: ExtractionRules) -> ScopeState:
         key = (scope, ident)
@@ -223,7 +211,7 @@ class ExtractionMonitor:
         vectors = self.embedder.embed([text for _, text in batch])
         with self._lock:
             for (s, _), vec in zip(batch, vectors, strict=True):
-                states = [self._scopes[k] for k in ((sc, i) for sc, i in self._identities(s)) if k in self._scopes]
+                states = [self._scopes[k] for k in ((sc, i) for sc, i in identities(s)) if k in self._scopes]
                 self._drift_update(s, states, vec)
 
     def _drift_update(self, s: Sketch, states: list[ScopeState], vec: np.ndarray) -> None:

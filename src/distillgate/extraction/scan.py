@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from distillgate.extraction.features import Sketch
+from distillgate.extraction.features import Sketch, identities
 from distillgate.extraction.monitor import ExtractionMonitor
 from distillgate.policy.extraction_rules import ExtractionRules, Signal
 from distillgate.policy.model import Policy, PolicySet
@@ -59,7 +59,7 @@ def scan_entries(entries: Iterable[tuple[int, Mapping[str, Any]]],
             continue
         replayed += 1
         sketch = Sketch.from_record(extraction["features"])
-        for scope, ident in _identities(sketch):
+        for scope, ident in identities(sketch):
             seen[(scope, ident)] = seen.get((scope, ident), 0) + 1
         found = list(monitor.observe_sketch(sketch))
         live = [Signal.from_dict(d) for d in extraction.get("signals") or []]
@@ -75,18 +75,6 @@ def scan_entries(entries: Iterable[tuple[int, Mapping[str, Any]]],
     ordered = sorted(sessions.values(), key=lambda s: (s.first_index, s.scope, s.scope_id))
     return ScanReport(total, replayed, ordered)
 
-
-def _identities(s: Sketch) -> list[tuple[str, str]]:
-    out = []
-    if s.user:
-        out.append(("user", s.user))
-    if s.key_id:
-        out.append(("key", s.key_id))
-    if s.project:
-        out.append(("project", s.project))
-        if s.run:
-            out.append(("run", f"{s.project}/{s.run}"))
-    return out
 
 
 def scan_store(db: str, policies: Policy | PolicySet | ExtractionRules | None = None) -> ScanReport:

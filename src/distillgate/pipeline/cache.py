@@ -8,7 +8,6 @@ them. Records are written atomically only after a stage finished, so a crash mid
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +16,6 @@ from typing import Any
 import orjson
 
 from distillgate.ledger.canonical import hash_json
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fingerprint(*parts: Any) -> str:

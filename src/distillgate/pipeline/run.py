@@ -35,7 +35,8 @@ from rich.progress import (
 from rich.table import Table
 
 from distillgate.errors import NotFoundError, PolicyDenied, UpstreamError, UserError
-from distillgate.pipeline.cache import StageCache, StageRecord, file_sha256, fingerprint
+from distillgate.ledger.canonical import sha256_file
+from distillgate.pipeline.cache import StageCache, StageRecord, fingerprint
 from distillgate.pipeline.project import Project
 from distillgate.policy.decision import Request
 from distillgate.policy.model import PolicySet, load_policies
@@ -133,7 +134,7 @@ class Pipeline:
     def fp_generate(self) -> str:
         p = self.project
         return fingerprint("generate", p.teacher.model_dump(), p.task.model_dump(), p.traffic.model_dump(),
-                           file_sha256(p.path(self.base, p.traffic.path)), p.generation.model_dump(), p.run_id,
+                           sha256_file(p.path(self.base, p.traffic.path)), p.generation.model_dump(), p.run_id,
                            p.project, p.user, self.teacher_system)
 
     def dataset_config(self) -> dict[str, Any]:

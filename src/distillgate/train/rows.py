@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -47,12 +46,6 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("filter_status", "pass") != "fail"]
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def provenance(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -10,8 +10,9 @@ import torch
 
 from distillgate.data.guard import ensure_trainable
 from distillgate.errors import UserError
+from distillgate.ledger.canonical import sha256_file
 from distillgate.train.config import TrainConfig
-from distillgate.train.rows import file_sha256, load_rows, provenance
+from distillgate.train.rows import load_rows, provenance
 from distillgate.train.student import (
     apply_lora,
     count_parameters,
@@ -58,7 +59,7 @@ def prepare(config: TrainConfig, *, keep_teacher: bool) -> Prepared:
     record: dict[str, Any] = {
         "recipe": config.recipe,
         "config": config.model_dump(mode="json"),
-        "dataset": {"rows_path": config.rows, "rows_sha256": file_sha256(config.rows),
+        "dataset": {"rows_path": config.rows, "rows_sha256": sha256_file(config.rows),
                     "dataset_version": config.dataset_version, **provenance(rows)},
         "student": {"parameters": total, "trainable": trainable,
                     "layers": getattr(student.config, "num_hidden_layers", None),
