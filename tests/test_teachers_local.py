@@ -127,6 +127,39 @@ def test_label_scores_sum_to_one_and_match_per_label_forward_passes(engine: Loca
     assert max(abs(single[k] - dists[1][k]) for k in LABELS) < 1e-4
 
 
+def test_kept_prefix_is_reused_across_calls_and_by_single_requests(engine: LocalModel) -> None:
+    engine.clear_prefix_cache()
+    hits, misses = engine.prefix_stats["hits"], engine.prefix_stats["misses"]
+    first = engine.score_labels_batch(_prompts()[:1], LABELS)  # one chat prompt: its head (the system turn) is kept
+    assert engine.prefix_stats["misses"] == misses + 1
+    rest = engine.score_labels_batch(_prompts()[1:], LABELS)  # a later call starts with the kept head: reused
+    assert engine.prefix_stats["hits"] == hits + 1 and engine.prefix_stats["misses"] == misses + 1
+    reference = engine.score_labels_batch(_prompts(), LABELS, prefix_cache=False, rows_per_pass=1)
+    for dist, ref in zip(first + rest, reference, strict=True):
+        assert max(abs(dist[k] - ref[k]) for k in LABELS) < 1e-4
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=True)
+    cached = engine.generate(_prompts()[2:], params)[0]  # generation reuses the same kept head
+    assert engine.prefix_stats["hits"] == hits + 2
+    plain = engine.generate(_prompts()[2:], params, prefix_cache=False)[0]
+    assert cached.token_ids == plain.token_ids
+    assert cached.logprobs is not None and plain.logprobs is not None
+    assert max(abs(x.logprob - y.logprob) for x, y in zip(cached.logprobs, plain.logprobs, strict=True)) < 1e-4
+    head = engine.head_length(_prompts()[0], engine.encode(_prompts()[0]))
+    assert 0 < head < len(engine.encode(_prompts()[0]))
+    assert engine.head_length("plain text", engine.encode("plain text")) == 0
+
+
+def test_length_normalised_label_scores_use_mean_token_logprobs(engine: LocalModel) -> None:
+    sums, lengths = engine.label_logprob_sums(_prompts()[:1], LABELS)
+    assert lengths == [len(engine.tokenizer(label, add_special_tokens=False)["input_ids"]) + 1 for label in LABELS]
+    dist = engine.score_labels_batch(_prompts()[:1], LABELS, length_normalise=True)[0]
+    reference = torch.softmax(sums[0] / torch.tensor(lengths, dtype=torch.float32), dim=0)
+    assert abs(sum(dist.values()) - 1.0) < 1e-5
+    assert max(abs(dist[k] - float(reference[i])) for i, k in enumerate(LABELS)) < 1e-5
+    summed = engine.score_labels_batch(_prompts()[:1], LABELS)[0]
+    assert max(abs(summed[k] - float(torch.softmax(sums[0], dim=0)[i])) for i, k in enumerate(LABELS)) < 1e-5
+
+
 def test_stop_strings_and_length(engine: LocalModel) -> None:
     base = engine.generate(_prompts()[:1], SamplingParams(max_tokens=20, temperature=0.0))[0]
     assert len(base.text) > 4

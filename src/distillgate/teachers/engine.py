@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,13 @@ Prompt = str | Sequence[Mapping[str, Any]]
 
 #: Fewer shared tokens than this are not worth a separate prefix pass.
 MIN_PREFIX_TOKENS = 8
+#: Prefix keys/values kept between calls (least recently used dropped first). A SmolLM2-135M prefix costs about
+#: 46 KB per token in float32, so four 1,000-token prefixes hold ~180 MB.
+PREFIX_CACHE_ENTRIES = 4
+#: A kept prefix is reused when a freshly computed one would be at most this many tokens longer.
+PREFIX_REUSE_SLACK = 32
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
 MAX_TOP_LOGPROBS = 20
 
 
@@ -131,6 +139,8 @@ class LocalModel:
         self.eos_id = int(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_id)
+        self._prefixes: OrderedDict[tuple[int, ...], KV] = OrderedDict()
+        self.prefix_stats = {"hits": 0, "misses": 0}
 
     # ------------------------------------------------------------------ prompts
     def card(self) -> TeacherCard:
@@ -161,7 +171,8 @@ class LocalModel:
                  *, prefix_cache: bool = True, on_delta: DeltaCallback | None = None) -> list[Generation]:
         """Generate one completion per prompt, all rows in one padded batch (rows may carry their own params).
 
-        Rows sharing a leading token prefix get it computed once (``prefix_cache``). With a ``seed``, a row's
+        Rows sharing a leading token prefix get it computed once and kept for later calls (``prefix_cache``, see
+        ``_shared_prefix``): a single chat request with a long system prompt reuses it too. With a ``seed``, a row's
         sampling is reproducible. ``on_delta(row, text)`` receives new text as it is produced.
         """
         if not prompts:
@@ -182,19 +193,22 @@ class LocalModel:
                                 hint="shorten the prompt")
             gen = torch.Generator().manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
             rows.append(_Row(ids, p, gen, max_new=min(p.max_tokens, room)))
-        self._run(rows, prefix_cache=prefix_cache, on_delta=on_delta)
+        heads = ([self.head_length(pr, r.prompt_ids) for pr, r in zip(prompts, rows, strict=True)]
+                 if prefix_cache else [])
+        self._run(rows, prefix_cache=prefix_cache, on_delta=on_delta, heads=heads)
         return [
             Generation(r.text, r.out_ids, r.finish or "length", len(r.prompt_ids),
                        r.logprobs if r.params.logprobs else None)
             for r in rows
         ]
 
-    def _run(self, rows: list[_Row], *, prefix_cache: bool, on_delta: DeltaCallback | None) -> None:
+    def _run(self, rows: list[_Row], *, prefix_cache: bool, on_delta: DeltaCallback | None,
+             heads: Sequence[int] = ()) -> None:
         from transformers import DynamicCache
 
         ids_list = [r.prompt_ids for r in rows]
-        plen = common_prefix_length(ids_list) if prefix_cache and len(rows) > 1 else 0
-        cache, plen = self._prefix_cache(ids_list[0][:plen], len(rows)) if plen else (DynamicCache(), 0)
+        kv, plen = self._shared_prefix(ids_list, heads) if prefix_cache else ([], 0)
+        cache = DynamicCache(ddp_cache_data=_expand(kv, len(rows))) if kv else DynamicCache()
         suffixes = [ids[plen:] for ids in ids_list]
         width = max(len(s) for s in suffixes)
         batch = len(rows)
@@ -237,16 +251,56 @@ class LocalModel:
             cache = out.past_key_values
             logits = out.logits[:, -1, :].float()
 
-    def _prefix_cache(self, prefix: list[int], batch: int) -> tuple[Any, int]:
-        """Run ``prefix`` once and return a cache holding its keys/values copied for ``batch`` rows."""
-        from transformers import DynamicCache
+    def head_length(self, prompt: Prompt, ids: Sequence[int]) -> int:
+        """Tokens of ``ids`` that are the chat before its last message (a stable prefix to keep between calls).
 
-        if len(prefix) < MIN_PREFIX_TOKENS:
-            return DynamicCache(), 0
-        out = self.model(input_ids=torch.tensor([prefix]), use_cache=True)
-        layers = [(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous())
-                  for k, v, *_ in out.past_key_values]
-        return DynamicCache(ddp_cache_data=layers), len(prefix)
+        For ``[system, few-shot turns..., user]`` that is everything up to the last user turn: the part that repeats
+        across rows. 0 for raw text, a single message, or when the rendered head is not a token prefix of ``ids``.
+        """
+        if isinstance(prompt, str) or len(prompt) < 2 or not self.tokenizer.chat_template:
+            return 0
+        text = self.tokenizer.apply_chat_template([dict(m) for m in prompt[:-1]], tokenize=False,
+                                                  add_generation_prompt=False)
+        head = self.tokenizer(str(text), add_special_tokens=False)["input_ids"]
+        n = len(head)
+        return n if 0 < n < len(ids) and [int(i) for i in head] == list(ids[:n]) else 0
+
+    def _shared_prefix(self, ids_list: Sequence[Sequence[int]], heads: Sequence[int] = ()) -> tuple[KV, int]:
+        """Keys/values (batch size 1) of a prefix every row starts with, and its length; ``([], 0)`` if none.
+
+        The candidate is the chat head every row shares (``heads``, see ``head_length``), else the rows' common token
+        prefix. A prefix computed once is kept (``PREFIX_CACHE_ENTRIES``) and reused by later calls whose rows all
+        start with it, unless a fresh prefix would be more than ``PREFIX_REUSE_SLACK`` tokens longer.
+        """
+        first = ids_list[0]
+        candidate = 0
+        if heads and all(h == heads[0] for h in heads) and heads[0] >= MIN_PREFIX_TOKENS \
+                and all(list(ids[:heads[0]]) == list(first[:heads[0]]) for ids in ids_list):
+            candidate = heads[0]
+        elif len(ids_list) > 1:
+            candidate = common_prefix_length(ids_list)
+        best, best_key = 0, None
+        for key in self._prefixes:
+            n = len(key)
+            if best < n and all(len(ids) > n and tuple(ids[:n]) == key for ids in ids_list):
+                best, best_key = n, key
+        if best_key is not None and best + PREFIX_REUSE_SLACK >= candidate:
+            self._prefixes.move_to_end(best_key)
+            self.prefix_stats["hits"] += 1
+            return self._prefixes[best_key], best
+        if candidate < MIN_PREFIX_TOKENS:
+            return [], 0
+        key = tuple(int(i) for i in first[:candidate])
+        out = self.model(input_ids=torch.tensor([list(key)]), use_cache=True)
+        kv: KV = [(k, v) for k, v, *_ in out.past_key_values]
+        self._prefixes[key] = kv
+        while len(self._prefixes) > PREFIX_CACHE_ENTRIES:
+            self._prefixes.popitem(last=False)
+        self.prefix_stats["misses"] += 1
+        return kv, candidate
+
+    def clear_prefix_cache(self) -> None:
+        self._prefixes.clear()
 
     def _pick(self, rows: list[_Row], active: list[int], logits: torch.Tensor) -> list[int]:
         logprobs = torch.log_softmax(logits, dim=-1)  # (b, V)
@@ -311,15 +365,37 @@ class LocalModel:
         """The model's distribution over ``labels`` as continuations of ``prompt`` (sums to 1)."""
         return self.score_labels_batch([prompt], labels, append_eos=append_eos)[0]
 
-    @torch.inference_mode()
     def score_labels_batch(self, prompts: Sequence[Prompt], labels: Sequence[str], *, append_eos: bool = True,
-                           prefix_cache: bool = True, rows_per_pass: int = 4) -> list[dict[str, float]]:
+                           prefix_cache: bool = True, rows_per_pass: int = 4,
+                           length_normalise: bool = False) -> list[dict[str, float]]:
         """Label distributions for many prompts: p(label | prompt) ∝ exp(Σ_t log p(label token_t | ...)).
+
+        With ``length_normalise`` the score of a label is its *mean* token log-probability instead of the sum, so
+        that long labels are not penalised for their length (see ``label_logprob_sums``).
+        """
+        sums, lengths = self.label_logprob_sums(prompts, labels, append_eos=append_eos, prefix_cache=prefix_cache,
+                                                rows_per_pass=rows_per_pass)
+        norm = torch.tensor(lengths, dtype=torch.float32) if length_normalise else None
+        results: list[dict[str, float]] = []
+        for scores in sums:
+            if norm is not None:
+                scores = scores / norm
+            probs = torch.softmax(scores.float(), dim=0)
+            results.append({label: float(p) for label, p in zip(labels, probs, strict=True)})
+        return results
+
+    @torch.inference_mode()
+    def label_logprob_sums(self, prompts: Sequence[Prompt], labels: Sequence[str], *, append_eos: bool = True,
+                           prefix_cache: bool = True,
+                           rows_per_pass: int = 4) -> tuple[list[torch.Tensor], list[int]]:
+        """Per prompt, the (L,) summed token log-probabilities of each label as the continuation; and each label's
+        token count (EOS included).
 
         Each label is tokenised (followed by EOS when ``append_eos``, so that "card" and "card payment" are
         told apart). All labels of a row are scored in one forward pass: their tokens are laid out as a token
         trie after the prompt, with a tree attention mask, so a token shared by several labels is computed once.
-        The prompts' common token prefix is computed once for the whole call (``prefix_cache``).
+        The prompts' shared prefix (chat head or common tokens) is computed once and kept for later calls
+        (``prefix_cache``).
         """
         if len(set(labels)) != len(labels) or not labels:
             raise UserError("labels must be a non-empty list of distinct strings", hint="remove duplicate labels")
@@ -335,23 +411,15 @@ class LocalModel:
         ids_list = [self.encode(p) for p in prompts]
         if not ids_list:
             return []
-        plen = common_prefix_length(ids_list) if prefix_cache and len(ids_list) > 1 else 0
-        prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if plen >= MIN_PREFIX_TOKENS:
-            out = self.model(input_ids=torch.tensor([ids_list[0][:plen]]), use_cache=True)
-            prefix_kv = [(k, v) for k, v, *_ in out.past_key_values]
-        else:
-            plen = 0
-        results: list[dict[str, float]] = []
+        heads = [self.head_length(p, ids) for p, ids in zip(prompts, ids_list, strict=True)] if prefix_cache else []
+        prefix_kv, plen = self._shared_prefix(ids_list, heads) if prefix_cache else ([], 0)
+        out: list[torch.Tensor] = []
         for start in range(0, len(ids_list), rows_per_pass):
             chunk = [ids[plen:] for ids in ids_list[start:start + rows_per_pass]]
-            for scores in self._score_chunk(chunk, prefix_kv, plen, trie):
-                total = torch.logsumexp(scores, dim=0)
-                probs = torch.exp(scores - total)
-                results.append({label: float(p) for label, p in zip(labels, probs, strict=True)})
-        return results
+            out.extend(self._score_chunk(chunk, prefix_kv, plen, trie))
+        return out, [len(ids) for ids in label_ids]
 
-    def _score_chunk(self, suffixes: list[list[int]], prefix_kv: list[tuple[torch.Tensor, torch.Tensor]],
+    def _score_chunk(self, suffixes: list[list[int]], prefix_kv: KV,
                      plen: int, trie: _Trie) -> list[torch.Tensor]:
         """Score every label for each row; returns one (L,) tensor of summed label log-probs per row."""
         from transformers import DynamicCache
@@ -377,9 +445,7 @@ class LocalModel:
             mask[b, 0, width:, plen + pad:plen + width] = True
             mask[b, 0, width:, plen + width:] = tree
             mask[b, 0, :pad, plen + pad] = True  # padded queries attend somewhere; their outputs are ignored
-        cache = (DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1).contiguous(),
-                                               v.expand(batch, -1, -1, -1).contiguous()) for k, v in prefix_kv])
-                 if prefix_kv else DynamicCache())
+        cache = DynamicCache(ddp_cache_data=_expand(prefix_kv, batch)) if prefix_kv else DynamicCache()
         hidden = self.model.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                   past_key_values=cache, use_cache=True).last_hidden_state  # (B, Q, H)
         # logits are needed where a next token is predicted: the last prompt token and every inner trie node
@@ -410,6 +476,11 @@ class LocalModel:
         token_lp = logprobs.gather(1, torch.tensor(answer_ids).unsqueeze(1)).squeeze(1)
         top_lp, top_ids = torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)
         return AnswerLogprobs(self.encode(prompt), answer_ids, token_lp, top_ids, top_lp)
+
+
+def _expand(kv: KV, batch: int) -> KV:
+    """Fresh per-row copies of batch-1 keys/values (the kept originals are never appended to)."""
+    return [(k.expand(batch, -1, -1, -1).clone(), v.expand(batch, -1, -1, -1).clone()) for k, v in kv]
 
 
 def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
