@@ -410,7 +410,7 @@ class LocalModel:
         trie = _Trie.build(label_ids)
         ids_list = [self.encode(p) for p in prompts]
         if not ids_list:
-            return []
+            return [], [len(ids) for ids in label_ids]
         heads = [self.head_length(p, ids) for p, ids in zip(prompts, ids_list, strict=True)] if prefix_cache else []
         prefix_kv, plen = self._shared_prefix(ids_list, heads) if prefix_cache else ([], 0)
         out: list[torch.Tensor] = []
