@@ -15,6 +15,7 @@ import pytest
 
 from distillgate.errors import NotFoundError, UserError
 from distillgate.web.accounts import (
+    FAILURE_WINDOW_S,
     LOCKOUT_S,
     MAX_FAILURES,
     MIN_PASSWORD_CHARS,
@@ -108,6 +109,22 @@ def test_five_failures_lock_the_name_for_a_minute(store: AccountStore) -> None:
         store.check("mallory", f"guess {i}", now=200.0)
     assert store.check("mallory", "guess 6", now=201.0).status == "locked"
     assert store.check("bob", "bob's own long password", now=201.0).status == "ok"
+
+
+def test_old_failures_do_not_count_and_are_forgotten(store: AccountStore, tmp_path: Path) -> None:
+    store.add("alice", PASSWORD)
+    for i in range(MAX_FAILURES - 1):
+        store.check("alice", f"wrong password {i}", now=float(i))
+    later = store.check("alice", "wrong again", now=3.0 + FAILURE_WINDOW_S + 1)
+    assert (later.failures, later.locked_for_s) == (1, 0.0)  # a new count, no lock
+    for i in range(3):
+        store.check(f"stranger-{i}", "guess", now=0.0)
+    store.check("bob", "guess", now=FAILURE_WINDOW_S + 10)  # any failure sweeps out stale counts
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "db.sqlite") as conn:
+        names = sorted(n for (n,) in conn.execute("SELECT user FROM review_signin_failures"))
+    assert names == ["alice", "bob"]
 
 
 def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

@@ -9,8 +9,9 @@ so hashes made with other parameters still verify. Keys are compared in constant
 and an unknown user name costs the same scrypt run as a known one.
 
 Failed sign-ins are counted per user name, known or not (table ``review_signin_failures``): ``MAX_FAILURES`` in a
-row lock the name for ``LOCKOUT_S`` seconds, during which even the right password is refused; a successful sign-in
-clears the count. A disabled account cannot sign in and its sessions end at their next request.
+row, each within ``FAILURE_WINDOW_S`` of the one before, lock the name for ``LOCKOUT_S`` seconds, during which even
+the right password is refused; a successful sign-in clears the count. Counts older than the window are dropped, so
+the table holds only names tried lately. A disabled account cannot sign in and its sessions end at their next request.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ MAX_PASSWORD_CHARS = 1024  # scrypt reads the whole password: bound the work one
 MAX_USER_CHARS = 100
 MAX_FAILURES = 5
 LOCKOUT_S = 60.0
+FAILURE_WINDOW_S = 15 * 60.0  # a failure this long after the previous one starts a new count
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS review_accounts (
@@ -45,6 +47,7 @@ CREATE TABLE IF NOT EXISTS review_accounts (
 CREATE TABLE IF NOT EXISTS review_signin_failures (
     user         TEXT PRIMARY KEY,
     failures     INTEGER NOT NULL,
+    last_at      REAL NOT NULL,
     locked_until REAL
 );
 """
@@ -232,9 +235,12 @@ class AccountStore:
                 self._conn.execute("DELETE FROM review_signin_failures WHERE user = ?", (user,))
             return PasswordCheck("disabled" if account[1] else "ok", user)
         with self._lock:
+            self._conn.execute("DELETE FROM review_signin_failures WHERE last_at < ? AND user != ? "
+                               "AND (locked_until IS NULL OR locked_until < ?)", (now - FAILURE_WINDOW_S, user, now))
             failures = int(self._conn.execute(
-                "INSERT INTO review_signin_failures (user, failures, locked_until) VALUES (?, 1, NULL) "
-                "ON CONFLICT(user) DO UPDATE SET failures = failures + 1 RETURNING failures", (user,)).fetchone()[0])
+                "INSERT INTO review_signin_failures (user, failures, last_at, locked_until) VALUES (?, 1, ?, NULL) "
+                "ON CONFLICT(user) DO UPDATE SET failures = CASE WHEN last_at < ? THEN 1 ELSE failures + 1 END, "
+                "last_at = excluded.last_at RETURNING failures", (user, now, now - FAILURE_WINDOW_S)).fetchone()[0])
             locked_for = 0.0
             if failures >= MAX_FAILURES:
                 locked_for = LOCKOUT_S
