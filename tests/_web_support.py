@@ -1,8 +1,10 @@
-"""Helpers for the review-site tests: a small dataset with hostile teacher outputs, a policy, keys, a live server."""
+"""Helpers for the review-site tests: a small dataset with hostile teacher outputs (and one structured task whose
+answers must match a JSON schema), a policy, keys, a password account, a live server."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import socket
 import threading
@@ -22,14 +24,33 @@ from distillgate.gateway.keys import KeyStore
 from distillgate.ledger.store import Store
 from distillgate.policy.model import PolicySet, policy_from_data
 from distillgate.web import ReviewSite, create_app
+from distillgate.web.accounts import AccountStore
 
 LABELS = ["card_arrival", "top_up_failed", "exchange_rate", "lost_or_stolen_card", "request_refund",
           "card_payment_not_recognised", "refusal"]
 XSS_OUTPUT = ('{"type": "card_arrival", "explanation": "<script>window.__pwned = 1</script>'
               '<img src=x onerror=\\"window.__pwned = 2\\"> <a href=\\"javascript:window.__pwned=3\\">click</a>"}')
 
+# the "extract" task answers with a category, an amount and a currency, checked against this schema
+EXTRACT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["category", "amount", "currency"],
+    "properties": {
+        "category": {"enum": LABELS},
+        "amount": {"type": "number", "minimum": 0},
+        "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+        "explanation": {"type": "string"},
+    },
+    "additionalProperties": False,
+}
+# a structured answer that fails the schema (amount in words) and tries to break out of the JSON editor
+HOSTILE_EXPLANATION = "</textarea><script>window.__pwned = 4</script> charged twice"
+EXTRACT_ANSWER = json.dumps({"type": "request_refund", "amount": "twenty", "currency": "EUR",
+                             "explanation": HOSTILE_EXPLANATION})
+STRUCTURED_ROW = "ds-traffic-7:0"
+
 RECORDS = [
-    {"id": str(i), "text": t, "answer": a}
+    {"id": str(i), "text": t, "answer": a, "task": ""}
     for i, (t, a) in enumerate([
         ("Where is my new card? <b>bold</b>", XSS_OUTPUT),
         ("My top up did not go through", teacher_answer("top_up_failed")),
@@ -40,6 +61,8 @@ RECORDS = [
         ("I think someone stole my card yesterday", teacher_answer("lost_or_stolen_card")),  # near-dup of 3
     ])
 ]
+RECORDS.append({"id": "7", "text": "I was charged 20 euros twice for one coffee", "answer": EXTRACT_ANSWER,
+                "task": "extract"})
 # second teacher samples: three disagree with the first, so the disagreement queue has three inputs (6 rows)
 SECOND = {"0": "top_up_failed", "1": "top_up_failed", "2": "card_arrival", "3": "card_arrival",
           "4": "request_refund", "5": "request_refund"}
@@ -52,9 +75,17 @@ POLICY: dict[str, Any] = {
 }
 
 
+PASSWORDS = {"alice": "alice-reviews-bank-7"}
+
+
 def make_review_dataset(tmp: Path) -> Path:
-    """A built working copy: 6 inputs x 2 teacher samples, allowed labels set, one output full of markup."""
-    wc = make_dataset(tmp, RECORDS, {"name": "bank-intents", "filters": {"allowed_labels": LABELS}})
+    """A built working copy: 6 inputs x 2 teacher samples, allowed labels set, one output full of markup; and one
+    row of the structured task ``extract`` whose answer fails its JSON schema (``STRUCTURED_ROW``)."""
+    columns = {"input": "text", "record_id": "id", "output": "answer", "group": "group", "timestamp": "ts",
+               "tags": "tags", "task": "task"}
+    wc = make_dataset(tmp, RECORDS, {
+        "name": "bank-intents", "ingest": {"columns": columns}, "filters": {"allowed_labels": LABELS},
+        "tasks": {"extract": {"filters": {"json_schema": EXTRACT_SCHEMA, "allowed_labels": LABELS}}}})
     try:
         samples = [sample(f"ds-traffic-{i}", 1, teacher_answer(label),
                           label_probs={label: 0.45, "card_arrival": 0.30, "refusal": 0.25})
@@ -72,6 +103,10 @@ def make_site(tmp: Path, **kwargs: Any) -> tuple[ReviewSite, dict[str, str]]:
     keys = KeyStore(db)
     secrets = {user: keys.create(user)[1] for user in ("alice", "bob", "mallory")}
     keys.close()
+    accounts = AccountStore(db)
+    for user, password in PASSWORDS.items():
+        accounts.add(user, password)
+    accounts.close()
     policies = PolicySet([policy_from_data(POLICY)])
     site = ReviewSite(dataset=dataset, db=db, policies=policies, project="bank", run="run-7", **kwargs)
     return site, secrets
@@ -99,6 +134,10 @@ class LiveSite:
         reply = client.post("/login", data={"csrf": token, "api_key": self.keys[user]})
         assert reply.status_code == 303, reply.text
         return client
+
+    def try_password(self, client: httpx.Client, user: str, password: str) -> httpx.Response:
+        token = csrf_of(client.get("/login").text)
+        return client.post("/login", data={"csrf": token, "user": user, "password": password})
 
     def dataset(self) -> WorkingCopy:
         return WorkingCopy.open(self.site.dataset)

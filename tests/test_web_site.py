@@ -89,6 +89,19 @@ def test_hostile_teacher_output_is_escaped_and_scripts_are_locked_down(tmp_path:
         login = live.client().get("/login")
         set_cookie = login.headers["set-cookie"].lower()
         assert "httponly" in set_cookie and "samesite=strict" in set_cookie
+        # the JSON editor of a structured row: the answer (and a reviewer's rejected draft) stay inside the textarea
+        page = client.get("/rows/ds-traffic-7%3A0")
+        editor = page.text.split('<textarea id="answer-json"', 1)[1].split("</textarea>", 1)[0]
+        assert "&lt;/textarea&gt;&lt;script&gt;window.__pwned = 4&lt;/script&gt;" in editor
+        assert "</textarea><script>" not in page.text and "<script>window" not in page.text
+        draft = '{"category": "</textarea><img src=x onerror=alert(1)>", "amount": 1, "currency": "EUR"}'
+        refused = client.post("/rows/ds-traffic-7%3A0/correct", data={
+            "csrf": csrf_of(page.text), "row_version": str(version_of(page.text)), "answer_json": draft,
+            "reason": "<b>why</b>"})
+        assert refused.status_code == 400
+        assert "<img src=x" not in refused.text and "</textarea><img" not in refused.text
+        assert "&lt;/textarea&gt;&lt;img src=x onerror=alert(1)&gt;" in refused.text
+        assert 'value="&lt;b&gt;why&lt;/b&gt;"' in refused.text
 
 
 def test_sessions_expire(tmp_path: Path, clock: FakeClock) -> None:

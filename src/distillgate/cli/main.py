@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "policy": ("distillgate.cli.policy_cmd", "Validate, explain and test policies."),
     "audit": ("distillgate.cli.audit_cmd", "Verify, checkpoint and export the decision log."),
     "dataset": ("distillgate.cli.dataset_cmd", "Build, review, split, freeze, diff and export datasets."),
-    "review": ("distillgate.cli.review_cmd", "Review dataset rows: queues, next, show, accept, correct, reject."),
+    "review": ("distillgate.cli.review_cmd", "Review dataset rows (queues, accept, correct, reject), serve the page, reviewer accounts."),
     "gateway": ("distillgate.cli.gateway_cmd", "Serve the policy gateway (OpenAI-compatible proxy)."),
     "keys": ("distillgate.cli.keys_cmd", "Create, list and revoke gateway API keys."),
     "stamp": ("distillgate.cli.stamp_cmd", "Verify provenance stamps of gateway responses."),

@@ -1,4 +1,5 @@
-"""``distillgate review``: queues, next, show, accept, correct, reject (the same functions the web pages call), serve."""
+"""``distillgate review``: queues, next, show, accept, correct, reject (the same functions the web pages call), serve,
+and ``user add/list/disable`` (reviewer accounts for the web page)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import click
 import orjson
 
 from distillgate.cli.review_serve import serve
+from distillgate.cli.review_users import users
 from distillgate.data.schema import Row
 
 
@@ -182,3 +184,4 @@ def reject_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, reaso
 
 
 cli.add_command(serve)
+cli.add_command(users)

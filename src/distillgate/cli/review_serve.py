@@ -29,7 +29,7 @@ from distillgate.cli.common import db_option
               help="Seconds a reviewer holds a row they opened.")
 def serve(dataset: str, db: str, policy: str, project: str, run: str | None, requester: str | None, host: str,
           port: int, session_ttl: float, lease_ttl: float) -> None:
-    """Serve the review page: sign in with an API key, work the queues, every verdict logged."""
+    """Serve the review page: sign in with a reviewer account or an API key, work the queues, every verdict logged."""
     from distillgate.policy.model import load_policies
     from distillgate.web import ReviewSite
     from distillgate.web import serve as run_site

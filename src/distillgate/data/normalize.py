@@ -66,28 +66,38 @@ def _trim(text: str, limit: int) -> str:
     return cut + "…"
 
 
+def normalise_object(obj: Mapping[str, object], cfg: NormaliseConfig) -> tuple[dict[str, object], str | None]:
+    """A JSON answer object with stable keys, its canonical label (under ``cfg.label_key``) and trimmed
+    explanation; returns the fixed object and the label it names (None when it names none).
+
+    Teacher answers go through it, and so does a reviewer's corrected answer, so both have the same shape.
+    """
+    fixed: dict[str, object] = {}
+    for key, value in obj.items():
+        name = cfg.key_aliases.get(key.strip().lower(), key.strip())
+        if name not in fixed:  # the first spelling wins when both `type` and `category` appear
+            fixed[name] = value
+    label: str | None = None
+    value = fixed.get(cfg.label_key)
+    if isinstance(value, str) and value.strip():
+        label = canonical_label(value, cfg)
+        fixed[cfg.label_key] = label
+    explanation = fixed.get(cfg.explanation_key)
+    if isinstance(explanation, str):
+        explanation = _SPACES.sub(" ", explanation).strip()
+        if cfg.max_explanation_chars is not None:
+            explanation = _trim(explanation, cfg.max_explanation_chars)
+        fixed[cfg.explanation_key] = explanation
+    return fixed, label
+
+
 def normalise_output(
     raw: str, cfg: NormaliseConfig, label_probs: Mapping[str, float] | None = None
 ) -> Normalised:
     text = raw.strip()
     obj = _json_object(text) if cfg.parse_json else None
     if obj is not None:
-        fixed: dict[str, object] = {}
-        for key, value in obj.items():
-            name = cfg.key_aliases.get(key.strip().lower(), key.strip())
-            if name not in fixed:  # the first spelling wins when both `type` and `category` appear
-                fixed[name] = value
-        label: str | None = None
-        value = fixed.get(cfg.label_key)
-        if isinstance(value, str) and value.strip():
-            label = canonical_label(value, cfg)
-            fixed[cfg.label_key] = label
-        explanation = fixed.get(cfg.explanation_key)
-        if isinstance(explanation, str):
-            explanation = _SPACES.sub(" ", explanation).strip()
-            if cfg.max_explanation_chars is not None:
-                explanation = _trim(explanation, cfg.max_explanation_chars)
-            fixed[cfg.explanation_key] = explanation
+        fixed, label = normalise_object(obj, cfg)
         if label is None and label_probs:
             label = canonical_label(max(label_probs, key=lambda k: label_probs[k]), cfg)
         return Normalised(orjson.dumps(fixed, option=orjson.OPT_SORT_KEYS).decode(), label, parsed=True)

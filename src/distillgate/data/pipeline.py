@@ -65,16 +65,21 @@ def paused_gc() -> Iterator[None]:
 
 
 def normalise_rows(rows: Sequence[Row], config: DatasetConfig) -> list[bool]:
-    """Fill ``output``/``teacher_label``/``label`` from ``output_raw``; return whether each answer parsed."""
+    """Fill ``output``/``teacher_label``/``label`` from ``output_raw``; return whether each answer parsed.
+
+    A human edit stands: an edited row keeps the reviewer's label and, for a structured correction, the reviewer's
+    answer (both read from ``review_after``).
+    """
     cfg = config.normalise
     parsed: list[bool] = []
     for row in rows:
         result = normalise_output(row.output_raw or "", cfg, row.label_probs)
-        row.output = result.output
         row.teacher_label = result.label
-        after = row.review_after or {}
-        row.label = after.get("label", result.label) if row.edited else result.label
-        parsed.append(result.parsed)
+        after = (row.review_after or {}) if row.edited else {}
+        row.label = after.get("label", result.label)
+        human_answer = after.get("output")
+        row.output = human_answer if isinstance(human_answer, str) else result.output
+        parsed.append(True if isinstance(human_answer, str) else result.parsed)
     return parsed
 
 

@@ -5,6 +5,12 @@ the reviewer saw (``expected_version``); if the row changed since, ``ConflictErr
 written. A correction keeps the teacher's answer, stores the human label as the row's ``label``, and sets
 ``edited=True`` with the reviewer, reason and a before/after record.
 
+Structured tasks (the task's filters set ``json_schema``) are corrected with a whole answer instead of a label:
+``correct_answer`` parses the reviewer's JSON, puts it through the same normalisation as teacher answers, checks it
+against the task's schema with the schema filter's own validator, and stores it as the row's ``output`` (the label
+is the one it names). ``output_raw`` keeps the teacher's answer; ``review_before`` / ``review_after`` then also hold
+``output``, and the build keeps the human answer (``review_after["output"]``) as it keeps a human label.
+
 Queues (slices of the working copy):
 
     low_confidence        teacher top label probability below review.low_confidence_max_prob
@@ -33,8 +39,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import jsonschema
+import orjson
+
 from distillgate.data.config import ReviewConfig
 from distillgate.data.filters import compile_filters
+from distillgate.data.normalize import normalise_object, normalise_output
 from distillgate.data.schema import Row
 from distillgate.data.store import WorkingCopy
 from distillgate.errors import ConflictError, DatasetGuardError, NotFoundError, UserError
@@ -121,8 +131,12 @@ def _check_not_locked(wc: WorkingCopy, row: Row) -> None:
         )
 
 
-def _snapshot(row: Row) -> dict[str, Any]:
-    return {"label": row.label, "review_state": row.review_state, "filter_status": row.filter_status}
+def _snapshot(row: Row, *, with_output: bool = False) -> dict[str, Any]:
+    snap: dict[str, Any] = {"label": row.label, "review_state": row.review_state,
+                            "filter_status": row.filter_status}
+    if with_output:
+        snap["output"] = row.output
+    return snap
 
 
 def _now() -> str:
@@ -136,11 +150,17 @@ class Verdict:
 
 
 def _apply(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, action: str,
-           label: str | None, reason: str | None) -> Verdict:
+           label: str | None, reason: str | None, output: str | None = None) -> Verdict:
+    """Write one verdict. ``output`` (structured corrections only) is the reviewer's normalised answer."""
     _check_reviewer(reviewer)
     row = wc.get(row_id)
     _check_not_locked(wc, row)
-    before = _snapshot(row)
+    # an answer a reviewer wrote earlier is part of the trail while it stands, and while it is taken back
+    had_output = "output" in (row.review_after or {})
+    with_output = output is not None or had_output
+    before = _snapshot(row, with_output=with_output)
+    if had_output and output is None:  # a new verdict without an answer restores the teacher's answer
+        row.output = normalise_output(row.output_raw or "", wc.config.normalise, row.label_probs).output
     if action == "accept":
         row.review_state = "accepted"
         row.edited = False
@@ -151,19 +171,23 @@ def _apply(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, a
                 hint="use `correct` with --label, or `reject`",
             )
     elif action == "correct":
-        if not label or not label.strip():
+        if output is None and (not label or not label.strip()):
             raise UserError("a correction needs the new label", hint="pass --label LABEL")
         if not reason or not reason.strip():
             raise UserError("a correction needs a reason", hint="pass --reason TEXT")
-        allowed = allowed_labels(wc, row.task)
-        if allowed is not None and label.strip() not in allowed:
-            raise UserError(
-                f"label {label.strip()!r} is not an allowed label of task {row.task!r}",
-                hint="pick one of the labels in filters.allowed_labels / allowed_labels_file",
-            )
+        if output is not None:
+            row.output = output
+            row.label = label
+        elif label is not None:
+            allowed = allowed_labels(wc, row.task)
+            if allowed is not None and label.strip() not in allowed:
+                raise UserError(
+                    f"label {label.strip()!r} is not an allowed label of task {row.task!r}",
+                    hint="pick one of the labels in filters.allowed_labels / allowed_labels_file",
+                )
+            row.label = label.strip()
         row.review_state = "corrected"
         row.edited = True
-        row.label = label.strip()
     else:
         if not reason or not reason.strip():
             raise UserError("a rejection needs a reason", hint="pass --reason TEXT")
@@ -175,7 +199,7 @@ def _apply(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, a
     row.review_reason = reason
     row.reviewed_at = _now()
     row.review_before = before
-    row.review_after = _snapshot(row)
+    row.review_after = _snapshot(row, with_output=with_output)
     _ensure_leases(wc)
     with wc.transaction():
         _check_lease(wc, row_id, reviewer.strip(), time.time())
@@ -194,9 +218,65 @@ def correct(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, 
     return _apply(wc, row_id, reviewer, expected_version, "correct", label, reason)
 
 
+def correct_answer(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, answer: str,
+                   reason: str) -> Verdict:
+    """Store a reviewer's whole answer for a structured task (one whose filters set ``json_schema``).
+
+    ``answer`` is JSON text. It must parse to an object; it is normalised like a teacher answer (key aliases,
+    canonical label, trimmed explanation) and must then match the task's schema (checked by the schema filter's
+    validator) and, when the task has allowed labels, name one. It becomes the row's ``output`` (sorted-key JSON,
+    as every normalised answer) and its label the row's ``label``; the row is marked ``edited``.
+    Raises ``UserError`` naming what is wrong (for a schema error: where in the answer, e.g. ``$.amount``).
+    """
+    row = wc.get(row_id)
+    compiled = compile_filters(wc.config.filters_for(row.task), base=wc.root, normalise=wc.config.normalise)
+    if compiled.schema_validator is None:
+        raise UserError(
+            f"task {row.task!r} has no json_schema, so its rows are corrected with a label",
+            hint="use `correct` with a label, or set filters.json_schema (tasks.<task>.filters.json_schema)",
+        )
+    try:
+        value = orjson.loads(answer)
+    except orjson.JSONDecodeError as exc:
+        raise UserError(f"the answer is not valid JSON: {exc}",
+                        hint="fix the JSON (double quotes around keys and strings, no trailing commas)") from None
+    if not isinstance(value, dict):
+        raise UserError(f"the answer must be a JSON object, not {_json_kind(value)}",
+                        hint="write the answer as {\"key\": value, ...}")
+    fixed, label = normalise_object(value, wc.config.normalise)
+    problems = sorted(compiled.schema_validator.iter_errors(fixed), key=lambda e: list(map(str, e.absolute_path)))
+    if problems:
+        shown = "; ".join(f"at {json_path(e)}: {e.message}" for e in problems[:3])
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"the answer does not match the task's schema: {shown}{more}",
+                        hint="fix the answer at that place; the schema is filters.json_schema of the dataset")
+    if compiled.allowed is not None and label not in compiled.allowed:
+        key = wc.config.normalise.label_key
+        named = f"label {label!r}" if label is not None else f"no label (key {key!r})"
+        raise UserError(f"the answer names {named}, which is not an allowed label of task {row.task!r}",
+                        hint=f"set {key!r} to one of the labels in filters.allowed_labels / allowed_labels_file")
+    output = orjson.dumps(fixed, option=orjson.OPT_SORT_KEYS).decode()
+    return _apply(wc, row_id, reviewer, expected_version, "correct", label, reason, output=output)
+
+
 def reject(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, reason: str) -> Verdict:
     """Drop the row from every split (reason code REVIEW_REJECTED)."""
     return _apply(wc, row_id, reviewer, expected_version, "reject", None, reason)
+
+
+def json_path(error: jsonschema.ValidationError) -> str:
+    """Where in the answer a schema error is, as ``$.items[0].name`` (``$`` for the whole answer)."""
+    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def answer_schema(wc: WorkingCopy, task: str) -> dict[str, Any] | None:
+    """The JSON schema answers of ``task`` must match (None: the task is not structured)."""
+    return wc.config.filters_for(task).json_schema
 
 
 def allowed_labels(wc: WorkingCopy, task: str) -> list[str] | None:

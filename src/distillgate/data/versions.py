@@ -297,7 +297,7 @@ def _row_change(old: Row, new: Row) -> RowChange | None:
     touched = set(fields)
     if "output_raw" in touched and "new teacher prompt" not in causes and "new teacher model" not in causes:
         causes.insert(0, "new teacher answer")
-    if "output" in touched and "output_raw" not in touched:
+    if "output" in touched and "output_raw" not in touched and "human edit" not in causes:
         causes.append("normalisation change")
     if "label" in touched and "human edit" not in causes and "output_raw" not in touched:
         causes.append("label change")

@@ -2,7 +2,7 @@
 
 Routes (all server-rendered, Jinja2 with autoescaping; one small script for keyboard shortcuts):
 
-    GET  /login                      sign-in form (API key)
+    GET  /login                      sign-in forms (reviewer account + password, or API key)
     POST /login, POST /logout
     GET  /                           dataset overview: queues with progress, labels, filter reasons, edits, diff
     GET  /queues/{queue}/next        lease the next free row of the queue and show it
@@ -12,7 +12,7 @@ Routes (all server-rendered, Jinja2 with autoescaping; one small script for keyb
 Security: teacher outputs are rendered escaped, and the Content-Security-Policy allows only this site's own script
 and stylesheet (no inline code), so markup inside an output can never run. Every POST carries the session's CSRF
 token. Sessions are signed cookies (SameSite=Strict, HttpOnly) that expire ``session_ttl_s`` after sign-in; a
-revoked key ends its sessions. Every page judges the reviewer again with ``decide()``; a reviewer the policy does
+revoked key or a disabled account ends its sessions. Every page judges the reviewer again with ``decide()``; a reviewer the policy does
 not allow sees no row of the dataset.
 """
 
@@ -43,6 +43,7 @@ from distillgate.data.store import WorkingCopy
 from distillgate.errors import ConflictError, DistillgateError, NotFoundError, UserError
 from distillgate.gateway.keys import KeyStore
 from distillgate.ledger.store import Store
+from distillgate.web.accounts import AccountStore
 from distillgate.web.site import Access, ReviewSite
 from distillgate.web.views import overview, row_view
 
@@ -84,9 +85,9 @@ class SecurityHeaders:
 class ReviewApp:
     """The routes of one review site; holds the open key store and decision log."""
 
-    def __init__(self, site: ReviewSite, keys: KeyStore, log: Store) -> None:
+    def __init__(self, site: ReviewSite, keys: KeyStore, accounts: AccountStore, log: Store) -> None:
         self.site = site
-        self.access = Access(site, keys, log)
+        self.access = Access(site, keys, accounts, log)
         self.log = log
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
                                autoescape=select_autoescape(default=True, default_for_string=True))
@@ -121,10 +122,13 @@ class ReviewApp:
     def reviewer(self, request: Request) -> str | Response:
         """The signed-in reviewer allowed on this project, or the response to send instead."""
         session = request.session
-        user, key_id, since = session.get("user"), session.get("key_id"), session.get("since")
-        if not isinstance(user, str) or not isinstance(key_id, str) or not isinstance(since, int | float):
+        user, method, credential = session.get("user"), session.get("method"), session.get("credential")
+        since = session.get("since")
+        if not (isinstance(user, str) and isinstance(method, str) and isinstance(credential, str)
+                and isinstance(since, int | float)):
             return RedirectResponse("/login", status_code=303)
-        if self.site.clock() - since > self.site.session_ttl_s or not self.access.key_active(key_id, user):
+        if (self.site.clock() - since > self.site.session_ttl_s
+                or not self.access.still_valid(method, credential, user)):
             session.clear()
             session["flash"] = "Your session expired. Sign in again."
             return RedirectResponse("/login", status_code=303)
@@ -141,14 +145,17 @@ class ReviewApp:
         form = await request.form()
         if not self.csrf_ok(request, form):
             return self.forbidden(request, "The form expired or did not come from this site. Reload and try again.")
-        key = str(form.get("api_key") or "")
-        result = await run_in_threadpool(self.access.sign_in, key)
-        if result.problem is not None or result.user is None or result.key_id is None:
-            status = 403 if result.decision is not None else 401
-            return self.render(request, "login.html", status=status, title="Sign in", error=result.problem)
+        name = str(form.get("user") or "")
+        if "api_key" in form:
+            result = await run_in_threadpool(self.access.sign_in, str(form.get("api_key") or ""))
+        else:
+            result = await run_in_threadpool(self.access.sign_in_password, name, str(form.get("password") or ""))
+        if result.problem is not None or result.user is None or result.credential is None:
+            return self.render(request, "login.html", status=result.status, title="Sign in", error=result.problem,
+                               user_name=name[:100])
         request.session.clear()
-        request.session.update({"user": result.user, "key_id": result.key_id, "since": self.site.clock(),
-                                "csrf": secrets.token_urlsafe(32)})
+        request.session.update({"user": result.user, "method": result.method, "credential": result.credential,
+                                "since": self.site.clock(), "csrf": secrets.token_urlsafe(32)})
         return RedirectResponse("/", status_code=303)
 
     async def logout(self, request: Request) -> Response:
@@ -198,7 +205,8 @@ class ReviewApp:
                                     request.query_params.get("queue", ""))
 
     async def _row_page(self, request: Request, user: str, row_id: str, queue: str, *, status: int = 200,
-                        error: str | None = None) -> Response:
+                        error: str | None = None, answer_error: str | None = None, draft: str | None = None,
+                        draft_reason: str = "") -> Response:
         def load(wc: WorkingCopy) -> tuple[Any, str | None]:
             notice = None
             row = review.show(wc, row_id)
@@ -215,7 +223,8 @@ class ReviewApp:
             return self.render(request, "error.html", status=404, title="No such row", message=exc.message)
         mine = view.lease is not None and view.lease.reviewer == user
         return self.render(request, "row.html", status=status, title=f"Row {row_id}", view=view, queue=queue,
-                           notice=notice, error=error, can_act=notice is None, mine=mine)
+                           notice=notice, error=error, can_act=notice is None, mine=mine, answer_error=answer_error,
+                           draft=draft, draft_reason=draft_reason)
 
     async def act(self, request: Request) -> Response:
         user = self.reviewer(request)
@@ -241,10 +250,14 @@ class ReviewApp:
                                         error="The form lost the row version. Reload the row and try again.")
         label = str(form.get("label") or "")
         reason = str(form.get("reason") or "").strip() or None
+        answer = form.get("answer_json")  # the JSON editor of a structured task
+        draft = answer if isinstance(answer, str) and action == "correct" else None
 
         def apply(wc: WorkingCopy) -> review.Verdict:
             if action == "accept":
                 verdict = review.accept(wc, row_id, user, version, reason)
+            elif draft is not None:
+                verdict = review.correct_answer(wc, row_id, user, version, draft, reason or "")
             elif action == "correct":
                 verdict = review.correct(wc, row_id, user, version, label, reason or "")
             else:
@@ -260,6 +273,9 @@ class ReviewApp:
                                         error=f"Not saved: {exc.message}. The row below is the current version; "
                                               "check it and decide again.")
         except UserError as exc:
+            if draft is not None:  # keep what the reviewer wrote, with the problem next to it
+                return await self._row_page(request, user, row_id, queue, status=400, answer_error=f"Not saved: {exc}",
+                                            draft=draft, draft_reason=reason or "")
             return await self._row_page(request, user, row_id, queue, status=400, error=f"Not saved: {exc}")
         past = {"accept": "Accepted", "correct": "Corrected", "reject": "Rejected"}[action]
         request.session["flash"] = f"{past} row {row_id} (now version {verdict.row.version})."
@@ -291,10 +307,12 @@ def _error_pages(app: ReviewApp) -> dict[Any, Callable[[Request, Exception], Awa
 
 
 def create_app(site: ReviewSite) -> Starlette:
-    """The review site for ``site``. The key store and decision log live in ``site.db`` (closed on shutdown)."""
+    """The review site for ``site``. Keys, reviewer accounts and the decision log live in ``site.db`` (closed on
+    shutdown)."""
     keys = KeyStore(site.db)
+    accounts = AccountStore(site.db)
     log = Store.open(site.db)
-    routes_app = ReviewApp(site, keys, log)
+    routes_app = ReviewApp(site, keys, accounts, log)
     r = routes_app
     routes = [
         Route("/", r.home),
@@ -317,6 +335,7 @@ def create_app(site: ReviewSite) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         keys.close()
+        accounts.close()
         log.close()
 
     return Starlette(routes=routes, middleware=middleware, exception_handlers=_error_pages(r), lifespan=lifespan)

@@ -1,8 +1,12 @@
 """What a review site serves and who may use it: ``ReviewSite`` (validated settings) and ``Access`` (sign-in, judging).
 
-Sign-in uses the gateway's API keys (``distillgate keys create --user alice``): the key names the reviewer. Whether
-that reviewer may see the project is judged by the policy's ``decide()`` with a ``kind="review"`` request, on every
-page and every action, so ``review.reviewers`` in the policy is the one place that says who reviews what.
+Reviewers sign in with a reviewer account and its password (``distillgate review user add --user alice``) or with a
+gateway API key (``distillgate keys create --user alice``); either names the reviewer. Whether that reviewer may see
+the project is judged by the policy's ``decide()`` with a ``kind="review"`` request, on every page and every
+action, so ``review.reviewers`` in the policy is the one place that says who reviews what, whatever the sign-in.
+
+Every sign-in attempt is a ``review_signin`` event in the decision log (user name, method, outcome, failures in a
+row; never the password or key); a reviewer the policy refuses is also a ``review_access`` event.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from distillgate.data.review import LEASE_TTL_S
 from distillgate.errors import NotFoundError, UserError
@@ -19,6 +24,7 @@ from distillgate.gateway.keys import KeyStore
 from distillgate.ledger.store import Store
 from distillgate.policy.decision import Decision, Request, Usage, decide
 from distillgate.policy.model import Policy, PolicySet
+from distillgate.web.accounts import MAX_USER_CHARS, AccountStore
 
 SESSION_TTL_S = 8 * 3600.0
 
@@ -62,20 +68,33 @@ class ReviewSite:
         return self.run or self.dataset.resolve().name
 
 
+SignInMethod = Literal["password", "api_key"]
+WRONG_PASSWORD = "wrong user name or password"
+
+
 @dataclass(frozen=True)
 class SignIn:
+    """The result of a sign-in: ``credential`` is the key id (API key) or the user name (password account).
+
+    ``status``: the HTTP status of a refusal (401 unknown credentials, 403 refused by the policy or disabled,
+    429 locked after too many failures).
+    """
+
     user: str | None
-    key_id: str | None
+    method: SignInMethod
+    credential: str | None
     decision: Decision | None
     problem: str | None = None
+    status: int = 200
 
 
 class Access:
-    """Signs reviewers in with API keys and judges, through ``decide()``, whether they may review the project."""
+    """Signs reviewers in (password accounts or API keys) and judges, through ``decide()``, whether they may review."""
 
-    def __init__(self, site: ReviewSite, keys: KeyStore, log: Store) -> None:
+    def __init__(self, site: ReviewSite, keys: KeyStore, accounts: AccountStore, log: Store) -> None:
         self.site = site
         self.keys = keys
+        self.accounts = accounts
         self.log = log
 
     def judge(self, user: str) -> Decision:
@@ -84,19 +103,60 @@ class Access:
                           requester=site.requester)
         return decide(site.policy, request, Usage())
 
+    def _signin_event(self, user: str | None, method: SignInMethod, outcome: str, **extra: object) -> None:
+        self.log.append_event("review_signin", {"user": user, "method": method, "outcome": outcome,
+                                                "project": self.site.project, "run": self.site.run_id, **extra})
+
+    def _admit(self, user: str, method: SignInMethod, credential: str) -> SignIn:
+        decision = self.judge(user)
+        if not decision.allowed:
+            self._signin_event(user, method, "not_allowed", reasons=list(decision.reasons))
+            self.log.append_event("review_access", {"user": user, "project": self.site.project,
+                                                    "run": self.site.run_id, "decision": "deny",
+                                                    "reasons": list(decision.reasons)})
+            return SignIn(user, method, credential, decision, decision.message, 403)
+        self._signin_event(user, method, "ok")
+        return SignIn(user, method, credential, decision)
+
     def sign_in(self, presented: str) -> SignIn:
+        """Sign in with an API key."""
         check = self.keys.check(presented.strip() or None)
         if check.status != "ok" or check.user is None:
             problem = {"missing": "enter your API key", "revoked": "this API key was revoked"}.get(
                 check.status, "this API key is not known")
-            return SignIn(None, None, None, problem)
-        decision = self.judge(check.user)
-        if not decision.allowed:
-            self.log.append_event("review_access", {"user": check.user, "project": self.site.project,
-                                                    "run": self.site.run_id, "decision": "deny",
-                                                    "reasons": list(decision.reasons)})
-            return SignIn(check.user, check.key_id, decision, decision.message)
-        return SignIn(check.user, check.key_id, decision)
+            if check.status != "missing":
+                self._signin_event(check.user, "api_key", f"{check.status}_key", key_id=check.key_id)
+            return SignIn(None, "api_key", None, None, problem, 401)
+        return self._admit(check.user, "api_key", check.key_id or "")
 
-    def key_active(self, key_id: str, user: str) -> bool:
-        return any(k.key_id == key_id and k.active for k in self.keys.list(user=user))
+    def sign_in_password(self, user: str, password: str) -> SignIn:
+        """Sign in with a reviewer account; failures count towards the account's lockout."""
+        name = user.strip()
+        if not name or not password:
+            return SignIn(None, "password", None, None, "enter your user name and password", 401)
+        if len(name) > MAX_USER_CHARS or not name.isprintable():
+            self._signin_event(None, "password", "bad_user_name")
+            return SignIn(None, "password", None, None, WRONG_PASSWORD, 401)
+        check = self.accounts.check(name, password, now=self.site.clock())
+        if check.status == "ok":
+            return self._admit(name, "password", name)
+        extra = {"failures": check.failures, "locked_for_s": round(check.locked_for_s)}
+        self._signin_event(name, "password", {"unknown": "unknown_user", "wrong": "wrong_password"}.get(
+            check.status, check.status), **extra)
+        if check.locked_for_s > 0:
+            wait = max(1, round(check.locked_for_s))
+            problem = (f"too many failed sign-ins for {name!r}: sign-in is locked for {wait} s. "
+                       "Wait, then try again (ask an admin if you forgot the password)")
+            return SignIn(None, "password", None, None, problem, 429)
+        if check.status == "disabled":
+            return SignIn(None, "password", None, None,
+                          f"the reviewer account {name!r} is disabled; ask an admin", 403)
+        return SignIn(None, "password", None, None, WRONG_PASSWORD, 401)
+
+    def still_valid(self, method: str, credential: str, user: str) -> bool:
+        """Whether a session's sign-in still holds: the key is not revoked, the account not disabled."""
+        if method == "api_key":
+            return any(k.key_id == credential and k.active for k in self.keys.list(user=user))
+        if method == "password":
+            return credential == user and self.accounts.active(user)
+        return False

@@ -6,6 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from distillgate.data import review
 from distillgate.data.filters import describe
 from distillgate.data.schema import Row
@@ -111,6 +113,20 @@ class RowView:
     allowed_labels: list[str] | None
     known_labels: list[str]
     lease: review.Lease | None
+    schema: dict[str, Any] | None = None  # the task's json_schema: the row is corrected in the JSON editor
+
+    @property
+    def structured(self) -> bool:
+        return self.schema is not None
+
+    @property
+    def answer_text(self) -> str:
+        """The current answer for the JSON editor: pretty-printed when it is JSON, else as it stands."""
+        return pretty_json(self.row.output or self.row.output_raw or "")
+
+    @property
+    def schema_text(self) -> str:
+        return orjson.dumps(self.schema, option=orjson.OPT_INDENT_2).decode() if self.schema is not None else ""
 
     @property
     def confidence(self) -> float | None:
@@ -139,4 +155,14 @@ def row_view(wc: WorkingCopy, row_id: str, *, max_dups: int = 8) -> RowView:
         allowed_labels=allowed,
         known_labels=wc.labels() if allowed is None else [],
         lease=review.lease_of(wc, row_id),
+        schema=review.answer_schema(wc, row.task),
     )
+
+
+def pretty_json(text: str) -> str:
+    """``text`` indented two spaces per level (keys kept in order) when it is JSON; unchanged when it is not."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()

@@ -1,0 +1,249 @@
+"""Reviewer accounts with passwords, in the same SQLite file as the API keys and the decision log (``--db``).
+
+Made with ``distillgate review user add``; the review site accepts them next to API keys. Only a scrypt hash of a
+password is stored (``hashlib.scrypt``, a fresh 16-byte random salt per password), with its cost parameters:
+
+    scrypt$n=32768,r=8,p=1$<salt, base64>$<derived key, base64>
+
+so hashes made with other parameters still verify. Keys are compared in constant time (``hmac.compare_digest``),
+and an unknown user name costs the same scrypt run as a known one.
+
+Failed sign-ins are counted per user name, known or not (table ``review_signin_failures``): ``MAX_FAILURES`` in a
+row, each within ``FAILURE_WINDOW_S`` of the one before, lock the name for ``LOCKOUT_S`` seconds, during which even
+the right password is refused; a successful sign-in clears the count. Counts older than the window are dropped, so
+the table holds only names tried lately. A disabled account cannot sign in and its sessions end at their next request.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+from distillgate.errors import NotFoundError, UserError
+
+MIN_PASSWORD_CHARS = 12
+MAX_PASSWORD_CHARS = 1024  # scrypt reads the whole password: bound the work one request can ask for
+MAX_USER_CHARS = 100
+MAX_FAILURES = 5
+LOCKOUT_S = 60.0
+FAILURE_WINDOW_S = 15 * 60.0  # a failure this long after the previous one starts a new count
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS review_accounts (
+    user          TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    disabled_at   TEXT
+);
+CREATE TABLE IF NOT EXISTS review_signin_failures (
+    user         TEXT PRIMARY KEY,
+    failures     INTEGER NOT NULL,
+    last_at      REAL NOT NULL,
+    locked_until REAL
+);
+"""
+
+
+@dataclass(frozen=True)
+class ScryptParams:
+    """scrypt cost: CPU/memory cost ``n`` (a power of two), block size ``r``, parallelism ``p``."""
+
+    n: int = 2**15
+    r: int = 8
+    p: int = 1
+
+    @property
+    def maxmem(self) -> int:
+        return 2 * 128 * self.n * self.r * self.p  # scrypt needs 128*n*r*p bytes; leave room
+
+
+DEFAULT_PARAMS = ScryptParams()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def hash_password(password: str, params: ScryptParams = DEFAULT_PARAMS) -> str:
+    """The stored form of ``password``: ``scrypt$n=..,r=..,p=..$salt$key`` with a fresh random salt."""
+    salt = secrets.token_bytes(16)
+    key = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=params.n, r=params.r, p=params.p,
+                         maxmem=params.maxmem, dklen=32)
+    return f"scrypt$n={params.n},r={params.r},p={params.p}${_b64(salt)}${_b64(key)}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Whether ``password`` matches the stored ``encoded`` hash (constant-time comparison of the keys)."""
+    try:
+        scheme, costs, salt_text, key_text = encoded.split("$")
+        fields = dict(item.split("=", 1) for item in costs.split(","))
+        params = ScryptParams(n=int(fields["n"]), r=int(fields["r"]), p=int(fields["p"]))
+        salt, expected = base64.b64decode(salt_text, validate=True), base64.b64decode(key_text, validate=True)
+    except (ValueError, KeyError) as exc:
+        raise UserError("a stored password hash is malformed",
+                        hint="set the account up again (`distillgate review user add`)") from exc
+    if scheme != "scrypt":
+        raise UserError(f"stored password hash uses unknown scheme {scheme!r}", hint="set the account up again")
+    key = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=params.n, r=params.r, p=params.p,
+                         maxmem=params.maxmem, dklen=len(expected))
+    return hmac.compare_digest(key, expected)
+
+
+@cache
+def _dummy_hash() -> str:
+    """A hash no password matches, so an unknown user name costs the same scrypt run as a known one."""
+    return hash_password(secrets.token_urlsafe(24))
+
+
+def check_new_password(user: str, password: str) -> None:
+    """Raise ``UserError`` when ``password`` is too short, too long or the user name itself."""
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise UserError(f"the password is {len(password)} characters long; reviewer passwords need at least "
+                        f"{MIN_PASSWORD_CHARS}", hint="choose a longer password, e.g. a few unrelated words")
+    if len(password) > MAX_PASSWORD_CHARS:
+        raise UserError(f"the password is longer than {MAX_PASSWORD_CHARS} characters",
+                        hint="choose a shorter password")
+    if password.strip().lower() == user.strip().lower():
+        raise UserError("the password may not be the user name", hint="choose another password")
+
+
+def check_user_name(user: str) -> None:
+    if not user or not user.strip() or user != user.strip():
+        raise UserError(f"user {user!r} is empty or has surrounding spaces", hint="pass --user alice")
+    if len(user) > MAX_USER_CHARS or not user.isprintable():
+        raise UserError(f"user name {user[:MAX_USER_CHARS]!r}… is longer than {MAX_USER_CHARS} characters or holds "
+                        "control characters", hint="pass a short printable name, e.g. --user alice")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Account:
+    """A stored reviewer account (never the password or its hash)."""
+
+    user: str
+    created_at: str
+    disabled_at: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.disabled_at is None
+
+
+PasswordStatus = Literal["ok", "unknown", "wrong", "disabled", "locked"]
+
+
+@dataclass(frozen=True)
+class PasswordCheck:
+    """The result of a password sign-in attempt.
+
+    ``failures``: failures in a row for the name after this attempt; ``locked_for_s``: how long the name is locked
+    from now (positive when this attempt hit the limit or came during a lockout).
+    """
+
+    status: PasswordStatus
+    user: str
+    failures: int = 0
+    locked_for_s: float = 0.0
+
+
+class AccountStore:
+    """Add, list, disable and check reviewer accounts. Thread-safe (one connection behind a lock)."""
+
+    def __init__(self, db_path: str | Path) -> None:
+        self.path = Path(db_path)
+        if self.path.parent and not self.path.parent.exists():
+            raise NotFoundError(f"directory {self.path.parent} does not exist",
+                                hint="create it or pass --db with an existing directory")
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def add(self, user: str, password: str, *, params: ScryptParams = DEFAULT_PARAMS) -> Account:
+        """Create the account ``user``; ``UserError`` when it exists or the password breaks the rules."""
+        check_user_name(user)
+        check_new_password(user, password)
+        encoded = hash_password(password, params)
+        record = Account(user=user, created_at=_now())
+        with self._lock:
+            try:
+                self._conn.execute("INSERT INTO review_accounts (user, password_hash, created_at) VALUES (?, ?, ?)",
+                                   (user, encoded, record.created_at))
+            except sqlite3.IntegrityError:
+                raise UserError(f"reviewer account {user!r} already exists",
+                                hint="see `distillgate review user list`; pick another name") from None
+        return record
+
+    def list(self) -> list[Account]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT user, created_at, disabled_at FROM review_accounts ORDER BY created_at, user").fetchall()
+        return [Account(*row) for row in rows]
+
+    def get(self, user: str) -> Account | None:
+        with self._lock:
+            row = self._conn.execute("SELECT user, created_at, disabled_at FROM review_accounts WHERE user = ?",
+                                     (user,)).fetchone()
+        return Account(*row) if row else None
+
+    def disable(self, user: str) -> Account:
+        """Disable ``user``: no more sign-ins, and the account's open sessions end at their next request."""
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE review_accounts SET disabled_at = ? WHERE user = ? AND disabled_at IS NULL", (_now(), user))
+            row = self._conn.execute("SELECT user, created_at, disabled_at FROM review_accounts WHERE user = ?",
+                                     (user,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no reviewer account {user!r}", hint="see `distillgate review user list --db PATH`")
+        if cur.rowcount == 0:
+            raise UserError(f"reviewer account {user!r} was already disabled at {row[2]}")
+        return Account(*row)
+
+    def active(self, user: str) -> bool:
+        account = self.get(user)
+        return account is not None and account.active
+
+    def check(self, user: str, password: str, *, now: float) -> PasswordCheck:
+        """Check a sign-in attempt at time ``now`` (seconds), counting failures and enforcing the lockout."""
+        with self._lock:
+            found = self._conn.execute("SELECT locked_until FROM review_signin_failures WHERE user = ?",
+                                       (user,)).fetchone()
+            account = self._conn.execute("SELECT password_hash, disabled_at FROM review_accounts WHERE user = ?",
+                                         (user,)).fetchone()
+        if found is not None and found[0] is not None and float(found[0]) > now:
+            return PasswordCheck("locked", user, MAX_FAILURES, float(found[0]) - now)
+        too_long = len(password) > MAX_PASSWORD_CHARS
+        matches = verify_password("" if too_long else password, account[0] if account else _dummy_hash())
+        if account is not None and matches and not too_long:
+            with self._lock:
+                self._conn.execute("DELETE FROM review_signin_failures WHERE user = ?", (user,))
+            return PasswordCheck("disabled" if account[1] else "ok", user)
+        with self._lock:
+            self._conn.execute("DELETE FROM review_signin_failures WHERE last_at < ? AND user != ? "
+                               "AND (locked_until IS NULL OR locked_until < ?)", (now - FAILURE_WINDOW_S, user, now))
+            failures = int(self._conn.execute(
+                "INSERT INTO review_signin_failures (user, failures, last_at, locked_until) VALUES (?, 1, ?, NULL) "
+                "ON CONFLICT(user) DO UPDATE SET failures = CASE WHEN last_at < ? THEN 1 ELSE failures + 1 END, "
+                "last_at = excluded.last_at RETURNING failures", (user, now, now - FAILURE_WINDOW_S)).fetchone()[0])
+            locked_for = 0.0
+            if failures >= MAX_FAILURES:
+                locked_for = LOCKOUT_S
+                self._conn.execute("UPDATE review_signin_failures SET failures = 0, locked_until = ? WHERE user = ?",
+                                   (now + LOCKOUT_S, user))
+        return PasswordCheck("wrong" if account is not None else "unknown", user, failures, locked_for)

@@ -1,0 +1,196 @@
+"""Correcting a structured answer: the JSON editor over real HTTP, and ``review.correct_answer`` underneath it
+(schema validation with the schema filter's validator, normalisation, the review trail, rebuilds and versions)."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from _web_support import (
+    EXTRACT_ANSWER,
+    STRUCTURED_ROW,
+    LiveSite,
+    csrf_of,
+    live_site,
+    make_review_dataset,
+    version_of,
+)
+from distillgate.data import review
+from distillgate.data.normalize import normalise_output
+from distillgate.data.pipeline import build
+from distillgate.data.store import WorkingCopy
+from distillgate.data.versions import freeze, load_version, open_version
+from distillgate.errors import UserError
+
+URL = "/rows/ds-traffic-7%3A0"
+GOOD = {"category": "request_refund", "amount": 20, "currency": "EUR", "explanation": "charged twice"}
+GOOD_OUTPUT = orjson.dumps(GOOD, option=orjson.OPT_SORT_KEYS).decode()
+
+
+@pytest.fixture()
+def wc(tmp_path: Path) -> Iterator[WorkingCopy]:
+    copy = WorkingCopy.open(make_review_dataset(tmp_path))
+    yield copy
+    copy.close()
+
+
+def _teacher_output(wc: WorkingCopy) -> str:
+    return normalise_output(EXTRACT_ANSWER, wc.config.normalise).output
+
+
+def test_a_structured_row_offers_the_json_editor_instead_of_the_label_picker(tmp_path: Path) -> None:
+    with live_site(tmp_path) as live:
+        client = live.sign_in("alice")
+        page = client.get(URL)
+        text = html.unescape(page.text)
+        assert page.status_code == 200
+        assert '<label for="answer-json">Corrected answer (JSON)</label>' in text
+        assert 'id="label"' not in text  # no label picker for a structured task
+        editor = html.unescape(page.text.split('name="answer_json"', 1)[1].split(">\n", 1)[1]
+                               .split("</textarea>", 1)[0])
+        assert json.loads(editor) == json.loads(_output_of(live))  # the current answer ...
+        assert '\n  "amount": "twenty",\n' in editor  # ... pretty-printed
+        assert "Schema of task extract" in text and '"pattern": "^[A-Z]{3}$"' in text
+        plain = html.unescape(client.get("/rows/ds-traffic-1%3A0").text)
+        assert 'id="label"' in plain and 'id="answer-json"' not in plain  # other tasks keep the picker
+
+
+def _output_of(live: LiveSite) -> str:
+    wc = live.dataset()
+    try:
+        return str(wc.get(STRUCTURED_ROW).output)
+    finally:
+        wc.close()
+
+
+@pytest.mark.parametrize(("answer", "message"), [
+    ('{"category": "request_refund", "amount": 20,', "the answer is not valid JSON: "),
+    ('[1, 2]', "the answer must be a JSON object, not an array"),
+    ('{"category": "request_refund", "amount": "twenty", "currency": "EUR"}',
+     "the answer does not match the task's schema: at $.amount: 'twenty' is not of type 'number'"),
+    ('{"category": "request_refund", "amount": 20, "currency": "euro"}',
+     "at $.currency: 'euro' does not match '^[A-Z]{3}$'"),
+    ('{"category": "request_refund", "amount": 20}', "at $: 'currency' is a required property"),
+])
+def test_the_server_refuses_answers_that_break_the_schema_and_keeps_the_text(
+        tmp_path: Path, answer: str, message: str) -> None:
+    with live_site(tmp_path) as live:
+        client = live.sign_in("alice")
+        page = client.get(URL)
+        reply = client.post(URL + "/correct", data={"csrf": csrf_of(page.text), "row_version": str(
+            version_of(page.text)), "answer_json": answer, "reason": "amount is a number"})
+        assert reply.status_code == 400
+        text = html.unescape(reply.text)
+        assert "Not saved: the answer " in text and message in text
+        assert 'id="answer-json-error"' in text and 'aria-invalid="true"' in text
+        editor = html.unescape(reply.text.split('name="answer_json"', 1)[1].split(">\n", 1)[1]
+                               .split("</textarea>", 1)[0])
+        assert editor == answer  # the reviewer's text, exactly
+        assert 'value="amount is a number"' in text  # and the reason
+        assert _output_of(live) == _teacher_output_live(live)  # nothing written
+        assert live.events() == []
+
+
+def _teacher_output_live(live: LiveSite) -> str:
+    wc = live.dataset()
+    try:
+        return _teacher_output(wc)
+    finally:
+        wc.close()
+
+
+def test_a_valid_answer_is_stored_with_its_trail_and_logged(tmp_path: Path) -> None:
+    with live_site(tmp_path) as live:
+        client = live.sign_in("alice")
+        page = client.get(URL)
+        version = version_of(page.text)
+        typed = json.dumps({"type": "Request Refund", "currency": "EUR", "amount": 20,
+                            "explanation": "  charged   twice "}, indent=2)
+        reply = client.post(URL + "/correct", data={"csrf": csrf_of(page.text), "row_version": str(version),
+                                                    "answer_json": typed, "reason": "the amount is 20 EUR"})
+        assert reply.status_code == 303
+        wc = live.dataset()
+        try:
+            row = wc.get(STRUCTURED_ROW)
+            teacher = _teacher_output(wc)
+        finally:
+            wc.close()
+        # normalised like a teacher answer: key alias, canonical label, sorted keys, squeezed explanation
+        assert row.output == GOOD_OUTPUT and row.label == "request_refund"
+        assert row.output_raw == EXTRACT_ANSWER and row.teacher_label == "request_refund"  # the teacher's, kept
+        assert (row.review_state, row.edited, row.reviewer, row.version) == ("corrected", True, "alice", version + 1)
+        assert row.review_reason == "the amount is 20 EUR" and row.reviewed_at
+        assert row.review_before == {"label": "request_refund", "review_state": "unreviewed",
+                                     "filter_status": "fail", "output": teacher}
+        assert row.review_after == {"label": "request_refund", "review_state": "corrected",
+                                    "filter_status": "fail", "output": GOOD_OUTPUT}
+        (event,) = live.events()
+        assert (event["action"], event["row_id"], event["reviewer"], event["run"], event["edited"]) == (
+            "correct", STRUCTURED_ROW, "alice", "run-7", True)
+        assert event["before"]["output"] == teacher and event["after"]["output"] == GOOD_OUTPUT
+        assert event["row_version"] == version + 1
+        after = html.unescape(client.get(URL).text)
+        assert "answer rewritten" in after and '"amount": 20' in after
+
+
+def test_a_rebuild_keeps_the_human_answer_and_versions_carry_it(wc: WorkingCopy) -> None:
+    row = wc.get(STRUCTURED_ROW)
+    assert row.filter_reasons == ["SCHEMA_MISMATCH"]
+    review.correct_answer(wc, row.row_id, "alice", row.version, json.dumps(GOOD), "amount is a number")
+    build(wc)
+    rebuilt = wc.get(STRUCTURED_ROW)
+    assert (rebuilt.output, rebuilt.label, rebuilt.filter_status) == (GOOD_OUTPUT, "request_refund", "pass")
+    version = freeze(wc)
+    (stored,) = [r for r in load_version(version.path) if r["row_id"] == STRUCTURED_ROW]
+    assert stored["output"] == GOOD_OUTPUT and stored["review_after"]["output"] == GOOD_OUTPUT
+    # a later verdict without an answer gives the teacher's answer back, and the trail says so
+    again = wc.get(STRUCTURED_ROW)
+    accepted = review.accept(wc, again.row_id, "bob", again.version, "the teacher was right after all")
+    teacher = _teacher_output(wc)
+    assert accepted.row.output == teacher
+    assert accepted.row.review_before["output"] == GOOD_OUTPUT  # type: ignore[index]
+    assert accepted.row.review_after["output"] == teacher  # type: ignore[index]
+    build(wc)
+    assert wc.get(STRUCTURED_ROW).output == teacher
+    second = freeze(wc)
+    from distillgate.data.versions import diff
+
+    (change,) = [c for c in diff(open_version(version.path), second).changes if c.row_id == STRUCTURED_ROW]
+    assert "human edit" in change.causes and "normalisation change" not in change.causes
+
+
+def test_correct_answer_checks_the_task_and_the_allowed_labels(wc: WorkingCopy) -> None:
+    plain = wc.get("ds-traffic-1:0")
+    with pytest.raises(UserError, match="task 'default' has no json_schema"):
+        review.correct_answer(wc, plain.row_id, "alice", plain.version, json.dumps(GOOD), "x")
+    row = wc.get(STRUCTURED_ROW)
+    with pytest.raises(UserError, match=r"at \$.category: 'pizza' is not one of"):
+        review.correct_answer(wc, row.row_id, "alice", row.version, json.dumps({**GOOD, "category": "pizza"}), "x")
+    with pytest.raises(UserError, match="needs a reason"):
+        review.correct_answer(wc, row.row_id, "alice", row.version, json.dumps(GOOD), " ")
+    assert review.answer_schema(wc, "extract") is not None and review.answer_schema(wc, "default") is None
+    assert wc.get(STRUCTURED_ROW).version == row.version  # nothing written
+
+
+def test_allowed_labels_apply_when_the_schema_does_not_name_them(tmp_path: Path) -> None:
+    from _data_support import make_dataset
+
+    schema = {"type": "object", "required": ["category"]}
+    records = [{"id": "1", "text": "where is my card", "answer": '{"category": "card_arrival"}'}]
+    wc = make_dataset(tmp_path, records, {"filters": {"json_schema": schema, "allowed_labels": ["card_arrival"]}})
+    try:
+        build(wc)
+        row = wc.get("ds-traffic-1:0")
+        with pytest.raises(UserError, match="names label 'exchange_rate', which is not an allowed label"):
+            review.correct_answer(wc, row.row_id, "alice", row.version, '{"category": "exchange rate"}', "x")
+        with pytest.raises(UserError, match="names no label \\(key 'category'\\)"):
+            review.correct_answer(wc, row.row_id, "alice", row.version, '{"category": 3}', "x")
+        done = review.correct_answer(wc, row.row_id, "alice", row.version, '{"category": "Card-Arrival"}', "x")
+        assert (done.row.output, done.row.label) == ('{"category":"card_arrival"}', "card_arrival")
+    finally:
+        wc.close()
