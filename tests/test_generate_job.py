@@ -218,3 +218,17 @@ def test_label_scoring_sends_label_choices_and_stores_label_probs(tmp_path: Path
         assert set(probs) == set(labels) and abs(sum(probs.values()) - 1) < 1e-9
         assert row["output_raw"] == max(probs, key=probs.__getitem__)  # the answer is the most probable label
         assert row["sampling"]["label_scoring"] is True and row["stamp"]
+
+
+def test_label_scoring_mean_asks_for_length_normalised_scores(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path, 2)
+    labels = ["card_arrival", "exchange_rate"]
+    with running_gateway(tmp_path) as gw, WorkingCopy.open(root) as wc:
+        target = GatewayTarget(gw.base_url, gw.keys["alice"])
+        report = generate(wc, TEMPLATE, settings(labels=labels, label_scoring="mean", max_tokens=8), target)
+        sent = [r["body"] for r in gw.fake.requests if r["path"].endswith("/chat/completions")]
+    assert report.added == 2
+    assert all(body["label_choices"] == labels and body["label_score"] == "mean" for body in sent)
+    assert all(row["sampling"]["label_scoring"] == "mean" for row in stored_rows(root))
+    with pytest.raises(UserError):
+        settings(labels=labels, label_scoring="max")

@@ -231,10 +231,17 @@ def test_label_choices_answer_with_the_most_probable_label(engine: LocalModel) -
         teacher = LocalTeacher(engine, batch_wait_s=0.05)
         answers = await asyncio.gather(*(teacher.chat_completion({"messages": p, "label_choices": LABELS})
                                          for p in _prompts()))
+        means = await asyncio.gather(*(teacher.chat_completion({"messages": p, "label_choices": LABELS,
+                                                                 "label_score": "mean"}) for p in _prompts()))
         await teacher.aclose()
-        return list(answers)
+        return [*answers, *means]
 
-    answers = asyncio.run(scenario())
+    both = asyncio.run(scenario())
+    answers, means = both[:3], both[3:]
+    for answer, prompt in zip(means, _prompts(), strict=True):  # label_score "mean": length-normalised scores
+        probs = answer["choices"][0]["label_probs"]  # type: ignore[index]
+        direct = engine.score_labels_batch([prompt], LABELS, length_normalise=True)[0]
+        assert all(abs(probs[k] - direct[k]) < 1e-4 for k in LABELS)
     for answer, prompt in zip(answers, _prompts(), strict=True):
         choice = answer["choices"][0]  # type: ignore[index]
         probs = choice["label_probs"]

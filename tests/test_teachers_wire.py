@@ -212,9 +212,13 @@ def test_label_choices_are_validated() -> None:
     import pytest
 
     from distillgate.errors import UpstreamError
-    from distillgate.teachers.wire import label_response, parse_label_choices
+    from distillgate.teachers.wire import label_response, parse_label_choices, parse_label_score
 
     assert parse_label_choices(["a", "b"]) == ["a", "b"]
+    assert (parse_label_score(None), parse_label_score("sum"), parse_label_score("mean")) == (False, False, True)
+    for bad_score in ("max", 1, True):
+        with pytest.raises(UpstreamError, match="label_score must be one of sum, mean"):
+            parse_label_score(bad_score)
     for bad in ([], ["a", "a"], ["a", ""], "a", [1, 2]):
         with pytest.raises(UpstreamError) as info:
             parse_label_choices(bad)

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -128,8 +128,10 @@ class GenerateSettings(BaseModel):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     labels: list[str] | None = None
     #: ask the teacher to answer with the most probable of ``labels`` and to return its distribution over them
-    #: (the ``label_choices`` extension, served by the local teacher through the gateway): soft labels for KD
-    label_scoring: bool = False
+    #: (the ``label_choices`` extension, served by the local teacher through the gateway): soft labels for KD.
+    #: ``true``/``"sum"``: a label scores the sum of its token log-probabilities; ``"mean"``: their mean (long labels
+    #: are not penalised for their length)
+    label_scoring: bool | Literal["sum", "mean"] = False
     concurrency: int = Field(default=8, ge=1, le=256)
     max_attempts: int = Field(default=4, ge=1, le=20)
     backoff_s: float = Field(default=0.5, ge=0)
@@ -266,6 +268,8 @@ class _Job:
             body["logprobs"] = True
         if s.label_scoring and s.labels:
             body["extra_body"] = {"label_choices": list(s.labels)}
+            if s.label_scoring == "mean":
+                body["extra_body"]["label_score"] = "mean"
             body.pop("top_logprobs", None)
             body.pop("logprobs", None)
         return body

@@ -82,6 +82,8 @@ class OpenAIChatSource:
     retries: int = 2
     #: ask for the most probable of these labels (the ``label_choices`` extension of distillgate's local teacher)
     label_choices: list[str] | None = None
+    #: how label token log-probabilities combine: "sum" (the teacher's default) or "mean" (length-normalised)
+    label_score: str | None = None
     transport: httpx.BaseTransport | None = None
     _client: httpx.Client | None = field(default=None, init=False, repr=False)
 
@@ -103,6 +105,8 @@ class OpenAIChatSource:
         }
         if self.label_choices:
             body["label_choices"] = list(self.label_choices)
+            if self.label_score is not None:
+                body["label_score"] = self.label_score
         elif self.request_logprobs:
             body["logprobs"] = True
         last_error = ""

@@ -59,8 +59,10 @@ class GenerationSection(_Strict):
     temperature: float = Field(default=0.0, ge=0, le=2)
     max_tokens: int = Field(default=12, ge=1)
     top_logprobs: int | None = Field(default=20, ge=0, le=20)
-    label_scoring: bool = Field(default=False, description="teacher answers with its most probable label and "
-                                "returns its distribution over the labels (local teacher; the KD target)")
+    label_scoring: bool | Literal["sum", "mean"] = Field(
+        default=False, description="teacher answers with its most probable label and returns its distribution over "
+        "the labels (local teacher; the KD target); true or 'sum' scores a label by the sum of its token "
+        "log-probabilities, 'mean' by their mean (length-normalised)")
     concurrency: int = Field(default=8, ge=1, le=64)
     seed: int = 0
 

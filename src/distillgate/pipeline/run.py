@@ -294,7 +294,8 @@ class Pipeline:
             scoring = p.generation.label_scoring and suite.kind == "classification"
             teacher = OpenAIChatSource(name=p.teacher.model, base_url=target.base_url, api_key=target.api_key,
                                        headers=headers, request_logprobs=True,
-                                       label_choices=list(suite.labels) if scoring else None)
+                                       label_choices=list(suite.labels) if scoring else None,
+                                       label_score="mean" if p.generation.label_scoring == "mean" else None)
             student = LocalCausalLMSource(train["model_dir"], name=f"student:{p.name}", threads=p.eval.threads)
             out = self.workdir / "eval" / spec.name
             metadata = {"run_id": p.run_id, "dataset_version": version["version_id"],

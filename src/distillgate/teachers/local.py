@@ -45,7 +45,7 @@ class LocalTeacher(Teacher):
         self._engine_lock = threading.Lock()  # the engine is not thread-safe: generation and label scoring share it
         self._thread = threading.Thread(target=self._worker, name=f"teacher:{self.model_name}", daemon=True)
         self._thread.start()
-        self._label_queue: queue.Queue[tuple[Prompt, list[str], concurrent.futures.Future[Any]] | None] = \
+        self._label_queue: queue.Queue[tuple[Prompt, list[str], bool, concurrent.futures.Future[Any]] | None] = \
             queue.Queue()
         self._label_thread = threading.Thread(target=self._label_worker, name=f"labels:{self.model_name}",
                                               daemon=True)
@@ -154,14 +154,15 @@ class LocalTeacher(Teacher):
                     self._label_queue.put(None)
                     break
                 batch.append(nxt)
-            groups: dict[tuple[str, ...], list[tuple[Prompt, concurrent.futures.Future[Any]]]] = {}
-            for prompt, wanted, future in batch:
+            groups: dict[tuple[tuple[str, ...], bool], list[tuple[Prompt, concurrent.futures.Future[Any]]]] = {}
+            for prompt, wanted, mean, future in batch:
                 if future.set_running_or_notify_cancel():
-                    groups.setdefault(tuple(wanted), []).append((prompt, future))
-            for label_set, jobs in groups.items():
+                    groups.setdefault((tuple(wanted), mean), []).append((prompt, future))
+            for (label_set, mean), jobs in groups.items():
                 try:
                     with self._engine_lock:
-                        probs = self.engine.score_labels_batch([p for p, _ in jobs], list(label_set))
+                        probs = self.engine.score_labels_batch([p for p, _ in jobs], list(label_set),
+                                                               length_normalise=mean)
                         sizes = [len(self.engine.encode(p)) for p, _ in jobs]
                 except Exception as exc:
                     for _, future in jobs:
@@ -170,19 +171,20 @@ class LocalTeacher(Teacher):
                 for (_, future), dist, size in zip(jobs, probs, sizes, strict=True):
                     future.set_result((dist, size))
 
-    async def score_labels(self, messages: Prompt, labels: Sequence[str]) -> tuple[dict[str, float], int]:
+    async def score_labels(self, messages: Prompt, labels: Sequence[str], *,
+                           length_normalise: bool = False) -> tuple[dict[str, float], int]:
         """The teacher's distribution over ``labels`` as the answer to ``messages``, and the prompt's tokens."""
         if self._closed:
             raise UpstreamError(f"teacher {self.model_name!r} is closed", status=503)
         future: concurrent.futures.Future[tuple[dict[str, float], int]] = concurrent.futures.Future()
-        self._label_queue.put((messages, list(labels), future))
+        self._label_queue.put((messages, list(labels), length_normalise, future))
         return await asyncio.wrap_future(future)
 
-    async def _label_completion(self, body: Mapping[str, Any], labels: list[str]) -> dict[str, Any]:
+    async def _label_completion(self, body: Mapping[str, Any], labels: list[str], mean: bool) -> dict[str, Any]:
         req = wire.parse_chat(body)
         if req.stream or req.n != 1:
             raise UpstreamError("label_choices answers one non-streamed choice (n=1, stream=false)", status=400)
-        probs, prompt_tokens = await self.score_labels(req.messages, labels)
+        probs, prompt_tokens = await self.score_labels(req.messages, labels, length_normalise=mean)
         best = max(probs, key=probs.__getitem__)
         answer_tokens = len(self.engine.tokenizer(best, add_special_tokens=False)["input_ids"])
         return wire.label_response(self.model_name, self.fingerprint(), probs, prompt_tokens, answer_tokens)
@@ -190,7 +192,9 @@ class LocalTeacher(Teacher):
     async def chat_completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
         if body.get("label_choices") is not None:
             labels = wire.parse_label_choices(body.get("label_choices"))
-            return await self._label_completion({k: v for k, v in body.items() if k != "label_choices"}, labels)
+            mean = wire.parse_label_score(body.get("label_score"))
+            rest = {k: v for k, v in body.items() if k not in ("label_choices", "label_score")}
+            return await self._label_completion(rest, labels, mean)
         req = wire.parse_chat(body)
         gens = await self.generate([req.messages] * req.n,
                                    [wire.choice_params(req.params, j) for j in range(req.n)])

@@ -228,6 +228,19 @@ def parse_label_choices(raw: Any) -> list[str]:
     return [str(x) for x in raw]
 
 
+#: ``label_score`` (a distillgate extension next to ``label_choices``): how a label's token log-probabilities combine
+LABEL_SCORES = ("sum", "mean")
+
+
+def parse_label_score(raw: Any) -> bool:
+    """``label_score``: ``"sum"`` (default) or ``"mean"``; returns whether to length-normalise."""
+    if raw is None:
+        return False
+    if raw not in LABEL_SCORES:
+        raise _bad([f"label_score must be one of {', '.join(LABEL_SCORES)} (got {raw!r})"])
+    return bool(raw == "mean")
+
+
 def label_response(model: str, fingerprint: str, probs: Mapping[str, float], prompt_tokens: int,
                    completion_tokens: int) -> dict[str, Any]:
     """A chat.completion whose content is the most probable label; ``label_probs`` rides on the choice."""
