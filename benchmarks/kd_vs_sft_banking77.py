@@ -79,7 +79,9 @@ def main() -> None:
     train = [train[i] for i in torch.randperm(len(train), generator=g)[: args.rows].tolist()]
     test = read_split("test", labels)
     test = [test[i] for i in torch.randperm(len(test), generator=g)[: args.eval_rows].tolist()]
-    results: dict[str, Any] = {"labels": labels, "n_train": len(train), "n_eval": len(test), "args": dict(vars(args))}
+    previous = args.out / "results.json"  # a run of one recipe (--only) keeps the other recipe's figures
+    results: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {}
+    results.update({"labels": labels, "n_train": len(train), "n_eval": len(test), "args": dict(vars(args))})
     results["args"]["out"] = str(args.out)
     print(f"{len(labels)} intents, {len(train)} train rows, {len(test)} eval rows", flush=True)
 

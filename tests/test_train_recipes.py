@@ -228,6 +228,29 @@ def test_batched_label_scoring_matches_one_prompt_at_a_time() -> None:
     torch.testing.assert_close(score_labels_batch(model, prompts, labels), one, rtol=1e-4, atol=1e-4)
 
 
+def test_batched_label_scores_give_the_same_gradients_as_one_prompt_at_a_time() -> None:
+    """The kd recipe trains through ``label_scores`` (one padded batch): same loss and gradients as row by row."""
+    from _train_support import make_model
+    from distillgate.train.labels import label_scores
+
+    model = make_model(3).train()
+    prompts = [[2, 5, 6, 7, 8], [2, 9, 10], [2, 11, 12, 13, 14, 15, 16]]
+    labels = [[8, 3], [9, 10, 3], [11, 3], [12, 13, 14, 3]]
+    target = torch.softmax(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), -1)
+
+    def grads(scores: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad()
+        loss = -(target * torch.log_softmax(scores, -1)).sum()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    batched = grads(label_scores(model, prompts, labels))
+    single = grads(torch.stack([score_labels(model, p, labels) for p in prompts]))
+    assert len(batched) == len(single) > 0
+    for x, y in zip(batched, single, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)
+
+
 def test_load_rows_reads_jsonl_and_parquet_and_keeps_provenance(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -49,7 +49,17 @@ def label_distribution(model: Any, prompt: Sequence[int], labels: Sequence[Seque
 @torch.no_grad()
 def score_labels_batch(model: Any, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
                        pad_id: int = 0) -> torch.Tensor:
-    """(B, L) label log-likelihoods for several prompts at once (inference only; left-padded prompt batch)."""
+    """(B, L) label log-likelihoods for several prompts at once, without gradients (teacher targets, predictions)."""
+    return label_scores(model, prompts, labels, pad_id)
+
+
+def label_scores(model: Any, prompts: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
+                 pad_id: int = 0) -> torch.Tensor:
+    """(B, L) label log-likelihoods for several prompts in two batched passes; differentiable (the kd recipe).
+
+    The prompts run as one left-padded batch with a KV cache; the cache is repeated for the L labels and every
+    (prompt, label) continuation runs as one batch of ``B * L`` short sequences.
+    """
     device = next(model.parameters()).device
     b, n = len(prompts), len(labels)
     width = max(len(p) for p in prompts)
@@ -67,20 +77,20 @@ def score_labels_batch(model: Any, prompts: Sequence[Sequence[int]], labels: Seq
         return scores
     cont = torch.zeros((n, longest - 1), dtype=torch.long, device=device)
     lmask = torch.zeros((n, longest - 1), dtype=torch.long, device=device)
+    nxt = torch.zeros((n, longest - 1), dtype=torch.long, device=device)
     for j, lab in enumerate(labels):
         cont[j, : len(lab) - 1] = torch.tensor(list(lab[:-1]))
         lmask[j, : len(lab) - 1] = 1
+        nxt[j, : len(lab) - 1] = torch.tensor(list(lab[1:]))
     cache = out.past_key_values
     cache.batch_repeat_interleave(n)  # row i's cache repeated for labels 0..n-1
     ids = cont.repeat(b, 1)  # (B*L, longest-1)
     mask = torch.cat([pmask.repeat_interleave(n, 0), lmask.repeat(b, 1)], dim=1)
     lengths = pmask.sum(-1).repeat_interleave(n)  # (B*L,)
     cpos = lengths[:, None] + torch.arange(longest - 1, device=device)[None, :]
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=cpos,
-                                   past_key_values=cache, use_cache=False).logits.float(), dim=-1)
-    logp = logp.view(b, n, longest - 1, -1)
-    for j, lab in enumerate(labels):
-        steps = torch.arange(len(lab) - 1, device=device)
-        nxt = torch.tensor(list(lab[1:]), device=device)
-        scores[:, j] += logp[:, j, steps, nxt].sum(-1)
-    return scores
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=cpos, past_key_values=cache,
+                   use_cache=False).logits.float()  # (B*L, longest-1, V)
+    picked = logits.gather(-1, nxt.repeat(b, 1).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    rest = (picked * lmask.repeat(b, 1)).sum(-1).view(b, n)  # padding steps of short labels count 0
+    result: torch.Tensor = scores + rest
+    return result

@@ -21,7 +21,7 @@ import torch
 from distillgate.errors import UserError
 from distillgate.train.config import TrainConfig
 from distillgate.train.encode import Example, answer_ids, collate, make_examples, sparse_targets
-from distillgate.train.labels import score_labels
+from distillgate.train.labels import label_scores
 from distillgate.train.loop import StepResult, TrainResult, train
 from distillgate.train.losses import DenseTeacher, SparseTeacher, chunked_kd_loss, label_kd_loss
 from distillgate.train.setup import prepare
@@ -45,8 +45,10 @@ def run(config: TrainConfig) -> TrainResult:
             raise UserError(f"{len(lacking)} row(s) have no label_probs over the configured labels, e.g. "
                             f"{lacking[:3]}", hint="score the rows with the teacher first, or use kd.target=logits")
 
+        pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
         def step(batch_examples: Sequence[Example]) -> StepResult:
-            scores = torch.stack([score_labels(student, e.prompt, label_tokens) for e in batch_examples])  # (B, L)
+            scores = label_scores(student, [e.prompt for e in batch_examples], label_tokens, pad_id)  # (B, L)
             teacher_probs = torch.tensor([e.label_probs for e in batch_examples])  # (B, L)
             gold = None
             if kd.hard_weight > 0:
