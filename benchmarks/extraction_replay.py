@@ -1,19 +1,32 @@
-"""Extraction-abuse replay: legitimate banking77 / XSTest runs and scripted attackers through ExtractionMonitor,
-against a PRADA-style baseline (Juuti et al. 2019: Shapiro-Wilk test on each client's minimum-distance
-distribution between successive queries).
+"""Extraction-abuse replay: legitimate banking77 / XSTest runs and scripted attackers through the real gateway (or
+straight into ExtractionMonitor), against a PRADA-style baseline (Juuti et al. 2019: Shapiro-Wilk test on each
+client's minimum-distance distribution between successive queries).
 
-    python benchmarks/extraction_replay.py [--embedder minilm|hashing] [--legit-runs 300] [--attackers 20]
+    python benchmarks/extraction_replay.py [--via http|direct] [--embedder minilm|hashing] [--legit-runs 300]
+                                           [--attackers 20] [--seed 7] [--concurrency 16] [--cache FILE.npz]
 
 Legitimate traffic: generation runs (banking77 train texts in one of two prompt templates, some with
-top_logprobs=5 for KD, each declaring its size), eval runs (banking77 test), XSTest eval runs (250 safe + 200 unsafe
-prompts, shuffled subsets). Attackers (each session 500 queries): coverage-seeking prompts from other domains (raw or
-wrapped in the banking template), logit-bias probing a la Carlini et al. 2024 (one prompt, single-token +100 biases
-swept over the vocabulary, top_logprobs=5, max_tokens=1), template sweeps, chain-of-thought harvesting over
-unrelated tasks, and a slow attacker spread over 5 keys/users mixing coverage prompts and sweeps. All sessions are
-interleaved in one stream; embeddings run on the monitor's background worker (drained every 16 requests).
+top_logprobs=5 for KD), eval runs (banking77 test), XSTest eval runs (250 safe + 200 unsafe prompts, shuffled
+subsets). Attackers (each session 500 queries): coverage-seeking prompts from other domains (raw or wrapped in the
+banking template), logit-bias probing a la Carlini et al. 2024 (one prompt, single-token +100 biases swept over the
+vocabulary, top_logprobs=5, max_tokens=1), template sweeps, chain-of-thought harvesting over unrelated tasks, and a
+slow attacker spread over 5 keys/users mixing coverage prompts and sweeps. Sessions are interleaved at random.
 
-Reports per-run false-positive rate, per-session detection within 500 queries and queries until detection, and
-writes benchmarks/results/extraction_replay.json.
+``--via http`` (default): ``distillgate gateway serve`` runs in its own process on loopback in front of the in-repo
+fake teacher (tests/fakes/fake_upstream.py), with a policy whose extraction signals all only flag (every session
+runs its full length), one API key per user, the chosen embedder and each project's approved reference (banking77
+train texts the legitimate runs do not use; half of XSTest) from the gateway config's ``extraction`` section. Every
+request is an OpenAI chat request (X-Policy-User/-Project/-Run/-Output-Type headers, max_tokens, logprobs,
+top_logprobs, logit_bias, n as scripted) over ``--concurrency`` keep-alive connections, one request in flight per
+session. Senders pause while the gateway's embedding backlog (its /metrics) is above ``--embed-backlog``, so the
+figures describe a gateway whose embedder keeps up. Detection is read from the decision log the gateway wrote: a
+session's queries-until-detection is the position of its first request whose entry carries a signal.
+``--via direct``: the same stream straight into an ``ExtractionMonitor`` (embeddings computed up front, the worker
+drained every 16 requests; declared run sizes are passed, which HTTP has no header for).
+
+Reports per-run false-positive rate, per-session detection within 500 queries and queries until detection, the
+PRADA baseline over the same sessions in the order sent (its delta calibrated on the legitimate runs to <= 0.5%
+FPR), and writes benchmarks/results/extraction_replay_<embedder>[_http].json.
 """
 
 from __future__ import annotations
@@ -316,7 +329,7 @@ def _wait_up(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(url, timeout=2).status_code < 500:
                 return
