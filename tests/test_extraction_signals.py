@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -127,6 +128,33 @@ def test_prompt_drift_runs_in_the_background() -> None:
         assert "prompt_drift" in names
     finally:
         monitor.close()
+
+
+class CountingEmbedder(HashingEmbedder):
+    """The hashing embedder, counting the texts it was asked to embed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        self.texts.extend(texts)
+        return super().embed(texts)
+
+
+def test_a_repeated_prompt_is_embedded_once_while_cached() -> None:
+    embedder = CountingEmbedder()
+    monitor = ExtractionMonitor(embedder=embedder, background=False, embed_cache=2)
+    for prompt in ["card lost", "card lost", "top up failed", "card lost", "exchange rate", "top up failed"]:
+        monitor.observe(feat(prompt))
+    # "card lost" twice from the cache; "top up failed" was evicted by "exchange rate" (LRU of 2)
+    assert embedder.texts == ["card lost", "top up failed", "exchange rate", "top up failed"]
+    assert monitor.embedded == 4
+    uncached = ExtractionMonitor(embedder=embedder, background=False, embed_cache=0)
+    embedder.texts.clear()
+    uncached.observe(feat("card lost"))
+    uncached.observe(feat("card lost"))
+    assert embedder.texts == ["card lost", "card lost"]
 
 
 def test_features_record_keeps_no_prompt_text_and_round_trips() -> None:

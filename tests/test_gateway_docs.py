@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distillgate.cli.gateway_cmd import serve
-from distillgate.gateway.config import GatewayConfig, UpstreamSettings
+from distillgate.gateway.config import ExtractionSettings, GatewayConfig, UpstreamSettings
 from distillgate.gateway.metrics import Metrics
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "gateway.md").read_text()
@@ -14,6 +14,7 @@ DOC = (Path(__file__).resolve().parent.parent / "docs" / "gateway.md").read_text
 def test_every_config_key_is_documented() -> None:
     missing = [k for k in GatewayConfig.model_fields if k != "upstreams" and f"| `{k}" not in DOC]
     missing += [k for k in UpstreamSettings.model_fields if f"`upstreams.<name>.{k}`" not in DOC]
+    missing += [k for k in ExtractionSettings.model_fields if f"| `extraction.{k}" not in DOC]
     assert not missing, f"document these keys in docs/gateway.md: {missing}"
 
 

@@ -8,8 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from _extraction_support import BANK_TEMPLATE, banking_texts, coverage_prompts
 from _gateway_support import free_port, serve_in_thread, write_policies
+from distillgate.errors import ConfigError
+from distillgate.extraction import HashingEmbedder
 from distillgate.gateway.config import config_from_data
 from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.server import build_gateway
@@ -68,3 +72,119 @@ def test_flag_only_policy_never_blocks(tmp_path: Path) -> None:
     assert statuses == [200] * 40
     flagged = [b for b in bodies if "EXTRACTION_FLAGGED" in b["reasons"]]
     assert flagged and all(b["decision"] == "allow" for b in flagged)
+
+
+# -- the gateway's embedder and per-project references (gateway config `extraction`) ----------------------------
+
+BANK = "bank"
+
+
+def drift_policy() -> dict[str, Any]:
+    return {"policy_id": "drift", "allowed_projects": [BANK], "allowed_outputs": ["labels"],
+            "quotas": {"default_max_tokens": 8}}
+
+
+def reference_file(tmp: Path, n: int = 400) -> Path:
+    path = tmp / "approved.jsonl"
+    lines = [json.dumps({"messages": [{"role": "user", "content": BANK_TEMPLATE.format(t)}]})
+             for t in banking_texts()[:n]]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_extraction_config_gives_the_monitor_an_embedder_and_references(tmp_path: Path) -> None:
+    ref = reference_file(tmp_path, 50)
+    text_ref = tmp_path / "approved.txt"
+    text_ref.write_text("\n".join(banking_texts()[:30]) + "\n\n")
+    policies = write_policies(tmp_path / "policies", drift_policy())
+    gateway = build_gateway(config_from_data({
+        "policy": str(policies), "db": str(tmp_path / "gw.db"),
+        "extraction": {"embedder": "hashing", "references": {BANK: str(ref), "other": str(text_ref)},
+                       "embed_cache": 16}}))
+    try:
+        assert isinstance(gateway.monitor.embedder, HashingEmbedder) and gateway.monitor.embed_cache == 16
+        bank, other = gateway.monitor.reference(BANK), gateway.monitor.reference("other")
+        assert bank is not None and len(bank.vectors) == 50 and other is not None and len(other.vectors) == 30
+        assert gateway.monitor.reference("elsewhere") is None
+    finally:
+        gateway.store.close()
+        gateway.keys.close()
+    default = config_from_data({"policy": str(policies)})
+    assert default.extraction.embedder == "none"
+    with pytest.raises(ConfigError) as err:  # every problem at once, each with its path
+        config_from_data({"policy": str(policies),
+                          "extraction": {"references": {BANK: str(tmp_path / "missing.jsonl")}}})
+    paths = {issue.path for issue in err.value.issues}
+    assert paths == {"extraction.references", f"extraction.references.{BANK}"}
+    with pytest.raises(ConfigError):
+        config_from_data({"policy": str(policies), "extraction": {"embedder": "bert"}})
+
+
+def replay_over_http(tmp: Path, embedder: str, requests: int = 80) -> dict[str, list[dict[str, Any]]]:
+    """Alice sends banking prompts (none in the reference), mallory off-domain ones, interleaved, each request
+    over HTTP; returns each user's decision-log bodies in order."""
+    db = tmp / "drift.db"
+    keys = KeyStore(db)
+    secrets = {user: keys.create(user)[1] for user in ("alice", "mallory")}
+    keys.close()
+    legit = [BANK_TEMPLATE.format(t) for t in banking_texts("test")[:requests]]
+    prompts = {"alice": legit, "mallory": coverage_prompts(requests)}
+    extraction: dict[str, Any] = {"embedder": embedder}
+    if embedder != "none":
+        extraction["references"] = {BANK: str(reference_file(tmp))}
+    with fake_upstream(reply="card_lost") as fake:
+        gateway = build_gateway(config_from_data({
+            "policy": str(write_policies(tmp / "policies", drift_policy())), "db": str(db),
+            "upstreams": {"fake": {"base_url": fake.base_url}}, "extraction": extraction}))
+        port = free_port()
+        try:
+            with serve_in_thread(gateway, port), httpx.Client(base_url=f"http://127.0.0.1:{port}/v1") as client:
+                for i in range(requests):
+                    for user in ("alice", "mallory"):
+                        r = client.post("/chat/completions", headers={
+                            "Authorization": f"Bearer {secrets[user]}", "X-Policy-Project": BANK,
+                            "X-Policy-Run": f"run-{user}", "X-Policy-Output-Type": "labels"},
+                            json={"model": "fake-teacher", "max_tokens": 8,
+                                  "messages": [{"role": "user", "content": prompts[user][i]}]})
+                        assert r.status_code == 200, r.text
+                    if i % 10 == 9:  # let the background embedder catch up, as a paced client would
+                        gateway.monitor.drain()
+            assert gateway.monitor.dropped == 0
+        finally:
+            gateway.store.close()
+            gateway.keys.close()
+    conn = sqlite3.connect(db)
+    bodies = [json.loads(b) for (b,) in conn.execute("SELECT body FROM log WHERE kind='decision' ORDER BY idx")]
+    conn.close()
+    return {user: [b for b in bodies if b["user"] == user] for user in ("alice", "mallory")}
+
+
+def drift_positions(entries: list[dict[str, Any]]) -> list[int]:
+    return [i for i, b in enumerate(entries)
+            if any(s["name"] == "prompt_drift" for s in b["extra"]["extraction"]["signals"])]
+
+
+def test_gateway_with_an_embedder_records_drift_for_an_off_domain_session(tmp_path: Path) -> None:
+    by_user = replay_over_http(tmp_path, "hashing")
+    alice, mallory = by_user["alice"], by_user["mallory"]
+    assert len(alice) == len(mallory) == 80
+    assert not [b for b in alice if b["extra"]["extraction"]["signals"]]  # in-domain: nothing fires
+    hits = drift_positions(mallory)
+    assert hits and hits[0] < 40  # fires once 20 prompts are embedded, on the session's following requests
+    first = mallory[hits[0]]
+    assert first["decision"] == "allow" and "EXTRACTION_FLAGGED" in first["reasons"]
+    drift = next(s for s in first["extra"]["extraction"]["signals"] if s["name"] == "prompt_drift")
+    assert drift["value"] >= drift["threshold"] and drift["evidence"]["outside_reference"] >= 10
+
+
+def test_gateway_without_an_embedder_never_records_drift(tmp_path: Path) -> None:
+    by_user = replay_over_http(tmp_path, "none", requests=40)
+    assert not drift_positions(by_user["mallory"]) and not drift_positions(by_user["alice"])
+
+
+@pytest.mark.slow
+def test_gateway_with_minilm_records_drift_for_an_off_domain_session(tmp_path: Path) -> None:
+    by_user = replay_over_http(tmp_path, "minilm")
+    assert not drift_positions(by_user["alice"])
+    hits = drift_positions(by_user["mallory"])
+    assert hits and hits[0] < 40

@@ -88,6 +88,46 @@ class HashingEmbedder:
         return out
 
 
+EMBEDDERS = ("minilm", "hashing")
+
+
+def make_embedder(name: str) -> Embedder:
+    """An embedder by its configuration name: ``minilm`` (all-MiniLM-L6-v2) or ``hashing`` (model-free)."""
+    if name == "minilm":
+        return MiniLMEmbedder()
+    if name == "hashing":
+        return HashingEmbedder()
+    raise NotFoundError(f"no embedder named {name!r}", hint=f"use one of {list(EMBEDDERS)}")
+
+
+def read_reference(path: str | Path) -> list[str]:
+    """A project's approved prompts from a file: ``.jsonl`` with one request body per line (``{"messages": [...]}``
+    as sent to the gateway, or ``{"prompt": "..."}``; the text is what the gateway embeds for that request) or a
+    JSON string per line; any other suffix is plain text, one prompt per line. Blank lines are skipped."""
+    import orjson
+
+    from distillgate.errors import UserError
+    from distillgate.policy.decision import prompt_text
+
+    path = Path(path)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    texts: list[str] = []
+    for number, line in enumerate(lines, 1):
+        try:
+            item = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number} is not JSON: {exc}",
+                            hint='write one request body per line, e.g. {"prompt": "..."}') from exc
+        text = item if isinstance(item, str) else prompt_text(item) if isinstance(item, dict) else ""
+        if not text:
+            raise UserError(f"{path}:{number} has no prompt text",
+                            hint='give "messages" (chat) or "prompt", or a JSON string')
+        texts.append(text)
+    return texts
+
+
 class Reference:
     """A project's approved traffic in embedding space, and the nearest-neighbour similarity below which a prompt
     counts as outside it (the ``quantile`` of the reference's own leave-one-out nearest-neighbour similarities)."""

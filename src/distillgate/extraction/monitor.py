@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
+import xxhash
 
 from distillgate.extraction.embed import Embedder, Reference
 from distillgate.extraction.features import RequestFeatures, Sketch, identities
@@ -58,11 +59,14 @@ class ExtractionMonitor:
 
     def __init__(self, policies: Policy | PolicySet | ExtractionRules | None = None, *,
                  embedder: Embedder | None = None, max_scopes: int = 4096, queue_size: int = 4096,
-                 background: bool = True, reference_size: int = 200) -> None:
+                 background: bool = True, reference_size: int = 200, embed_cache: int = 4096) -> None:
         self._rules_for = rules_from(policies)
         self.embedder = embedder
         self.max_scopes = max_scopes
         self.reference_size = reference_size
+        self.embed_cache = embed_cache
+        self._vectors: OrderedDict[int, np.ndarray] = OrderedDict()  # xxh64(prompt) -> embedding, LRU
+        self.embedded = 0  # prompts actually run through the embedder (cache misses)
         self._scopes: OrderedDict[ScopeKey, ScopeState] = OrderedDict()
         self._references: dict[str, Reference] = {}
         self._bootstrap: dict[str, list[np.ndarray]] = {}
@@ -85,11 +89,16 @@ class ExtractionMonitor:
 
                 raise UserError("set_reference with texts needs an embedder",
                                 hint="create the monitor with embedder=MiniLMEmbedder(), or pass vectors=")
-            vectors = self.embedder.embed(list(texts or []))
+            vectors = np.stack(self._embed(list(texts or []))) if texts else np.zeros((0, self.embedder.dim))
         ref = Reference(vectors, quantile)
         with self._lock:
             self._references[project] = ref
         return ref
+
+    def reference(self, project: str) -> Reference | None:
+        """The project's ``prompt_drift`` reference, when it has one yet."""
+        with self._lock:
+            return self._references.get(project)
 
     # -- the request path ---------------------------------------------------------------------------------------------
     def observe(self, features: RequestFeatures) -> tuple[Signal, ...]:
@@ -206,9 +215,30 @@ class ExtractionMonitor:
                 for _ in batch:
                     self._queue.task_done()
 
-    def _embed_batch(self, batch: list[tuple[Sketch, str]]) -> None:
+    def _embed(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Embeddings of ``texts``; identical prompts are embedded once while they stay among the last
+        ``embed_cache`` distinct prompts (KD and eval runs send the same prompts again)."""
         assert self.embedder is not None
-        vectors = self.embedder.embed([text for _, text in batch])
+        keys = [xxhash.xxh64_intdigest(t.encode()) for t in texts]
+        with self._lock:
+            found = {k: v for k in keys if (v := self._vectors.get(k)) is not None}
+        todo = {k: t for k, t in zip(keys, texts, strict=True) if k not in found}
+        if todo:
+            fresh = self.embedder.embed(list(todo.values()))
+            self.embedded += len(todo)
+            found.update(zip(todo, fresh, strict=True))
+        with self._lock:
+            for k in keys:
+                if self.embed_cache <= 0:
+                    break
+                self._vectors[k] = found[k]
+                self._vectors.move_to_end(k)
+            while len(self._vectors) > self.embed_cache:
+                self._vectors.popitem(last=False)
+        return [found[k] for k in keys]
+
+    def _embed_batch(self, batch: list[tuple[Sketch, str]]) -> None:
+        vectors = self._embed([text for _, text in batch])
         with self._lock:
             for (s, _), vec in zip(batch, vectors, strict=True):
                 states = [self._scopes[k] for k in ((sc, i) for sc, i in identities(s)) if k in self._scopes]
@@ -233,8 +263,12 @@ class ExtractionMonitor:
         """An embedding for ``features_record`` when the policy sets ``extraction.record_embeddings`` (synchronous)."""
         if self.embedder is None or not self._rules_for(features.project).record_embeddings:
             return None
-        vector: np.ndarray = self.embedder.embed([features.prompt])[0]
-        return vector
+        return self._embed([features.prompt])[0]
+
+    @property
+    def backlog(self) -> int:
+        """Prompts waiting for the background embedder."""
+        return self._queue.qsize()
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait until every queued embedding has been applied (replays and tests)."""

@@ -120,6 +120,8 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.reclaim_interval_s = reclaim_interval_s
         self.metrics = metrics or Metrics()
+        self.metrics.embed_backlog.set_function(lambda: self.monitor.backlog)
+        self.metrics.embed_dropped.set_function(lambda: self.monitor.dropped)
         self.settle_before_reply = settle_before_reply
         self._reclaimer: asyncio.Task[None] | None = None
         self._settling: set[asyncio.Task[Any]] = set()

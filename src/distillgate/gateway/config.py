@@ -21,6 +21,10 @@
     reclaim_interval_s: 30
     reservation_ttl_s: 600                # a reservation not settled by then is refunded by reclaim
     settle: before_reply                  # or after_reply (see docs/gateway.md)
+    extraction:                           # the extraction monitor's prompt embeddings (docs/extraction.md)
+      embedder: minilm                    # none (default) | minilm | hashing
+      references:                         # project -> its approved prompts, for prompt_drift
+        internal-compression: data/approved_prompts.jsonl
 
 Routing of a model name: the ``models`` table (glob patterns, first match); else ``UPSTREAM/rest`` goes to that
 upstream with ``rest`` as the model; else ``local/...`` goes to the in-process local teacher; else, when exactly
@@ -57,6 +61,27 @@ class UpstreamSettings(_Strict):
         return HttpUpstreamConfig(name=name, **self.model_dump())
 
 
+class ExtractionSettings(_Strict):
+    """The gateway's ``ExtractionMonitor``: which embedder computes ``prompt_drift`` and each project's approved
+    reference. Without an embedder, every signal but ``prompt_drift`` still runs."""
+
+    embedder: Literal["none", "minilm", "hashing"] = "none"
+    references: dict[str, str] = Field(default_factory=dict)
+    reference_size: int = Field(default=200, ge=10)
+    embed_cache: int = Field(default=4096, ge=0)
+
+    def issues(self) -> list[ConfigIssue]:
+        out: list[ConfigIssue] = []
+        if self.references and self.embedder == "none":
+            out.append(ConfigIssue("extraction.references", "references need an embedder",
+                                   "set extraction.embedder: minilm (or hashing)"))
+        for project, path in self.references.items():
+            if not Path(path).is_file():
+                out.append(ConfigIssue(f"extraction.references.{project}", f"{path} is not a file",
+                                       "give a .jsonl of request bodies or a text file, one prompt per line"))
+        return out
+
+
 class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -70,6 +95,7 @@ class GatewayConfig(_Strict):
     reservation_ttl_s: float = Field(default=600.0, gt=0)
     access_log: bool = False
     settle: Literal["before_reply", "after_reply"] = "before_reply"
+    extraction: ExtractionSettings = Field(default_factory=ExtractionSettings)
 
     def check(self, source: str) -> None:
         """Cross-field checks pydantic cannot express; raises ConfigError with every issue."""
@@ -90,6 +116,7 @@ class GatewayConfig(_Strict):
                                           f"longest request to upstream {name!r} ({longest:g} s with retries), so "
                                           "reclaim could refund a request still in flight",
                                           f"set reservation_ttl_s above {longest:g} or lower upstreams.{name}.timeout_s"))
+        issues.extend(self.extraction.issues())
         if not Path(self.policy).exists():
             issues.append(ConfigIssue("policy", f"{self.policy} does not exist", "give a policy file or directory"))
         if issues:

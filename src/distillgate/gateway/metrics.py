@@ -28,6 +28,10 @@ class Metrics:
         self.in_flight = Gauge("distillgate_in_flight_requests", "Requests being handled", registry=r)
         self.settle_errors = Counter("distillgate_settle_errors_total", "Settlements that failed to commit",
                                      registry=r)
+        self.embed_backlog = Gauge("distillgate_extraction_embed_backlog",
+                                   "Prompts waiting for the extraction monitor's embedder", registry=r)
+        self.embed_dropped = Gauge("distillgate_extraction_embeddings_dropped",
+                                   "Prompts not embedded because the embedder was behind (since start)", registry=r)
         self.reclaimed = Counter("distillgate_reservations_reclaimed_total", "Expired reservations refunded",
                                  registry=r)
 

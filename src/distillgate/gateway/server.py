@@ -9,24 +9,38 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from distillgate.extraction import ExtractionMonitor
+from distillgate.extraction.embed import make_embedder, read_reference
 from distillgate.gateway.app import Gateway
-from distillgate.gateway.config import GatewayConfig
+from distillgate.gateway.config import ExtractionSettings, GatewayConfig
 from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.screens import load_screens
 from distillgate.gateway.upstreams import Router
 from distillgate.ledger.store import Store
-from distillgate.policy import load_policies
+from distillgate.policy import PolicySet, load_policies
+
+
+def build_monitor(policies: PolicySet, settings: ExtractionSettings) -> ExtractionMonitor:
+    """The extraction monitor with the configured embedder; each configured reference is embedded now."""
+    embedder = None if settings.embedder == "none" else make_embedder(settings.embedder)
+    monitor = ExtractionMonitor(policies, embedder=embedder, reference_size=settings.reference_size,
+                                embed_cache=settings.embed_cache)
+    for project, path in settings.references.items():
+        monitor.set_reference(project, read_reference(path))
+    return monitor
 
 
 def build_gateway(config: GatewayConfig) -> Gateway:
     policies = load_policies(config.policy)
     screens = load_screens(config.screens)
+    monitor = build_monitor(policies, config.extraction)
     router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models)
     store = Store.open(Path(config.db), reservation_ttl_s=config.reservation_ttl_s)
     keys = KeyStore(config.db)
     return Gateway(policies=policies, store=store, keys=keys, router=router, screens=screens,
                    max_body_bytes=config.max_body_bytes, reclaim_interval_s=config.reclaim_interval_s,
-                   settle_before_reply=config.settle == "before_reply")
+                   settle_before_reply=config.settle == "before_reply",
+                   monitor=monitor)
 
 
 def serve(config: GatewayConfig) -> None:
