@@ -79,9 +79,12 @@ def test_flag_only_policy_never_blocks(tmp_path: Path) -> None:
 BANK = "bank"
 
 
-def drift_policy() -> dict[str, Any]:
-    return {"policy_id": "drift", "allowed_projects": [BANK], "allowed_outputs": ["labels"],
-            "quotas": {"default_max_tokens": 8}}
+def drift_policy(record_embeddings: bool = False) -> dict[str, Any]:
+    doc: dict[str, Any] = {"policy_id": "drift", "allowed_projects": [BANK], "allowed_outputs": ["labels"],
+                           "quotas": {"default_max_tokens": 8}}
+    if record_embeddings:
+        doc["extraction"] = {"record_embeddings": True}
+    return doc
 
 
 def reference_file(tmp: Path, n: int = 400) -> Path:
@@ -120,7 +123,8 @@ def test_extraction_config_gives_the_monitor_an_embedder_and_references(tmp_path
         config_from_data({"policy": str(policies), "extraction": {"embedder": "bert"}})
 
 
-def replay_over_http(tmp: Path, embedder: str, requests: int = 80) -> dict[str, list[dict[str, Any]]]:
+def replay_over_http(tmp: Path, embedder: str, requests: int = 80,
+                     record_embeddings: bool = False) -> dict[str, list[dict[str, Any]]]:
     """Alice sends banking prompts (none in the reference), mallory off-domain ones, interleaved, each request
     over HTTP; returns each user's decision-log bodies in order."""
     db = tmp / "drift.db"
@@ -134,7 +138,7 @@ def replay_over_http(tmp: Path, embedder: str, requests: int = 80) -> dict[str, 
         extraction["references"] = {BANK: str(reference_file(tmp))}
     with fake_upstream(reply="card_lost") as fake:
         gateway = build_gateway(config_from_data({
-            "policy": str(write_policies(tmp / "policies", drift_policy())), "db": str(db),
+            "policy": str(write_policies(tmp / "policies", drift_policy(record_embeddings))), "db": str(db),
             "upstreams": {"fake": {"base_url": fake.base_url}}, "extraction": extraction}))
         port = free_port()
         try:
@@ -175,6 +179,18 @@ def test_gateway_with_an_embedder_records_drift_for_an_off_domain_session(tmp_pa
     assert first["decision"] == "allow" and "EXTRACTION_FLAGGED" in first["reasons"]
     drift = next(s for s in first["extra"]["extraction"]["signals"] if s["name"] == "prompt_drift")
     assert drift["value"] >= drift["threshold"] and drift["evidence"]["outside_reference"] >= 10
+
+
+def test_record_embeddings_puts_a_quantised_prompt_embedding_in_every_decision(tmp_path: Path) -> None:
+    by_user = replay_over_http(tmp_path, "hashing", requests=12, record_embeddings=True)
+    entries = by_user["alice"] + by_user["mallory"]
+    assert len(entries) == 24
+    vectors = [b["extra"]["extraction"]["features"]["embedding"] for b in entries]
+    assert all(v is not None for v in vectors)
+    assert len({json.dumps(v) for v in vectors}) == 24  # one per prompt, not a constant
+    (tmp_path / "plain").mkdir()
+    plain = replay_over_http(tmp_path / "plain", "hashing", requests=4)  # the policy's default: no embedding
+    assert all("embedding" not in b["extra"]["extraction"]["features"] for b in plain["alice"])
 
 
 def test_gateway_without_an_embedder_never_records_drift(tmp_path: Path) -> None:

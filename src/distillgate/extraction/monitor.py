@@ -259,6 +259,10 @@ class ExtractionMonitor:
             st.drift.append(sim < ref.nn_threshold)
             st.drift_sims.append(sim)
 
+    def records_embeddings(self, project: str | None) -> bool:
+        """Whether decisions of ``project`` carry a prompt embedding (an embedder and ``record_embeddings``)."""
+        return self.embedder is not None and self._rules_for(project).record_embeddings
+
     def embed_for_record(self, features: RequestFeatures) -> np.ndarray | None:
         """An embedding for ``features_record`` when the policy sets ``extraction.record_embeddings`` (synchronous)."""
         if self.embedder is None or not self._rules_for(features.project).record_embeddings:

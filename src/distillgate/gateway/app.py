@@ -268,7 +268,10 @@ class Gateway:
         signals = self.monitor.observe(features)
         if signals:
             request = replace(request, signals=signals)
-        extra = log_extra(features, signals)
+        embedding = None
+        if self.monitor.records_embeddings(features.project):  # policy extraction.record_embeddings: for audit scan
+            embedding = await asyncio.to_thread(self.monitor.embed_for_record, features)
+        extra = log_extra(features, signals, embedding)
         request_hash = sha256_hex(raw)
         # The admission is returned as soon as it is decided and reserved; its commit (fsync) runs while an allowed
         # request is forwarded. Nothing reaches the client before `durable` resolved.
