@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--hard-weight", type=float, default=0.0, help="kd: weight of the hard-label term")
+    ap.add_argument("--divergence", default="fkl", choices=["fkl", "rkl", "jsd"])
+    ap.add_argument("--tag", default="kd", help="name of the kd run in results.json (compare several kd settings)")
     ap.add_argument("--every", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["sft", "kd"], default=None)
@@ -127,6 +130,7 @@ def main() -> None:
         preds = [labels[int(p.argmax())] for p in label_all(model, tok, [r["text"] for r in test], labels)]
         return {"teacher_agreement": sum(a == b for a, b in zip(preds, teacher_test, strict=True)) / len(test),
                 "gold_accuracy": sum(a == b for a, b in zip(preds, gold_test, strict=True)) / len(test),
+                "prediction_histogram": {lab: preds.count(lab) for lab in labels if preds.count(lab)},
                 "eval_seconds": round(time.perf_counter() - t0, 1)}
 
     base = {"recipe": "sft", "rows": str(rows_path), "teacher": TEACHER,
@@ -136,22 +140,24 @@ def main() -> None:
     for recipe in ("sft", "kd"):
         if args.only and recipe != args.only:
             continue
-        doc = dict(base, recipe=recipe, output_dir=str(args.out / recipe))
+        name = args.tag if recipe == "kd" else recipe
+        doc = dict(base, recipe=recipe, output_dir=str(args.out / name))
         if recipe == "kd":
-            doc["kd"] = {"target": "label_probs", "divergence": "fkl", "temperature": args.temperature}
+            doc["kd"] = {"target": "label_probs", "divergence": args.divergence, "temperature": args.temperature,
+                         "hard_weight": args.hard_weight}
         t0 = time.perf_counter()
         result = run_recipe(parse_config(doc))
         wall = time.perf_counter() - t0
         record = json.loads(result.record_path.read_text())
-        results[recipe] = {"wall_seconds": round(wall, 1), "train_seconds": round(result.seconds, 1),
+        results[name] = {"kd": doc.get("kd"), "wall_seconds": round(wall, 1), "train_seconds": round(result.seconds, 1),
                            "steps": result.steps, "tokens_per_s": round(result.tokens_per_second, 1),
                            "first_loss": record["history"][0]["loss"], "final_loss": result.final_loss,
                            "student_layers": record["student"]["layers"],
                            "student_parameters": record["student"]["parameters"],
                            **evaluate(ModelSource(path=str(result.model_dir)))}
-        print(f"{recipe}:", json.dumps(results[recipe]), flush=True)
+        print(f"{name}:", json.dumps(results[name]), flush=True)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    if "untrained" not in results:
+    if "untrained_student" not in results:
         from distillgate.train.config import LayerSubset
         from distillgate.train.student import layer_subset_student
 
@@ -160,8 +166,9 @@ def main() -> None:
         del teacher
         results["untrained_student"] = evaluate(None, (untrained, tok))
         print("untrained student:", json.dumps(results["untrained_student"]), flush=True)
-    if "sft" in results and "kd" in results:
-        results["kd_minus_sft_agreement"] = results["kd"]["teacher_agreement"] - results["sft"]["teacher_agreement"]
+    if "sft" in results and args.tag in results:
+        results[f"{args.tag}_minus_sft_agreement"] = (results[args.tag]["teacher_agreement"]
+                                                      - results["sft"]["teacher_agreement"])
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     sys.stdout.flush()
