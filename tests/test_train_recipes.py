@@ -273,3 +273,38 @@ def test_load_rows_reads_jsonl_and_parquet_and_keeps_provenance(tmp_path: Path) 
         load_rows(tmp_path / "bad.jsonl")
     with pytest.raises(NotFoundError):
         load_rows(tmp_path / "missing.jsonl")
+
+
+def test_chunked_label_kd_step_gives_the_whole_batch_gradients() -> None:
+    """Large label sets: the kd step backpropagates row chunk by row chunk, with the same gradients and loss."""
+    from _train_support import make_model
+    from distillgate.train.config import KDSettings
+    from distillgate.train.encode import Example
+    from distillgate.train.recipes.kd import label_kd_step
+
+    model = make_model(3).train()
+    labels = [[8, 3], [9, 10, 3], [11, 3], [12, 13, 14, 3]]
+    gen = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(5, 4, generator=gen), -1).tolist()
+    prompts = [[2, 5, 6, 7, 8], [2, 9, 10], [2, 11, 12, 13, 14, 15, 16], [2, 7], [2, 8, 9, 10]]
+    batch = [Example(row_id=f"r{i}", prompt=p, answer=labels[i % 4], label_index=None if i == 3 else i % 4,
+                     label_probs=probs[i]) for i, p in enumerate(prompts)]
+    kd = KDSettings(target="label_probs", divergence="fkl", temperature=2.0, hard_weight=0.5)
+
+    def run(max_continuations: int) -> tuple[float, dict[str, float], list[torch.Tensor], bool]:
+        model.zero_grad()
+        result = label_kd_step(model, batch, labels, 0, kd, max_continuations=max_continuations)
+        if not result.backward_done:
+            result.loss.backward()
+        return (float(result.loss), result.parts, [p.grad.clone() for p in model.parameters() if p.grad is not None],
+                result.backward_done)
+
+    whole_loss, whole_parts, whole, done_whole = run(10_000)
+    chunk_loss, chunk_parts, chunked, done_chunked = run(8)  # 2 rows per pass: chunks of 2, 2 and 1 rows
+    assert not done_whole and done_chunked
+    assert abs(whole_loss - chunk_loss) < 1e-5
+    assert abs(whole_parts["kd"] - chunk_parts["kd"]) < 1e-5 and abs(whole_parts["ce"] - chunk_parts["ce"]) < 1e-5
+    assert len(whole) == len(chunked) > 0
+    for x, y in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+

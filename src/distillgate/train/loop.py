@@ -27,9 +27,11 @@ from distillgate.train.encode import Example
 
 @dataclass(frozen=True)
 class StepResult:
-    loss: torch.Tensor  # differentiable scalar
+    loss: torch.Tensor  # differentiable scalar (or its value, when ``backward_done``)
     n_tokens: int
     parts: dict[str, float] = field(default_factory=dict)
+    #: the step ran its own backward pass(es) into the zeroed gradients (a step that bounds memory by chunks)
+    backward_done: bool = False
 
 
 @dataclass
@@ -124,9 +126,10 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, examples: Sequence[Ex
             if done >= total:
                 break
             t0 = time.perf_counter()
-            result = step([examples[i] for i in idx])
             optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()  # type: ignore[no-untyped-call]
+            result = step([examples[i] for i in idx])
+            if not result.backward_done:
+                result.loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()

@@ -15,11 +15,13 @@ Three targets (``kd.target``):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from distillgate.errors import UserError
-from distillgate.train.config import TrainConfig
+from distillgate.train.config import KDSettings, TrainConfig
 from distillgate.train.encode import Example, answer_ids, collate, make_examples, sparse_targets
 from distillgate.train.labels import label_scores
 from distillgate.train.loop import StepResult, TrainResult, train
@@ -48,15 +50,7 @@ def run(config: TrainConfig) -> TrainResult:
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
         def step(batch_examples: Sequence[Example]) -> StepResult:
-            scores = label_scores(student, [e.prompt for e in batch_examples], label_tokens, pad_id)  # (B, L)
-            teacher_probs = torch.tensor([e.label_probs for e in batch_examples])  # (B, L)
-            gold = None
-            if kd.hard_weight > 0:
-                gold = torch.tensor([e.label_index if e.label_index is not None else -100 for e in batch_examples])
-            parts = label_kd_loss(scores, teacher_probs, gold, kind=kd.divergence, temperature=kd.temperature,
-                                  beta=kd.beta, hard_weight=kd.hard_weight)
-            n_tokens = sum(len(e.prompt) + sum(len(t) for t in label_tokens) for e in batch_examples)
-            return StepResult(parts.loss, n_tokens, {"kd": parts.kd, "ce": parts.ce})
+            return label_kd_step(student, batch_examples, label_tokens, pad_id, kd)
 
         return train(config, student, tokenizer, examples, step, prep.record)
 
@@ -83,3 +77,40 @@ def run(config: TrainConfig) -> TrainResult:
         return StepResult(parts.loss, batch.n_tokens, {"kd": parts.kd, "ce": parts.ce})
 
     return train(config, student, tokenizer, examples, token_step, prep.record)
+
+
+#: (prompt, label) continuations scored with gradients in one pass; a batch with more rows x labels than this is
+#: split into row chunks, each backpropagated on its own, so memory stays bounded for large label sets
+MAX_LABEL_CONTINUATIONS = 128
+
+
+def label_kd_step(student: Any, batch: Sequence[Example], label_tokens: Sequence[Sequence[int]], pad_id: int,
+                  kd: KDSettings, max_continuations: int = MAX_LABEL_CONTINUATIONS) -> StepResult:
+    """One ``label_probs`` KD step. Small batches return a differentiable loss; larger ones (rows x labels above
+    ``max_continuations``) run the backward pass chunk by chunk, weighted so the gradients equal the whole batch's."""
+    teacher_probs = torch.tensor([e.label_probs for e in batch])  # (B, L)
+    gold = torch.tensor([e.label_index if e.label_index is not None else -100 for e in batch])
+    n_tokens = sum(len(e.prompt) + sum(len(t) for t in label_tokens) for e in batch)
+    rows = max(1, max_continuations // len(label_tokens))
+    if len(batch) <= rows:
+        scores = label_scores(student, [e.prompt for e in batch], label_tokens, pad_id)  # (B, L)
+        parts = label_kd_loss(scores, teacher_probs, gold if kd.hard_weight > 0 else None, kind=kd.divergence,
+                              temperature=kd.temperature, beta=kd.beta, hard_weight=kd.hard_weight)
+        return StepResult(parts.loss, n_tokens, {"kd": parts.kd, "ce": parts.ce})
+    labelled = int((gold != -100).sum())
+    total = kd_sum = ce_sum = 0.0
+    for start in range(0, len(batch), rows):
+        part = slice(start, start + rows)
+        scores = label_scores(student, [e.prompt for e in batch[part]], label_tokens, pad_id)
+        soft = label_kd_loss(scores, teacher_probs[part], None, kind=kd.divergence, temperature=kd.temperature,
+                             beta=kd.beta)  # (temperature^2 x) the chunk's mean divergence
+        loss = (1 - kd.hard_weight) * soft.loss * (scores.shape[0] / len(batch))
+        kd_sum += soft.kd * scores.shape[0] / len(batch)
+        if kd.hard_weight > 0 and labelled:
+            ce = F.cross_entropy(scores.float(), gold[part], ignore_index=-100, reduction="sum") / labelled
+            loss = loss + kd.hard_weight * ce
+            ce_sum += float(ce.detach())
+        loss.backward()  # type: ignore[no-untyped-call]
+        total += float(loss.detach())
+    return StepResult(torch.tensor(total), n_tokens, {"kd": kd_sum, "ce": ce_sum}, backward_done=True)
+
