@@ -60,12 +60,16 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def _now() -> str:
+def now_iso() -> str:
+    """The current UTC time to the second, as stored in the side tables (keys, reviewer accounts)."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-class KeyStore:
-    """Create, list, revoke and check API keys. Thread-safe (one connection behind a lock)."""
+class SideTable:
+    """A table kept in the ledger's SQLite file beside the log (API keys, reviewer accounts): one autocommit
+    connection behind a lock, so the store is thread-safe. Subclasses set ``SCHEMA``."""
+
+    SCHEMA = ""
 
     def __init__(self, db_path: str | Path) -> None:
         self.path = Path(db_path)
@@ -75,11 +79,17 @@ class KeyStore:
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(_SCHEMA)
+        self._conn.executescript(self.SCHEMA)
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+class KeyStore(SideTable):
+    """Create, list, revoke and check API keys. Thread-safe (one connection behind a lock)."""
+
+    SCHEMA = _SCHEMA
 
     def create(self, user: str, *, label: str | None = None) -> tuple[ApiKey, str]:
         """Make a new key for ``user``; returns the stored record and the secret (shown once, never stored)."""
@@ -87,7 +97,7 @@ class KeyStore:
             raise UserError(f"user {user!r} is empty or has surrounding spaces", hint="pass --user alice")
         key_id = secrets.token_hex(6)
         secret = f"dgk_{key_id}_{secrets.token_urlsafe(32)}"
-        record = ApiKey(key_id=key_id, user=user, created_at=_now(), label=label)
+        record = ApiKey(key_id=key_id, user=user, created_at=now_iso(), label=label)
         with self._lock:
             self._conn.execute(
                 "INSERT INTO gateway_api_keys (key_id, key_hash, user, label, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -108,7 +118,7 @@ class KeyStore:
         with self._lock:
             cur = self._conn.execute(
                 "UPDATE gateway_api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
-                (_now(), key_id))
+                (now_iso(), key_id))
             row = self._conn.execute(
                 "SELECT key_id, user, created_at, revoked_at, label FROM gateway_api_keys WHERE key_id = ?",
                 (key_id,)).fetchone()

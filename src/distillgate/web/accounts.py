@@ -21,14 +21,12 @@ import hashlib
 import hmac
 import secrets
 import sqlite3
-import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import cache
-from pathlib import Path
 from typing import Literal
 
 from distillgate.errors import NotFoundError, UserError
+from distillgate.gateway.keys import SideTable, now_iso
 
 MIN_PASSWORD_CHARS = 12
 MAX_PASSWORD_CHARS = 1024  # scrypt reads the whole password: bound the work one request can ask for
@@ -124,10 +122,6 @@ def check_user_name(user: str) -> None:
                         "control characters", hint="pass a short printable name, e.g. --user alice")
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 @dataclass(frozen=True)
 class Account:
     """A stored reviewer account (never the password or its hash)."""
@@ -158,29 +152,17 @@ class PasswordCheck:
     locked_for_s: float = 0.0
 
 
-class AccountStore:
+class AccountStore(SideTable):
     """Add, list, disable and check reviewer accounts. Thread-safe (one connection behind a lock)."""
 
-    def __init__(self, db_path: str | Path) -> None:
-        self.path = Path(db_path)
-        if self.path.parent and not self.path.parent.exists():
-            raise NotFoundError(f"directory {self.path.parent} does not exist",
-                                hint="create it or pass --db with an existing directory")
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+    SCHEMA = _SCHEMA
 
     def add(self, user: str, password: str, *, params: ScryptParams = DEFAULT_PARAMS) -> Account:
         """Create the account ``user``; ``UserError`` when it exists or the password breaks the rules."""
         check_user_name(user)
         check_new_password(user, password)
         encoded = hash_password(password, params)
-        record = Account(user=user, created_at=_now())
+        record = Account(user=user, created_at=now_iso())
         with self._lock:
             try:
                 self._conn.execute("INSERT INTO review_accounts (user, password_hash, created_at) VALUES (?, ?, ?)",
@@ -206,7 +188,7 @@ class AccountStore:
         """Disable ``user``: no more sign-ins, and the account's open sessions end at their next request."""
         with self._lock:
             cur = self._conn.execute(
-                "UPDATE review_accounts SET disabled_at = ? WHERE user = ? AND disabled_at IS NULL", (_now(), user))
+                "UPDATE review_accounts SET disabled_at = ? WHERE user = ? AND disabled_at IS NULL", (now_iso(), user))
             row = self._conn.execute("SELECT user, created_at, disabled_at FROM review_accounts WHERE user = ?",
                                      (user,)).fetchone()
         if row is None:
