@@ -27,6 +27,15 @@ def policy(action: str) -> dict[str, Any]:
             "extraction": {"signals": {"logit_bias_sweep": {"action": action}}}}
 
 
+def decision_bodies(db: Path) -> list[dict[str, Any]]:
+    """Every decision entry's body in the gateway's log, in log order."""
+    conn = sqlite3.connect(db)
+    try:
+        return [json.loads(b) for (b,) in conn.execute("SELECT body FROM log WHERE kind='decision' ORDER BY idx")]
+    finally:
+        conn.close()
+
+
 def probe(tmp: Path, action: str) -> tuple[list[int], list[dict[str, Any]]]:
     db = tmp / f"{action}.db"
     keys = KeyStore(db)
@@ -51,10 +60,7 @@ def probe(tmp: Path, action: str) -> tuple[list[int], list[dict[str, Any]]]:
         finally:
             gateway.store.close()
             gateway.keys.close()
-    conn = sqlite3.connect(db)
-    bodies = [json.loads(b) for (b,) in conn.execute("SELECT body FROM log WHERE kind='decision' ORDER BY idx")]
-    conn.close()
-    return statuses, bodies
+    return statuses, decision_bodies(db)
 
 
 def test_deny_policy_blocks_a_logit_bias_sweep_with_evidence(tmp_path: Path) -> None:
@@ -157,9 +163,7 @@ def replay_over_http(tmp: Path, embedder: str, requests: int = 80,
         finally:
             gateway.store.close()
             gateway.keys.close()
-    conn = sqlite3.connect(db)
-    bodies = [json.loads(b) for (b,) in conn.execute("SELECT body FROM log WHERE kind='decision' ORDER BY idx")]
-    conn.close()
+    bodies = decision_bodies(db)
     return {user: [b for b in bodies if b["user"] == user] for user in ("alice", "mallory")}
 
 
