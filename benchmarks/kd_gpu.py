@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from distillgate.train.config import LayerSubset
-from distillgate.train.losses import DenseTeacher, chunked_kd_loss
+from distillgate.train.losses import DenseTeacher, chunked_kd_loss, reference_token_loss
 from distillgate.train.student import decoder_and_head, layer_subset_student
 
 
@@ -129,6 +129,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--chunk-size", type=int, default=1024)
+    ap.add_argument("--out", help="also append the summary to this JSON-lines file")
+    ap.add_argument("--profile", choices=("distillgate", "trl"),
+                    help="instead of timing, profile 3 steps of this variant and print the top operators")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     if args.tiny:
@@ -139,23 +142,56 @@ def main() -> None:
     batches = [torch.randint(0, vocab, (args.batch_size, args.seq + 1), generator=g).to(args.device)
                for _ in range(args.steps)]
     state = {k: v.clone() for k, v in student0.state_dict().items()}
+    # The loss on the first batch in fp32 from full logits: which variant's bf16 loss is closer to it.
+    with torch.no_grad():
+        ids = batches[0]
+        s_logits = student0(input_ids=ids[:, :-1]).logits.float()
+        t_logits = teacher(input_ids=ids[:, :-1]).logits.float()
+        reference = float(reference_token_loss(s_logits.reshape(-1, vocab), ids[:, 1:].reshape(-1),
+                                               t_logits.reshape(-1, vocab), kind="jsd", beta=0.5))
+        del s_logits, t_logits
+    print(json.dumps({"reference_first_loss_fp32": round(reference, 5)}), flush=True)
+    if args.profile:
+        step = trl_step(teacher, student0) if args.profile == "trl" else ours_step(teacher, student0, args.chunk_size)
+        opt = torch.optim.AdamW([p for p in student0.parameters() if p.requires_grad], lr=1e-5)
+        for ids in batches[:2]:  # warm-up
+            loss = step(ids)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+        with profile(activities=acts) as prof:
+            for ids in batches[2:5]:
+                loss = step(ids)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+        key = "self_device_time_total" if args.device.startswith("cuda") else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+        return
     results = []
     for name in ("distillgate", "trl"):
         student0.load_state_dict(state)  # both variants start from the same student
         if name == "trl":
             try:
                 step = trl_step(teacher, student0)
-            except ImportError:
-                results.append({"variant": "trl", "error": "trl is not installed (pip install trl)"})
+            except ImportError as exc:  # trl missing, or a trl that does not import with this transformers
+                results.append({"variant": "trl", "error": f"trl does not import: {exc} (pip install trl)"})
+                print(json.dumps(results[-1]), flush=True)
                 continue
         else:
             step = ours_step(teacher, student0, args.chunk_size)
         results.append(measure(name, step, student0, batches, args.warmup, args.device))
         print(json.dumps(results[-1]), flush=True)
     summary: dict[str, Any] = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-                               "dtype": str(dtype), "batch_size": args.batch_size, "seq": args.seq,
+                               "dtype": str(dtype), "batch_size": args.batch_size, "seq": args.seq, "chunk_size": args.chunk_size,
                                "teacher_layers": teacher.config.num_hidden_layers,
-                               "student_layers": student0.config.num_hidden_layers, "results": results}
+                               "student_layers": student0.config.num_hidden_layers,
+                               "reference_first_loss_fp32": round(reference, 5), "results": results}
     ok = [r for r in results if "tokens_per_s" in r]
     if len(ok) == 2:
         ours, trl = ok
@@ -163,6 +199,9 @@ def main() -> None:
         if ours["peak_gib"] and trl["peak_gib"]:
             summary["peak_memory_ratio_vs_trl"] = round(ours["peak_gib"] / trl["peak_gib"], 2)
     print(json.dumps(summary, indent=2))
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(summary) + "\n")
 
 
 if __name__ == "__main__":

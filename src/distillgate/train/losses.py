@@ -185,9 +185,12 @@ class _FusedHeadLoss(torch.autograd.Function):
                 g[torch.arange(hi - lo), lab] -= 1.0
                 grad_z += g * (hard_weight if teacher is not None else 1.0)
             grad_z /= n
-            grad_h[lo:hi] = (grad_z @ weight.to(cdt)).to(hidden.dtype)
+            # The two gradient products run in the inputs' dtype (bf16 on GPU: tensor cores, fp32 accumulation);
+            # only the softmax/divergence arithmetic above needs fp32. For fp32 inputs this is unchanged.
+            gz = grad_z.to(weight.dtype)
+            grad_h[lo:hi] = (gz @ weight).to(hidden.dtype)
             if grad_w is not None:
-                grad_w += grad_z.t() @ h.to(cdt)
+                grad_w += (gz.t() @ h.to(weight.dtype)).to(cdt)
         kd_mean, ce_mean = kd_sum / n, ce_sum / n
         loss = ce_mean.clone() if teacher is None else kd_scale * kd_mean + hard_weight * ce_mean
         ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
