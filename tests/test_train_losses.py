@@ -67,6 +67,28 @@ def test_chunked_dense_matches_reference_value_and_gradients(kind: str, temperat
     torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_chunked_bf16_inputs_keep_an_fp32_loss_and_close_gradients() -> None:
+    """bf16 hidden/weights (the GPU case): the loss is computed in fp32 from the bf16 logits, so it matches an fp32
+    reference on the same bf16 values closely; the gradient products run in bf16 and stay within bf16 rounding."""
+    hidden, weight, t_hidden, t_weight, labels = _inputs(2)
+    hb, wb = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+    tb, twb = t_hidden.to(torch.bfloat16), t_weight.to(torch.bfloat16)
+    h1, w1 = hb.double().requires_grad_(), wb.double().requires_grad_()
+    ref = reference_token_loss(h1 @ w1.t(), labels, tb.double() @ twb.double().t(), kind="jsd", beta=0.5,
+                               temperature=2.0, hard_weight=0.3)
+    ref.backward()
+    h2, w2 = hb.clone().requires_grad_(), wb.clone().requires_grad_()
+    out = chunked_kd_loss(h2, w2, labels, DenseTeacher(tb, twb), kind="jsd", beta=0.5, temperature=2.0,
+                          hard_weight=0.3, chunk_size=4)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and h2.grad is not None and h2.grad.dtype == torch.bfloat16
+    assert w2.grad is not None and w2.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.loss.double(), ref.double(), rtol=2e-2, atol=1e-3)
+    assert h1.grad is not None and w1.grad is not None
+    torch.testing.assert_close(h2.grad.double(), h1.grad, rtol=5e-2, atol=2e-3)
+    torch.testing.assert_close(w2.grad.double(), w1.grad, rtol=5e-2, atol=2e-3)
+
+
 @pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd"])
 @pytest.mark.parametrize("temperature", [1.0, 1.5])
 def test_chunked_sparse_topk_with_remainder_bucket(kind: str, temperature: float) -> None:
