@@ -7,10 +7,14 @@ Concurrency model
 -----------------
 * Every write runs on one writer thread per ``Store``; callers hand it a job and wait for its future. The writer
   drains whatever jobs are queued and runs them in one ``BEGIN IMMEDIATE`` transaction, so concurrent callers share
-  one commit (one fsync: group commit). Each job runs in its own SAVEPOINT: one failing job does not fail others.
-* Several processes may open the same file. ``BEGIN IMMEDIATE`` takes SQLite's write lock, and the writer reads
-  the chain head, the Merkle frontier and quota counters *inside* the transaction, so quotas stay exact and the
-  hash chain stays linear across processes.
+  one commit (one fsync: group commit). Jobs run against an in-memory ``_State`` (chain head, Merkle frontier,
+  quota counters, held reservations) and buffer their rows; the batch writes them with one ``executemany`` per
+  table before COMMIT. A failing job is undone on its own (its rows and cache changes), others are unaffected.
+  Async callers are woken once per batch (one ``call_soon_threadsafe`` per event loop), not once per job.
+* Several processes may open the same file. ``BEGIN IMMEDIATE`` takes SQLite's write lock; inside it the writer
+  compares ``PRAGMA data_version`` with the one its cache was built under and reloads the cache if any other
+  connection committed in between. So quotas stay exact and the hash chain stays linear across processes, and a
+  single process pays no reads for them. A failed transaction drops the cache.
 * A caller is told the outcome only after COMMIT returned (``synchronous=FULL``): an acknowledged decision is
   durable.
 
@@ -22,6 +26,7 @@ whose request died without settling. Days are UTC calendar days.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -137,15 +142,20 @@ class Checkpoint:
         return {**self.payload(), "signature": self.signature}
 
 
-class _Txn:
-    """State of one write transaction: chain head and Merkle frontier, read inside the lock."""
+_MISSING = object()
 
-    def __init__(self, conn: sqlite3.Connection, store: Store) -> None:
-        self.conn = conn
-        self.store = store
+
+class _State:
+    """What the writer knows between transactions: chain head, Merkle frontier, quota counters, reservations.
+
+    Valid only while no other connection has committed to the file (``PRAGMA data_version`` unchanged); the writer
+    reloads it inside the write lock when another process (or a key/account table) wrote in between.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, data_version: int) -> None:
         row = conn.execute("SELECT idx, entry_hash FROM log ORDER BY idx DESC LIMIT 1").fetchone()
-        self.next_index = 0 if row is None else row[0] + 1
-        self.prev_hash = GENESIS_HASH if row is None else row[1]
+        self.next_index = 0 if row is None else int(row[0]) + 1
+        self.prev_hash = GENESIS_HASH if row is None else str(row[1])
         fr = conn.execute("SELECT value FROM meta WHERE key='frontier'").fetchone()
         self.frontier = Frontier.from_json(orjson.loads(fr[0])) if fr else Frontier()
         if self.frontier.size != self.next_index:
@@ -153,47 +163,230 @@ class _Txn:
                 f"Merkle frontier size {self.frontier.size} != log size {self.next_index}",
                 hint="the database was modified outside distillgate; run `distillgate audit verify`",
             )
-        self.appended = 0
-        self.now = utc_now()
+        self.data_version = data_version
+        #: (scope, key, day) -> [tokens, records], as committed plus this transaction's changes
+        self.counters: dict[tuple[str, str, str], list[int]] = {}
+        #: reservation id -> (project, user, run, day, tokens_reserved, records_reserved, state, decision_index)
+        self.reservations: dict[str, tuple[Any, ...]] = {}
 
+
+class _Txn:
+    """One write transaction. Jobs read and change the cached ``_State``; their rows are buffered and written with
+    one ``executemany`` per table in ``finish`` (the same transaction, so still all-or-nothing). Each job can be
+    undone on its own (``mark``/``undo``): a failing job leaves no row and no trace in the caches."""
+
+    def __init__(self, conn: sqlite3.Connection, store: Store, state: _State) -> None:
+        self.conn = conn
+        self.store = store
+        self.state = state
+        self.now = utc_now()
+        self.appended = 0
+        self._log: list[tuple[Any, ...]] = []
+        self._checkpoints: list[tuple[Any, ...]] = []
+        self._new_reservations: list[tuple[Any, ...]] = []
+        self._reservation_updates: list[tuple[Any, ...]] = []
+        self._deltas: dict[tuple[str, str, str], list[int]] = {}
+        self._undo: list[tuple[dict[Any, Any], Any, Any]] = []  # (mapping, key, previous value or _MISSING)
+
+    # chain head, for jobs that read it
+    @property
+    def next_index(self) -> int:
+        return self.state.next_index
+
+    @property
+    def frontier(self) -> Frontier:
+        return self.state.frontier
+
+    # -- per-job undo -------------------------------------------------------------------------------------------
+    def mark(self) -> tuple[Any, ...]:
+        s = self.state
+        return (s.next_index, s.prev_hash, Frontier(s.frontier.size, list(s.frontier.nodes)), self.appended,
+                len(self._log), len(self._checkpoints), len(self._new_reservations),
+                len(self._reservation_updates), len(self._undo))
+
+    def undo(self, mark: tuple[Any, ...]) -> None:
+        s = self.state
+        (s.next_index, s.prev_hash, s.frontier, self.appended, n_log, n_cp, n_new, n_upd, n_undo) = mark
+        del self._log[n_log:], self._checkpoints[n_cp:], self._new_reservations[n_new:]
+        del self._reservation_updates[n_upd:]
+        while len(self._undo) > n_undo:
+            mapping, key, old = self._undo.pop()
+            if old is _MISSING:
+                mapping.pop(key, None)
+            else:
+                mapping[key] = old
+
+    def _remember(self, mapping: dict[Any, Any], key: Any) -> None:
+        old = mapping.get(key, _MISSING)
+        self._undo.append((mapping, key, list(old) if isinstance(old, list) else old))
+
+    # -- the log ------------------------------------------------------------------------------------------------
     def append(self, kind: str, fields: Mapping[str, Any]) -> LogEntry:
+        s = self.state
         body = {
             **fields,
             "schema_version": SCHEMA_VERSION,
-            "index": self.next_index,
+            "index": s.next_index,
             "ts": iso(utc_now()),
             "kind": kind,
-            "prev_hash": self.prev_hash,
+            "prev_hash": s.prev_hash,
         }
         data = canonical_json(body)
         entry_hash = sha256_hex(data)
-        self.conn.execute(
-            "INSERT INTO log (idx, entry_hash, body, kind, ts, run, project, user) VALUES (?,?,?,?,?,?,?,?)",
-            (self.next_index, entry_hash, data, kind, body["ts"], body.get("run"), body.get("project"),
-             body.get("user")),
-        )
-        self.frontier.append(entry_hash)
-        entry = LogEntry(self.next_index, entry_hash, body)
-        self.next_index += 1
-        self.prev_hash = entry_hash
+        self._log.append((s.next_index, entry_hash, data, kind, body["ts"], body.get("run"), body.get("project"),
+                          body.get("user")))
+        s.frontier.append(entry_hash)
+        entry = LogEntry(s.next_index, entry_hash, body)
+        s.next_index += 1
+        s.prev_hash = entry_hash
         self.appended += 1
         every = self.store.checkpoint_every
-        if every and self.frontier.size % every == 0:
-            self.store._write_checkpoint(self.conn, self.frontier)
+        if every and s.frontier.size % every == 0:
+            self.add_checkpoint(self.store._signed_checkpoint(s.frontier))
         return entry
 
+    def add_checkpoint(self, cp: Checkpoint) -> None:
+        self._checkpoints.append((cp.tree_size, cp.root_hash, cp.ts, cp.key_id, cp.signature))
+
+    # -- quota counters -----------------------------------------------------------------------------------------
+    def counters(self, keys: list[tuple[str, str, str]]) -> list[list[int]]:
+        cache = self.state.counters
+        missing = [k for k in keys if k not in cache]
+        if missing:
+            found = {(sc, k, d): [int(t), int(r)] for sc, k, d, t, r in self.conn.execute(
+                "SELECT scope, key, day, tokens, records FROM counters WHERE (scope, key, day) IN ("
+                + ",".join("(?,?,?)" for _ in missing) + ")", [v for key in missing for v in key])}
+            for k in missing:  # a read fills the cache with committed values: no undo needed
+                cache[k] = found.get(k, [0, 0])
+        return [cache[k] for k in keys]
+
+    def usage(self, project: str | None, user: str | None, run: str | None, day: str) -> Usage:
+        p, u, r = self.counters([("project", project or "", day), ("user", user or "", day),
+                                 ("run", f"{project}\x1f{run}", "")])
+        return Usage(tokens_today_project=p[0], tokens_today_user=u[0], records_run=r[1])
+
+    def apply(self, project: str | None, user: str | None, run: str | None, day: str, tokens: int,
+              records: int) -> None:
+        changes: list[tuple[tuple[str, str, str], int, int]] = []
+        if project is not None:
+            changes.append((("project", project, day), tokens, 0))
+            if run is not None:
+                changes.append((("run", f"{project}\x1f{run}", ""), tokens, records))
+        if user is not None:
+            changes.append((("user", user, day), tokens, 0))
+        if not changes:
+            return
+        values = self.counters([k for k, _, _ in changes])
+        for (key, t, r), value in zip(changes, values, strict=True):
+            self._remember(self.state.counters, key)
+            self._remember(self._deltas, key)
+            value[0] += t
+            value[1] += r
+            d = self._deltas.setdefault(key, [0, 0])
+            d[0] += t
+            d[1] += r
+
+    # -- reservations -------------------------------------------------------------------------------------------
+    def reservation(self, reservation_id: str) -> tuple[Any, ...] | None:
+        cache = self.state.reservations
+        row = cache.get(reservation_id)
+        if row is None:
+            row = self.conn.execute(
+                "SELECT project, user, run, day, tokens_reserved, records_reserved, state, decision_index "
+                "FROM reservations WHERE id=?", (reservation_id,)).fetchone()
+            if row is not None:
+                cache[reservation_id] = row = tuple(row)
+        return row
+
+    def add_reservation(self, reservation_id: str, decision_index: int, project: str | None, user: str | None,
+                        run: str | None, day: str, tokens: int, records: int) -> None:
+        created = time.time()
+        self._new_reservations.append((reservation_id, decision_index, project, user, run, day, tokens, records,
+                                       created, created + self.store.reservation_ttl_s))
+        self._remember(self.state.reservations, reservation_id)
+        self.state.reservations[reservation_id] = (project, user, run, day, tokens, records, "held", decision_index)
+
+    def close_reservation(self, reservation_id: str, state: str, tokens_charged: int, records_charged: int) -> None:
+        row = self.reservation(reservation_id)
+        assert row is not None
+        self._reservation_updates.append((state, tokens_charged, records_charged, reservation_id))
+        self._remember(self.state.reservations, reservation_id)
+        self.state.reservations[reservation_id] = (*row[:6], state, row[7])
+
+    # -- commit -------------------------------------------------------------------------------------------------
     def finish(self) -> None:
+        """Write the buffered rows (inside the open transaction); the caller commits."""
+        conn = self.conn
+        if self._log:
+            conn.executemany(
+                "INSERT INTO log (idx, entry_hash, body, kind, ts, run, project, user) VALUES (?,?,?,?,?,?,?,?)",
+                self._log)
+        if self._new_reservations:
+            conn.executemany(
+                "INSERT INTO reservations (id, decision_index, project, user, run, day, tokens_reserved, "
+                "records_reserved, state, created, expires) VALUES (?,?,?,?,?,?,?,?,'held',?,?)",
+                self._new_reservations)
+        if self._reservation_updates:
+            conn.executemany("UPDATE reservations SET state=?, tokens_charged=?, records_charged=? WHERE id=?",
+                             self._reservation_updates)
+        deltas = [(sc, k, d, t, r) for (sc, k, d), (t, r) in self._deltas.items() if t or r]
+        if deltas:
+            conn.executemany(
+                "INSERT INTO counters (scope, key, day, tokens, records) VALUES (?,?,?,?,?) ON CONFLICT(scope, key, "
+                "day) DO UPDATE SET tokens = tokens + excluded.tokens, records = records + excluded.records", deltas)
+        if self._checkpoints:
+            conn.executemany(
+                "INSERT OR REPLACE INTO checkpoints (tree_size, root_hash, ts, key_id, signature) VALUES (?,?,?,?,?)",
+                self._checkpoints)
         if not self.appended:
             return
-        self.conn.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('frontier', ?)", (orjson.dumps(self.frontier.to_json()),)
-        )
-        head = self.store._signed_checkpoint(self.frontier)
-        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('head', ?)", (orjson.dumps(head.as_dict()),))
+        frontier = self.state.frontier
+        head = self.store._signed_checkpoint(frontier)
+        conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                         [("frontier", orjson.dumps(frontier.to_json())), ("head", orjson.dumps(head.as_dict()))])
+        # closed reservations are settled for good: keep the cache small
+        for _, _, _, rid in self._reservation_updates:
+            self.state.reservations.pop(rid, None)
 
 
-# (work, future resolved after COMMIT, optional future resolved as soon as the work ran, before COMMIT)
-_Job = tuple[Callable[[_Txn], Any], "Future[Any]", "Future[Any] | None"]
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[_Txn], Any]
+    #: resolved after COMMIT: a concurrent Future for threads, an asyncio Future (with ``loop``) for coroutines
+    done: Any
+    #: resolved as soon as the job ran, before COMMIT (optional)
+    early: Any = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+
+def _resolve(items: list[tuple[Any, bool, Any]]) -> None:
+    """Set results on futures of one event loop (runs in that loop: one wake-up per batch, not one per job)."""
+    for fut, ok, value in items:
+        if fut.done():  # the awaiting task was cancelled
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+def _deliver(jobs: list[_Job], outcomes: list[tuple[bool, Any]], early: bool) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, bool, Any]]] = {}
+    for job, (ok, value) in zip(jobs, outcomes, strict=True):
+        fut = job.early if early else job.done
+        if fut is None:
+            continue
+        if job.loop is None:
+            if not fut.done():
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+        else:
+            by_loop.setdefault(job.loop, []).append((fut, ok, value))
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop was closed: nobody is waiting
+            loop.call_soon_threadsafe(_resolve, items)
 
 
 class Store:
@@ -220,6 +413,7 @@ class Store:
         conn = self._connect()
         self._init_schema(conn)
         self._writer_conn = conn
+        self._state: _State | None = None  # the writer's cache; see _State
         self._closed = False
         self._thread = threading.Thread(target=self._writer_loop, name="distillgate-ledger-writer", daemon=True)
         self._thread.start()
@@ -289,59 +483,60 @@ class Store:
                 break
         conn.close()
 
+    def _begin(self, conn: sqlite3.Connection) -> _State:
+        """BEGIN IMMEDIATE (the write lock), then the cached state, reloaded if anyone else committed since."""
+        conn.execute("BEGIN IMMEDIATE")
+        version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        state = self._state
+        if state is None or state.data_version != version:
+            state = self._state = _State(conn, version)
+        return state
+
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        results: list[tuple[bool, Any]] = []
+        outcomes: list[tuple[bool, Any]] = []
+        delivered_early = False
         try:
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                txn = _Txn(conn, self)
-                for fn, _, early in batch:
-                    conn.execute("SAVEPOINT job")
-                    saved = (txn.next_index, txn.prev_hash, Frontier(txn.frontier.size, list(txn.frontier.nodes)),
-                             txn.appended)
+                txn = _Txn(conn, self, self._begin(conn))
+                for job in batch:
+                    mark = txn.mark()
                     try:
-                        value = fn(txn)
-                        conn.execute("RELEASE job")
-                        results.append((True, value))
-                        if early is not None:
-                            early.set_result(value)
+                        outcomes.append((True, job.fn(txn)))
                     except Exception as exc:
-                        conn.execute("ROLLBACK TO job")
-                        conn.execute("RELEASE job")
-                        txn.next_index, txn.prev_hash, txn.frontier, txn.appended = saved
-                        results.append((False, exc))
-                        if early is not None:
-                            early.set_exception(exc)
+                        txn.undo(mark)
+                        outcomes.append((False, exc))
+                _deliver(batch, outcomes, early=True)
+                delivered_early = True
                 txn.finish()
                 conn.execute("COMMIT")
             except BaseException:
+                self._state = None  # the cache ran ahead of what is committed
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        except Exception as exc:  # the commit itself failed: nobody's work is durable
-            for _, fut, early in batch:
-                fut.set_exception(exc)
-                if early is not None and not early.done():
-                    early.set_exception(exc)
+        except Exception as exc:  # the transaction failed: nobody's work is durable
+            failed = [(False, exc)] * len(batch)
+            if not delivered_early:
+                _deliver(batch, failed, early=True)
+            _deliver(batch, failed, early=False)
             return
-        for (ok, value), (_, fut, _early) in zip(results, batch, strict=True):
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
+        _deliver(batch, outcomes, early=False)
 
-    def _submit(self, fn: Callable[[_Txn], T], early: Future[T] | None = None) -> Future[T]:
+    def _submit(self, job: _Job) -> None:
         if self._closed:
             raise InternalError("the store is closed")
-        fut: Future[T] = Future()
-        self._queue.put((fn, fut, early))
-        return fut
+        self._queue.put(job)
 
     def _call(self, fn: Callable[[_Txn], T]) -> T:
-        return self._submit(fn).result()
+        fut: Future[T] = Future()
+        self._submit(_Job(fn, fut))
+        return fut.result()
 
     async def _acall(self, fn: Callable[[_Txn], T]) -> T:
-        return await asyncio.wrap_future(self._submit(fn))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._submit(_Job(fn, fut, loop=loop))
+        return await fut
 
     def close(self) -> None:
         if self._closed:
@@ -359,19 +554,13 @@ class Store:
                    "key_id": self.signer.key_id}
         return Checkpoint(signature=self.signer.sign_json(payload), **payload)  # type: ignore[arg-type]
 
-    def _write_checkpoint(self, conn: sqlite3.Connection, frontier: Frontier) -> Checkpoint:
-        cp = self._signed_checkpoint(frontier)
-        conn.execute(
-            "INSERT OR REPLACE INTO checkpoints (tree_size, root_hash, ts, key_id, signature) VALUES (?,?,?,?,?)",
-            (cp.tree_size, cp.root_hash, cp.ts, cp.key_id, cp.signature),
-        )
-        return cp
-
     def checkpoint(self) -> Checkpoint:
         """Write a signed checkpoint of the current tree now (on demand)."""
 
         def job(txn: _Txn) -> Checkpoint:
-            return self._write_checkpoint(txn.conn, txn.frontier)
+            cp = self._signed_checkpoint(txn.frontier)
+            txn.add_checkpoint(cp)
+            return cp
 
         return self._call(job)
 
@@ -382,25 +571,6 @@ class Store:
             "SELECT tokens, records FROM counters WHERE scope=? AND key=? AND day=?", (scope, key, day)
         ).fetchone()
         return (0, 0) if row is None else (int(row[0]), int(row[1]))
-
-    def _apply(self, conn: sqlite3.Connection, project: str | None, user: str | None, run: str | None, day: str,
-               tokens: int, records: int) -> None:
-        rows: list[tuple[str, str, str, int, int]] = []
-        if project is not None:
-            rows.append(("project", project, day, tokens, 0))
-            if run is not None:
-                rows.append(("run", f"{project}\x1f{run}", "", tokens, records))
-        if user is not None:
-            rows.append(("user", user, day, tokens, 0))
-        if not rows:
-            return
-        conn.execute(
-            "INSERT INTO counters (scope, key, day, tokens, records) VALUES "
-            + ",".join("(?,?,?,?,?)" for _ in rows)
-            + " ON CONFLICT(scope, key, day) DO UPDATE SET tokens = tokens + excluded.tokens, "
-            "records = records + excluded.records",
-            [v for r in rows for v in r],
-        )
 
     @staticmethod
     def _usage_in(conn: sqlite3.Connection, project: str | None, user: str | None, run: str | None,
@@ -418,17 +588,16 @@ class Store:
     def _admit_job(self, policies: Policy | PolicySet, request: Request, request_hash: str | None,
                    key_id: str | None, content: Any, extra: Mapping[str, Any] | None) -> Callable[[_Txn], Admission]:
         def job(txn: _Txn) -> Admission:
-            conn = txn.conn
             policy = policies.select(request.project) if isinstance(policies, PolicySet) else policies
             day = utc_day(txn.now)
-            usage = self._usage_in(conn, request.project, request.user, request.run, day)
+            usage = txn.usage(request.project, request.user, request.run, day)
             decision = decide(policy, request, usage)
             reservation_id = None
             tokens = records = 0
             if decision.allowed and request.kind == "inference":
                 reservation_id = uuid.uuid4().hex
                 tokens, records = request.tokens_requested, request.records_requested
-                self._apply(conn, request.project, request.user, request.run, day, tokens, records)
+                txn.apply(request.project, request.user, request.run, day, tokens, records)
             fields: dict[str, Any] = {
                 "policy_id": decision.policy_id,
                 "policy_hash": decision.policy_hash,
@@ -458,12 +627,8 @@ class Store:
                 fields["content"] = content
             entry = txn.append("decision", fields)
             if reservation_id is not None:
-                conn.execute(
-                    "INSERT INTO reservations (id, decision_index, project, user, run, day, tokens_reserved, "
-                    "records_reserved, state, created, expires) VALUES (?,?,?,?,?,?,?,?,'held',?,?)",
-                    (reservation_id, entry.index, request.project, request.user, request.run, day, tokens, records,
-                     time.time(), time.time() + self.reservation_ttl_s),
-                )
+                txn.add_reservation(reservation_id, entry.index, request.project, request.user, request.run, day,
+                                    tokens, records)
             return Admission(decision, entry, reservation_id, tokens, records)
 
         return job
@@ -487,11 +652,13 @@ class Store:
         forwarding an allowed request while the fsync runs, but must await the second value before it tells the
         client anything: a client never learns of a decision that is not in the log.
         """
-        early: Future[Admission] = Future()
-        durable = asyncio.wrap_future(self._submit(
-            self._admit_job(policies, request, request_hash, key_id, content, extra), early))
+        loop = asyncio.get_running_loop()
+        early: asyncio.Future[Admission] = loop.create_future()
+        durable: asyncio.Future[Admission] = loop.create_future()
+        self._submit(_Job(self._admit_job(policies, request, request_hash, key_id, content, extra), durable, early,
+                          loop))
         try:
-            return await asyncio.wrap_future(early), durable
+            return await early, durable
         except BaseException:
             durable.cancel()
             raise
@@ -500,11 +667,7 @@ class Store:
                     records: int | None, response_hash: str | None, upstream_id: str | None, outcome: str,
                     reasons: tuple[str, ...], extra: Mapping[str, Any] | None) -> Callable[[_Txn], LogEntry]:
         def job(txn: _Txn) -> LogEntry:
-            conn = txn.conn
-            row = conn.execute(
-                "SELECT project, user, run, day, tokens_reserved, records_reserved, state, decision_index "
-                "FROM reservations WHERE id=?", (reservation_id,),
-            ).fetchone()
+            row = txn.reservation(reservation_id)
             if row is None:
                 raise NotFoundError(f"no reservation {reservation_id!r}")
             project, user, run, day, t_res, r_res, state, decision_index = row
@@ -520,11 +683,8 @@ class Store:
                 tokens_charged = used or 0
                 records_charged = int(records or 0)
                 new_state = "refunded" if tokens_charged == 0 and records_charged == 0 else "settled"
-            self._apply(conn, project, user, run, day, tokens_charged - t_res, records_charged - r_res)
-            conn.execute(
-                "UPDATE reservations SET state=?, tokens_charged=?, records_charged=? WHERE id=?",
-                (new_state, tokens_charged, records_charged, reservation_id),
-            )
+            txn.apply(project, user, run, day, tokens_charged - t_res, records_charged - r_res)
+            txn.close_reservation(reservation_id, new_state, tokens_charged, records_charged)
             codes = list(reasons)
             if outcome == "upstream_error" or outcome == "timeout":
                 codes.append("UPSTREAM_ERROR")
@@ -559,16 +719,16 @@ class Store:
 
     def _reclaim_job(self, now: float | None) -> Callable[[_Txn], int]:
         def job(txn: _Txn) -> int:
-            conn = txn.conn
             cutoff = time.time() if now is None else now
-            rows = conn.execute(
+            rows = txn.conn.execute(
                 "SELECT id, project, user, run, day, tokens_reserved, records_reserved, decision_index "
                 "FROM reservations WHERE state='held' AND expires < ?", (cutoff,),
             ).fetchall()
+            # the table is as last committed; this transaction may have settled some of them already
+            rows = [r for r in rows if (cached := txn.reservation(r[0])) is None or cached[6] == "held"]
             for rid, project, user, run, day, t_res, r_res, decision_index in rows:
-                self._apply(conn, project, user, run, day, -t_res, -r_res)
-                conn.execute("UPDATE reservations SET state='expired', tokens_charged=0, records_charged=0 "
-                             "WHERE id=?", (rid,))
+                txn.apply(project, user, run, day, -t_res, -r_res)
+                txn.close_reservation(rid, "expired", 0, 0)
                 txn.append("reclaim", {
                     "reservation_id": rid, "decision_index": decision_index, "project": project, "user": user,
                     "run": run, "reasons": ["RESERVATION_EXPIRED"], "tokens_refunded": t_res,

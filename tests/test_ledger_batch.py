@@ -1,0 +1,146 @@
+"""The store's writer: jobs batched into one transaction, a cached chain head and quota counters, buffered rows.
+
+These tests pin what the cache must never change: a failing job leaves no trace, another writer on the same file
+is seen before the next decision, and a failed commit forgets everything the batch had changed in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from distillgate.errors import NotFoundError
+from distillgate.ledger import Store
+from distillgate.ledger.store import _Job, _Txn, utc_day
+from distillgate.ledger.verify import verify_db
+from distillgate.policy import policy_from_data
+
+from _foundation_support import SEED, request
+
+QUOTA = policy_from_data({**SEED, "quotas": {"tokens_per_day": 1000, "records_per_run": 5000}})
+
+
+def _hold_write_lock(db: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    return conn
+
+
+def test_a_failing_job_in_a_batch_leaves_no_trace(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+
+    def half_done_then_fails(txn: _Txn) -> Any:
+        txn.apply("internal-compression", "alice", "run-1", utc_day(txn.now), 500, 3)
+        txn.add_reservation("ghost", txn.next_index, "internal-compression", "alice", "run-1", utc_day(txn.now),
+                            500, 3)
+        txn.append("decision", {"user": "alice", "project": "internal-compression", "note": "never committed"})
+        raise RuntimeError("the job broke after changing things")
+
+    async def go(store: Store) -> list[Any]:
+        blocker = _hold_write_lock(db)  # the writer waits for the lock on the first job: the rest queue up
+        first = asyncio.ensure_future(store.aadmit(QUOTA, request(max_tokens=10, prompt_tokens=0)))
+        await asyncio.sleep(0.2)
+        broken: Future[Any] = Future()
+        store._submit(_Job(half_done_then_fails, broken))
+        rest = [asyncio.ensure_future(store.aadmit(QUOTA, request(max_tokens=20, prompt_tokens=0))),
+                asyncio.ensure_future(store.asettle("no-such-reservation")),
+                asyncio.ensure_future(store.aadmit(QUOTA, request(max_tokens=30, prompt_tokens=0)))]
+        await asyncio.sleep(0.2)
+        blocker.execute("COMMIT")
+        blocker.close()
+        out = await asyncio.gather(first, *rest, return_exceptions=True)
+        with pytest.raises(RuntimeError, match="broke"):
+            broken.result(timeout=10)
+        return out
+
+    with Store.open(db) as store:
+        adm0, adm1, missing, adm2 = asyncio.run(go(store))
+        assert isinstance(missing, NotFoundError)
+        assert [adm0.entry.index, adm1.entry.index, adm2.entry.index] == [0, 1, 2]
+        assert adm2.entry.body["prev_hash"] == adm1.entry.entry_hash
+        assert adm2.entry.body["usage_before"]["tokens_today_project"] == 30  # 10 + 20, not the broken 500
+        usage = store.usage("internal-compression", "alice", "run-1")
+        assert usage.tokens_today_project == 60 and usage.tokens_today_user == 60 and usage.records_run == 3
+        with pytest.raises(NotFoundError):
+            store.reservation("ghost")
+        assert store.size() == 3 and all(e.body.get("note") is None for e in store.entries())
+    assert verify_db(db).ok
+
+
+def test_another_writer_on_the_same_file_is_seen_before_the_next_decision(tmp_path: Path) -> None:
+    db = tmp_path / "two.db"
+    Store.open(db).close()
+    with Store.open(db) as one, Store.open(db) as two:
+        granted = 0
+        for i in range(160):  # alternate writers: each must see the other's counters and chain head
+            store = one if i % 2 else two
+            adm = store.admit(QUOTA, request(max_tokens=7, prompt_tokens=0))
+            assert adm.entry.index == i
+            assert adm.entry.body["usage_before"]["tokens_today_project"] == granted * 7
+            granted += adm.decision.allowed
+        assert granted == 142  # floor(1000 / 7): exact across both
+        last = two.admit(QUOTA, request(max_tokens=7, prompt_tokens=0))
+        settled = one.settle(one.entries(kind="decision").__next__().body["reservation_id"], prompt_tokens=0,
+                             completion_tokens=2)
+        assert settled.body["tokens_refunded"] == 5 and not last.decision.allowed
+        assert two.usage("internal-compression", "alice", "run-1").tokens_today_project == 142 * 7 - 5
+    assert verify_db(db).ok
+
+
+def test_a_failed_commit_forgets_the_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "f.db"
+    real_finish = _Txn.finish
+    calls = {"n": 0}
+
+    def finish_fails_once(self: _Txn) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise sqlite3.OperationalError("disk I/O error (simulated)")
+        real_finish(self)
+
+    monkeypatch.setattr(_Txn, "finish", finish_fails_once)
+    with Store.open(db) as store:
+        ok = store.admit(QUOTA, request(max_tokens=100, prompt_tokens=0))
+        with pytest.raises(sqlite3.OperationalError, match="simulated"):
+            store.admit(QUOTA, request(max_tokens=200, prompt_tokens=0))
+        after = store.admit(QUOTA, request(max_tokens=300, prompt_tokens=0))
+        assert after.entry.index == ok.entry.index + 1 and after.entry.body["prev_hash"] == ok.entry.entry_hash
+        assert after.entry.body["usage_before"]["tokens_today_project"] == 100  # the failed 200 left no trace
+        with pytest.raises(NotFoundError):
+            store.settle(ok.reservation_id + "-unknown")
+        store.settle(ok.reservation_id, prompt_tokens=0, completion_tokens=40)
+        assert store.usage("internal-compression", "alice", "run-1").tokens_today_project == 340
+    assert verify_db(db).ok
+
+
+def test_reclaim_skips_what_the_same_batch_already_settled(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    with Store.open(db, reservation_ttl_s=0.05) as store:
+        adm = store.admit(QUOTA, request(max_tokens=50, prompt_tokens=0))
+        stale = store.admit(QUOTA, request(max_tokens=70, prompt_tokens=0))
+        time.sleep(0.1)
+
+        async def go() -> tuple[Any, int]:
+            blocker = _hold_write_lock(db)
+            event = asyncio.ensure_future(store.aappend_event("note", {"text": "hold the writer"}))
+            await asyncio.sleep(0.2)
+            settle = asyncio.ensure_future(store.asettle(adm.reservation_id, prompt_tokens=0, completion_tokens=5))
+            reclaim = asyncio.ensure_future(store.areclaim_expired())  # same batch: must not expire `adm` again
+            await asyncio.sleep(0.2)
+            blocker.execute("COMMIT")
+            blocker.close()
+            await event
+            return await settle, await reclaim
+
+        settled, reclaimed = asyncio.run(go())
+        assert settled.body["tokens_charged"] == 5 and reclaimed == 1
+        assert store.reservation(adm.reservation_id)["state"] == "settled"
+        assert store.reservation(stale.reservation_id)["state"] == "expired"
+        assert store.usage("internal-compression", "alice", "run-1").tokens_today_project == 5
+    assert verify_db(db).ok
