@@ -222,3 +222,54 @@ def test_every_signal_and_rule_key_is_documented() -> None:
     missing = [n for n in (*SIGNAL_NAMES, *SignalRule.model_fields, *ExtractionRules.model_fields)
                if f"`{n}`" not in doc and f".{n}`" not in doc and f"`{n}." not in doc]
     assert not missing, f"document these in docs/extraction.md: {missing}"
+
+
+def test_ring_content_names_its_rows_whatever_their_order_and_after_eviction() -> None:
+    from distillgate.extraction.state import Ring
+
+    a, b, c = (Sketch.of(f) for f in template_sweep(3))
+    one, two, three = Ring(2), Ring(2), Ring(2)
+    for s in (a, b):
+        one.add(s.minhash8, s.vocab_size, s.fp_int, s.row_key)
+    for s in (b, a):
+        two.add(s.minhash8, s.vocab_size, s.fp_int, s.row_key)
+    assert (one.content, one.size) == (two.content, two.size)
+    one.add(c.minhash8, c.vocab_size, c.fp_int, c.row_key)  # full: `a` leaves
+    for s in (b, c):
+        three.add(s.minhash8, s.vocab_size, s.fp_int, s.row_key)
+    assert one.content == three.content != two.content
+    np.testing.assert_array_equal(np.sort(one.jaccard(a.minhash)), np.sort(three.jaccard(a.minhash)))
+
+
+def test_scopes_share_ring_comparisons_only_when_their_rings_hold_the_same_rows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway compares a prompt once per distinct ring (see state.Ring). Alice sends a near-twin of each of
+    Bob's banking questions just before Bob does, so for Bob's request the project ring finds a twin and his own
+    rings do not: the memo must not carry one ring's answer to another, even when both rings are full."""
+    from distillgate.extraction import state
+
+    real = state.ScopeState.events
+    seen: list[tuple[bool, bool]] = []  # (answer with the request's shared memo, answer computed afresh)
+
+    def checked(self: state.ScopeState, sk: Sketch, fp: int,
+                memo: dict[tuple[str, int, int], bool] | None = None) -> state.Events:
+        got = real(self, sk, fp, memo)
+        seen.append((got.twin, real(self, sk, fp, {}).twin))
+        return got
+
+    monkeypatch.setattr(state.ScopeState, "events", checked)
+    monitor = ExtractionMonitor()
+    for text in banking_texts()[:300]:
+        monitor.observe(feat(f"{text} please", user="alice", key="k-alice", run="r-alice"))
+        monitor.observe(feat(text, user="bob", key="k-bob", run="r-bob"))
+    assert all(got == fresh for got, fresh in seen)
+    assert {t for t, _ in seen} == {True, False}, "the traffic has scopes that disagree"
+
+
+def test_a_prompt_without_reasoning_words_skips_the_regex_with_the_same_answer() -> None:
+    from distillgate.extraction.features import _COT_RE, elicits_reasoning
+
+    prompts = [*xstest_prompts()[:100], *banking_texts()[:300], "Think it through.", "SHOW YOUR WORK", "ſtep by step",
+               "Keep an internal monologue", "Use a scratchpad", "<think>", "walk me through your thinking"]
+    assert [elicits_reasoning(p) for p in prompts] == [_COT_RE.search(p) is not None for p in prompts]
+    assert sum(elicits_reasoning(p) for p in prompts[-7:]) == 7

@@ -11,7 +11,8 @@ import base64
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -111,7 +112,14 @@ def bias_pattern(bias: tuple[tuple[int, float], ...]) -> str | None:
     return xxhash.xxh64_hexdigest(",".join(f"{t}:{round(b)}" for t, b in bias).encode())
 
 
+# every _COT_RE alternative contains one of these words: prompts without any skip the (slower) regex
+_COT_HINTS = ("step", "show", "reason", "chain", "think", "walk", "monologue", "scratchpad")
+
+
 def elicits_reasoning(text: str) -> bool:
+    folded = text.casefold()
+    if not any(h in folded for h in _COT_HINTS):
+        return False
     return _COT_RE.search(text) is not None
 
 
@@ -154,6 +162,29 @@ class Sketch:
     cot: bool
     task_minhash: np.ndarray | None = None  # MinHash of task_text(prompt), only for reasoning-eliciting prompts
     embedding: np.ndarray | None = None
+
+    # What the detectors' rings store (b-bit MinHash, see state.Ring), computed once per request, not per scope.
+    @cached_property
+    def minhash8(self) -> np.ndarray:
+        return self.minhash.astype(np.uint8)
+
+    @cached_property
+    def task_minhash8(self) -> np.ndarray | None:
+        return None if self.task_minhash is None else self.task_minhash.astype(np.uint8)
+
+    @cached_property
+    def fp_int(self) -> int:
+        return int(self.prompt_fp, 16)
+
+    @cached_property
+    def row_key(self) -> int:
+        """Identity of the ring row this request adds (signature, word count, fingerprint)."""
+        return xxhash.xxh64_intdigest(self.minhash8.tobytes() + f"{self.vocab_size}:{self.prompt_fp}".encode())
+
+    @cached_property
+    def task_row_key(self) -> int:
+        tm = self.task_minhash8
+        return 0 if tm is None else xxhash.xxh64_intdigest(tm.tobytes() + f"{self.vocab_size}:{self.prompt_fp}".encode())
 
     @classmethod
     def of(cls, f: RequestFeatures) -> Sketch:
@@ -225,11 +256,15 @@ def dequantise(data: str) -> np.ndarray:
     return v / norm  # type: ignore[no-any-return]
 
 
-def features_record(features: RequestFeatures, embedding: np.ndarray | None = None) -> dict[str, Any]:
-    """The compact, privacy-preserving record the gateway stores in the decision entry (``extra["extraction"]``)."""
-    sketch = Sketch.of(features)
+def features_record(features: RequestFeatures, embedding: np.ndarray | None = None,
+                    sketch: Sketch | None = None) -> dict[str, Any]:
+    """The compact, privacy-preserving record the gateway stores in the decision entry (``extra["extraction"]``).
+
+    Pass the ``sketch`` the monitor already made of these features (``ExtractionMonitor.observe_request``) to skip
+    computing it again."""
+    sketch = sketch if sketch is not None else Sketch.of(features)
     if embedding is not None:
-        sketch = Sketch(**{**sketch.__dict__, "embedding": embedding})
+        sketch = replace(sketch, embedding=embedding)
     return sketch.record()
 
 

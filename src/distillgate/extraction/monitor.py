@@ -103,6 +103,10 @@ class ExtractionMonitor:
     # -- the request path ---------------------------------------------------------------------------------------------
     def observe(self, features: RequestFeatures) -> tuple[Signal, ...]:
         """Record one request; return the signals that fired for its identities (before it is forwarded)."""
+        return self.observe_request(features)[1]
+
+    def observe_request(self, features: RequestFeatures) -> tuple[Sketch, tuple[Signal, ...]]:
+        """``observe``, also returning the request's sketch (for ``log_extra``: the sketch is made once)."""
         sketch = Sketch.of(features)
         signals = self.observe_sketch(sketch)
         if self.embedder is not None and features.prompt:
@@ -114,15 +118,16 @@ class ExtractionMonitor:
                     self._queue.put_nowait(item)
                 except queue.Full:
                     self.dropped += 1
-        return signals
+        return sketch, signals
 
     def observe_sketch(self, s: Sketch) -> tuple[Signal, ...]:
         """The detectors on a sketch (what ``observe`` and ``audit scan`` share)."""
         rules = self._rules_for(s.project)
         if not rules.enabled:
             return ()
-        fp = int(s.prompt_fp, 16)
+        fp = s.fp_int
         fired: list[Signal] = []
+        memo: dict[tuple[str, int, int], bool] = {}  # ring comparisons shared by this request's scopes
         with self._lock:
             scopes = identities(s)
             states = [(scope, ident, self._state(scope, ident, rules)) for scope, ident in scopes]
@@ -130,7 +135,7 @@ class ExtractionMonitor:
             if project_state is not None and s.run is not None:
                 project_state.add_run(s.run, max(1, s.n))
             for scope, ident, st in states:
-                ev = st.events(s, fp)
+                ev = st.events(s, fp, memo)
                 st.add(s, fp, ev)
                 if s.embedding is not None:  # scan of a log with stored embeddings
                     self._drift_update(s, [st], s.embedding)
@@ -286,12 +291,13 @@ class ExtractionMonitor:
             self._worker = None
 
 
-def log_extra(features: RequestFeatures, signals: Sequence[Signal],
-              embedding: np.ndarray | None = None) -> dict[str, object]:
-    """What the gateway passes as ``store.admit(..., extra=...)``: the features record and the signals' evidence."""
+def log_extra(features: RequestFeatures, signals: Sequence[Signal], embedding: np.ndarray | None = None,
+              sketch: Sketch | None = None) -> dict[str, object]:
+    """What the gateway passes as ``store.admit(..., extra=...)``: the features record and the signals' evidence.
+    ``sketch``: the one ``observe_request`` returned for these features (saves making it twice)."""
     from distillgate.extraction.features import features_record
 
-    return {"extraction": {"features": features_record(features, embedding),
+    return {"extraction": {"features": features_record(features, embedding, sketch),
                            "signals": [sig.as_dict() for sig in signals]}}
 
 

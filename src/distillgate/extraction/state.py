@@ -30,32 +30,51 @@ class Events:
         return self.twin or self.harvest or self.new_bias_pattern or self.cot_unrelated
 
 
+_MASK64 = (1 << 64) - 1
+
+
 class Ring:
-    """The last ``cap`` MinHash signatures with their word-set sizes and prompt fingerprints (grows on demand)."""
+    """The last ``cap`` MinHash signatures with their word-set sizes and prompt fingerprints (grows on demand).
+
+    ``content`` is a multiset hash of the rows (the sum of their ``Sketch.row_key`` mod 2**64): two rings with the
+    same ``content`` and ``size`` hold the same rows, so a comparison made against one holds for the other. A
+    request compares its prompt once per distinct ring, not once per scope (user, key, project, run).
+    """
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self.mh = np.zeros((8, MINHASH_PERMS), dtype=np.uint8)  # 8-bit minwise hashing (b-bit MinHash)
-        self.vocab = np.zeros(8, dtype=np.float32)
-        self.fp = np.zeros(8, dtype=np.uint64)
+        first = min(8, cap)
+        self.mh = np.zeros((first, MINHASH_PERMS), dtype=np.uint8)  # 8-bit minwise hashing (b-bit MinHash)
+        self.vocab = np.zeros(first, dtype=np.float32)
+        self.fp = np.zeros(first, dtype=np.uint64)
+        self.keys = [0] * first
+        self.content = 0
         self.size = 0
         self.pos = 0
 
-    def add(self, mh: np.ndarray, vocab: int, fp: int) -> None:
+    def add(self, mh: np.ndarray, vocab: int, fp: int, key: int = 0) -> None:
+        """Add a row: ``mh`` a MinHash signature (uint8 or wider), ``key`` its ``Sketch.row_key``."""
         if self.size == len(self.mh) and self.size < self.cap:
             grow = min(self.cap, 2 * len(self.mh))
             self.mh = np.resize(self.mh, (grow, MINHASH_PERMS))
             self.vocab = np.resize(self.vocab, grow)
             self.fp = np.resize(self.fp, grow)
+            self.keys += [0] * (grow - len(self.keys))
             self.pos = self.size
-        self.mh[self.pos] = mh.astype(np.uint8)
+        if self.size == len(self.mh):  # full: the oldest row leaves
+            self.content = (self.content - self.keys[self.pos]) & _MASK64
+        self.mh[self.pos] = mh if mh.dtype == np.uint8 else mh.astype(np.uint8)
         self.vocab[self.pos] = vocab
         self.fp[self.pos] = fp
+        self.keys[self.pos] = key
+        self.content = (self.content + key) & _MASK64
         self.pos = (self.pos + 1) % len(self.mh)
         self.size = min(self.size + 1, len(self.mh))
 
     def jaccard(self, mh: np.ndarray) -> np.ndarray:
-        same = np.count_nonzero(self.mh[: self.size] == mh.astype(np.uint8), axis=1)
+        """Estimated Jaccard similarity of ``mh``'s word set with each row's (float32, one per row)."""
+        mh8 = mh if mh.dtype == np.uint8 else mh.astype(np.uint8)
+        same = (self.mh[: self.size] == mh8).sum(axis=1, dtype=np.int32)
         return same.astype(np.float32) * np.float32(1.0 / MINHASH_PERMS)  # type: ignore[no-any-return]
 
 
@@ -103,20 +122,32 @@ class ScopeState:
         self.run_records: OrderedDict[str, int] = OrderedDict()  # project scope: records per run
 
     # -- events of a new request against this scope ---------------------------------------------------------------
-    def events(self, s: Sketch, fp: int) -> Events:
+    def events(self, s: Sketch, fp: int, memo: dict[tuple[str, int, int], bool] | None = None) -> Events:
+        """This request's events against the scope's state. ``memo`` shares ring comparisons between the scopes
+        of one request (rings with equal content give equal answers; see ``Ring``)."""
         ev = Events()
+        memo = {} if memo is None else memo
         if self.recent.size:
-            j = self.recent.jaccard(s.minhash)
-            a, b = self.recent.vocab[: self.recent.size], float(s.vocab_size)
-            inter = j * (a + b) / (1.0 + j)
-            delta = a + b - 2.0 * inter
-            ev.twin = bool(np.any((delta <= TWIN_MAX_WORDS) & (self.recent.fp[: self.recent.size] != fp)))
+            key = ("twin", self.recent.content, self.recent.size)
+            twin = memo.get(key)
+            if twin is None:
+                j = self.recent.jaccard(s.minhash8)
+                a, b = self.recent.vocab[: self.recent.size], float(s.vocab_size)
+                inter = j * (a + b) / (1.0 + j)
+                delta = a + b - 2.0 * inter
+                twin = memo[key] = bool(np.any((delta <= TWIN_MAX_WORDS) & (self.recent.fp[: self.recent.size] != fp)))
+            ev.twin = twin
         wants_lp = s.logprobs or s.top_logprobs > 0
         ev.harvest = wants_lp and (self.fp_counts[s.prompt_fp] >= HARVEST_REPEATS
                                    or (s.top_logprobs >= 10 and (s.max_tokens or 0) <= 1))
         ev.new_bias_pattern = s.bias_pattern is not None and self.bias_counts[s.bias_pattern] == 0
-        if s.cot and s.task_minhash is not None and self.cot_recent.size >= 1:
-            ev.cot_unrelated = bool(self.cot_recent.jaccard(s.task_minhash).mean() < UNRELATED_MAX_MEAN_JACCARD)
+        if s.cot and s.task_minhash8 is not None and self.cot_recent.size >= 1:
+            key = ("cot", self.cot_recent.content, self.cot_recent.size)
+            unrelated = memo.get(key)
+            if unrelated is None:
+                unrelated = memo[key] = bool(self.cot_recent.jaccard(s.task_minhash8).mean()
+                                             < UNRELATED_MAX_MEAN_JACCARD)
+            ev.cot_unrelated = unrelated
         return ev
 
     def add(self, s: Sketch, fp: int, ev: Events) -> None:
@@ -124,9 +155,9 @@ class ScopeState:
         self.records += max(1, s.n)
         if s.declared_run_size is not None:
             self.declared = s.declared_run_size
-        self.recent.add(s.minhash, s.vocab_size, fp)
-        if s.cot and s.task_minhash is not None:
-            self.cot_recent.add(s.task_minhash, s.vocab_size, fp)
+        self.recent.add(s.minhash8, s.vocab_size, fp, s.row_key)
+        if s.cot and s.task_minhash8 is not None:
+            self.cot_recent.add(s.task_minhash8, s.vocab_size, fp, s.task_row_key)
         self.twin.append(ev.twin)
         _push_counted(self.bias, self.bias_counts, s.bias_pattern)
         self.harvest.append(ev.harvest)

@@ -265,13 +265,13 @@ class Gateway:
                                                    run=inb.run, output_type=inb.output_type)
         except UserError as exc:
             raise ApiError(400, exc.message, code="invalid_request") from exc
-        signals = self.monitor.observe(features)
+        sketch, signals = self.monitor.observe_request(features)
         if signals:
             request = replace(request, signals=signals)
         embedding = None
         if self.monitor.records_embeddings(features.project):  # policy extraction.record_embeddings: for audit scan
             embedding = await asyncio.to_thread(self.monitor.embed_for_record, features)
-        extra = log_extra(features, signals, embedding)
+        extra = log_extra(features, signals, embedding, sketch)
         request_hash = sha256_hex(raw)
         # The admission is returned as soon as it is decided and reserved; its commit (fsync) runs while an allowed
         # request is forwarded. Nothing reaches the client before `durable` resolved.
