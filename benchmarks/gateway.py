@@ -72,7 +72,8 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": r.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]})
     await send({"type": "http.response.body", "body": content})
-uvicorn.run(app, host="127.0.0.1", port=port, loop=loop, http=http, access_log=False, log_level="warning")
+uvicorn.run(app, host="127.0.0.1", port=port, loop=loop, http=http, access_log=False, log_level="warning",
+            proxy_headers=False)
 '''
 
 GATEWAY = r'''
@@ -83,7 +84,7 @@ policy, db, upstream, port, loop, http, settle = sys.argv[1:8]
 gw = build_gateway(config_from_data({"policy": policy, "db": db, "upstreams": {"fake": {"base_url": upstream}},
                                      "settle": settle}))
 uvicorn.run(gw, host="127.0.0.1", port=int(port), loop=loop, http=http, access_log=False, log_level="warning",
-            lifespan="on", backlog=2048)
+            lifespan="on", backlog=2048, proxy_headers=False)
 '''
 
 FAKE = r'''

@@ -15,7 +15,7 @@ import xxhash
 
 from distillgate.extraction.embed import Embedder, Reference
 from distillgate.extraction.features import RequestFeatures, Sketch, identities
-from distillgate.extraction.state import ScopeState
+from distillgate.extraction.state import Events, ScopeState
 from distillgate.policy.extraction_rules import SIGNAL_NAMES, ExtractionRules, Signal
 from distillgate.policy.model import Policy, PolicySet
 
@@ -39,6 +39,21 @@ def _effective(rules: ExtractionRules) -> dict[str, tuple[float, int, int, tuple
         _EFFECTIVE.clear()
     _EFFECTIVE[id(rules)] = (rules, table)
     return table
+
+
+_BY_SCOPE: dict[tuple[int, str], tuple[ExtractionRules, list[tuple[str, float, int, int]]]] = {}
+
+
+def _effective_in(rules: ExtractionRules, scope: str) -> list[tuple[str, float, int, int]]:
+    """(name, threshold, window, min_requests) of the signals computed for ``scope``, once per rules object."""
+    hit = _BY_SCOPE.get((id(rules), scope))
+    if hit is not None and hit[0] is rules:
+        return hit[1]
+    rows = [(name, t, w, m) for name, (t, w, m, scopes) in _effective(rules).items() if scope in scopes]
+    if len(_BY_SCOPE) > 1024:
+        _BY_SCOPE.clear()
+    _BY_SCOPE[(id(rules), scope)] = (rules, rows)
+    return rows
 
 
 def rules_from(policies: Policy | PolicySet | ExtractionRules | None) -> RulesFor:
@@ -153,14 +168,9 @@ class ExtractionMonitor:
             self._scopes.popitem(last=False)
         return st
 
-    def _values(self, rules: ExtractionRules, scope: str, ident: str, st: ScopeState, s: Sketch, ev: object,
+    def _values(self, rules: ExtractionRules, scope: str, ident: str, st: ScopeState, s: Sketch, ev: Events,
                 project_state: ScopeState | None, ungated: bool) -> Iterable[Signal]:
-        from distillgate.extraction.state import Events
-
-        assert isinstance(ev, Events)
-        for name, (threshold, window, min_req, scopes) in _effective(rules).items():
-            if scope not in scopes:
-                continue
+        for name, threshold, window, min_req in _effective_in(rules, scope):
             value: float | None = None
             evidence: dict[str, object] = {}
             contributes = True

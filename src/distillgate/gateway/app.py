@@ -176,8 +176,8 @@ class Gateway:
         finally:
             self.metrics.in_flight.dec()
             label = route_label(path)
-            self.metrics.requests.labels(label, str(status)).inc()
-            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+            self.metrics.labelled(self.metrics.requests, label, str(status)).inc()
+            self.metrics.labelled(self.metrics.latency, label).observe(time.perf_counter() - started)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -281,7 +281,7 @@ class Gateway:
         decision = adm.decision
         if not decision.allowed or inb.stream:
             await _made_durable(durable)
-        self.metrics.decisions.labels("allow" if decision.allowed else "deny").inc()
+        self.metrics.labelled(self.metrics.decisions, "allow" if decision.allowed else "deny").inc()
         for code in decision.reasons:
             self.metrics.reasons.labels(code).inc()
         index_header = (b"x-distillgate-decision", str(adm.entry.index).encode())
@@ -394,9 +394,9 @@ class Gateway:
 
     def _count_tokens(self, prompt_tokens: Any, completion_tokens: Any) -> None:
         if isinstance(prompt_tokens, int):
-            self.metrics.tokens.labels("prompt").inc(prompt_tokens)
+            self.metrics.labelled(self.metrics.tokens, "prompt").inc(prompt_tokens)
         if isinstance(completion_tokens, int):
-            self.metrics.tokens.labels("completion").inc(completion_tokens)
+            self.metrics.labelled(self.metrics.tokens, "completion").inc(completion_tokens)
 
     # -- streaming ----------------------------------------------------------------------------------------------
     async def _stream(self, inb: Inbound, route: Route, upstream: Upstream, adm: Admission, policy: Policy,

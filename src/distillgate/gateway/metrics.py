@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
@@ -34,6 +36,16 @@ class Metrics:
                                    "Prompts not embedded because the embedder was behind (since start)", registry=r)
         self.reclaimed = Counter("distillgate_reservations_reclaimed_total", "Expired reservations refunded",
                                  registry=r)
+
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def labelled(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, memoised: the request path asks for the same few children every time."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -50,7 +50,8 @@ def serve(config: GatewayConfig) -> None:
     try:
         uvicorn.run(gateway, host=config.host, port=config.port, loop="uvloop", http="httptools",
                     lifespan="on", access_log=config.access_log, log_level="info",
-                    timeout_keep_alive=30, backlog=2048)
+                    timeout_keep_alive=30, backlog=2048,
+                    proxy_headers=False)  # the gateway reads no client address: skip X-Forwarded-* parsing
     finally:
         gateway.store.close()
         gateway.keys.close()
