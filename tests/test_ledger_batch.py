@@ -144,3 +144,53 @@ def test_reclaim_skips_what_the_same_batch_already_settled(tmp_path: Path) -> No
         assert store.reservation(stale.reservation_id)["state"] == "expired"
         assert store.usage("internal-compression", "alice", "run-1").tokens_today_project == 5
     assert verify_db(db).ok
+
+
+def test_a_lazy_settlement_shares_the_next_decisions_commit(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    commits: list[int] = []
+    real_finish = _Txn.finish
+
+    def counting_finish(self: _Txn) -> None:
+        commits.append(self.appended)
+        real_finish(self)
+
+    monkeypatch.setattr(_Txn, "finish", counting_finish)
+
+    async def go(store: Store) -> None:
+        first = await store.aadmit(QUOTA, request(max_tokens=10, prompt_tokens=0))
+        commits.clear()
+        settle = asyncio.ensure_future(store.asettle(first.reservation_id, prompt_tokens=0, completion_tokens=4,
+                                                     lazy=True))
+        await asyncio.sleep(0.3)
+        assert not settle.done(), "a lazy settlement waits for company (up to lazy_commit_s)"
+        second = await store.aadmit(QUOTA, request(max_tokens=10, prompt_tokens=0))
+        entry = await asyncio.wait_for(settle, 5)
+        assert commits == [2], "one transaction, one commit: the settlement and the next decision"
+        assert second.entry.index == entry.index + 1
+
+    with Store.open(tmp_path / "lazy.db", lazy_commit_s=30.0) as store:
+        asyncio.run(go(store))
+        assert store.usage("internal-compression", "alice", "run-1").tokens_today_project == 14
+    assert verify_db(tmp_path / "lazy.db").ok
+
+
+def test_a_lazy_settlement_alone_commits_after_lazy_commit_s_or_at_close(tmp_path: Path) -> None:
+    db = tmp_path / "alone.db"
+
+    async def settle_lazily(store: Store, wait: float) -> float:
+        adm = await store.aadmit(QUOTA, request(max_tokens=10, prompt_tokens=0))
+        started = time.monotonic()
+        task = asyncio.ensure_future(store.asettle(adm.reservation_id, prompt_tokens=0, completion_tokens=3,
+                                                   lazy=True))
+        done, _ = await asyncio.wait({task}, timeout=wait)
+        return time.monotonic() - started if done else -1.0
+
+    with Store.open(db, lazy_commit_s=0.05) as store:
+        took = asyncio.run(settle_lazily(store, 5.0))
+        assert 0.04 <= took < 2.0
+    with Store.open(db, lazy_commit_s=60.0) as store:
+        assert asyncio.run(settle_lazily(store, 0.2)) == -1.0  # still waiting for company when we close
+    with Store.open(db) as store:  # closing committed it
+        assert [e.body["tokens_charged"] for e in store.entries(kind="settlement")] == [3, 3]
+    assert verify_db(db).ok

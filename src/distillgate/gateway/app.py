@@ -355,12 +355,14 @@ class Gateway:
         problems, enforcement = self._contract_problems(policy, inb.output_type, choices)
         reasons = ("OUTPUT_FORMAT_VIOLATION",) if problems else ()
         upstream_id = resp.get("id") if isinstance(resp.get("id"), str) else None
+        wait_for_settlement = self.settle_before_reply or (problems and enforcement == "block")
         settling = self.store.asettle(
             adm.reservation_id, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             records=len(choices), response_hash=response_hash, upstream_id=upstream_id, outcome="ok",
-            reasons=reasons, extra=_settle_extra(policy, problems, enforcement, choices))
+            reasons=reasons, extra=_settle_extra(policy, problems, enforcement, choices),
+            lazy=not wait_for_settlement)  # nobody waits: it may share the next decision's commit
         settlement_index: int | None = None
-        if self.settle_before_reply or (problems and enforcement == "block"):
+        if wait_for_settlement:
             settlement_index = (await settling).index
         else:  # the decision is durable already; the settlement commits while the answer travels
             task = asyncio.create_task(settling)

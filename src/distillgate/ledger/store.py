@@ -357,6 +357,8 @@ class _Job:
     #: resolved as soon as the job ran, before COMMIT (optional)
     early: Any = None
     loop: asyncio.AbstractEventLoop | None = None
+    #: nobody waits for this job's commit: it may wait for the next job to share one (``Store.lazy_commit_s``)
+    lazy: bool = False
 
 
 def _resolve(items: list[tuple[Any, bool, Any]]) -> None:
@@ -400,6 +402,7 @@ class Store:
         checkpoint_every: int = 1000,
         reservation_ttl_s: float = 600.0,
         batch_max: int = 512,
+        lazy_commit_s: float = 0.002,
     ) -> None:
         self.path = Path(path)
         if str(path) != ":memory:" and not self.path.parent.exists():
@@ -408,6 +411,7 @@ class Store:
         self.checkpoint_every = checkpoint_every
         self.reservation_ttl_s = reservation_ttl_s
         self.batch_max = batch_max
+        self.lazy_commit_s = lazy_commit_s
         self._local = threading.local()
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         conn = self._connect()
@@ -468,20 +472,22 @@ class Store:
             if first is None:
                 break
             batch: list[_Job] = [first]
-            stop = False
-            while len(batch) < self.batch_max:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._run_batch(conn, batch)
-            if stop:
+            stop = self._drain(batch)
+            if self._run_batch(conn, batch) or stop:
                 break
         conn.close()
+
+    def _drain(self, batch: list[_Job]) -> bool:
+        """Add the jobs already queued (up to ``batch_max``); True when the store is closing."""
+        while len(batch) < self.batch_max:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if nxt is None:
+                return True
+            batch.append(nxt)
+        return False
 
     def _begin(self, conn: sqlite3.Connection) -> _State:
         """BEGIN IMMEDIATE (the write lock), then the cached state, reloaded if anyone else committed since."""
@@ -492,21 +498,40 @@ class Store:
             state = self._state = _State(conn, version)
         return state
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> bool:
+        """Run ``batch`` in one transaction and commit it. A batch of lazy jobs only (settlements nobody waits for)
+        keeps its transaction open for up to ``lazy_commit_s`` to share its commit with the next job that arrives.
+        Returns True when the store began closing meanwhile."""
         outcomes: list[tuple[bool, Any]] = []
-        delivered_early = False
+        delivered = 0  # jobs whose early answer went out
+        stop = False
         try:
             try:
                 txn = _Txn(conn, self, self._begin(conn))
-                for job in batch:
-                    mark = txn.mark()
-                    try:
-                        outcomes.append((True, job.fn(txn)))
-                    except Exception as exc:
-                        txn.undo(mark)
-                        outcomes.append((False, exc))
+                self._run_jobs(txn, batch, outcomes)
                 _deliver(batch, outcomes, early=True)
-                delivered_early = True
+                delivered = len(batch)
+                deadline = time.monotonic() + self.lazy_commit_s
+                while all(job.lazy for job in batch) and len(batch) < self.batch_max:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        break
+                    try:
+                        nxt = self._queue.get(timeout=wait)
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    more = [nxt]
+                    stop = self._drain(more)
+                    start = len(batch)
+                    batch.extend(more)
+                    self._run_jobs(txn, more, outcomes)
+                    _deliver(more, outcomes[start:], early=True)
+                    delivered = len(batch)
+                    if stop:
+                        break
                 txn.finish()
                 conn.execute("COMMIT")
             except BaseException:
@@ -516,11 +541,21 @@ class Store:
                 raise
         except Exception as exc:  # the transaction failed: nobody's work is durable
             failed = [(False, exc)] * len(batch)
-            if not delivered_early:
-                _deliver(batch, failed, early=True)
+            _deliver(batch[delivered:], failed[delivered:], early=True)
             _deliver(batch, failed, early=False)
-            return
+            return stop
         _deliver(batch, outcomes, early=False)
+        return stop
+
+    @staticmethod
+    def _run_jobs(txn: _Txn, jobs: list[_Job], outcomes: list[tuple[bool, Any]]) -> None:
+        for job in jobs:
+            mark = txn.mark()
+            try:
+                outcomes.append((True, job.fn(txn)))
+            except Exception as exc:
+                txn.undo(mark)
+                outcomes.append((False, exc))
 
     def _submit(self, job: _Job) -> None:
         if self._closed:
@@ -532,10 +567,10 @@ class Store:
         self._submit(_Job(fn, fut))
         return fut.result()
 
-    async def _acall(self, fn: Callable[[_Txn], T]) -> T:
+    async def _acall(self, fn: Callable[[_Txn], T], *, lazy: bool = False) -> T:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._submit(_Job(fn, fut, loop=loop))
+        self._submit(_Job(fn, fut, loop=loop, lazy=lazy))
         return await fut
 
     def close(self) -> None:
@@ -713,9 +748,12 @@ class Store:
     async def asettle(self, reservation_id: str, *, prompt_tokens: int | None = None,
                       completion_tokens: int | None = None, records: int | None = None,
                       response_hash: str | None = None, upstream_id: str | None = None, outcome: str = "ok",
-                      reasons: tuple[str, ...] = (), extra: Mapping[str, Any] | None = None) -> LogEntry:
+                      reasons: tuple[str, ...] = (), extra: Mapping[str, Any] | None = None,
+                      lazy: bool = False) -> LogEntry:
+        """``settle`` for coroutines. ``lazy=True`` (a settlement committed after the answer went out): its commit
+        may wait up to ``lazy_commit_s`` for the next decision, so both share one fsync."""
         return await self._acall(self._settle_job(reservation_id, prompt_tokens, completion_tokens, records,
-                                                  response_hash, upstream_id, outcome, reasons, extra))
+                                                  response_hash, upstream_id, outcome, reasons, extra), lazy=lazy)
 
     def _reclaim_job(self, now: float | None) -> Callable[[_Txn], int]:
         def job(txn: _Txn) -> int:
