@@ -509,8 +509,6 @@ class Store:
             try:
                 txn = _Txn(conn, self, self._begin(conn))
                 self._run_jobs(txn, batch, outcomes)
-                _deliver(batch, outcomes, early=True)
-                delivered = len(batch)
                 deadline = time.monotonic() + self.lazy_commit_s
                 while all(job.lazy for job in batch) and len(batch) < self.batch_max:
                     wait = deadline - time.monotonic()
@@ -525,14 +523,15 @@ class Store:
                         break
                     more = [nxt]
                     stop = self._drain(more)
-                    start = len(batch)
                     batch.extend(more)
                     self._run_jobs(txn, more, outcomes)
-                    _deliver(more, outcomes[start:], early=True)
-                    delivered = len(batch)
                     if stop:
                         break
+                # Rows and the signed head are written first, so that once the early answers are out this thread
+                # goes straight into COMMIT (the fsync, without the GIL) while the callers forward their requests.
                 txn.finish()
+                _deliver(batch, outcomes, early=True)
+                delivered = len(batch)
                 conn.execute("COMMIT")
             except BaseException:
                 self._state = None  # the cache ran ahead of what is committed
