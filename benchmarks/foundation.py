@@ -15,9 +15,12 @@ import os
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 from distillgate.ledger import Store
+from distillgate.ledger.store import _Job
 from distillgate.ledger.verify import verify_db
 from distillgate.policy import Request, Usage, decide, policy_from_data
 
@@ -63,7 +66,10 @@ def bench_appends(db: Path, total: int, writers: int) -> float:
 def fill_fast(db: Path, total: int) -> None:
     policy = policy_from_data(SEED)
     with Store.open(db, batch_max=4096) as store:
-        futures = [store._submit(store._admit_job(policy, REQ, None, None, None, None)) for _ in range(total)]
+        futures: list[Future[Any]] = []
+        for _ in range(total):  # queue everything at once: the writer commits up to batch_max per transaction
+            futures.append(Future())
+            store._submit(_Job(store._admit_job(policy, REQ, None, None, None, None), futures[-1]))
         for f in futures:
             f.result()
 
