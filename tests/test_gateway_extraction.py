@@ -208,3 +208,47 @@ def test_gateway_with_minilm_records_drift_for_an_off_domain_session(tmp_path: P
     assert not drift_positions(by_user["alice"])
     hits = drift_positions(by_user["mallory"])
     assert hits and hits[0] < 40
+
+
+def test_a_declared_run_size_drives_the_volume_signal_over_http(tmp_path: Path) -> None:
+    """X-Policy-Run-Size (or metadata.policy_run_size) is the run's declared size: past 1.2x of it, `volume` fires."""
+    db = tmp_path / "volume.db"
+    keys = KeyStore(db)
+    secret = keys.create("alice")[1]
+    keys.close()
+    pol = {"policy_id": "volume", "allowed_projects": ["p"], "allowed_outputs": ["labels"],
+           "quotas": {"default_max_tokens": 4}, "extraction": {"signals": {"volume": {"action": "flag"}}}}
+    headers = {"Authorization": f"Bearer {secret}", "X-Policy-User": "alice", "X-Policy-Project": "p",
+               "X-Policy-Run": "r", "X-Policy-Output-Type": "labels"}
+    texts = banking_texts()
+    with fake_upstream(reply="ok") as fake:
+        gateway = build_gateway(config_from_data({"policy": str(write_policies(tmp_path / "pol", pol)), "db": str(db),
+                                                  "upstreams": {"fake": {"base_url": fake.base_url}}}))
+        port = free_port()
+        try:
+            with serve_in_thread(gateway, port), httpx.Client(base_url=f"http://127.0.0.1:{port}/v1") as client:
+                for i in range(8):  # declared 5 records; the 6th request makes 6 / 5 = 1.2
+                    extra: dict[str, Any] = ({"headers": {**headers, "X-Policy-Run-Size": "5"}} if i % 2 else
+                                             {"headers": headers})
+                    body: dict[str, Any] = {"model": "fake-teacher", "max_tokens": 2,
+                                            "messages": [{"role": "user", "content": BANK_TEMPLATE.format(texts[i])}]}
+                    if not i % 2:
+                        body["metadata"] = {"policy_run_size": 5, "trace": "kept"}
+                    assert client.post("/chat/completions", json=body, **extra).status_code == 200
+                bad = [client.post("/chat/completions", headers={**headers, "X-Policy-Run-Size": value},
+                                   json={"model": "fake-teacher", "messages": [{"role": "user", "content": "hi"}]})
+                       for value in ("0", "-3", "many", "1.5", str(10**10))]
+                bad.append(client.post("/chat/completions", headers=headers, json={
+                    "model": "fake-teacher", "messages": [{"role": "user", "content": "hi"}],
+                    "metadata": {"policy_run_size": True}}))
+            forwarded = [q["body"].get("metadata") for q in fake.requests]
+        finally:
+            gateway.store.close()
+            gateway.keys.close()
+    assert [r.status_code for r in bad] == [400] * 6
+    assert all("X-Policy-Run-Size" in r.json()["error"]["message"] for r in bad)
+    assert forwarded[:8] == [{"trace": "kept"}, None] * 4  # the size is stripped before forwarding
+    bodies = decision_bodies(db)[:8]
+    assert [b["extra"]["extraction"]["features"]["declared_run_size"] for b in bodies] == [5] * 8
+    fired = ["volume" in {s["name"] for s in b["extra"]["extraction"]["signals"]} for b in bodies]
+    assert fired == [False] * 5 + [True] * 3

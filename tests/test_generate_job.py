@@ -63,6 +63,8 @@ def test_k3_rows_carry_stamps_sampling_and_logprobs(tmp_path: Path) -> None:
         assert response_digest([choice]) == stamp.payload["response_hash"]
     assert len({r["stamp"]["entry_index"] for r in rows}) == 18  # one decision per row
     assert len(decisions(log, "gen-1")) == 18
+    # the job declares its run size (6 inputs x k=3) so the extraction monitor's volume signal has a basis
+    assert {d["extra"]["extraction"]["features"]["declared_run_size"] for d in decisions(log, "gen-1")} == {18}
     bodies = [q["body"] for q in sent]
     assert sorted(b["seed"] for b in bodies) == [0] * 6 + [1] * 6 + [2] * 6
     assert all(b["n"] == 1 and b["messages"][0]["role"] == "system" for b in bodies)

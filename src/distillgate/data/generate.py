@@ -254,7 +254,9 @@ class _Job:
         self.client = openai.AsyncOpenAI(base_url=target.base_url, api_key=target.api_key, max_retries=0,
                                          timeout=settings.timeout_s)
         self.headers = {"X-Policy-User": settings.user, "X-Policy-Project": settings.project,
-                        "X-Policy-Run": settings.run, "X-Policy-Output-Type": settings.output_type}
+                        "X-Policy-Run": settings.run, "X-Policy-Output-Type": settings.output_type,
+                        # what the whole run asks for (inputs x k): the extraction monitor's volume signal
+                        "X-Policy-Run-Size": str(report.planned)}
         self.template_sha = template.sha256
 
     def _request(self, messages: list[dict[str, str]], sample_index: int) -> dict[str, Any]:

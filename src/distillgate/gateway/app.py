@@ -262,7 +262,8 @@ class Gateway:
             logit_bias_size=inb.logit_bias_size, screen_hits=hits)
         try:
             features = RequestFeatures.from_openai(inb.body, user=user, key_id=check.key_id, project=inb.project,
-                                                   run=inb.run, output_type=inb.output_type)
+                                                   run=inb.run, output_type=inb.output_type,
+                                                   declared_run_size=inb.run_size)
         except UserError as exc:
             raise ApiError(400, exc.message, code="invalid_request") from exc
         sketch, signals = self.monitor.observe_request(features)

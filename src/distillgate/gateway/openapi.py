@@ -13,8 +13,9 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
                    "reasons": {"type": "array", "items": {"type": "string"}}}}}}
 
 _METADATA = {"type": "object", "additionalProperties": {"type": "string"},
-             "description": "policy_user, policy_project_id, policy_run_id, policy_output_type (stripped before "
-                            "forwarding); other keys pass through"}
+             "properties": {"policy_run_size": {"type": "integer", "minimum": 1, "maximum": 10**9}},
+             "description": "policy_user, policy_project_id, policy_run_id, policy_output_type, policy_run_size "
+                            "(stripped before forwarding); other keys pass through"}
 
 _MESSAGE = {"type": "object", "required": ["role"], "properties": {
     "role": {"enum": ["system", "user", "assistant", "tool", "developer", "function"]},
@@ -45,8 +46,11 @@ _COMPLETIONS = {"type": "object", "required": ["model", "prompt"], "properties":
     "logprobs": {"type": "integer", "minimum": 0, "maximum": 5}}}
 
 _IDENTITY_HEADERS = [
-    {"name": name, "in": "header", "required": False, "schema": {"type": "string"}}
-    for name in ("X-Policy-User", "X-Policy-Project", "X-Policy-Run", "X-Policy-Output-Type")
+    *({"name": name, "in": "header", "required": False, "schema": {"type": "string"}}
+      for name in ("X-Policy-User", "X-Policy-Project", "X-Policy-Run", "X-Policy-Output-Type")),
+    {"name": "X-Policy-Run-Size", "in": "header", "required": False,
+     "description": "records the whole run will ask for (the extraction monitor's volume signal)",
+     "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,8}$"}},
 ]
 
 

@@ -19,6 +19,8 @@ from distillgate.policy import estimate_tokens, prompt_text
 
 IDENTITY_KEYS = {"policy_user": "x-policy-user", "policy_project_id": "x-policy-project",
                  "policy_run_id": "x-policy-run", "policy_output_type": "x-policy-output-type"}
+RUN_SIZE_KEY, RUN_SIZE_HEADER = "policy_run_size", "x-policy-run-size"
+MAX_RUN_SIZE = 10**9
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 MAX_N = 128
 MAX_TOKENS_CAP = 10_000_000
@@ -43,6 +45,7 @@ class Inbound:
     run: str | None
     output_type: str | None
     include_usage: bool
+    run_size: int | None = None  # records the run declares it will ask for (X-Policy-Run-Size): extraction volume
 
 
 def _bad(message: str, param: str | None = None, code: str = "invalid_request") -> ApiError:
@@ -101,6 +104,22 @@ def _identity(headers: Mapping[str, str], metadata: dict[str, Any]) -> dict[str,
             value = meta_value
         out[key] = value or None
     return out
+
+
+def _run_size(headers: Mapping[str, str], metadata: dict[str, Any]) -> int | None:
+    """``X-Policy-Run-Size`` or ``metadata.policy_run_size``: a positive integer (the header wins)."""
+    meta_value = metadata.pop(RUN_SIZE_KEY, None)
+    value: Any = headers.get(RUN_SIZE_HEADER, meta_value)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    elif isinstance(value, float) and value.is_integer():  # JSON Schema counts 5.0 as an integer
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RUN_SIZE:
+        raise _bad(f"X-Policy-Run-Size / metadata.{RUN_SIZE_KEY} must be a whole number from 1 to {MAX_RUN_SIZE} "
+                   f"(the records this run will ask for), got {value!r}", f"metadata.{RUN_SIZE_KEY}")
+    return value
 
 
 def parse_request(route: str, raw: bytes, headers: Mapping[str, str]) -> Inbound:
@@ -162,6 +181,7 @@ def parse_request(route: str, raw: bytes, headers: Mapping[str, str]) -> Inbound
     elif not isinstance(metadata, dict):
         raise _bad("'metadata' must be an object", "metadata")
     ident = _identity(headers, metadata)
+    run_size = _run_size(headers, metadata)
     if "metadata" in body:
         if metadata:
             body["metadata"] = metadata
@@ -173,5 +193,5 @@ def parse_request(route: str, raw: bytes, headers: Mapping[str, str]) -> Inbound
         prompt_tokens=estimate_tokens(text), top_logprobs=top, logit_bias_size=len(bias or {}),
         user=ident["policy_user"], project=ident["policy_project_id"], run=ident["policy_run_id"],
         output_type=ident["policy_output_type"],
-        include_usage=bool(stream_options and stream_options.get("include_usage")),
+        include_usage=bool(stream_options and stream_options.get("include_usage")), run_size=run_size,
     )
