@@ -147,8 +147,10 @@ def test_reviewer_works_a_queue_with_the_keyboard(tmp_path: Path, browser: Any) 
         assert (corrected.review_state, corrected.edited, corrected.label, corrected.teacher_label) == (
             "corrected", True, "card_arrival", "exchange_rate")
         assert corrected.review_reason == "asks where the card is, not about rates"
+        old_answer = '{"category":"exchange_rate","explanation":"the customer asks about this"}'
         assert corrected.review_before == {"label": "exchange_rate", "review_state": "unreviewed",
-                                           "filter_status": "fail"}
+                                           "filter_status": "fail", "output": old_answer}
+        assert corrected.output == old_answer.replace("exchange_rate", "card_arrival")  # the answer says it too
         assert rejected.review_state == "rejected" and rejected.split == "excluded"
         assert "REVIEW_REJECTED" in rejected.filter_reasons
         fixed = '{"amount":20,"category":"request_refund","currency":"EUR","explanation":"charged twice"}'

@@ -194,3 +194,37 @@ def test_allowed_labels_apply_when_the_schema_does_not_name_them(tmp_path: Path)
         assert (done.row.output, done.row.label) == ('{"category":"card_arrival"}', "card_arrival")
     finally:
         wc.close()
+
+
+def test_a_label_correction_of_a_json_answer_renames_the_label_inside_the_answer(wc: WorkingCopy) -> None:
+    """`review correct --label` on a row whose answer is a JSON object: training reads the answer, so the answer
+    must name the corrected label too; everything else in it stays the teacher's, and the trail shows both."""
+    row = wc.get(STRUCTURED_ROW)
+    teacher = json.loads(str(row.output))
+    assert teacher["category"] == "request_refund"
+    done = review.correct(wc, row.row_id, "alice", row.version, "lost_or_stolen_card", "it is a stolen card")
+    answer = json.loads(str(done.row.output))
+    assert answer == {**teacher, "category": "lost_or_stolen_card"}
+    assert (done.row.label, done.row.edited, done.row.review_state) == ("lost_or_stolen_card", True, "corrected")
+    assert done.row.review_before["output"] == row.output  # type: ignore[index]
+    assert done.row.review_after["output"] == done.row.output  # type: ignore[index]
+    build(wc)
+    assert json.loads(str(wc.get(STRUCTURED_ROW).output))["category"] == "lost_or_stolen_card"
+    again = wc.get(STRUCTURED_ROW)
+    accepted = review.accept(wc, again.row_id, "bob", again.version, "the teacher was right")
+    assert accepted.row.output == _teacher_output(wc) and accepted.row.label == "request_refund"
+
+
+def test_a_label_correction_of_a_plain_answer_changes_the_label_only(tmp_path: Path) -> None:
+    from _data_support import make_dataset
+
+    records = [{"id": "1", "text": "where is my card", "answer": "card arrival, I think"}]
+    plain_wc = make_dataset(tmp_path, records, {"filters": {"allowed_labels": ["card_arrival", "lost_or_stolen_card"]}})
+    try:
+        build(plain_wc)
+        row = plain_wc.get("ds-traffic-1:0")
+        fixed = review.correct(plain_wc, row.row_id, "alice", row.version, "lost_or_stolen_card", "stolen")
+        assert fixed.row.output == row.output and fixed.row.label == "lost_or_stolen_card"
+        assert "output" not in (fixed.row.review_after or {})
+    finally:
+        plain_wc.close()

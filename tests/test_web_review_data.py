@@ -106,8 +106,11 @@ def test_review_events_name_the_run_reviewer_for_the_run_bundle(wc: WorkingCopy,
                                             "project", "run", "edited")}
         assert body == {
             "reviewer": "alice", "row_id": "ds-traffic-3:0", "action": "correct",
-            "before": {"label": "lost_or_stolen_card", "review_state": "unreviewed", "filter_status": "fail"},
-            "after": {"label": "card_arrival", "review_state": "corrected", "filter_status": "fail"},
+            # the answer is a JSON object naming the label, so the correction renames it there too
+            "before": {"label": "lost_or_stolen_card", "review_state": "unreviewed", "filter_status": "fail",
+                       "output": '{"category":"lost_or_stolen_card","explanation":"the customer asks about this"}'},
+            "after": {"label": "card_arrival", "review_state": "corrected", "filter_status": "fail",
+                      "output": '{"category":"card_arrival","explanation":"the customer asks about this"}'},
             "reason": "card, not theft", "dataset": "bank-intents", "project": "bank", "run": "run-7",
             "edited": True,
         }

@@ -157,10 +157,17 @@ def _apply(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, a
     _check_not_locked(wc, row)
     # an answer a reviewer wrote earlier is part of the trail while it stands, and while it is taken back
     had_output = "output" in (row.review_after or {})
-    with_output = output is not None or had_output
-    before = _snapshot(row, with_output=with_output)
     if had_output and output is None:  # a new verdict without an answer restores the teacher's answer
-        row.output = normalise_output(row.output_raw or "", wc.config.normalise, row.label_probs).output
+        current = normalise_output(row.output_raw or "", wc.config.normalise, row.label_probs).output
+    else:
+        current = row.output or ""
+    # A new label for a row whose answer is a JSON object naming a label: the answer names the new one too, or
+    # training would read the old category from the output (it is part of the trail like a written answer).
+    relabel = (action == "correct" and output is None and bool(label and label.strip())
+               and _answer_label_object(current, wc.config.normalise.label_key) is not None)
+    with_output = output is not None or had_output or relabel
+    before = _snapshot(row, with_output=with_output)
+    row.output = current if had_output and output is None else row.output
     if action == "accept":
         row.review_state = "accepted"
         row.edited = False
@@ -186,6 +193,11 @@ def _apply(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, a
                     hint="pick one of the labels in filters.allowed_labels / allowed_labels_file",
                 )
             row.label = label.strip()
+            if relabel:
+                answer = _answer_label_object(current, wc.config.normalise.label_key)
+                assert answer is not None
+                answer[wc.config.normalise.label_key] = row.label
+                row.output = orjson.dumps(answer, option=orjson.OPT_SORT_KEYS).decode()
         row.review_state = "corrected"
         row.edited = True
     else:
@@ -206,6 +218,17 @@ def _apply(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, a
         saved = wc.update_row(row, expected_version)
         wc.conn.execute("DELETE FROM review_leases WHERE row_id=?", (row_id,))
     return Verdict(saved, action)
+
+
+def _answer_label_object(text: str, label_key: str) -> dict[str, Any] | None:
+    """The answer as a JSON object when it is one and names a label under ``label_key``; else None."""
+    if not text.startswith("{"):
+        return None
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) and isinstance(value.get(label_key), str) else None
 
 
 def accept(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, reason: str | None = None) -> Verdict:
