@@ -93,6 +93,30 @@ def test_a_disabled_account_cannot_sign_in(store: AccountStore) -> None:
         store.disable("carol")
 
 
+def test_set_password_and_enable(store: AccountStore) -> None:
+    store.add("alice", PASSWORD, params=CHEAP)
+    marker = store.session_marker("alice")
+    for i in range(MAX_FAILURES):
+        store.check("alice", f"wrong {i}", now=float(i))
+    assert store.check("alice", PASSWORD, now=10.0).status == "locked"
+    store.set_password("alice", "another long passphrase", params=CHEAP)
+    assert store.session_marker("alice") not in (None, marker)  # open sessions end
+    assert store.check("alice", "another long passphrase", now=11.0).status == "ok"  # and the lockout is lifted
+    assert store.check("alice", PASSWORD, now=12.0).status == "wrong"
+    with pytest.raises(UserError, match="at least 12"):
+        store.set_password("alice", "short")
+    with pytest.raises(NotFoundError, match="no reviewer account 'carol'"):
+        store.set_password("carol", "another long passphrase")
+    store.disable("alice")
+    assert store.session_marker("alice") is None
+    enabled = store.enable("alice")
+    assert enabled.active and store.check("alice", "another long passphrase", now=13.0).status == "ok"
+    with pytest.raises(UserError, match="is not disabled"):
+        store.enable("alice")
+    with pytest.raises(NotFoundError):
+        store.enable("carol")
+
+
 def test_five_failures_lock_the_name_for_a_minute(store: AccountStore) -> None:
     store.add("alice", PASSWORD)
     results = [store.check("alice", f"wrong password {i}", now=100.0 + i) for i in range(MAX_FAILURES)]
@@ -153,6 +177,18 @@ def test_review_user_commands(tmp_path: Path) -> None:
     store = AccountStore(db)
     try:
         assert store.check("alice", PASSWORD, now=0.0).status == "disabled"  # the stdin password was stored
+    finally:
+        store.close()
+    enabled = _cli("enable", "--db", db, "--user", "alice")
+    assert enabled.returncode == 0 and "enabled reviewer account alice" in enabled.stdout
+    changed = _cli("passwd", "--db", db, "--user", "alice", "--password-stdin", stdin="a fresh long passphrase\n")
+    assert changed.returncode == 0 and "open sessions end" in changed.stdout
+    assert "a fresh long passphrase" not in changed.stdout + changed.stderr
+    unknown = _cli("passwd", "--db", db, "--user", "carol", "--password-stdin", stdin="a fresh long passphrase\n")
+    assert unknown.returncode != 0 and "no reviewer account 'carol'" in unknown.stderr
+    store = AccountStore(db)
+    try:
+        assert store.check("alice", "a fresh long passphrase", now=0.0).status == "ok"
     finally:
         store.close()
     helptext = _cli("add", "--help")

@@ -130,3 +130,25 @@ def test_disabling_an_account_ends_its_sessions(tmp_path: Path) -> None:
         assert live.events("review_signin")[-1]["outcome"] == "disabled"
         # alice's API key still works: the key and the account are separate credentials
         assert live.sign_in("alice").get("/").status_code == 200
+
+
+def test_a_new_password_ends_open_sessions_and_enabling_restores_the_account(tmp_path: Path) -> None:
+    new_password = "a much better passphrase"
+    with live_site(tmp_path) as live, live.client() as old_session, live.client() as other:
+        assert live.try_password(old_session, "alice", PASSWORD).status_code == 303
+        assert old_session.get("/").status_code == 200
+        store = AccountStore(live.site.db)
+        try:
+            store.set_password("alice", new_password)
+            reply = old_session.get("/")
+            assert reply.status_code == 303 and reply.headers["location"] == "/login"  # the old session ended
+            assert live.try_password(other, "alice", PASSWORD).status_code == 401  # the old password is gone
+            assert live.try_password(other, "alice", new_password).status_code == 303
+            assert other.get("/").status_code == 200
+            store.disable("alice")
+            assert other.get("/").status_code == 303
+            store.enable("alice")
+            assert live.try_password(other, "alice", new_password).status_code == 303
+            assert other.get("/").status_code == 200
+        finally:
+            store.close()

@@ -1,4 +1,4 @@
-"""``distillgate review user add/list/disable``: reviewer accounts with passwords for the review page.
+"""``distillgate review user add/list/disable/enable/passwd``: reviewer accounts with passwords for the review page.
 
 Passwords are read with ``getpass`` (asked twice) or, for scripts, from the first line of standard input with
 ``--password-stdin``; there is deliberately no ``--password`` flag (it would land in shell history and ``ps``).
@@ -90,3 +90,41 @@ def disable(user: str, db: str) -> None:
     finally:
         store.close()
     click.echo(f"disabled reviewer account {record.user} at {record.disabled_at}")
+
+
+@users.command("enable")
+@click.option("--user", required=True, help="The disabled account to enable again.")
+@db_option
+def enable(user: str, db: str) -> None:
+    """Enable a disabled account again (its password is unchanged; `passwd` sets a new one)."""
+    from distillgate.web.accounts import AccountStore
+
+    store = AccountStore(db)
+    try:
+        record = store.enable(user)
+    finally:
+        store.close()
+    click.echo(f"enabled reviewer account {record.user}")
+
+
+@users.command("passwd")
+@click.option("--user", required=True, help="The account whose password to change.")
+@click.option("--password-stdin", "password_stdin", is_flag=True,
+              help="Read the new password from the first line of stdin instead of asking (for scripts).")
+@db_option
+def passwd(user: str, password_stdin: bool, db: str) -> None:
+    """Set a new password (asked for twice): the account's open sessions end and a sign-in lockout is lifted."""
+    from distillgate.errors import NotFoundError
+    from distillgate.web.accounts import AccountStore, check_new_password
+
+    store = AccountStore(db)
+    try:
+        if store.get(user) is None:  # say so before asking for a password
+            raise NotFoundError(f"no reviewer account {user!r}", hint="see `distillgate review user list --db PATH`")
+        password = _read_password(password_stdin)
+        check_new_password(user, password)
+        record = store.set_password(user, password)
+    finally:
+        store.close()
+    click.echo(f"changed the password of reviewer account {record.user}; its open sessions end at their next "
+               "request" + ("" if record.active else " (the account is disabled: `review user enable` to use it)"))

@@ -172,6 +172,42 @@ class AccountStore(SideTable):
                                 hint="see `distillgate review user list`; pick another name") from None
         return record
 
+    def set_password(self, user: str, password: str, *, params: ScryptParams = DEFAULT_PARAMS) -> Account:
+        """Give ``user`` a new password. Its open sessions end at their next request (``session_marker`` changes)
+        and a sign-in lockout is lifted."""
+        check_new_password(user, password)
+        encoded = hash_password(password, params)
+        with self._lock:
+            cur = self._conn.execute("UPDATE review_accounts SET password_hash = ? WHERE user = ?", (encoded, user))
+            self._conn.execute("DELETE FROM review_signin_failures WHERE user = ?", (user,))
+        if cur.rowcount == 0:
+            raise NotFoundError(f"no reviewer account {user!r}", hint="see `distillgate review user list --db PATH`")
+        account = self.get(user)
+        assert account is not None
+        return account
+
+    def enable(self, user: str) -> Account:
+        """Re-enable a disabled account (with its old password; set a new one with ``set_password``)."""
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE review_accounts SET disabled_at = NULL WHERE user = ? AND disabled_at IS NOT NULL", (user,))
+        account = self.get(user)
+        if account is None:
+            raise NotFoundError(f"no reviewer account {user!r}", hint="see `distillgate review user list --db PATH`")
+        if cur.rowcount == 0:
+            raise UserError(f"reviewer account {user!r} is not disabled")
+        return account
+
+    def session_marker(self, user: str) -> str | None:
+        """What a password session remembers of the account: a digest of the current password hash (it changes with
+        every new password, salt included). None for an unknown or disabled account."""
+        with self._lock:
+            row = self._conn.execute("SELECT password_hash, disabled_at FROM review_accounts WHERE user = ?",
+                                     (user,)).fetchone()
+        if row is None or row[1] is not None:
+            return None
+        return hashlib.sha256(row[0].encode()).hexdigest()[:32]
+
     def list(self) -> list[Account]:
         with self._lock:
             rows = self._conn.execute(

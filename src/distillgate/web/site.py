@@ -11,6 +11,7 @@ row; never the password or key); a reviewer the policy refuses is also a ``revie
 
 from __future__ import annotations
 
+import hmac
 import secrets
 import time
 from collections.abc import Callable
@@ -74,7 +75,8 @@ WRONG_PASSWORD = "wrong user name or password"
 
 @dataclass(frozen=True)
 class SignIn:
-    """The result of a sign-in: ``credential`` is the key id (API key) or the user name (password account).
+    """The result of a sign-in: ``credential`` is the key id (API key) or the account's session marker (password
+    account: ``AccountStore.session_marker``, which a new password changes).
 
     ``status``: the HTTP status of a refusal (401 unknown credentials, 403 refused by the policy or disabled,
     429 locked after too many failures).
@@ -138,8 +140,9 @@ class Access:
             self._signin_event(None, "password", "bad_user_name")
             return SignIn(None, "password", None, None, WRONG_PASSWORD, 401)
         check = self.accounts.check(name, password, now=self.site.clock())
-        if check.status == "ok":
-            return self._admit(name, "password", name)
+        marker = self.accounts.session_marker(name) if check.status == "ok" else None
+        if marker is not None:  # the session holds the password's marker: a new password ends it
+            return self._admit(name, "password", marker)
         extra = {"failures": check.failures, "locked_for_s": round(check.locked_for_s)}
         self._signin_event(name, "password", {"unknown": "unknown_user", "wrong": "wrong_password"}.get(
             check.status, check.status), **extra)
@@ -158,5 +161,6 @@ class Access:
         if method == "api_key":
             return any(k.key_id == credential and k.active for k in self.keys.list(user=user))
         if method == "password":
-            return credential == user and self.accounts.active(user)
+            marker = self.accounts.session_marker(user)
+            return marker is not None and hmac.compare_digest(credential, marker)
         return False
