@@ -6,8 +6,11 @@ Passwords are read with ``getpass`` (asked twice) or, for scripts, from the firs
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import click
 import orjson
@@ -15,10 +18,24 @@ import orjson
 from distillgate.cli.common import db_option
 from distillgate.errors import UserError
 
+if TYPE_CHECKING:
+    from distillgate.web.accounts import AccountStore
+
 
 @click.group("user")
 def users() -> None:
     """Reviewer accounts (user name + password) for `review serve`; stored scrypt-hashed in --db."""
+
+
+@contextlib.contextmanager
+def _accounts(db: str) -> Iterator[AccountStore]:
+    from distillgate.web.accounts import AccountStore
+
+    store = AccountStore(db)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def _read_password(from_stdin: bool) -> str:
@@ -41,16 +58,13 @@ def _read_password(from_stdin: bool) -> str:
 @db_option
 def add(user: str, password_stdin: bool, db: str) -> None:
     """Create a reviewer account; the password is asked for (at least 12 characters)."""
-    from distillgate.web.accounts import AccountStore, check_new_password, check_user_name
+    from distillgate.web.accounts import check_new_password, check_user_name
 
     check_user_name(user)
     password = _read_password(password_stdin)
     check_new_password(user, password)
-    store = AccountStore(db)
-    try:
+    with _accounts(db) as store:
         record = store.add(user, password)
-    finally:
-        store.close()
     click.echo(f"added reviewer account {record.user}; the policy's review.reviewers decides what it may review")
 
 
@@ -59,13 +73,8 @@ def add(user: str, password_stdin: bool, db: str) -> None:
 @db_option
 def list_users(as_json: bool, db: str) -> None:
     """List reviewer accounts (names, creation and disabling times; never passwords)."""
-    from distillgate.web.accounts import AccountStore
-
-    store = AccountStore(db)
-    try:
+    with _accounts(db) as store:
         accounts = store.list()
-    finally:
-        store.close()
     if not accounts and not as_json:
         click.echo("no reviewer accounts")
     for a in accounts:
@@ -82,13 +91,8 @@ def list_users(as_json: bool, db: str) -> None:
 @db_option
 def disable(user: str, db: str) -> None:
     """Disable an account: no more sign-ins, and its open sessions end at their next request."""
-    from distillgate.web.accounts import AccountStore
-
-    store = AccountStore(db)
-    try:
+    with _accounts(db) as store:
         record = store.disable(user)
-    finally:
-        store.close()
     click.echo(f"disabled reviewer account {record.user} at {record.disabled_at}")
 
 
@@ -97,13 +101,8 @@ def disable(user: str, db: str) -> None:
 @db_option
 def enable(user: str, db: str) -> None:
     """Enable a disabled account again (its password is unchanged; `passwd` sets a new one)."""
-    from distillgate.web.accounts import AccountStore
-
-    store = AccountStore(db)
-    try:
+    with _accounts(db) as store:
         record = store.enable(user)
-    finally:
-        store.close()
     click.echo(f"enabled reviewer account {record.user}")
 
 
@@ -114,17 +113,13 @@ def enable(user: str, db: str) -> None:
 @db_option
 def passwd(user: str, password_stdin: bool, db: str) -> None:
     """Set a new password (asked for twice): the account's open sessions end and a sign-in lockout is lifted."""
-    from distillgate.errors import NotFoundError
-    from distillgate.web.accounts import AccountStore, check_new_password
+    from distillgate.web.accounts import check_new_password, no_account
 
-    store = AccountStore(db)
-    try:
+    with _accounts(db) as store:
         if store.get(user) is None:  # say so before asking for a password
-            raise NotFoundError(f"no reviewer account {user!r}", hint="see `distillgate review user list --db PATH`")
+            raise no_account(user)
         password = _read_password(password_stdin)
         check_new_password(user, password)
         record = store.set_password(user, password)
-    finally:
-        store.close()
     click.echo(f"changed the password of reviewer account {record.user}; its open sessions end at their next "
                "request" + ("" if record.active else " (the account is disabled: `review user enable` to use it)"))

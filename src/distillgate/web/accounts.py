@@ -114,6 +114,10 @@ def check_new_password(user: str, password: str) -> None:
         raise UserError("the password may not be the user name", hint="choose another password")
 
 
+def no_account(user: str) -> NotFoundError:
+    return NotFoundError(f"no reviewer account {user!r}", hint="see `distillgate review user list --db PATH`")
+
+
 def check_user_name(user: str) -> None:
     if not user or not user.strip() or user != user.strip():
         raise UserError(f"user {user!r} is empty or has surrounding spaces", hint="pass --user alice")
@@ -181,7 +185,7 @@ class AccountStore(SideTable):
             cur = self._conn.execute("UPDATE review_accounts SET password_hash = ? WHERE user = ?", (encoded, user))
             self._conn.execute("DELETE FROM review_signin_failures WHERE user = ?", (user,))
         if cur.rowcount == 0:
-            raise NotFoundError(f"no reviewer account {user!r}", hint="see `distillgate review user list --db PATH`")
+            raise no_account(user)
         account = self.get(user)
         assert account is not None
         return account
@@ -193,7 +197,7 @@ class AccountStore(SideTable):
                 "UPDATE review_accounts SET disabled_at = NULL WHERE user = ? AND disabled_at IS NOT NULL", (user,))
         account = self.get(user)
         if account is None:
-            raise NotFoundError(f"no reviewer account {user!r}", hint="see `distillgate review user list --db PATH`")
+            raise no_account(user)
         if cur.rowcount == 0:
             raise UserError(f"reviewer account {user!r} is not disabled")
         return account
@@ -228,7 +232,7 @@ class AccountStore(SideTable):
             row = self._conn.execute("SELECT user, created_at, disabled_at FROM review_accounts WHERE user = ?",
                                      (user,)).fetchone()
         if row is None:
-            raise NotFoundError(f"no reviewer account {user!r}", hint="see `distillgate review user list --db PATH`")
+            raise no_account(user)
         if cur.rowcount == 0:
             raise UserError(f"reviewer account {user!r} was already disabled at {row[2]}")
         return Account(*row)
