@@ -59,3 +59,14 @@ def s3_server(monkeypatch: pytest.MonkeyPatch):
         yield endpoint
     finally:
         server.stop()
+
+
+@pytest.fixture
+def review_wc(tmp_path: Path):
+    """The review page's built working copy (see ``_web_support.make_review_dataset``), open for the test."""
+    from _web_support import make_review_dataset
+    from distillgate.data.store import WorkingCopy
+
+    copy = WorkingCopy.open(make_review_dataset(tmp_path))
+    yield copy
+    copy.close()

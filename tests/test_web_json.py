@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -17,7 +16,6 @@ from _web_support import (
     LiveSite,
     csrf_of,
     live_site,
-    make_review_dataset,
     version_of,
 )
 from distillgate.data import review
@@ -32,15 +30,8 @@ GOOD = {"category": "request_refund", "amount": 20, "currency": "EUR", "explanat
 GOOD_OUTPUT = orjson.dumps(GOOD, option=orjson.OPT_SORT_KEYS).decode()
 
 
-@pytest.fixture()
-def wc(tmp_path: Path) -> Iterator[WorkingCopy]:
-    copy = WorkingCopy.open(make_review_dataset(tmp_path))
-    yield copy
-    copy.close()
-
-
-def _teacher_output(wc: WorkingCopy) -> str:
-    return normalise_output(EXTRACT_ANSWER, wc.config.normalise).output
+def _teacher_output(review_wc: WorkingCopy) -> str:
+    return normalise_output(EXTRACT_ANSWER, review_wc.config.normalise).output
 
 
 def test_a_structured_row_offers_the_json_editor_instead_of_the_label_picker(tmp_path: Path) -> None:
@@ -61,11 +52,11 @@ def test_a_structured_row_offers_the_json_editor_instead_of_the_label_picker(tmp
 
 
 def _output_of(live: LiveSite) -> str:
-    wc = live.dataset()
+    review_wc = live.dataset()
     try:
-        return str(wc.get(STRUCTURED_ROW).output)
+        return str(review_wc.get(STRUCTURED_ROW).output)
     finally:
-        wc.close()
+        review_wc.close()
 
 
 @pytest.mark.parametrize(("answer", "message"), [
@@ -97,11 +88,11 @@ def test_the_server_refuses_answers_that_break_the_schema_and_keeps_the_text(
 
 
 def _teacher_output_live(live: LiveSite) -> str:
-    wc = live.dataset()
+    review_wc = live.dataset()
     try:
-        return _teacher_output(wc)
+        return _teacher_output(review_wc)
     finally:
-        wc.close()
+        review_wc.close()
 
 
 def test_a_valid_answer_is_stored_with_its_trail_and_logged(tmp_path: Path) -> None:
@@ -114,12 +105,12 @@ def test_a_valid_answer_is_stored_with_its_trail_and_logged(tmp_path: Path) -> N
         reply = client.post(URL + "/correct", data={"csrf": csrf_of(page.text), "row_version": str(version),
                                                     "answer_json": typed, "reason": "the amount is 20 EUR"})
         assert reply.status_code == 303
-        wc = live.dataset()
+        review_wc = live.dataset()
         try:
-            row = wc.get(STRUCTURED_ROW)
-            teacher = _teacher_output(wc)
+            row = review_wc.get(STRUCTURED_ROW)
+            teacher = _teacher_output(review_wc)
         finally:
-            wc.close()
+            review_wc.close()
         # normalised like a teacher answer: key alias, canonical label, sorted keys, squeezed explanation
         assert row.output == GOOD_OUTPUT and row.label == "request_refund"
         assert row.output_raw == EXTRACT_ANSWER and row.teacher_label == "request_refund"  # the teacher's, kept
@@ -138,43 +129,43 @@ def test_a_valid_answer_is_stored_with_its_trail_and_logged(tmp_path: Path) -> N
         assert "answer rewritten" in after and '"amount": 20' in after
 
 
-def test_a_rebuild_keeps_the_human_answer_and_versions_carry_it(wc: WorkingCopy) -> None:
-    row = wc.get(STRUCTURED_ROW)
+def test_a_rebuild_keeps_the_human_answer_and_versions_carry_it(review_wc: WorkingCopy) -> None:
+    row = review_wc.get(STRUCTURED_ROW)
     assert row.filter_reasons == ["SCHEMA_MISMATCH"]
-    review.correct_answer(wc, row.row_id, "alice", row.version, json.dumps(GOOD), "amount is a number")
-    build(wc)
-    rebuilt = wc.get(STRUCTURED_ROW)
+    review.correct_answer(review_wc, row.row_id, "alice", row.version, json.dumps(GOOD), "amount is a number")
+    build(review_wc)
+    rebuilt = review_wc.get(STRUCTURED_ROW)
     assert (rebuilt.output, rebuilt.label, rebuilt.filter_status) == (GOOD_OUTPUT, "request_refund", "pass")
-    version = freeze(wc)
+    version = freeze(review_wc)
     (stored,) = [r for r in load_version(version.path) if r["row_id"] == STRUCTURED_ROW]
     assert stored["output"] == GOOD_OUTPUT and stored["review_after"]["output"] == GOOD_OUTPUT
     # a later verdict without an answer gives the teacher's answer back, and the trail says so
-    again = wc.get(STRUCTURED_ROW)
-    accepted = review.accept(wc, again.row_id, "bob", again.version, "the teacher was right after all")
-    teacher = _teacher_output(wc)
+    again = review_wc.get(STRUCTURED_ROW)
+    accepted = review.accept(review_wc, again.row_id, "bob", again.version, "the teacher was right after all")
+    teacher = _teacher_output(review_wc)
     assert accepted.row.output == teacher
     assert accepted.row.review_before["output"] == GOOD_OUTPUT  # type: ignore[index]
     assert accepted.row.review_after["output"] == teacher  # type: ignore[index]
-    build(wc)
-    assert wc.get(STRUCTURED_ROW).output == teacher
-    second = freeze(wc)
+    build(review_wc)
+    assert review_wc.get(STRUCTURED_ROW).output == teacher
+    second = freeze(review_wc)
     from distillgate.data.versions import diff
 
     (change,) = [c for c in diff(open_version(version.path), second).changes if c.row_id == STRUCTURED_ROW]
     assert "human edit" in change.causes and "normalisation change" not in change.causes
 
 
-def test_correct_answer_checks_the_task_and_the_allowed_labels(wc: WorkingCopy) -> None:
-    plain = wc.get("ds-traffic-1:0")
+def test_correct_answer_checks_the_task_and_the_allowed_labels(review_wc: WorkingCopy) -> None:
+    plain = review_wc.get("ds-traffic-1:0")
     with pytest.raises(UserError, match="task 'default' has no json_schema"):
-        review.correct_answer(wc, plain.row_id, "alice", plain.version, json.dumps(GOOD), "x")
-    row = wc.get(STRUCTURED_ROW)
+        review.correct_answer(review_wc, plain.row_id, "alice", plain.version, json.dumps(GOOD), "x")
+    row = review_wc.get(STRUCTURED_ROW)
     with pytest.raises(UserError, match=r"at \$.category: 'pizza' is not one of"):
-        review.correct_answer(wc, row.row_id, "alice", row.version, json.dumps({**GOOD, "category": "pizza"}), "x")
+        review.correct_answer(review_wc, row.row_id, "alice", row.version, json.dumps({**GOOD, "category": "pizza"}), "x")
     with pytest.raises(UserError, match="needs a reason"):
-        review.correct_answer(wc, row.row_id, "alice", row.version, json.dumps(GOOD), " ")
-    assert review.answer_schema(wc, "extract") is not None and review.answer_schema(wc, "default") is None
-    assert wc.get(STRUCTURED_ROW).version == row.version  # nothing written
+        review.correct_answer(review_wc, row.row_id, "alice", row.version, json.dumps(GOOD), " ")
+    assert review.answer_schema(review_wc, "extract") is not None and review.answer_schema(review_wc, "default") is None
+    assert review_wc.get(STRUCTURED_ROW).version == row.version  # nothing written
 
 
 def test_allowed_labels_apply_when_the_schema_does_not_name_them(tmp_path: Path) -> None:
@@ -182,37 +173,37 @@ def test_allowed_labels_apply_when_the_schema_does_not_name_them(tmp_path: Path)
 
     schema = {"type": "object", "required": ["category"]}
     records = [{"id": "1", "text": "where is my card", "answer": '{"category": "card_arrival"}'}]
-    wc = make_dataset(tmp_path, records, {"filters": {"json_schema": schema, "allowed_labels": ["card_arrival"]}})
+    review_wc = make_dataset(tmp_path, records, {"filters": {"json_schema": schema, "allowed_labels": ["card_arrival"]}})
     try:
-        build(wc)
-        row = wc.get("ds-traffic-1:0")
+        build(review_wc)
+        row = review_wc.get("ds-traffic-1:0")
         with pytest.raises(UserError, match="names label 'exchange_rate', which is not an allowed label"):
-            review.correct_answer(wc, row.row_id, "alice", row.version, '{"category": "exchange rate"}', "x")
+            review.correct_answer(review_wc, row.row_id, "alice", row.version, '{"category": "exchange rate"}', "x")
         with pytest.raises(UserError, match="names no label \\(key 'category'\\)"):
-            review.correct_answer(wc, row.row_id, "alice", row.version, '{"category": 3}', "x")
-        done = review.correct_answer(wc, row.row_id, "alice", row.version, '{"category": "Card-Arrival"}', "x")
+            review.correct_answer(review_wc, row.row_id, "alice", row.version, '{"category": 3}', "x")
+        done = review.correct_answer(review_wc, row.row_id, "alice", row.version, '{"category": "Card-Arrival"}', "x")
         assert (done.row.output, done.row.label) == ('{"category":"card_arrival"}', "card_arrival")
     finally:
-        wc.close()
+        review_wc.close()
 
 
-def test_a_label_correction_of_a_json_answer_renames_the_label_inside_the_answer(wc: WorkingCopy) -> None:
+def test_a_label_correction_of_a_json_answer_renames_the_label_inside_the_answer(review_wc: WorkingCopy) -> None:
     """`review correct --label` on a row whose answer is a JSON object: training reads the answer, so the answer
     must name the corrected label too; everything else in it stays the teacher's, and the trail shows both."""
-    row = wc.get(STRUCTURED_ROW)
+    row = review_wc.get(STRUCTURED_ROW)
     teacher = json.loads(str(row.output))
     assert teacher["category"] == "request_refund"
-    done = review.correct(wc, row.row_id, "alice", row.version, "lost_or_stolen_card", "it is a stolen card")
+    done = review.correct(review_wc, row.row_id, "alice", row.version, "lost_or_stolen_card", "it is a stolen card")
     answer = json.loads(str(done.row.output))
     assert answer == {**teacher, "category": "lost_or_stolen_card"}
     assert (done.row.label, done.row.edited, done.row.review_state) == ("lost_or_stolen_card", True, "corrected")
     assert done.row.review_before["output"] == row.output  # type: ignore[index]
     assert done.row.review_after["output"] == done.row.output  # type: ignore[index]
-    build(wc)
-    assert json.loads(str(wc.get(STRUCTURED_ROW).output))["category"] == "lost_or_stolen_card"
-    again = wc.get(STRUCTURED_ROW)
-    accepted = review.accept(wc, again.row_id, "bob", again.version, "the teacher was right")
-    assert accepted.row.output == _teacher_output(wc) and accepted.row.label == "request_refund"
+    build(review_wc)
+    assert json.loads(str(review_wc.get(STRUCTURED_ROW).output))["category"] == "lost_or_stolen_card"
+    again = review_wc.get(STRUCTURED_ROW)
+    accepted = review.accept(review_wc, again.row_id, "bob", again.version, "the teacher was right")
+    assert accepted.row.output == _teacher_output(review_wc) and accepted.row.label == "request_refund"
 
 
 def test_a_label_correction_of_a_plain_answer_changes_the_label_only(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,82 +22,75 @@ from distillgate.ledger.export import run_manifest
 from distillgate.ledger.store import Store
 
 
-@pytest.fixture()
-def wc(tmp_path: Path) -> Iterator[WorkingCopy]:
-    copy = WorkingCopy.open(make_review_dataset(tmp_path))
-    yield copy
-    copy.close()
-
-
-def test_a_lease_keeps_others_off_a_row_until_it_expires(wc: WorkingCopy) -> None:
-    lease = review.claim(wc, "ds-traffic-0:0", "alice", ttl_s=60, now=1000.0)
+def test_a_lease_keeps_others_off_a_row_until_it_expires(review_wc: WorkingCopy) -> None:
+    lease = review.claim(review_wc, "ds-traffic-0:0", "alice", ttl_s=60, now=1000.0)
     assert (lease.reviewer, lease.expires_at) == ("alice", 1060.0)
-    assert review.lease_of(wc, "ds-traffic-0:0", now=1059.0) == lease
+    assert review.lease_of(review_wc, "ds-traffic-0:0", now=1059.0) == lease
     with pytest.raises(ConflictError, match="being reviewed by alice"):
-        review.claim(wc, "ds-traffic-0:0", "bob", now=1030.0)
-    renewed = review.claim(wc, "ds-traffic-0:0", "alice", ttl_s=60, now=1030.0)  # the holder renews
+        review.claim(review_wc, "ds-traffic-0:0", "bob", now=1030.0)
+    renewed = review.claim(review_wc, "ds-traffic-0:0", "alice", ttl_s=60, now=1030.0)  # the holder renews
     assert renewed.expires_at == 1090.0
-    assert review.lease_of(wc, "ds-traffic-0:0", now=1090.0) is None  # expired
-    assert review.claim(wc, "ds-traffic-0:0", "bob", now=1091.0).reviewer == "bob"
-    assert review.release(wc, "ds-traffic-0:0", "alice") is False  # not hers any more
-    assert review.release(wc, "ds-traffic-0:0", "bob") is True
+    assert review.lease_of(review_wc, "ds-traffic-0:0", now=1090.0) is None  # expired
+    assert review.claim(review_wc, "ds-traffic-0:0", "bob", now=1091.0).reviewer == "bob"
+    assert review.release(review_wc, "ds-traffic-0:0", "alice") is False  # not hers any more
+    assert review.release(review_wc, "ds-traffic-0:0", "bob") is True
 
 
-def test_writes_respect_leases_and_free_the_row(wc: WorkingCopy) -> None:
-    review.claim(wc, "ds-traffic-1:0", "alice")
-    row = wc.get("ds-traffic-1:0")
+def test_writes_respect_leases_and_free_the_row(review_wc: WorkingCopy) -> None:
+    review.claim(review_wc, "ds-traffic-1:0", "alice")
+    row = review_wc.get("ds-traffic-1:0")
     with pytest.raises(ConflictError, match="being reviewed by alice"):
-        review.accept(wc, row.row_id, "bob", row.version)
-    assert wc.get(row.row_id).version == row.version  # nothing written
-    verdict = review.accept(wc, row.row_id, "alice", row.version)
+        review.accept(review_wc, row.row_id, "bob", row.version)
+    assert review_wc.get(row.row_id).version == row.version  # nothing written
+    verdict = review.accept(review_wc, row.row_id, "alice", row.version)
     assert verdict.row.review_state == "accepted"
-    assert review.lease_of(wc, row.row_id) is None  # the write released the lease
+    assert review.lease_of(review_wc, row.row_id) is None  # the write released the lease
 
 
-def test_rows_where_and_release_all(wc: WorkingCopy) -> None:
-    assert [r.row_id for r in wc.rows_where("input_id", "ds-traffic-3")] == ["ds-traffic-3:0", "ds-traffic-3:1"]
-    assert [r.row_id for r in wc.rows_where("dup_cluster", "ds-traffic-3")] == [
+def test_rows_where_and_release_all(review_wc: WorkingCopy) -> None:
+    assert [r.row_id for r in review_wc.rows_where("input_id", "ds-traffic-3")] == ["ds-traffic-3:0", "ds-traffic-3:1"]
+    assert [r.row_id for r in review_wc.rows_where("dup_cluster", "ds-traffic-3")] == [
         "ds-traffic-3:0", "ds-traffic-6:0", "ds-traffic-3:1"]
     with pytest.raises(UserError, match="no field 'nope'"):
-        wc.rows_where("nope", 1)
-    review.claim(wc, "ds-traffic-1:0", "alice")
-    review.claim(wc, "ds-traffic-2:0", "alice")
-    review.claim(wc, "ds-traffic-4:0", "bob")
-    assert review.release_all(wc, "alice") == 2
-    assert review.lease_of(wc, "ds-traffic-1:0") is None and review.lease_of(wc, "ds-traffic-4:0") is not None
+        review_wc.rows_where("nope", 1)
+    review.claim(review_wc, "ds-traffic-1:0", "alice")
+    review.claim(review_wc, "ds-traffic-2:0", "alice")
+    review.claim(review_wc, "ds-traffic-4:0", "bob")
+    assert review.release_all(review_wc, "alice") == 2
+    assert review.lease_of(review_wc, "ds-traffic-1:0") is None and review.lease_of(review_wc, "ds-traffic-4:0") is not None
 
 
-def test_claim_next_hands_each_reviewer_a_different_row(wc: WorkingCopy) -> None:
-    a = review.claim_next(wc, "disagreement", "alice", now=0.0)
-    b = review.claim_next(wc, "disagreement", "bob", now=0.0)
+def test_claim_next_hands_each_reviewer_a_different_row(review_wc: WorkingCopy) -> None:
+    a = review.claim_next(review_wc, "disagreement", "alice", now=0.0)
+    b = review.claim_next(review_wc, "disagreement", "bob", now=0.0)
     assert a is not None and b is not None and a.row_id != b.row_id
-    assert review.claim_next(wc, "disagreement", "alice", now=1.0).row_id == a.row_id  # hers first
-    skipped = review.claim_next(wc, "disagreement", "alice", now=1.0, skip=frozenset({a.row_id}))
+    assert review.claim_next(review_wc, "disagreement", "alice", now=1.0).row_id == a.row_id  # hers first
+    skipped = review.claim_next(review_wc, "disagreement", "alice", now=1.0, skip=frozenset({a.row_id}))
     assert skipped is not None and skipped.row_id not in (a.row_id, b.row_id)
-    rows = {r.row_id for r in review.queue_rows(wc, "disagreement")}
+    rows = {r.row_id for r in review.queue_rows(review_wc, "disagreement")}
     taken = {a.row_id, b.row_id, skipped.row_id}
     for i in range(len(rows)):
-        nxt = review.claim_next(wc, "disagreement", f"reviewer-{i}", now=2.0)
+        nxt = review.claim_next(review_wc, "disagreement", f"reviewer-{i}", now=2.0)
         if nxt is None:
             break
         assert nxt.row_id not in taken
         taken.add(nxt.row_id)
-    assert taken == rows and review.claim_next(wc, "disagreement", "dave", now=2.0) is None
+    assert taken == rows and review.claim_next(review_wc, "disagreement", "dave", now=2.0) is None
 
 
-def test_corrections_are_limited_to_the_allowed_labels(wc: WorkingCopy) -> None:
-    assert review.allowed_labels(wc, "default") == sorted(
+def test_corrections_are_limited_to_the_allowed_labels(review_wc: WorkingCopy) -> None:
+    assert review.allowed_labels(review_wc, "default") == sorted(
         ["card_arrival", "top_up_failed", "exchange_rate", "lost_or_stolen_card", "request_refund",
          "card_payment_not_recognised", "refusal"])
-    row = wc.get("ds-traffic-2:0")
+    row = review_wc.get("ds-traffic-2:0")
     with pytest.raises(UserError, match="not an allowed label"):
-        review.correct(wc, row.row_id, "alice", row.version, "pizza", "wrong")
-    assert review.correct(wc, row.row_id, "alice", row.version, "card_arrival", "asks about the card").row.edited
+        review.correct(review_wc, row.row_id, "alice", row.version, "pizza", "wrong")
+    assert review.correct(review_wc, row.row_id, "alice", row.version, "card_arrival", "asks about the card").row.edited
 
 
-def test_review_events_name_the_run_reviewer_for_the_run_bundle(wc: WorkingCopy, tmp_path: Path) -> None:
-    row = wc.get("ds-traffic-3:0")
-    verdict = review.correct(wc, row.row_id, "alice", row.version, "card_arrival", "card, not theft")
+def test_review_events_name_the_run_reviewer_for_the_run_bundle(review_wc: WorkingCopy, tmp_path: Path) -> None:
+    row = review_wc.get("ds-traffic-3:0")
+    verdict = review.correct(review_wc, row.row_id, "alice", row.version, "card_arrival", "card, not theft")
     with Store.open(tmp_path / "log.db") as store:
         entry = review.log_review(store, verdict, dataset="bank-intents", project="bank", run="run-7")
         assert entry.body["kind"] == "review"
