@@ -6,6 +6,7 @@ Flags work on their own (``--policy``, ``--upstream NAME=BASE_URL``, ``--db``, `
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -14,6 +15,23 @@ from distillgate.cli.common import default_db
 from distillgate.errors import ConfigError, ConfigIssue
 from distillgate.gateway.config import config_from_data
 from distillgate.policy.model import parse_document
+
+
+def gateway_document(config_path: str | None, upstreams: tuple[str, ...]) -> dict[str, Any]:
+    """The gateway configuration as data: ``--config``'s file (if any) with ``--upstream NAME=BASE_URL`` merged in
+    (shared by ``gateway serve`` and ``dataset generate``'s in-process gateway)."""
+    data: dict[str, Any] = {}
+    if config_path:
+        loaded = parse_document(Path(config_path))
+        if not isinstance(loaded, dict):
+            raise ConfigError(config_path, [ConfigIssue("", "must be a mapping", "start with policy: ...")])
+        data = loaded
+    ups = dict(data.get("upstreams") or {})
+    for name, url in _pairs(upstreams, "--upstream", "NAME=BASE_URL").items():
+        ups[name] = {**(ups.get(name) or {}), "base_url": url}
+    if ups:
+        data["upstreams"] = ups
+    return data
 
 
 def _pairs(values: tuple[str, ...], option: str, what: str) -> dict[str, str]:
@@ -53,15 +71,8 @@ def cli() -> None:
 def serve(config_path: str | None, policy: str | None, upstreams: tuple[str, ...], key_envs: tuple[str, ...],
           models: tuple[str, ...], db: str | None, host: str | None, port: int | None, check: bool) -> None:
     """Run the gateway (uvicorn, uvloop, httptools) until interrupted."""
-    data: dict[str, Any] = {}
-    if config_path:
-        loaded = parse_document(__import__("pathlib").Path(config_path))
-        if not isinstance(loaded, dict):
-            raise ConfigError(config_path, [ConfigIssue("", "must be a mapping", "start with policy: ...")])
-        data = loaded
+    data = gateway_document(config_path, upstreams)
     ups = dict(data.get("upstreams") or {})
-    for name, url in _pairs(upstreams, "--upstream", "NAME=BASE_URL").items():
-        ups[name] = {**(ups.get(name) or {}), "base_url": url}
     for name, env in _pairs(key_envs, "--upstream-key-env", "NAME=ENV_VAR").items():
         if name not in ups:
             raise ConfigError("command line", [ConfigIssue("--upstream-key-env", f"no upstream named {name!r}",

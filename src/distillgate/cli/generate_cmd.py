@@ -25,20 +25,9 @@ from distillgate.gateway.inprocess import local_gateway
 
 def _gateway_data(config_path: str | None, policy: str | None, upstreams: tuple[str, ...],
                   db: str | None) -> dict[str, Any]:
-    from distillgate.cli.gateway_cmd import _pairs
-    from distillgate.policy.model import parse_document
+    from distillgate.cli.gateway_cmd import gateway_document
 
-    data: dict[str, Any] = {}
-    if config_path:
-        loaded = parse_document(Path(config_path))
-        if not isinstance(loaded, dict):
-            raise ConfigError(config_path, [ConfigIssue("", "must be a mapping", "start with policy: ...")])
-        data = loaded
-    ups = dict(data.get("upstreams") or {})
-    for name, url in _pairs(upstreams, "--upstream", "NAME=BASE_URL").items():
-        ups[name] = {**(ups.get(name) or {}), "base_url": url}
-    if ups:
-        data["upstreams"] = ups
+    data = gateway_document(config_path, upstreams)
     if policy is not None:
         data["policy"] = policy
     if db is not None or "db" not in data:

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pyarrow.parquet as pq
 
 from distillgate.data.config import ColumnMapping, IngestConfig
 from distillgate.data.schema import Row, make_row_id, text_sha256
 from distillgate.errors import NotFoundError, UserError
+from distillgate.jsonl import iter_objects
 
 FORMATS = ("csv", "jsonl", "parquet")
 
@@ -46,17 +46,7 @@ def read_records(path: str | Path, fmt: str | None = None) -> Iterator[dict[str,
         with p.open(newline="", encoding="utf-8") as fh:
             yield from csv.DictReader(fh)
     elif kind == "jsonl":
-        with p.open("rb") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = orjson.loads(line)
-                except orjson.JSONDecodeError as exc:
-                    raise UserError(f"{p}:{lineno}: not valid JSON ({exc})", hint="one JSON object per line") from None
-                if not isinstance(record, dict):
-                    raise UserError(f"{p}:{lineno}: expected a JSON object", hint="one JSON object per line")
-                yield record
+        yield from iter_objects(p)
     else:
         for batch in pq.ParquetFile(p).iter_batches(batch_size=65536):
             yield from batch.to_pylist()

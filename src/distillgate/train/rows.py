@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from distillgate.errors import NotFoundError, UserError
+from distillgate.jsonl import iter_objects
 
 REQUIRED = ("row_id", "input", "split")
 
@@ -25,17 +25,7 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
 
         rows: list[dict[str, Any]] = pq.read_table(p).to_pylist()
     elif p.suffix in (".jsonl", ".json", ".ndjson"):
-        rows = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{p}:{n}: not valid JSON ({exc.msg})", hint="write one JSON object per line") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{p}:{n}: a row must be a JSON object", hint="write one JSON object per line")
-            rows.append(obj)
+        rows = list(iter_objects(p))
     else:
         raise UserError(f"cannot read rows from {p.name!r}", hint="use a .jsonl or .parquet file")
     for i, row in enumerate(rows):
