@@ -38,8 +38,8 @@ def cli() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (a.b=value).")
 def init_cmd(directory: str, config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Create a dataset working copy in DIRECTORY."""
-    from distillgate.data.config import apply_overrides
     from distillgate.data.store import WorkingCopy
+    from distillgate.overrides import apply_overrides
 
     data: dict[str, Any] = {}
     if config_path:

@@ -206,17 +206,3 @@ def load_config(path: str | Path | None) -> DatasetConfig:
     return parse_config(data, str(p))
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a config mapping."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError("overrides", [ConfigIssue(item, "expected key.path=value")])
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError("overrides", [ConfigIssue(key, f"{part} is not a mapping")])
-        node[parts[-1]] = yaml.safe_load(raw)
-    return data

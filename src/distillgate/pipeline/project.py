@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distillgate.errors import ConfigError, ConfigIssue
-from distillgate.pipeline.overrides import apply_overrides
+from distillgate.overrides import apply_overrides
 from distillgate.policy.model import issues_from_validation, parse_document
 
 

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distillgate.errors import ConfigError, ConfigIssue, NotFoundError
+from distillgate.overrides import apply_overrides
 
 
 class _Strict(BaseModel):
@@ -125,35 +126,15 @@ class TrainConfig(_Strict):
         return self
 
 
-def _set_path(doc: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = doc
-    for key in keys[:-1]:
-        child = node.get(key)
-        if not isinstance(child, dict):
-            child = {}
-            node[key] = child
-        node = child
-    node[keys[-1]] = value
-
-
-def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> list[ConfigIssue]:
-    """Apply ``a.b=value`` overrides in place (values parsed as YAML); return problems with malformed ones."""
-    issues = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            issues.append(ConfigIssue(item, "override is not key=value", "write e.g. epochs=2 or kd.temperature=2"))
-            continue
-        _set_path(doc, key.strip(), yaml.safe_load(raw))
-    return issues
-
-
 def parse_config(doc: Any, source: str = "<config>", overrides: list[str] | None = None) -> TrainConfig:
     """Validate a config document; raise ConfigError listing every problem."""
     if not isinstance(doc, dict):
         raise ConfigError(source, [ConfigIssue("", "config must be a mapping", "write key: value pairs")])
-    issues = apply_overrides(doc, list(overrides or []))
+    issues: list[ConfigIssue] = []
+    try:
+        doc = apply_overrides(doc, list(overrides or []))
+    except ConfigError as exc:  # reported together with the schema's problems
+        issues.extend(exc.issues)
     try:
         config = TrainConfig.model_validate(doc)
     except ValidationError as exc:

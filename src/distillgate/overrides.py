@@ -64,8 +64,10 @@ def apply_overrides(doc: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
                     node.append(value)
                 else:
                     node[int(last)] = value
-            else:
+            elif isinstance(node, dict):
                 node[last] = value
+            else:  # e.g. name.first=a where name is a string
+                issues.append(ConfigIssue(".".join(parts[:-1]), "is not a mapping; cannot set a key below it"))
     if issues:
         raise ConfigError("overrides", issues)
     return out
