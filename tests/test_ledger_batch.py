@@ -194,3 +194,17 @@ def test_a_lazy_settlement_alone_commits_after_lazy_commit_s_or_at_close(tmp_pat
     with Store.open(db) as store:  # closing committed it
         assert [e.body["tokens_charged"] for e in store.entries(kind="settlement")] == [3, 3]
     assert verify_db(db).ok
+
+
+def test_the_counter_cache_is_bounded_and_reloads_what_it_dropped(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from distillgate.ledger import store as store_module
+
+    monkeypatch.setattr(store_module, "COUNTER_CACHE_MAX", 4)
+    with Store.open(tmp_path / "bounded.db") as store:
+        for i in range(12):  # every run adds a counter key: the cache overflows and is dropped several times
+            store.admit(QUOTA, request(run=f"run-{i % 6}", max_tokens=10, prompt_tokens=0))
+            assert store._state is not None and len(store._state.counters) <= 4 + 3
+        last = store.admit(QUOTA, request(run="run-0", max_tokens=10, prompt_tokens=0))
+        assert last.entry.body["usage_before"]["tokens_today_project"] == 120  # reloaded from the table
+        assert store.usage("internal-compression", "alice", "run-0").records_run == 3

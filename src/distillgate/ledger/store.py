@@ -49,6 +49,7 @@ from distillgate.policy.decision import Decision, Request, Usage, decide
 from distillgate.policy.model import Policy, PolicySet
 
 SCHEMA_VERSION = 1
+COUNTER_CACHE_MAX = 100_000  # quota counters the writer keeps in memory between transactions
 GENESIS_HASH = "0" * 64
 T = TypeVar("T")
 
@@ -496,6 +497,8 @@ class Store:
         state = self._state
         if state is None or state.data_version != version:
             state = self._state = _State(conn, version)
+        elif len(state.counters) > COUNTER_CACHE_MAX:  # a long-lived gateway sees many runs and days: start afresh
+            state.counters.clear()
         return state
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> bool:
