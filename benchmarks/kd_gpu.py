@@ -130,6 +130,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--chunk-size", type=int, default=1024)
     ap.add_argument("--out", help="also append the summary to this JSON-lines file")
+    ap.add_argument("--variants", nargs="+", choices=("distillgate", "trl"), default=["distillgate", "trl"],
+                    help="which loss paths to time (e.g. only ours at batch sizes TRL's full logits would not fit)")
     ap.add_argument("--profile", choices=("distillgate", "trl"),
                     help="instead of timing, profile 3 steps of this variant and print the top operators")
     args = ap.parse_args()
@@ -174,7 +176,7 @@ def main() -> None:
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
         return
     results = []
-    for name in ("distillgate", "trl"):
+    for name in args.variants:
         student0.load_state_dict(state)  # both variants start from the same student
         if name == "trl":
             try:
