@@ -62,8 +62,9 @@ class RequestFeatures:
     @classmethod
     def from_openai(cls, body: Mapping[str, Any], *, user: str | None, key_id: str | None, project: str | None,
                     run: str | None, output_type: str | None, ts: float | None = None,
-                    declared_run_size: int | None = None) -> RequestFeatures:
-        """Build from an OpenAI chat/completions request body (what the gateway parsed)."""
+                    declared_run_size: int | None = None, prompt: str | None = None) -> RequestFeatures:
+        """Build from an OpenAI chat/completions request body (what the gateway parsed). ``prompt``: the body's
+        prompt text when the caller has it already (``prompt_text(body)``)."""
         from distillgate.policy.decision import prompt_text
 
         raw_bias = body.get("logit_bias") or {}
@@ -82,7 +83,8 @@ class RequestFeatures:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         return cls(
             ts=time.time() if ts is None else ts, user=user, key_id=key_id, project=project, run=run,
-            model=body.get("model"), output_type=output_type, prompt=prompt_text(body),
+            model=body.get("model"), output_type=output_type,
+            prompt=prompt_text(body) if prompt is None else prompt,
             top_logprobs=int(top) if top is not None else None, logprobs=bool(logprobs) or bool(top),
             logit_bias=bias, max_tokens=int(max_tokens) if max_tokens is not None else None,
             n=int(body.get("n") or 1), declared_run_size=declared_run_size,

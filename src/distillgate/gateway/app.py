@@ -263,7 +263,7 @@ class Gateway:
         try:
             features = RequestFeatures.from_openai(inb.body, user=user, key_id=check.key_id, project=inb.project,
                                                    run=inb.run, output_type=inb.output_type,
-                                                   declared_run_size=inb.run_size)
+                                                   declared_run_size=inb.run_size, prompt=inb.prompt)
         except UserError as exc:
             raise ApiError(400, exc.message, code="invalid_request") from exc
         sketch, signals = self.monitor.observe_request(features)
