@@ -276,9 +276,15 @@ class Gateway:
         request_hash = sha256_hex(raw)
         # The admission is returned as soon as it is decided and reserved; its commit (fsync) runs while an allowed
         # request is forwarded. Nothing reaches the client before `durable` resolved.
-        adm, durable = await self.store.aadmit_early(
-            self.policies, request, request_hash=request_hash, key_id=check.key_id,
-            content={"request": inb.body} if policy.audit.log_content else None, extra=extra)
+        try:
+            adm, durable = await self.store.aadmit_early(
+                self.policies, request, request_hash=request_hash, key_id=check.key_id,
+                content={"request": inb.body} if policy.audit.log_content else None, extra=extra)
+        except DistillgateError:
+            raise
+        except Exception as exc:  # the decision log's transaction failed (disk full, I/O error): decide nothing
+            raise ApiError(503, f"the decision could not be written to the decision log ({exc}); nothing was "
+                           "forwarded: retry later", code="decision_log_unavailable") from exc
         decision = adm.decision
         if not decision.allowed or inb.stream:
             await _made_durable(durable)
