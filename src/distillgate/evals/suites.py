@@ -164,20 +164,14 @@ def _truthy(value: Any) -> bool:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a CSV, JSONL or Parquet file as dicts."""
+    """Rows of a CSV, JSONL or Parquet file as dicts (the dataset builder's reader)."""
+    from distillgate.data.ingest import read_records
+
     if not path.exists():
         raise NotFoundError(f"{path} does not exist", hint="give the path of a dataset export (csv/jsonl/parquet)")
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-    if path.suffix in (".jsonl", ".ndjson"):
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
-        return rows
-    raise UserError(f"cannot read {path}: unknown extension {path.suffix!r}", hint="use .csv, .jsonl or .parquet")
+    if path.suffix not in (".csv", ".jsonl", ".ndjson", ".parquet"):
+        raise UserError(f"cannot read {path}: unknown extension {path.suffix!r}", hint="use .csv, .jsonl or .parquet")
+    return list(read_records(path))
 
 
 DATASET_TASK = "You classify each message into exactly one label."
