@@ -34,7 +34,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -146,6 +146,29 @@ class Checkpoint:
 
 
 _MISSING = object()
+CounterKey = tuple[str, str, str]  # (scope, key, day) of a row of the counters table
+
+
+def _run_key(project: str | None, run: str | None) -> CounterKey:
+    return ("run", f"{project}\x1f{run}", "")
+
+
+def _usage_keys(project: str | None, user: str | None, run: str | None, day: str) -> list[CounterKey]:
+    """The counters ``decide`` reads: the project's and the user's tokens today, the run's records."""
+    return [("project", project or "", day), ("user", user or "", day), _run_key(project, run)]
+
+
+def _read_counters(conn: sqlite3.Connection, keys: Sequence[CounterKey]) -> dict[CounterKey, list[int]]:
+    """[tokens, records] of each key as committed ([0, 0] for a key with no row)."""
+    found = {(sc, k, d): [int(t), int(r)] for sc, k, d, t, r in conn.execute(
+        "SELECT scope, key, day, tokens, records FROM counters WHERE (scope, key, day) IN ("
+        + ",".join("(?,?,?)" for _ in keys) + ")", [v for key in keys for v in key])}
+    return {k: found.get(k, [0, 0]) for k in keys}
+
+
+def _usage(counters: Sequence[list[int]]) -> Usage:
+    project, user, run = counters
+    return Usage(tokens_today_project=project[0], tokens_today_user=user[0], records_run=run[1])
 
 
 class _State:
@@ -168,7 +191,7 @@ class _State:
             )
         self.data_version = data_version
         #: (scope, key, day) -> [tokens, records], as committed plus this transaction's changes
-        self.counters: dict[tuple[str, str, str], list[int]] = {}
+        self.counters: dict[CounterKey, list[int]] = {}
         #: reservation id -> (project, user, run, day, tokens_reserved, records_reserved, state, decision_index)
         self.reservations: dict[str, tuple[Any, ...]] = {}
 
@@ -188,7 +211,7 @@ class _Txn:
         self._checkpoints: list[tuple[Any, ...]] = []
         self._new_reservations: list[tuple[Any, ...]] = []
         self._reservation_updates: list[tuple[Any, ...]] = []
-        self._deltas: dict[tuple[str, str, str], list[int]] = {}
+        self._deltas: dict[CounterKey, list[int]] = {}
         self._undo: list[tuple[dict[Any, Any], Any, Any]] = []  # (mapping, key, previous value or _MISSING)
 
     # chain head, for jobs that read it
@@ -252,29 +275,23 @@ class _Txn:
         self._checkpoints.append((cp.tree_size, cp.root_hash, cp.ts, cp.key_id, cp.signature))
 
     # -- quota counters -----------------------------------------------------------------------------------------
-    def counters(self, keys: list[tuple[str, str, str]]) -> list[list[int]]:
+    def counters(self, keys: list[CounterKey]) -> list[list[int]]:
         cache = self.state.counters
         missing = [k for k in keys if k not in cache]
-        if missing:
-            found = {(sc, k, d): [int(t), int(r)] for sc, k, d, t, r in self.conn.execute(
-                "SELECT scope, key, day, tokens, records FROM counters WHERE (scope, key, day) IN ("
-                + ",".join("(?,?,?)" for _ in missing) + ")", [v for key in missing for v in key])}
-            for k in missing:  # a read fills the cache with committed values: no undo needed
-                cache[k] = found.get(k, [0, 0])
+        if missing:  # a read fills the cache with committed values: no undo needed
+            cache.update(_read_counters(self.conn, missing))
         return [cache[k] for k in keys]
 
     def usage(self, project: str | None, user: str | None, run: str | None, day: str) -> Usage:
-        p, u, r = self.counters([("project", project or "", day), ("user", user or "", day),
-                                 ("run", f"{project}\x1f{run}", "")])
-        return Usage(tokens_today_project=p[0], tokens_today_user=u[0], records_run=r[1])
+        return _usage(self.counters(_usage_keys(project, user, run, day)))
 
     def apply(self, project: str | None, user: str | None, run: str | None, day: str, tokens: int,
               records: int) -> None:
-        changes: list[tuple[tuple[str, str, str], int, int]] = []
+        changes: list[tuple[CounterKey, int, int]] = []
         if project is not None:
             changes.append((("project", project, day), tokens, 0))
             if run is not None:
-                changes.append((("run", f"{project}\x1f{run}", ""), tokens, records))
+                changes.append((_run_key(project, run), tokens, records))
         if user is not None:
             changes.append((("user", user, day), tokens, 0))
         if not changes:
@@ -621,26 +638,6 @@ class Store:
         return self._call(job)
 
     # -- decisions and quotas -------------------------------------------------------------------------------------
-    @staticmethod
-    def _counter(conn: sqlite3.Connection, scope: str, key: str, day: str) -> tuple[int, int]:
-        row = conn.execute(
-            "SELECT tokens, records FROM counters WHERE scope=? AND key=? AND day=?", (scope, key, day)
-        ).fetchone()
-        return (0, 0) if row is None else (int(row[0]), int(row[1]))
-
-    @staticmethod
-    def _usage_in(conn: sqlite3.Connection, project: str | None, user: str | None, run: str | None,
-                  day: str) -> Usage:
-        keys = (("project", project or "", day), ("user", user or "", day), ("run", f"{project}\x1f{run}", ""))
-        found = {(sc, k, d): (t, r) for sc, k, d, t, r in conn.execute(
-            "SELECT scope, key, day, tokens, records FROM counters WHERE (scope, key, day) IN "
-            "((?,?,?),(?,?,?),(?,?,?))", [v for key in keys for v in key])}
-        return Usage(
-            tokens_today_project=int(found.get(keys[0], (0, 0))[0]),
-            tokens_today_user=int(found.get(keys[1], (0, 0))[0]),
-            records_run=int(found.get(keys[2], (0, 0))[1]),
-        )
-
     def _admit_job(self, policies: Policy | PolicySet, request: Request, request_hash: str | None,
                    key_id: str | None, content: Any, extra: Mapping[str, Any] | None) -> Callable[[_Txn], Admission]:
         def job(txn: _Txn) -> Admission:
@@ -817,10 +814,13 @@ class Store:
 
     # -- reads ----------------------------------------------------------------------------------------------------
     def usage(self, project: str | None, user: str | None, run: str | None, day: str | None = None) -> Usage:
-        return self._usage_in(self._reader(), project, user, run, day or utc_day())
+        keys = _usage_keys(project, user, run, day or utc_day())
+        found = _read_counters(self._reader(), keys)
+        return _usage([found[k] for k in keys])
 
     def run_tokens(self, project: str, run: str) -> int:
-        return self._counter(self._reader(), "run", f"{project}\x1f{run}", "")[0]
+        key = _run_key(project, run)
+        return _read_counters(self._reader(), [key])[key][0]
 
     def size(self) -> int:
         row = self._reader().execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM log").fetchone()
