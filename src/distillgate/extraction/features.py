@@ -178,15 +178,17 @@ class Sketch:
     def fp_int(self) -> int:
         return int(self.prompt_fp, 16)
 
+    def _row_key(self, signature: np.ndarray) -> int:
+        """Identity of a ring row this request adds: its signature, word count and fingerprint."""
+        return xxhash.xxh64_intdigest(signature.tobytes() + f"{self.vocab_size}:{self.prompt_fp}".encode())
+
     @cached_property
     def row_key(self) -> int:
-        """Identity of the ring row this request adds (signature, word count, fingerprint)."""
-        return xxhash.xxh64_intdigest(self.minhash8.tobytes() + f"{self.vocab_size}:{self.prompt_fp}".encode())
+        return self._row_key(self.minhash8)
 
     @cached_property
     def task_row_key(self) -> int:
-        tm = self.task_minhash8
-        return 0 if tm is None else xxhash.xxh64_intdigest(tm.tobytes() + f"{self.vocab_size}:{self.prompt_fp}".encode())
+        return 0 if self.task_minhash8 is None else self._row_key(self.task_minhash8)
 
     @classmethod
     def of(cls, f: RequestFeatures) -> Sketch:

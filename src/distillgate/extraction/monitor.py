@@ -23,36 +23,37 @@ RulesFor = Callable[[str | None], ExtractionRules]
 ScopeKey = tuple[str, str]
 
 
-_EFFECTIVE: dict[int, tuple[ExtractionRules, dict[str, tuple[float, int, int, tuple[str, ...]]]]] = {}
+Effective = dict[str, tuple[float, int, int, tuple[str, ...]]]  # name -> (threshold, window, min_requests, scopes)
+InScope = list[tuple[str, float, int, int]]  # (name, threshold, window, min_requests) of one scope's signals
+_EFFECTIVE: dict[int, tuple[ExtractionRules, Effective, dict[str, InScope]]] = {}
 
 
-def _effective(rules: ExtractionRules) -> dict[str, tuple[float, int, int, tuple[str, ...]]]:
-    """(threshold, window, min_requests, scopes) per signal, computed once per rules object."""
+def _effective_entry(rules: ExtractionRules) -> tuple[ExtractionRules, Effective, dict[str, InScope]]:
+    """The rules' signal table and its per-scope views (filled as scopes are met), computed once per rules object."""
     hit = _EFFECTIVE.get(id(rules))
     if hit is not None and hit[0] is rules:
-        return hit[1]
-    table: dict[str, tuple[float, int, int, tuple[str, ...]]] = {}
+        return hit
+    table: Effective = {}
     for name in SIGNAL_NAMES:
         rule = rules.rule(name)
         table[name] = (rules.threshold(name), rule.window or 1, rule.min_requests or 1, tuple(rule.scopes))
     if len(_EFFECTIVE) > 256:
         _EFFECTIVE.clear()
-    _EFFECTIVE[id(rules)] = (rules, table)
-    return table
+    entry = _EFFECTIVE[id(rules)] = (rules, table, {})
+    return entry
 
 
-_BY_SCOPE: dict[tuple[int, str], tuple[ExtractionRules, list[tuple[str, float, int, int]]]] = {}
+def _effective(rules: ExtractionRules) -> Effective:
+    """(threshold, window, min_requests, scopes) per signal."""
+    return _effective_entry(rules)[1]
 
 
-def _effective_in(rules: ExtractionRules, scope: str) -> list[tuple[str, float, int, int]]:
-    """(name, threshold, window, min_requests) of the signals computed for ``scope``, once per rules object."""
-    hit = _BY_SCOPE.get((id(rules), scope))
-    if hit is not None and hit[0] is rules:
-        return hit[1]
-    rows = [(name, t, w, m) for name, (t, w, m, scopes) in _effective(rules).items() if scope in scopes]
-    if len(_BY_SCOPE) > 1024:
-        _BY_SCOPE.clear()
-    _BY_SCOPE[(id(rules), scope)] = (rules, rows)
+def _effective_in(rules: ExtractionRules, scope: str) -> InScope:
+    """(name, threshold, window, min_requests) of the signals computed for ``scope``."""
+    _, table, by_scope = _effective_entry(rules)
+    rows = by_scope.get(scope)
+    if rows is None:
+        rows = by_scope[scope] = [(name, t, w, m) for name, (t, w, m, scopes) in table.items() if scope in scopes]
     return rows
 
 
@@ -280,7 +281,7 @@ class ExtractionMonitor:
 
     def embed_for_record(self, features: RequestFeatures) -> np.ndarray | None:
         """An embedding for ``features_record`` when the policy sets ``extraction.record_embeddings`` (synchronous)."""
-        if self.embedder is None or not self._rules_for(features.project).record_embeddings:
+        if not self.records_embeddings(features.project):
             return None
         return self._embed([features.prompt])[0]
 
