@@ -283,8 +283,7 @@ class Gateway:
         except DistillgateError:
             raise
         except Exception as exc:  # the decision log's transaction failed (disk full, I/O error): decide nothing
-            raise ApiError(503, f"the decision could not be written to the decision log ({exc}); nothing was "
-                           "forwarded: retry later", code="decision_log_unavailable") from exc
+            raise _log_unavailable(exc, "forwarded") from exc
         decision = adm.decision
         if not decision.allowed or inb.stream:
             await _made_durable(durable)
@@ -578,8 +577,12 @@ async def _made_durable(durable: Awaitable[Admission]) -> None:
     try:
         await durable
     except Exception as exc:
-        raise ApiError(503, f"the decision could not be written to the decision log ({exc}); nothing was "
-                       "answered: retry later", code="decision_log_unavailable") from exc
+        raise _log_unavailable(exc, "answered") from exc
+
+
+def _log_unavailable(exc: Exception, nothing_was: str) -> ApiError:
+    return ApiError(503, f"the decision could not be written to the decision log ({exc}); nothing was "
+                    f"{nothing_was}: retry later", code="decision_log_unavailable")
 
 
 async def _send(send: Send, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]]) -> None:
