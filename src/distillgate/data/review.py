@@ -163,11 +163,12 @@ def _apply(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, a
         current = row.output or ""
     # A new label for a row whose answer is a JSON object naming a label: the answer names the new one too, or
     # training would read the old category from the output (it is part of the trail like a written answer).
-    relabel = (action == "correct" and output is None and bool(label and label.strip())
-               and _answer_label_object(current, wc.config.normalise.label_key) is not None)
-    with_output = output is not None or had_output or relabel
+    answer = (_answer_label_object(current, wc.config.normalise.label_key)
+              if action == "correct" and output is None and label and label.strip() else None)
+    with_output = output is not None or had_output or answer is not None
     before = _snapshot(row, with_output=with_output)
-    row.output = current if had_output and output is None else row.output
+    if had_output and output is None:
+        row.output = current
     if action == "accept":
         row.review_state = "accepted"
         row.edited = False
@@ -193,9 +194,7 @@ def _apply(wc: WorkingCopy, row_id: str, reviewer: str, expected_version: int, a
                     hint="pick one of the labels in filters.allowed_labels / allowed_labels_file",
                 )
             row.label = label.strip()
-            if relabel:
-                answer = _answer_label_object(current, wc.config.normalise.label_key)
-                assert answer is not None
+            if answer is not None:
                 answer[wc.config.normalise.label_key] = row.label
                 row.output = orjson.dumps(answer, option=orjson.OPT_SORT_KEYS).decode()
         row.review_state = "corrected"
