@@ -192,15 +192,21 @@ class AccountStore(SideTable):
 
     def enable(self, user: str) -> Account:
         """Re-enable a disabled account (with its old password; set a new one with ``set_password``)."""
+        changed, account = self._set_disabled(user, None)
+        if not changed:
+            raise UserError(f"reviewer account {user!r} is not disabled")
+        return account
+
+    def _set_disabled(self, user: str, disabled_at: str | None) -> tuple[bool, Account]:
+        """Disable (``disabled_at``) or enable (None) ``user``; whether that changed it, and the account after."""
+        was = "disabled_at IS NULL" if disabled_at is not None else "disabled_at IS NOT NULL"
         with self._lock:
-            cur = self._conn.execute(
-                "UPDATE review_accounts SET disabled_at = NULL WHERE user = ? AND disabled_at IS NOT NULL", (user,))
+            cur = self._conn.execute(f"UPDATE review_accounts SET disabled_at = ? WHERE user = ? AND {was}",
+                                     (disabled_at, user))
         account = self.get(user)
         if account is None:
             raise no_account(user)
-        if cur.rowcount == 0:
-            raise UserError(f"reviewer account {user!r} is not disabled")
-        return account
+        return cur.rowcount > 0, account
 
     def session_marker(self, user: str) -> str | None:
         """What a password session remembers of the account: a digest of the current password hash (it changes with
@@ -226,16 +232,10 @@ class AccountStore(SideTable):
 
     def disable(self, user: str) -> Account:
         """Disable ``user``: no more sign-ins, and the account's open sessions end at their next request."""
-        with self._lock:
-            cur = self._conn.execute(
-                "UPDATE review_accounts SET disabled_at = ? WHERE user = ? AND disabled_at IS NULL", (now_iso(), user))
-            row = self._conn.execute("SELECT user, created_at, disabled_at FROM review_accounts WHERE user = ?",
-                                     (user,)).fetchone()
-        if row is None:
-            raise no_account(user)
-        if cur.rowcount == 0:
-            raise UserError(f"reviewer account {user!r} was already disabled at {row[2]}")
-        return Account(*row)
+        changed, account = self._set_disabled(user, now_iso())
+        if not changed:
+            raise UserError(f"reviewer account {user!r} was already disabled at {account.disabled_at}")
+        return account
 
     def active(self, user: str) -> bool:
         account = self.get(user)
