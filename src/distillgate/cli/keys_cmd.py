@@ -20,9 +20,8 @@ def cli() -> None:
 @db_option
 def create(user: str, label: str | None, db: str) -> None:
     """Create a key and print it once (only its hash is stored)."""
-    store = KeyStore(db)
-    record, secret = store.create(user, label=label)
-    store.close()
+    with KeyStore(db) as store:
+        record, secret = store.create(user, label=label)
     click.echo(secret)
     click.echo(f"key_id {record.key_id} for user {record.user}: store the key now, it is not shown again",
                err=True)
@@ -34,15 +33,15 @@ def create(user: str, label: str | None, db: str) -> None:
 @db_option
 def list_keys(user: str | None, as_json: bool, db: str) -> None:
     """List keys (ids, users, creation and revocation times; never secrets)."""
-    store = KeyStore(db)
-    for k in store.list(user=user):
+    with KeyStore(db) as store:
+        keys = store.list(user=user)
+    for k in keys:
         if as_json:
             click.echo(orjson.dumps({"key_id": k.key_id, "user": k.user, "created_at": k.created_at,
                                      "revoked_at": k.revoked_at, "label": k.label}).decode())
         else:
             state = f"revoked {k.revoked_at}" if k.revoked_at else "active"
             click.echo(f"{k.key_id}  {k.user}  created {k.created_at}  {state}" + (f"  {k.label}" if k.label else ""))
-    store.close()
 
 
 @cli.command("revoke")
@@ -50,7 +49,6 @@ def list_keys(user: str | None, as_json: bool, db: str) -> None:
 @db_option
 def revoke(key_id: str, db: str) -> None:
     """Revoke a key by its id; requests with it are denied (AUTH reason) from now on."""
-    store = KeyStore(db)
-    record = store.revoke(key_id)
-    store.close()
+    with KeyStore(db) as store:
+        record = store.revoke(key_id)
     click.echo(f"revoked {record.key_id} of user {record.user} at {record.revoked_at}")

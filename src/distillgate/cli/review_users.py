@@ -6,11 +6,8 @@ Passwords are read with ``getpass`` (asked twice) or, for scripts, from the firs
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import sys
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import click
 import orjson
@@ -18,24 +15,10 @@ import orjson
 from distillgate.cli.common import db_option
 from distillgate.errors import UserError
 
-if TYPE_CHECKING:
-    from distillgate.web.accounts import AccountStore
-
 
 @click.group("user")
 def users() -> None:
     """Reviewer accounts (user name + password) for `review serve`; stored scrypt-hashed in --db."""
-
-
-@contextlib.contextmanager
-def _accounts(db: str) -> Iterator[AccountStore]:
-    from distillgate.web.accounts import AccountStore
-
-    store = AccountStore(db)
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 def _read_password(from_stdin: bool) -> str:
@@ -58,12 +41,12 @@ def _read_password(from_stdin: bool) -> str:
 @db_option
 def add(user: str, password_stdin: bool, db: str) -> None:
     """Create a reviewer account; the password is asked for (at least 12 characters)."""
-    from distillgate.web.accounts import check_new_password, check_user_name
+    from distillgate.web.accounts import AccountStore, check_new_password, check_user_name
 
     check_user_name(user)
     password = _read_password(password_stdin)
     check_new_password(user, password)
-    with _accounts(db) as store:
+    with AccountStore(db) as store:
         record = store.add(user, password)
     click.echo(f"added reviewer account {record.user}; the policy's review.reviewers decides what it may review")
 
@@ -73,7 +56,9 @@ def add(user: str, password_stdin: bool, db: str) -> None:
 @db_option
 def list_users(as_json: bool, db: str) -> None:
     """List reviewer accounts (names, creation and disabling times; never passwords)."""
-    with _accounts(db) as store:
+    from distillgate.web.accounts import AccountStore
+
+    with AccountStore(db) as store:
         accounts = store.list()
     if not accounts and not as_json:
         click.echo("no reviewer accounts")
@@ -91,7 +76,9 @@ def list_users(as_json: bool, db: str) -> None:
 @db_option
 def disable(user: str, db: str) -> None:
     """Disable an account: no more sign-ins, and its open sessions end at their next request."""
-    with _accounts(db) as store:
+    from distillgate.web.accounts import AccountStore
+
+    with AccountStore(db) as store:
         record = store.disable(user)
     click.echo(f"disabled reviewer account {record.user} at {record.disabled_at}")
 
@@ -101,7 +88,9 @@ def disable(user: str, db: str) -> None:
 @db_option
 def enable(user: str, db: str) -> None:
     """Enable a disabled account again (its password is unchanged; `passwd` sets a new one)."""
-    with _accounts(db) as store:
+    from distillgate.web.accounts import AccountStore
+
+    with AccountStore(db) as store:
         record = store.enable(user)
     click.echo(f"enabled reviewer account {record.user}")
 
@@ -113,9 +102,9 @@ def enable(user: str, db: str) -> None:
 @db_option
 def passwd(user: str, password_stdin: bool, db: str) -> None:
     """Set a new password (asked for twice): the account's open sessions end and a sign-in lockout is lifted."""
-    from distillgate.web.accounts import check_new_password, no_account
+    from distillgate.web.accounts import AccountStore, check_new_password, no_account
 
-    with _accounts(db) as store:
+    with AccountStore(db) as store:
         if store.get(user) is None:  # say so before asking for a password
             raise no_account(user)
         password = _read_password(password_stdin)
