@@ -99,8 +99,9 @@ def minhash(text: str, vocab: set[str] | None = None) -> np.ndarray:
     """MinHash signature (uint32, MINHASH_PERMS values) of the prompt's set of lower-cased words."""
     vocab = (vocab if vocab is not None else set(words(text))) or {""}
     hashes = np.fromiter((xxhash.xxh64_intdigest(w.encode()) for w in vocab), dtype=np.uint64, count=len(vocab))
-    mixed = hashes[:, None] * _MUL[None, :] + _ADD[None, :]  # (W, P), wraps mod 2**64
-    return (mixed >> np.uint64(32)).astype(np.uint32).min(axis=0)  # type: ignore[no-any-return]
+    mixed = hashes[:, None] * _MUL + _ADD  # (W, P), wraps mod 2**64
+    # the high 32 bits of the smallest value are the smallest high 32 bits: shift P values, not W x P
+    return (mixed.min(axis=0) >> np.uint64(32)).astype(np.uint32)  # type: ignore[no-any-return]
 
 
 def prompt_fingerprint(text: str, tokens: list[str] | None = None) -> str:

@@ -171,41 +171,41 @@ class ExtractionMonitor:
 
     def _values(self, rules: ExtractionRules, scope: str, ident: str, st: ScopeState, s: Sketch, ev: Events,
                 project_state: ScopeState | None, ungated: bool) -> Iterable[Signal]:
+        """The signals of ``scope`` that fire. Values are cheap counters; the evidence is built only for a signal
+        that fires (most requests fire none)."""
         for name, threshold, window, min_req in _effective_in(rules, scope):
             value: float | None = None
-            evidence: dict[str, object] = {}
             contributes = True
             if name == "volume":
                 expected, basis = st.expected_records(project_state, s.run)
                 if expected:
                     value = st.records / expected
-                    evidence = {"records": st.records, "expected": expected, "basis": basis}
-            elif name == "template_sweep" and len(st.twin) >= min_req:
-                twins = st.twin.true
-                value, evidence, contributes = twins / len(st.twin), {"near_twins": twins, "requests": len(st.twin)}, ev.twin
-            elif name == "logit_bias_sweep" and len(st.bias) >= min_req:
-                value = float(len(st.bias_counts))
-                evidence, contributes = {"distinct_bias_patterns": len(st.bias_counts)}, s.bias_size > 0
-            elif name == "logprob_harvest" and len(st.harvest) >= min_req:
-                value = float(st.harvest.true)
-                evidence, contributes = {"harvesting_requests": int(value), "requests": len(st.harvest)}, ev.harvest
-            elif name == "reasoning_elicitation" and len(st.cot) >= min_req:
-                k = st.cot.true
-                value, contributes = k / len(st.cot), ev.cot_unrelated
-                evidence = {"unrelated_reasoning_requests": k, "requests": len(st.cot)}
-            elif name == "key_coordination" and st.count >= min_req and ev.suspicious:
-                keys = st.suspicious_keys(min_req)
-                value, contributes = float(len(keys)), (s.key_id or "") in keys
-                evidence = {"keys": sorted(keys)[:20]}
-            elif name == "prompt_drift" and len(st.drift) >= min_req:
-                k = st.drift.true
-                value = k / len(st.drift)
-                evidence = {"outside_reference": k, "embedded": len(st.drift),
-                            "mean_nn_similarity": round(float(np.mean(st.drift_sims)), 4)}
-                contributes = st.drift.last
+            elif name == "template_sweep":
+                n = len(st.twin.items)
+                if n >= min_req:
+                    value, contributes = st.twin.true / n, ev.twin
+            elif name == "logit_bias_sweep":
+                if len(st.bias) >= min_req:
+                    value, contributes = float(len(st.bias_counts)), s.bias_size > 0
+            elif name == "logprob_harvest":
+                if len(st.harvest.items) >= min_req:
+                    value, contributes = float(st.harvest.true), ev.harvest
+            elif name == "reasoning_elicitation":
+                n = len(st.cot.items)
+                if n >= min_req:
+                    value, contributes = st.cot.true / n, ev.cot_unrelated
+            elif name == "key_coordination":
+                if st.count >= min_req and ev.suspicious:
+                    keys = st.suspicious_keys(min_req)
+                    value, contributes = float(len(keys)), (s.key_id or "") in keys
+            elif name == "prompt_drift":
+                n = len(st.drift.items)
+                if n >= min_req:
+                    value, contributes = st.drift.true / n, st.drift.last
             if value is None or value < threshold or not (ungated or contributes):
                 continue
-            yield Signal(name, float(value), threshold, window, scope, ident, evidence)
+            yield Signal(name, float(value), threshold, window, scope, ident,
+                         _evidence(name, st, s, project_state, min_req))
 
     # -- the background worker ----------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -300,6 +300,28 @@ class ExtractionMonitor:
             self._queue.put(None)
             self._worker.join(timeout=30)
             self._worker = None
+
+
+def _evidence(name: str, st: ScopeState, s: Sketch, project_state: ScopeState | None,
+              min_req: int) -> dict[str, object]:
+    """What a fired signal's log entry shows about it."""
+    if name == "volume":
+        expected, basis = st.expected_records(project_state, s.run)
+        return {"records": st.records, "expected": expected, "basis": basis}
+    if name == "template_sweep":
+        return {"near_twins": st.twin.true, "requests": len(st.twin)}
+    if name == "logit_bias_sweep":
+        return {"distinct_bias_patterns": len(st.bias_counts)}
+    if name == "logprob_harvest":
+        return {"harvesting_requests": st.harvest.true, "requests": len(st.harvest)}
+    if name == "reasoning_elicitation":
+        return {"unrelated_reasoning_requests": st.cot.true, "requests": len(st.cot)}
+    if name == "key_coordination":
+        return {"keys": sorted(st.suspicious_keys(min_req))[:20]}
+    if name == "prompt_drift":
+        return {"outside_reference": st.drift.true, "embedded": len(st.drift),
+                "mean_nn_similarity": round(float(np.mean(st.drift_sims)), 4)}
+    return {}
 
 
 def log_extra(features: RequestFeatures, signals: Sequence[Signal], embedding: np.ndarray | None = None,
