@@ -177,7 +177,7 @@ class ExtractionMonitor:
             value: float | None = None
             contributes = True
             if name == "volume":
-                expected, basis = st.expected_records(project_state, s.run)
+                expected, _ = st.expected_records(project_state, s.run)
                 if expected:
                     value = st.records / expected
             elif name == "template_sweep":

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP upstream: any endpoint that speaks ``/v1/chat/completions`` (OpenAI, vLLM, llama.cpp
 server, the in-repo fake teacher).
 
-One pooled aiohttp ``ClientSession`` per upstream; connect/read timeouts; retries with exponential backoff and full
+One keep-alive connection pool per upstream (``distillgate.teachers.h1``); connect/read timeouts; retries with exponential backoff and full
 jitter on 429 and 5xx answers and on connection failures (never after a streamed answer has started, never on a
 read timeout: a stalled teacher is reported, not hammered). ``Retry-After`` is honoured up to ``max_backoff_s``.
 The API key is read from the environment variable the config names, at construction, never from a file.
@@ -19,11 +19,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
 from distillgate.errors import ConfigError, ConfigIssue, UpstreamError
 from distillgate.teachers.base import Teacher, TeacherCard
+from distillgate.teachers.h1 import ConnectionFailed, ConnectTimeout, HttpPool, ReadTimeout, Response
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -81,8 +81,8 @@ def _error_message(status: int, body: bytes) -> str:
 class HttpTeacher(Teacher):
     """A teacher behind an OpenAI-compatible HTTP endpoint. ``model_name`` is the upstream's name.
 
-    The client is aiohttp (one pooled ``ClientSession``, created on first use inside the running event loop):
-    on this hot path it costs several times less CPU per request than httpx (see benchmarks/gateway.py).
+    The client is ``distillgate.teachers.h1`` (one keep-alive pool per upstream and event loop): on the gateway's
+    hot path it costs several times less CPU per request than aiohttp or httpx (see benchmarks/gateway.py).
     """
 
     def __init__(self, config: HttpUpstreamConfig) -> None:
@@ -95,17 +95,15 @@ class HttpTeacher(Teacher):
         self._headers = {"content-type": "application/json", "accept": "application/json"}
         if config.api_key_env:
             self._headers["authorization"] = f"Bearer {os.environ[config.api_key_env]}"
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: HttpPool | None = None
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            cfg = self.config
-            self._session = aiohttp.ClientSession(
-                headers=self._headers,
-                timeout=aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s, sock_read=cfg.timeout_s),
-                connector=aiohttp.TCPConnector(limit=cfg.max_connections, keepalive_timeout=30),
-            )
-        return self._session
+    def _client(self) -> HttpPool:
+        loop = asyncio.get_running_loop()
+        if self._pool is None or (self._pool.loop is not None and self._pool.loop is not loop):
+            cfg = self.config  # a pool's connections belong to one event loop: another loop gets its own
+            self._pool = HttpPool(self._base, self._headers, connect_timeout_s=cfg.connect_timeout_s,
+                                  read_timeout_s=cfg.timeout_s, max_connections=cfg.max_connections)
+        return self._pool
 
     def _timeout(self, exc: BaseException) -> UpstreamError:
         cfg = self.config
@@ -117,30 +115,28 @@ class HttpTeacher(Teacher):
         return UpstreamError(f"upstream {cfg.name!r} connection failed after {attempt + 1} attempt(s): "
                              f"{type(exc).__name__}: {exc}", status=502, hint=f"check that {cfg.base_url} is up")
 
+    def _status_error(self, status: int, body: bytes) -> UpstreamError:
+        return UpstreamError(f"upstream {self.config.name!r} answered {status}: {_error_message(status, body)}",
+                             status=status)
+
     # -- raw bytes (gateway hot path) -------------------------------------------------------------------------
     async def post_raw(self, path: str, content: bytes) -> bytes:
         """POST ``content`` to ``path`` (e.g. ``/chat/completions``); return the 200 body bytes, retrying."""
         cfg = self.config
-        url = self._base + path
         attempt = 0
         while True:
             retry_after: str | None = None
             try:
-                async with self._client().post(url, data=content) as resp:
-                    body = await resp.read()
-                    if resp.status == 200:
-                        return body
-                    if resp.status not in RETRY_STATUSES or attempt >= cfg.max_retries:
-                        raise UpstreamError(
-                            f"upstream {cfg.name!r} answered {resp.status}: {_error_message(resp.status, body)}",
-                            status=resp.status)
-                    retry_after = resp.headers.get("retry-after")
-            except aiohttp.ConnectionTimeoutError as exc:
-                if attempt >= cfg.max_retries:
-                    raise self._conn_failed(attempt, exc) from exc
-            except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+                resp = await self._client().request("POST", path, content)
+                body = await resp.read()
+                if resp.status == 200:
+                    return body
+                if resp.status not in RETRY_STATUSES or attempt >= cfg.max_retries:
+                    raise self._status_error(resp.status, body)
+                retry_after = resp.header(b"retry-after")
+            except ReadTimeout as exc:
                 raise self._timeout(exc) from exc
-            except aiohttp.ClientError as exc:
+            except (ConnectTimeout, ConnectionFailed) as exc:
                 if attempt >= cfg.max_retries:
                     raise self._conn_failed(attempt, exc) from exc
             await asyncio.sleep(_retry_delay(cfg, attempt, retry_after))
@@ -152,13 +148,12 @@ class HttpTeacher(Teacher):
         Retries happen only before the answer starts. A stream that ends without ``[DONE]`` raises UpstreamError.
         """
         cfg = self.config
-        url = self._base + path
         attempt = 0
         while True:
             retry_after: str | None = None
             started = False
             try:
-                async with self._client().post(url, data=content) as resp:
+                async with self._client().stream("POST", path, content) as resp:
                     if resp.status == 200:
                         started = True
                         async for payload in _sse_payloads(resp):
@@ -166,18 +161,13 @@ class HttpTeacher(Teacher):
                         return
                     body = await resp.read()
                     if resp.status not in RETRY_STATUSES or attempt >= cfg.max_retries:
-                        raise UpstreamError(
-                            f"upstream {cfg.name!r} answered {resp.status}: {_error_message(resp.status, body)}",
-                            status=resp.status)
-                    retry_after = resp.headers.get("retry-after")
+                        raise self._status_error(resp.status, body)
+                    retry_after = resp.header(b"retry-after")
             except _StreamBroken as exc:
                 raise UpstreamError(f"upstream {cfg.name!r} stream broke midway: {exc}", status=502) from exc
-            except aiohttp.ConnectionTimeoutError as exc:
-                if attempt >= cfg.max_retries:
-                    raise self._conn_failed(attempt, exc) from exc
-            except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+            except ReadTimeout as exc:
                 raise self._timeout(exc) from exc
-            except aiohttp.ClientError as exc:
+            except (ConnectTimeout, ConnectionFailed) as exc:
                 if started:
                     raise UpstreamError(f"upstream {cfg.name!r} stream broke midway: {exc}", status=502) from exc
                 if attempt >= cfg.max_retries:
@@ -187,14 +177,12 @@ class HttpTeacher(Teacher):
 
     async def get_models(self) -> list[str]:
         try:
-            async with self._client().get(self._base + "/models") as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    raise UpstreamError(f"upstream {self.config.name!r} /models answered {resp.status}",
-                                        status=resp.status)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            resp = await self._client().request("GET", "/models")
+        except (ConnectTimeout, ConnectionFailed, ReadTimeout) as exc:
             raise self._conn_failed(0, exc) from exc
-        return [str(m["id"]) for m in orjson.loads(body).get("data", [])]
+        if resp.status != 200:
+            raise UpstreamError(f"upstream {self.config.name!r} /models answered {resp.status}", status=resp.status)
+        return [str(m["id"]) for m in orjson.loads(await resp.read()).get("data", [])]
 
     # -- Teacher interface ------------------------------------------------------------------------------------
     async def chat_completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -217,28 +205,30 @@ class HttpTeacher(Teacher):
         return TeacherCard(model_id=self.config.name, backend="http", source=self.config.base_url)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
 
 
 class _StreamBroken(Exception):
     pass
 
 
-async def _sse_payloads(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def _sse_payloads(resp: Response) -> AsyncIterator[bytes]:
     """Split an SSE body into ``data:`` payloads; raise _StreamBroken if it ends before ``[DONE]``."""
+    pending = b""
     try:
-        async for raw_line in resp.content:
-            line = raw_line.strip()
-            if line.startswith(b"data:"):
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    return
-                if data:
-                    yield data
-    except aiohttp.ClientPayloadError as exc:
-        raise _StreamBroken(f"{type(exc).__name__}: {exc}") from exc
-    except aiohttp.ClientConnectionError as exc:
+        async for chunk in resp.iter_chunks():
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw_line in lines:
+                line = raw_line.strip()
+                if line.startswith(b"data:"):
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        return
+                    if data:
+                        yield data
+    except ConnectionFailed as exc:
         raise _StreamBroken(f"{type(exc).__name__}: {exc}") from exc
     raise _StreamBroken("connection closed before [DONE]")
