@@ -3,9 +3,15 @@
 In one run, on loopback, against the same fast upstream (the in-repo fake teacher, its own process):
 
   direct        the load generator talks to the fake teacher itself
-  passthrough   a minimal Python pass-through proxy (raw ASGI + pooled aiohttp client, uvicorn
-                uvloop/httptools): the same HTTP stack as the gateway, nothing else
+  passthrough   a minimal Python pass-through proxy (raw ASGI app, uvicorn uvloop/httptools, and the gateway's
+                own upstream client, distillgate.teachers.h1): the same HTTP stack as the gateway, nothing else.
+                The ratios are taken against it.
+  passthrough-aiohttp  the same with a pooled aiohttp client (what most Python proxies use)
   passthrough-h11  the same on uvicorn's pure-Python stack (asyncio loop + h11)
+  floor         the pass-through plus only what a durable, stamped decision must cost, written plainly: JSON parse,
+                SHA-256 of request and answer, one hash-chained row group-committed to SQLite with fsync before the
+                answer, an Ed25519-signed stamp. No policy, quotas, screens or extraction monitor: how close any
+                gateway bound by the same rules could come to the pass-through
   distillgate   the full gateway: API key check, screens, decide() + quota reservation + decision-log entry
                 (fsync, synchronous=FULL) before forwarding, settlement (fsync) after, signed stamp
   distillgate-after  the same with ``settle: after_reply`` (the decision is durable before the answer; the
@@ -51,30 +57,110 @@ POLICY = {
     "quotas": {"tokens_per_day": 10**12, "records_per_run": 10**12},
 }
 
-PASSTHROUGH = r'''
-import sys, aiohttp, uvicorn
-upstream, port, loop, http = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-session = None
+# The upstream clients a pass-through can use: "h1" is the gateway's own (distillgate.teachers.h1), "aiohttp" the
+# library most Python proxies would reach for. Each defines `async def forward(path, body) -> (status, bytes)`.
+CLIENTS = r'''
+import aiohttp
+from distillgate.teachers.h1 import HttpPool
+def make_forward(kind, upstream):
+    if kind == "h1":
+        pool = HttpPool(upstream, {"content-type": "application/json"})
+        async def forward(path, body):
+            r = await pool.request("POST", path, body)
+            return r.status, await r.read()
+        return forward
+    session = None
+    async def forward(path, body):
+        nonlocal session
+        if session is None:
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+        async with session.post(upstream + path, data=body, headers={"content-type": "application/json"}) as r:
+            return r.status, await r.read()
+    return forward
+'''
+
+PASSTHROUGH = CLIENTS + r'''
+import sys, uvicorn
+upstream, port, loop, http, client = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+forward = make_forward(client, upstream)
 async def app(scope, receive, send):
-    global session
     if scope["type"] != "http":
         return
-    if session is None:
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
     body = b""
     while True:
         m = await receive()
         body += m.get("body", b"")
         if not m.get("more_body"):
             break
-    async with session.post(upstream + scope["path"].removeprefix("/v1"), data=body,
-                            headers={"content-type": "application/json"}) as r:
-        content = await r.read()
-    await send({"type": "http.response.start", "status": r.status,
+    status, content = await forward(scope["path"].removeprefix("/v1"), body)
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]})
     await send({"type": "http.response.body", "body": content})
 uvicorn.run(app, host="127.0.0.1", port=port, loop=loop, http=http, access_log=False, log_level="warning",
             proxy_headers=False)
+'''
+
+FLOOR = CLIENTS + r'''
+# The floor: the pass-through plus only what every decision must cost under the issue's rules, written as plainly as
+# possible -- no policy, quotas, screens or extraction monitor. Per request: parse the JSON body, SHA-256 of the
+# request, one hash-chained row appended to SQLite (WAL, synchronous=FULL) by a writer thread that group-commits and
+# fsyncs, awaited before the answer; the upstream call; SHA-256 of the answer and an Ed25519-signed stamp added to it.
+import asyncio, hashlib, sqlite3, sys, threading, time, orjson, uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+upstream, port, db = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+key = Ed25519PrivateKey.generate()
+forward = make_forward("h1", upstream)
+jobs, wake = [], threading.Condition()
+def writer():
+    conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL"); conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE IF NOT EXISTS log (idx INTEGER PRIMARY KEY, body BLOB, hash TEXT)")
+    head, idx = "0" * 64, 0
+    while True:
+        with wake:
+            while not jobs:
+                wake.wait()
+            batch = jobs[:]; jobs.clear()
+        conn.execute("BEGIN")
+        rows = []
+        for body, fut, loop in batch:
+            idx += 1
+            head = hashlib.sha256(head.encode() + body).hexdigest()
+            rows.append((idx, body, head))
+        conn.executemany("INSERT INTO log VALUES (?, ?, ?)", rows)
+        conn.execute("COMMIT")
+        for (_, fut, loop), (i, _, h) in zip(batch, rows):
+            loop.call_soon_threadsafe(fut.set_result, (i, h))
+threading.Thread(target=writer, daemon=True).start()
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        m = await receive()
+        body += m.get("body", b"")
+        if not m.get("more_body"):
+            break
+    req = orjson.loads(body)
+    request_hash = hashlib.sha256(body).hexdigest()
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    entry = orjson.dumps({"model": req.get("model"), "request_hash": request_hash, "decision": "allow", "ts": time.time()})
+    with wake:
+        jobs.append((entry, fut, loop)); wake.notify()
+    status, content = await forward(scope["path"].removeprefix("/v1"), body)
+    index, entry_hash = await fut  # durable before the answer
+    resp = orjson.loads(content)
+    stamp = orjson.dumps({"entry": index, "entry_hash": entry_hash, "request_hash": request_hash,
+                          "response_hash": hashlib.sha256(content).hexdigest(), "time": time.time()},
+                         option=orjson.OPT_SORT_KEYS)
+    resp["distillgate"] = {"stamp": stamp.decode(), "sig": key.sign(stamp).hex()}
+    out = orjson.dumps(resp)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
+    await send({"type": "http.response.body", "body": out})
+uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", access_log=False,
+            log_level="warning", proxy_headers=False)
 '''
 
 GATEWAY = r'''
@@ -246,8 +332,9 @@ def main() -> None:
                     help="measure every point this many times, rounds interleaved across targets; report the median "
                          "(by throughput) -- shared machines drift by tens of percent from minute to minute")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    ap.add_argument("--only", nargs="+", default=["direct", "passthrough", "passthrough-h11", "distillgate",
-                                                  "distillgate-after", "distillgate-h11", "litellm"])
+    ap.add_argument("--only", nargs="+", default=["direct", "passthrough", "passthrough-aiohttp", "passthrough-h11",
+                                                  "floor", "distillgate", "distillgate-after", "distillgate-h11",
+                                                  "litellm"])
     ap.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV)
     args = ap.parse_args()
     sys.path.insert(0, str(SRC))
@@ -263,12 +350,17 @@ def main() -> None:
         wait_port(fake_port, procs[-1])
         upstream = f"http://127.0.0.1:{fake_port}/v1"
         targets: dict[str, int] = {"direct": fake_port}
-        for name, loop, http in (("passthrough", "uvloop", "httptools"), ("passthrough-h11", "asyncio", "h11")):
+        for name, loop, http, client in PASSTHROUGHS:
             if name in args.only:
                 port = free_port()
-                procs.append(start(PASSTHROUGH, upstream, str(port), loop, http))
+                procs.append(start(PASSTHROUGH, upstream, str(port), loop, http, client))
                 wait_port(port, procs[-1])
                 targets[name] = port
+        if "floor" in args.only:
+            port = free_port()
+            procs.append(start(FLOOR, upstream, str(port), str(tmp / "floor.db")))
+            wait_port(port, procs[-1])
+            targets["floor"] = port
         for name, loop, http, settle in GATEWAYS:
             if name in args.only:
                 port = free_port()
@@ -318,6 +410,9 @@ def main() -> None:
 
 
 KEYS: dict[str, str] = {}
+PASSTHROUGHS = (("passthrough", "uvloop", "httptools", "h1"),
+                ("passthrough-aiohttp", "uvloop", "httptools", "aiohttp"),
+                ("passthrough-h11", "asyncio", "h11", "h1"))
 GATEWAYS = (("distillgate", "uvloop", "httptools", "before_reply"),
             ("distillgate-after", "uvloop", "httptools", "after_reply"),
             ("distillgate-h11", "asyncio", "h11", "before_reply"))
