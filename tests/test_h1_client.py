@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -29,9 +31,11 @@ class Server:
         self.requests: list[tuple[bytes, dict[bytes, bytes], bytes]] = []
         self.open_now = 0
         self.max_open = 0
+        self.writers: set[asyncio.StreamWriter] = set()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.writers.add(writer)
         self.open_now += 1
         self.max_open = max(self.max_open, self.open_now)
         try:
@@ -129,6 +133,50 @@ def test_a_reused_connection_closed_by_the_server_is_retried_once_on_a_fresh_one
     run(go())
 
 
+def test_a_stale_connection_drops_the_other_idle_ones() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
+        if n == 4:  # the server closed this warm connection (idle timeout): the others are as old
+            return False
+        await asyncio.sleep(0.02)
+        w.write(ok(b"%d" % n))
+        await w.drain()
+        return True
+
+    async def go() -> None:
+        srv = Server(handler)
+        async with srv as base:
+            pool = HttpPool(base)
+            await asyncio.gather(*[pool.request("GET", "/") for _ in range(3)])  # three warm connections
+            assert len(pool._idle) == 3
+            assert await (await pool.request("GET", "/")).read() == b"5"  # resent on a fresh connection
+            assert srv.connections == 4 and pool._open == 1 and len(pool._idle) == 1
+
+    run(go())
+
+
+def test_a_server_restart_costs_no_error() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
+        w.write(ok(b"%d" % n))
+        await w.drain()
+        return True
+
+    async def go() -> None:
+        srv = Server(handler)
+        async with srv as base:
+            pool = HttpPool(base)
+            await asyncio.gather(*[pool.request("GET", "/") for _ in range(3)])
+            port = srv.server.sockets[0].getsockname()[1]
+            srv.server.close()
+            for w in srv.writers:  # a restart closes every connection
+                w.close()
+            await asyncio.sleep(0.05)
+            srv.server = await asyncio.start_server(srv._serve, "127.0.0.1", port)
+            assert (await pool.request("GET", "/")).status == 200
+            assert srv.connections == 4
+
+    run(go())
+
+
 def test_a_fresh_connection_closed_before_answering_is_not_retried_here() -> None:
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
         return False
@@ -147,6 +195,24 @@ def test_a_connection_cut_midway_is_an_error_not_a_short_body() -> None:
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
         w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part")
         await w.drain()
+        return False
+
+    async def go() -> None:
+        async with Server(handler) as base:
+            with pytest.raises(ConnectionFailed, match="before the answer ended"):
+                await HttpPool(base).request("GET", "/")
+
+    run(go())
+
+
+def test_a_reset_ends_a_connection_delimited_body_as_an_error() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\npartial")
+        await w.drain()
+        await asyncio.sleep(0.05)
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a TCP reset
+        w.transport.abort()
         return False
 
     async def go() -> None:
@@ -257,6 +323,30 @@ def test_streaming_pauses_reading_for_a_slow_consumer_and_loses_nothing() -> Non
             assert got == len(piece) * 64
             assert most < 1024 * 1024  # of 4 MiB sent: reading paused instead of buffering it all
             assert len(pool._idle) == 1  # read to the end: reusable
+
+    run(go())
+
+
+def test_a_consumer_slower_than_the_read_timeout_is_not_a_timeout() -> None:
+    piece = b"z" * 65536
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (len(piece) * 64))
+        for _ in range(64):
+            w.write(piece)
+            await w.drain()
+        return True
+
+    async def go() -> None:
+        async with Server(handler) as base:
+            pool = HttpPool(base, read_timeout_s=0.2)
+            got = 0
+            async with pool.stream("GET", "/") as resp:
+                async for chunk in resp.iter_chunks():
+                    if got == 0:
+                        await asyncio.sleep(0.6)  # reading is paused meanwhile: the server is not silent
+                    got += len(chunk)
+            assert got == len(piece) * 64
 
     run(go())
 

@@ -19,6 +19,7 @@ A cancelled call aborts its connection (its state is unknown); it is never put b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections import deque
@@ -185,7 +186,7 @@ class _Conn(asyncio.Protocol):
         r = self.resp
         if r is None or r.complete:
             return
-        if r.head_done and not r._framed:  # the body was delimited by the end of the connection
+        if r.head_done and not r._framed and exc is None:  # the body was delimited by the end of the connection
             r.complete = True
             r.keep_alive = False
             r._wake()
@@ -239,12 +240,15 @@ class _Conn(asyncio.Protocol):
         r = self.resp
         if r is None or r.complete or r.error is not None:
             return
+        loop = asyncio.get_running_loop()
         idle = time.monotonic() - r.last_activity
-        if idle >= self._read_timeout:
+        if self.paused:  # the consumer is behind, not the server: look again later
+            self._timer = loop.call_later(self._read_timeout, self._check_timeout)
+        elif idle >= self._read_timeout:
             r._fail(ReadTimeout(f"no data for {self._read_timeout:g} s"))
             self.abort()
         else:
-            self._timer = asyncio.get_running_loop().call_later(self._read_timeout - idle, self._check_timeout)
+            self._timer = loop.call_later(self._read_timeout - idle, self._check_timeout)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -359,6 +363,20 @@ class HttpPool:
             self._open -= 1
         self._wake_one()
 
+    def _drop_idle(self) -> None:
+        for conn in self._idle:
+            conn.abort()
+        self._open -= len(self._idle)
+        self._idle.clear()
+        self._wake_one()
+
+    def abandon(self) -> None:
+        """Drop the idle connections of a pool whose event loop may be gone (no awaiting)."""
+        for conn in self._idle:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: its transports went with it
+                conn.abort()
+        self._idle.clear()
+
     def _wake_one(self) -> None:
         while self._waiters:
             w = self._waiters.popleft()
@@ -376,6 +394,7 @@ class HttpPool:
                 await resp._wait_head()
             except _Stale:
                 self._release(conn, False)
+                self._drop_idle()  # connections idle as long as this one are likely closed too
                 if attempt == 0:
                     continue  # the server had closed the idle connection: once more on a fresh one
                 raise
@@ -407,7 +426,4 @@ class HttpPool:
             self._release(conn, resp.complete and resp.keep_alive and resp.error is None)
 
     async def aclose(self) -> None:
-        for conn in self._idle:
-            conn.abort()
-        self._open -= len(self._idle)
-        self._idle.clear()
+        self._drop_idle()

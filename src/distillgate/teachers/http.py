@@ -101,6 +101,8 @@ class HttpTeacher(Teacher):
         loop = asyncio.get_running_loop()
         if self._pool is None or (self._pool.loop is not None and self._pool.loop is not loop):
             cfg = self.config  # a pool's connections belong to one event loop: another loop gets its own
+            if self._pool is not None:
+                self._pool.abandon()
             self._pool = HttpPool(self._base, self._headers, connect_timeout_s=cfg.connect_timeout_s,
                                   read_timeout_s=cfg.timeout_s, max_connections=cfg.max_connections)
         return self._pool
