@@ -421,11 +421,12 @@ GATEWAYS = (("distillgate", "uvloop", "httptools", "before_reply"),
 def ratios(results: dict[tuple[str, int], dict[str, Any]], concurrency: list[int]) -> dict[str, float]:
     out: dict[str, float] = {}
     for conc in concurrency:
-        dg = results.get(("distillgate", conc))
-        for base in ("passthrough", "litellm"):
-            other = results.get((base, conc))
-            if dg and other and other["rps"]:
-                out[f"distillgate_over_{base}_c{conc}"] = dg["rps"] / other["rps"]
+        for name in ("distillgate", "floor"):
+            mine = results.get((name, conc))
+            for base in ("passthrough", "litellm"):
+                other = results.get((base, conc))
+                if mine and other and other["rps"]:
+                    out[f"{name}_over_{base}_c{conc}"] = mine["rps"] / other["rps"]
     return out
 
 

@@ -4,7 +4,7 @@
 
   foundation.py          decide() rate, fsync'd decision-log appends/s (1, 16, 64 writers), verify of 100k entries
   dataset_throughput.py  filters + dedup rows/s and peak memory: banking77 (10k rows) and 100k synthetic rows
-  gateway.py             direct vs pass-through vs distillgate vs LiteLLM's proxy at concurrency 1/16/64
+  gateway.py             direct vs pass-through vs floor vs distillgate vs LiteLLM's proxy at concurrency 1/16/64
 
 Each writes its JSON under benchmarks/results/ (gateway.json, foundation.json, dataset_throughput.json); this script
 adds benchmarks/results/quick.json with the headline figures and the load average. The slow ones run by hand:
@@ -44,7 +44,7 @@ def main() -> None:
         "foundation": run("foundation.py"),
         "dataset_throughput": run("dataset_throughput.py", "--sizes", "100000"),
     }
-    only = ["direct", "passthrough", "distillgate", "distillgate-after"] + ([] if args.no_litellm else ["litellm"])
+    only = ["direct", "passthrough", "floor", "distillgate", "distillgate-after"] + ([] if args.no_litellm else ["litellm"])
     wall["gateway"] = run("gateway.py", "--seconds", args.seconds, "--only", *only)
     foundation = json.loads((RESULTS / "foundation.json").read_text())
     gateway = json.loads((RESULTS / "gateway.json").read_text())
