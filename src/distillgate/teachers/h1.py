@@ -162,6 +162,7 @@ class _Conn(asyncio.Protocol):
         self.paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._read_timeout = 0.0
+        self._reused = False  # the request in flight went out on a connection that had served one before
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -224,8 +225,6 @@ class _Conn(asyncio.Protocol):
         r._wake()
 
     # -- use --------------------------------------------------------------------------------------------------
-    _reused = False
-
     def send(self, data: bytes, read_timeout: float, reused: bool) -> Response:
         assert self.transport is not None
         self._reused = reused  # the parser carries on: llhttp resets itself after each complete answer
