@@ -6,6 +6,7 @@ import asyncio
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -381,3 +382,53 @@ def test_bad_urls_and_headers_are_refused() -> None:
         HttpPool("ftp://example.com/v1")
     with pytest.raises(ValueError, match="line break"):
         HttpPool("http://example.com/v1", {"x-evil": "a\r\nhost: other"})
+
+
+def test_https_with_a_trusted_certificate_and_refusal_of_an_untrusted_one(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test upstream")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert_file, key_file)
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
+        w.write(ok(b"secret"))
+        await w.drain()
+        return True
+
+    async def go() -> None:
+        srv = Server(handler)
+        srv.server = await asyncio.start_server(srv._serve, "127.0.0.1", 0, ssl=server_ctx)
+        port = srv.server.sockets[0].getsockname()[1]
+        base = f"https://127.0.0.1:{port}/v1"
+        with pytest.raises(ConnectionFailed, match="CERTIFICATE_VERIFY_FAILED"):  # not trusted (yet)
+            await HttpPool(base).request("GET", "/")
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))  # trusted the way operators add a CA
+        pool = HttpPool(base)
+        for _ in range(2):
+            assert await (await pool.request("GET", "/")).read() == b"secret"
+        srv.server.close()
+        assert pool.connections_made == 1  # kept alive over TLS
+
+    run(go())
