@@ -167,9 +167,9 @@ GATEWAY = r'''
 import sys, uvicorn
 from distillgate.gateway.config import config_from_data
 from distillgate.gateway.server import build_gateway
-policy, db, upstream, port, loop, http, settle = sys.argv[1:8]
+policy, db, upstream, port, loop, http, settle, process = sys.argv[1:9]
 gw = build_gateway(config_from_data({"policy": policy, "db": db, "upstreams": {"fake": {"base_url": upstream}},
-                                     "settle": settle}))
+                                     "settle": settle, "extraction": {"process": process == "process"}}))
 uvicorn.run(gw, host="127.0.0.1", port=int(port), loop=loop, http=http, access_log=False, log_level="warning",
             lifespan="on", backlog=2048, proxy_headers=False)
 '''
@@ -333,8 +333,8 @@ def main() -> None:
                          "(by throughput) -- shared machines drift by tens of percent from minute to minute")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--only", nargs="+", default=["direct", "passthrough", "passthrough-aiohttp", "passthrough-h11",
-                                                  "floor", "distillgate", "distillgate-after", "distillgate-h11",
-                                                  "litellm"])
+                                                  "floor", "distillgate", "distillgate-after", "distillgate-mp",
+                                                  "distillgate-h11", "litellm"])
     ap.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV)
     args = ap.parse_args()
     sys.path.insert(0, str(SRC))
@@ -361,11 +361,11 @@ def main() -> None:
             procs.append(start(FLOOR, upstream, str(port), str(tmp / "floor.db")))
             wait_port(port, procs[-1])
             targets["floor"] = port
-        for name, loop, http, settle in GATEWAYS:
+        for name, loop, http, settle, monitor in GATEWAYS:
             if name in args.only:
                 port = free_port()
                 procs.append(start(GATEWAY, str(tmp / "policy.json"), str(tmp / f"{name}.db"), upstream, str(port),
-                                   loop, http, settle))
+                                   loop, http, settle, monitor))
                 wait_port(port, procs[-1])
                 targets[name] = port
         if "litellm" in args.only:
@@ -413,9 +413,10 @@ KEYS: dict[str, str] = {}
 PASSTHROUGHS = (("passthrough", "uvloop", "httptools", "h1"),
                 ("passthrough-aiohttp", "uvloop", "httptools", "aiohttp"),
                 ("passthrough-h11", "asyncio", "h11", "h1"))
-GATEWAYS = (("distillgate", "uvloop", "httptools", "before_reply"),
-            ("distillgate-after", "uvloop", "httptools", "after_reply"),
-            ("distillgate-h11", "asyncio", "h11", "before_reply"))
+GATEWAYS = (("distillgate", "uvloop", "httptools", "before_reply", "inline"),
+            ("distillgate-after", "uvloop", "httptools", "after_reply", "inline"),
+            ("distillgate-mp", "uvloop", "httptools", "before_reply", "process"),
+            ("distillgate-h11", "asyncio", "h11", "before_reply", "inline"))
 
 
 def ratios(results: dict[tuple[str, int], dict[str, Any]], concurrency: list[int]) -> dict[str, float]:

@@ -36,7 +36,7 @@ def decision_bodies(db: Path) -> list[dict[str, Any]]:
         conn.close()
 
 
-def probe(tmp: Path, action: str) -> tuple[list[int], list[dict[str, Any]]]:
+def probe(tmp: Path, action: str, process: bool = False) -> tuple[list[int], list[dict[str, Any]]]:
     db = tmp / f"{action}.db"
     keys = KeyStore(db)
     secret = keys.create("mallory")[1]
@@ -45,7 +45,7 @@ def probe(tmp: Path, action: str) -> tuple[list[int], list[dict[str, Any]]]:
     with fake_upstream(reply="ok") as fake:
         gateway = build_gateway(config_from_data({
             "policy": str(write_policies(tmp / action, policy(action))), "db": str(db),
-            "upstreams": {"fake": {"base_url": fake.base_url}}}))
+            "upstreams": {"fake": {"base_url": fake.base_url}}, "extraction": {"process": process}}))
         port = free_port()
         try:
             with serve_in_thread(gateway, port), httpx.Client(base_url=f"http://127.0.0.1:{port}/v1") as client:
@@ -63,8 +63,13 @@ def probe(tmp: Path, action: str) -> tuple[list[int], list[dict[str, Any]]]:
     return statuses, decision_bodies(db)
 
 
-def test_deny_policy_blocks_a_logit_bias_sweep_with_evidence(tmp_path: Path) -> None:
-    statuses, bodies = probe(tmp_path, "deny")
+# every behaviour holds with the monitor in the gateway's process and in its own (extraction.process: true)
+MODES = pytest.mark.parametrize("process", [False, True], ids=["in-process", "monitor-process"])
+
+
+@MODES
+def test_deny_policy_blocks_a_logit_bias_sweep_with_evidence(tmp_path: Path, process: bool) -> None:
+    statuses, bodies = probe(tmp_path, "deny", process)
     assert statuses[:5] == [200] * 5 and statuses[-1] == 403
     denied = [b for b in bodies if "EXTRACTION_SUSPECTED" in b["reasons"]]
     assert denied and all(b["decision"] == "deny" for b in denied)
@@ -73,8 +78,9 @@ def test_deny_policy_blocks_a_logit_bias_sweep_with_evidence(tmp_path: Path) -> 
     assert "prompt" not in json.dumps(denied[0]["extra"]["extraction"]["features"])  # a sketch, never the text
 
 
-def test_flag_only_policy_never_blocks(tmp_path: Path) -> None:
-    statuses, bodies = probe(tmp_path, "flag")
+@MODES
+def test_flag_only_policy_never_blocks(tmp_path: Path, process: bool) -> None:
+    statuses, bodies = probe(tmp_path, "flag", process)
     assert statuses == [200] * 40
     flagged = [b for b in bodies if "EXTRACTION_FLAGGED" in b["reasons"]]
     assert flagged and all(b["decision"] == "allow" for b in flagged)
@@ -129,8 +135,8 @@ def test_extraction_config_gives_the_monitor_an_embedder_and_references(tmp_path
         config_from_data({"policy": str(policies), "extraction": {"embedder": "bert"}})
 
 
-def replay_over_http(tmp: Path, embedder: str, requests: int = 80,
-                     record_embeddings: bool = False) -> dict[str, list[dict[str, Any]]]:
+def replay_over_http(tmp: Path, embedder: str, requests: int = 80, record_embeddings: bool = False,
+                     process: bool = False) -> dict[str, list[dict[str, Any]]]:
     """Alice sends banking prompts (none in the reference), mallory off-domain ones, interleaved, each request
     over HTTP; returns each user's decision-log bodies in order."""
     db = tmp / "drift.db"
@@ -139,7 +145,7 @@ def replay_over_http(tmp: Path, embedder: str, requests: int = 80,
     keys.close()
     legit = [BANK_TEMPLATE.format(t) for t in banking_texts("test")[:requests]]
     prompts = {"alice": legit, "mallory": coverage_prompts(requests)}
-    extraction: dict[str, Any] = {"embedder": embedder}
+    extraction: dict[str, Any] = {"embedder": embedder, "process": process}
     if embedder != "none":
         extraction["references"] = {BANK: str(reference_file(tmp))}
     with fake_upstream(reply="card_lost") as fake:
@@ -172,8 +178,9 @@ def drift_positions(entries: list[dict[str, Any]]) -> list[int]:
             if any(s["name"] == "prompt_drift" for s in b["extra"]["extraction"]["signals"])]
 
 
-def test_gateway_with_an_embedder_records_drift_for_an_off_domain_session(tmp_path: Path) -> None:
-    by_user = replay_over_http(tmp_path, "hashing")
+@MODES
+def test_gateway_with_an_embedder_records_drift_for_an_off_domain_session(tmp_path: Path, process: bool) -> None:
+    by_user = replay_over_http(tmp_path, "hashing", process=process)
     alice, mallory = by_user["alice"], by_user["mallory"]
     assert len(alice) == len(mallory) == 80
     assert not [b for b in alice if b["extra"]["extraction"]["signals"]]  # in-domain: nothing fires
@@ -185,8 +192,9 @@ def test_gateway_with_an_embedder_records_drift_for_an_off_domain_session(tmp_pa
     assert drift["value"] >= drift["threshold"] and drift["evidence"]["outside_reference"] >= 10
 
 
-def test_record_embeddings_puts_a_quantised_prompt_embedding_in_every_decision(tmp_path: Path) -> None:
-    by_user = replay_over_http(tmp_path, "hashing", requests=12, record_embeddings=True)
+@MODES
+def test_record_embeddings_puts_a_quantised_prompt_embedding_in_every_decision(tmp_path: Path, process: bool) -> None:
+    by_user = replay_over_http(tmp_path, "hashing", requests=12, record_embeddings=True, process=process)
     entries = by_user["alice"] + by_user["mallory"]
     assert len(entries) == 24
     vectors = [b["extra"]["extraction"]["features"]["embedding"] for b in entries]

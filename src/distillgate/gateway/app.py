@@ -20,6 +20,7 @@ import orjson
 
 from distillgate.errors import DistillgateError, UpstreamError, UserError
 from distillgate.extraction import ExtractionMonitor, RequestFeatures, log_extra
+from distillgate.extraction.process import MonitorProcess, MonitorUnavailable
 from distillgate.gateway.contracts import check_output
 from distillgate.gateway.errors import ApiError, error_body
 from distillgate.gateway.keys import KeyStore
@@ -32,6 +33,7 @@ from distillgate.gateway.upstreams import Route, Router, Upstream
 from distillgate.ledger.canonical import sha256_hex
 from distillgate.ledger.store import Admission, Store
 from distillgate.policy import Policy, PolicySet, Request
+from distillgate.policy.extraction_rules import Signal
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -109,7 +111,7 @@ class Gateway:
     def __init__(self, *, policies: PolicySet, store: Store, keys: KeyStore, router: Router,
                  screens: Sequence[Screen], max_body_bytes: int = 1 << 20, reclaim_interval_s: float = 30.0,
                  metrics: Metrics | None = None, settle_before_reply: bool = True,
-                 monitor: ExtractionMonitor | None = None) -> None:
+                 monitor: ExtractionMonitor | MonitorProcess | None = None) -> None:
         self.policies = policies
         #: extraction-abuse signals on every request (docs/extraction.md); the policy decides what they do
         self.monitor = monitor if monitor is not None else ExtractionMonitor(policies)
@@ -193,6 +195,8 @@ class Gateway:
                 if self._settling:  # settlements still on their way to the log
                     await asyncio.gather(*self._settling, return_exceptions=True)
                 await self.router.aclose()
+                if isinstance(self.monitor, MonitorProcess):
+                    await self.monitor.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -266,13 +270,9 @@ class Gateway:
                                                    declared_run_size=inb.run_size, prompt=inb.prompt)
         except UserError as exc:
             raise ApiError(400, exc.message, code="invalid_request") from exc
-        sketch, signals = self.monitor.observe_request(features)
+        signals, extra = await self._observe(features)
         if signals:
             request = replace(request, signals=signals)
-        embedding = None
-        if self.monitor.records_embeddings(features.project):  # policy extraction.record_embeddings: for audit scan
-            embedding = await asyncio.to_thread(self.monitor.embed_for_record, features)
-        extra = log_extra(features, signals, embedding, sketch)
         request_hash = sha256_hex(raw)
         # The admission is returned as soon as it is decided and reserved; its commit (fsync) runs while an allowed
         # request is forwarded. Nothing reaches the client before `durable` resolved.
@@ -314,6 +314,21 @@ class Gateway:
             with contextlib.suppress(BaseException):  # an error answer, too, waits for the durable decision
                 await durable
             raise
+
+    async def _observe(self, features: RequestFeatures) -> tuple[tuple[Signal, ...], dict[str, object]]:
+        """The extraction signals for this request and its decision entry's ``extra``."""
+        monitor = self.monitor
+        if isinstance(monitor, MonitorProcess):
+            try:
+                return await monitor.aobserve(features)
+            except MonitorUnavailable as exc:
+                raise ApiError(503, f"{exc.message}; nothing was forwarded, retry shortly",
+                               code="extraction_monitor_unavailable") from exc
+        sketch, signals = monitor.observe_request(features)
+        embedding = None
+        if monitor.records_embeddings(features.project):  # policy extraction.record_embeddings: for audit scan
+            embedding = await asyncio.to_thread(monitor.embed_for_record, features)
+        return signals, log_extra(features, signals, embedding, sketch)
 
     async def _fail_upstream(self, adm: Admission, route: Route, exc: UpstreamError,
                              index_header: tuple[bytes, bytes]) -> ApiError:

@@ -25,6 +25,7 @@
       embedder: minilm                    # none (default) | minilm | hashing
       references:                         # project -> its approved prompts, for prompt_drift
         internal-compression: data/approved_prompts.jsonl
+      process: false                      # true: the monitor runs in a child process, on another core
 
 Routing of a model name: the ``models`` table (glob patterns, first match); else ``UPSTREAM/rest`` goes to that
 upstream with ``rest`` as the model; else ``local/...`` goes to the in-process local teacher; else, when exactly
@@ -69,6 +70,7 @@ class ExtractionSettings(_Strict):
     references: dict[str, str] = Field(default_factory=dict)
     reference_size: int = Field(default=200, ge=10)
     embed_cache: int = Field(default=4096, ge=0)
+    process: bool = False  # run the monitor in a child process, beside the event loop (docs/gateway.md)
 
     def issues(self) -> list[ConfigIssue]:
         out: list[ConfigIssue] = []

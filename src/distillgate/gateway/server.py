@@ -11,6 +11,7 @@ from pathlib import Path
 
 from distillgate.extraction import ExtractionMonitor
 from distillgate.extraction.embed import make_embedder, read_reference
+from distillgate.extraction.process import MonitorProcess
 from distillgate.gateway.app import Gateway
 from distillgate.gateway.config import ExtractionSettings, GatewayConfig
 from distillgate.gateway.keys import KeyStore
@@ -33,7 +34,11 @@ def build_monitor(policies: PolicySet, settings: ExtractionSettings) -> Extracti
 def build_gateway(config: GatewayConfig) -> Gateway:
     policies = load_policies(config.policy)
     screens = load_screens(config.screens)
-    monitor = build_monitor(policies, config.extraction)
+    monitor: ExtractionMonitor | MonitorProcess
+    if config.extraction.process:  # the child builds the same monitor from the same files
+        monitor = MonitorProcess(str(config.policy), config.extraction.model_dump(exclude={"process"}), policies)
+    else:
+        monitor = build_monitor(policies, config.extraction)
     router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models)
     store = Store.open(Path(config.db), reservation_ttl_s=config.reservation_ttl_s)
     keys = KeyStore(config.db)
@@ -53,5 +58,6 @@ def serve(config: GatewayConfig) -> None:
                     timeout_keep_alive=30, backlog=2048,
                     proxy_headers=False)  # the gateway reads no client address: skip X-Forwarded-* parsing
     finally:
+        gateway.monitor.close()
         gateway.store.close()
         gateway.keys.close()
