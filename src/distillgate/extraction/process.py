@@ -24,7 +24,7 @@ import struct
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Any
 
 import orjson
@@ -36,6 +36,7 @@ from distillgate.policy.model import PolicySet
 
 _log = logging.getLogger("distillgate.extraction")
 _LEN = struct.Struct(">I")
+_FEATURES = tuple(f.name for f in fields(RequestFeatures))
 
 
 class MonitorUnavailable(DistillgateError):
@@ -208,9 +209,9 @@ class MonitorProcess:
 
     async def aobserve(self, features: RequestFeatures) -> tuple[tuple[Signal, ...], dict[str, object]]:
         """The signals that fired for ``features`` and the decision entry's ``extra`` (see ``log_extra``)."""
-        await self._ensure()
-        doc = asdict(features)
-        doc["logit_bias"] = [list(p) for p in features.logit_bias]
+        if self._wire is None:
+            await self._ensure()
+        doc = {name: getattr(features, name) for name in _FEATURES}  # dataclasses.asdict deep-copies: slow
         reply = await self._call({"op": "observe", "f": doc, "embed": self.records_embeddings(features.project)})
         return tuple(Signal.from_dict(s) for s in reply["s"]), reply["x"]
 
