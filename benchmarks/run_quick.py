@@ -44,7 +44,7 @@ def main() -> None:
         "foundation": run("foundation.py"),
         "dataset_throughput": run("dataset_throughput.py", "--sizes", "100000"),
     }
-    only = ["direct", "passthrough", "floor", "distillgate", "distillgate-after"] + ([] if args.no_litellm else ["litellm"])
+    only = ["direct", "passthrough", "floor", "distillgate", "distillgate-after", "distillgate-mp"] + ([] if args.no_litellm else ["litellm"])
     wall["gateway"] = run("gateway.py", "--seconds", args.seconds, "--only", *only)
     foundation = json.loads((RESULTS / "foundation.json").read_text())
     gateway = json.loads((RESULTS / "gateway.json").read_text())
