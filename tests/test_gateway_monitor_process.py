@@ -133,8 +133,13 @@ def test_a_monitor_process_is_not_started_on_policies_that_changed_under_the_gat
         try:
             with serve_in_thread(gateway, port), httpx.Client(base_url=f"http://127.0.0.1:{port}/v1") as client:
                 r = client.post("/chat/completions", headers=headers(key), json=BODY)
+                again = client.post("/chat/completions", headers=headers(key), json=BODY)
+                assert isinstance(gateway.monitor, MonitorProcess)
+                assert gateway.monitor.starts == 1  # refused once, not a new child per request
+                assert not monitor_children(os.getpid())
         finally:
             gateway.store.close()
             gateway.keys.close()
-    assert r.status_code == 503 and "changed since the gateway started" in r.json()["error"]["message"]
+    for resp in (r, again):
+        assert resp.status_code == 503 and "changed since the gateway started" in resp.json()["error"]["message"]
     assert not [b for b in log_bodies(db) if b["kind"] == "decision"]

@@ -93,14 +93,18 @@ class MonitorProcess:
         self._next = 0
         self._starting: asyncio.Future[None] | None = None
         self.restarts = 0
+        self.starts = 0  # children started
         self.backlog = 0  # the child's embedding queue, as of its last answer
         self.dropped = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._refused: str | None = None  # why no child may start (policy files changed): until a restart
 
     # -- life ---------------------------------------------------------------------------------------------------
     async def _ensure(self) -> _Wire:
         if self._wire is not None:
             return self._wire
+        if self._refused is not None:
+            raise MonitorUnavailable(self._refused)
         if self._starting is None:
             self._starting = asyncio.get_running_loop().create_future()
             try:
@@ -124,6 +128,7 @@ class MonitorProcess:
                        self._proc.poll())
             self._stop_proc()
         ours, theirs = socket.socketpair()
+        self.starts += 1
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "distillgate.extraction.process", str(theirs.fileno())],
@@ -141,9 +146,9 @@ class MonitorProcess:
             hello = await asyncio.wait_for(self._call({"op": "ping"}), self.start_timeout_s)
             mine = sorted([p.policy_id, p.content_hash] for p in self.policies)
             if hello.get("policies") != mine:  # the files changed since the gateway loaded them
-                raise MonitorUnavailable(
-                    f"the policy files at {self.policy_path} changed since the gateway started; the extraction "
-                    "monitor would judge by other rules than the decisions: restart the gateway")
+                self._refused = (f"the policy files at {self.policy_path} changed since the gateway started; the "
+                                 "extraction monitor would judge by other rules than the decisions: restart the gateway")
+                raise MonitorUnavailable(self._refused)
         except BaseException:
             self._wire = None
             wire.transport.abort()  # the socket closes on the loop's next turn: the child then sees its end

@@ -322,7 +322,7 @@ class Gateway:
             try:
                 return await monitor.aobserve(features)
             except MonitorUnavailable as exc:
-                raise ApiError(503, f"{exc.message}; nothing was forwarded, retry shortly",
+                raise ApiError(503, f"{exc.message}; nothing was decided or forwarded",
                                code="extraction_monitor_unavailable") from exc
         sketch, signals = monitor.observe_request(features)
         embedding = None
