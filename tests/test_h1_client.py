@@ -69,6 +69,40 @@ def run(coro: Awaitable[object]) -> object:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
+def answer_and_close(raw: bytes) -> Handler:
+    """A handler that writes ``raw`` as its whole answer, then closes the connection."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
+        w.write(raw)
+        await w.drain()
+        return False
+
+    return handler
+
+
+def expect_failure(handler: Handler, match: str) -> None:
+    """One GET against ``handler`` fails with ConnectionFailed matching ``match``."""
+
+    async def go() -> None:
+        async with Server(handler) as base:
+            with pytest.raises(ConnectionFailed, match=match):
+                await HttpPool(base).request("GET", "/")
+
+    run(go())
+
+
+PIECE, PIECES = 65536, 64  # a 4 MiB body, far more than the client buffers before it pauses reading
+_BLOCK = b"y" * PIECE
+
+
+async def big_body(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
+    w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (PIECE * PIECES))
+    for _ in range(PIECES):
+        w.write(_BLOCK)
+        await w.drain()
+    return True
+
+
 def test_keep_alive_request_path_headers_and_body() -> None:
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
         w.write(ok(b'{"n": %d}' % n))
@@ -193,17 +227,8 @@ def test_a_fresh_connection_closed_before_answering_is_not_retried_here() -> Non
 
 
 def test_a_connection_cut_midway_is_an_error_not_a_short_body() -> None:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
-        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part")
-        await w.drain()
-        return False
-
-    async def go() -> None:
-        async with Server(handler) as base:
-            with pytest.raises(ConnectionFailed, match="before the answer ended"):
-                await HttpPool(base).request("GET", "/")
-
-    run(go())
+    expect_failure(answer_and_close(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part"),
+                   "before the answer ended")
 
 
 def test_a_reset_ends_a_connection_delimited_body_as_an_error() -> None:
@@ -216,26 +241,11 @@ def test_a_reset_ends_a_connection_delimited_body_as_an_error() -> None:
         w.transport.abort()
         return False
 
-    async def go() -> None:
-        async with Server(handler) as base:
-            with pytest.raises(ConnectionFailed, match="before the answer ended"):
-                await HttpPool(base).request("GET", "/")
-
-    run(go())
+    expect_failure(handler, "before the answer ended")
 
 
 def test_malformed_answer_is_reported() -> None:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
-        w.write(b"SMTP ready\r\n\r\n")
-        await w.drain()
-        return False
-
-    async def go() -> None:
-        async with Server(handler) as base:
-            with pytest.raises(ConnectionFailed, match="malformed HTTP answer"):
-                await HttpPool(base).request("GET", "/")
-
-    run(go())
+    expect_failure(answer_and_close(b"SMTP ready\r\n\r\n"), "malformed HTTP answer")
 
 
 def test_read_timeout_is_between_bytes_not_total() -> None:
@@ -302,17 +312,8 @@ def test_cancelled_request_drops_its_connection() -> None:
 
 
 def test_streaming_pauses_reading_for_a_slow_consumer_and_loses_nothing() -> None:
-    piece = b"y" * 65536
-
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
-        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (len(piece) * 64))
-        for _ in range(64):
-            w.write(piece)
-            await w.drain()
-        return True
-
     async def go() -> None:
-        async with Server(handler) as base:
+        async with Server(big_body) as base:
             pool = HttpPool(base, read_timeout_s=0.5)
             got = 0
             most = 0  # the most bytes held for the consumer at once
@@ -321,7 +322,7 @@ def test_streaming_pauses_reading_for_a_slow_consumer_and_loses_nothing() -> Non
                     got += len(chunk)
                     most = max(most, resp._buffered + len(chunk))
                     await asyncio.sleep(0.002)  # slower than loopback
-            assert got == len(piece) * 64
+            assert got == PIECE * PIECES
             assert most < 1024 * 1024  # of 4 MiB sent: reading paused instead of buffering it all
             assert len(pool._idle) == 1  # read to the end: reusable
 
@@ -329,17 +330,8 @@ def test_streaming_pauses_reading_for_a_slow_consumer_and_loses_nothing() -> Non
 
 
 def test_a_consumer_slower_than_the_read_timeout_is_not_a_timeout() -> None:
-    piece = b"z" * 65536
-
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
-        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (len(piece) * 64))
-        for _ in range(64):
-            w.write(piece)
-            await w.drain()
-        return True
-
     async def go() -> None:
-        async with Server(handler) as base:
+        async with Server(big_body) as base:
             pool = HttpPool(base, read_timeout_s=0.2)
             got = 0
             async with pool.stream("GET", "/") as resp:
@@ -347,7 +339,7 @@ def test_a_consumer_slower_than_the_read_timeout_is_not_a_timeout() -> None:
                     if got == 0:
                         await asyncio.sleep(0.6)  # reading is paused meanwhile: the server is not silent
                     got += len(chunk)
-            assert got == len(piece) * 64
+            assert got == PIECE * PIECES
 
     run(go())
 
