@@ -57,9 +57,21 @@ POLICY = {
     "quotas": {"tokens_per_day": 10**12, "records_per_run": 10**12},
 }
 
-# The upstream clients a pass-through can use: "h1" is the gateway's own (distillgate.teachers.h1), "aiohttp" the
-# library most Python proxies would reach for. Each defines `async def forward(path, body) -> (status, bytes)`.
+# What the pass-through and the floor share: reading the ASGI body, sending a JSON answer, and the upstream clients
+# ("h1" is the gateway's own, distillgate.teachers.h1; "aiohttp" the library most Python proxies would reach for),
+# each `async def forward(path, body) -> (status, bytes)`.
 CLIENTS = r'''
+async def read_body(receive):
+    body = b""
+    while True:
+        m = await receive()
+        body += m.get("body", b"")
+        if not m.get("more_body"):
+            return body
+async def send_json(send, status, content):
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]})
+    await send({"type": "http.response.body", "body": content})
 import aiohttp
 from distillgate.teachers.h1 import HttpPool
 def make_forward(kind, upstream):
@@ -86,16 +98,8 @@ forward = make_forward(client, upstream)
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
-    body = b""
-    while True:
-        m = await receive()
-        body += m.get("body", b"")
-        if not m.get("more_body"):
-            break
-    status, content = await forward(scope["path"].removeprefix("/v1"), body)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]})
-    await send({"type": "http.response.body", "body": content})
+    status, content = await forward(scope["path"].removeprefix("/v1"), await read_body(receive))
+    await send_json(send, status, content)
 uvicorn.run(app, host="127.0.0.1", port=port, loop=loop, http=http, access_log=False, log_level="warning",
             proxy_headers=False)
 '''
@@ -135,12 +139,7 @@ threading.Thread(target=writer, daemon=True).start()
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
-    body = b""
-    while True:
-        m = await receive()
-        body += m.get("body", b"")
-        if not m.get("more_body"):
-            break
+    body = await read_body(receive)
     req = orjson.loads(body)
     request_hash = hashlib.sha256(body).hexdigest()
     loop = asyncio.get_running_loop()
@@ -155,10 +154,7 @@ async def app(scope, receive, send):
                           "response_hash": hashlib.sha256(content).hexdigest(), "time": time.time()},
                          option=orjson.OPT_SORT_KEYS)
     resp["distillgate"] = {"stamp": stamp.decode(), "sig": key.sign(stamp).hex()}
-    out = orjson.dumps(resp)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
-    await send({"type": "http.response.body", "body": out})
+    await send_json(send, status, orjson.dumps(resp))
 uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", access_log=False,
             log_level="warning", proxy_headers=False)
 '''
