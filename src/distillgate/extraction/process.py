@@ -50,6 +50,20 @@ def _frame(doc: Any) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
+def _take_frames(buf: bytearray) -> list[Any]:
+    """The documents of the whole frames at the start of ``buf``, removed from it (a partial frame stays)."""
+    docs: list[Any] = []
+    pos = 0
+    while len(buf) - pos >= 4:
+        (size,) = _LEN.unpack_from(buf, pos)
+        if len(buf) - pos - 4 < size:
+            break
+        docs.append(orjson.loads(bytes(buf[pos + 4:pos + 4 + size])))
+        pos += 4 + size
+    del buf[:pos]
+    return docs
+
+
 class _Wire(asyncio.Protocol):
     """The gateway's end of the socket: frames in, futures resolved."""
 
@@ -62,16 +76,9 @@ class _Wire(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        pos = 0
-        while len(buf) - pos >= 4:
-            (size,) = _LEN.unpack_from(buf, pos)
-            if len(buf) - pos - 4 < size:
-                break
-            self.owner._answer(orjson.loads(bytes(buf[pos + 4:pos + 4 + size])))
-            pos += 4 + size
-        del buf[:pos]
+        self.buf += data
+        for doc in _take_frames(self.buf):
+            self.owner._answer(doc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner._lost(self)
@@ -243,14 +250,7 @@ def _read_frames(sock: socket.socket, buf: bytearray) -> list[Any] | None:
         if not chunk:
             return None
         buf += chunk
-        pos = 0
-        while len(buf) - pos >= 4:
-            (size,) = _LEN.unpack_from(buf, pos)
-            if len(buf) - pos - 4 < size:
-                break
-            frames.append(orjson.loads(bytes(buf[pos + 4:pos + 4 + size])))
-            pos += 4 + size
-        del buf[:pos]
+        frames = _take_frames(buf)
     return frames
 
 
