@@ -24,7 +24,6 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import httptools
@@ -282,11 +281,11 @@ class HttpPool:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{base_url!r} is not an http(s) URL")
-        self.scheme = parts.scheme
         self.host = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        default = 443 if parts.scheme == "https" else 80
+        self.port = parts.port or default
         self.prefix = parts.path.rstrip("/")
-        default_port = self.port == (443 if parts.scheme == "https" else 80)
+        default_port = self.port == default
         host_header = self.host if default_port else f"{self.host}:{self.port}"
         if ":" in self.host and not default_port:  # IPv6 literal
             host_header = f"[{self.host}]:{self.port}"
@@ -415,7 +414,7 @@ class HttpPool:
         self._release(conn, resp.keep_alive)
         return resp
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def stream(self, method: str, path: str, body: bytes | None = None) -> AsyncIterator[Response]:
         """Send a request; yield its answer once the head arrived (iterate ``iter_chunks()`` for the body)."""
         conn, resp = await self._send(method, path, body)
