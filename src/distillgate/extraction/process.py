@@ -31,6 +31,7 @@ import orjson
 
 from distillgate.errors import DistillgateError
 from distillgate.extraction.features import RequestFeatures
+from distillgate.extraction.monitor import rules_from
 from distillgate.policy.extraction_rules import Signal
 from distillgate.policy.model import PolicySet
 
@@ -94,6 +95,7 @@ class MonitorProcess:
         self.policies = policies
         self.start_timeout_s = start_timeout_s
         self._embedder = settings.get("embedder", "none") != "none"
+        self._rules_for = rules_from(policies)  # the lookup ExtractionMonitor uses
         self._proc: subprocess.Popen[bytes] | None = None
         self._wire: _Wire | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -157,9 +159,7 @@ class MonitorProcess:
                                  "extraction monitor would judge by other rules than the decisions: restart the gateway")
                 raise MonitorUnavailable(self._refused)
         except BaseException:
-            self._wire = None
-            wire.transport.abort()  # the socket closes on the loop's next turn: the child then sees its end
-            await asyncio.to_thread(self._stop_proc)
+            await self.aclose()
             raise
 
     def _stop_proc(self) -> None:
@@ -172,20 +172,20 @@ class MonitorProcess:
             proc.kill()
             proc.wait()
 
-    async def aclose(self) -> None:
-        wire, self._wire = self._wire, None
-        if wire is not None and wire.transport is not None:
-            wire.transport.close()  # the child sees the end of its socket and exits
-        proc = self._proc
-        if proc is not None:
-            await asyncio.to_thread(self._stop_proc)
-
-    def close(self) -> None:
-        """Synchronous stop (outside a running loop: the server's final cleanup)."""
+    def _hang_up(self) -> None:
+        """Close the gateway's end of the socket: the child sees its end and exits."""
         wire, self._wire = self._wire, None
         if wire is not None and wire.transport is not None:
             with contextlib.suppress(RuntimeError):  # the loop is already closed: its sockets went with it
                 wire.transport.close()
+
+    async def aclose(self) -> None:
+        self._hang_up()
+        await asyncio.to_thread(self._stop_proc)  # off the loop, which must turn for the socket to close
+
+    def close(self) -> None:
+        """Synchronous stop (outside a running loop: the server's final cleanup)."""
+        self._hang_up()
         self._stop_proc()
 
     # -- calls ------------------------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ class MonitorProcess:
         return tuple(Signal.from_dict(s) for s in reply["s"]), reply["x"]
 
     def records_embeddings(self, project: str | None) -> bool:
-        return self._embedder and self.policies.select(project).extraction.record_embeddings
+        return self._embedder and self._rules_for(project).record_embeddings
 
     async def adrain(self) -> None:
         """Wait until the child's embedder has applied every queued prompt."""
