@@ -9,6 +9,7 @@ import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -176,8 +177,9 @@ class ExtractionMonitor:
         for name, threshold, window, min_req in _effective_in(rules, scope):
             value: float | None = None
             contributes = True
+            known: Any = None  # what the value was made of, when it is costly: the evidence reuses it
             if name == "volume":
-                expected, _ = st.expected_records(project_state, s.run)
+                known = expected, _ = st.expected_records(project_state, s.run)
                 if expected:
                     value = st.records / expected
             elif name == "template_sweep":
@@ -196,7 +198,7 @@ class ExtractionMonitor:
                     value, contributes = st.cot.true / n, ev.cot_unrelated
             elif name == "key_coordination":
                 if st.count >= min_req and ev.suspicious:
-                    keys = st.suspicious_keys(min_req)
+                    known = keys = st.suspicious_keys(min_req)
                     value, contributes = float(len(keys)), (s.key_id or "") in keys
             elif name == "prompt_drift":
                 n = len(st.drift.items)
@@ -204,8 +206,7 @@ class ExtractionMonitor:
                     value, contributes = st.drift.true / n, st.drift.last
             if value is None or value < threshold or not (ungated or contributes):
                 continue
-            yield Signal(name, float(value), threshold, window, scope, ident,
-                         _evidence(name, st, s, project_state, min_req))
+            yield Signal(name, float(value), threshold, window, scope, ident, _evidence(name, st, known))
 
     # -- the background worker ----------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -302,11 +303,11 @@ class ExtractionMonitor:
             self._worker = None
 
 
-def _evidence(name: str, st: ScopeState, s: Sketch, project_state: ScopeState | None,
-              min_req: int) -> dict[str, object]:
-    """What a fired signal's log entry shows about it."""
+def _evidence(name: str, st: ScopeState, known: Any) -> dict[str, object]:
+    """What a fired signal's log entry shows about it; ``known``: what ``_values`` computed for it (volume: the
+    expected records and their basis; key_coordination: the suspicious keys)."""
     if name == "volume":
-        expected, basis = st.expected_records(project_state, s.run)
+        expected, basis = known
         return {"records": st.records, "expected": expected, "basis": basis}
     if name == "template_sweep":
         return {"near_twins": st.twin.true, "requests": len(st.twin)}
@@ -317,7 +318,7 @@ def _evidence(name: str, st: ScopeState, s: Sketch, project_state: ScopeState | 
     if name == "reasoning_elicitation":
         return {"unrelated_reasoning_requests": st.cot.true, "requests": len(st.cot)}
     if name == "key_coordination":
-        return {"keys": sorted(st.suspicious_keys(min_req))[:20]}
+        return {"keys": sorted(known)[:20]}
     if name == "prompt_drift":
         return {"outside_reference": st.drift.true, "embedded": len(st.drift),
                 "mean_nn_similarity": round(float(np.mean(st.drift_sims)), 4)}
