@@ -7,6 +7,7 @@ the HTTP layer).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from distillgate.extraction import ExtractionMonitor
@@ -19,6 +20,7 @@ from distillgate.gateway.screens import load_screens
 from distillgate.gateway.upstreams import Router
 from distillgate.ledger.store import Store
 from distillgate.policy import PolicySet, load_policies
+from distillgate.teachers.base import Teacher
 
 
 def build_monitor(policies: PolicySet, settings: ExtractionSettings) -> ExtractionMonitor:
@@ -31,7 +33,9 @@ def build_monitor(policies: PolicySet, settings: ExtractionSettings) -> Extracti
     return monitor
 
 
-def build_gateway(config: GatewayConfig) -> Gateway:
+def build_gateway(config: GatewayConfig, *, local_loader: Callable[[str], Teacher] | None = None) -> Gateway:
+    """``local_loader(spec)`` builds ``local/...`` teachers (default: the teachers registry); ``distillgate run``
+    passes one that serves its retrieval teacher."""
     policies = load_policies(config.policy)
     screens = load_screens(config.screens)
     monitor: ExtractionMonitor | MonitorProcess
@@ -39,7 +43,8 @@ def build_gateway(config: GatewayConfig) -> Gateway:
         monitor = MonitorProcess(str(config.policy), config.extraction.model_dump(exclude={"process"}), policies)
     else:
         monitor = build_monitor(policies, config.extraction)
-    router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models)
+    router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models,
+                    local_loader=local_loader)
     store = Store.open(Path(config.db), reservation_ttl_s=config.reservation_ttl_s)
     keys = KeyStore(config.db)
     return Gateway(policies=policies, store=store, keys=keys, router=router, screens=screens,
