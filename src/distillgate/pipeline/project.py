@@ -96,10 +96,14 @@ class GenerationSection(_Strict):
     seed: int = 0
 
 
+#: suite names that need no ``path``
+BUILT_IN_SUITES = ("project", "xstest", "banking77")
+
+
 class EvalSuite(_Strict):
     name: str = Field(default="project", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-                      description="'project' (the project's own test split), 'xstest' (refusals), or any name "
-                      "for a labelled file given as 'path'")
+                      description="'project' (the project's own test and golden splits), 'xstest' (refusals), "
+                      "'banking77' (its test file), or any name for a labelled file given as 'path'")
     path: str | None = Field(default=None, description="a labelled CSV/JSONL/Parquet file (text + label columns)")
     split: str = Field(default="test", description="'project' suites: the dataset split to evaluate on")
     sample: int | None = Field(default=None, ge=1)
@@ -108,9 +112,9 @@ class EvalSuite(_Strict):
 
     @model_validator(mode="after")
     def _source(self) -> EvalSuite:
-        if self.name not in ("project", "xstest") and self.path is None:
+        if self.name not in BUILT_IN_SUITES and self.path is None:
             raise ValueError(f"suite {self.name!r} needs a 'path' (a labelled file); or use name 'project' (the "
-                             "project's own test split) or 'xstest'")
+                             "project's own test split), 'xstest' (refusals) or 'banking77' (its test file)")
         return self
 
 

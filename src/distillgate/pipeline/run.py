@@ -293,16 +293,15 @@ class Pipeline:
 
     def suite(self, spec: Any, version: dict[str, Any]) -> Any:
         """The suite ``spec`` names: the project's own split (default), a labelled file, or XSTest refusals."""
-        from distillgate.evals.suites import load_dataset_items, load_xstest, project_suite
+        from distillgate.evals.suites import load_xstest, project_suite
 
         p = self.project
         if spec.name == "xstest":
             return load_xstest(sample=spec.sample, seed=spec.seed, max_tokens=spec.max_tokens or 96)
         prompts = {"teacher": self.teacher_system, "student": self.student_system}
-        if spec.path is not None:
-            suite = load_dataset_items(p.path(self.base, spec.path), labels=self.labels, sample=spec.sample,
-                                       seed=spec.seed)
-            return _with_prompts(replace(suite, name=spec.name), prompts)
+        external = self.file_suite(spec)
+        if external is not None:
+            return _with_prompts(external, prompts)
         from distillgate.data.versions import load_version
 
         manifest = json.loads((Path(version["version_dir"]) / "manifest.json").read_text())
@@ -313,6 +312,18 @@ class Pipeline:
                               golden_ids=manifest.get("golden", {}).get("row_ids", ()),
                               meta={"dataset_version": version["version_id"]})
         return _with_prompts(suite, prompts)
+
+    def file_suite(self, spec: Any) -> Any:
+        """A suite read from a labelled file (``path``, or the built-in ``banking77`` test split); else None."""
+        from distillgate.evals.suites import load_banking77, load_dataset_items
+
+        if spec.path is not None:
+            suite = load_dataset_items(self.project.path(self.base, spec.path), labels=self.labels,
+                                       sample=spec.sample, seed=spec.seed)
+            return replace(suite, name=spec.name)
+        if spec.name == "banking77":
+            return load_banking77(sample=spec.sample, seed=spec.seed)
+        return None
 
     def stage_eval(self) -> StageOutcome:
         from distillgate.evals.answers import run_source

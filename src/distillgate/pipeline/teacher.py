@@ -36,10 +36,8 @@ def protected_hashes(pipeline: Pipeline) -> dict[str, set[str]]:
            {content_hash(t) for t in _texts(sample, column)}}
     evals: set[str] = set()
     for spec in p.eval.suites:
-        if spec.path:
-            from distillgate.evals.suites import load_dataset_items
-
-            suite = load_dataset_items(p.path(pipeline.base, spec.path), labels=pipeline.labels)
+        suite = pipeline.file_suite(spec.model_copy(update={"sample": None}))  # every row of the file, not a sample
+        if suite is not None:
             evals |= {content_hash(item.text) for item in suite.items}
     if evals:
         out["evaluation rows (eval.suites files)"] = evals
