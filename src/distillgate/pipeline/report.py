@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from distillgate.pipeline.study import flatten, front_page
+
 if TYPE_CHECKING:
     from distillgate.pipeline.run import Pipeline
 
@@ -50,13 +52,17 @@ def collect_metrics(pipeline: Pipeline) -> dict[str, Any]:
     record = json.loads(Path(train["record"]).read_text()) if Path(train["record"]).exists() else {}
     manifest = json.loads((Path(version["version_dir"]) / "manifest.json").read_text())
     p = pipeline.project
+    card_path = pipeline.workdir / "teacher_card.json"
+    teacher_card = json.loads(card_path.read_text()) if card_path.exists() else None
     return {
         "run": p.run_id, "name": p.name, "project": p.project, "user": p.user,
+        "teacher_card": teacher_card,
         "policies": [{"policy_id": pol.policy_id, "policy_hash": pol.content_hash} for pol in pipeline.policies],
         "dataset_version": version["version_id"],
         "dataset_counts": manifest.get("counts"),
         "teacher": manifest.get("teacher"),
-        "training": {k: record.get(k) for k in ("recipe", "steps", "tokens", "train_seconds", "final_loss", "student")
+        "training": {k: record.get(k) for k in ("recipe", "family", "steps", "tokens", "train_seconds", "final_loss",
+                                                "student")
                      if k in record} or {k: train.get(k) for k in ("rows", "steps", "final_loss")},
         "checkpoint": pipeline.checkpoint(),
         "reviewers": _reviewers(pipeline),
@@ -81,7 +87,7 @@ td,th{border-bottom:1px solid #e6e9ef;padding:.35rem .5rem;text-align:left;verti
 th{background:#f4f6fa;font-weight:600}.ci{color:#5b6577;font-size:.85em}code{font-size:.85em;word-break:break-all}
 .cards{display:flex;flex-wrap:wrap;gap:.8rem}.card{border:1px solid #d8dde6;border-radius:8px;padding:.7rem 1rem;
 min-width:200px;flex:1}.card b{display:block;font-size:1.35rem}.card span{color:#5b6577;font-size:.85rem}
-a{color:#1f5fbf}
+a{color:#1f5fbf}.front p{font-size:1.05rem;margin:.4rem 0}h3{font-size:1rem;margin-top:1.2rem}
 """
 
 
@@ -109,24 +115,30 @@ def render(metrics: dict[str, Any], stages: list[dict[str, Any]], links: dict[st
         ("project / user / run", f"{metrics.get('project')} / {metrics.get('user')} / {metrics.get('run')}"),
         ("policies", ", ".join(f"{p['policy_id']}@{p['policy_hash'][:16]}" for p in metrics.get("policies", []))),
         ("dataset version", str(metrics.get("dataset_version"))),
-        ("dataset counts", json.dumps(metrics.get("dataset_counts"), sort_keys=True)),
-        ("teacher", json.dumps(metrics.get("teacher"), sort_keys=True)),
-        ("training", json.dumps(metrics.get("training"), sort_keys=True, default=str)),
         ("decision-log checkpoint", f"tree size {cp.get('tree_size')}, root {cp.get('root_hash')}, key {cp.get('key_id')}"),
         ("reviewers", ", ".join(metrics.get("reviewers") or []) or "none recorded"),
     ]
     meta_rows = "".join(f"<tr><th>{e(k)}</th><td><code>{e(v)}</code></td></tr>" for k, v in meta)
+    tables = ""
+    for title, key in (("Dataset counts", "dataset_counts"), ("Teacher card", "teacher_card"),
+                       ("Teacher (as recorded with the rows)", "teacher"), ("Training", "training")):
+        pairs = flatten(metrics.get(key))
+        if pairs and any(v for _, v in pairs):
+            body = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in pairs)
+            tables += f"<h3>{e(title)}</h3><table>{body}</table>"
+    front = "".join(f"<p>{e(line)}</p>" for line in front_page(metrics))
     return f"""<!doctype html><html lang=en><head><meta charset=utf-8>
 <meta name=viewport content="width=device-width,initial-scale=1"><title>distillgate run {e(str(metrics.get('name')))}</title>
 <style>{_CSS}</style></head><body>
 <h1>distillgate run: {e(str(metrics.get('name')))}</h1>
 <p class=sub>A governed distillation study: every teacher call went through the policy gateway and is in the
 decision log. Intervals are 95% paired bootstrap intervals over items.</p>
+<div class=front>{front}</div>
 <h2>Headline</h2><div class=cards>{''.join(cards) or '<p>no evaluation yet</p>'}</div>
 <h2>All headline numbers</h2><table><tr><th>suite</th><th>measure</th><th>value</th></tr>{head_rows}</table>
 <h2>Full reports</h2><ul>{link_items}</ul>
 <h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>result</th></tr>{stage_rows}</table>
-<h2>Governance</h2><table>{meta_rows}</table>
+<h2>Governance</h2><table>{meta_rows}</table>{tables}
 </body></html>
 """
 

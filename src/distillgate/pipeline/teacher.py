@@ -9,6 +9,7 @@ that exclusion once more on the built pool before the teacher answers anything.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,8 +92,13 @@ def teacher_loader(pipeline: Pipeline) -> Callable[[str], Teacher] | None:
     def load(spec: str) -> Teacher:
         from distillgate.teachers.registry import load_teacher
 
+        teacher: Teacher
         if spec == p.teacher.model and p.teacher.retrieval is not None:
-            return build_retrieval_teacher(pipeline)
-        return load_teacher(spec, dtype=p.teacher.dtype, threads=p.teacher.threads)
+            teacher = build_retrieval_teacher(pipeline)
+        else:
+            teacher = load_teacher(spec, dtype=p.teacher.dtype, threads=p.teacher.threads)
+        if spec == p.teacher.model:  # what the report's teacher card shows
+            (pipeline.workdir / "teacher_card.json").write_text(json.dumps(teacher.card().as_dict(), indent=2))
+        return teacher
 
     return load
