@@ -24,8 +24,7 @@ class _Strict(BaseModel):
 class PoolSection(_Strict):
     """The labelled examples a retrieval teacher may be shown: a file with its own source and licence."""
 
-    path: str
-    format: Literal["csv", "jsonl", "parquet"] | None = None
+    path: str = Field(description="a CSV / JSONL / Parquet file (the format follows the extension)")
     columns: dict[str, str] = Field(default_factory=lambda: {"text": "text", "label": "label"},
                                     description="pool column names for 'text', 'label' and optionally 'id'")
     source: str = Field(min_length=1, description="where the examples come from (dataset, split, commit)")
