@@ -132,18 +132,21 @@ class CountingEmbedder(HashingEmbedder):
         return super().embed(texts)
 
 
-def test_pool_embeddings_are_cached_on_disk_and_a_damaged_cache_is_recomputed(tmp_path: Path) -> None:
+def test_pool_embeddings_are_cached_on_disk_by_text_and_a_damaged_cache_is_recomputed(tmp_path: Path) -> None:
     emb = CountingEmbedder()
     first = PoolIndex(pool(), emb, embedder_id="hashing", cache_dir=tmp_path)
     assert emb.texts == 6 and not first.cache_hit and first.cache_path is not None
     again = PoolIndex(pool(), emb, embedder_id="hashing", cache_dir=tmp_path)
     assert again.cache_hit and emb.texts == 6
     assert np.array_equal(first.vectors, again.vectors)
+    fewer = PoolIndex(pool({content_hash(RECORDS[0]["text"])}), emb, embedder_id="hashing", cache_dir=tmp_path)
+    assert fewer.cache_hit and emb.texts == 6  # another exclusion set embeds nothing new
+    assert np.array_equal(fewer.vectors, first.vectors[1:])
+    other = PoolIndex(pool(), emb, embedder_id="other-embedder", cache_dir=tmp_path)
+    assert not other.cache_hit and emb.texts == 12  # another embedder is another cache
     first.cache_path.write_bytes(b"not a numpy file")
     third = PoolIndex(pool(), emb, embedder_id="hashing", cache_dir=tmp_path)
-    assert not third.cache_hit and emb.texts == 12
-    other = PoolIndex(pool({content_hash(RECORDS[0]["text"])}), emb, embedder_id="hashing", cache_dir=tmp_path)
-    assert not other.cache_hit  # another pool is another cache key
+    assert not third.cache_hit and emb.texts == 18 and np.array_equal(third.vectors, first.vectors)
 
 
 # -- through the gateway --------------------------------------------------------------------------------------

@@ -139,7 +139,12 @@ class ExamplePool:
 
 
 class PoolIndex:
-    """The pool's embeddings (N, D), computed once and cached on disk; exact nearest-neighbour search."""
+    """The pool's embeddings (N, D), cached on disk by text; exact nearest-neighbour search.
+
+    The cache is one file per embedder (``embeddings-<embedder>.npz``: content hashes and their vectors), so a pool
+    that loses other rows to exclusion next time (another traffic sample) embeds nothing new. Texts not in the cache
+    are embedded and added; the file is written whole and renamed, and a damaged one is recomputed, never trusted.
+    """
 
     def __init__(self, pool: ExamplePool, embedder: Embedder, *, embedder_id: str,
                  cache_dir: Path | None = None) -> None:
@@ -147,33 +152,44 @@ class PoolIndex:
         self.embedder = embedder
         self.embedder_id = embedder_id
         self.cache_path: Path | None = None
-        self.cache_hit = False
+        self.cache_hit = False  # every pool text came from the cache
+        self.embedded = 0  # texts embedded now
         self._hash_pos = {r.hash: i for i, r in enumerate(pool.rows)}
-        key = hashlib.sha256(f"{embedder_id}\x00{pool.digest()}".encode()).hexdigest()[:24]
         if cache_dir is not None:
-            self.cache_path = Path(cache_dir) / f"pool-{key}.npy"
+            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", embedder_id)
+            self.cache_path = Path(cache_dir) / f"embeddings-{safe}.npz"
         self.vectors = self._load_or_embed()
 
+    def _read_cache(self) -> dict[str, np.ndarray]:
+        if self.cache_path is None or not self.cache_path.is_file():
+            return {}
+        try:
+            with np.load(self.cache_path, allow_pickle=False) as data:
+                hashes, vectors = data["hashes"], data["vectors"]
+        except (OSError, ValueError, KeyError):
+            return {}  # a damaged cache file is recomputed, never trusted
+        if vectors.ndim != 2 or len(hashes) != len(vectors) or not np.isfinite(vectors).all():
+            return {}
+        return {str(h): v for h, v in zip(hashes.tolist(), vectors, strict=True)}
+
     def _load_or_embed(self) -> np.ndarray:
-        n = len(self.pool.rows)
-        if self.cache_path is not None and self.cache_path.is_file():
-            try:
-                cached = np.load(self.cache_path, allow_pickle=False)
-            except (OSError, ValueError):
-                cached = None  # a damaged cache file is recomputed, never trusted
-            if cached is not None and cached.ndim == 2 and cached.shape[0] == n and np.isfinite(cached).all():
-                self.cache_hit = True
-                return np.asarray(cached, dtype=np.float32)
-        vectors = np.asarray(self.embedder.embed([r.text for r in self.pool.rows]), dtype=np.float32)
-        if vectors.shape[0] != n:
-            raise UserError(f"the embedder returned {vectors.shape[0]} vectors for {n} pool rows",
-                            hint="the embedder must return one row per text")
-        if self.cache_path is not None:
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_path.with_name(self.cache_path.name + ".tmp.npy")
-            np.save(tmp, vectors, allow_pickle=False)
-            tmp.replace(self.cache_path)  # written whole, then renamed: a crash leaves no half file
-        return vectors
+        known = self._read_cache()
+        missing = [r for r in self.pool.rows if r.hash not in known]
+        if missing:
+            fresh = np.asarray(self.embedder.embed([r.text for r in missing]), dtype=np.float32)
+            if fresh.shape[0] != len(missing):
+                raise UserError(f"the embedder returned {fresh.shape[0]} vectors for {len(missing)} pool rows",
+                                hint="the embedder must return one row per text")
+            known.update({r.hash: v for r, v in zip(missing, fresh, strict=True)})
+            self.embedded = len(missing)
+            if self.cache_path is not None:
+                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.cache_path.with_name(self.cache_path.name + ".tmp.npz")
+                keys = sorted(known)
+                np.savez(tmp, hashes=np.array(keys), vectors=np.stack([known[k] for k in keys]))
+                tmp.replace(self.cache_path)  # written whole, then renamed: a crash leaves no half file
+        self.cache_hit = not missing
+        return np.stack([known[r.hash] for r in self.pool.rows]).astype(np.float32)
 
     def nearest(self, text: str, k: int) -> list[tuple[PoolRow, float]]:
         """The k most similar pool rows to ``text`` (cosine), nearest first; the text itself is never returned."""
