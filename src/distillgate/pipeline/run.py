@@ -189,6 +189,8 @@ class Pipeline:
                 "top_logprobs": g.top_logprobs, "labels": self.labels, "concurrency": g.concurrency,
                 "label_scoring": g.label_scoring,
                 "timeout_s": p.teacher.timeout_s,
+                # what changes an answer without being in the request: which teacher serves the model name
+                "answer_context": {"teacher": p.teacher.model_dump(exclude={"timeout_s", "api_key_env"})},
             }, "generation")
             target = self.gateway()
             start = time.monotonic()
@@ -202,7 +204,10 @@ class Pipeline:
                     rate = tokens / max(time.monotonic() - start, 1e-9)
                     progress.update(task, completed=rows_done, rate=f"{rate:,.0f} tok/s")
 
-                report = generate(wc, template, settings, target, on_progress=on_progress, on_start=on_start)
+                # the stage reruns because its fingerprint changed: answers asked with the old settings are
+                # discarded and asked again, never reused (the summary says how many)
+                report = generate(wc, template, settings, target, on_progress=on_progress, on_start=on_start,
+                                  stale="regenerate")
             if report.stopped:
                 raise PolicyDenied(f"generation stopped by the gateway: {report.stop_message}",
                                    list(report.stopped_by or []),
@@ -211,8 +216,10 @@ class Pipeline:
                 raise UpstreamError(f"{report.failed} generation call(s) failed: {report.failures[:1]}",
                                     hint="rerun: stored rows are kept and only the missing ones are asked for")
             rows = wc.count_rows()
+        stale = f", {report.discarded} stale ones (other settings) discarded" if report.discarded else ""
         return StageOutcome("generate", "ran", 0, f"{new} new inputs ({known} known); {report.added} teacher "
-                            f"answers added, {report.already_present} already stored; {report.tokens:,} tokens",
+                            f"answers added{stale}, {report.already_present} already stored; "
+                            f"{report.tokens:,} tokens",
                             {"rows": rows, "report": report.as_dict(), "dataset_dir": str(self.workdir / "dataset")})
 
     def stage_build(self) -> StageOutcome:
