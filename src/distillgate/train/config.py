@@ -106,10 +106,15 @@ class TrainConfig(_Strict):
     max_length: int = Field(default=512, ge=8)
     seed: int = 0
     checkpoint_every: int = Field(default=200, ge=1)
+    #: also checkpoint when this many seconds of training passed since the last checkpoint (a slow step count
+    #: would otherwise leave a killed run nothing to resume from); null: by steps only
+    checkpoint_every_s: float | None = Field(default=300.0, gt=0)
     keep_checkpoints: int = Field(default=1, ge=1)
     resume: bool = True
     threads: int = Field(default=2, ge=1)
     log_every: int = Field(default=10, ge=1)
+    #: without a terminal (CI, nohup, a log file): seconds between plain progress lines (step, loss, rate, ETA)
+    progress_every_s: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _cross(self) -> TrainConfig:
