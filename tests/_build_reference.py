@@ -16,7 +16,8 @@ from distillgate.data.config import DatasetConfig, SplitConfig
 from distillgate.data.dedup import NearIndex, cluster_sketches, sketch, words
 from distillgate.data.filters import ANSWER_REASONS, RowFilter, agreement_scores, compile_filters
 from distillgate.data.leakage import LeakageReport, leakage_check
-from distillgate.data.pipeline import BuildReport, FilterReport, normalise_rows, paused_gc
+from distillgate.data.pipeline import BuildReport, FilterReport, paused_gc
+from distillgate.data.plan import normalise_rows
 from distillgate.data.schema import Row
 from distillgate.data.splits import SplitReport
 from distillgate.errors import NotFoundError, UserError
