@@ -9,8 +9,9 @@ Two rules keep the log trustworthy and small:
 * **A denial stores a bounded entry.** A request the gateway denies can come from anyone (no key, any headers).
   ``bound_denial`` caps each identity value at ``IDENTITY_CHARS`` characters (a longer one keeps its first
   characters, its length and its sha256, so two long values stay distinct) and the message at ``MESSAGE_CHARS``;
-  an unauthenticated denial stores no request content and no extraction evidence. So a denied request adds at
-  most ``DENIAL_MAX_BYTES`` to the log, whatever it sent.
+  an unauthenticated denial stores no request content and no extraction evidence (an authenticated one keeps
+  them, identity values bounded the same way; its content is bounded by the gateway's ``max_body_bytes``). So a
+  denied request without a valid key adds at most ``DENIAL_MAX_BYTES`` to the log, whatever it sent.
 """
 
 from __future__ import annotations
@@ -52,4 +53,15 @@ def bound_denial(fields: dict[str, Any], *, authenticated: bool) -> dict[str, An
     if not authenticated:
         out.pop("content", None)
         out.pop("extra", None)
+    elif "extra" in out:  # extraction evidence repeats the identity (extra.extraction.features.user, ...)
+        out["extra"] = _bound_identities(out["extra"])
     return out
+
+
+def _bound_identities(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: bounded(v, IDENTITY_CHARS) if k in IDENTITY_FIELDS else _bound_identities(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bound_identities(v) for v in value]
+    return value

@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS log (
     user TEXT
 );
 CREATE INDEX IF NOT EXISTS log_run ON log(run);
+CREATE INDEX IF NOT EXISTS log_body_run ON log(json_extract(CAST(body AS TEXT), '$.run'));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (
     tree_size INTEGER PRIMARY KEY,
@@ -922,15 +923,20 @@ class Store:
 
     def entries(self, *, run: str | None = None, start: int = 0, kind: str | None = None,
                 project: str | None = None) -> Iterator[LogEntry]:
-        """Entries from ``start``, optionally of one run (of one project) and one kind. The columns only narrow the
-        scan; every selected row is re-checked against its hashed body (see ledger/entries.py)."""
+        """Entries from ``start``, optionally of one run (of one project) and one kind. The run is selected on the
+        hashed body itself (an index over its ``run`` field) and the rest of a run's slice from the body, so no edited
+        column can move a row in or out of a run's slice (or export). Without a run, the ``kind`` and ``project``
+        columns narrow the scan and every selected row is re-checked against its body (see ledger/entries.py)."""
         sql = "SELECT idx, entry_hash, body FROM log WHERE idx >= ?"
         args: list[Any] = [start]
         wanted = {"run": run, "kind": kind, "project": project}
-        for name, value in wanted.items():
-            if value is not None:
+        if run is not None:
+            sql += " AND json_extract(CAST(body AS TEXT), '$.run') = ?"
+            args.append(run)
+        for name in ("kind", "project"):
+            if wanted[name] is not None and run is None:
                 sql += f" AND {name} = ?"
-                args.append(value)
+                args.append(wanted[name])
         for idx, entry_hash, body in self._reader().execute(sql + " ORDER BY idx", args):
             parsed = orjson.loads(body)
             if all(value is None or parsed.get(name) == value for name, value in wanted.items()):
