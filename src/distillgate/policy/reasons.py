@@ -38,6 +38,10 @@ REASONS: dict[str, ReasonInfo] = {
         "send X-Policy-User/-Project/-Run/-Output-Type headers or the same names in the body's metadata",
     ),
     # --- scope -------------------------------------------------------------------------------------------------
+    "RUN_OWNED_BY_OTHER_PROJECT": ReasonInfo(
+        "The run id (policy_run_id) already belongs to another project: a run belongs to the project of its first "
+        "allowed request.", True, 409, "choose a new, unique policy_run_id for this project's run",
+    ),
     "PROJECT_NOT_ALLOWED": ReasonInfo(
         "The project is not in the policy's allowed_projects.", True, 403, "use an allowed project or amend the policy"
     ),
@@ -128,7 +132,7 @@ REASONS: dict[str, ReasonInfo] = {
 }
 
 # Denial status precedence: authentication problems first, then bad requests, quota, then other denials.
-_STATUS_PRIORITY = {401: 0, 400: 1, 429: 2, 403: 3}
+_STATUS_PRIORITY = {401: 0, 400: 1, 429: 2, 403: 3, 409: 4}
 
 
 def status_for(codes: tuple[str, ...]) -> int:
