@@ -144,11 +144,11 @@ def test_guard_refuses_test_and_golden_rows_before_loading_a_model(tmp_path: Pat
 
 def test_train_refuses_a_golden_row_smuggled_into_a_row_file(tmp_path: Path, models: Path) -> None:
     golden = toy_rows(1, split="golden", seed=4)[0]
-    freeze_rows(tmp_path, toy_rows(4) + [golden])
+    freeze_rows(tmp_path, [*toy_rows(4), golden])
     no_model = {"student": {"model": {"path": "/nonexistent"}}}
     # renamed, relabelled as a training row: refused by the hash of its input
     smuggled = {**golden, "row_id": "r0-99", "split": "train"}
-    write_jsonl(tmp_path / "rows.jsonl", toy_rows(4) + [smuggled])
+    write_jsonl(tmp_path / "rows.jsonl", [*toy_rows(4), smuggled])
     with pytest.raises(DatasetGuardError, match="golden/test/holdout input"):
         run_recipe(parse_config(_config(tmp_path, models, rows=str(tmp_path / "rows.jsonl"), **no_model)))
     # a row the version does not hold (or holds with another answer) refuses the file

@@ -126,7 +126,7 @@ def training_input(dataset: str | Path, *, rows_file: str | Path | None = None,
     wanted = set(splits)
     if not wanted or wanted - TRAINABLE_SPLITS:
         raise DatasetGuardError(
-            f"refusing to train on split(s) {sorted(wanted - TRAINABLE_SPLITS) or '(none)'}",
+            f"refusing to train on protected split(s) {sorted(wanted - TRAINABLE_SPLITS) or '(none)'}",
             hint="train on 'train' (and 'val'); golden, test and holdout rows are for evaluation")
     version_dir, manifest, records = read_version(dataset)  # rows.parquet must match the manifest's hash
     golden, protected = _protected(records, manifest)

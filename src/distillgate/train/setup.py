@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from distillgate.data.guard import training_input
-from distillgate.errors import DatasetGuardError, UserError
 from distillgate.data.versions import MANIFEST, ROWS_FILE
+from distillgate.errors import DatasetGuardError, UserError
 from distillgate.ledger.canonical import sha256_file
 from distillgate.train.config import TrainConfig
 from distillgate.train.rows import provenance
