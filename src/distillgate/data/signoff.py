@@ -71,6 +71,15 @@ def unfinished_queues(policy: Policy, summary: Mapping[str, Any]) -> dict[str, i
     return {q: left[q] for q in wanted if left.get(q)}
 
 
+def refuse_unfinished(store: Store, *, reviewer: str, project: str, run: str, left: Mapping[str, int]) -> None:
+    """Log the refused sign-off (``review_access``, ``QUEUES_NOT_EMPTY``) and raise ``PolicyDenied``."""
+    shown = ", ".join(f"{q} ({n})" for q, n in sorted(left.items()))
+    store.append_event("review_access", {"user": reviewer, "project": project, "run": run, "action": "sign-off",
+                                         "decision": "deny", "reasons": ["QUEUES_NOT_EMPTY"], "queues": dict(left)})
+    raise PolicyDenied(f"sign-off refused: review queue(s) still hold rows: {shown}", ["QUEUES_NOT_EMPTY"],
+                       hint="review the remaining rows (review.empty_queues of the policy), then sign off")
+
+
 def record(store: Store, policy: Policy, *, reviewer: str, method: str, credential_id: str | None,
            project: str, run: str, version: Version, summary: Mapping[str, Any]) -> LogEntry:
     """Append the signed sign-off of ``version`` by ``reviewer`` (already judged allowed to review) and checkpoint.
@@ -80,11 +89,7 @@ def record(store: Store, policy: Policy, *, reviewer: str, method: str, credenti
     """
     left = unfinished_queues(policy, summary)
     if left:
-        shown = ", ".join(f"{q} ({n})" for q, n in sorted(left.items()))
-        store.append_event("review_access", {"user": reviewer, "project": project, "run": run, "action": "sign-off",
-                                             "decision": "deny", "reasons": ["QUEUES_NOT_EMPTY"], "queues": left})
-        raise PolicyDenied(f"sign-off refused: review queue(s) still hold rows: {shown}", ["QUEUES_NOT_EMPTY"],
-                           hint="review the remaining rows (review.empty_queues of the policy), then sign off")
+        refuse_unfinished(store, reviewer=reviewer, project=project, run=run, left=left)
     body: dict[str, Any] = {
         "reviewer": reviewer, "user": reviewer, "method": method, "credential_id": credential_id,
         "project": project, "run": run, "version_id": version.version_id,
@@ -110,11 +115,9 @@ def sign_off(store: Store, policy: Policy, wc: WorkingCopy, *, reviewer: str, me
     head = open_version(wc.root) if (wc.root / HEAD).exists() else None
     rows = wc.rows()
     left = unfinished_queues(policy, {"queues_left": queue_sizes(wc, rows=rows)})
-    if head is None or diff_rows(head.rows, rows) or left:
-        if left:  # refuse before freezing anything
-            record(store, policy, reviewer=reviewer, method=method, credential_id=credential_id, project=project,
-                   run=run, version=head or Version(wc.root, {"version_id": ""}, []),
-                   summary={"queues_left": left})
+    if left:  # refused before anything is frozen
+        refuse_unfinished(store, reviewer=reviewer, project=project, run=run, left=left)
+    if head is None or diff_rows(head.rows, rows):
         head = freeze(wc, notes=f"frozen for the sign-off of {reviewer} (run {run})")
     return record(store, policy, reviewer=reviewer, method=method, credential_id=credential_id, project=project,
                   run=run, version=head, summary=reviewed_summary(wc, head)), head

@@ -232,9 +232,7 @@ class Pipeline:
                              "leakage": getattr(leak, "hits", None) if leak is not None else None})
 
     def stage_freeze(self) -> StageOutcome:
-        from distillgate.data.versions import freeze
-
-        from distillgate.data.versions import HEAD, diff_rows, open_version
+        from distillgate.data.versions import HEAD, diff_rows, freeze, open_version
 
         with self.working_copy() as wc:
             head = open_version(wc.root) if (wc.root / HEAD).exists() else None
