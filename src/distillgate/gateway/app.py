@@ -565,11 +565,15 @@ class Gateway:
 
 def _settle_extra(policy: Policy, problems: list[str], enforcement: str | None,
                   choices: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Contract problems, and the answer itself when the policy has ``audit.log_content``."""
+    """Contract problems, the examples a retrieval teacher was shown, and the answer itself when the policy has
+    ``audit.log_content``."""
     extra: dict[str, Any] = {}
     if problems:
         extra["contract"] = problems[:10]
         extra["enforcement"] = enforcement
+    shown = [c["shown_examples"] for c in choices if isinstance(c.get("shown_examples"), list)]
+    if shown:  # a retrieval teacher's labelled examples, by pool id (teachers/retrieval.py)
+        extra["shown_examples"] = [[str(x) for x in ids[:64]] for ids in shown]
     if policy.audit.log_content:
         extra["content"] = {"response": [
             {"index": c.get("index", 0), "text": (c.get("message") or {}).get("content") if "message" in c

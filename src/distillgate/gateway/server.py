@@ -7,6 +7,7 @@ the HTTP layer).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["build_gateway", "build_monitor", "serve"]  # build_monitor: now distillgate.extraction.settings
@@ -22,9 +23,12 @@ from distillgate.gateway.screens import load_screens
 from distillgate.gateway.upstreams import Router
 from distillgate.ledger.store import Store
 from distillgate.policy import load_policies
+from distillgate.teachers.base import Teacher
 
 
-def build_gateway(config: GatewayConfig) -> Gateway:
+def build_gateway(config: GatewayConfig, *, local_loader: Callable[[str], Teacher] | None = None) -> Gateway:
+    """``local_loader(spec)`` builds ``local/...`` teachers (default: the teachers registry); ``distillgate run``
+    passes one that serves its retrieval teacher."""
     policies = load_policies(config.policy)
     screens = load_screens(config.screens)
     monitor: Monitor
@@ -32,7 +36,8 @@ def build_gateway(config: GatewayConfig) -> Gateway:
         monitor = MonitorProcess(str(config.policy), config.extraction.model_dump(exclude={"process"}), policies)
     else:
         monitor = LocalMonitor(build_monitor(policies, config.extraction), embed_wait_s=config.extraction.embed_wait_s)
-    router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models)
+    router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models,
+                    local_loader=local_loader)
     store = Store.open(Path(config.db), reservation_ttl_s=config.reservation_ttl_s,
                        checkpoint_every=policies.checkpoint_every(), witness=config.witness)
     keys = KeyStore(config.db)
