@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _encoder_support import tiny_encoder
-from _train_support import LABELS, WORDS, toy_rows, write_jsonl
+from _train_support import LABELS, WORDS, freeze_rows, toy_rows, write_jsonl
 from distillgate.errors import ConfigError, DatasetGuardError
 from distillgate.evals.sources import EncoderClassifierSource, LocalCausalLMSource, student_source
 from distillgate.train import run_recipe
@@ -38,9 +38,12 @@ def soft_rows(n: int, split: str = "train", seed: int = 0) -> list[dict[str, Any
     return rows
 
 
-def config(tmp_path: Path, rows: list[dict[str, Any]], recipe: str = "kd", **student: Any) -> Any:
+def config(tmp_path: Path, rows: list[dict[str, Any]], recipe: str = "kd", rows_file: Path | None = None,
+           **student: Any) -> Any:
     enc = tiny_encoder(tmp_path / "enc") if not (tmp_path / "enc").exists() else tmp_path / "enc"
-    doc = {"recipe": recipe, "rows": str(write_jsonl(tmp_path / "rows.jsonl", rows)),
+    name = f"ds{len(list(tmp_path.glob('ds*')))}"
+    doc = {"recipe": recipe, "dataset": str(freeze_rows(tmp_path, rows, name)),
+           **({"rows": str(rows_file)} if rows_file else {}),
            "output_dir": str(tmp_path / f"out-{recipe}"), "labels": LABELS,
            "student": {"family": "encoder", "encoder": {"path": str(enc), **student}},
            "kd": {"target": "label_probs", "temperature": 2.0, "hard_weight": 0.5},
@@ -107,14 +110,20 @@ def test_frozen_encoder_trains_only_the_head(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("split", ["test", "golden", "holdout"])
 def test_protected_rows_are_refused_before_training(tmp_path: Path, split: str) -> None:
-    rows = soft_rows(6) + soft_rows(1, split=split, seed=9)
+    held = soft_rows(1, split=split, seed=9)
+    rows = soft_rows(6) + held
+    listed = write_jsonl(tmp_path / "rows.jsonl", rows)  # a rows file naming the version's protected row
     with pytest.raises(DatasetGuardError, match="protected"):
-        run_recipe(config(tmp_path, rows))
+        run_recipe(config(tmp_path, rows, rows_file=listed))
     assert not (tmp_path / "out-kd" / "model").exists()
+    smuggled = write_jsonl(tmp_path / "smuggled.jsonl", [*soft_rows(6), {**held[0], "split": "train",
+                                                                          "row_id": "r0-99"}])
+    with pytest.raises(DatasetGuardError):
+        run_recipe(config(tmp_path, rows, rows_file=smuggled))
 
 
 def test_family_selection_is_validated() -> None:
-    base = {"recipe": "kd", "rows": "r.jsonl", "output_dir": "o", "labels": LABELS,
+    base = {"recipe": "kd", "dataset": "ds", "output_dir": "o", "labels": LABELS,
             "kd": {"target": "label_probs"}}
     assert parse_config({**base, "student": {"family": "encoder"}}).student.encoder is not None
     with pytest.raises(ConfigError, match="not 'model'"):

@@ -1,7 +1,8 @@
 """Encoder-classifier recipe (``student.family: encoder``): ``kd`` on the teacher's label distributions, or ``sft``
 on its hard labels, for a sentence encoder + linear head fine-tuned end to end.
 
-Reads top to bottom: guard the rows (the same golden/test/holdout refusal as every recipe), load the encoder and
+Reads top to bottom: guard the rows (``guarded_rows``, the same frozen-version golden/test/holdout refusal as every
+recipe), load the encoder and
 put a fresh head over the task's labels, encode each row's text with the task template, and train with the shared
 loop (checkpoints, resume, progress, run record). The loss on a batch of logits ``z`` (B, L):
 
@@ -18,15 +19,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from distillgate.data.guard import ensure_trainable
+from distillgate.data.guard import is_corrected, training_target
 from distillgate.errors import UserError
-from distillgate.ledger.canonical import sha256_file
 from distillgate.train.config import TrainConfig
 from distillgate.train.encode import Example
 from distillgate.train.encoder import EncoderClassifier, load_encoder, pad_ids
 from distillgate.train.loop import StepResult, TrainResult, train
 from distillgate.train.losses import label_kd_loss
-from distillgate.train.rows import load_rows, provenance
+from distillgate.train.setup import guarded_rows
 
 
 def make_examples(rows: Sequence[dict[str, Any]], tokenizer: Any, labels: Sequence[str], template: str,
@@ -42,12 +42,16 @@ def make_examples(rows: Sequence[dict[str, Any]], tokenizer: Any, labels: Sequen
         if len(ids) > max_length:
             stats["truncated"] += 1
             ids = ids[: max_length - 1] + ids[-1:]  # keep the closing [SEP]
-        label = row.get("label") if row.get("label") not in (None, "") else row.get("output")
+        # the row's label (its output when it has none); a reviewer's correction is the label taught
+        label = training_target(row) if is_corrected(row) else (row.get("label") or row.get("output"))
         index = pos.get(str(label)) if label is not None else None
         if index is None:
             stats["unknown_label"] += 1
         probs = row.get("label_probs")
-        vector = [float(probs.get(name, 0.0)) for name in labels] if isinstance(probs, dict) else None
+        if is_corrected(row) and index is not None:  # the reviewer's label, with certainty
+            vector: list[float] | None = [1.0 if i == index else 0.0 for i in range(len(labels))]
+        else:
+            vector = [float(probs.get(name, 0.0)) for name in labels] if isinstance(probs, dict) else None
         if need_probs and (vector is None or sum(vector) <= 0):
             lacking.append(str(row["row_id"]))
         out.append(Example(str(row["row_id"]), ids, [], label_index=index, label_probs=vector))
@@ -65,10 +69,7 @@ def run(config: TrainConfig) -> TrainResult:
     assert settings is not None and config.labels
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    rows = load_rows(config.rows)
-    ensure_trainable(rows)  # golden / test / holdout rows are refused before any model is loaded
-    if not rows:
-        raise UserError(f"{config.rows} has no rows to train on", hint="check filter_status and the split")
+    rows, dataset = guarded_rows(config)  # golden / test / holdout rows are refused before any model is loaded
     encoder, tokenizer = load_encoder(settings.path)
     head_lr = settings.head_lr or 20 * config.lr
     model = EncoderClassifier(encoder, config.labels, template=config.prompt.template,
@@ -84,8 +85,7 @@ def run(config: TrainConfig) -> TrainResult:
     record: dict[str, Any] = {
         "recipe": config.recipe, "family": "encoder_classifier",
         "config": config.model_dump(mode="json"),
-        "dataset": {"rows_path": config.rows, "rows_sha256": sha256_file(config.rows),
-                    "dataset_version": config.dataset_version, **provenance(rows)},
+        "dataset": dataset,
         "student": {"parameters": total, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "family": "encoder_classifier", "encoder": settings.path, "labels": len(config.labels),
                     "freeze_encoder": settings.freeze_encoder},
