@@ -133,3 +133,48 @@ def test_project_suite_is_the_versions_test_and_golden_rows() -> None:
     assert by_id["r3"].slices["golden"] == "golden" and by_id["r5"].slices["golden"] == "golden"
     assert by_id["r6"].gold is None and suite.labels == LABELS
     assert "bank" not in suite.messages(suite.items[0])[0]["content"].lower()
+
+
+def test_the_retrieval_pool_never_holds_a_labelled_or_evaluated_row(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A careless project: the pool is the very traffic file, and a labelled eval file overlaps the pool too."""
+    monkeypatch.setenv("DISTILLGATE_CACHE", str(tmp_path / "cache"))
+    from test_teachers_retrieval import NearestLabelModel
+
+    from distillgate.pipeline.teacher import build_retrieval_teacher, protected_hashes
+    from distillgate.teachers.retrieval import content_hash
+
+    project_file = write_project(tmp_path, "http://127.0.0.1:9/v1")
+    with (tmp_path / "traffic.csv").open(newline="") as fh:
+        traffic = [r["utterance"] for r in csv.DictReader(fh)]
+    with (tmp_path / "evalset.csv").open("w", newline="") as fh:  # 5 traffic texts, re-cased: still the same rows
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for text in traffic[30:35]:
+            w.writerow([text.upper(), "music"])
+    doc = yaml.safe_load(project_file.read_text())
+    doc["teacher"] = {"model": "local/knn", "retrieval": {
+        "pool": {"path": "traffic.csv", "columns": {"text": "utterance", "label": "intent"}, "source": "toy",
+                 "licence": "CC0"}, "k": 4, "embedder": "hashing"}}
+    doc["traffic"]["limit"] = 20
+    doc["eval"] = {"suites": [{"name": "heldout", "path": "evalset.csv"}]}
+    project_file.write_text(yaml.safe_dump(doc))
+    project, loaded, base = load_project(project_file)
+    pipeline = Pipeline(project, loaded, base)
+    try:
+        protected = protected_hashes(pipeline)
+        banned = set().union(*protected.values())
+        teacher = build_retrieval_teacher(pipeline, base=NearestLabelModel())
+        pool = teacher.index.pool  # type: ignore[attr-defined]
+        assert not pool.hashes & banned
+        sample = {content_hash(str(r["utterance"])) for r in
+                  (json.loads(line) for line in pipeline.sample_traffic().read_text().splitlines())}
+        assert len(sample) == 20 and sample <= banned
+        evaluated = {content_hash(t) for t in traffic[30:35]}
+        assert evaluated <= banned
+        everything = {content_hash(t) for t in traffic}
+        assert len(pool.rows) == len(everything - banned) and pool.excluded == len(everything & banned) > 20
+        card = teacher.card().as_dict()["method"]
+        assert card["pool"]["excluded_rows"] == pool.excluded and card["pool"]["licence"] == "CC0"
+    finally:
+        pipeline.close()
