@@ -139,10 +139,9 @@ def test_the_retrieval_pool_never_holds_a_labelled_or_evaluated_row(tmp_path: Pa
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A careless project: the pool is the very traffic file, and a labelled eval file overlaps the pool too."""
     monkeypatch.setenv("DISTILLGATE_CACHE", str(tmp_path / "cache"))
-    from test_teachers_retrieval import NearestLabelModel
-
     from distillgate.pipeline.teacher import build_retrieval_teacher, protected_hashes
     from distillgate.teachers.retrieval import content_hash
+    from test_teachers_retrieval import NearestLabelModel
 
     project_file = write_project(tmp_path, "http://127.0.0.1:9/v1")
     with (tmp_path / "traffic.csv").open(newline="") as fh:

@@ -25,12 +25,12 @@ from distillgate.redact import redact_argv, scrub
 
 
 def _source(name: str, url: str | None, api_key: str | None, headers: dict[str, str], logprobs: bool,
-            threads: int) -> Any:
+            threads: int, label_choices: list[str] | None = None) -> Any:
     from distillgate.evals.sources import LocalCausalLMSource, OpenAIChatSource, student_source
 
     if url:
         return OpenAIChatSource(name=name, base_url=url, api_key=api_key, headers=headers,
-                                request_logprobs=logprobs)
+                                request_logprobs=logprobs, label_choices=label_choices)
     if Path(name).is_dir():  # a trained student directory: served the way its family needs
         return student_source(name, threads=threads)
     return LocalCausalLMSource(name, threads=threads)
@@ -75,6 +75,9 @@ def _load_suite(suite: str, dataset: str | None, split: str | None, sample: int 
 @click.option("--run-id", help="X-Policy-Run sent to the gateway, recorded in the report.")
 @click.option("--output-type", default="evaluation", show_default=True, help="X-Policy-Output-Type.")
 @click.option("--logprobs/--no-logprobs", default=False, help="Ask HTTP models for token log-probs.")
+@click.option("--label-choices/--free-text", default=False, show_default=True,
+              help="Classification suites: the teacher behind --teacher-url chooses among the suite's labels "
+              "(distillgate's label_choices, as `distillgate run` asks it) instead of answering in free text.")
 @click.option("--policy-id", "policy_ids", multiple=True, help="Policy id(s) in force, for the report.")
 @click.option("--checkpoint", help="Decision-log checkpoint (a JSON file or an id) recorded in the report.")
 @click.option("--detector", type=click.Choice(["string", "embedding"]), default="embedding", show_default=True,
@@ -97,7 +100,7 @@ def run_eval(*, suite: str, dataset: str | None, split: str | None, dataset_vers
              sample: int | None, seed: int, answer_format: str, teacher: str | None, teacher_url: str | None,
              student: str | None, student_url: str | None, student_mode: str, api_key: str | None,
              policy_user: str | None, policy_project: str | None, run_id: str | None, output_type: str,
-             logprobs: bool, policy_ids: tuple[str, ...], checkpoint: str | None, detector: str, target: float,
+             logprobs: bool, label_choices: bool, policy_ids: tuple[str, ...], checkpoint: str | None, detector: str, target: float,
              min_routed: int, resamples: int, threads: int, answers_path: str | None, out_dir: str) -> None:
     from distillgate.evals.answers import read_answers
     from distillgate.evals.run import collect_answers, score_and_report
@@ -126,7 +129,8 @@ def run_eval(*, suite: str, dataset: str | None, split: str | None, dataset_vers
                             hint="e.g. --teacher smollm2 --student ./my-student")
         headers = {k: v for k, v in {"X-Policy-User": policy_user, "X-Policy-Project": policy_project,
                                      "X-Policy-Run": run_id, "X-Policy-Output-Type": output_type}.items() if v}
-        teacher_source = _source(teacher, teacher_url, api_key, headers, logprobs, threads)
+        choices = list(the_suite.labels) if label_choices and the_suite.kind == "classification" else None
+        teacher_source = _source(teacher, teacher_url, api_key, headers, logprobs, threads, choices)
         student_source = _source(student, student_url, api_key, headers, logprobs, threads)
         try:
             click.echo(f"teacher: {teacher_source.name}; student: {student_source.name}; "
