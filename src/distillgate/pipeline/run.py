@@ -429,7 +429,9 @@ class Pipeline:
 
         p = self.project
         train = self.require("train")
-        version = {"version_id": train.get("version_id") or self.require("freeze")["version_id"]}
+        frozen = self.require("freeze")
+        version = {"version_id": train.get("version_id") or frozen["version_id"],
+                   "version_dir": train.get("version_dir") or frozen["version_dir"]}  # the version trained on
         self.gate("promote", version["version_id"])  # the evaluation decides whether the student takes traffic
         target = self.gateway()
         headers = {"X-Policy-User": p.user, "X-Policy-Project": p.project, "X-Policy-Run": p.run_id,
