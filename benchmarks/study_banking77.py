@@ -2,7 +2,8 @@
 
 Teacher (SmolLM2-135M-Instruct, label scoring; every strategy on the same ``--eval-rows`` banking77 test rows):
 
-* ``zero_shot``         the 77 labels listed in the system prompt, all 77 scored; no examples;
+* ``zero_shot``         the 77 labels listed in the system prompt, all 77 scored; no examples (retrieval strategies
+                        use one short instruction: the examples show the labels);
 * ``knn_vote_k16``      no model: the majority label of the 16 nearest pool examples (all-MiniLM-L6-v2);
 * ``retrieval_k8``      the 8 nearest examples as chat turns (farthest first, nearest last), neighbours' labels
                         scored (``teachers/retrieval.py``, the offline default);
@@ -46,7 +47,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "banking77"
 SYSTEM = "You classify each message into exactly one label. Reply with only the label, copied exactly from this " \
-         "list: "
+         "list: "  # zero-shot: the labels must be listed
+SHORT = "You classify each message into exactly one label. Reply with the label only."  # retrieval: the examples
+# show the labels (the banking77 project's teacher_system_prompt)
 
 
 def read(name: str) -> list[dict[str, str]]:
@@ -71,7 +74,8 @@ def teacher_strategies(engine: Any, index: Any, rows: Sequence[dict[str, str]], 
                        which: Sequence[str]) -> dict[str, Any]:
     from distillgate.teachers.retrieval import narrow, retrieval_messages
 
-    system = {"role": "system", "content": SYSTEM + ", ".join(labels)}
+    listed = {"role": "system", "content": SYSTEM + ", ".join(labels)}
+    short = {"role": "system", "content": SHORT}
     out: dict[str, Any] = {}
     for name in which:
         hits, seconds, preds = 0, 0.0, []
@@ -79,7 +83,7 @@ def teacher_strategies(engine: Any, index: Any, rows: Sequence[dict[str, str]], 
             t0 = time.perf_counter()
             question = {"role": "user", "content": row["text"]}
             if name == "zero_shot":
-                probs = engine.score_labels_batch([[system, question]], labels)[0]
+                probs = engine.score_labels_batch([[listed, question]], labels)[0]
                 pred = max(probs, key=probs.__getitem__)
             else:
                 k = 8 if name == "retrieval_k8" else 16
@@ -89,7 +93,7 @@ def teacher_strategies(engine: Any, index: Any, rows: Sequence[dict[str, str]], 
                     pred = max(votes, key=lambda lab: (votes[lab], -[r.label for r in near].index(lab)))
                 else:
                     cands = narrow(labels, near, "all" if name.endswith("_all") else "neighbours")
-                    probs = engine.score_labels_batch([retrieval_messages([system, question], near)], cands)[0]
+                    probs = engine.score_labels_batch([retrieval_messages([short, question], near)], cands)[0]
                     pred = max(probs, key=probs.__getitem__)
             seconds += time.perf_counter() - t0
             hits += pred == row["category"]
@@ -107,7 +111,7 @@ def label_rows(engine: Any, index: Any, rows: Sequence[dict[str, str]], labels: 
     """Training rows labelled by the k=16 retrieval teacher, with its distribution (zeros off the candidates)."""
     from distillgate.teachers.retrieval import narrow, retrieval_messages
 
-    system = {"role": "system", "content": SYSTEM + ", ".join(labels)}
+    system = {"role": "system", "content": SHORT}
     out = []
     t0 = time.perf_counter()
     for i, row in enumerate(rows):
@@ -167,7 +171,7 @@ def main() -> None:
     ap.add_argument("--train-rows", type=int, default=200)
     ap.add_argument("--epochs", type=float, default=8)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--strategies", default="zero_shot,knn_vote_k16,retrieval_k8,retrieval_k16,retrieval_k16_all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "study_banking77.json")

@@ -110,6 +110,8 @@ def test_run_evaluates_on_the_projects_own_test_split(tmp_path: Path) -> None:
     lift = json.loads((work / "eval" / "project" / "recipe_lift.json").read_text())
     assert lift["primary"] == "kd" and lift["baseline"] == "sft" and lift["items"] == len(item_ids)
     assert {"kd", "sft", "lift"} <= set(lift["accuracy"]) and lift["accuracy"]["lift"]["low"] is not None
+    assert suite["headline"]["recipe_lift"] == lift  # on the front page's figures too
+    assert "kd vs sft on the same rows" in (work / "report.html").read_text()
     card = json.loads((work / "train" / "model" / "student.json").read_text())
     assert card["family"] == "encoder_classifier" and card["labels"] == LABELS
     assert (work / "train" / "baseline-sft" / "model" / "student.json").exists()

@@ -44,9 +44,14 @@ def headline_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
 def collect_metrics(pipeline: Pipeline) -> dict[str, Any]:
     eval_out = pipeline.require("eval")
     suites: dict[str, Any] = {}
-    for key, path in (eval_out.get("files") or {}).items():
+    files = eval_out.get("files") or {}
+    for key, path in files.items():
         if key.endswith("_metrics"):
             suites[key.removesuffix("_metrics")] = json.loads(Path(path).read_text())
+    for key, path in files.items():  # the recipe comparison (``compare``) joins its suite's headline
+        name = key.removesuffix("_lift")
+        if key.endswith("_lift") and name in suites and Path(path).exists():
+            suites[name].setdefault("headline", {})["recipe_lift"] = json.loads(Path(path).read_text())
     train = pipeline.require("train")
     version = pipeline.require("freeze")
     record = json.loads(Path(train["record"]).read_text()) if Path(train["record"]).exists() else {}
