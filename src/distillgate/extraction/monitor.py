@@ -27,7 +27,8 @@ RulesFor = Callable[[str | None], ExtractionRules]
 ScopeKey = tuple[str, str]
 NEW_IDENTITY = 20  # a user with fewer requests in a project than this belongs to the project's "cluster" scope
 MMD_EVERY = 50  # embedding_mmd is recomputed after this many new pieces of a project
-GATED = ("project", "cluster")  # scopes whose signals attach only to requests of identities with own evidence
+GATED = ("project", "cluster")
+_EVIDENCE = {"distribution_shift": "content", "embedding_mmd": "content", "prompt_drift": "content"}  # scopes whose signals attach only to requests of identities with own evidence
 Job = tuple[Sketch, tuple[str, ...], tuple[ScopeKey, ...]]  # what the embedder works on: pieces and scopes
 
 
@@ -236,13 +237,15 @@ class ExtractionMonitor:
                 events.append(ev)
                 if s.embedding is not None:  # scan of a log with stored embeddings
                     self._drift_update(s, [st], [s.embedding], project_state if scope == "project" else None)
+            # tenant isolation: a project/cluster signal attaches only to an identity with evidence of the same
+            # kind of its own (its own pieces outside the reference for the content signals, its own suspicious
+            # word-level events for the others)
             own = [st for scope, _, st in states if scope in ("user", "key")]
-            evidence = any(st.own_evidence() for st in own)
+            evidence = {"content": any(st.content_evidence() for st in own),
+                        "words": any(st.word_evidence() for st in own)}
             for (scope, ident, st), ev in zip(states, events, strict=True):
                 ungated = scope not in GATED
-                if not ungated and not evidence:
-                    continue
-                fired.extend(self._values(rules, scope, ident, st, s, ev, project_state, ungated))
+                fired.extend(self._values(rules, scope, ident, st, s, ev, project_state, ungated, evidence))
             if any(sig.scope not in GATED for sig in fired):
                 self._flag(s, project_state)
         return tuple(fired)
@@ -272,10 +275,13 @@ class ExtractionMonitor:
         return st
 
     def _values(self, rules: ExtractionRules, scope: str, ident: str, st: ScopeState, s: Sketch, ev: Events,
-                project_state: ScopeState | None, ungated: bool) -> Iterable[Signal]:
+                project_state: ScopeState | None, ungated: bool,
+                evidence: dict[str, bool] | None = None) -> Iterable[Signal]:
         """The signals of ``scope`` that fire. Values are cheap counters; the evidence is built only for a signal
         that fires (most requests fire none)."""
         for name, threshold, window, min_req in _effective_in(rules, scope):
+            if not ungated and evidence is not None and not evidence[_EVIDENCE.get(name, "words")]:
+                continue
             value: float | None = None
             contributes = True
             known: Any = None  # what the value was made of, when it is costly: the evidence reuses it
@@ -369,10 +375,10 @@ class ExtractionMonitor:
                 vecs, pos = vectors[pos:pos + len(pieces)], pos + len(pieces)
                 states = [self._scopes[k] for k in keys if k in self._scopes]
                 project = self._scopes.get(("project", s.project)) if s.project else None
-                self._drift_update(s, states, vecs, project)
+                self._drift_update(s, states, vecs, project, [xxhash.xxh64_intdigest(p.encode()) for p in pieces])
 
     def _drift_update(self, s: Sketch, states: list[ScopeState], vecs: Sequence[np.ndarray],
-                      project_state: ScopeState | None = None) -> None:
+                      project_state: ScopeState | None = None, keys: Sequence[int] | None = None) -> None:
         """Apply a request's piece embeddings: its nearest-neighbour similarity (the least similar piece) to each
         scope's drift window, each piece to the outside-reference windows, and the project's MMD window."""
         project = s.project or ""
@@ -388,12 +394,14 @@ class ExtractionMonitor:
             return
         sims = ref.nearest(np.stack(vecs))
         outside = [bool(x < ref.nn_threshold) for x in sims]
+        # a piece's identity: its text's hash (scan: the record's prompt fingerprint, one piece per record)
+        piece_keys = list(keys) if keys is not None else [s.fp_int + i for i in range(len(vecs))]
         sim = float(sims.min())
         for st in states:
             st.drift.append(sim < ref.nn_threshold)
             st.drift_sims.append(sim)
-            for flag in outside:
-                st.outside.append(flag)
+            for key, flag in zip(piece_keys, outside, strict=True):
+                st.add_piece(key, flag)
             st.shift = outside_shift(st.outside.true, len(st.outside), ref.outside_rate)
         if project_state is not None:
             project_state.vectors.extend(vecs)
