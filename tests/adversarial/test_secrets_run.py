@@ -10,12 +10,14 @@ the run used. `eval` once recorded its whole command line, key included, in metr
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from _log_support import STRICT, served
 
 from conftest import run_cli
+from fakes.fake_upstream import fake_upstream
 
 UPSTREAM_KEY = "sk-upstream-9f8e7d6c5b4a39281706f5e4d3c2b1a0"
 
@@ -53,3 +55,26 @@ def test_no_key_reaches_any_file_of_an_eval_run(tmp_path: Path, monkeypatch: pyt
     assert scan(tmp_path, secrets) == []
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert "--api-key ***" in json.dumps(metrics)  # the command is still recorded, without the key
+
+
+API_KEY_PATTERN = re.compile(rb"dgk_[0-9a-f]{12}_[A-Za-z0-9_-]{20,}")
+
+
+@pytest.mark.slow
+def test_no_key_reaches_any_file_of_a_pipeline_run(tmp_path: Path) -> None:
+    """`distillgate run` end to end (its own gateway with a fresh key, the fake teacher behind an upstream key):
+    the stages' records, dataset, student, metrics, report, bundle and decision-log export hold no key."""
+    from test_run_pipeline import tiny_student, write_project
+
+    tiny_student(tmp_path / "tiny")
+    with fake_upstream(reply="card_arrival") as fake:
+        project = write_project(tmp_path, fake.base_url)
+        res = run_cli("run", str(project), env={"TEACHER_API_KEY": UPSTREAM_KEY}, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        sent = [r for r in fake.requests if r["path"].endswith("/chat/completions")]
+    assert sent and all(r["headers"].get("authorization") == f"Bearer {UPSTREAM_KEY}" for r in sent)
+    assert (tmp_path / "bundles" / "tiny-run-1" / "bundle.json").exists()
+    assert scan(tmp_path, {"the upstream key": UPSTREAM_KEY}) == []
+    leaked = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()
+              and API_KEY_PATTERN.search(p.read_bytes())]
+    assert leaked == []  # the run's own gateway key, whatever it was
