@@ -81,8 +81,18 @@ class OutputContract(StrictModel):
 
 
 class Review(StrictModel):
+    """Who reviews which project, and what a sign-off needs before a study's data may be trained on or leave.
+
+    With ``required``, training, evaluation for promotion and every data export (dataset, run bundle, student) need
+    sign-offs of the dataset version by ``min_reviewers`` distinct listed reviewers, none of them the run's requester.
+    A sign-off is refused while a queue named in ``empty_queues`` still holds unreviewed rows (``"*"``: every queue).
+    """
+
     required: bool = Field(default=False, description="a run needs a named reviewer other than its requester")
     reviewers: dict[str, list[str]] = Field(default_factory=dict, description="project (or '*') -> reviewers")
+    min_reviewers: int = Field(default=1, ge=1, description="distinct reviewers whose sign-off a run needs")
+    empty_queues: list[str] = Field(default_factory=list,
+                                    description="review queues that must be empty before a sign-off ('*': all)")
 
     def reviewers_for(self, project: str | None) -> list[str] | None:
         if project is not None and project in self.reviewers:
