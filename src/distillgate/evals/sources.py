@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 
 from distillgate.errors import NotFoundError, PolicyDenied, UpstreamError, UserError
+from distillgate.redact import redact_url
 
 Message = Mapping[str, str]
 
@@ -170,7 +171,7 @@ class OpenAIChatSource:
                           int(usage.get("completion_tokens") or 0), mean_lp, meta)
 
     def describe(self) -> dict[str, Any]:
-        card: dict[str, Any] = {"kind": "openai-http", "model": self.name, "base_url": self.base_url,
+        card: dict[str, Any] = {"kind": "openai-http", "model": self.name, "base_url": redact_url(self.base_url),
                                 "parameter_count": None}
         try:
             response = self._http().get("/models")

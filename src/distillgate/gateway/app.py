@@ -23,16 +23,17 @@ from distillgate.extraction import ExtractionMonitor, RequestFeatures, log_extra
 from distillgate.extraction.process import MonitorProcess, MonitorUnavailable
 from distillgate.gateway.contracts import check_output
 from distillgate.gateway.errors import ApiError, error_body
+from distillgate.gateway.judge import gateway_request, screen_hits
 from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.metrics import Metrics
 from distillgate.gateway.openapi import openapi_document
 from distillgate.gateway.parse import Inbound, parse_request
-from distillgate.gateway.screens import Screen, run_screens
+from distillgate.gateway.screens import Screen
 from distillgate.gateway.stamps import STAMP_HEADER, issue_stamp, response_digest
 from distillgate.gateway.upstreams import Route, Router, Upstream
 from distillgate.ledger.canonical import sha256_hex
 from distillgate.ledger.store import Admission, Store
-from distillgate.policy import Policy, PolicySet, Request
+from distillgate.policy import Policy, PolicySet
 from distillgate.policy.extraction_rules import Signal
 
 Scope = MutableMapping[str, Any]
@@ -248,7 +249,7 @@ class Gateway:
         headers = _headers(scope)
         inb = parse_request(route_name, raw, headers)
         check = self.keys.check(_bearer(headers))
-        hits = frozenset(h.output_class for h in run_screens(self.screens, inb.prompt)) if inb.prompt else frozenset()
+        hits = screen_hits(self.screens, inb.prompt)
         for hit in hits:
             self.metrics.screen_hits.labels(hit).inc()
         try:
@@ -257,13 +258,10 @@ class Gateway:
             if check.status == "ok":
                 raise
             route = Route("", inb.model)  # unauthenticated: the decision below denies with 401 first
-        user = inb.user or check.user
         policy = self.policies.select(inb.project)
-        request = Request(
-            user=user, project=inb.project, run=inb.run, output_type=inb.output_type, model=inb.model,
-            max_tokens=inb.max_tokens or policy.quotas.default_max_tokens, prompt_tokens=inb.prompt_tokens, n=inb.n,
-            auth=check.status, key_user=check.user, top_logprobs=inb.top_logprobs,
-            logit_bias_size=inb.logit_bias_size, screen_hits=hits)
+        # the same step `policy explain` and `policy test` run (gateway/judge.py)
+        request = gateway_request(inb, policy, auth=check.status, key_user=check.user, hits=hits)
+        user = request.user
         try:
             features = RequestFeatures.from_openai(inb.body, user=user, key_id=check.key_id, project=inb.project,
                                                    run=inb.run, output_type=inb.output_type,

@@ -26,6 +26,7 @@
       references:                         # project -> its approved prompts, for prompt_drift
         internal-compression: data/approved_prompts.jsonl
       process: false                      # true: the monitor runs in a child process, on another core
+    witness: /mnt/append-only/distillgate.witness.jsonl   # signed heads, outside the store (docs/audit.md)
 
 Routing of a model name: the ``models`` table (glob patterns, first match); else ``UPSTREAM/rest`` goes to that
 upstream with ``rest`` as the model; else ``local/...`` goes to the in-process local teacher; else, when exactly
@@ -98,6 +99,8 @@ class GatewayConfig(_Strict):
     access_log: bool = False
     settle: Literal["before_reply", "after_reply"] = "before_reply"
     extraction: ExtractionSettings = Field(default_factory=ExtractionSettings)
+    #: the file every signed log head is appended to (docs/audit.md); default $DISTILLGATE_WITNESS or <db>.witness.jsonl
+    witness: str | None = None
 
     def check(self, source: str) -> None:
         """Cross-field checks pydantic cannot express; raises ConfigError with every issue."""

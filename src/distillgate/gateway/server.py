@@ -40,7 +40,8 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     else:
         monitor = build_monitor(policies, config.extraction)
     router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models)
-    store = Store.open(Path(config.db), reservation_ttl_s=config.reservation_ttl_s)
+    store = Store.open(Path(config.db), reservation_ttl_s=config.reservation_ttl_s,
+                       checkpoint_every=policies.checkpoint_every(), witness=config.witness)
     keys = KeyStore(config.db)
     return Gateway(policies=policies, store=store, keys=keys, router=router, screens=screens,
                    max_body_bytes=config.max_body_bytes, reclaim_interval_s=config.reclaim_interval_s,

@@ -89,9 +89,11 @@ class KDSettings(_Strict):
 
 class TrainConfig(_Strict):
     recipe: Literal["sft", "kd"]
-    rows: str
+    dataset: str | None = None  # a frozen dataset version: its directory, a working copy (HEAD) or an id
+    rows: str | None = None  # optional: some rows of that version (checked against its manifest)
+    splits: list[Literal["train", "val"]] = ["train"]
     output_dir: str
-    dataset_version: str | None = None
+    dataset_version: str | None = None  # recorded from the version trained on; a different id given here is refused
     student: StudentSettings
     teacher: ModelSource | None = None
     prompt: PromptSettings = PromptSettings()
@@ -106,14 +108,22 @@ class TrainConfig(_Strict):
     max_length: int = Field(default=512, ge=8)
     seed: int = 0
     checkpoint_every: int = Field(default=200, ge=1)
+    #: also checkpoint when this many seconds of training passed since the last checkpoint (a slow step count
+    #: would otherwise leave a killed run nothing to resume from); null: by steps only
+    checkpoint_every_s: float | None = Field(default=300.0, gt=0)
     keep_checkpoints: int = Field(default=1, ge=1)
     resume: bool = True
     threads: int = Field(default=2, ge=1)
     log_every: int = Field(default=10, ge=1)
+    #: without a terminal (CI, nohup, a log file): seconds between plain progress lines (step, loss, rate, ETA)
+    progress_every_s: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _cross(self) -> TrainConfig:
         problems = []
+        if self.dataset is None and self.rows is None:
+            problems.append("give 'dataset': the frozen dataset version to train on (a version directory, a "
+                            "working copy directory or a version id)")
         if self.student.from_teacher is not None and self.teacher is None:
             problems.append("student.from_teacher needs a 'teacher' model source")
         if self.recipe == "kd" and self.kd.target == "logits" and self.teacher is None:
@@ -158,8 +168,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         raise ConfigError(str(p), [ConfigIssue("", f"not valid YAML: {exc}", "fix the syntax")]) from None
     config = parse_config(doc, str(p), overrides)
     base = p.parent
-    for attr in ("rows", "output_dir"):  # relative paths are relative to the config file
+    for attr in ("dataset", "rows", "output_dir"):  # relative paths are relative to the config file
         value = getattr(config, attr)
-        if not Path(value).is_absolute():
+        if value is not None and not Path(value).is_absolute() and (attr != "dataset" or (base / value).exists()):
             setattr(config, attr, str((base / value).resolve()))
     return config
