@@ -15,6 +15,7 @@ from distillgate.errors import NotFoundError, UserError
 from distillgate.evals.answers import Answer, mark_degenerate
 from distillgate.evals.degenerate import REASONS, degenerate_reason
 from distillgate.evals.evaluate import evaluate
+from distillgate.evals.report import render_html
 from distillgate.evals.refusal import (
     ARTEFACT,
     KINDS,
@@ -101,6 +102,8 @@ def test_a_degenerate_answer_is_wrong_and_left_out_of_speed():
     assert head["speedup_mean_latency"] == pytest.approx(2.0)  # not 2 / ((1 + 3 * 0.01) / 4) = 7.8
     student_speed = speed([a for a in answers if a.role == "student"], parameter_count=None)
     assert (student_speed.items, student_speed.degenerate, student_speed.completion_tokens) == (1, 3, 5)
+    html = render_html(result)
+    assert "3 degenerate student answers left out" in html and "student 3.</p>" in html
     marked = mark_degenerate(answers, refusal=False)
     assert [a.label for a in marked if a.role == "student"] == ["card_arrival", None, None, None]
     assert marked[-1].meta["degenerate"] == "loop"
