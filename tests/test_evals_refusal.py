@@ -15,7 +15,6 @@ from distillgate.errors import NotFoundError, UserError
 from distillgate.evals.answers import Answer, mark_degenerate
 from distillgate.evals.degenerate import REASONS, degenerate_reason
 from distillgate.evals.evaluate import evaluate
-from distillgate.evals.report import render_html
 from distillgate.evals.refusal import (
     ARTEFACT,
     KINDS,
@@ -28,6 +27,7 @@ from distillgate.evals.refusal import (
 )
 from distillgate.evals.refusal_agreement import agreement, read_labelled, read_labelled_rows, score
 from distillgate.evals.refusal_features import STRUCTURAL, features, split_head, structural
+from distillgate.evals.report import render_html
 from distillgate.evals.speed import speed
 from distillgate.evals.suites import Item, Suite
 
