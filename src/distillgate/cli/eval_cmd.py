@@ -26,11 +26,13 @@ from distillgate.redact import redact_argv, scrub
 
 def _source(name: str, url: str | None, api_key: str | None, headers: dict[str, str], logprobs: bool,
             threads: int) -> Any:
-    from distillgate.evals.sources import LocalCausalLMSource, OpenAIChatSource
+    from distillgate.evals.sources import LocalCausalLMSource, OpenAIChatSource, student_source
 
     if url:
         return OpenAIChatSource(name=name, base_url=url, api_key=api_key, headers=headers,
                                 request_logprobs=logprobs)
+    if Path(name).is_dir():  # a trained student directory: served the way its family needs
+        return student_source(name, threads=threads)
     return LocalCausalLMSource(name, threads=threads)
 
 

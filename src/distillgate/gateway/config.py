@@ -38,9 +38,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+__all__ = ["ExtractionSettings", "GatewayConfig", "UpstreamSettings", "config_from_data", "load_config"]
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distillgate.errors import ConfigError, ConfigIssue
+from distillgate.extraction.settings import ExtractionSettings
 from distillgate.policy.model import issues_from_validation, parse_document
 from distillgate.teachers.http import HttpUpstreamConfig
 
@@ -61,28 +64,6 @@ class UpstreamSettings(_Strict):
 
     def to_http(self, name: str) -> HttpUpstreamConfig:
         return HttpUpstreamConfig(name=name, **self.model_dump())
-
-
-class ExtractionSettings(_Strict):
-    """The gateway's ``ExtractionMonitor``: which embedder computes ``prompt_drift`` and each project's approved
-    reference. Without an embedder, every signal but ``prompt_drift`` still runs."""
-
-    embedder: Literal["none", "minilm", "hashing"] = "none"
-    references: dict[str, str] = Field(default_factory=dict)
-    reference_size: int = Field(default=200, ge=10)
-    embed_cache: int = Field(default=4096, ge=0)
-    process: bool = False  # run the monitor in a child process, beside the event loop (docs/gateway.md)
-
-    def issues(self) -> list[ConfigIssue]:
-        out: list[ConfigIssue] = []
-        if self.references and self.embedder == "none":
-            out.append(ConfigIssue("extraction.references", "references need an embedder",
-                                   "set extraction.embedder: minilm (or hashing)"))
-        for project, path in self.references.items():
-            if not Path(path).is_file():
-                out.append(ConfigIssue(f"extraction.references.{project}", f"{path} is not a file",
-                                       "give a .jsonl of request bodies or a text file, one prompt per line"))
-        return out
 
 
 class GatewayConfig(_Strict):
