@@ -15,8 +15,8 @@ from _gateway_support import free_port, serve_in_thread, write_policies
 from distillgate.errors import ConfigError
 from distillgate.extraction import HashingEmbedder
 from distillgate.gateway.config import config_from_data
-from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.server import build_gateway
+from distillgate.keys import KeyStore
 
 from fakes.fake_upstream import fake_upstream
 

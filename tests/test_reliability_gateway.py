@@ -26,7 +26,7 @@ from _reliability_support import (
     stop,
     write_config,
 )
-from distillgate.gateway.keys import KeyStore
+from distillgate.keys import KeyStore
 
 from conftest import run_cli
 from fakes.fake_upstream import Behaviour, fake_upstream

@@ -34,8 +34,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from distillgate.canonical import sha256_file
 from distillgate.errors import NotFoundError, PolicyDenied, UpstreamError, UserError
-from distillgate.ledger.canonical import sha256_file
 from distillgate.pipeline.cache import StageCache, StageRecord, fingerprint
 from distillgate.pipeline.project import Project
 from distillgate.policy.decision import Request

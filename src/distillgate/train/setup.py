@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
+from distillgate.canonical import sha256_file
 from distillgate.data.guard import ensure_trainable
 from distillgate.errors import UserError
-from distillgate.ledger.canonical import sha256_file
 from distillgate.train.config import TrainConfig
 from distillgate.train.rows import load_rows, provenance
 from distillgate.train.student import (

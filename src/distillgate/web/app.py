@@ -41,7 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from distillgate.data import review
 from distillgate.data.store import WorkingCopy
 from distillgate.errors import ConflictError, DistillgateError, NotFoundError, UserError
-from distillgate.gateway.keys import KeyStore
+from distillgate.keys import KeyStore
 from distillgate.ledger.store import Store
 from distillgate.web.accounts import AccountStore
 from distillgate.web.site import Access, ReviewSite
