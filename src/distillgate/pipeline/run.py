@@ -112,6 +112,10 @@ class Pipeline:
                                    "without an API key")
             data["upstreams"] = {"teacher": upstream}
             data["models"] = {p.teacher.model: "teacher"}
+        elif p.teacher.model.startswith("local/"):  # the project's own local teacher: register it by name
+            name = p.teacher.model.removeprefix("local/")
+            if name != "smollm2-135m-instruct":
+                data["local_models"] = {name: p.teacher.model}
         self._target = self._stack.enter_context(local_gateway(data, p.user))
         return self._target
 
