@@ -34,8 +34,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from distillgate.canonical import sha256_file
 from distillgate.errors import NotFoundError, PolicyDenied, UpstreamError, UserError
-from distillgate.ledger.canonical import sha256_file
 from distillgate.pipeline.cache import StageCache, StageRecord, fingerprint
 from distillgate.pipeline.project import Project
 from distillgate.policy.decision import Request
@@ -154,6 +154,10 @@ class Pipeline:
                                    "without an API key")
             data["upstreams"] = {"teacher": upstream}
             data["models"] = {p.teacher.model: "teacher"}
+        elif p.teacher.model.startswith("local/"):  # the project's own local teacher: register it by name
+            name = p.teacher.model.removeprefix("local/")
+            if name != "smollm2-135m-instruct":
+                data["local_models"] = {name: p.teacher.model}
         from distillgate.pipeline.teacher import teacher_loader
 
         self._target = self._stack.enter_context(local_gateway(data, p.user, teacher_loader(self)))
