@@ -70,8 +70,7 @@ def test_banking77_published_split_has_two_real_conflicts() -> None:
 
 def test_published_split_cli_on_home_assistant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     train, test = DATA / "home_assistant" / "train.csv", DATA / "home_assistant" / "test.csv"
-    code, out, _ = cli(capsys, "dataset", "leakage", "--train", str(train), "--test", str(test),
-                       "--map", "label=intent", "--json")
+    code, out, _ = cli(capsys, "dataset", "leakage", "--train", str(train), "--test", str(test), "--json")
     report = json.loads(out)
     assert code == 0 and report["checked"] == 385 and report["conflicts"] == []
     assert len(report["hits"]) == 9  # near-copies across the published split, all with the same intent
@@ -80,19 +79,17 @@ def test_published_split_cli_on_home_assistant(tmp_path: Path, capsys: pytest.Ca
         records = list(csv.DictReader(fh))
     with train.open(newline="") as fh:
         first = next(csv.DictReader(fh))
-    records.append({"text": first["text"].upper() + "!", "intent": "out_of_scope", "source_intent": "x"})
+    records.append({"text": first["text"].upper() + "!", "label": "out_of_scope", "source_intent": "x"})
     bad = tmp_path / "test.csv"
     with bad.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["text", "intent", "source_intent"])
+        writer = csv.DictWriter(fh, fieldnames=["text", "label", "source_intent"])
         writer.writeheader()
         writer.writerows(records)
-    code, out, err = cli(capsys, "dataset", "leakage", "--train", str(train), "--test", str(bad),
-                         "--map", "label=intent", "--strict")
+    code, out, err = cli(capsys, "dataset", "leakage", "--train", str(train), "--test", str(bad), "--strict")
     assert code == 2 and "1 text(s) carry more than one label" in err
     assert "label conflicts: 1 text(s) with more than one label (1 across splits)" in out
-    assert f"{first['intent']}: train:1 [train]; out_of_scope: test:386 [test]" in out
-    code, _, err = cli(capsys, "dataset", "leakage", "--train", str(train), "--test", str(bad),
-                       "--map", "label=intent")
+    assert f"{first['label']}: train:1 [train]; out_of_scope: test:386 [test]" in out
+    code, _, err = cli(capsys, "dataset", "leakage", "--train", str(train), "--test", str(bad))
     assert code == 0  # reported, not fatal, without --strict
     code, _, err = cli(capsys, "dataset", "leakage", "--train", str(train), "--test", str(bad), "--map", "label=x")
     assert code == 1 and "no column(s) ['x']" in err and "--map" in err
