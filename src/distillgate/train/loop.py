@@ -122,7 +122,9 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, examples: Sequence[Ex
     record_path = out / "run.json"
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # a student may give its parts their own learning rates (the encoder classifier's fresh head learns faster)
+    groups = model.optimizer_groups(config.lr) if hasattr(model, "optimizer_groups") else params
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     per_epoch = (len(examples) + config.batch_size - 1) // config.batch_size
     total = config.max_steps or max(1, int(per_epoch * config.epochs + 0.999999))
 
