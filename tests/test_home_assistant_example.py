@@ -2,9 +2,7 @@
 intents and an out-of-scope class), against the fake teacher over HTTP behind a real in-process gateway.
 
 The project file is the example's own; a test changes only what a laptop test must (the fake teacher instead of
-the local one, a 40-row sample, a tiny student, a temporary workdir). Two parts need the project-eval work of
-issue 20's first bullet (the `project` eval suite, `task.out_of_scope_label`, file suites, the retrieval teacher's
-`teacher.retrieval`): they are marked xfail(strict=True) until that work is merged, and must then pass as they are.
+the local one with its retrieval pool, a 40-row sample, a tiny student, a temporary workdir).
 """
 
 from __future__ import annotations
@@ -28,10 +26,7 @@ from fakes.fake_upstream import fake_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "home_assistant"
-NEEDS_PROJECT_EVAL = pytest.mark.xfail(
-    strict=True, reason="needs issue 20's project-eval work (eval suite 'project', task.out_of_scope_label, file "
-    "suites, teacher.retrieval); the integrator removes this mark once it is merged")
-#: keys of the example that only the project-eval work makes valid: dropped where a test must run without it
+#: the keys that make the evaluation the project's own: dropped where a test runs the stages before eval
 PROJECT_EVAL_KEYS = (("task", "out_of_scope_label"), ("eval", "suites"))
 
 
@@ -67,7 +62,7 @@ def small_project(tmp: Path, upstream: str, *, project_eval: bool) -> Path:
     doc["eval"].update({"resamples": 200, "min_routed": 1})
     for suite in doc["eval"]["suites"]:
         if "path" in suite:
-            suite["sample"] = 10
+            suite["sample"] = 30
     if not project_eval:
         for section, key in PROJECT_EVAL_KEYS:
             doc[section].pop(key, None)
@@ -120,15 +115,26 @@ def test_pipeline_runs_the_home_assistant_example_up_to_training(tmp_path: Path)
     assert verify.returncode == 0, verify.stderr
 
 
-@NEEDS_PROJECT_EVAL
 def test_example_project_file_validates() -> None:
     project, _, _ = load_project(EXAMPLE / "project.yaml")  # every path exists, every key is known
     assert project.teacher.retrieval is not None
     assert [s.name for s in project.eval.suites] == ["project", "home_assistant_test"]
 
 
+def test_published_test_file_suite_has_the_out_of_scope_slice() -> None:
+    from distillgate.evals.suites import load_dataset_items
+
+    labels = json.loads((ROOT / "data" / "home_assistant" / "intents.json").read_text())
+    suite = load_dataset_items(ROOT / "data" / "home_assistant" / "test.csv", labels=labels,
+                               out_of_scope="out_of_scope")
+    scopes = [it.slices["scope"] for it in suite.items]
+    assert (scopes.count("out of scope"), scopes.count("in scope")) == (39, 346)
+    assert suite.labels == labels
+    plain = load_dataset_items(ROOT / "data" / "home_assistant" / "test.csv", labels=labels)
+    assert all("scope" not in it.slices for it in plain.items)  # no out-of-scope label: no slice
+
+
 @pytest.mark.slow
-@NEEDS_PROJECT_EVAL
 def test_run_evaluates_the_example_on_its_own_splits_with_the_out_of_scope_slice(tmp_path: Path) -> None:
     with fake_upstream(reply="HassTurnOn") as fake:
         path = small_project(tmp_path, fake.base_url, project_eval=True)
