@@ -172,3 +172,26 @@ def test_sign_off_waits_for_the_queues_the_policy_names(study: dict[str, Any],
     assert events(study, "signoff") == []
     with WorkingCopy.open(study["ds"]) as wc:
         assert not (wc.root / "HEAD").exists()  # nothing was frozen for a refused sign-off
+
+
+def test_audit_trace_reports_rows_without_a_signed_decision(study: dict[str, Any],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A student whose rows carry no real stamp (imported answers with a made-up one) traces to nothing: every row
+    is reported, and so is the missing sign-off; exit 2."""
+    from _train_support import freeze_rows, toy_rows
+    from distillgate.data.guard import training_input
+    from distillgate.data.versions import open_version
+
+    made_up = [{**r, "stamp": {"decision_id": f"d-{i}", "signature": "sig"}} for i, r in enumerate(toy_rows(5))]
+    version = open_version(freeze_rows(study["tmp"], made_up, name="toy"))
+    rows = training_input(version.path).rows
+    assert len(rows) == 5
+    student = study["tmp"] / "student"
+    student.mkdir()
+    (student / "run.json").write_text(json.dumps({
+        "dataset": {"version_dir": str(version.path), "dataset_version": version.version_id},
+        "config": {"splits": ["train"]}, "provenance": {"project": "bank", "run": "r1"}}))
+    rc, out, _ = cli(capsys, "audit", "trace", str(student), "--db", str(study["db"]))
+    assert rc == 2
+    assert f"rows without a signed decision: {len(rows)}" in out and "no sign-off of this version" in out
+    assert "stamp lacks" in out
