@@ -195,3 +195,33 @@ def test_audit_trace_reports_rows_without_a_signed_decision(study: dict[str, Any
     assert rc == 2
     assert f"rows without a signed decision: {len(rows)}" in out and "no sign-off of this version" in out
     assert "stamp lacks" in out
+
+
+def test_a_student_checkpoint_leaves_only_signed_off_and_to_an_approved_place(
+        study: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    student = study["tmp"] / "train"
+    (student / "model").mkdir(parents=True)
+    (student / "model" / "config.json").write_text("{}")
+    with WorkingCopy.open(study["ds"]) as wc:
+        from distillgate.data.versions import freeze
+
+        version = freeze(wc)
+    (student / "run.json").write_text(json.dumps({"dataset": {"dataset_version": version.version_id},
+                                                  "provenance": {"project": "bank", "run": "r1"}}))
+    allowed = "file:///tmp/distillgate-test-exports/" + study["tmp"].name + "/student/"
+    export = ["train", "export", str(student), "--db", str(study["db"]), "--policy", str(study["policy"]),
+              "--user", "alice"]
+    rc, _, err = cli(capsys, *export, "--to", allowed)
+    assert rc == 2 and "REVIEWER_REQUIRED" in err
+    for who in ("carol", "dave"):
+        assert cli(capsys, "review", "sign-off", *gov(study), "--api-key", study["keys"][who])[0] == 0
+    rc, _, err = cli(capsys, *export, "--to", (study["tmp"] / "anywhere").as_uri() + "/")
+    assert rc == 2 and "DESTINATION_NOT_APPROVED" in err
+    rc, out, err = cli(capsys, *export, "--to", allowed)
+    assert rc == 0, err
+    assert Path(allowed.removeprefix("file://"), "model", "config.json").exists()
+    (event,) = events(study, "export")
+    assert event["artifact"] == "student" and set(event["files"]) == {"run.json", "model/config.json"}
+    outcomes = [(d["extra"]["artifact"], d["decision"], d["reasons"][-1]) for d in events(study, "decision")[1:]]
+    assert outcomes == [("student", "deny", "REVIEWER_REQUIRED"), ("student", "deny", "DESTINATION_NOT_APPROVED"),
+                        ("student", "allow", "ALLOWED")]

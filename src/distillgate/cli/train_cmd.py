@@ -50,6 +50,27 @@ def run(config_path: str, overrides: tuple[str, ...]) -> None:
     }))
 
 
+@cli.command("export")
+@click.argument("train_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--to", "to_url", required=True, help="file:///dir/ or s3://bucket/prefix/ (an approved destination).")
+@click.option("--db", required=True, type=click.Path(dir_okay=False), help="The study's decision log.")
+@click.option("--policy", "policy_path", required=True, type=click.Path(exists=True), help="Policy file or directory.")
+@click.option("--user", required=True, help="Who exports (recorded in the log).")
+@click.option("--project", default=None, help="Project of the run [default: from run.json].")
+@click.option("--run", "run_id", default=None, help="Run whose sign-offs count [default: from run.json].")
+def export(train_dir: str, to_url: str, db: str, policy_path: str, user: str, project: str | None,
+           run_id: str | None) -> None:
+    """Export the student in TRAIN_DIR after the policy approves the destination and the run's sign-off."""
+    from distillgate.ledger.store import Store
+    from distillgate.policy.model import load_policies
+    from distillgate.train.export import export_student
+
+    with Store.open(db) as store:
+        urls = export_student(store, load_policies(policy_path), train_dir, to_url, user=user, project=project,
+                              run=run_id)
+    click.echo(f"exported {len(urls)} files to {to_url}")
+
+
 for _recipe in ("sft", "kd"):
 
     def _make(recipe: str) -> click.Command:
