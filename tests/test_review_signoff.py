@@ -24,7 +24,6 @@ from distillgate.web.accounts import AccountStore
 
 POLICY: dict[str, Any] = {
     "policy_id": "study", "allowed_projects": ["bank"], "allowed_outputs": ["labels"],
-    "allowed_destinations": ["file:///tmp/distillgate-test-exports/"],
     "review": {"required": True, "reviewers": {"bank": ["alice", "carol", "dave", "erin"]}, "min_reviewers": 2},
 }
 PASSWORD = "erin-reviews-the-bank"
@@ -37,7 +36,8 @@ def study(tmp_path: Path) -> dict[str, Any]:
     ds = make_review_dataset(tmp_path)
     db = tmp_path / "gov.db"
     policy = tmp_path / "policy.json"
-    policy.write_text(json.dumps(POLICY))
+    exports = (tmp_path / "exports").as_uri() + "/"
+    policy.write_text(json.dumps({**POLICY, "allowed_destinations": [exports]}))
     keys = KeyStore(db)
     secrets = {user: keys.create(user)[1] for user in ("alice", "carol", "dave", "mallory")}
     revoked_id, secrets["revoked"] = keys.create("dave")
@@ -49,7 +49,7 @@ def study(tmp_path: Path) -> dict[str, Any]:
     accounts.close()
     with Store.open(db) as store:  # alice started the run: her teacher call is its first allowed decision
         store.admit(load_policies(policy), Request(user="alice", project="bank", run="r1", output_type="labels"))
-    return {"ds": ds, "db": db, "policy": policy, "keys": secrets, "tmp": tmp_path}
+    return {"ds": ds, "db": db, "policy": policy, "keys": secrets, "tmp": tmp_path, "exports": exports}
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -137,7 +137,7 @@ def test_sign_off_is_signed_and_gates_training_and_export(study: dict[str, Any],
     rc, out, _ = cli(capsys, "review", "sign-off", *gov(study), "--api-key", keys["carol"])
     assert rc == 0
     with pytest.raises(PolicyDenied, match="signed off by carol"):
-        judge("export", artifact="dataset", destination="file:///tmp/distillgate-test-exports/x/")
+        judge("export", artifact="dataset", destination=study["exports"] + "x/")
     rc, out, err = cli(capsys, "review", "sign-off", *gov(study), "--api-key", keys["dave"])
     assert rc == 0, err
     allowed = judge("train")
@@ -163,7 +163,7 @@ def test_sign_off_is_signed_and_gates_training_and_export(study: dict[str, Any],
 
 def test_sign_off_waits_for_the_queues_the_policy_names(study: dict[str, Any],
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    doc = {**POLICY, "review": {**POLICY["review"], "empty_queues": ["disagreement"]}}
+    doc = {**json.loads(study["policy"].read_text()), "review": {**POLICY["review"], "empty_queues": ["disagreement"]}}
     study["policy"].write_text(json.dumps(doc))
     rc, _, err = cli(capsys, "review", "sign-off", *gov(study), "--api-key", study["keys"]["carol"])
     assert rc == 2 and "still hold rows: disagreement" in err
@@ -208,7 +208,7 @@ def test_a_student_checkpoint_leaves_only_signed_off_and_to_an_approved_place(
         version = freeze(wc)
     (student / "run.json").write_text(json.dumps({"dataset": {"dataset_version": version.version_id},
                                                   "provenance": {"project": "bank", "run": "r1"}}))
-    allowed = "file:///tmp/distillgate-test-exports/" + study["tmp"].name + "/student/"
+    allowed = study["exports"] + "student/"
     export = ["train", "export", str(student), "--db", str(study["db"]), "--policy", str(study["policy"]),
               "--user", "alice"]
     rc, _, err = cli(capsys, *export, "--to", allowed)
@@ -218,7 +218,7 @@ def test_a_student_checkpoint_leaves_only_signed_off_and_to_an_approved_place(
     rc, _, err = cli(capsys, *export, "--to", (study["tmp"] / "anywhere").as_uri() + "/")
     assert rc == 2 and "DESTINATION_NOT_APPROVED" in err
     rc, out, err = cli(capsys, *export, "--to", allowed)
-    assert rc == 0, err
+    assert rc == 0 and "exported 2 files" in out, err
     assert Path(allowed.removeprefix("file://"), "model", "config.json").exists()
     (event,) = events(study, "export")
     assert event["artifact"] == "student" and set(event["files"]) == {"run.json", "model/config.json"}
