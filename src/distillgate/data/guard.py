@@ -67,6 +67,11 @@ def ensure_trainable(rows: Iterable[Mapping[str, Any]], *, golden_ids: Collectio
     return count
 
 
+def is_corrected(row: Mapping[str, Any]) -> bool:
+    """Whether a reviewer corrected ``row``'s answer (its correction, not the teacher's belief, is then taught)."""
+    return row.get("review_state") == "corrected" or bool(row.get("edited"))
+
+
 def training_target(row: Mapping[str, Any]) -> str | None:
     """The answer ``row`` teaches. A reviewer's correction wins: a corrected plain-label row teaches its corrected
     ``label`` (its ``output`` still holds the teacher's label); a corrected structured row already carries the
@@ -74,8 +79,7 @@ def training_target(row: Mapping[str, Any]) -> str | None:
     ``label`` when there is none."""
     output, label = row.get("output"), row.get("label")
     after = row.get("review_after")
-    corrected = row.get("review_state") == "corrected" or bool(row.get("edited"))
-    if corrected and label not in (None, "") and not (isinstance(after, Mapping) and "output" in after):
+    if is_corrected(row) and label not in (None, "") and not (isinstance(after, Mapping) and "output" in after):
         return str(label)
     if output not in (None, ""):
         return str(output)

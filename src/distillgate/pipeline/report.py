@@ -69,7 +69,8 @@ def _reviewers(pipeline: Pipeline) -> list[str]:
     from distillgate.ledger.store import Store
 
     with Store.open(pipeline.store_path) as store:
-        return sorted({str(e.body.get("reviewer")) for e in store.entries(run=pipeline.project.run_id, kind="review")
+        return sorted({str(e.body.get("reviewer")) for e in store.entries(run=pipeline.project.run_id, kind="review",
+                                                                     project=pipeline.project.project)
                        if e.body.get("reviewer")})
 
 

@@ -120,11 +120,13 @@ def estimate_tokens(text: str) -> int:
 
 @dataclass(frozen=True)
 class Usage:
-    """What has been consumed so far (held reservations included)."""
+    """What the store knows when it judges: consumption so far (held reservations included), and which project
+    owns the request's run (``None`` while no project has made an allowed request in it)."""
 
     tokens_today_project: int = 0
     tokens_today_user: int = 0
     records_run: int = 0
+    run_project: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,9 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
             add("IDENTITY_INCOMPLETE", f"missing {', '.join(missing)}")
 
     # scope
+    if request.run and request.project and usage.run_project is not None and usage.run_project != request.project:
+        add("RUN_OWNED_BY_OTHER_PROJECT", f"run {request.run!r} belongs to project {usage.run_project!r}, not "
+            f"{request.project!r}")
     if request.project:
         if request.project not in policy.allowed_projects:
             add("PROJECT_NOT_ALLOWED", f"project {request.project!r} is not in allowed_projects of policy "

@@ -38,6 +38,10 @@ REASONS: dict[str, ReasonInfo] = {
         "send X-Policy-User/-Project/-Run/-Output-Type headers or the same names in the body's metadata",
     ),
     # --- scope -------------------------------------------------------------------------------------------------
+    "RUN_OWNED_BY_OTHER_PROJECT": ReasonInfo(
+        "The run id (policy_run_id) already belongs to another project: a run belongs to the project of its first "
+        "allowed request.", True, 409, "choose a new, unique policy_run_id for this project's run",
+    ),
     "PROJECT_NOT_ALLOWED": ReasonInfo(
         "The project is not in the policy's allowed_projects.", True, 403, "use an allowed project or amend the policy"
     ),

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from distillgate.data.guard import training_target
+from distillgate.data.guard import is_corrected, training_target
 from distillgate.errors import UserError
 from distillgate.train.config import PromptSettings
 
@@ -88,7 +88,7 @@ def make_examples(rows: Sequence[dict[str, Any]], tokenizer: Any, prompt: Prompt
         if target is None:
             raise UserError(f"row {row['row_id']} has neither 'output' nor 'label'",
                             hint="train on rows with a teacher answer")
-        corrected = row.get("review_state") == "corrected" or bool(row.get("edited"))
+        corrected = is_corrected(row)
         a = answer_ids(tokenizer, str(target))
         if len(p) + len(a) > max_length:
             stats["truncated"] += 1

@@ -45,17 +45,28 @@ def dataset_of(config: TrainConfig) -> str:
         "'rows' may then list some of its rows")
 
 
-def prepare(config: TrainConfig, *, keep_teacher: bool) -> Prepared:
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
+def guarded_rows(config: TrainConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows every student family trains on, through the one guard (a frozen version; golden, test and holdout
+    rows refused), and the run record's ``dataset`` block. Call it before any model is loaded."""
     given = training_input(dataset_of(config), rows_file=config.rows, splits=config.splits)
-    rows = given.rows  # golden / test / holdout rows were refused, before any model is loaded
+    rows = given.rows
     if config.dataset_version and not given.version_id.startswith(config.dataset_version):
         raise DatasetGuardError(f"dataset_version {config.dataset_version!r} is not the version trained on "
                                 f"({given.version_id[:16]})", hint="drop dataset_version or fix 'dataset'")
     if not rows:
         raise UserError(f"dataset version {given.version_id[:16]} has no {'/'.join(config.splits)} rows that "
                         "passed the filters", hint="check `distillgate dataset status` and the splits")
+    dataset = {"version_dir": str(given.version_dir), "rows_path": config.rows,
+               "rows_sha256": sha256_file(config.rows) if config.rows else
+               given.manifest.get("files", {}).get("rows.parquet"),
+               "dataset_version": given.version_id, **provenance(rows)}
+    return rows, dataset
+
+
+def prepare(config: TrainConfig, *, keep_teacher: bool) -> Prepared:
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rows, dataset = guarded_rows(config)  # golden / test / holdout rows are refused before any model is loaded
     teacher = None
     if config.teacher is not None:
         teacher, teacher_tok = load_causal_lm(config.teacher)
@@ -78,10 +89,7 @@ def prepare(config: TrainConfig, *, keep_teacher: bool) -> Prepared:
     record: dict[str, Any] = {
         "recipe": config.recipe,
         "config": config.model_dump(mode="json"),
-        "dataset": {"version_dir": str(given.version_dir), "rows_path": config.rows,
-                    "rows_sha256": sha256_file(config.rows) if config.rows else
-                    given.manifest.get("files", {}).get("rows.parquet"),
-                    "dataset_version": given.version_id, **provenance(rows)},
+        "dataset": dataset,
         "student": {"parameters": total, "trainable": trainable,
                     "layers": getattr(student.config, "num_hidden_layers", None),
                     "layer_subset": getattr(student.config, "distillgate_layer_subset", None)},
