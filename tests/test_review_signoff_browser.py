@@ -90,7 +90,9 @@ def test_page_refuses_non_reviewer_requester_disabled_account_and_revoked_key(
 def _project(tmp: Path, upstream: str) -> Path:
     from test_run_pipeline import write_project
 
-    path = write_project(tmp, upstream)
+    root = Path(__file__).resolve().parent.parent
+    path = write_project(tmp, upstream, eval={"suites": [{"name": "banking77", "sample": 6, "path": str(
+        root / "data" / "banking77" / "test.csv")}], "resamples": 200, "min_routed": 2})
     policy = json.loads((tmp / "policy.json").read_text())
     policy["review"] = {"required": True, "reviewers": {"internal-compression": ["carol", "dave"]},
                         "min_reviewers": 2}
