@@ -225,3 +225,43 @@ def test_a_student_checkpoint_leaves_only_signed_off_and_to_an_approved_place(
     outcomes = [(d["extra"]["artifact"], d["decision"], d["reasons"][-1]) for d in events(study, "decision")[1:]]
     assert outcomes == [("student", "deny", "REVIEWER_REQUIRED"), ("student", "deny", "DESTINATION_NOT_APPROVED"),
                         ("student", "allow", "ALLOWED")]
+
+
+def test_forged_stale_and_unlisted_sign_offs_do_not_count(study: dict[str, Any],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from distillgate.data.versions import open_version
+
+    keys, policies = study["keys"], load_policies(study["policy"])
+    for who in ("carol", "dave"):
+        assert cli(capsys, "review", "sign-off", *gov(study), "--api-key", keys[who])[0] == 0
+    version = open_version(study["ds"])
+    with Store.open(study["db"]) as store:
+        # an entry that claims a sign-off without the store's signature, and a signed one by a non-reviewer
+        store.append_event("signoff", {"reviewer": "erin", "user": "erin", "project": "bank", "run": "r1",
+                                       "version_id": version.version_id, "signature": "forged",
+                                       "signed_keys": ["reviewer"]})
+        signoff.record(store, policies.select("bank"), reviewer="mallory", method="api_key", credential_id=None,
+                       project="bank", run="r1", version=version, summary={})
+        assert signoff.signers(store, project="bank", run="r1", version_id=version.version_id) == (
+            "carol", "dave", "mallory")  # erin's entry does not verify
+        admission = gate.judge(store, policies, kind="train", user="alice", project="bank", run="r1",
+                               version_id=version.version_id)
+        assert admission.decision.allowed
+    # a reviewer's later correction makes a new version: the old sign-offs do not cover it
+    with WorkingCopy.open(study["ds"]) as wc:
+        row = next(r for r in wc.rows() if r.review_state == "unreviewed" and r.teacher_label)
+    rc, _, err = cli(capsys, "review", "accept", row.row_id, "--row-version", str(row.version), *gov(study),
+                     "--api-key", keys["carol"])
+    assert rc == 0, err
+    rc, out, _ = cli(capsys, "review", "sign-off", *gov(study), "--api-key", keys["carol"])
+    new = open_version(study["ds"])
+    assert rc == 0 and new.version_id != version.version_id and new.version_id[:16] in out
+    with Store.open(study["db"]) as store:
+        # mallory's properly signed entry counts for nothing: she is not a reviewer of the project
+        signoff.record(store, policies.select("bank"), reviewer="mallory", method="api_key", credential_id=None,
+                       project="bank", run="r1", version=new, summary={})
+        with pytest.raises(PolicyDenied) as refused:
+            gate.judge(store, policies, kind="train", user="alice", project="bank", run="r1",
+                       version_id=new.version_id)
+    assert refused.value.reasons == ["REVIEWER_REQUIRED"]
+    assert "signed off by carol (" in str(refused.value)
