@@ -265,3 +265,34 @@ def test_forged_stale_and_unlisted_sign_offs_do_not_count(study: dict[str, Any],
                        version_id=new.version_id)
     assert refused.value.reasons == ["REVIEWER_REQUIRED"]
     assert "signed off by carol (" in str(refused.value)
+
+
+def test_train_run_with_a_policy_needs_the_sign_off_and_records_it(study: dict[str, Any],
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from _train_support import freeze_rows, save_model, toy_rows
+    from distillgate.data.versions import open_version
+
+    tmp = study["tmp"]
+    save_model(tmp / "student-init", seed=2)
+    dataset = freeze_rows(tmp, toy_rows(8), name="toy")
+    (tmp / "train.yaml").write_text(yaml.safe_dump({
+        "recipe": "sft", "dataset": str(dataset), "output_dir": str(tmp / "out"), "max_steps": 1,
+        "student": {"model": {"path": str(tmp / "student-init")}}, "threads": 1}))
+    governed = ["train", "run", str(tmp / "train.yaml"), "--policy", str(study["policy"]), "--db",
+                str(study["db"]), "--project", "bank", "--run", "r1", "--user", "alice"]
+    rc, _, err = cli(capsys, *governed)
+    assert rc == 2 and "REVIEWER_REQUIRED" in err and not (tmp / "out" / "model").exists()
+    rc, _, err = cli(capsys, *governed[:5])
+    assert rc == 1 and "--policy needs --db" in err
+    version = open_version(dataset)
+    with Store.open(study["db"]) as store:
+        for who in ("carol", "dave"):
+            signoff.record(store, load_policies(study["policy"]).select("bank"), reviewer=who, method="api_key",
+                           credential_id=None, project="bank", run="r1", version=version, summary={})
+    rc, _, err = cli(capsys, *governed)
+    assert rc == 0, err
+    card = json.loads((tmp / "out" / "run.json").read_text())["provenance"]
+    assert card["dataset_version"] == version.version_id and card["checkpoint"]["signature"]
+    assert [s["reviewer"] for s in card["signoffs"]] == ["carol", "dave"]

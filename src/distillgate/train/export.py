@@ -1,5 +1,7 @@
-"""A student checkpoint leaving the study: ``export_student(store, policies, train_dir, to, user=...)``.
+"""A student's governance: ``judge_training`` before training, ``student_card`` after it (the run record's
+``provenance``), and ``export_student`` when a checkpoint leaves the study.
 
+``export_student(store, policies, train_dir, to, user=...)``:
 Judged by the shared gate (``distillgate.data.gate.judge`` with ``kind="export"``, ``artifact="student"``: the
 policy's destinations and, with ``review.required``, the sign-off of the dataset version the student was trained
 on), logged as a decision either way; then ``model/`` and ``run.json`` are written under ``<to>/`` and an
@@ -13,11 +15,35 @@ from pathlib import Path
 import orjson
 
 from distillgate.data.gate import judge
+from distillgate.data.signoff import signoffs
+from distillgate.data.versions import MANIFEST, resolve_version
 from distillgate.destinations import write_files
 from distillgate.errors import NotFoundError, UserError
 from distillgate.ledger.canonical import sha256_hex
 from distillgate.ledger.store import Store
 from distillgate.policy.model import PolicySet
+from distillgate.train.config import TrainConfig
+
+
+def judge_training(store: Store, policies: PolicySet, config: TrainConfig, *, user: str, project: str,
+                   run: str) -> tuple[str, int]:
+    """Judge (and log) training ``config``'s frozen version for run ``run`` (``kind="train"``: with
+    ``review.required`` its sign-offs); return the version id and the decision's log index. Raises
+    ``PolicyDenied`` (``REVIEWER_REQUIRED``, ...) before any row is read for training."""
+    from distillgate.train.setup import dataset_of
+
+    version_dir = resolve_version(dataset_of(config))
+    version_id = str(orjson.loads((version_dir / MANIFEST).read_bytes())["version_id"])
+    admission = judge(store, policies, kind="train", user=user, project=project, run=run, version_id=version_id)
+    return version_id, admission.entry.index
+
+
+def student_card(store: Store, *, project: str, run: str, version_id: str, decision_index: int) -> dict[str, object]:
+    """The run record's ``provenance``: the dataset version, its sign-offs, the training decision and a signed
+    checkpoint of the log written now, covering every teacher call behind the rows (``audit trace`` checks it)."""
+    return {"project": project, "run": run, "dataset_version": version_id,
+            "signoffs": [s.as_dict() for s in signoffs(store, project=project, run=run, version_id=version_id)],
+            "train_decision_index": decision_index, "checkpoint": store.checkpoint().as_dict()}
 
 
 def export_student(store: Store, policies: PolicySet, train_dir: str | Path, to: str, *, user: str,
