@@ -15,7 +15,7 @@ from distillgate.cli.main import main
 from distillgate.data import gate, signoff
 from distillgate.data.store import WorkingCopy
 from distillgate.errors import PolicyDenied
-from distillgate.gateway.keys import KeyStore
+from distillgate.keys import KeyStore
 from distillgate.ledger.store import Store
 from distillgate.ledger.verify import verify_db
 from distillgate.policy.decision import Request

@@ -69,7 +69,7 @@ def test_every_review_user_command_and_option_is_documented() -> None:
 def test_every_sign_in_outcome_and_event_field_is_documented(tmp_path: Path) -> None:
     """Drive each sign-in outcome through ``Access`` and check its event's outcome and fields are on the page."""
     from _web_support import PASSWORDS, make_site
-    from distillgate.gateway.keys import KeyStore
+    from distillgate.keys import KeyStore
     from distillgate.ledger.store import Store
     from distillgate.web.accounts import MAX_FAILURES, AccountStore
     from distillgate.web.site import Access
