@@ -34,8 +34,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from distillgate.canonical import sha256_file
 from distillgate.errors import NotFoundError, PolicyDenied, UpstreamError, UserError
-from distillgate.ledger.canonical import sha256_file
 from distillgate.pipeline.cache import StageCache, StageRecord, fingerprint
 from distillgate.pipeline.project import Project
 from distillgate.policy.decision import Request
@@ -117,6 +117,10 @@ class Pipeline:
                                    "without an API key")
             data["upstreams"] = {"teacher": upstream}
             data["models"] = {p.teacher.model: "teacher"}
+        elif p.teacher.model.startswith("local/"):  # the project's own local teacher: register it by name
+            name = p.teacher.model.removeprefix("local/")
+            if name != "smollm2-135m-instruct":
+                data["local_models"] = {name: p.teacher.model}
         from distillgate.pipeline.teacher import teacher_loader
 
         self._target = self._stack.enter_context(local_gateway(data, p.user, teacher_loader(self)))
@@ -371,11 +375,14 @@ class Pipeline:
         return _with_prompts(suite, prompts)
 
     def student_card(self, version_id: str, gate: dict[str, Any]) -> dict[str, Any]:
-        """What a student's run record says of where it came from: its dataset version, the sign-offs, the
-        training decision and a signed checkpoint of the log covering every teacher call behind its rows."""
-        return {"project": self.project.project, "run": self.project.run_id, "dataset_version": version_id,
-                "signoffs": self.signoffs(version_id), "train_decision_index": gate["decision_index"],
-                "checkpoint": self.checkpoint(), "db": str(self.store_path)}
+        """What a student's run record says of where it came from (``train.export.student_card``)."""
+        from distillgate.ledger.store import Store
+        from distillgate.train.export import student_card
+
+        with Store.open(self.store_path) as store:
+            card = student_card(store, project=self.project.project, run=self.project.run_id,
+                                version_id=version_id, decision_index=gate["decision_index"])
+        return {**card, "db": str(self.store_path)}
 
     def stage_eval(self) -> StageOutcome:
         from distillgate.evals.answers import run_source
