@@ -367,20 +367,37 @@ class ExtractionMonitor:
         return [found[k] for k in keys]
 
     def _embed_batch(self, batch: list[Job]) -> None:
+        """Embed a batch and apply it. The costly parts — the embedder, each piece's nearest reference neighbour,
+        the MMD test — run outside the monitor's lock, so the request path (``observe``) never waits on them."""
         texts = [p for _, pieces, _ in batch for p in pieces]
         vectors = self._embed(texts)
+        prepared = []
         pos = 0
+        for s, pieces, keys in batch:
+            vecs, pos = vectors[pos:pos + len(pieces)], pos + len(pieces)
+            ref = self._references.get(s.project or "")
+            sims = ref.nearest(np.stack(vecs)) if ref is not None else None
+            prepared.append((s, keys, vecs, ref, sims, [xxhash.xxh64_intdigest(p.encode()) for p in pieces]))
+        tests: list[tuple[ScopeState, Any, np.ndarray]] = []
         with self._lock:
-            for s, pieces, keys in batch:
-                vecs, pos = vectors[pos:pos + len(pieces)], pos + len(pieces)
+            for s, keys, vecs, ref, sims, piece_keys in prepared:
                 states = [self._scopes[k] for k in keys if k in self._scopes]
                 project = self._scopes.get(("project", s.project)) if s.project else None
-                self._drift_update(s, states, vecs, project, [xxhash.xxh64_intdigest(p.encode()) for p in pieces])
+                if ref is not self._references.get(s.project or ""):
+                    sims = None  # the reference changed meanwhile: compare again, with the new one
+                self._drift_update(s, states, vecs, project, piece_keys, sims, tests)
+        for project_state, test, window in tests:
+            value = test.ratio(window)
+            with self._lock:
+                project_state.mmd = value
 
     def _drift_update(self, s: Sketch, states: list[ScopeState], vecs: Sequence[np.ndarray],
-                      project_state: ScopeState | None = None, keys: Sequence[int] | None = None) -> None:
+                      project_state: ScopeState | None = None, keys: Sequence[int] | None = None,
+                      sims: np.ndarray | None = None,
+                      tests: list[tuple[ScopeState, Any, np.ndarray]] | None = None) -> None:
         """Apply a request's piece embeddings: its nearest-neighbour similarity (the least similar piece) to each
-        scope's drift window, each piece to the outside-reference windows, and the project's MMD window."""
+        scope's drift window, each piece to the outside-reference windows, and the project's MMD window (its test
+        is appended to ``tests`` to run after the lock is released; without ``tests`` it runs now)."""
         project = s.project or ""
         ref = self._references.get(project)
         if ref is None:
@@ -392,7 +409,8 @@ class ExtractionMonitor:
                 self._references[project] = Reference(np.stack(boot))
                 del self._bootstrap[project]
             return
-        sims = ref.nearest(np.stack(vecs))
+        if sims is None:
+            sims = ref.nearest(np.stack(vecs))
         outside = [bool(x < ref.nn_threshold) for x in sims]
         # a piece's identity: its text's hash (scan: the record's prompt fingerprint, one piece per record)
         piece_keys = list(keys) if keys is not None else [s.fp_int + i for i in range(len(vecs))]
@@ -410,7 +428,11 @@ class ExtractionMonitor:
             test = ref.mmd(window)
             if test is not None and len(project_state.vectors) >= window and project_state.mmd_pending >= MMD_EVERY:
                 project_state.mmd_pending = 0
-                project_state.mmd = test.ratio(np.stack(project_state.vectors))
+                stacked = np.stack(project_state.vectors)
+                if tests is None:
+                    project_state.mmd = test.ratio(stacked)
+                else:
+                    tests.append((project_state, test, stacked))
 
     def records_embeddings(self, project: str | None) -> bool:
         """Whether decisions of ``project`` carry a prompt embedding (an embedder and ``record_embeddings``)."""
