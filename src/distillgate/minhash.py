@@ -74,8 +74,14 @@ def signatures(flat: U64, counts: Sequence[int] | I64, perms: Permutations) -> U
 
 
 def signature(hashes: U64, perms: Permutations) -> U32:
-    """The MinHash signature (num_perm uint32 values) of one non-empty set of item hashes."""
-    one: U32 = signatures(hashes, [len(hashes)], perms)[0]
+    """The MinHash signature (num_perm uint32 values) of one non-empty set of item hashes: ``signatures`` of one
+    set, with fewer numpy calls (the extraction monitor computes one per request)."""
+    folded = (hashes ^ (hashes >> np.uint64(32))).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        permuted = folded[None, :] ^ perms.b[:, None]
+        permuted *= perms.a[:, None]
+        permuted ^= permuted >> np.uint32(15)
+    one: U32 = permuted.min(axis=1)
     return one
 
 

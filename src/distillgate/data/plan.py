@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +41,7 @@ from distillgate.data.splits import (
 from distillgate.minhash import band_keys
 
 I64 = npt.NDArray[np.int64]
+I32 = npt.NDArray[np.int32]
 CODES = tuple(REASONS)  # bit i of a row's reason mask is CODES[i]
 _BIT = {code: 1 << i for i, code in enumerate(CODES)}
 _ANSWER_MASK = sum(_BIT[c] for c in ANSWER_REASONS)
@@ -97,25 +99,26 @@ class _Columns:
     def add(self, name: str, values: Sequence[int] | Sequence[bool], dtype: type[np.generic]) -> None:
         self.parts[name].append(np.asarray(values, dtype=dtype))
 
-    def take(self, name: str, dtype: type[np.generic]) -> npt.NDArray[np.generic]:
+    def take(self, name: str, dtype: type[np.generic]) -> npt.NDArray[Any]:
         parts = self.parts.pop(name)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def _encode(chunks: list[pa.Array]) -> tuple[I64, pa.Array]:
+def _encode(chunks: list[pa.Array]) -> tuple[I32, pa.Array]:
     """Dictionary codes (-1 for null) and the dictionary of a column of strings."""
     if not chunks:
-        return np.zeros(0, dtype=np.int64), pa.array([], pa.string())
+        return np.zeros(0, dtype=np.int32), pa.array([], pa.string())
     encoded = pa.chunked_array(chunks, pa.string()).combine_chunks().dictionary_encode()
-    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    chunks.clear()
+    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
     return codes, encoded.dictionary
 
 
-def _ranks(dictionary: pa.Array) -> I64:
+def _ranks(dictionary: pa.Array) -> I32:
     """Rank of each dictionary string in code-point order (Python's ``str`` order)."""
-    order = pc.sort_indices(dictionary).to_numpy().astype(np.int64)
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
+    order = pc.sort_indices(dictionary).to_numpy()
+    rank = np.empty(len(order), dtype=np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
     return rank
 
 
@@ -205,55 +208,65 @@ class BuildPlan:
         t0 = time.perf_counter()
         cols, cfg = self._cols, self.config
         self.mask = cols.take("mask", np.uint32).astype(np.uint32)
-        task = cols.take("task", np.int16).astype(np.int64)
+        task = cols.take("task", np.int16)
         per_task = self._task_list
 
         # distinct inputs, numbered in order of first appearance
         codes, dictionary = _encode(cols.input_ids)
-        cols.input_ids = []
         uniq, first = np.unique(codes, return_index=True)
         order = np.argsort(first, kind="stable")
-        renumber = np.empty(len(uniq), dtype=np.int64)
-        renumber[uniq[order]] = np.arange(len(uniq))
+        renumber = np.empty(len(uniq), dtype=np.int32)
+        renumber[uniq[order]] = np.arange(len(uniq), dtype=np.int32)
         self.input_idx = renumber[codes]
-        del codes
+        del codes, renumber
         self.dictionary = dictionary.take(pa.array(uniq[order]))
-        first_row = first[order].astype(np.int64)
+        del dictionary
+        first_row = first[order].astype(np.int32)
+        del uniq, first, order
         n_inputs = len(first_row)
 
         # sample agreement: share of an input's samples naming its majority teacher label
-        teacher = cols.take("teacher_label", np.int32).astype(np.int64)
+        teacher = cols.take("teacher_label", np.int32)
         per_input = np.bincount(self.input_idx, minlength=n_inputs)
-        pair, pair_counts = np.unique(self.input_idx * max(1, len(self._labels)) + teacher, return_counts=True)
+        n_labels = max(1, len(self._labels))
+        pair, pair_counts = np.unique(self.input_idx.astype(np.int64) * n_labels + teacher, return_counts=True)
+        del teacher
         top = np.zeros(n_inputs, dtype=np.int64)
-        np.maximum.at(top, pair // max(1, len(self._labels)), pair_counts)
-        del teacher, pair, pair_counts
-        agreement_in = np.where(per_input > 1, top / np.maximum(per_input, 1), np.nan)
-        self.agreement = agreement_in[self.input_idx]
+        np.maximum.at(top, pair // n_labels, pair_counts)
+        del pair, pair_counts
+        self.agreement = np.where(per_input > 1, top / np.maximum(per_input, 1), np.nan)  # per input
+        del top, per_input
         min_agree = np.array([t.filters.disagreement.min_agreement if t.filters.disagreement else -1.0
                               for t in per_task] or [-1.0])
-        self.mask[self.agreement < min_agree[task]] |= _BIT["SAMPLE_DISAGREEMENT"]  # NaN compares False
+        disagree = self.agreement[self.input_idx] < min_agree[task]  # NaN compares False
+        self.mask[disagree] |= _BIT["SAMPLE_DISAGREEMENT"]
+        del disagree
         t1 = time.perf_counter()
 
         # exact duplicates over distinct inputs (first seen wins), then near-duplicate clusters of the survivors
         _, first_key, key_of = np.unique(self.spill.exact_keys[first_row], return_index=True, return_inverse=True)
-        self.keeper = first_key[key_of].astype(np.int64)
-        uniques = np.flatnonzero(self.keeper == np.arange(n_inputs))
+        self.keeper = first_key[key_of].astype(np.int32)
+        del first_key, key_of
+        uniques = np.flatnonzero(self.keeper == np.arange(n_inputs)).astype(np.int32)
         t2 = time.perf_counter()
         spill = self.spill
         unique_rows = first_row[uniques]
         reps = clusters(spilled_band_keys(spill, unique_rows), cfg.dedup.bands, len(uniques),
                         lambda i: spill.shingle_set(int(unique_rows[i])), cfg.dedup.threshold)
         self.n_clusters = len(np.unique(reps))
-        cluster_of = np.empty(n_inputs, dtype=np.int64)
+        cluster_of = np.empty(n_inputs, dtype=np.int32)
         cluster_of[uniques] = uniques[reps]
         self.cluster = cluster_of[self.keeper]
+        del cluster_of, reps, uniques
         exact = self.keeper[self.input_idx] != self.input_idx
-        near = ~exact & (self.cluster[self.input_idx] != self.input_idx)
         exact_on = np.array([t.filters.exact_duplicates for t in per_task] or [False])[task]
-        near_on = np.array([t.filters.near_duplicates for t in per_task] or [False])[task]
         self.mask[exact & exact_on] |= _BIT["EXACT_DUPLICATE"]
+        del exact_on
+        near = ~exact & (self.cluster[self.input_idx] != self.input_idx)
+        del exact
+        near_on = np.array([t.filters.near_duplicates for t in per_task] or [False])[task]
         self.mask[near & near_on] |= _BIT["NEAR_DUPLICATE"]
+        del near, near_on, first_row
         t3 = time.perf_counter()
 
         # decontamination against eval sets and the locked golden rows
@@ -278,15 +291,13 @@ class BuildPlan:
         self.mask[review == 1] &= np.uint32(~_ANSWER_MASK & 0xFFFFFFFF)
         self.mask[review == 2] |= _BIT["REVIEW_REJECTED"]
         del review
-        self.label = cols.take("label", np.int32).astype(np.int64)
+        self.label = cols.take("label", np.int32)
 
         # splits
         group, _ = _encode(cols.groups)
-        cols.groups = []
         ts_rank = None
         if cfg.split.by_time:
             stamp, stamps = _encode(cols.stamps)
-            cols.stamps = []
             ts_rank = np.where(stamp >= 0, _ranks(stamps)[np.maximum(stamp, 0)] if len(stamps) else -1, -1)
         dictionary = self.dictionary
         inputs = SplitInputs(
@@ -298,7 +309,7 @@ class BuildPlan:
             ids_member=cols.take("ids", np.bool_).astype(bool) if self._ids is not None else None,
             label=self.label, pre_hard=cols.take("pre_hard", np.int8).astype(np.int8),
             low_confidence=cols.take("low_conf", np.bool_).astype(bool), agreement=self.agreement,
-            n_words=cols.take("n_words", np.int32).astype(np.int64) if self._need_words else None,
+            n_words=cols.take("n_words", np.int32) if self._need_words else None,
             ts_rank=ts_rank)
         result = assign_split_columns(inputs, cfg.split, bool(self.locked))
         del inputs, group, locked
@@ -306,10 +317,11 @@ class BuildPlan:
         t5 = time.perf_counter()
 
         # the leakage check: protected rows with a trainable neighbour
-        train = np.flatnonzero(_TRAINABLE[self.split])
-        self.protected = np.flatnonzero(_PROTECTED[self.split])
+        train = np.flatnonzero(_TRAINABLE[self.split]).astype(np.int32)
+        self.protected = np.flatnonzero(_PROTECTED[self.split]).astype(np.int32)
         self.leak_sim = np.zeros(0)
-        self.leak_ref = np.zeros(0, dtype=np.int64)
+        self.leak_ref: npt.NDArray[np.signedinteger[Any]] = np.zeros(0, dtype=np.int64)
+        self.leak_at: npt.NDArray[np.signedinteger[Any]] = np.zeros(0, dtype=np.int64)
         if len(train) and len(self.protected):
             items = np.concatenate((train, self.protected))
             sim, ref = best_neighbours(spilled_band_keys(spill, items), cfg.dedup.bands, len(train),
@@ -317,8 +329,6 @@ class BuildPlan:
                                        cfg.dedup.threshold)
             hit = sim >= 0
             self.leak_at, self.leak_sim, self.leak_ref = self.protected[hit], sim[hit], train[ref[hit]]
-        else:
-            self.leak_at = np.zeros(0, dtype=np.int64)
         self._leak_rows: dict[int, tuple[str, str]] = {}
         self._wanted = set(self.leak_at.tolist()) | set(self.leak_ref.tolist())
         spill.close()
@@ -336,7 +346,7 @@ class BuildPlan:
         keeper_ids = self.dictionary.take(pa.array(keeper)).to_pylist()
         cluster_ids = self.dictionary.take(pa.array(cluster)).to_pylist()
         for k, (row, p) in enumerate(zip(rows, positions.tolist(), strict=True)):
-            agreement = float(self.agreement[p])
+            agreement = float(self.agreement[inp[k]])
             row.agreement = None if agreement != agreement else agreement
             row.exact_dup_of = None if keeper[k] == inp[k] else keeper_ids[k]
             row.dup_cluster = cluster_ids[k]
