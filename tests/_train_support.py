@@ -58,3 +58,25 @@ def toy_rows(n: int, split: str = "train", seed: int = 0) -> list[dict[str, Any]
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def freeze_rows(tmp: Path, rows: list[dict[str, Any]], name: str = "ds") -> Path:
+    """A real frozen dataset version holding ``rows`` (toy dicts: row_id, input, output, label, split, ...): a
+    working copy at ``tmp/name`` whose HEAD is the version. Returns the working copy directory (a training
+    ``dataset``)."""
+    from distillgate.data.schema import FIELD_NAMES, Row, text_sha256
+    from distillgate.data.store import WorkingCopy
+    from distillgate.data.versions import freeze
+
+    records = []
+    for r in rows:
+        fields = {k: v for k, v in r.items() if k in FIELD_NAMES}
+        fields.setdefault("input_id", str(r["row_id"]))
+        fields.setdefault("output_raw", r.get("output") or r.get("label"))
+        fields.setdefault("teacher_label", r.get("label"))
+        fields.setdefault("input_sha256", text_sha256(str(r["input"])))
+        records.append(Row.from_record(fields))
+    with WorkingCopy.create(tmp / name, {"name": name}) as wc:
+        wc.add_inputs(records)
+        freeze(wc)
+    return tmp / name

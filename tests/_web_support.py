@@ -162,6 +162,13 @@ def version_of(html: str) -> int:
 @contextlib.contextmanager
 def live_site(tmp: Path, **kwargs: Any) -> Iterator[LiveSite]:
     site, keys = make_site(tmp, **kwargs)
+    with serve_site(site, keys) as live:
+        yield live
+
+
+@contextlib.contextmanager
+def serve_site(site: ReviewSite, keys: dict[str, str]) -> Iterator[LiveSite]:
+    """Serve ``site`` on a free loopback port with uvicorn in a thread (``keys``: user -> API key secret)."""
     port = free_port()
     config = uvicorn.Config(create_app(site), host="127.0.0.1", port=port, lifespan="on", access_log=False,
                             log_level="warning")

@@ -30,7 +30,10 @@ def fill(store: Store, ps: PolicySet) -> None:
         a = store.admit(ps, request(run="run-A" if i % 2 else "run-B"))
         if a.reservation_id:
             store.settle(a.reservation_id, prompt_tokens=4, completion_tokens=6, response_hash="r" * 64)
-    store.admit(ps, request(run="run-A", project="moonshot"))  # a denial belongs to the run too
+    store.admit(ps, request(run="run-A", output_type="mystery"))  # a denial belongs to the run too
+    # a run belongs to one project: another project's use of the id is refused, and is not part of its export
+    refused = store.admit(ps, request(run="run-A", project="moonshot"))
+    assert "RUN_OWNED_BY_OTHER_PROJECT" in refused.decision.reasons
 
 
 def check_bundle(files: dict[str, bytes]) -> dict[str, object]:
@@ -50,7 +53,8 @@ def check_bundle(files: dict[str, bytes]) -> dict[str, object]:
         assert verify_inclusion(x["entry_hash"], x["index"], cp["checkpoint"]["tree_size"], proof,
                                 cp["checkpoint"]["root_hash"])
     assert manifest["decisions"] == {"allow": 6, "deny": 1}
-    assert manifest["tokens_charged"] == 60 and "PROJECT_NOT_ALLOWED" in manifest["reason_counts"]
+    assert manifest["tokens_charged"] == 60 and "OUTPUT_TYPE_NOT_ALLOWED" in manifest["reason_counts"]
+    assert manifest["project"] == "internal-compression" and manifest["projects"] == ["internal-compression"]
     return manifest
 
 

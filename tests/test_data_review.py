@@ -135,6 +135,8 @@ def test_golden_rows_are_locked_after_freeze(tmp_path):
 
 
 def test_review_cli_flow(tmp_path):
+    from distillgate.gateway.keys import KeyStore
+
     wc = make_dataset(tmp_path, RECORDS, {"review": {"rare_label_max_count": 1}})
     build(wc)
     ds = str(wc.root)
@@ -145,9 +147,16 @@ def test_review_cli_flow(tmp_path):
     shown = json.loads(nxt.stdout)
     rid, ver = shown["row_id"], str(shown["version"])
     db = str(tmp_path / "log.db")
-    ok = run_cli("review", "correct", rid, "--dataset", ds, "--reviewer", "carol", "--row-version", ver,
-                 "--label", "card_delivery_estimate", "--reason", "asks when, not where",
-                 "--db", db, "--project", "internal-compression", "--run", "r7")
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"policy_id": "p", "allowed_projects": ["internal-compression"],
+                                  "allowed_outputs": ["labels"],
+                                  "review": {"reviewers": {"internal-compression": ["carol", "dan"]}}}))
+    keys = KeyStore(db)
+    carol, dan = keys.create("carol")[1], keys.create("dan")[1]
+    keys.close()
+    gov = ["--db", db, "--policy", str(policy), "--project", "internal-compression", "--run", "r7"]
+    ok = run_cli("review", "correct", rid, "--dataset", ds, "--row-version", ver,
+                 "--label", "card_delivery_estimate", "--reason", "asks when, not where", *gov, "--api-key", carol)
     assert ok.returncode == 0, ok.stderr
     assert "card_delivery_estimate" in ok.stdout and "logged review event" in ok.stdout
     from distillgate.ledger import Store
@@ -155,7 +164,7 @@ def test_review_cli_flow(tmp_path):
     with Store.open(db) as store:
         events = [e.body for e in store.entries(kind="review")]
     assert len(events) == 1 and events[0]["reviewer"] == "carol" and events[0]["run"] == "r7"
-    stale = run_cli("review", "accept", rid, "--dataset", ds, "--reviewer", "dan", "--row-version", ver)
+    stale = run_cli("review", "accept", rid, "--dataset", ds, "--row-version", ver, *gov, "--api-key", dan)
     assert stale.returncode == 1 and "changed since you read it" in stale.stderr
     show = run_cli("review", "show", rid, "--dataset", ds)
     assert "edited: True" in show.stdout and "carol" in show.stdout

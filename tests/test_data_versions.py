@@ -162,7 +162,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_export_to_s3_moto_server(frozen, monkeypatch):
+def test_export_to_s3_moto_server(frozen, monkeypatch, tmp_path):
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
@@ -185,11 +185,24 @@ def test_export_to_s3_moto_server(frozen, monkeypatch):
         assert orjson.loads(read_file(manifest_url))["version_id"] == v1.version_id
         parquet = read_file(f"s3://datasets/banking/{v1.version_id[:16]}/rows.parquet")
         assert parquet == (v1.path / "rows.parquet").read_bytes()
-        out = run_cli("dataset", "export", str(v1.path), "s3://datasets/cli/", "--allow", "s3://datasets/")
+        policy = tmp_path / "policy.json"
+        policy.write_text(orjson.dumps({"policy_id": "p", "allowed_projects": ["bank"], "allowed_outputs": ["labels"],
+                                        "allowed_destinations": ["s3://datasets/"]}).decode())
+        gov = ["--db", str(tmp_path / "gov.db"), "--project", "bank", "--run", "r1", "--user", "alice"]
+        out = run_cli("dataset", "export", str(v1.path), "s3://datasets/cli/", "--policy", str(policy), *gov)
         assert out.returncode == 0, out.stderr
         assert f"s3://datasets/cli/{v1.version_id[:16]}/rows.jsonl" in out.stdout
-        denied = run_cli("dataset", "export", str(v1.path), "s3://datasets/cli/")
-        assert denied.returncode == 1 and "DESTINATION_NOT_APPROVED" in denied.stderr
+        # the policy judges the destination (there is no --allow to widen it), and both answers are logged
+        denied = run_cli("dataset", "export", str(v1.path), "s3://elsewhere/cli/", "--policy", str(policy), *gov)
+        assert denied.returncode == 2 and "DESTINATION_NOT_APPROVED" in denied.stderr
+        from distillgate.ledger.store import Store
+
+        with Store.open(tmp_path / "gov.db") as store:
+            decisions = [e.body for e in store.entries(kind="decision")]
+            exports = [e.body for e in store.entries(kind="export")]
+        assert [(d["decision"], d["destination"]) for d in decisions] == [
+            ("allow", "s3://datasets/cli/"), ("deny", "s3://elsewhere/cli/")]
+        assert decisions[0]["extra"]["artifact"] == "dataset" and len(exports) == 1
     finally:
         server.stop()
 

@@ -14,6 +14,7 @@ from _extraction_support import BANK_TEMPLATE, banking_texts, coverage_prompts
 from _gateway_support import free_port, serve_in_thread, write_policies
 from distillgate.errors import ConfigError
 from distillgate.extraction import HashingEmbedder
+from distillgate.extraction.local import LocalMonitor
 from distillgate.gateway.config import config_from_data
 from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.server import build_gateway
@@ -117,10 +118,12 @@ def test_extraction_config_gives_the_monitor_an_embedder_and_references(tmp_path
         "extraction": {"embedder": "hashing", "references": {BANK: str(ref), "other": str(text_ref)},
                        "embed_cache": 16}}))
     try:
-        assert isinstance(gateway.monitor.embedder, HashingEmbedder) and gateway.monitor.embed_cache == 16
-        bank, other = gateway.monitor.reference(BANK), gateway.monitor.reference("other")
+        assert isinstance(gateway.monitor, LocalMonitor)  # in process: the seam over an ExtractionMonitor
+        monitor = gateway.monitor.monitor
+        assert isinstance(monitor.embedder, HashingEmbedder) and monitor.embed_cache == 16
+        bank, other = monitor.reference(BANK), monitor.reference("other")
         assert bank is not None and len(bank.vectors) == 50 and other is not None and len(other.vectors) == 30
-        assert gateway.monitor.reference("elsewhere") is None
+        assert monitor.reference("elsewhere") is None
     finally:
         gateway.store.close()
         gateway.keys.close()
@@ -165,7 +168,7 @@ def replay_over_http(tmp: Path, embedder: str, requests: int = 80, record_embedd
                         assert r.status_code == 200, r.text
                     if i % 10 == 9:  # let the background embedder catch up, as a paced client would
                         gateway.monitor.drain()
-            assert gateway.monitor.dropped == 0
+            assert gateway.monitor.status().dropped == 0
         finally:
             gateway.store.close()
             gateway.keys.close()

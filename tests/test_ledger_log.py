@@ -121,8 +121,10 @@ def test_inserted_entry_is_named(tmp_path: Path) -> None:
         forged = dict(orjson.loads(row(db, 8)[1]))
         forged.update(index=9, user="mallory", prev_hash=row(db, 8)[0])
         data = canonical_json(forged)
-        conn.execute("INSERT INTO log (idx, entry_hash, body, kind, ts) VALUES (9, ?, ?, 'decision', 'x')",
-                     (sha256_hex(data), data))
+        # a careful forger copies the derived columns from the forged body (else verify names entry 9 itself)
+        conn.execute("INSERT INTO log (idx, entry_hash, body, kind, ts, run, project, user) "
+                     "VALUES (9, ?, ?, ?, ?, ?, ?, ?)", (sha256_hex(data), data, forged["kind"], forged["ts"],
+                                                        forged.get("run"), forged.get("project"), forged["user"]))
     conn.close()
     report = verify_db(db, pem)
     # the forged entry 9 is self-consistent, so the break shows at the link 9 -> 10 (the moved original)

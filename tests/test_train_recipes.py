@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from _train_support import LABELS, save_model, toy_rows, write_jsonl
+from _train_support import LABELS, freeze_rows, save_model, toy_rows, write_jsonl
 from distillgate.errors import ConfigError, DatasetGuardError, IntegrityError
 from distillgate.train import load_rows, parse_config, run_recipe
 from distillgate.train.config import ModelSource, PromptSettings
-from distillgate.train.encode import answer_ids, collate, make_examples, prompt_ids
+from distillgate.train.encode import answer_ids, collate, make_examples, prompt_ids, sparse_targets
 from distillgate.train.labels import score_labels
 from distillgate.train.loop import StepResult, train
 from distillgate.train.losses import divergence
@@ -31,7 +31,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(tmp: Path, models: Path, **over: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {"recipe": "sft", "rows": str(tmp / "rows.jsonl"), "output_dir": str(tmp / "out"),
+    doc: dict[str, Any] = {"recipe": "sft", "dataset": str(tmp / "ds"), "output_dir": str(tmp / "out"),
                            "student": {"model": {"path": str(models / "student")}}, "prompt": PROMPT,
                            "epochs": 2, "batch_size": 8, "lr": 3e-3, "log_every": 1, "threads": 1}
     doc.update(over)
@@ -56,7 +56,7 @@ def _rule_teacher(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def test_kd_on_label_distribution_raises_agreement_with_the_teacher(tmp_path: Path, models: Path) -> None:
-    write_jsonl(tmp_path / "rows.jsonl", _rule_teacher(toy_rows(96)))
+    freeze_rows(tmp_path, _rule_teacher(toy_rows(96)))
     held_out = toy_rows(40, seed=7)
     before = _label_agreement(models / "student", held_out)
     cfg = parse_config(_config(tmp_path, models, recipe="kd", labels=LABELS, epochs=7, lr=1e-2,
@@ -69,7 +69,7 @@ def test_kd_on_label_distribution_raises_agreement_with_the_teacher(tmp_path: Pa
 
 
 def test_sft_loss_falls_and_saves_a_from_pretrained_model(tmp_path: Path, models: Path) -> None:
-    write_jsonl(tmp_path / "rows.jsonl", toy_rows(48))
+    freeze_rows(tmp_path, toy_rows(48))
     result = run_recipe(parse_config(_config(tmp_path, models, epochs=5, lr=1e-2)))
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < 0.5 * losses[0]
@@ -85,7 +85,7 @@ def test_sft_loss_falls_and_saves_a_from_pretrained_model(tmp_path: Path, models
 
 
 def test_kd_logits_with_layer_subset_student_moves_towards_the_teacher(tmp_path: Path, models: Path) -> None:
-    write_jsonl(tmp_path / "rows.jsonl", toy_rows(32))
+    freeze_rows(tmp_path, toy_rows(32))
     teacher, tok = load_causal_lm(ModelSource(path=str(models / "teacher")))
     examples, _ = make_examples(toy_rows(32), tok, PromptSettings(**PROMPT), max_length=64)
     batch = collate(examples, tok.pad_token_id)
@@ -120,7 +120,7 @@ def test_kd_top_logprobs_with_lora(tmp_path: Path, models: Path) -> None:
         others = [name for name in LABELS if name != r["output"]]
         r["top_logprobs"] = [[{"token": r["output"], "logprob": -0.2}, {"token": others[0], "logprob": -2.5},
                               {"token": "no-such-token", "logprob": -3.0}]]
-    write_jsonl(tmp_path / "rows.jsonl", rows)
+    freeze_rows(tmp_path, rows)
     cfg = parse_config(_config(tmp_path, models, recipe="kd", epochs=3,
                                student={"model": {"path": str(models / "student")}, "lora": {"r": 4, "alpha": 8}},
                                kd={"target": "top_logprobs", "divergence": "jsd", "hard_weight": 0.1}))
@@ -133,9 +133,72 @@ def test_kd_top_logprobs_with_lora(tmp_path: Path, models: Path) -> None:
 
 
 def test_guard_refuses_test_and_golden_rows_before_loading_a_model(tmp_path: Path, models: Path) -> None:
-    write_jsonl(tmp_path / "rows.jsonl", toy_rows(4) + toy_rows(2, split="test", seed=3))
-    with pytest.raises(DatasetGuardError, match="2 protected row"):
-        run_recipe(parse_config(_config(tmp_path, models, student={"model": {"path": "/nonexistent"}})))
+    held = toy_rows(2, split="test", seed=3) + toy_rows(2, split="golden", seed=4)
+    freeze_rows(tmp_path, toy_rows(4) + held)
+    no_model = {"student": {"model": {"path": "/nonexistent"}}}
+    # a rows file naming the version's test and golden rows, as they are
+    write_jsonl(tmp_path / "rows.jsonl", toy_rows(4) + held)
+    with pytest.raises(DatasetGuardError, match="4 protected row"):
+        run_recipe(parse_config(_config(tmp_path, models, rows=str(tmp_path / "rows.jsonl"), **no_model)))
+
+
+def test_train_refuses_a_golden_row_smuggled_into_a_row_file(tmp_path: Path, models: Path) -> None:
+    golden = toy_rows(1, split="golden", seed=4)[0]
+    freeze_rows(tmp_path, [*toy_rows(4), golden])
+    no_model = {"student": {"model": {"path": "/nonexistent"}}}
+    # renamed, relabelled as a training row: refused by the hash of its input
+    smuggled = {**golden, "row_id": "r0-99", "split": "train"}
+    write_jsonl(tmp_path / "rows.jsonl", [*toy_rows(4), smuggled])
+    with pytest.raises(DatasetGuardError, match="golden/test/holdout input"):
+        run_recipe(parse_config(_config(tmp_path, models, rows=str(tmp_path / "rows.jsonl"), **no_model)))
+    # a row the version does not hold (or holds with another answer) refuses the file
+    forged = {**toy_rows(1)[0], "output": "maybe", "label": "maybe"}
+    write_jsonl(tmp_path / "rows.jsonl", [forged])
+    with pytest.raises(DatasetGuardError, match="do not match frozen version"):
+        run_recipe(parse_config(_config(tmp_path, models, rows=str(tmp_path / "rows.jsonl"), **no_model)))
+    # a free rows file without a frozen version is no training input at all
+    with pytest.raises(DatasetGuardError, match="not part of a frozen dataset version"):
+        run_recipe(parse_config(_config(tmp_path, models, dataset=None, rows=str(tmp_path / "rows.jsonl"),
+                                        **no_model)))
+    # the version's own rows.parquet (it holds the golden row) is accepted: the golden row stays out
+    from distillgate.data.guard import training_input
+    from distillgate.data.versions import resolve_version
+
+    parquet = resolve_version(tmp_path / "ds") / "rows.parquet"
+    got = training_input(tmp_path / "ds", rows_file=parquet).rows
+    assert sorted(r["row_id"] for r in got) == sorted(r["row_id"] for r in toy_rows(4))
+
+
+def test_a_corrected_label_is_the_training_target(tmp_path: Path, models: Path) -> None:
+    """A reviewer corrected a plain-label row (output still holds the teacher's label): every recipe learns the
+    correction -- sft's answer tokens, kd's label distribution and kd's top-k/logit targets."""
+    from distillgate.data import review
+    from distillgate.data.guard import training_input
+    from distillgate.data.store import WorkingCopy
+    from distillgate.data.versions import freeze
+
+    rows = toy_rows(6)
+    rows[0].update(output="yes", label="yes", label_probs={"yes": 0.9, "no": 0.05, "maybe": 0.05},
+                   top_logprobs=[[{"token": "yes", "logprob": -0.1}]])
+    freeze_rows(tmp_path, rows)
+    with WorkingCopy.open(tmp_path / "ds") as wc:
+        row = wc.get(rows[0]["row_id"])
+        review.correct(wc, row.row_id, "carol", row.version, "no", "the customer said no")
+        freeze(wc)
+    got = {r["row_id"]: r for r in training_input(tmp_path / "ds").rows}[rows[0]["row_id"]]
+    assert got["output"] == "yes" and got["label"] == "no"  # the teacher's answer is kept on the row
+    _, tok = load_causal_lm(ModelSource(path=str(models / "student")))
+    prompt = PromptSettings(**PROMPT)
+    (ex,), _ = make_examples([got], tok, prompt, max_length=64, labels=LABELS, want_top_k=True)
+    assert ex.answer == answer_ids(tok, "no")  # sft and kd token targets: the corrected answer
+    assert ex.label_probs == [0.0, 1.0, 0.0]  # label_probs kd: the reviewer's label with certainty
+    assert ex.top_ids is None and ex.corrected  # top-k kd: the stored top-k was the teacher's wrong answer
+    top_ids, top_lps = sparse_targets([ex], tok.vocab_size + 4)
+    assert top_ids[0, 0] == answer_ids(tok, "no")[0] and top_lps[0, 0] == 0.0
+    # and a real kd (logits) step on it trains without error, the corrected positions on the one-hot target
+    done = run_recipe(parse_config(_config(tmp_path, models, recipe="kd", teacher={"path": str(models / "teacher")},
+                                           max_steps=1)))
+    assert done.steps == 1
 
 
 def test_config_reports_every_problem(tmp_path: Path, models: Path) -> None:
@@ -150,8 +213,10 @@ def test_config_reports_every_problem(tmp_path: Path, models: Path) -> None:
 
 
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path: Path, models: Path) -> None:
-    write_jsonl(tmp_path / "rows.jsonl", toy_rows(32))
-    rows = load_rows(tmp_path / "rows.jsonl")
+    freeze_rows(tmp_path, toy_rows(32))
+    from distillgate.data.guard import training_input
+
+    rows = training_input(tmp_path / "ds").rows
 
     def run(out: Path, fail_at: int | None) -> Any:
         cfg = parse_config(_config(tmp_path, models, output_dir=str(out), epochs=2, checkpoint_every=2))
@@ -183,7 +248,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path: Path, mod
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path, models: Path) -> None:
-    write_jsonl(tmp_path / "rows.jsonl", toy_rows(16))
+    freeze_rows(tmp_path, toy_rows(16))
     ckpt = tmp_path / "out" / "checkpoints"
     ckpt.mkdir(parents=True)
     torch.save({"total_steps": 999, "n_examples": 1}, ckpt / "step-00000002.pt")
@@ -194,7 +259,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path, models: Path
 def test_cli_validate_and_run(tmp_path: Path, models: Path, cli_run: Any) -> None:
     import yaml
 
-    write_jsonl(tmp_path / "rows.jsonl", toy_rows(16))
+    freeze_rows(tmp_path, toy_rows(16))
     doc = _config(tmp_path, models, epochs=1)
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(doc))
     ok = cli_run("train", "validate", str(tmp_path / "train.yaml"), "epochs=2")

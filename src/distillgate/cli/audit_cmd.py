@@ -21,19 +21,27 @@ def cli() -> None:
 @db_option
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
               help="trusted public key (PEM) from `audit pubkey`; default: the key recorded in the store")
+@click.option("--witness", "witness_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="heads seen outside the store: a witness .jsonl (default file: <db>.witness.jsonl) or an "
+                   "export's checkpoint.json / manifest.json; repeat for several. Detects a rolled-back log.")
 @click.option("--json", "as_json", is_flag=True)
-def verify(db: str, public_key: str | None, as_json: bool) -> None:
-    """Check the hash chain, entry hashes, Merkle checkpoints and signatures; exit 2 and name the first bad index."""
+def verify(db: str, public_key: str | None, witness_paths: tuple[str, ...], as_json: bool) -> None:
+    """Check the hash chain, entry hashes, columns, Merkle checkpoints, signatures and witnessed heads; exit 2 and
+    name the first bad index."""
     from distillgate.ledger.verify import verify_db
+    from distillgate.ledger.witness import read_witness
 
     pem = Path(public_key).read_text() if public_key else None
-    report = verify_db(db, pem)
+    witnesses = [w for path in witness_paths for w in read_witness(path)]
+    report = verify_db(db, pem, witnesses)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     elif report.ok:
         head = report.head or {}
+        seen = (f"; consistent with {report.witnessed} witnessed heads (largest {report.witnessed_size})"
+                if report.witnessed else "; no witness given, so a rollback would not show (see docs/audit.md)")
         click.echo(f"ok: {report.entries} entries, {report.checkpoints_checked} signed checkpoints verified; "
-                   f"root {str(head.get('root_hash', ''))[:16]}…")
+                   f"root {str(head.get('root_hash', ''))[:16]}…{seen}")
     else:
         click.echo(f"FAILED: first bad index {report.first_bad_index}", err=True)
         for problem in report.problems[:20]:
@@ -47,11 +55,13 @@ def verify(db: str, public_key: str | None, as_json: bool) -> None:
 @cli.command("export")
 @db_option
 @click.option("--run", required=True, help="policy_run_id to export")
+@click.option("--project", default=None, help="the run's project (default: the project that owns the run)")
 @click.option("--to", "to_url", required=True, help="file:///dir/ or s3://bucket/prefix/")
 @click.option("--policy", "policy_path", required=True, type=click.Path(), help="policy file or directory")
 @click.option("--user", default=None, help="who exports (recorded in the log)")
 @click.option("--s3-endpoint", default=None, help="S3 endpoint URL (else $DISTILLGATE_S3_ENDPOINT)")
-def export(db: str, run: str, to_url: str, policy_path: str, user: str | None, s3_endpoint: str | None) -> None:
+def export(db: str, run: str, project: str | None, to_url: str, policy_path: str, user: str | None,
+           s3_endpoint: str | None) -> None:
     """Write the run's decisions (JSONL + Parquet), a signed checkpoint with proofs and a manifest."""
     from distillgate.ledger.export import export_run
     from distillgate.ledger.store import Store
@@ -59,7 +69,7 @@ def export(db: str, run: str, to_url: str, policy_path: str, user: str | None, s
 
     policies = load_policies(policy_path)
     with Store.open(db) as store:
-        result = export_run(store, policies, run, to_url, user=user, endpoint_url=s3_endpoint)
+        result = export_run(store, policies, run, to_url, user=user, project=project, endpoint_url=s3_endpoint)
     click.echo(f"exported {result.entries} entries of run {run!r}:")
     for url in result.urls:
         click.echo(f"  {url}")
@@ -89,13 +99,14 @@ def pubkey(db: str) -> None:
 @cli.command("log")
 @db_option
 @click.option("--run", default=None)
+@click.option("--project", default=None, help="only entries of this project")
 @click.option("--limit", default=20, show_default=True)
-def log(db: str, run: str | None, limit: int) -> None:
+def log(db: str, run: str | None, project: str | None, limit: int) -> None:
     """Print the last entries of the log (optionally of one run) as JSON lines."""
     from distillgate.ledger.store import Store
 
     with Store.open(db) as store:
-        entries = list(store.entries(run=run))
+        entries = list(store.entries(run=run, project=project))
     for e in entries[-limit:]:
         click.echo(json.dumps(e.as_dict(), sort_keys=True))
 

@@ -10,6 +10,7 @@ import click
 import orjson
 import yaml
 
+from distillgate.cli.common import db_option
 from distillgate.errors import UserError
 
 
@@ -219,19 +220,37 @@ def diff_cmd(a: str, b: str, root: str | None, limit: int, as_json: bool) -> Non
 @click.argument("url")
 @click.option("--format", "formats", multiple=True, type=click.Choice(["jsonl", "parquet", "hf"]),
               help="Formats to write (repeatable; default jsonl and parquet).")
-@click.option("--allow", "allowed", multiple=True, help="Approved destination prefix (adds to the config's).")
 @click.option("--root", type=click.Path(file_okay=False), default=None, help="Working copy holding the version.")
-def export_cmd(ref: str, url: str, formats: tuple[str, ...], allowed: tuple[str, ...], root: str | None) -> None:
-    """Export version REF to URL (file:///dir or s3://bucket/prefix/; endpoint from $DISTILLGATE_S3_ENDPOINT)."""
+@db_option
+@click.option("--policy", "policy_path", required=True, type=click.Path(exists=True),
+              help="Policy file or directory: its allowed_destinations (and sign-off rules) judge the export.")
+@click.option("--project", required=True, help="policy_project_id the dataset belongs to.")
+@click.option("--run", required=True, help="policy_run_id the dataset belongs to (its sign-offs count).")
+@click.option("--user", required=True, help="Who exports (recorded in the decision log).")
+def export_cmd(ref: str, url: str, formats: tuple[str, ...], root: str | None, db: str, policy_path: str,
+               project: str, run: str, user: str) -> None:
+    """Export version REF to URL (file:///dir or s3://bucket/prefix/; endpoint from $DISTILLGATE_S3_ENDPOINT),
+    after the policy approves the destination and the run's sign-off (the decision is logged either way)."""
     from distillgate.data.config import parse_config
     from distillgate.data.export import export_version
+    from distillgate.data.gate import judge
     from distillgate.data.versions import open_version
+    from distillgate.ledger.store import Store
+    from distillgate.policy.model import load_policies
 
     version = open_version(ref, root)
+    policies = load_policies(policy_path)
     cfg = parse_config(version.manifest.get("config", {}), "manifest")
-    approved = [*cfg.export.allowed_destinations, *allowed]
-    written = export_version(version, url, formats=formats or ("jsonl", "parquet"), allowed=approved,
-                             endpoint_url=os.environ.get("DISTILLGATE_S3_ENDPOINT"))
+    with Store.open(db) as store:
+        admission = judge(store, policies, kind="export", artifact="dataset", user=user, project=project, run=run,
+                          version_id=version.version_id, destination=url)
+        # the dataset config may narrow the policy's destinations further, never widen them
+        allowed = cfg.export.allowed_destinations or policies.select(project).destinations()
+        written = export_version(version, url, formats=formats or ("jsonl", "parquet"), allowed=allowed,
+                                 endpoint_url=os.environ.get("DISTILLGATE_S3_ENDPOINT"))
+        store.append_event("export", {"artifact": "dataset", "run": run, "project": project, "user": user,
+                                      "destination": url, "version_id": version.version_id, "files": written,
+                                      "decision_index": admission.entry.index})
     for item in written:
         click.echo(item)
 

@@ -21,15 +21,18 @@ from typing import Any
 import click
 
 from distillgate.errors import UserError
+from distillgate.redact import redact_argv, scrub
 
 
 def _source(name: str, url: str | None, api_key: str | None, headers: dict[str, str], logprobs: bool,
             threads: int) -> Any:
-    from distillgate.evals.sources import LocalCausalLMSource, OpenAIChatSource
+    from distillgate.evals.sources import LocalCausalLMSource, OpenAIChatSource, student_source
 
     if url:
         return OpenAIChatSource(name=name, base_url=url, api_key=api_key, headers=headers,
                                 request_logprobs=logprobs)
+    if Path(name).is_dir():  # a trained student directory: served the way its family needs
+        return student_source(name, threads=threads)
     return LocalCausalLMSource(name, threads=threads)
 
 
@@ -108,8 +111,10 @@ def run_eval(*, suite: str, dataset: str | None, split: str | None, dataset_vers
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "dataset_version": dataset_version, "policy_ids": list(policy_ids), "run_id": run_id,
         "checkpoint": _checkpoint(checkpoint), "detector": detector if the_suite.kind == "refusal" else None,
-        "command": "distillgate " + " ".join(sys.argv[1:]) if sys.argv else None,
+        # never the API key: the options that carry secrets are masked (distillgate/redact.py)
+        "command": "distillgate " + " ".join(redact_argv(sys.argv[1:])) if sys.argv else None,
     }
+    metadata = scrub(metadata, [api_key])
     cards: dict[str, dict[str, Any]] = {}
     if answers_path:
         answers = read_answers(Path(answers_path))
@@ -131,6 +136,7 @@ def run_eval(*, suite: str, dataset: str | None, split: str | None, dataset_vers
         finally:
             teacher_source.close()
             student_source.close()
+        cards = scrub(cards, [api_key])
         (out / "cards.json").write_text(json.dumps(cards, indent=2, default=str) + "\n", encoding="utf-8")
     run = score_and_report(the_suite, answers, cards, out, metadata=metadata, detector=detector, target=target,
                            min_routed=min_routed, resamples=resamples, seed=seed)

@@ -101,6 +101,8 @@ class _Progress:
               help="In-process gateway: an OpenAI-compatible upstream (repeatable).")
 @click.option("--db", default=None, help="In-process gateway: SQLite store [default: $DISTILLGATE_DB or "
               "./distillgate.db].")
+@click.option("--regenerate", is_flag=True, help="Discard stored answers that were asked for with other settings "
+              "(model, prompt, temperature, max_tokens, seed, labels, ...) and ask again [default: refuse].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def generate(directory: str, traffic: str | None, maps: tuple[str, ...], template_text: str | None,
@@ -109,7 +111,8 @@ def generate(directory: str, traffic: str | None, maps: tuple[str, ...], templat
              max_tokens: int | None, seed: int, logprobs: bool, top_logprobs: int | None, concurrency: int,
              max_attempts: int, timeout_s: float, user: str, project: str, run_id: str | None, output_type: str,
              gateway_url: str | None, api_key: str | None, gateway_config: str | None, policy: str | None,
-             upstreams: tuple[str, ...], db: str | None, no_progress: bool, as_json: bool) -> None:
+             upstreams: tuple[str, ...], db: str | None, regenerate: bool, no_progress: bool,
+             as_json: bool) -> None:
     """Ask the teacher (through the gateway) for k samples of every input in DIRECTORY still missing one.
 
     Resumable: a rerun with the same settings generates only what is missing. Exit 2 when a denial (quota: 429
@@ -172,10 +175,13 @@ def generate(directory: str, traffic: str | None, maps: tuple[str, ...], templat
                                     "(create one with `distillgate keys create --user U --db PATH`)")
                 target = GatewayTarget(base_url=str(gateway_url), api_key=key)
             with bar.progress:
-                report = run_job(wc, template, settings, target, on_start=bar.start, on_progress=bar.advance)
+                report = run_job(wc, template, settings, target, on_start=bar.start, on_progress=bar.advance,
+                                 stale="regenerate" if regenerate else "refuse")
     if as_json:
         click.echo(orjson.dumps({**report.as_dict(), "run": run}, option=orjson.OPT_INDENT_2).decode())
     else:
+        if report.discarded:
+            click.echo(f"discarded {report.discarded} stale answer(s) generated with other settings", err=True)
         click.echo(f"run {run}: {report.added} row(s) added, {report.already_present} already present, "
                    f"{report.denied} denied, {report.failed} failed, {report.retried} retried, "
                    f"{report.tokens} tokens used, {report.seconds:.1f}s")

@@ -19,7 +19,7 @@ DETECTOR_CHOICE = click.Choice(["string", "embedding"])
 
 @click.group(name="refusal")
 def cli() -> None:
-    """Detect refusals (safety vs cannot-answer-from-context vs compliance)."""
+    """Detect refusals (compliance, full or partial refusal, context refusal, degenerate output)."""
 
 
 @cli.command("classify")
@@ -28,8 +28,9 @@ def cli() -> None:
 @click.option("--detector", type=DETECTOR_CHOICE, default="embedding", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write here instead of back into FILE.")
 def classify(file: str, column: str, detector: str, out: str | None) -> None:
-    """Add `refused` (0/1: safety refusal) and `refusal_kind` (comply|safety|context) columns to FILE.csv."""
-    from distillgate.evals.refusal import make_detector
+    """Add `refused` (0/1: full or partial refusal) and `refusal_kind` (comply|safety|partial|context|degenerate)
+    columns to FILE.csv."""
+    from distillgate.evals.refusal import KINDS, is_refused, make_detector
 
     path = Path(file)
     if not path.exists():
@@ -42,7 +43,7 @@ def classify(file: str, column: str, detector: str, out: str | None) -> None:
         raise UserError(f"{path} has no column {column!r}", hint=f"choose one of: {', '.join(fields) or '(none)'}")
     kinds = make_detector(detector).classify([row[column] or "" for row in rows])
     for row, kind in zip(rows, kinds, strict=True):
-        row["refused"] = "1" if kind == "safety" else "0"
+        row["refused"] = "1" if is_refused(kind) else "0"
         row["refusal_kind"] = kind
     out_fields = fields + [f for f in ("refused", "refusal_kind") if f not in fields]
     target = Path(out) if out else path
@@ -50,26 +51,30 @@ def classify(file: str, column: str, detector: str, out: str | None) -> None:
         writer = csv.DictWriter(fh, fieldnames=out_fields)
         writer.writeheader()
         writer.writerows(rows)
-    counts = {k: kinds.count(k) for k in ("comply", "safety", "context")}
+    counts = {k: kinds.count(k) for k in KINDS}
     click.echo(f"{target}: {len(rows)} rows, " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 @cli.command("agreement")
-@click.option("--heldout", type=click.Path(dir_okay=False), help="Hand-labelled CSV (text, kind).")
+@click.option("--heldout", type=click.Path(dir_okay=False),
+              help="Labelled CSV (text, kind); default the public test split data/refusal/public/test.csv.")
 @click.option("--detector", "detectors", type=DETECTOR_CHOICE, multiple=True,
               help="Detector(s) to check; default both.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def agreement_cmd(heldout: str | None, detectors: tuple[str, ...], as_json: bool) -> None:
-    """Agreement of each detector with hand labels (accuracy, refused agreement, Cohen's kappa)."""
-    from distillgate.evals.refusal import REFUSAL_DIR, agreement, make_detector, read_labelled
+    """Agreement of each detector with labels (by kind and refused/not, Wilson 95 % intervals, Cohen's kappa)."""
+    from distillgate.evals.refusal import REFUSAL_DIR, make_detector
+    from distillgate.evals.refusal_agreement import agreement, read_labelled
 
-    texts, gold = read_labelled(Path(heldout) if heldout else REFUSAL_DIR / "heldout.csv")
+    texts, gold = read_labelled(Path(heldout) if heldout else REFUSAL_DIR / "public" / "test.csv")
     results = [agreement(make_detector(name), texts, gold) for name in (detectors or ("string", "embedding"))]
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in results], indent=2))
         return
     for r in results:
-        click.echo(f"{r.detector:<10} n={r.n}  3-way accuracy {r.accuracy:.1%}  refused agreement "
-                   f"{r.refused_agreement:.1%}  kappa {r.cohen_kappa:.3f}")
+        click.echo(f"{r.detector:<10} n={r.n}  kind agreement {r.accuracy:.1%} [{r.accuracy_ci[0]:.1%}, "
+                   f"{r.accuracy_ci[1]:.1%}]  refused agreement {r.refused_agreement:.1%} "
+                   f"[{r.refused_ci[0]:.1%}, {r.refused_ci[1]:.1%}]  kappa {r.cohen_kappa:.3f}")
         for g, row in r.confusion.items():
-            click.echo(f"    hand {g:<8} -> " + "  ".join(f"{p} {n}" for p, n in row.items()))
+            if sum(row.values()):
+                click.echo(f"    label {g:<10} -> " + "  ".join(f"{p} {n}" for p, n in row.items() if n))

@@ -1,15 +1,24 @@
-"""``distillgate review``: queues, next, show, accept, correct, reject (the same functions the web pages call), serve,
-and ``user add/list/disable`` (reviewer accounts for the web page)."""
+"""``distillgate review``: queues, next, show, accept, correct, reject, sign-off (the same functions the web pages
+call), serve, and ``user add/list/disable`` (reviewer accounts for the web page).
+
+Writes prove who the reviewer is exactly as the page does: an API key (``--api-key`` / ``$DISTILLGATE_API_KEY``)
+or a reviewer account (``--user`` and its password from ``$DISTILLGATE_REVIEWER_PASSWORD`` or a prompt). The
+reviewer is then judged by the policy through ``distillgate.web.site.Access``, the page's own code path; every
+refusal is logged with its reason codes and exits 2."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
 import orjson
 
+from distillgate.cli.common import db_option
 from distillgate.cli.review_serve import serve
 from distillgate.cli.review_users import users
 from distillgate.data.schema import Row
@@ -36,23 +45,71 @@ def _version_option(func: Any) -> Any:
                         help="The row version you reviewed (from `review show`); stale versions are refused.")(func)
 
 
-def _log_option(func: Any) -> Any:
-    """``--db/--project/--run``: when ``--db`` is given, the verdict is also a ``review`` event in the decision log."""
-    func = click.option("--run", default=None, help="policy_run_id the dataset belongs to (recorded).")(func)
-    func = click.option("--project", default=None, help="policy_project_id the dataset belongs to (recorded).")(func)
-    return click.option("--db", default=lambda: os.environ.get("DISTILLGATE_DB"), show_default="$DISTILLGATE_DB",
-                        type=click.Path(dir_okay=False),
-                        help="Store whose decision log records the review event.")(func)
+def _auth_options(func: Any) -> Any:
+    """Who reviews (proved by a key or an account), for which project and run, judged by which policy."""
+    func = click.option("--user", "account", default=lambda: os.environ.get("DISTILLGATE_REVIEWER"),
+                        show_default="$DISTILLGATE_REVIEWER",
+                        help="Reviewer account (password from $DISTILLGATE_REVIEWER_PASSWORD or a prompt).")(func)
+    func = click.option("--api-key", "api_key", default=lambda: os.environ.get("DISTILLGATE_API_KEY"),
+                        show_default="$DISTILLGATE_API_KEY", help="The reviewer's API key.")(func)
+    func = click.option("--requester", default=None,
+                        help="Who started the run [default: the user of its first teacher call in the log].")(func)
+    func = click.option("--run", default=None, help="policy_run_id the dataset belongs to [default: the dataset "
+                        "directory name].")(func)
+    func = click.option("--project", required=True, help="policy_project_id the dataset belongs to.")(func)
+    func = click.option("--policy", "policy_path", required=True, type=click.Path(exists=True),
+                        help="Policy file or directory (review.reviewers says who may review).")(func)
+    return db_option(func)
 
 
-def _log_verdict(verdict: Any, dataset: str, db: str | None, project: str | None, run: str | None) -> None:
-    if not db:
-        return
-    from distillgate.data.review import log_review
+class Reviewer:
+    """A reviewer signed in for one command: who, how, and the open decision log."""
+
+    def __init__(self, user: str, method: str, credential_id: str | None, store: Any, scope: Any) -> None:
+        self.user, self.method, self.credential_id, self.store, self.scope = user, method, credential_id, store, scope
+
+
+@contextlib.contextmanager
+def _signed_in(dataset: str, db: str, policy_path: str, project: str, run: str | None, requester: str | None,
+               api_key: str | None, account: str | None) -> Iterator[Reviewer]:
+    from distillgate.errors import PolicyDenied, UserError
+    from distillgate.gateway.keys import KeyStore
     from distillgate.ledger.store import Store
+    from distillgate.policy.model import load_policies
+    from distillgate.web.accounts import AccountStore
+    from distillgate.web.site import Access, ReviewScope
 
+    scope = ReviewScope(load_policies(policy_path), project, run or Path(dataset).resolve().name, requester)
     with Store.open(db) as store:
-        entry = log_review(store, verdict, dataset=os.path.abspath(dataset), project=project, run=run)
+        keys, accounts = KeyStore(db), AccountStore(db)
+        try:
+            access = Access(scope, keys, accounts, store)
+            if api_key:
+                result = access.sign_in(api_key)
+            elif account:
+                password = os.environ.get("DISTILLGATE_REVIEWER_PASSWORD") or click.prompt(
+                    f"password for {account}", hide_input=True, err=True)
+                result = access.sign_in_password(account, password)
+            else:
+                raise UserError("a review needs the reviewer's proof of identity",
+                                hint="pass --api-key KEY (or $DISTILLGATE_API_KEY), or --user NAME with "
+                                     "$DISTILLGATE_REVIEWER_PASSWORD")
+            if result.problem is not None or result.user is None:
+                raise PolicyDenied(f"review refused: {result.problem}", list(result.reasons),
+                                   hint="sign in as a reviewer the policy lists for the project (review.reviewers), "
+                                        "not the run's requester, with an active key or account")
+        finally:
+            keys.close()
+            accounts.close()
+        yield Reviewer(result.user, result.method, result.credential if result.method == "api_key" else None,
+                       store, scope)
+
+
+def _log_verdict(verdict: Any, dataset: str, who: Reviewer) -> None:
+    from distillgate.data.review import log_review
+
+    entry = log_review(who.store, verdict, dataset=os.path.abspath(dataset), project=who.scope.project,
+                       run=who.scope.run_id)
     click.echo(f"logged review event at decision-log index {entry.index}")
 
 
@@ -127,60 +184,70 @@ def show_cmd(row_id: str, dataset: str, as_json: bool) -> None:
 @cli.command("accept")
 @click.argument("row_id")
 @_dataset_option
-@_reviewer_option
 @_version_option
-@_log_option
+@_auth_options
 @click.option("--reason", default=None)
-def accept_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, reason: str | None, db: str | None,
-               project: str | None, run: str | None) -> None:
+def accept_cmd(row_id: str, dataset: str, row_version: int, reason: str | None, **auth: Any) -> None:
     """Keep the teacher's label."""
     from distillgate.data.review import accept
     from distillgate.data.store import WorkingCopy
 
-    with WorkingCopy.open(dataset) as wc:
-        verdict = accept(wc, row_id, reviewer, row_version, reason)
-    click.echo(f"accepted {row_id} (now version {verdict.row.version})")
-    _log_verdict(verdict, dataset, db, project, run)
+    with _signed_in(dataset, **auth) as who, WorkingCopy.open(dataset) as wc:
+        verdict = accept(wc, row_id, who.user, row_version, reason)
+        click.echo(f"accepted {row_id} (now version {verdict.row.version})")
+        _log_verdict(verdict, dataset, who)
 
 
 @cli.command("correct")
 @click.argument("row_id")
 @_dataset_option
-@_reviewer_option
 @_version_option
 @click.option("--label", required=True, help="The correct label.")
 @click.option("--reason", required=True, help="Why the teacher was wrong.")
-@_log_option
-def correct_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, label: str, reason: str,
-                db: str | None, project: str | None, run: str | None) -> None:
+@_auth_options
+def correct_cmd(row_id: str, dataset: str, row_version: int, label: str, reason: str, **auth: Any) -> None:
     """Store a human label (the teacher's answer is kept; the row is marked edited)."""
     from distillgate.data.review import correct
     from distillgate.data.store import WorkingCopy
 
-    with WorkingCopy.open(dataset) as wc:
-        verdict = correct(wc, row_id, reviewer, row_version, label, reason)
-    click.echo(f"corrected {row_id}: label {verdict.row.teacher_label!r} -> {verdict.row.label!r} "
-               f"(now version {verdict.row.version})")
-    _log_verdict(verdict, dataset, db, project, run)
+    with _signed_in(dataset, **auth) as who, WorkingCopy.open(dataset) as wc:
+        verdict = correct(wc, row_id, who.user, row_version, label, reason)
+        click.echo(f"corrected {row_id}: label {verdict.row.teacher_label!r} -> {verdict.row.label!r} "
+                   f"(now version {verdict.row.version})")
+        _log_verdict(verdict, dataset, who)
 
 
 @cli.command("reject")
 @click.argument("row_id")
 @_dataset_option
-@_reviewer_option
 @_version_option
 @click.option("--reason", required=True)
-@_log_option
-def reject_cmd(row_id: str, dataset: str, reviewer: str, row_version: int, reason: str, db: str | None,
-               project: str | None, run: str | None) -> None:
+@_auth_options
+def reject_cmd(row_id: str, dataset: str, row_version: int, reason: str, **auth: Any) -> None:
     """Drop the row from every split."""
     from distillgate.data.review import reject
     from distillgate.data.store import WorkingCopy
 
-    with WorkingCopy.open(dataset) as wc:
-        verdict = reject(wc, row_id, reviewer, row_version, reason)
-    click.echo(f"rejected {row_id} (now version {verdict.row.version})")
-    _log_verdict(verdict, dataset, db, project, run)
+    with _signed_in(dataset, **auth) as who, WorkingCopy.open(dataset) as wc:
+        verdict = reject(wc, row_id, who.user, row_version, reason)
+        click.echo(f"rejected {row_id} (now version {verdict.row.version})")
+        _log_verdict(verdict, dataset, who)
+
+
+@cli.command("sign-off")
+@_dataset_option
+@_auth_options
+def sign_off_cmd(dataset: str, **auth: Any) -> None:
+    """Sign off the dataset for its run: a signed decision-log entry naming you, the version and what was reviewed
+    (the working copy is frozen first when it changed since HEAD)."""
+    from distillgate.data.signoff import sign_off
+    from distillgate.data.store import WorkingCopy
+
+    with _signed_in(dataset, **auth) as who, WorkingCopy.open(dataset) as wc:
+        entry, version = sign_off(who.store, who.scope.policy, wc, reviewer=who.user, method=who.method,
+                                  credential_id=who.credential_id, project=who.scope.project, run=who.scope.run_id)
+    click.echo(f"signed off version {version.version_id[:16]} of run {who.scope.run_id!r} as {who.user} "
+               f"(decision-log entry {entry.index})")
 
 
 cli.add_command(serve)

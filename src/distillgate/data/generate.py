@@ -17,6 +17,11 @@ Choices, and why:
   connection errors, with exponential backoff and full jitter. **Never** a policy denial: a 401/403/429 or a 400
   carrying reason codes stops the job (requests in flight finish and are kept); the report lists the reason codes.
   Other 4xx answers (e.g. 422 ``OUTPUT_FORMAT_VIOLATION``) fail that one row; a rerun retries it.
+- **Stale answers are never reused.** Every stored answer carries an *answer key*: the hash of the prompt template
+  and of every setting that changes an answer (``answer_key``: model, temperature, top_p, max_tokens, seed,
+  log-probabilities, labels, label scoring mode, ``answer_context``, and any setting added later unless it is listed
+  in ``OPERATIONAL_SETTINGS``). A run whose key differs from a stored answer's refuses, naming what changed, unless
+  asked to regenerate (``stale="regenerate"``), which discards those answers and asks again.
 - **Label probabilities**: ``LabelScorer`` is the hook for teachers that can score a label set (the local
   transformers teacher). Without a scorer rows carry no ``label_probs``.
 
@@ -137,6 +142,9 @@ class GenerateSettings(BaseModel):
     backoff_s: float = Field(default=0.5, ge=0)
     max_backoff_s: float = Field(default=10.0, gt=0)
     timeout_s: float = Field(default=120.0, gt=0)
+    #: anything else that changes an answer but is not sent in the request (the teacher's upstream, a retrieval
+    #: pool's hash): part of the answer key only
+    answer_context: dict[str, Any] = Field(default_factory=dict)
 
     def sampling(self, sample_index: int) -> dict[str, Any]:
         """The sampling settings recorded on the row of ``sample_index``."""
@@ -145,6 +153,56 @@ class GenerateSettings(BaseModel):
                 "max_tokens": self.max_tokens, "seed": None if self.seed is None else self.seed + sample_index,
                 "logprobs": self.logprobs or self.top_logprobs is not None, "top_logprobs": self.top_logprobs,
                 "k": self.k}
+
+
+#: Settings that change who asks, under which policy, or how hard the job pushes, never an answer: left out of the
+#: answer key. ``k`` is here because sample ``i`` is asked with seed ``seed + i`` whatever ``k`` is, so raising
+#: ``k`` only adds samples.
+OPERATIONAL_SETTINGS = frozenset({"user", "project", "run", "output_type", "k", "concurrency", "max_attempts",
+                                  "backoff_s", "max_backoff_s", "timeout_s"})
+
+
+def answer_settings(template: PromptTemplate, settings: GenerateSettings) -> dict[str, Any]:
+    """What an answer depends on: the prompt template's hash and every non-operational setting."""
+    doc = {k: v for k, v in settings.model_dump().items() if k not in OPERATIONAL_SETTINGS}
+    return {"template_sha256": template.sha256, **doc}
+
+
+def answer_key(template: PromptTemplate, settings: GenerateSettings) -> str:
+    """The hash stored with every answer (``sampling.answer_key``); a differing key marks a stale answer."""
+    return hashlib.sha256(orjson.dumps(answer_settings(template, settings), option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _legacy_matches(row: Row, template: PromptTemplate, settings: GenerateSettings) -> bool:
+    """A row stored before answer keys existed: compare what it recorded (model, template, sampling)."""
+    recorded = row.sampling or {}
+    wanted = settings.sampling(row.sample_index)
+    same = all(recorded.get(k) == wanted[k] for k in ("temperature", "top_p", "max_tokens", "seed", "top_logprobs",
+                                                        "label_scoring") if k in recorded)
+    return same and row.teacher_model == settings.model and row.prompt_template_sha256 == template.sha256
+
+
+def stale_rows(wc: WorkingCopy, template: PromptTemplate, settings: GenerateSettings) -> list[Row]:
+    """Generated rows whose answer was asked for with other settings (or another prompt) than these."""
+    key = answer_key(template, settings)
+    stale = []
+    for row in wc.rows():
+        if row.stamp is None or row.sampling is None:
+            continue  # an answer that came with the traffic, not from a generation job
+        stored = row.sampling.get("answer_key")
+        matches = stored == key if stored is not None else _legacy_matches(row, template, settings)
+        if not matches:
+            stale.append(row)
+    return stale
+
+
+def _what_changed(previous: Mapping[str, Any] | None, now: Mapping[str, Any]) -> list[str]:
+    if not previous or "answer_settings" not in previous:
+        return []
+    before = previous["answer_settings"]
+    named = {"template_sha256": "the prompt template changed", "labels": "the label set changed"}
+    changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    return [named.get(k) or f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed]
 
 
 def parse_settings(data: Mapping[str, Any], source: str = "generation settings") -> GenerateSettings:
@@ -190,6 +248,7 @@ class GenerateReport:
     stopped_by: list[str] = field(default_factory=list)
     stop_status: int | None = None
     stop_message: str | None = None
+    discarded: int = 0  # stale answers (asked with other settings) discarded before generating again
     failures: list[str] = field(default_factory=list)  # first few failure messages
     seconds: float = 0.0
 
@@ -205,7 +264,7 @@ class GenerateReport:
         return {"planned": self.planned, "already_present": self.already_present, "added": self.added,
                 "denied": self.denied, "failed": self.failed, "retried": self.retried, "tokens": self.tokens,
                 "stopped": self.stopped, "stopped_by": self.stopped_by, "stop_status": self.stop_status,
-                "stop_message": self.stop_message, "failures": self.failures, "seconds": round(self.seconds, 3)}
+                "stop_message": self.stop_message, "discarded": self.discarded, "failures": self.failures, "seconds": round(self.seconds, 3)}
 
 
 ProgressFn = Callable[[int, int], None]  # (rows added now, tokens now) -> None
@@ -258,6 +317,7 @@ class _Job:
                         # what the whole run asks for (inputs x k): the extraction monitor's volume signal
                         "X-Policy-Run-Size": str(report.planned)}
         self.template_sha = template.sha256
+        self.answer_key = answer_key(template, settings)
 
     def _request(self, messages: list[dict[str, str]], sample_index: int) -> dict[str, Any]:
         s = self.settings
@@ -339,6 +399,7 @@ class _Job:
             label_probs = await self.scorer.score(messages, self.settings.labels)
         sampling = self.settings.sampling(sample_index)
         sampling["finish_reason"] = choice.finish_reason
+        sampling["answer_key"] = self.answer_key
         card = {"model_id": resp.model, "backend": "openai-compatible via distillgate gateway",
                 "file_sha256": None, "quantisation": None, "chat_template_sha256": None, "parameter_count": None,
                 "system_fingerprint": resp.system_fingerprint}
@@ -376,22 +437,40 @@ class _Job:
 
 async def agenerate(wc: WorkingCopy, template: PromptTemplate, settings: GenerateSettings, target: GatewayTarget,
                     *, label_scorer: LabelScorer | None = None, on_progress: ProgressFn | None = None,
-                    on_start: Callable[[int, int], None] | None = None) -> GenerateReport:
+                    on_start: Callable[[int, int], None] | None = None,
+                    stale: Literal["refuse", "regenerate"] = "refuse") -> GenerateReport:
     """Generate every missing (input, sample) of ``wc`` through the gateway at ``target``; see the module doc.
 
     ``on_start(total, already_present)`` is called once with the work size; ``on_progress(rows, tokens)`` after
-    each stored answer. Never raises for a denial: read ``report.stopped_by``.
+    each stored answer. Never raises for a denial: read ``report.stopped_by``. Stored answers asked for with other
+    settings raise ``UserError`` (``stale="refuse"``) or are discarded and asked again (``"regenerate"``).
     """
     template.check(settings.labels)
     if wc.count_inputs() == 0:
         raise UserError(f"{wc.root} has no inputs to generate for",
                         hint="ingest traffic first (`distillgate dataset ingest`) or pass --traffic FILE")
     started = time.monotonic()
+    now = answer_settings(template, settings)
+    old = stale_rows(wc, template, settings)
+    discarded = 0
+    if old:
+        changed = _what_changed(wc.get_meta("generate"), now)
+        what = f" ({'; '.join(changed)})" if changed else ""
+        if stale == "refuse":
+            reviewed = sum(r.review_state != "unreviewed" for r in old)
+            raise UserError(
+                f"{len(old)} stored teacher answer(s) in {wc.root} were generated with other settings{what}; "
+                "reusing them would pass them off as answers to these settings",
+                hint="rerun with --regenerate to discard them and ask the teacher again"
+                + (f" ({reviewed} of them carry a review, which is discarded too)" if reviewed else "")
+                + ", or generate into a new dataset directory")
+        discarded = wc.discard_rows([r.row_id for r in old])
     pending = wc.pending_generation(settings.k)
-    report = GenerateReport(planned=wc.count_inputs() * settings.k)
+    report = GenerateReport(planned=wc.count_inputs() * settings.k, discarded=discarded)
     report.already_present = report.planned - len(pending)
     wc.set_meta("generate", {"template_id": template.id, "template_sha256": template.sha256,
-                             "settings": settings.model_dump()})
+                             "settings": settings.model_dump(), "answer_key": answer_key(template, settings),
+                             "answer_settings": now})
     if on_start is not None:
         on_start(report.planned, report.already_present)
     if pending:
@@ -427,8 +506,9 @@ def job_lock(root: Path) -> Iterator[None]:
 
 def generate(wc: WorkingCopy, template: PromptTemplate, settings: GenerateSettings, target: GatewayTarget,
              *, label_scorer: LabelScorer | None = None, on_progress: ProgressFn | None = None,
-             on_start: Callable[[int, int], None] | None = None) -> GenerateReport:
+             on_start: Callable[[int, int], None] | None = None,
+             stale: Literal["refuse", "regenerate"] = "refuse") -> GenerateReport:
     """Synchronous wrapper of ``agenerate`` (runs its own event loop), holding the working copy's job lock."""
     with job_lock(wc.root):
         return asyncio.run(agenerate(wc, template, settings, target, label_scorer=label_scorer,
-                                     on_progress=on_progress, on_start=on_start))
+                                     on_progress=on_progress, on_start=on_start, stale=stale))

@@ -284,6 +284,11 @@ class WorkingCopy:
                     pending.append((template, index))
         return pending
 
+    def discard_rows(self, row_ids: Sequence[str]) -> int:
+        """Delete generated rows (stale answers about to be asked again); their inputs stay. Returns the count."""
+        with self.transaction() as conn:
+            return sum(conn.execute("DELETE FROM rows WHERE row_id=?", (rid,)).rowcount for rid in row_ids)
+
     def append_generated(self, samples: Iterable[GeneratedSample]) -> AppendResult:
         """Store generated samples exactly once, in one transaction. Samples already stored are skipped."""
         added = present = 0

@@ -205,6 +205,13 @@ def _read_checked(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return manifest, table_to_records(pq.read_table(path / ROWS_FILE))
 
 
+def read_version(ref: str | Path, root: str | Path | None = None) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
+    """A frozen version's directory, manifest and rows (hash-checked against the manifest)."""
+    path = resolve_version(ref, root)
+    manifest, records = _read_checked(path)
+    return path, manifest, records
+
+
 def open_version(ref: str | Path, root: str | Path | None = None) -> Version:
     path = resolve_version(ref, root)
     manifest, records = _read_checked(path)
@@ -229,19 +236,9 @@ def load_trainable(
 
     Raises ``DatasetGuardError`` when asked for a protected split, so training code cannot get golden/test rows.
     """
-    from distillgate.data.guard import TRAINABLE_SPLITS, ensure_trainable
-    from distillgate.errors import DatasetGuardError
+    from distillgate.data.guard import training_input
 
-    wanted = set(splits)
-    if wanted - TRAINABLE_SPLITS:
-        raise DatasetGuardError(
-            f"refusing to load protected split(s) {sorted(wanted - TRAINABLE_SPLITS)} for training",
-            hint="train on 'train' (and 'val'); golden, test and holdout rows are for evaluation (load_version)",
-        )
-    manifest, records = _read_checked(resolve_version(ref, root))
-    rows = [r for r in records if r["filter_status"] == "pass" and r["split"] in wanted]
-    ensure_trainable(rows, golden_ids=manifest.get("golden", {}).get("row_ids", ()))
-    return rows
+    return training_input(resolve_version(ref, root), splits=splits).rows
 
 
 # -- diffs ---------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from distillgate.errors import NotFoundError, UserError
+from distillgate.evals.degenerate import degenerate_reason
+from distillgate.evals.refusal import is_refused
 from distillgate.evals.sources import AnswerSource, LabelScorer
 from distillgate.evals.suites import Item, Suite
 
@@ -28,7 +30,7 @@ class Answer:
     role: Role
     model: str
     raw: str
-    label: str | None  # parsed label (classification) or refusal kind: comply | safety | context (refusal)
+    label: str | None  # parsed label (classification) or refusal kind (refusal.KINDS); None if degenerate
     confidence: float | None  # probability of ``label`` (score mode) or exp(mean token log-prob) (generate mode)
     confidence_kind: str | None  # "label_prob" | "mean_token_prob"
     latency_s: float
@@ -40,7 +42,12 @@ class Answer:
 
     @property
     def refused(self) -> bool:
-        return self.label == "safety"
+        return is_refused(self.label)
+
+    @property
+    def degenerate(self) -> str | None:
+        """Why the generated text is no answer (``evals.degenerate``), or None; a failed request is not judged."""
+        return degenerate_reason(self.raw) if self.error is None else None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,7 +69,8 @@ def answer_item(suite: Suite, item: Item, source: AnswerSource, role: Role, mode
                       0, 0, meta={"top": sorted(zip(probs, suite.labels, strict=True), reverse=True)[:3]})
     gen = source.generate(messages, max_tokens=suite.max_tokens)
     confidence = math.exp(gen.mean_logprob) if gen.mean_logprob is not None else None
-    label = suite.parse(gen.text) if suite.kind == "classification" and gen.error is None else None
+    label = (suite.parse(gen.text) if suite.kind == "classification" and gen.error is None
+             and degenerate_reason(gen.text) is None else None)
     return Answer(item.item_id, role, source.name, gen.text, label, confidence,
                   "mean_token_prob" if confidence is not None else None, gen.latency_s, gen.prompt_tokens,
                   gen.completion_tokens, gen.error, gen.meta)
@@ -80,11 +88,26 @@ def run_source(suite: Suite, source: AnswerSource, role: Role, *, mode: AnswerMo
 
 
 def label_refusals(answers: Iterable[Answer], kinds: list[str]) -> list[Answer]:
-    """Attach a detector's refusal kind (comply | safety | context) to answers of a refusal suite."""
+    """Attach a detector's refusal kind (``refusal.KINDS``) to answers of a refusal suite."""
     answers = list(answers)
     if len(kinds) != len(answers):
         raise UserError("detector returned a different number of labels than answers", hint="this is a bug")
-    return [replace(a, label=k if a.error is None else None) for a, k in zip(answers, kinds, strict=True)]
+    return mark_degenerate([replace(a, label=k if a.error is None else None)
+                            for a, k in zip(answers, kinds, strict=True)], refusal=True)
+
+
+def mark_degenerate(answers: Iterable[Answer], *, refusal: bool) -> list[Answer]:
+    """A degenerate answer is no answer: its label becomes ``degenerate`` (refusal suites) or None
+    (classification: it counts as wrong), and ``meta["degenerate"]`` names the reason. Applied to every answer
+    before it is scored, stored answers included, so no scorer can take junk for compliance or a label."""
+    out = []
+    for a in answers:
+        reason = a.degenerate
+        if reason is None:
+            out.append(a)
+            continue
+        out.append(replace(a, label="degenerate" if refusal else None, meta={**a.meta, "degenerate": reason}))
+    return out
 
 
 def write_answers(path: Path, answers: Iterable[Answer]) -> None:

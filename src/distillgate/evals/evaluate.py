@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from distillgate.evals.answers import Answer, split_roles
+from distillgate.evals.answers import Answer, mark_degenerate, split_roles
 from distillgate.evals.retention import SliceResult, retention_by_slice
 from distillgate.evals.routing import CurvePoint, choose_threshold, coverage_curve
 from distillgate.evals.speed import Speed, speed
@@ -73,7 +73,9 @@ class EvalResult:
             thr = self.routing.chosen.threshold
             out["routing_threshold"] = None if math.isinf(thr) else thr
         sp = {s.role: s for s in self.speed}
+        out["degenerate_answers"] = {role: s.degenerate for role, s in sp.items()}
         if "teacher" in sp and "student" in sp and sp["student"].latency_mean_s > 0:
+            # over answers that are answers: a degenerate one is left out of both models' latency
             out["speedup_mean_latency"] = sp["teacher"].latency_mean_s / sp["student"].latency_mean_s
         return out
 
@@ -103,7 +105,8 @@ def evaluate(suite: Suite, answers: Sequence[Answer], *, teacher_card: dict[str,
              resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> EvalResult:
     """Every comparison for one suite; answers must include one teacher and one student answer per item."""
     items = suite.items
-    teacher, student = split_roles(answers, [it.item_id for it in items])
+    teacher, student = split_roles(mark_degenerate(answers, refusal=suite.kind == "refusal"),
+                                   [it.item_id for it in items])
     t_card = teacher_card or {"model": teacher[0].model if teacher else ""}
     s_card = student_card or {"model": student[0].model if student else ""}
     speeds = [speed(teacher, parameter_count=t_card.get("parameter_count")),

@@ -31,6 +31,7 @@ class PairRun:
     metrics_path: Path
     report_path: Path
     threshold_path: Path | None
+    answers: tuple[Answer, ...] = ()  # both models' answers, teacher first
 
 
 def _finite(value: float) -> float | None:
@@ -97,7 +98,7 @@ def score_and_report(suite: Suite, answers: list[Answer], cards: dict[str, dict[
             items=result.items)
         threshold_path = out / "threshold.json"
         save_threshold(threshold, threshold_path)
-    return PairRun(result, out / "answers.jsonl", metrics, html, threshold_path)
+    return PairRun(result, out / "answers.jsonl", metrics, html, threshold_path, tuple(answers))
 
 
 def evaluate_pair(suite: Suite, teacher: AnswerSource, student: AnswerSource, out: Path, *,

@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 
 from distillgate.errors import NotFoundError, PolicyDenied, UpstreamError, UserError
+from distillgate.redact import redact_url
 
 Message = Mapping[str, str]
 
@@ -170,7 +171,7 @@ class OpenAIChatSource:
                           int(usage.get("completion_tokens") or 0), mean_lp, meta)
 
     def describe(self) -> dict[str, Any]:
-        card: dict[str, Any] = {"kind": "openai-http", "model": self.name, "base_url": self.base_url,
+        card: dict[str, Any] = {"kind": "openai-http", "model": self.name, "base_url": redact_url(self.base_url),
                                 "parameter_count": None}
         try:
             response = self._http().get("/models")
@@ -354,3 +355,65 @@ class LocalCausalLMSource:
 
     def close(self) -> None:
         del self._model
+
+
+class EncoderClassifierSource:
+    """An encoder-classifier student (``train.student.family: encoder``): one forward pass gives the label
+    distribution, so it always answers by label scoring. ``generate`` answers with the most probable label."""
+
+    def __init__(self, model_dir: str | Path, *, name: str | None = None, threads: int = 2) -> None:
+        import torch
+
+        from distillgate.train.encoder import load_encoder_student
+
+        torch.set_num_threads(max(1, threads))
+        self._torch = torch
+        self.spec = str(model_dir)
+        self.name = name or f"local/{Path(model_dir).name}"
+        self._model, self._tokenizer = load_encoder_student(model_dir)
+
+    def _text(self, messages: Sequence[Message]) -> str:
+        users = [m.get("content", "") for m in messages if m.get("role") == "user"]
+        if not users:
+            raise UserError("an encoder student needs a user message to classify", hint="send the item as user text")
+        return str(users[-1])
+
+    def score_labels(self, messages: Sequence[Message], labels: Sequence[str]) -> tuple[list[float], float]:
+        from distillgate.train.encoder import encode_texts
+
+        own = self._model.labels
+        missing = [lab for lab in labels if lab not in own]
+        if missing:
+            raise UserError(f"the encoder student was not trained on label(s) {missing[:3]}",
+                            hint="evaluate it on the label set it was trained with (train.labels)")
+        start = time.perf_counter()
+        ids, mask = encode_texts(self._tokenizer, [self._text(messages)], self._model.max_length)
+        with self._torch.no_grad():
+            probs = self._torch.softmax(self._model(ids, mask)[0].float(), dim=-1)
+        elapsed = time.perf_counter() - start
+        picked = [float(probs[own.index(lab)]) for lab in labels]
+        norm = sum(picked) or 1.0
+        return [p / norm for p in picked], elapsed
+
+    def generate(self, messages: Sequence[Message], *, max_tokens: int) -> Generation:
+        probs, seconds = self.score_labels(messages, self._model.labels)
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return Generation(self._model.labels[best], seconds, 0, 1, math.log(max(probs[best], 1e-12)))
+
+    def describe(self) -> dict[str, Any]:
+        card = self._model.card()
+        return {"kind": "encoder-classifier", "model": self.name, "spec": self.spec,
+                "parameter_count": card["parameters"], "architecture": card["encoder"], "family": card["family"]}
+
+    def close(self) -> None:
+        del self._model
+
+
+def student_source(model_dir: str | Path, *, name: str | None = None,
+                   threads: int = 2) -> LocalCausalLMSource | EncoderClassifierSource:
+    """The student in ``model_dir``, served the way its family needs (encoder classifier or causal LM)."""
+    from distillgate.train.encoder import is_encoder_student
+
+    if is_encoder_student(model_dir):
+        return EncoderClassifierSource(model_dir, name=name, threads=threads)
+    return LocalCausalLMSource(str(model_dir), name=name, threads=threads)

@@ -1,4 +1,8 @@
-"""Speed and cost per model: latency per item and generation throughput, measured on this machine."""
+"""Speed and cost per model: latency per item and generation throughput, measured on this machine.
+
+Degenerate answers (``evals.degenerate``: empty, junk, token loops) are left out of every figure and counted in
+``degenerate``: junk is fast because it is junk, and must not show as a speed-up.
+"""
 
 from __future__ import annotations
 
@@ -22,16 +26,19 @@ class Speed:
     completion_tokens: int
     tokens_per_s: float | None  # completion tokens / generation seconds; None when nothing was generated
     parameter_count: int | None
+    degenerate: int = 0  # answers left out of the figures above
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def speed(answers: Sequence[Answer], *, parameter_count: int | None) -> Speed:
+    first = answers[0] if answers else None
+    junk = sum(a.degenerate is not None for a in answers)
+    answers = [a for a in answers if a.degenerate is None]
     lat = np.array([a.latency_s for a in answers], dtype=np.float64)
     tokens = int(sum(a.completion_tokens for a in answers))
     gen_seconds = float(sum(a.latency_s for a in answers if a.completion_tokens > 0))
-    first = answers[0] if answers else None
     return Speed(
         model=first.model if first else "",
         role=first.role if first else "",
@@ -42,4 +49,5 @@ def speed(answers: Sequence[Answer], *, parameter_count: int | None) -> Speed:
         completion_tokens=tokens,
         tokens_per_s=tokens / gen_seconds if tokens and gen_seconds > 0 else None,
         parameter_count=parameter_count,
+        degenerate=junk,
     )

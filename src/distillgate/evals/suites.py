@@ -47,7 +47,7 @@ class Suite:
     answer_format: AnswerFormat = "label"
     max_tokens: int = 16
     meta: dict[str, Any] = field(default_factory=dict)
-    task: str = "You classify customer messages to a bank into exactly one intent."
+    task: str = "You classify each message into exactly one label."
     #: role ("teacher"/"student") -> system prompt replacing the suite's own; a student distilled with a short
     #: prompt (the teacher's long instruction compressed away) is evaluated with the prompt it was trained on.
     system_prompts: dict[str, str] = field(default_factory=dict)
@@ -221,3 +221,44 @@ def load_dataset_items(path: Path, *, labels: Sequence[str] | None = None, split
                  max_tokens=24 if answer_format == "json" else 16,
                  meta={"data": str(path), "sample": sample, "seed": seed, "split": split,
                        "population": len(items)}, task=task)
+
+
+def scope_slice(label: str | None, out_of_scope: str | None) -> dict[str, str]:
+    """The ``scope`` slice: ``out of scope`` for the task's out-of-scope label, else ``in scope``."""
+    if out_of_scope is None or label is None:
+        return {}
+    return {"scope": "out of scope" if label == out_of_scope else "in scope"}
+
+
+def project_suite(rows: Sequence[dict[str, Any]], labels: Sequence[str], *, name: str = "project",
+                  splits: Sequence[str] = ("test", "golden"), sample: int | None = None, seed: int = 0,
+                  out_of_scope: str | None = None, golden_ids: Sequence[str] = (),
+                  meta: dict[str, Any] | None = None) -> Suite:
+    """A classification suite from a frozen dataset version's own rows (``splits``, filter passed).
+
+    The gold label is the label that came with the traffic (``reference_label``), when there is one; items keep
+    the label, split, golden, source, length and (with ``out_of_scope``) scope slices.
+    """
+    golden = set(golden_ids)
+    items: list[Item] = []
+    for row in rows:
+        split = str(row.get("split"))
+        is_golden = split == "golden" or str(row.get("row_id")) in golden
+        if row.get("filter_status", "pass") != "pass" or (split not in splits and not (is_golden and
+                                                                                       "golden" in splits)):
+            continue
+        text = str(row["input"])
+        gold = row.get("reference_label")
+        gold = str(gold) if gold not in (None, "") else None
+        slices = {"label": gold or "(no gold label)", "split": split,
+                  "golden": "golden" if is_golden else "not golden",
+                  "source": str(row.get("source_file") or name), "length": length_bucket(text),
+                  **scope_slice(gold, out_of_scope)}
+        items.append(Item(str(row["row_id"]), text, gold, slices))
+    if not items:
+        raise UserError(f"the dataset version has no passed rows in split(s) {list(splits)}",
+                        hint="raise dataset.split.ratios.test (or traffic.limit) so the project has a test split")
+    chosen = _sample(items, sample, seed)
+    return Suite(name, "classification", chosen, list(labels), "label",
+                 meta={"sample": sample, "seed": seed, "splits": list(splits), "population": len(items),
+                       **(meta or {})})

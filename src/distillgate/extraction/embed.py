@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from distillgate.errors import NotFoundError
+from distillgate.extraction.stats import MMDTest
 
 
 class Embedder(Protocol):
@@ -142,6 +143,19 @@ class Reference:
         loo = sims.max(axis=1)
         self.nn_threshold = float(np.quantile(loo, quantile))
         self.quantile = quantile
+        # the rate at which approved pieces fall outside: the held-out (leave-one-out) rate, doubled for margin
+        # (a finite reference's quantile is itself noisy), never below 2 / len
+        self.outside_rate = min(0.5, max(2.0 * float(np.mean(loo < self.nn_threshold)), 2.0 * quantile,
+                                         2.0 / len(loo)))
+        self._mmd: MMDTest | None = None
+
+    def mmd(self, window: int) -> MMDTest | None:
+        """The MMD test of windows of ``window`` points (None when the reference is too small to calibrate it)."""
+        if len(self.vectors) < 2 * window + 20:
+            return None
+        if self._mmd is None:
+            self._mmd = MMDTest(self.vectors)
+        return self._mmd
 
     def nearest(self, queries: np.ndarray) -> np.ndarray:
         """Nearest-neighbour cosine similarity of each query row: shape (Q,)."""

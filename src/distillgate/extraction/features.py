@@ -22,6 +22,7 @@ from distillgate.errors import UserError
 
 RECORD_VERSION = 1
 MINHASH_PERMS = 64
+EXACT_MAX_WORDS = 256  # prompts (variable parts) up to this many distinct words keep their word set for exact diffs
 _WORD_RE = re.compile(r"[a-z0-9']+")
 _rng = np.random.default_rng(20240611)  # fixed: signatures must be comparable across processes and releases
 _MUL = (_rng.integers(1, 2**63 - 1, size=MINHASH_PERMS, dtype=np.uint64) | np.uint64(1))
@@ -165,6 +166,12 @@ class Sketch:
     cot: bool
     task_minhash: np.ndarray | None = None  # MinHash of task_text(prompt), only for reasoning-eliciting prompts
     embedding: np.ndarray | None = None
+    template: str | None = None  # id of the approved template the prompt fits (its variable part is what is read)
+    declared: bool = False  # the request fits one of the project's declared research shapes
+    resamples: int = 1  # times the declared shape lets one prompt be sent in a window
+    unseen: int = 0  # prompt pieces beyond what is embedded (recorded, never silently skipped)
+    unobserved: str | None = None  # why the prompt was not embedded at all (``embed_backlog``), recorded
+    word_set: frozenset[str] | None = field(default=None, repr=False, compare=False)  # exact words (not logged)
 
     # What the detectors' rings store (b-bit MinHash, see state.Ring), computed once per request, not per scope.
     @cached_property
@@ -192,17 +199,24 @@ class Sketch:
         return 0 if self.task_minhash8 is None else self._row_key(self.task_minhash8)
 
     @classmethod
-    def of(cls, f: RequestFeatures) -> Sketch:
-        tokens = words(f.prompt)
+    def of(cls, f: RequestFeatures, *, text: str | None = None, template: str | None = None,
+           declared: bool = False, resamples: int = 1, run_size: int | None = None, unseen: int = 0) -> Sketch:
+        """The sketch of ``f``; ``text``: what the word-level detectors read (the prompt's variable part when it
+        fits an approved template, see ``templates.split``), else the whole prompt."""
+        text = f.prompt if text is None else text
+        tokens = words(text)
         vocab = set(tokens)
-        cot = elicits_reasoning(f.prompt)
+        cot = elicits_reasoning(text)
         return cls(
             ts=f.ts, user=f.user, key_id=f.key_id, project=f.project, run=f.run, output_type=f.output_type,
-            minhash=minhash(f.prompt, vocab), vocab_size=len(vocab), prompt_chars=len(f.prompt),
-            prompt_fp=prompt_fingerprint(f.prompt, tokens), top_logprobs=int(f.top_logprobs or 0), logprobs=f.logprobs,
-            bias_size=len(f.logit_bias), bias_pattern=bias_pattern(f.logit_bias), max_tokens=f.max_tokens, n=f.n,
-            declared_run_size=f.declared_run_size, cot=cot,
-            task_minhash=minhash(task_text(f.prompt)) if cot else None,
+            minhash=minhash(text, vocab), vocab_size=len(vocab), prompt_chars=len(f.prompt),
+            prompt_fp=prompt_fingerprint(text, [template or "", *tokens]), top_logprobs=int(f.top_logprobs or 0),
+            logprobs=f.logprobs, bias_size=len(f.logit_bias), bias_pattern=bias_pattern(f.logit_bias),
+            max_tokens=f.max_tokens, n=f.n,
+            declared_run_size=f.declared_run_size if f.declared_run_size is not None else run_size, cot=cot,
+            task_minhash=minhash(task_text(text)) if cot else None, template=template, declared=declared,
+            resamples=resamples, unseen=unseen,
+            word_set=frozenset(vocab) if len(vocab) <= EXACT_MAX_WORDS else None,
         )
 
     def record(self) -> dict[str, Any]:
@@ -217,6 +231,14 @@ class Sketch:
         }
         if self.task_minhash is not None:
             rec["task_minhash"] = _b64(self.task_minhash)
+        if self.template is not None:
+            rec["template"] = self.template
+        if self.declared:
+            rec["declared"], rec["resamples"] = True, self.resamples
+        if self.unseen:
+            rec["unseen_pieces"] = self.unseen
+        if self.unobserved:
+            rec["unobserved"] = self.unobserved
         if self.embedding is not None:
             rec["embedding"] = quantise(self.embedding)
         return rec
@@ -237,7 +259,9 @@ class Sketch:
             bias_size=int(bias.get("size") or 0), bias_pattern=bias.get("pattern"), max_tokens=rec.get("max_tokens"),
             n=int(rec.get("n") or 1), declared_run_size=rec.get("declared_run_size"), cot=bool(rec.get("cot")),
             task_minhash=_unb64(rec["task_minhash"]) if rec.get("task_minhash") else None,
-            embedding=dequantise(emb) if emb is not None else None,
+            embedding=dequantise(emb) if emb is not None else None, template=rec.get("template"),
+            declared=bool(rec.get("declared")), resamples=int(rec.get("resamples") or 1),
+            unseen=int(rec.get("unseen_pieces") or 0), unobserved=rec.get("unobserved"),
         )
 
 

@@ -9,6 +9,7 @@ import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -17,11 +18,17 @@ import xxhash
 from distillgate.extraction.embed import Embedder, Reference
 from distillgate.extraction.features import RequestFeatures, Sketch, identities
 from distillgate.extraction.state import Events, ScopeState
+from distillgate.extraction.stats import outside_shift
+from distillgate.extraction.templates import NO_TEMPLATES, Split, TemplateSet
 from distillgate.policy.extraction_rules import SIGNAL_NAMES, ExtractionRules, Signal
 from distillgate.policy.model import Policy, PolicySet
 
 RulesFor = Callable[[str | None], ExtractionRules]
 ScopeKey = tuple[str, str]
+NEW_IDENTITY = 20  # a user with fewer requests in a project than this belongs to the project's "cluster" scope
+MMD_EVERY = 20  # embedding_mmd is recomputed after this many new pieces of a project
+GATED = ("project", "cluster")  # scopes whose signals attach only to requests of identities with own evidence
+Job = tuple[Sketch, tuple[str, ...], tuple[ScopeKey, ...]]  # what the embedder works on: pieces and scopes
 
 
 Effective = dict[str, tuple[float, int, int, tuple[str, ...]]]  # name -> (threshold, window, min_requests, scopes)
@@ -88,8 +95,10 @@ class ExtractionMonitor:
         self._references: dict[str, Reference] = {}
         self._bootstrap: dict[str, list[np.ndarray]] = {}
         self._lock = threading.RLock()
-        self.dropped = 0  # embedding jobs dropped because the worker was behind
-        self._queue: queue.Queue[tuple[Sketch, str] | None] = queue.Queue(maxsize=queue_size)
+        self.dropped = 0  # embedding jobs not run (each recorded as unobserved in its decision entry)
+        self._flagged: OrderedDict[ScopeKey, None] = OrderedDict()  # identities a signal fired for (bounded)
+        self._templates: dict[int, tuple[ExtractionRules, dict[str, TemplateSet]]] = {}
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._worker: threading.Thread | None = None
         if embedder is not None and background:
             self._worker = threading.Thread(target=self._work, name="distillgate-extraction-embed", daemon=True)
@@ -106,7 +115,8 @@ class ExtractionMonitor:
 
                 raise UserError("set_reference with texts needs an embedder",
                                 hint="create the monitor with embedder=MiniLMEmbedder(), or pass vectors=")
-            vectors = np.stack(self._embed(list(texts or []))) if texts else np.zeros((0, self.embedder.dim))
+            pieces = [p for t in texts or [] for p in self.split(project, t).pieces]
+            vectors = np.stack(self._embed(pieces)) if pieces else np.zeros((0, self.embedder.dim))
         ref = Reference(vectors, quantile)
         with self._lock:
             self._references[project] = ref
@@ -122,20 +132,80 @@ class ExtractionMonitor:
         """Record one request; return the signals that fired for its identities (before it is forwarded)."""
         return self.observe_request(features)[1]
 
-    def observe_request(self, features: RequestFeatures) -> tuple[Sketch, tuple[Signal, ...]]:
-        """``observe``, also returning the request's sketch (for ``log_extra``: the sketch is made once)."""
-        sketch = Sketch.of(features)
-        signals = self.observe_sketch(sketch)
-        if self.embedder is not None and features.prompt:
-            item = (sketch, features.prompt)
-            if self._worker is None:
-                self._embed_batch([item])
-            else:
-                try:
-                    self._queue.put_nowait(item)
-                except queue.Full:
-                    self.dropped += 1
+    def templates(self, project: str | None) -> TemplateSet:
+        """The approved templates the policy declares for ``project``."""
+        rules = self._rules_for(project)
+        hit = self._templates.get(id(rules))
+        if hit is None or hit[0] is not rules:
+            sets: dict[str, TemplateSet] = {}
+            for proj, shapes in rules.approved.items():
+                merged: dict[str, str] = {}
+                for shape in shapes:
+                    merged.update(shape.templates)
+                sets[proj] = TemplateSet(merged)
+            hit = self._templates[id(rules)] = (rules, sets)
+        return hit[1].get(project or "", NO_TEMPLATES)
+
+    def split(self, project: str | None, prompt: str) -> Split:
+        """What the content signals read of ``prompt``: its variable part against the project's templates."""
+        return self.templates(project).split(prompt)
+
+    def prepare(self, features: RequestFeatures) -> tuple[Sketch, Split]:
+        """The request's sketch, judged against the project's declared shapes, and its prompt pieces."""
+        rules = self._rules_for(features.project)
+        split = self.split(features.project, features.prompt)
+        declared, resamples, run_size = False, 1, None
+        for shape in rules.shapes(features.project):
+            if shape.fits(output_type=features.output_type, top_logprobs=int(features.top_logprobs or 0),
+                          logprobs=features.logprobs, n=features.n, max_tokens=features.max_tokens) and (
+                    not shape.templates or split.template in shape.templates):
+                declared, resamples, run_size = True, shape.resamples, shape.run_size
+                break
+        sketch = Sketch.of(features, text=split.variable if split.template else None, template=split.template,
+                           declared=declared, resamples=resamples, run_size=run_size, unseen=split.unseen)
+        return sketch, split
+
+    def observe_request(self, features: RequestFeatures, *, wait_s: float = 0.0) -> tuple[Sketch, tuple[Signal, ...]]:
+        """``observe``, also returning the request's sketch (for ``log_extra``: the sketch is made once). When the
+        embedder is behind, waits up to ``wait_s`` for room in its queue; a request whose prompt still cannot be
+        queued is counted in ``dropped`` and ``unobserved(sketch)`` says so (the gateway records it)."""
+        sketch, split = self.prepare(features)
+        signals, job = self.judge(sketch, split)
+        if job is not None and not self.submit(job, wait_s):
+            self.count_dropped()
+            sketch = replace(sketch, unobserved="embed_backlog")
         return sketch, signals
+
+    def count_dropped(self) -> None:
+        with self._lock:
+            self.dropped += 1
+
+    def submit(self, job: Job, wait_s: float = 0.0) -> bool:
+        """Queue ``job`` for the embedder, waiting up to ``wait_s`` seconds for room; False when it stayed full.
+        Without a background worker the job is embedded now."""
+        if self._worker is None:
+            self._embed_batch([job])
+            return True
+        try:
+            if wait_s > 0:
+                self._queue.put(job, timeout=wait_s)
+            else:
+                self._queue.put_nowait(job)
+        except queue.Full:
+            return False
+        return True
+
+    def judge(self, s: Sketch, split: Split) -> tuple[tuple[Signal, ...], Job | None]:
+        """The signals of a prepared request and the embedding job its pieces need (None: nothing to embed)."""
+        signals = self.observe_sketch(s)
+        if self.embedder is None or not any(p.strip() for p in split.pieces):
+            return signals, None
+        with self._lock:
+            keys = list(identities(s))
+            user = self._scopes.get(("user", s.user or "")) if s.user else None
+            if s.project and user is not None and user.count <= NEW_IDENTITY:
+                keys.append(("cluster", s.project))
+        return signals, (s, split.pieces, tuple(keys))
 
     def observe_sketch(self, s: Sketch) -> tuple[Signal, ...]:
         """The detectors on a sketch (what ``observe`` and ``audit scan`` share)."""
@@ -149,16 +219,45 @@ class ExtractionMonitor:
             scopes = identities(s)
             states = [(scope, ident, self._state(scope, ident, rules)) for scope, ident in scopes]
             project_state = next((st for scope, _, st in states if scope == "project"), None)
-            if project_state is not None and s.run is not None:
-                project_state.add_run(s.run, max(1, s.n))
-            for scope, ident, st in states:
-                ev = st.events(s, fp, memo)
-                st.add(s, fp, ev)
+            user_state = next((st for scope, _, st in states if scope == "user"), None)
+            if s.project and user_state is not None and user_state.count < NEW_IDENTITY:
+                states.append(("cluster", s.project, self._state("cluster", s.project, rules)))
+            flagged = self._is_flagged(s)
+            if project_state is not None and s.run is not None and not flagged:
+                project_state.add_run(s.run, max(1, s.n))  # the run-size baseline: unflagged identities only
+            events: list[Events] = []
+            for scope, _ident, st in states:
+                ev = Events()
+                if scope != "cluster":
+                    ev = st.events(s, fp, memo)
+                    st.add(s, fp, ev)
+                events.append(ev)
                 if s.embedding is not None:  # scan of a log with stored embeddings
-                    self._drift_update(s, [st], s.embedding)
-                gate = scope != "project"
-                fired.extend(self._values(rules, scope, ident, st, s, ev, project_state, gate))
+                    self._drift_update(s, [st], [s.embedding], project_state if scope == "project" else None)
+            own = [st for scope, _, st in states if scope in ("user", "key")]
+            evidence = any(st.own_evidence() for st in own)
+            for (scope, ident, st), ev in zip(states, events, strict=True):
+                ungated = scope not in GATED
+                if not ungated and not evidence:
+                    continue
+                fired.extend(self._values(rules, scope, ident, st, s, ev, project_state, ungated))
+            if any(sig.scope not in GATED for sig in fired):
+                self._flag(s, project_state)
         return tuple(fired)
+
+    def _is_flagged(self, s: Sketch) -> bool:
+        return (("user", s.user or "") in self._flagged) or (("key", s.key_id or "") in self._flagged)
+
+    def _flag(self, s: Sketch, project_state: ScopeState | None) -> None:
+        """Remember that a signal fired for this request's user and key: they no longer shape project baselines."""
+        for key in (("user", s.user or ""), ("key", s.key_id or "")):
+            if key[1]:
+                self._flagged[key] = None
+                self._flagged.move_to_end(key)
+        while len(self._flagged) > 65536:
+            self._flagged.popitem(last=False)
+        if project_state is not None and s.run is not None:
+            project_state.forget_run(s.run)
 
     def _state(self, scope: str, ident: str, rules: ExtractionRules) -> ScopeState:
         key = (scope, ident)
@@ -204,6 +303,11 @@ class ExtractionMonitor:
                 n = len(st.drift.items)
                 if n >= min_req:
                     value, contributes = st.drift.true / n, st.drift.last
+            elif name == "distribution_shift":
+                if len(st.outside) >= min_req:
+                    value = st.shift
+            elif name == "embedding_mmd" and len(st.vectors) >= min_req:
+                value = st.mmd
             if value is None or value < threshold or not (ungated or contributes):
                 continue
             yield Signal(name, float(value), threshold, window, scope, ident, _evidence(name, st, known))
@@ -254,37 +358,64 @@ class ExtractionMonitor:
                 self._vectors.popitem(last=False)
         return [found[k] for k in keys]
 
-    def _embed_batch(self, batch: list[tuple[Sketch, str]]) -> None:
-        vectors = self._embed([text for _, text in batch])
+    def _embed_batch(self, batch: list[Job]) -> None:
+        texts = [p for _, pieces, _ in batch for p in pieces]
+        vectors = self._embed(texts)
+        pos = 0
         with self._lock:
-            for (s, _), vec in zip(batch, vectors, strict=True):
-                states = [self._scopes[k] for k in ((sc, i) for sc, i in identities(s)) if k in self._scopes]
-                self._drift_update(s, states, vec)
+            for s, pieces, keys in batch:
+                vecs, pos = vectors[pos:pos + len(pieces)], pos + len(pieces)
+                states = [self._scopes[k] for k in keys if k in self._scopes]
+                project = self._scopes.get(("project", s.project)) if s.project else None
+                self._drift_update(s, states, vecs, project)
 
-    def _drift_update(self, s: Sketch, states: list[ScopeState], vec: np.ndarray) -> None:
+    def _drift_update(self, s: Sketch, states: list[ScopeState], vecs: Sequence[np.ndarray],
+                      project_state: ScopeState | None = None) -> None:
+        """Apply a request's piece embeddings: its nearest-neighbour similarity (the least similar piece) to each
+        scope's drift window, each piece to the outside-reference windows, and the project's MMD window."""
         project = s.project or ""
         ref = self._references.get(project)
         if ref is None:
+            if self._is_flagged(s) or any(st.own_evidence() for st in states[:2]):
+                return  # a project's baseline comes from unflagged identities only
             boot = self._bootstrap.setdefault(project, [])
-            boot.append(vec)
+            boot.extend(vecs)
             if len(boot) >= self.reference_size:
                 self._references[project] = Reference(np.stack(boot))
                 del self._bootstrap[project]
             return
-        sim = float(ref.nearest(vec[None, :])[0])
+        sims = ref.nearest(np.stack(vecs))
+        outside = [bool(x < ref.nn_threshold) for x in sims]
+        sim = float(sims.min())
         for st in states:
             st.drift.append(sim < ref.nn_threshold)
             st.drift_sims.append(sim)
+            for flag in outside:
+                st.outside.append(flag)
+            st.shift = outside_shift(st.outside.true, len(st.outside), ref.outside_rate)
+        if project_state is not None:
+            project_state.vectors.extend(vecs)
+            project_state.mmd_pending += len(vecs)
+            window = project_state.vectors.maxlen or 0
+            test = ref.mmd(window)
+            if test is not None and len(project_state.vectors) >= window and project_state.mmd_pending >= MMD_EVERY:
+                project_state.mmd_pending = 0
+                project_state.mmd = test.ratio(np.stack(project_state.vectors))
 
     def records_embeddings(self, project: str | None) -> bool:
         """Whether decisions of ``project`` carry a prompt embedding (an embedder and ``record_embeddings``)."""
         return self.embedder is not None and self._rules_for(project).record_embeddings
 
     def embed_for_record(self, features: RequestFeatures) -> np.ndarray | None:
-        """An embedding for ``features_record`` when the policy sets ``extraction.record_embeddings`` (synchronous)."""
+        """An embedding for ``features_record`` when the policy sets ``extraction.record_embeddings`` (synchronous):
+        of the prompt piece least like the project's reference (its first piece without one)."""
         if not self.records_embeddings(features.project):
             return None
-        return self._embed([features.prompt])[0]
+        vecs = self._embed(list(self.split(features.project, features.prompt).pieces))
+        ref = self.reference(features.project or "")
+        if ref is None or len(vecs) == 1:
+            return vecs[0]
+        return vecs[int(np.argmin(ref.nearest(np.stack(vecs))))]
 
     @property
     def backlog(self) -> int:
@@ -322,6 +453,10 @@ def _evidence(name: str, st: ScopeState, known: Any) -> dict[str, object]:
     if name == "prompt_drift":
         return {"outside_reference": st.drift.true, "embedded": len(st.drift),
                 "mean_nn_similarity": round(float(np.mean(st.drift_sims)), 4)}
+    if name == "distribution_shift":
+        return {"outside_pieces": st.outside.true, "pieces": len(st.outside), "minus_log10_p": round(st.shift, 2)}
+    if name == "embedding_mmd":
+        return {"mmd_over_threshold": round(st.mmd, 3), "pieces": len(st.vectors)}
     return {}
 
 
@@ -331,8 +466,17 @@ def log_extra(features: RequestFeatures, signals: Sequence[Signal], embedding: n
     ``sketch``: the one ``observe_request`` returned for these features (saves making it twice)."""
     from distillgate.extraction.features import features_record
 
-    return {"extraction": {"features": features_record(features, embedding, sketch),
-                           "signals": [sig.as_dict() for sig in signals]}}
+    out: dict[str, object] = {"features": features_record(features, embedding, sketch),
+                              "signals": [sig.as_dict() for sig in signals]}
+    reason = unobserved(sketch)
+    if reason is not None:
+        out["unobserved"] = reason
+    return {"extraction": out}
+
+
+def unobserved(sketch: Sketch | None) -> str | None:
+    """Why this request's prompt was not embedded (``embed_backlog``: the embedder stayed full), else None."""
+    return sketch.unobserved if sketch is not None else None
 
 
 

@@ -32,6 +32,7 @@ import orjson
 from distillgate.errors import DistillgateError
 from distillgate.extraction.features import RequestFeatures
 from distillgate.extraction.monitor import rules_from
+from distillgate.extraction.seam import MonitorStatus, Observation
 from distillgate.policy.extraction_rules import Signal
 from distillgate.policy.model import PolicySet
 
@@ -86,7 +87,7 @@ class _Wire(asyncio.Protocol):
 
 
 class MonitorProcess:
-    """``ExtractionMonitor``'s gateway-facing calls, answered by a child process."""
+    """The ``Monitor`` seam (``distillgate.extraction.seam``) answered by a child process."""
 
     def __init__(self, policy_path: str, settings: dict[str, Any], policies: PolicySet, *,
                  start_timeout_s: float = 60.0) -> None:
@@ -107,10 +108,11 @@ class MonitorProcess:
         self.dropped = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._refused: str | None = None  # why no child may start (policy files changed): until a restart
+        self._ready = False  # the child answered its ping with the gateway's policies
 
     # -- life ---------------------------------------------------------------------------------------------------
     async def _ensure(self) -> _Wire:
-        if self._wire is not None:
+        if self._ready and self._wire is not None:
             return self._wire
         if self._refused is not None:
             raise MonitorUnavailable(self._refused)
@@ -161,6 +163,7 @@ class MonitorProcess:
         except BaseException:
             await self.aclose()
             raise
+        self._ready = True  # only now: a request arriving during the start waits for it (and its checks)
 
     def _stop_proc(self) -> None:
         proc, self._proc = self._proc, None
@@ -175,6 +178,7 @@ class MonitorProcess:
     def _hang_up(self) -> None:
         """Close the gateway's end of the socket: the child sees its end and exits."""
         wire, self._wire = self._wire, None
+        self._ready = False
         if wire is not None and wire.transport is not None:
             with contextlib.suppress(RuntimeError):  # the loop is already closed: its sockets went with it
                 wire.transport.close()
@@ -214,14 +218,22 @@ class MonitorProcess:
     def _lost(self, wire: _Wire) -> None:
         if self._wire is wire:
             self._wire = None
+            self._ready = False
         pending, self._pending = self._pending, {}
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(MonitorUnavailable("the extraction monitor process exited"))
 
-    async def aobserve(self, features: RequestFeatures) -> tuple[tuple[Signal, ...], dict[str, object]]:
+    async def start(self) -> None:
+        """Start the child (its embedder loaded, references embedded); returns when it answers."""
+        await self._ensure()
+
+    def status(self) -> MonitorStatus:
+        return MonitorStatus(ready=self._ready, backlog=self.backlog, dropped=self.dropped)
+
+    async def observe(self, features: RequestFeatures) -> Observation:
         """The signals that fired for ``features`` and the decision entry's ``extra`` (see ``log_extra``)."""
-        if self._wire is None:
+        if not self._ready:
             await self._ensure()
         doc = {name: getattr(features, name) for name in _FEATURES}  # dataclasses.asdict deep-copies: slow
         reply = await self._call({"op": "observe", "f": doc, "embed": self.records_embeddings(features.project)})
@@ -256,8 +268,7 @@ def _read_frames(sock: socket.socket, buf: bytearray) -> list[Any] | None:
 
 def _serve(sock: socket.socket) -> None:
     from distillgate.extraction.monitor import log_extra
-    from distillgate.gateway.config import ExtractionSettings
-    from distillgate.gateway.server import build_monitor
+    from distillgate.extraction.settings import ExtractionSettings, build_monitor
     from distillgate.policy import load_policies
 
     buf = bytearray()
@@ -266,7 +277,10 @@ def _serve(sock: socket.socket) -> None:
         return
     config, queued = first[0], first[1:]
     policies = load_policies(config["policy"])
-    monitor = build_monitor(policies, ExtractionSettings(**config["settings"]))
+    settings = ExtractionSettings(**config["settings"])
+    monitor = build_monitor(policies, settings)
+    if monitor.embedder is not None:
+        monitor.embedder.embed(["warm up"])  # loaded before the first answer: the gateway is ready after ping
     try:
         while True:
             frames: Sequence[Any] | None = queued or _read_frames(sock, buf)
@@ -281,7 +295,8 @@ def _serve(sock: socket.socket) -> None:
                         f = doc["f"]
                         f["logit_bias"] = tuple((int(t), float(b)) for t, b in f["logit_bias"])
                         features = RequestFeatures(**f)
-                        sketch, signals = monitor.observe_request(features)
+                        # back-pressure: the child waits for room in its embedder's queue (the gateway awaits it)
+                        sketch, signals = monitor.observe_request(features, wait_s=settings.embed_wait_s)
                         embedding = monitor.embed_for_record(features) if doc.get("embed") else None
                         reply["s"] = [sig.as_dict() for sig in signals]
                         reply["x"] = log_extra(features, signals, embedding, sketch)

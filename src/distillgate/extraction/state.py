@@ -10,9 +10,11 @@ import numpy as np
 from distillgate.extraction.features import MINHASH_PERMS, Sketch
 
 COMPARE_ROWS = 128  # recent prompts a new prompt is compared with (template sweeps, reasoning families)
-TWIN_MAX_WORDS = 3.0  # near-twin: at most this many words differ (estimated from MinHash), yet not identical
+TWIN_MAX_WORDS = 3  # near-twin: at most this many words differ (exactly, when both word sets are kept), not identical
+TWIN_CANDIDATE_SLACK = 6.0  # MinHash pre-filter: rows estimated within TWIN_MAX_WORDS + this are checked exactly
 UNRELATED_MAX_MEAN_JACCARD = 0.15
 KEY_RECENT = 50
+LOCAL_SHIFT = 3.0  # -log10 p of an identity's own outside count that lets a project/cluster shift attach to it
 HARVEST_REPEATS = 4  # a logprob request counts as harvesting from the 5th time its prompt is seen in the window
 
 
@@ -48,11 +50,13 @@ class Ring:
         self.vocab = np.zeros(first, dtype=np.float32)
         self.fp = np.zeros(first, dtype=np.uint64)
         self.keys = [0] * first
+        self.sets: list[frozenset[str] | None] = [None] * first  # exact word sets (None: too long, estimate only)
         self.content = 0
         self.size = 0
         self.pos = 0
 
-    def add(self, mh: np.ndarray, vocab: int, fp: int, key: int = 0) -> None:
+    def add(self, mh: np.ndarray, vocab: int, fp: int, key: int = 0,
+            word_set: frozenset[str] | None = None) -> None:
         """Add a row: ``mh`` a MinHash signature (uint8 or wider), ``key`` its ``Sketch.row_key``."""
         if self.size == len(self.mh) and self.size < self.cap:
             grow = min(self.cap, 2 * len(self.mh))
@@ -60,6 +64,7 @@ class Ring:
             self.vocab = np.resize(self.vocab, grow)
             self.fp = np.resize(self.fp, grow)
             self.keys += [0] * (grow - len(self.keys))
+            self.sets += [None] * (grow - len(self.sets))
             self.pos = self.size
         if self.size == len(self.mh):  # full: the oldest row leaves
             self.content = (self.content - self.keys[self.pos]) & _MASK64
@@ -67,9 +72,30 @@ class Ring:
         self.vocab[self.pos] = vocab
         self.fp[self.pos] = fp
         self.keys[self.pos] = key
+        self.sets[self.pos] = word_set
         self.content = (self.content + key) & _MASK64
         self.pos = (self.pos + 1) % len(self.mh)
         self.size = min(self.size + 1, len(self.mh))
+
+    def has_twin(self, s: Sketch, fp: int) -> bool:
+        """Whether a row is a near-twin of ``s``: at most TWIN_MAX_WORDS words apart, yet not the same prompt. The
+        MinHash estimate only picks candidates; the decision is the exact word difference when both rows keep their
+        word sets (a long shared template made the estimate call 63% of distinct banking77 messages twins)."""
+        j = self.jaccard(s.minhash8)
+        a, b = self.vocab[: self.size], float(s.vocab_size)
+        inter = j * (a + b) / (1.0 + j)
+        delta = a + b - 2.0 * inter
+        other = self.fp[: self.size] != fp
+        if s.word_set is None:
+            return bool(np.any((delta <= TWIN_MAX_WORDS) & other))
+        for i in np.flatnonzero((delta <= TWIN_MAX_WORDS + TWIN_CANDIDATE_SLACK) & other):
+            row = self.sets[i]
+            if row is None:
+                if delta[i] <= TWIN_MAX_WORDS:
+                    return True
+            elif len(row ^ s.word_set) <= TWIN_MAX_WORDS:
+                return True
+        return False
 
     def jaccard(self, mh: np.ndarray) -> np.ndarray:
         """Estimated Jaccard similarity of ``mh``'s word set with each row's (float32, one per row)."""
@@ -118,6 +144,12 @@ class ScopeState:
         self.cot = Flags(windows["reasoning_elicitation"])
         self.drift = Flags(windows["prompt_drift"])
         self.drift_sims: deque[float] = deque(maxlen=windows["prompt_drift"])
+        self.outside = Flags(windows["distribution_shift"])  # per embedded piece: outside the approved reference
+        self.shift = 0.0  # -log10 p of the outside count (distribution_shift), updated with each embedding
+        self.suspicious = Flags(KEY_RECENT)  # this identity's own recent suspicious events (tenant isolation)
+        self.vectors: deque[np.ndarray] = deque(maxlen=windows["embedding_mmd"])  # project scope only
+        self.mmd = 0.0  # last embedding_mmd value (project scope)
+        self.mmd_pending = 0
         self.key_events: OrderedDict[str, Flags] = OrderedDict()  # key -> recent suspicious flags
         self.run_records: OrderedDict[str, int] = OrderedDict()  # project scope: records per run
 
@@ -131,15 +163,14 @@ class ScopeState:
             key = ("twin", self.recent.content, self.recent.size)
             twin = memo.get(key)
             if twin is None:
-                j = self.recent.jaccard(s.minhash8)
-                a, b = self.recent.vocab[: self.recent.size], float(s.vocab_size)
-                inter = j * (a + b) / (1.0 + j)
-                delta = a + b - 2.0 * inter
-                twin = memo[key] = bool(np.any((delta <= TWIN_MAX_WORDS) & (self.recent.fp[: self.recent.size] != fp)))
+                twin = memo[key] = self.recent.has_twin(s, fp)
             ev.twin = twin
         wants_lp = s.logprobs or s.top_logprobs > 0
-        ev.harvest = wants_lp and (self.fp_counts[s.prompt_fp] >= HARVEST_REPEATS
-                                   or (s.top_logprobs >= 10 and (s.max_tokens or 0) <= 1))
+        if s.declared:  # a declared shape (e.g. a soft-label KD study): only resampling beyond the declaration
+            ev.harvest = wants_lp and self.fp_counts[s.prompt_fp] >= max(HARVEST_REPEATS, s.resamples)
+        else:
+            ev.harvest = wants_lp and (self.fp_counts[s.prompt_fp] >= HARVEST_REPEATS
+                                       or (s.top_logprobs >= 10 and (s.max_tokens or 0) <= 1))
         ev.new_bias_pattern = s.bias_pattern is not None and self.bias_counts[s.bias_pattern] == 0
         if s.cot and s.task_minhash8 is not None and self.cot_recent.size >= 1:
             key = ("cot", self.cot_recent.content, self.cot_recent.size)
@@ -155,7 +186,7 @@ class ScopeState:
         self.records += max(1, s.n)
         if s.declared_run_size is not None:
             self.declared = s.declared_run_size
-        self.recent.add(s.minhash8, s.vocab_size, fp, s.row_key)
+        self.recent.add(s.minhash8, s.vocab_size, fp, s.row_key, s.word_set)
         if s.cot and s.task_minhash8 is not None:
             self.cot_recent.add(s.task_minhash8, s.vocab_size, fp, s.task_row_key)
         self.twin.append(ev.twin)
@@ -163,12 +194,24 @@ class ScopeState:
         self.harvest.append(ev.harvest)
         _push_counted(self.fps, self.fp_counts, s.prompt_fp)
         self.cot.append(ev.cot_unrelated)
+        self.suspicious.append(ev.suspicious)
         key = s.key_id or ""
         flags = self.key_events.pop(key, None) or Flags(KEY_RECENT)
         flags.append(ev.suspicious)
         self.key_events[key] = flags
         while len(self.key_events) > 1000:
             self.key_events.popitem(last=False)
+
+    def own_evidence(self) -> bool:
+        """Whether this identity's own traffic is suspicious: what a project- or cluster-scope signal needs before it
+        is attached to one of its requests (so one tenant never raises another's signals)."""
+        own = len(self.suspicious) >= 3 and self.suspicious.true * 2 >= len(self.suspicious)
+        drifted = len(self.drift) >= 3 and self.drift.true * 2 >= len(self.drift)
+        return own or drifted or self.shift >= LOCAL_SHIFT
+
+    def forget_run(self, run: str) -> None:
+        """A run whose owner was flagged no longer counts in the project's run-size baseline."""
+        self.run_records.pop(run, None)
 
     def add_run(self, run: str, records: int) -> None:
         self.run_records[run] = self.run_records.pop(run, 0) + records

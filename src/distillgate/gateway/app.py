@@ -19,20 +19,23 @@ from typing import Any
 import orjson
 
 from distillgate.errors import DistillgateError, UpstreamError, UserError
-from distillgate.extraction import ExtractionMonitor, RequestFeatures, log_extra
-from distillgate.extraction.process import MonitorProcess, MonitorUnavailable
+from distillgate.extraction import ExtractionMonitor, RequestFeatures
+from distillgate.extraction.local import LocalMonitor
+from distillgate.extraction.process import MonitorUnavailable
+from distillgate.extraction.seam import Monitor
 from distillgate.gateway.contracts import check_output
 from distillgate.gateway.errors import ApiError, error_body
+from distillgate.gateway.judge import gateway_request, screen_hits
 from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.metrics import Metrics
 from distillgate.gateway.openapi import openapi_document
 from distillgate.gateway.parse import Inbound, parse_request
-from distillgate.gateway.screens import Screen, run_screens
+from distillgate.gateway.screens import Screen
 from distillgate.gateway.stamps import STAMP_HEADER, issue_stamp, response_digest
 from distillgate.gateway.upstreams import Route, Router, Upstream
 from distillgate.ledger.canonical import sha256_hex
 from distillgate.ledger.store import Admission, Store
-from distillgate.policy import Policy, PolicySet, Request
+from distillgate.policy import Policy, PolicySet
 from distillgate.policy.extraction_rules import Signal
 
 Scope = MutableMapping[str, Any]
@@ -111,10 +114,10 @@ class Gateway:
     def __init__(self, *, policies: PolicySet, store: Store, keys: KeyStore, router: Router,
                  screens: Sequence[Screen], max_body_bytes: int = 1 << 20, reclaim_interval_s: float = 30.0,
                  metrics: Metrics | None = None, settle_before_reply: bool = True,
-                 monitor: ExtractionMonitor | MonitorProcess | None = None) -> None:
+                 monitor: Monitor | None = None) -> None:
         self.policies = policies
         #: extraction-abuse signals on every request (docs/extraction.md); the policy decides what they do
-        self.monitor = monitor if monitor is not None else ExtractionMonitor(policies)
+        self.monitor: Monitor = monitor if monitor is not None else LocalMonitor(ExtractionMonitor(policies))
         self.store = store
         self.keys = keys
         self.router = router
@@ -122,10 +125,11 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.reclaim_interval_s = reclaim_interval_s
         self.metrics = metrics or Metrics()
-        self.metrics.embed_backlog.set_function(lambda: self.monitor.backlog)
-        self.metrics.embed_dropped.set_function(lambda: self.monitor.dropped)
+        self.metrics.embed_backlog.set_function(lambda: self.monitor.status().backlog)
+        self.metrics.embed_dropped.set_function(lambda: self.monitor.status().dropped)
         self.settle_before_reply = settle_before_reply
         self._reclaimer: asyncio.Task[None] | None = None
+        self._monitor_start: asyncio.Task[None] | None = None
         self._settling: set[asyncio.Task[Any]] = set()
         self._openapi = orjson.dumps(openapi_document())
 
@@ -151,9 +155,11 @@ class Gateway:
                 status = await self._inference(route, scope, receive, send)
             elif method == "GET" and path == "/v1/models":
                 status = await self._models(scope, send)
-            elif method == "GET" and path == "/healthz":
-                status = await _send_json(send, 200, orjson.dumps({"status": "ok", "log_size": self.store.size(),
-                                                                   "policies": self.policies.ids()}))
+            elif method == "GET" and path == "/healthz":  # ready only when the extraction monitor is
+                ready = self.monitor.status().ready
+                status = await _send_json(send, 200 if ready else 503, orjson.dumps({
+                    "status": "ok" if ready else "starting", "monitor_ready": ready, "log_size": self.store.size(),
+                    "policies": self.policies.ids()}))
             elif method == "GET" and path == "/metrics":
                 status = 200
                 await _send(send, 200, self.metrics.render(),
@@ -186,6 +192,7 @@ class Gateway:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._reclaimer = asyncio.create_task(self._reclaim_loop())
+                self._monitor_start = asyncio.create_task(self._start_monitor())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self._reclaimer is not None:
@@ -195,10 +202,16 @@ class Gateway:
                 if self._settling:  # settlements still on their way to the log
                     await asyncio.gather(*self._settling, return_exceptions=True)
                 await self.router.aclose()
-                if isinstance(self.monitor, MonitorProcess):
-                    await self.monitor.aclose()
+                await self.monitor.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _start_monitor(self) -> None:
+        """Bring the extraction monitor up beside the server; /healthz says 503 "starting" until it is."""
+        try:
+            await self.monitor.start()
+        except MonitorUnavailable as exc:  # requests answer 503 with the reason; the next one retries the start
+            _log.error("the extraction monitor did not start: %s", exc.message)
 
     async def _reclaim_loop(self) -> None:
         while True:
@@ -248,7 +261,7 @@ class Gateway:
         headers = _headers(scope)
         inb = parse_request(route_name, raw, headers)
         check = self.keys.check(_bearer(headers))
-        hits = frozenset(h.output_class for h in run_screens(self.screens, inb.prompt)) if inb.prompt else frozenset()
+        hits = screen_hits(self.screens, inb.prompt)
         for hit in hits:
             self.metrics.screen_hits.labels(hit).inc()
         try:
@@ -257,13 +270,10 @@ class Gateway:
             if check.status == "ok":
                 raise
             route = Route("", inb.model)  # unauthenticated: the decision below denies with 401 first
-        user = inb.user or check.user
         policy = self.policies.select(inb.project)
-        request = Request(
-            user=user, project=inb.project, run=inb.run, output_type=inb.output_type, model=inb.model,
-            max_tokens=inb.max_tokens or policy.quotas.default_max_tokens, prompt_tokens=inb.prompt_tokens, n=inb.n,
-            auth=check.status, key_user=check.user, top_logprobs=inb.top_logprobs,
-            logit_bias_size=inb.logit_bias_size, screen_hits=hits)
+        # the same step `policy explain` and `policy test` run (gateway/judge.py)
+        request = gateway_request(inb, policy, auth=check.status, key_user=check.user, hits=hits)
+        user = request.user
         try:
             features = RequestFeatures.from_openai(inb.body, user=user, key_id=check.key_id, project=inb.project,
                                                    run=inb.run, output_type=inb.output_type,
@@ -317,18 +327,11 @@ class Gateway:
 
     async def _observe(self, features: RequestFeatures) -> tuple[tuple[Signal, ...], dict[str, object]]:
         """The extraction signals for this request and its decision entry's ``extra``."""
-        monitor = self.monitor
-        if isinstance(monitor, MonitorProcess):
-            try:
-                return await monitor.aobserve(features)
-            except MonitorUnavailable as exc:
-                raise ApiError(503, f"{exc.message}; nothing was decided or forwarded",
-                               code="extraction_monitor_unavailable") from exc
-        sketch, signals = monitor.observe_request(features)
-        embedding = None
-        if monitor.records_embeddings(features.project):  # policy extraction.record_embeddings: for audit scan
-            embedding = await asyncio.to_thread(monitor.embed_for_record, features)
-        return signals, log_extra(features, signals, embedding, sketch)
+        try:
+            return await self.monitor.observe(features)
+        except MonitorUnavailable as exc:
+            raise ApiError(503, f"{exc.message}; nothing was decided or forwarded",
+                           code="extraction_monitor_unavailable") from exc
 
     async def _fail_upstream(self, adm: Admission, route: Route, exc: UpstreamError,
                              index_header: tuple[bytes, bytes]) -> ApiError:
@@ -562,11 +565,15 @@ class Gateway:
 
 def _settle_extra(policy: Policy, problems: list[str], enforcement: str | None,
                   choices: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Contract problems, and the answer itself when the policy has ``audit.log_content``."""
+    """Contract problems, the examples a retrieval teacher was shown, and the answer itself when the policy has
+    ``audit.log_content``."""
     extra: dict[str, Any] = {}
     if problems:
         extra["contract"] = problems[:10]
         extra["enforcement"] = enforcement
+    shown = [c["shown_examples"] for c in choices if isinstance(c.get("shown_examples"), list)]
+    if shown:  # a retrieval teacher's labelled examples, by pool id (teachers/retrieval.py)
+        extra["shown_examples"] = [[str(x) for x in ids[:64]] for ids in shown]
     if policy.audit.log_content:
         extra["content"] = {"response": [
             {"index": c.get("index", 0), "text": (c.get("message") or {}).get("content") if "message" in c

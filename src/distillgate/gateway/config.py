@@ -26,6 +26,7 @@
       references:                         # project -> its approved prompts, for prompt_drift
         internal-compression: data/approved_prompts.jsonl
       process: false                      # true: the monitor runs in a child process, on another core
+    witness: /mnt/append-only/distillgate.witness.jsonl   # signed heads, outside the store (docs/audit.md)
 
 Routing of a model name: the ``models`` table (glob patterns, first match); else ``UPSTREAM/rest`` goes to that
 upstream with ``rest`` as the model; else ``local/...`` goes to the in-process local teacher; else, when exactly
@@ -37,9 +38,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+__all__ = ["ExtractionSettings", "GatewayConfig", "UpstreamSettings", "config_from_data", "load_config"]
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distillgate.errors import ConfigError, ConfigIssue
+from distillgate.extraction.settings import ExtractionSettings
 from distillgate.policy.model import issues_from_validation, parse_document
 from distillgate.teachers.http import HttpUpstreamConfig
 
@@ -62,28 +66,6 @@ class UpstreamSettings(_Strict):
         return HttpUpstreamConfig(name=name, **self.model_dump())
 
 
-class ExtractionSettings(_Strict):
-    """The gateway's ``ExtractionMonitor``: which embedder computes ``prompt_drift`` and each project's approved
-    reference. Without an embedder, every signal but ``prompt_drift`` still runs."""
-
-    embedder: Literal["none", "minilm", "hashing"] = "none"
-    references: dict[str, str] = Field(default_factory=dict)
-    reference_size: int = Field(default=200, ge=10)
-    embed_cache: int = Field(default=4096, ge=0)
-    process: bool = False  # run the monitor in a child process, beside the event loop (docs/gateway.md)
-
-    def issues(self) -> list[ConfigIssue]:
-        out: list[ConfigIssue] = []
-        if self.references and self.embedder == "none":
-            out.append(ConfigIssue("extraction.references", "references need an embedder",
-                                   "set extraction.embedder: minilm (or hashing)"))
-        for project, path in self.references.items():
-            if not Path(path).is_file():
-                out.append(ConfigIssue(f"extraction.references.{project}", f"{path} is not a file",
-                                       "give a .jsonl of request bodies or a text file, one prompt per line"))
-        return out
-
-
 class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -98,6 +80,8 @@ class GatewayConfig(_Strict):
     access_log: bool = False
     settle: Literal["before_reply", "after_reply"] = "before_reply"
     extraction: ExtractionSettings = Field(default_factory=ExtractionSettings)
+    #: the file every signed log head is appended to (docs/audit.md); default $DISTILLGATE_WITNESS or <db>.witness.jsonl
+    witness: str | None = None
 
     def check(self, source: str) -> None:
         """Cross-field checks pydantic cannot express; raises ConfigError with every issue."""

@@ -6,7 +6,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from distillgate.errors import UpstreamError
@@ -20,8 +20,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_gateway(config_data: dict[str, Any], user: str) -> Iterator[Any]:
+def local_gateway(config_data: dict[str, Any], user: str,
+                  local_loader: Callable[[str], Any] | None = None) -> Iterator[Any]:
     """Serve a gateway built from ``config_data`` on a free loopback port; yield a ``GatewayTarget``.
+
+    ``local_loader(spec)`` builds the ``local/...`` teachers (see ``build_gateway``).
 
     A fresh API key for ``user`` is created in the gateway's store and revoked when the block ends.
     """
@@ -34,7 +37,7 @@ def local_gateway(config_data: dict[str, Any], user: str) -> Iterator[Any]:
 
     port = _free_port()
     config = config_from_data({**config_data, "host": "127.0.0.1", "port": port}, "gateway for generate")
-    gateway = build_gateway(config)
+    gateway = build_gateway(config, local_loader=local_loader)
     keys = KeyStore(config.db)
     record, secret = keys.create(user, label="distillgate dataset generate (in-process gateway)")
     server = uvicorn.Server(uvicorn.Config(gateway, host="127.0.0.1", port=port, loop="uvloop", http="httptools",

@@ -7,40 +7,39 @@ the HTTP layer).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from distillgate.extraction import ExtractionMonitor
-from distillgate.extraction.embed import make_embedder, read_reference
+__all__ = ["build_gateway", "build_monitor", "serve"]  # build_monitor: now distillgate.extraction.settings
+
+from distillgate.extraction.local import LocalMonitor
 from distillgate.extraction.process import MonitorProcess
+from distillgate.extraction.seam import Monitor
+from distillgate.extraction.settings import build_monitor
 from distillgate.gateway.app import Gateway
-from distillgate.gateway.config import ExtractionSettings, GatewayConfig
+from distillgate.gateway.config import GatewayConfig
 from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.screens import load_screens
 from distillgate.gateway.upstreams import Router
 from distillgate.ledger.store import Store
-from distillgate.policy import PolicySet, load_policies
+from distillgate.policy import load_policies
+from distillgate.teachers.base import Teacher
 
 
-def build_monitor(policies: PolicySet, settings: ExtractionSettings) -> ExtractionMonitor:
-    """The extraction monitor with the configured embedder; each configured reference is embedded now."""
-    embedder = None if settings.embedder == "none" else make_embedder(settings.embedder)
-    monitor = ExtractionMonitor(policies, embedder=embedder, reference_size=settings.reference_size,
-                                embed_cache=settings.embed_cache)
-    for project, path in settings.references.items():
-        monitor.set_reference(project, read_reference(path))
-    return monitor
-
-
-def build_gateway(config: GatewayConfig) -> Gateway:
+def build_gateway(config: GatewayConfig, *, local_loader: Callable[[str], Teacher] | None = None) -> Gateway:
+    """``local_loader(spec)`` builds ``local/...`` teachers (default: the teachers registry); ``distillgate run``
+    passes one that serves its retrieval teacher."""
     policies = load_policies(config.policy)
     screens = load_screens(config.screens)
-    monitor: ExtractionMonitor | MonitorProcess
+    monitor: Monitor
     if config.extraction.process:  # the child builds the same monitor from the same files
         monitor = MonitorProcess(str(config.policy), config.extraction.model_dump(exclude={"process"}), policies)
     else:
-        monitor = build_monitor(policies, config.extraction)
-    router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models)
-    store = Store.open(Path(config.db), reservation_ttl_s=config.reservation_ttl_s)
+        monitor = LocalMonitor(build_monitor(policies, config.extraction), embed_wait_s=config.extraction.embed_wait_s)
+    router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models,
+                    local_loader=local_loader)
+    store = Store.open(Path(config.db), reservation_ttl_s=config.reservation_ttl_s,
+                       checkpoint_every=policies.checkpoint_every(), witness=config.witness)
     keys = KeyStore(config.db)
     return Gateway(policies=policies, store=store, keys=keys, router=router, screens=screens,
                    max_body_bytes=config.max_body_bytes, reclaim_interval_s=config.reclaim_interval_s,

@@ -6,8 +6,12 @@ Files written under the destination:
   checkpoint.json    the signed head at export time + an RFC 9162 inclusion proof for every exported entry
   manifest.json      the run's metadata: users, projects, models, policies, counts, tokens, file hashes, public key
 
-The destination is judged by the governing policy first (``DESTINATION_NOT_APPROVED``); the export itself, allowed
-or denied, is written to the log as an ``export`` event.
+A run belongs to one project (the project of its first allowed request, ``Store.run_owner``): the slice is the
+entries of that (project, run), judged by that project's policy. Naming another project is refused with
+``RUN_OWNED_BY_OTHER_PROJECT``. The destination is judged by the governing policy first
+(``DESTINATION_NOT_APPROVED``); the export itself, allowed or denied, is written to the log as an ``export`` event.
+The export's signed checkpoint is also a witness of the log (ledger/witness.py): keep ``checkpoint.json`` and
+``audit verify --witness`` it later.
 """
 
 from __future__ import annotations
@@ -67,13 +71,15 @@ def entries_to_parquet(entries: list[LogEntry]) -> bytes:
 
 
 def run_manifest(run: str, entries: list[LogEntry], files: Mapping[str, bytes], public_key_pem: str,
-                 head: dict[str, Any], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 head: dict[str, Any], extra: Mapping[str, Any] | None = None, *,
+                 project: str | None = None) -> dict[str, Any]:
     decisions = [e.body for e in entries if e.body.get("kind") == "decision"]
     settlements = [e.body for e in entries if e.body.get("kind") == "settlement"]
     reasons = Counter(r for d in decisions for r in d.get("reasons", []))
     return {
         "manifest_version": 1,
         "run": run,
+        "project": project,
         "exported_at": iso(utc_now()),
         "projects": sorted({str(d["project"]) for d in decisions if d.get("project")}),
         "users": sorted({str(d["user"]) for d in decisions if d.get("user")}),
@@ -100,21 +106,24 @@ def run_manifest(run: str, entries: list[LogEntry], files: Mapping[str, bytes], 
 def export_run(store: Store, policies: PolicySet, run: str, to_url: str, *, user: str | None = None,
                project: str | None = None, metadata: Mapping[str, Any] | None = None,
                endpoint_url: str | None = None) -> ExportResult:
-    """Export ``run`` to ``to_url`` if the governing policy allows that destination."""
-    entries = list(store.entries(run=run))
-    if not entries:
-        raise NotFoundError(f"no decisions recorded for run {run!r}", hint="check the run id (policy_run_id)")
-    if project is None:  # the project the run's allowed decisions were made for
-        allowed = Counter(str(e.body["project"]) for e in entries
-                          if e.body.get("decision") == "allow" and e.body.get("project"))
-        project = allowed.most_common(1)[0][0] if allowed else None
+    """Export ``run`` (of ``project``, default: the project that owns it) to ``to_url`` if the governing policy
+    allows that destination."""
+    owner = store.run_owner(run)
+    if project is None:
+        project = owner
+    entries = list(store.entries(run=run, project=project))
+    if not entries and owner in (None, project):
+        raise NotFoundError(f"no decisions recorded for run {run!r}"
+                            + (f" of project {project!r}" if project else ""), hint="check the run id (policy_run_id)")
     policy = policies.select(project)
     request = Request(user=user, project=project, run=run, output_type=None, kind="export", destination=to_url)
     admission = store.admit(policy, request)
     if not admission.decision.allowed:
+        hint = f"allowed destinations: {', '.join(policy.destinations()) or 'none'}"
+        if "RUN_OWNED_BY_OTHER_PROJECT" in admission.decision.reasons:
+            hint = f"run {run!r} is project {owner!r}'s; export it as that project (omit --project)"
         raise PolicyDenied(f"export of run {run!r} to {to_url} denied: {admission.decision.message}",
-                           admission.decision.reasons,
-                           hint=f"allowed destinations: {', '.join(policy.destinations()) or 'none'}")
+                           admission.decision.reasons, hint=hint)
     cp = store.checkpoint()
     tree = Tree(store.entry_hashes(cp.tree_size))
     proofs = {str(e.index): tree.inclusion_proof(e.index, cp.tree_size) for e in entries if e.index < cp.tree_size}
@@ -125,7 +134,7 @@ def export_run(store: Store, policies: PolicySet, run: str, to_url: str, *, user
                                         option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2),
     }
     manifest = run_manifest(run, entries, files, store.signer.public_key_pem(), cp.as_dict(),
-                            {**(metadata or {}), "export_decision_index": admission.entry.index})
+                            {**(metadata or {}), "export_decision_index": admission.entry.index}, project=project)
     files["manifest.json"] = orjson.dumps(manifest, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)
     urls = write_files(to_url, files, endpoint_url=endpoint_url)
     store.append_event("export", {"run": run, "project": project, "user": user, "destination": to_url,

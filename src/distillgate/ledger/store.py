@@ -36,17 +36,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 
-from distillgate.errors import InternalError, NotFoundError, UserError
+from distillgate.errors import IntegrityError, InternalError, NotFoundError, UserError
 from distillgate.ledger.canonical import canonical_json, sha256_hex
+from distillgate.ledger.entries import bound_denial, columns
 from distillgate.ledger.merkle import Frontier
 from distillgate.ledger.signing import Signer, default_key_path
+from distillgate.ledger.witness import WitnessFile, default_witness_path
 from distillgate.policy.decision import Decision, Request, Usage, decide
 from distillgate.policy.model import Policy, PolicySet
 
@@ -67,6 +69,7 @@ CREATE TABLE IF NOT EXISTS log (
     user TEXT
 );
 CREATE INDEX IF NOT EXISTS log_run ON log(run);
+CREATE INDEX IF NOT EXISTS log_body_run ON log(json_extract(CAST(body AS TEXT), '$.run'));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (
     tree_size INTEGER PRIMARY KEY,
@@ -96,6 +99,11 @@ CREATE TABLE IF NOT EXISTS reservations (
     expires REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reservations_held ON reservations(state, expires);
+CREATE TABLE IF NOT EXISTS runs (
+    run TEXT PRIMARY KEY,
+    project TEXT NOT NULL,
+    decision_index INTEGER NOT NULL
+);
 """
 
 
@@ -194,6 +202,8 @@ class _State:
         self.counters: dict[CounterKey, list[int]] = {}
         #: reservation id -> (project, user, run, day, tokens_reserved, records_reserved, state, decision_index)
         self.reservations: dict[str, tuple[Any, ...]] = {}
+        #: run id -> the project that owns it (None: nobody yet), as committed plus this transaction's claims
+        self.runs: dict[str, str | None] = {}
 
 
 class _Txn:
@@ -207,7 +217,9 @@ class _Txn:
         self.state = state
         self.now = utc_now()
         self.appended = 0
+        self.head: Checkpoint | None = None  # the signed head ``finish`` wrote (for the witness)
         self._log: list[tuple[Any, ...]] = []
+        self._runs: list[tuple[Any, ...]] = []
         self._checkpoints: list[tuple[Any, ...]] = []
         self._new_reservations: list[tuple[Any, ...]] = []
         self._reservation_updates: list[tuple[Any, ...]] = []
@@ -228,13 +240,13 @@ class _Txn:
         s = self.state
         return (s.next_index, s.prev_hash, Frontier(s.frontier.size, list(s.frontier.nodes)), self.appended,
                 len(self._log), len(self._checkpoints), len(self._new_reservations),
-                len(self._reservation_updates), len(self._undo))
+                len(self._reservation_updates), len(self._runs), len(self._undo))
 
     def undo(self, mark: tuple[Any, ...]) -> None:
         s = self.state
-        (s.next_index, s.prev_hash, s.frontier, self.appended, n_log, n_cp, n_new, n_upd, n_undo) = mark
+        (s.next_index, s.prev_hash, s.frontier, self.appended, n_log, n_cp, n_new, n_upd, n_runs, n_undo) = mark
         del self._log[n_log:], self._checkpoints[n_cp:], self._new_reservations[n_new:]
-        del self._reservation_updates[n_upd:]
+        del self._reservation_updates[n_upd:], self._runs[n_runs:]
         while len(self._undo) > n_undo:
             mapping, key, old = self._undo.pop()
             if old is _MISSING:
@@ -257,10 +269,12 @@ class _Txn:
             "kind": kind,
             "prev_hash": s.prev_hash,
         }
+        if s.next_index == 0:  # the log's first entry names the key that signs it (see Store._load_signer)
+            signer = self.store.signer
+            body["log_key"] = {"key_id": signer.key_id, "public_key_pem": signer.public_key_pem()}
         data = canonical_json(body)
         entry_hash = sha256_hex(data)
-        self._log.append((s.next_index, entry_hash, data, kind, body["ts"], body.get("run"), body.get("project"),
-                          body.get("user")))
+        self._log.append((s.next_index, entry_hash, data, *columns(body)))
         s.frontier.append(entry_hash)
         entry = LogEntry(s.next_index, entry_hash, body)
         s.next_index += 1
@@ -273,6 +287,19 @@ class _Txn:
 
     def add_checkpoint(self, cp: Checkpoint) -> None:
         self._checkpoints.append((cp.tree_size, cp.root_hash, cp.ts, cp.key_id, cp.signature))
+
+    # -- run ownership ------------------------------------------------------------------------------------------
+    def run_owner(self, run: str) -> str | None:
+        cache = self.state.runs
+        if run not in cache:  # a read fills the cache with the committed value: no undo needed
+            row = self.conn.execute("SELECT project FROM runs WHERE run=?", (run,)).fetchone()
+            cache[run] = None if row is None else str(row[0])
+        return cache[run]
+
+    def claim_run(self, run: str, project: str, decision_index: int) -> None:
+        self._remember(self.state.runs, run)
+        self.state.runs[run] = project
+        self._runs.append((run, project, decision_index))
 
     # -- quota counters -----------------------------------------------------------------------------------------
     def counters(self, keys: list[CounterKey]) -> list[list[int]]:
@@ -341,6 +368,8 @@ class _Txn:
             conn.executemany(
                 "INSERT INTO log (idx, entry_hash, body, kind, ts, run, project, user) VALUES (?,?,?,?,?,?,?,?)",
                 self._log)
+        if self._runs:
+            conn.executemany("INSERT INTO runs (run, project, decision_index) VALUES (?,?,?)", self._runs)
         if self._new_reservations:
             conn.executemany(
                 "INSERT INTO reservations (id, decision_index, project, user, run, day, tokens_reserved, "
@@ -361,12 +390,23 @@ class _Txn:
         if not self.appended:
             return
         frontier = self.state.frontier
-        head = self.store._signed_checkpoint(frontier)
+        head = self.head = self.store._signed_checkpoint(frontier)
         conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                          [("frontier", orjson.dumps(frontier.to_json())), ("head", orjson.dumps(head.as_dict()))])
         # closed reservations are settled for good: keep the cache small
         for _, _, _, rid in self._reservation_updates:
             self.state.reservations.pop(rid, None)
+
+
+def _backfill_runs(conn: sqlite3.Connection) -> None:
+    """A log written before runs had owners: each run belongs to the project of its first allowed decision."""
+    rows = conn.execute("SELECT idx, body FROM log WHERE kind='decision' ORDER BY idx")
+    for idx, body in rows.fetchall():
+        entry = orjson.loads(body)
+        if entry.get("decision") == "allow" and entry.get("request_kind") == "inference" and entry.get("run") \
+                and entry.get("project"):
+            conn.execute("INSERT OR IGNORE INTO runs (run, project, decision_index) VALUES (?,?,?)",
+                         (entry["run"], entry["project"], idx))
 
 
 @dataclass(slots=True)
@@ -423,19 +463,24 @@ class Store:
         reservation_ttl_s: float = 600.0,
         batch_max: int = 512,
         lazy_commit_s: float = 0.002,
+        witness: str | Path | None = None,
     ) -> None:
+        """``witness``: the file every signed head is appended to (default ``$DISTILLGATE_WITNESS`` or
+        ``<db>.witness.jsonl``; none for ``:memory:``)."""
         self.path = Path(path)
-        if str(path) != ":memory:" and not self.path.parent.exists():
+        memory = str(path) == ":memory:"
+        if not memory and not self.path.parent.exists():
             raise NotFoundError(f"directory of --db {self.path} does not exist", hint="create it or choose another path")
-        self.signer = signer or Signer.load_or_create(default_key_path(self.path))
+        conn = self._connect()
+        self._init_schema(conn)
+        self.signer = self._load_signer(conn, signer)
+        self.witness = None if memory else WitnessFile(witness or default_witness_path(self.path))
         self.checkpoint_every = checkpoint_every
         self.reservation_ttl_s = reservation_ttl_s
         self.batch_max = batch_max
         self.lazy_commit_s = lazy_commit_s
         self._local = threading.local()
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        conn = self._connect()
-        self._init_schema(conn)
         self._writer_conn = conn
         self._lock_fd: int | None = None
         if str(path) != ":memory:":  # see _run_batch: several processes' writers take turns on this lock
@@ -469,16 +514,46 @@ class Store:
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
+            had_runs = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='runs'").fetchone()
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            row = conn.execute("SELECT value FROM meta WHERE key='public_key'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta (key, value) VALUES ('public_key', ?)", (self.signer.public_key_pem(),))
+            if not had_runs:
+                _backfill_runs(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    def _load_signer(self, conn: sqlite3.Connection, signer: Signer | None) -> Signer:
+        """The key that signs this log. A log with entries is signed by the key named in its first entry (or, for
+        a log written before entries named it, the key recorded in ``meta``); a missing or different key file is
+        refused, never replaced, since every later checkpoint would then fail verification for ever."""
+        key_path = default_key_path(self.path)
+        first = conn.execute("SELECT body FROM log ORDER BY idx LIMIT 1").fetchone()
+        recorded = conn.execute("SELECT value FROM meta WHERE key='public_key'").fetchone()
+        recorded_pem = None if recorded is None else (
+            recorded[0].decode() if isinstance(recorded[0], bytes) else str(recorded[0]))
+        if first is not None:
+            log_key = orjson.loads(first[0]).get("log_key") or {}
+            recorded_pem = log_key.get("public_key_pem") or recorded_pem
+        if signer is None:
+            if first is not None and not key_path.exists():
+                raise IntegrityError(
+                    f"the decision log {self.path} has entries, but its signing key {key_path} is missing",
+                    hint=f"restore {key_path} from the backup of this store (or point $DISTILLGATE_SIGNING_KEY at "
+                         "it); distillgate never creates a new key for a log that has entries")
+            signer = Signer.load_or_create(key_path)
+        if first is not None and recorded_pem is not None and recorded_pem.strip() != signer.public_key_pem().strip():
+            raise IntegrityError(
+                f"the signing key {key_path} (key {signer.key_id}) is not the key the decision log {self.path} was "
+                "started with (recorded in its first entry)",
+                hint=f"restore the original {key_path} (or point $DISTILLGATE_SIGNING_KEY at it); `distillgate audit "
+                     "verify` shows the recorded key")
+        if first is None and recorded_pem != signer.public_key_pem():  # nothing signed yet: this key starts the log
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('public_key', ?)",
+                         (signer.public_key_pem(),))
+        return signer
 
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -569,6 +644,7 @@ class Store:
                 _deliver(batch, outcomes, early=True)
                 delivered = len(batch)
                 conn.execute("COMMIT")
+                self._witness_commit(txn)
             except BaseException:
                 self._state = None  # the cache ran ahead of what is committed
                 if conn.in_transaction:
@@ -581,6 +657,16 @@ class Store:
             return stop
         _deliver(batch, outcomes, early=False)
         return stop
+
+    def _witness_commit(self, txn: _Txn) -> None:
+        """Append the heads this commit signed to the witness file (see ledger/witness.py)."""
+        if self.witness is None:
+            return
+        heads = [dict(zip(("tree_size", "root_hash", "ts", "key_id", "signature"), row, strict=True))
+                 for row in txn._checkpoints]
+        if txn.head is not None:
+            heads.append(txn.head.as_dict())
+        self.witness.append(heads, sync=bool(txn._checkpoints))
 
     @staticmethod
     def _run_jobs(txn: _Txn, jobs: list[_Job], outcomes: list[tuple[bool, Any]]) -> None:
@@ -614,6 +700,8 @@ class Store:
         self._closed = True
         self._queue.put(None)
         self._thread.join()
+        if self.witness is not None:
+            self.witness.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -644,6 +732,8 @@ class Store:
             policy = policies.select(request.project) if isinstance(policies, PolicySet) else policies
             day = utc_day(txn.now)
             usage = txn.usage(request.project, request.user, request.run, day)
+            if request.run:  # a run belongs to one project: decided in this transaction, so two cannot both claim it
+                usage = replace(usage, run_project=txn.run_owner(request.run))
             decision = decide(policy, request, usage)
             reservation_id = None
             tokens = records = 0
@@ -678,7 +768,12 @@ class Store:
                 fields["extra"] = dict(extra)
             if content is not None and policy.audit.log_content:
                 fields["content"] = content
+            if not decision.allowed:  # anyone can be denied: what they sent is stored bounded (ledger/entries.py)
+                fields = bound_denial(fields, authenticated=request.auth == "ok")
             entry = txn.append("decision", fields)
+            if decision.allowed and request.kind == "inference" and request.run and request.project \
+                    and usage.run_project is None:
+                txn.claim_run(request.run, request.project, entry.index)
             if reservation_id is not None:
                 txn.add_reservation(reservation_id, entry.index, request.project, request.user, request.run, day,
                                     tokens, records)
@@ -826,17 +921,31 @@ class Store:
         row = self._reader().execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM log").fetchone()
         return int(row[0])
 
-    def entries(self, *, run: str | None = None, start: int = 0, kind: str | None = None) -> Iterator[LogEntry]:
+    def entries(self, *, run: str | None = None, start: int = 0, kind: str | None = None,
+                project: str | None = None) -> Iterator[LogEntry]:
+        """Entries from ``start``, optionally of one run (of one project) and one kind. The run is selected on the
+        hashed body itself (an index over its ``run`` field) and the rest of a run's slice from the body, so no edited
+        column can move a row in or out of a run's slice (or export). Without a run, the ``kind`` and ``project``
+        columns narrow the scan and every selected row is re-checked against its body (see ledger/entries.py)."""
         sql = "SELECT idx, entry_hash, body FROM log WHERE idx >= ?"
         args: list[Any] = [start]
+        wanted = {"run": run, "kind": kind, "project": project}
         if run is not None:
-            sql += " AND run = ?"
+            sql += " AND json_extract(CAST(body AS TEXT), '$.run') = ?"
             args.append(run)
-        if kind is not None:
-            sql += " AND kind = ?"
-            args.append(kind)
+        for name in ("kind", "project"):
+            if wanted[name] is not None and run is None:
+                sql += f" AND {name} = ?"
+                args.append(wanted[name])
         for idx, entry_hash, body in self._reader().execute(sql + " ORDER BY idx", args):
-            yield LogEntry(int(idx), str(entry_hash), orjson.loads(body))
+            parsed = orjson.loads(body)
+            if all(value is None or parsed.get(name) == value for name, value in wanted.items()):
+                yield LogEntry(int(idx), str(entry_hash), parsed)
+
+    def run_owner(self, run: str) -> str | None:
+        """The project that owns ``run`` (its first allowed inference decision), or None."""
+        row = self._reader().execute("SELECT project FROM runs WHERE run=?", (run,)).fetchone()
+        return None if row is None else str(row[0])
 
     def entry(self, index: int) -> LogEntry:
         row = self._reader().execute("SELECT idx, entry_hash, body FROM log WHERE idx=?", (index,)).fetchone()

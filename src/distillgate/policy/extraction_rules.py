@@ -17,16 +17,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from distillgate.policy.approved import ApprovedShape
 
 SignalName = Literal[
     "volume", "template_sweep", "logit_bias_sweep", "logprob_harvest", "reasoning_elicitation",
-    "key_coordination", "prompt_drift",
+    "key_coordination", "prompt_drift", "distribution_shift", "embedding_mmd",
 ]
-Scope = Literal["user", "key", "project", "run"]
+Scope = Literal["user", "key", "project", "run", "cluster"]
 Action = Literal["flag", "review", "throttle", "deny"]
 SIGNAL_NAMES: tuple[str, ...] = get_args(SignalName)
 SCOPES: tuple[Scope, ...] = ("user", "key", "project", "run")
+# cluster: a project's identities that are still new to it (fewer than NEW_IDENTITY requests), taken together, so a
+# wide hydra of many small keys adds up; only distribution_shift is computed for it by default
+ALL_SCOPES: tuple[Scope, ...] = (*SCOPES, "cluster")
 ACTION_CODES: dict[str, str] = {
     "flag": "EXTRACTION_FLAGGED",
     "review": "REVIEW_REQUIRED",
@@ -90,6 +95,13 @@ DEFAULT_RULES: dict[str, SignalRule] = {
     "key_coordination": SignalRule(threshold=3, window=1000, min_requests=30, scopes=("user", "project")),
     # share of embedded prompts whose nearest approved-traffic neighbour is farther than the reference's 1st pct.
     "prompt_drift": SignalRule(threshold=0.5, window=100, min_requests=20, scopes=("user", "key", "run")),
+    # two-sample test: -log10 p of the window's count of prompt pieces outside the approved reference against the
+    # reference's own held-out rate (exact binomial tail); at project scope it adds up slow mixing and many small
+    # identities, and is attached only to requests whose own identity shows local evidence
+    "distribution_shift": SignalRule(threshold=8.0, window=200, min_requests=4, scopes=ALL_SCOPES),
+    # unbiased MMD^2 (RBF kernel) of the project's last embedded pieces against its reference, over the threshold
+    # calibrated on same-distribution windows of the reference (value 1.0 = at the calibrated threshold)
+    "embedding_mmd": SignalRule(threshold=1.0, window=200, min_requests=100, scopes=("project",)),
 }
 
 
@@ -98,6 +110,23 @@ class ExtractionRules(_Strict):
     record_embeddings: bool = Field(default=False, description="store an int8-quantised prompt embedding per "
                                     "decision so that `audit scan` can re-run prompt_drift offline")
     signals: dict[SignalName, SignalRule] = Field(default_factory=dict)
+    approved: dict[str, tuple[ApprovedShape, ...]] = Field(
+        default_factory=dict, description="project -> its declared research shapes (distillgate.policy.approved)")
+
+    @model_validator(mode="after")
+    def _unique_templates(self) -> ExtractionRules:
+        for project, shapes in self.approved.items():
+            seen: dict[str, str] = {}
+            for shape in shapes:
+                for tid, text in shape.templates.items():
+                    if seen.setdefault(tid, text) != text:
+                        raise ValueError(f"extraction.approved.{project}: template id {tid!r} is declared twice "
+                                         "with different texts; give each template its own id")
+        return self
+
+    def shapes(self, project: str | None) -> tuple[ApprovedShape, ...]:
+        """The research shapes declared for ``project`` (empty: nothing declared, the signals' defaults judge)."""
+        return self.approved.get(project or "", ())
 
     def rule(self, name: str) -> SignalRule:
         """The effective rule of ``name``: the policy's fields over the default."""

@@ -20,7 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distillgate.errors import ConfigError, ConfigIssue, NotFoundError
+from distillgate.destinations import parse_destination
+from distillgate.errors import ConfigError, ConfigIssue, DestinationError, NotFoundError
 from distillgate.policy.extraction_rules import ExtractionRules
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,127}$"
@@ -80,8 +81,18 @@ class OutputContract(StrictModel):
 
 
 class Review(StrictModel):
+    """Who reviews which project, and what a sign-off needs before a study's data may be trained on or leave.
+
+    With ``required``, training, evaluation for promotion and every data export (dataset, run bundle, student) need
+    sign-offs of the dataset version by ``min_reviewers`` distinct listed reviewers, none of them the run's requester.
+    A sign-off is refused while a queue named in ``empty_queues`` still holds unreviewed rows (``"*"``: every queue).
+    """
+
     required: bool = Field(default=False, description="a run needs a named reviewer other than its requester")
     reviewers: dict[str, list[str]] = Field(default_factory=dict, description="project (or '*') -> reviewers")
+    min_reviewers: int = Field(default=1, ge=1, description="distinct reviewers whose sign-off a run needs")
+    empty_queues: list[str] = Field(default_factory=list,
+                                    description="review queues that must be empty before a sign-off ('*': all)")
 
     def reviewers_for(self, project: str | None) -> list[str] | None:
         if project is not None and project in self.reviewers:
@@ -128,9 +139,24 @@ class Policy(StrictModel):
         for project in self.review.reviewers:
             if project != "*" and project not in self.allowed_projects:
                 problems.append(f"review.reviewers names {project!r}, which is not in allowed_projects")
+        for url in self.destinations():  # a destination nothing can write would only fail at export time
+            try:
+                parse_destination(url)
+            except DestinationError as exc:
+                problems.append(f"destination {url!r}: {exc.message} ({exc.hint})")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def warnings(self) -> list[str]:
+        """Valid but surprising settings (``policy validate`` prints them)."""
+        out = []
+        quotas = self.quotas
+        if quotas.max_tokens_per_request is not None and quotas.default_max_tokens > quotas.max_tokens_per_request:
+            out.append(f"quotas.default_max_tokens ({quotas.default_max_tokens}) exceeds quotas.max_tokens_per_request "
+                       f"({quotas.max_tokens_per_request}): every request without max_tokens is refused with "
+                       f"MAX_TOKENS_EXCEEDED; set default_max_tokens to {quotas.max_tokens_per_request} or less")
+        return out
 
     @cached_property
     def content_hash(self) -> str:
@@ -205,6 +231,11 @@ class PolicySet:
 
     def ids(self) -> list[str]:
         return [p.policy_id for p in self.policies]
+
+    def checkpoint_every(self) -> int:
+        """How often a store serving these policies keeps a signed checkpoint: the most frequent any policy asks
+        for (one log holds every project's entries)."""
+        return min(p.audit.checkpoint_every for p in self.policies)
 
     def __iter__(self) -> Iterator[Policy]:
         return iter(self.policies)

@@ -38,6 +38,10 @@ REASONS: dict[str, ReasonInfo] = {
         "send X-Policy-User/-Project/-Run/-Output-Type headers or the same names in the body's metadata",
     ),
     # --- scope -------------------------------------------------------------------------------------------------
+    "RUN_OWNED_BY_OTHER_PROJECT": ReasonInfo(
+        "The run id (policy_run_id) already belongs to another project: a run belongs to the project of its first "
+        "allowed request.", True, 409, "choose a new, unique policy_run_id for this project's run",
+    ),
     "PROJECT_NOT_ALLOWED": ReasonInfo(
         "The project is not in the policy's allowed_projects.", True, 403, "use an allowed project or amend the policy"
     ),
@@ -69,12 +73,24 @@ REASONS: dict[str, ReasonInfo] = {
         "export under one of the policy's allowed destination prefixes",
     ),
     "REVIEWER_REQUIRED": ReasonInfo(
-        "The project requires a named reviewer other than the requester before the run is approved.", True, 403,
-        "have a reviewer listed in review.reviewers record a review",
+        "Training, evaluation for promotion or a data export needs sign-offs of the dataset version by "
+        "review.min_reviewers distinct reviewers (not the requester); there are fewer.", True, 403,
+        "have reviewers listed in review.reviewers sign off (`distillgate review sign-off` or the review page)",
     ),
     "REVIEWER_NOT_ALLOWED": ReasonInfo(
         "The reviewer is not listed for the project, or reviews their own run.", True, 403,
         "a different person listed in review.reviewers must review",
+    ),
+    "ACCOUNT_DISABLED": ReasonInfo(
+        "The reviewer account is disabled.", True, 403, "ask an admin (`distillgate review user enable`)",
+    ),
+    "SIGNIN_LOCKED": ReasonInfo(
+        "Too many failed sign-ins for the user name: it is locked for a while.", True, 429,
+        "wait a minute, then try again; ask an admin if the password is lost",
+    ),
+    "QUEUES_NOT_EMPTY": ReasonInfo(
+        "A sign-off was asked for while a review queue the policy names (review.empty_queues) holds unreviewed "
+        "rows.", True, 409, "review the rows left in those queues, then sign off",
     ),
     # --- volume ------------------------------------------------------------------------------------------------
     "TOKENS_PER_DAY_EXCEEDED": ReasonInfo(
@@ -128,7 +144,7 @@ REASONS: dict[str, ReasonInfo] = {
 }
 
 # Denial status precedence: authentication problems first, then bad requests, quota, then other denials.
-_STATUS_PRIORITY = {401: 0, 400: 1, 429: 2, 403: 3}
+_STATUS_PRIORITY = {401: 0, 400: 1, 429: 2, 403: 3, 409: 4}
 
 
 def status_for(codes: tuple[str, ...]) -> int:

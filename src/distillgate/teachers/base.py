@@ -26,6 +26,9 @@ class TeacherCard:
     chat_template_sha256: str | None = None
     parameter_count: int | None = None
     source: str | None = None
+    #: how the teacher answers when it is more than the model (e.g. retrieval over a labelled pool), and how its
+    #: figures were measured
+    method: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,7 +12,11 @@ from distillgate.train.rows import load_rows
 
 
 def run_recipe(config: TrainConfig) -> TrainResult:
-    """Run the recipe the config names (``sft`` or ``kd``)."""
+    """Run the recipe the config names (``sft`` or ``kd``) for the student's family."""
+    if config.student.family == "encoder":
+        from distillgate.train.recipes import encoder
+
+        return encoder.run(config)
     if config.recipe == "sft":
         from distillgate.train.recipes import sft
 

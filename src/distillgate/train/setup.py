@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
-from distillgate.data.guard import ensure_trainable
-from distillgate.errors import UserError
+from distillgate.data.guard import training_input
+from distillgate.data.versions import MANIFEST, ROWS_FILE
+from distillgate.errors import DatasetGuardError, UserError
 from distillgate.ledger.canonical import sha256_file
 from distillgate.train.config import TrainConfig
-from distillgate.train.rows import load_rows, provenance
+from distillgate.train.rows import provenance
 from distillgate.train.student import (
     apply_lora,
     count_parameters,
@@ -30,13 +31,42 @@ class Prepared:
     record: dict[str, Any]
 
 
+def dataset_of(config: TrainConfig) -> str:
+    """The frozen version a config trains on: ``dataset``, or the version whose ``rows.parquet`` ``rows`` names."""
+    if config.dataset is not None:
+        return config.dataset
+    assert config.rows is not None
+    folder = Path(config.rows).parent
+    if Path(config.rows).name == ROWS_FILE and (folder / MANIFEST).is_file():
+        return str(folder)
+    raise DatasetGuardError(
+        f"rows file {config.rows!r} is not part of a frozen dataset version",
+        hint="train on a frozen version: set 'dataset' to its directory (or a working copy / version id); "
+        "'rows' may then list some of its rows")
+
+
+def guarded_rows(config: TrainConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows every student family trains on, through the one guard (a frozen version; golden, test and holdout
+    rows refused), and the run record's ``dataset`` block. Call it before any model is loaded."""
+    given = training_input(dataset_of(config), rows_file=config.rows, splits=config.splits)
+    rows = given.rows
+    if config.dataset_version and not given.version_id.startswith(config.dataset_version):
+        raise DatasetGuardError(f"dataset_version {config.dataset_version!r} is not the version trained on "
+                                f"({given.version_id[:16]})", hint="drop dataset_version or fix 'dataset'")
+    if not rows:
+        raise UserError(f"dataset version {given.version_id[:16]} has no {'/'.join(config.splits)} rows that "
+                        "passed the filters", hint="check `distillgate dataset status` and the splits")
+    dataset = {"version_dir": str(given.version_dir), "rows_path": config.rows,
+               "rows_sha256": sha256_file(config.rows) if config.rows else
+               given.manifest.get("files", {}).get("rows.parquet"),
+               "dataset_version": given.version_id, **provenance(rows)}
+    return rows, dataset
+
+
 def prepare(config: TrainConfig, *, keep_teacher: bool) -> Prepared:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    rows = load_rows(config.rows)
-    ensure_trainable(rows)  # golden / test / holdout rows are refused here, before any model is loaded
-    if not rows:
-        raise UserError(f"{config.rows} has no rows to train on", hint="check filter_status and the split")
+    rows, dataset = guarded_rows(config)  # golden / test / holdout rows are refused before any model is loaded
     teacher = None
     if config.teacher is not None:
         teacher, teacher_tok = load_causal_lm(config.teacher)
@@ -59,8 +89,7 @@ def prepare(config: TrainConfig, *, keep_teacher: bool) -> Prepared:
     record: dict[str, Any] = {
         "recipe": config.recipe,
         "config": config.model_dump(mode="json"),
-        "dataset": {"rows_path": config.rows, "rows_sha256": sha256_file(config.rows),
-                    "dataset_version": config.dataset_version, **provenance(rows)},
+        "dataset": dataset,
         "student": {"parameters": total, "trainable": trainable,
                     "layers": getattr(student.config, "num_hidden_layers", None),
                     "layer_subset": getattr(student.config, "distillgate_layer_subset", None)},

@@ -8,6 +8,8 @@ Routes (all server-rendered, Jinja2 with autoescaping; one small script for keyb
     GET  /queues/{queue}/next        lease the next free row of the queue and show it
     GET  /rows/{row_id}              row view (leases the row for the reviewer when it is unreviewed)
     POST /rows/{row_id}/{action}     accept | correct | reject | skip
+    POST /sign-off                   sign off the dataset (a signed ``signoff`` decision-log entry, see
+                                     ``distillgate.data.signoff``): freezes it first when it changed since HEAD
 
 Security: teacher outputs are rendered escaped, and the Content-Security-Policy allows only this site's own script
 and stylesheet (no inline code), so markup inside an output can never run. Every POST carries the session's CSRF
@@ -38,9 +40,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from distillgate.data import review
+from distillgate.data import review, signoff
 from distillgate.data.store import WorkingCopy
-from distillgate.errors import ConflictError, DistillgateError, NotFoundError, UserError
+from distillgate.errors import ConflictError, DistillgateError, NotFoundError, PolicyDenied, UserError
 from distillgate.gateway.keys import KeyStore
 from distillgate.ledger.store import Store
 from distillgate.web.accounts import AccountStore
@@ -174,7 +176,31 @@ class ReviewApp:
         if isinstance(user, Response):
             return user
         view = await run_in_threadpool(self._with_wc, overview)
-        return self.render(request, "overview.html", title=f"Review {view.name}", view=view)
+        signed = [so.as_dict() for so in signoff.signoffs(self.log, project=self.site.project, run=self.site.run_id)]
+        return self.render(request, "overview.html", title=f"Review {view.name}", view=view, signoffs=signed,
+                           policy_review=self.site.policy.review)
+
+    async def sign_off(self, request: Request) -> Response:
+        user = self.reviewer(request)
+        if isinstance(user, Response):
+            return user
+        form = await request.form()
+        if not self.csrf_ok(request, form):
+            return self.forbidden(request, "The form expired or did not come from this site. Reload and try again.")
+        method, credential = str(request.session.get("method")), request.session.get("credential")
+        key_id = credential if method == "api_key" else None
+
+        def sign(wc: WorkingCopy) -> tuple[Any, Any]:
+            return signoff.sign_off(self.log, self.site.policy, wc, reviewer=user, method=method,
+                                    credential_id=key_id, project=self.site.project, run=self.site.run_id)
+
+        try:
+            entry, version = await run_in_threadpool(self._with_wc, sign)
+        except PolicyDenied as exc:
+            return self.render(request, "error.html", status=409, title="Not signed off", message=exc.message)
+        request.session["flash"] = (f"Signed off version {version.version_id[:16]} "
+                                    f"(decision-log entry {entry.index}).")
+        return RedirectResponse("/", status_code=303)
 
     async def next_in_queue(self, request: Request) -> Response:
         user = self.reviewer(request)
@@ -322,6 +348,7 @@ def create_app(site: ReviewSite) -> Starlette:
         Route("/queues/{queue:str}/next", r.next_in_queue),
         Route("/rows/{row_id:str}", r.show_row),
         Route("/rows/{row_id:str}/{action:str}", r.act, methods=["POST"]),
+        Route("/sign-off", r.sign_off, methods=["POST"]),
         Route("/favicon.svg", r.favicon),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]

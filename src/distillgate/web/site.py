@@ -69,6 +69,21 @@ class ReviewSite:
         return self.run or self.dataset.resolve().name
 
 
+@dataclass(frozen=True)
+class ReviewScope:
+    """What a reviewer is judged for outside a site (the CLI): the policies, project, run and requester."""
+
+    policies: PolicySet
+    project: str
+    run_id: str
+    requester: str | None = None
+    clock: Callable[[], float] = time.time
+
+    @property
+    def policy(self) -> Policy:
+        return self.policies.select(self.project)
+
+
 SignInMethod = Literal["password", "api_key"]
 WRONG_PASSWORD = "wrong user name or password"
 
@@ -88,35 +103,53 @@ class SignIn:
     decision: Decision | None
     problem: str | None = None
     status: int = 200
+    reasons: tuple[str, ...] = ()  # reason codes of a refusal
 
 
 class Access:
-    """Signs reviewers in (password accounts or API keys) and judges, through ``decide()``, whether they may review."""
+    """Signs reviewers in (password accounts or API keys) and judges, through ``decide()``, whether they may review.
 
-    def __init__(self, site: ReviewSite, keys: KeyStore, accounts: AccountStore, log: Store) -> None:
+    The one authorisation path for reviewers: the review site and the ``review`` CLI both call it. Every refusal is
+    a ``review_access`` event of the decision log with its reason codes (``AUTH_MISSING``, ``AUTH_INVALID``,
+    ``KEY_REVOKED``, ``ACCOUNT_DISABLED``, ``SIGNIN_LOCKED``, ``REVIEWER_NOT_ALLOWED``). The run's requester is the
+    scope's, else the user of the run's first allowed teacher call in the log (no self-review either way).
+    """
+
+    def __init__(self, site: ReviewSite | ReviewScope, keys: KeyStore, accounts: AccountStore, log: Store) -> None:
         self.site = site
         self.keys = keys
         self.accounts = accounts
         self.log = log
 
+    def requester(self) -> str | None:
+        from distillgate.data.signoff import run_requester
+
+        site = self.site
+        return site.requester or run_requester(self.log, project=site.project, run=site.run_id)
+
     def judge(self, user: str) -> Decision:
         site = self.site
         request = Request(user=user, project=site.project, run=site.run_id, output_type=None, kind="review",
-                          requester=site.requester)
+                          requester=self.requester())
         return decide(site.policy, request, Usage())
 
     def _signin_event(self, user: str | None, method: SignInMethod, outcome: str, **extra: object) -> None:
         self.log.append_event("review_signin", {"user": user, "method": method, "outcome": outcome,
                                                 "project": self.site.project, "run": self.site.run_id, **extra})
 
+    def _refused(self, user: str | None, method: SignInMethod, reasons: tuple[str, ...], problem: str,
+                 status: int) -> SignIn:
+        self.log.append_event("review_access", {"user": user, "method": method, "project": self.site.project,
+                                                "run": self.site.run_id, "decision": "deny",
+                                                "reasons": list(reasons)})
+        return SignIn(None, method, None, None, problem, status, reasons)
+
     def _admit(self, user: str, method: SignInMethod, credential: str) -> SignIn:
         decision = self.judge(user)
         if not decision.allowed:
             self._signin_event(user, method, "not_allowed", reasons=list(decision.reasons))
-            self.log.append_event("review_access", {"user": user, "project": self.site.project,
-                                                    "run": self.site.run_id, "decision": "deny",
-                                                    "reasons": list(decision.reasons)})
-            return SignIn(user, method, credential, decision, decision.message, 403)
+            refused = self._refused(user, method, decision.reasons, decision.message, 403)
+            return SignIn(user, method, credential, decision, decision.message, 403, refused.reasons)
         self._signin_event(user, method, "ok")
         return SignIn(user, method, credential, decision)
 
@@ -126,35 +159,40 @@ class Access:
         if check.status != "ok" or check.user is None:
             problem = {"missing": "enter your API key", "revoked": "this API key was revoked"}.get(
                 check.status, "this API key is not known")
+            code = {"missing": "AUTH_MISSING", "revoked": "KEY_REVOKED"}.get(check.status, "AUTH_INVALID")
             if check.status != "missing":
-                self._signin_event(check.user, "api_key", f"{check.status}_key", key_id=check.key_id)
-            return SignIn(None, "api_key", None, None, problem, 401)
+                self._signin_event(check.user, "api_key", f"{check.status}_key", key_id=check.key_id,
+                                   reasons=[code])
+            return self._refused(check.user, "api_key", (code,), problem, 401)
         return self._admit(check.user, "api_key", check.key_id or "")
 
     def sign_in_password(self, user: str, password: str) -> SignIn:
         """Sign in with a reviewer account; failures count towards the account's lockout."""
         name = user.strip()
         if not name or not password:
-            return SignIn(None, "password", None, None, "enter your user name and password", 401)
+            return self._refused(name or None, "password", ("AUTH_MISSING",), "enter your user name and password",
+                                 401)
         if len(name) > MAX_USER_CHARS or not name.isprintable():
-            self._signin_event(None, "password", "bad_user_name")
-            return SignIn(None, "password", None, None, WRONG_PASSWORD, 401)
+            self._signin_event(None, "password", "bad_user_name", reasons=["AUTH_INVALID"])
+            return self._refused(None, "password", ("AUTH_INVALID",), WRONG_PASSWORD, 401)
         check = self.accounts.check(name, password, now=self.site.clock())
         marker = self.accounts.session_marker(name) if check.status == "ok" else None
         if marker is not None:  # the session holds the password's marker: a new password ends it
             return self._admit(name, "password", marker)
-        extra = {"failures": check.failures, "locked_for_s": round(check.locked_for_s)}
+        code = ("SIGNIN_LOCKED" if check.locked_for_s > 0 else
+                "ACCOUNT_DISABLED" if check.status == "disabled" else "AUTH_INVALID")
+        extra = {"failures": check.failures, "locked_for_s": round(check.locked_for_s), "reasons": [code]}
         self._signin_event(name, "password", {"unknown": "unknown_user", "wrong": "wrong_password"}.get(
             check.status, check.status), **extra)
         if check.locked_for_s > 0:
             wait = max(1, round(check.locked_for_s))
             problem = (f"too many failed sign-ins for {name!r}: sign-in is locked for {wait} s. "
                        "Wait, then try again (ask an admin if you forgot the password)")
-            return SignIn(None, "password", None, None, problem, 429)
+            return self._refused(name, "password", (code,), problem, 429)
         if check.status == "disabled":
-            return SignIn(None, "password", None, None,
-                          f"the reviewer account {name!r} is disabled; ask an admin", 403)
-        return SignIn(None, "password", None, None, WRONG_PASSWORD, 401)
+            return self._refused(name, "password", (code,),
+                                 f"the reviewer account {name!r} is disabled; ask an admin", 403)
+        return self._refused(name, "password", (code,), WRONG_PASSWORD, 401)
 
     def still_valid(self, method: str, credential: str, user: str) -> bool:
         """Whether a session's sign-in still holds: the key is not revoked, the account not disabled."""

