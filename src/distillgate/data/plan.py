@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from distillgate.data.config import DatasetConfig, FiltersConfig
 from distillgate.data.dedup import sketch, words
 from distillgate.data.filters import ANSWER_REASONS, REASONS, RowFilter, compile_filters
+from distillgate.data.guard import PROTECTED_SPLITS, TRAINABLE_SPLITS
 from distillgate.data.leakage import LeakageReport, LeakHit
 from distillgate.data.normalize import normalise_output
 from distillgate.data.schema import Row
@@ -46,8 +47,8 @@ CODES = tuple(REASONS)  # bit i of a row's reason mask is CODES[i]
 _BIT = {code: 1 << i for i, code in enumerate(CODES)}
 _ANSWER_MASK = sum(_BIT[c] for c in ANSWER_REASONS)
 _REVIEW = {"accepted": 1, "corrected": 1, "rejected": 2}
-_PROTECTED = np.array([name in ("test", "golden", "holdout") for name in SPLIT_NAMES])
-_TRAINABLE = np.array([name in ("train", "val") for name in SPLIT_NAMES])
+_PROTECTED = np.array([name in PROTECTED_SPLITS for name in SPLIT_NAMES])  # the leakage check's two sides
+_TRAINABLE = np.array([name in TRAINABLE_SPLITS for name in SPLIT_NAMES])
 
 
 @dataclass
@@ -111,7 +112,10 @@ def _encode(chunks: list[pa.Array]) -> tuple[I32, pa.Array]:
     encoded = pa.chunked_array(chunks, pa.string()).combine_chunks().dictionary_encode()
     chunks.clear()
     codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
-    return codes, encoded.dictionary
+    dictionary = encoded.dictionary
+    del encoded
+    pa.default_memory_pool().release_unused()  # the hash table and the combined copy: back to the system
+    return codes, dictionary
 
 
 def _ranks(dictionary: pa.Array) -> I32:
