@@ -96,6 +96,8 @@ def run_one(source: str, n: int) -> dict[str, object]:
     cpu = time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     generated = report.filters.rows
+    t = report.filters.timings_s
+    dedup_cpu = t["sketch_cpu"] + t["exact_dup_cpu"] + t["near_dup_cpu"]
     gen_cpu = gen_cpu_per_row * generated
     build_cpu = cpu - 2 * gen_cpu  # the build reads the rows twice
     return {
@@ -112,6 +114,7 @@ def run_one(source: str, n: int) -> dict[str, object]:
         "row_generation_cpu_s_per_pass": round(gen_cpu, 1),
         "rows_per_s": round(generated / wall),
         "rows_per_build_cpu_s": round(generated / max(build_cpu, 1e-9)),
+        "rows_per_cpu_s_exact_near_dup": round(generated / max(dedup_cpu, 1e-9)),  # sketch + exact + near
         "load_average_1m": round(os.getloadavg()[0], 2),
         "peak_rss_mib": round(peak / 1024),
         "rss_before_build_mib": round(rss_before / 1024),
@@ -136,7 +139,8 @@ def main() -> None:
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = runs[-1]
         print(f"{r['source']:10} {r['rows']:>10,} rows  {r['rows_per_s']:>7,} rows/s wall "
-              f"({r['rows_per_build_cpu_s']:,} per build CPU-s; load {r['load_average_1m']})  "
+              f"({r['rows_per_build_cpu_s']:,} per build CPU-s, exact+near {r['rows_per_cpu_s_exact_near_dup']:,} "
+              f"per CPU-s; load {r['load_average_1m']})  "
               f"peak RSS {r['peak_rss_mib']:>6,} MiB (before build {r['rss_before_build_mib']:,} MiB)  "
               f"{r['bytes_per_row']:>5,} bytes/row", flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -166,7 +166,8 @@ class BuildPlan:
         return code
 
     def first_pass(self, batches: Iterable[Sequence[Row]]) -> None:
-        t0 = time.perf_counter()
+        t0 = _clock()
+        sketching = np.zeros(2)
         h = self.config.split.holdout
         cannot, adversarial = set(h.cannot_answer_labels), set(h.adversarial_tags)
         self.spill = SketchSpill(self.config.dedup, self.tmp_dir)
@@ -202,14 +203,17 @@ class BuildPlan:
             cols.groups.append(pa.array([r.source_group or None for r in batch], pa.string()))
             if self.config.split.by_time:
                 cols.stamps.append(pa.array([r.source_timestamp for r in batch], pa.string()))
+            s0 = _clock()
             self.spill.add([r.input for r in batch])
+            sketching += _clock() - s0
             self.n += len(batch)
         self.spill.finish()
-        self.timings["read_normalise_filter_sketch"] = time.perf_counter() - t0
+        self._phase("first_pass", _clock() - t0)  # read, normalise, per-row filters, sketch and spill
+        self._phase("sketch", sketching)
 
     # -- dataset-wide verdicts -----------------------------------------------------------------------------
     def plan(self) -> None:
-        t0 = time.perf_counter()
+        t0 = _clock()
         cols, cfg = self._cols, self.config
         self.mask = cols.take("mask", np.uint32).astype(np.uint32)
         task = cols.take("task", np.int16)
@@ -245,14 +249,14 @@ class BuildPlan:
         disagree = self.agreement[self.input_idx] < min_agree[task]  # NaN compares False
         self.mask[disagree] |= _BIT["SAMPLE_DISAGREEMENT"]
         del disagree
-        t1 = time.perf_counter()
+        t1 = _clock()
 
         # exact duplicates over distinct inputs (first seen wins), then near-duplicate clusters of the survivors
         _, first_key, key_of = np.unique(self.spill.exact_keys[first_row], return_index=True, return_inverse=True)
         self.keeper = first_key[key_of].astype(np.int32)
         del first_key, key_of
         uniques = np.flatnonzero(self.keeper == np.arange(n_inputs)).astype(np.int32)
-        t2 = time.perf_counter()
+        t2 = _clock()
         spill = self.spill
         unique_rows = first_row[uniques]
         reps = clusters(spilled_band_keys(spill, unique_rows), cfg.dedup.bands, len(uniques),
@@ -271,7 +275,7 @@ class BuildPlan:
         near_on = np.array([t.filters.near_duplicates for t in per_task] or [False])[task]
         self.mask[near & near_on] |= _BIT["NEAR_DUPLICATE"]
         del near, near_on, first_row
-        t3 = time.perf_counter()
+        t3 = _clock()
 
         # decontamination against eval sets and the locked golden rows
         locked = cols.take("locked", np.bool_).astype(bool)
@@ -289,7 +293,7 @@ class BuildPlan:
                 cfg.dedup.threshold)
             self.mask[queries[sim >= 0]] |= _BIT["CONTAMINATED"]
         del task
-        t4 = time.perf_counter()
+        t4 = _clock()
 
         review = cols.take("review", np.int8)
         self.mask[review == 1] &= np.uint32(~_ANSWER_MASK & 0xFFFFFFFF)
@@ -318,7 +322,7 @@ class BuildPlan:
         result = assign_split_columns(inputs, cfg.split, bool(self.locked))
         del inputs, group, locked
         self.split, self.split_reason, self.split_report = result.split, result.reason, result.report
-        t5 = time.perf_counter()
+        t5 = _clock()
 
         # the leakage check: protected rows with a trainable neighbour
         train = np.flatnonzero(_TRAINABLE[self.split]).astype(np.int32)
@@ -336,9 +340,14 @@ class BuildPlan:
         self._leak_rows: dict[int, tuple[str, str]] = {}
         self._wanted = set(self.leak_at.tolist()) | set(self.leak_ref.tolist())
         spill.close()
-        t6 = time.perf_counter()
-        self.timings.update({"disagreement": t1 - t0, "exact_dup": t2 - t1, "near_dup": t3 - t2,
-                             "decontamination": t4 - t3, "splits": t5 - t4, "leakage": t6 - t5})
+        t6 = _clock()
+        for name, (a, b) in {"disagreement": (t0, t1), "exact_dup": (t1, t2), "near_dup": (t2, t3),
+                             "decontamination": (t3, t4), "splits": (t4, t5), "leakage": (t5, t6)}.items():
+            self._phase(name, b - a)
+
+    def _phase(self, name: str, took: npt.NDArray[np.float64]) -> None:
+        """Record a phase's wall-clock seconds (``name``) and CPU seconds (``name_cpu``)."""
+        self.timings[name], self.timings[name + "_cpu"] = float(took[0]), float(took[1])
 
     # -- second pass -----------------------------------------------------------------------------------------
     def apply(self, rows: Sequence[Row], positions: I64) -> None:
@@ -399,3 +408,7 @@ class BuildPlan:
 
 
 _SORTED = sorted(CODES)
+
+
+def _clock() -> npt.NDArray[np.float64]:
+    return np.array([time.perf_counter(), time.process_time()])
