@@ -269,3 +269,28 @@ def test_a_build_that_fails_mid_write_changes_nothing_and_leaves_no_spill(rows, 
     assert build(wc).changed == 300
     assert list(spill_root.iterdir()) == []
     wc.close()
+
+
+def test_edge_sets_match_too(rows):
+    # every row fails its filters: nothing is split, nothing leaks
+    failing = copy.deepcopy(rows[:200])
+    for row in failing:
+        row.output_raw = "not json"
+    _assert_same(*_both(failing, config()))
+    # one row; and rows whose inputs are all one text
+    _assert_same(*_both(copy.deepcopy(rows[:1]), config()))
+    same = copy.deepcopy(rows[:50])
+    for row in same:
+        row.input = "how do i top up my card"
+    _assert_same(*_both(same, config()))
+
+
+def test_by_time_without_timestamps_fails_like_before(rows):
+    from distillgate.errors import UserError
+
+    missing = copy.deepcopy(rows[:100])
+    missing[40].source_timestamp = None
+    with pytest.raises(UserError, match="some rows have no timestamp"):
+        reference_process(copy.deepcopy(missing), config(by_time=True, holdout={"enabled": False}))
+    with pytest.raises(UserError, match="some rows have no timestamp"):
+        process(missing, config(by_time=True, holdout={"enabled": False}))
