@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from _train_support import LABELS, WORDS, toy_rows, write_jsonl
+from _train_support import LABELS, WORDS, freeze_rows, toy_rows, write_jsonl
 from distillgate.errors import ConfigError, DatasetGuardError
 from distillgate.evals.sources import EncoderClassifierSource, LocalCausalLMSource, student_source
 from distillgate.train import run_recipe
@@ -61,9 +61,14 @@ def soft_rows(n: int, split: str = "train", seed: int = 0) -> list[dict[str, Any
     return rows
 
 
-def config(tmp_path: Path, rows: list[dict[str, Any]], recipe: str = "kd", **student: Any) -> Any:
+def config(tmp_path: Path, rows: list[dict[str, Any]], recipe: str = "kd", *, rows_file: bool = False,
+           **student: Any) -> Any:
+    """A config training on a frozen version holding ``rows`` (and, with ``rows_file``, a rows file naming them
+    all, as a careless caller might)."""
     enc = tiny_encoder(tmp_path / "enc") if not (tmp_path / "enc").exists() else tmp_path / "enc"
-    doc = {"recipe": recipe, "rows": str(write_jsonl(tmp_path / "rows.jsonl", rows)),
+    dataset = freeze_rows(tmp_path, rows, name=f"ds-{recipe}")
+    listed = {"rows": str(write_jsonl(tmp_path / "rows.jsonl", rows))} if rows_file else {}
+    doc = {"recipe": recipe, "dataset": str(dataset), **listed,
            "output_dir": str(tmp_path / f"out-{recipe}"), "labels": LABELS,
            "student": {"family": "encoder", "encoder": {"path": str(enc), **student}},
            "kd": {"target": "label_probs", "temperature": 2.0, "hard_weight": 0.5},
@@ -132,7 +137,7 @@ def test_frozen_encoder_trains_only_the_head(tmp_path: Path) -> None:
 def test_protected_rows_are_refused_before_training(tmp_path: Path, split: str) -> None:
     rows = soft_rows(6) + soft_rows(1, split=split, seed=9)
     with pytest.raises(DatasetGuardError, match="protected"):
-        run_recipe(config(tmp_path, rows))
+        run_recipe(config(tmp_path, rows, rows_file=True))
     assert not (tmp_path / "out-kd" / "model").exists()
 
 

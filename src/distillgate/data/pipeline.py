@@ -202,6 +202,9 @@ def summary(report: BuildReport) -> dict[str, Any]:
         "splits": report.split.counts,
         "holdout_reasons": report.split.holdout_reasons,
         "leakage_hits": len(report.leakage.hits),
+        "label_conflicts": len(report.leakage.conflicts),
+        "label_conflicts_across_splits": report.leakage.conflicts_across,
+        "label_conflicts_in_use": report.leakage.conflicts_in_use,
         "changed": report.changed,
         "conflicts": len(report.conflicts),
     }

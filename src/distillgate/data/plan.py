@@ -28,7 +28,7 @@ from distillgate.data.config import DatasetConfig, FiltersConfig
 from distillgate.data.dedup import sketch, words
 from distillgate.data.filters import ANSWER_REASONS, REASONS, RowFilter, compile_filters
 from distillgate.data.guard import PROTECTED_SPLITS, TRAINABLE_SPLITS
-from distillgate.data.leakage import LeakageReport, LeakHit
+from distillgate.data.leakage import LeakageReport, LeakHit, label_conflicts, text_key
 from distillgate.data.normalize import normalise_output
 from distillgate.data.schema import Row
 from distillgate.data.spill import SketchSpill, best_neighbours, clusters, spilled_band_keys
@@ -95,7 +95,7 @@ class _Columns:
         self.stamps: list[pa.Array] = []
         self.parts: dict[str, list[npt.NDArray[np.generic]]] = {
             k: [] for k in ("mask", "task", "teacher_label", "label", "review", "locked", "ids", "pre_hard",
-                            "low_conf", "n_words")}
+                            "low_conf", "n_words", "conflict_ref", "text_key")}
 
     def add(self, name: str, values: Sequence[int] | Sequence[bool], dtype: type[np.generic]) -> None:
         self.parts[name].append(np.asarray(values, dtype=dtype))
@@ -185,6 +185,8 @@ class BuildPlan:
             cols.add("task", tasks, np.int16)
             cols.add("teacher_label", [self._label(r.teacher_label) for r in batch], np.int32)
             cols.add("label", [self._label(r.label) for r in batch], np.int32)
+            cols.add("conflict_ref", [self._label(r.reference_label) for r in batch], np.int32)
+            cols.add("text_key", [hash(text_key(r.input)) for r in batch], np.int64)
             cols.add("review", [_REVIEW.get(r.review_state, 0) for r in batch], np.int8)
             locked = [r.row_id in self.locked for r in batch]
             cols.add("locked", locked, np.bool_)
@@ -339,6 +341,8 @@ class BuildPlan:
             self.leak_at, self.leak_sim, self.leak_ref = self.protected[hit], sim[hit], train[ref[hit]]
         self._leak_rows: dict[int, tuple[str, str]] = {}
         self._wanted = set(self.leak_at.tolist()) | set(self.leak_ref.tolist())
+        self._conflict_at = self._conflict_candidates()
+        self._conflict_rows: dict[int, dict[str, object]] = {}
         spill.close()
         t6 = _clock()
         for name, (a, b) in {"disagreement": (t0, t1), "exact_dup": (t1, t2), "near_dup": (t2, t3),
@@ -348,6 +352,22 @@ class BuildPlan:
     def _phase(self, name: str, took: npt.NDArray[np.float64]) -> None:
         """Record a phase's wall-clock seconds (``name``) and CPU seconds (``name_cpu``)."""
         self.timings[name], self.timings[name + "_cpu"] = float(took[0]), float(took[1])
+
+    def _conflict_candidates(self) -> set[int]:
+        """Positions of rows whose text (``leakage.text_key``) carries two labels or reference labels: the
+        few rows ``leakage.label_conflicts`` is then run on, with the second pass's row ids and splits."""
+        key = self._cols.take("text_key", np.int64).astype(np.int64)
+        none = self._labels.get(None, -1)
+        wanted: set[int] = set()
+        for code in (self.label.astype(np.int64), self._cols.take("conflict_ref", np.int32).astype(np.int64)):
+            has = np.flatnonzero(code != none)
+            if not len(has):
+                continue
+            pairs = np.unique(np.stack((key[has], code[has])), axis=1)
+            keys, per_key = np.unique(pairs[0], return_counts=True)
+            multi = keys[per_key > 1]
+            wanted.update(has[np.isin(key[has], multi)].tolist())
+        return wanted
 
     # -- second pass -----------------------------------------------------------------------------------------
     def apply(self, rows: Sequence[Row], positions: I64) -> None:
@@ -370,6 +390,10 @@ class BuildPlan:
             row.split_reason = SPLIT_REASONS[self.split_reason[p]]
             if p in self._wanted:
                 self._leak_rows[p] = (row.row_id, row.input)
+            if p in self._conflict_at:
+                self._conflict_rows[p] = {"row_id": row.row_id, "input_id": row.input_id, "input": row.input,
+                                          "split": row.split, "label": row.label,
+                                          "reference_label": row.reference_label}
 
     # -- reports ---------------------------------------------------------------------------------------------
     def filter_report(self) -> FilterReport:
@@ -398,6 +422,9 @@ class BuildPlan:
             report.hits.append(LeakHit(row_id=row_id, split=SPLIT_NAMES[self.split[at]], input=text,
                                        neighbour_row_id=ref_id, neighbour_input=ref_text,
                                        similarity=round(sim, 4)))
+        rows = [self._conflict_rows[p] for p in sorted(self._conflict_rows)]
+        for name in ("label", "reference_label"):
+            report.conflicts.extend(label_conflicts(rows, name))
         return report
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ from distillgate.policy.model import Policy, PolicySet
 RulesFor = Callable[[str | None], ExtractionRules]
 ScopeKey = tuple[str, str]
 NEW_IDENTITY = 20  # a user with fewer requests in a project than this belongs to the project's "cluster" scope
-MMD_EVERY = 20  # embedding_mmd is recomputed after this many new pieces of a project
+MMD_EVERY = 50  # embedding_mmd is recomputed after this many new pieces of a project
 GATED = ("project", "cluster")  # scopes whose signals attach only to requests of identities with own evidence
 Job = tuple[Sketch, tuple[str, ...], tuple[ScopeKey, ...]]  # what the embedder works on: pieces and scopes
 
@@ -115,7 +115,9 @@ class ExtractionMonitor:
 
                 raise UserError("set_reference with texts needs an embedder",
                                 hint="create the monitor with embedder=MiniLMEmbedder(), or pass vectors=")
-            pieces = [p for t in texts or [] for p in self.split(project, t).pieces]
+            # distinct pieces: a duplicate would be its own leave-one-out neighbour (similarity 1), and the
+            # reference's outside threshold would then reject everything not in it verbatim
+            pieces = list(dict.fromkeys(p for t in texts or [] for p in self.split(project, t).pieces if p.strip()))
             vectors = np.stack(self._embed(pieces)) if pieces else np.zeros((0, self.embedder.dim))
         ref = Reference(vectors, quantile)
         with self._lock:

@@ -34,8 +34,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from distillgate.canonical import sha256_file
 from distillgate.errors import NotFoundError, PolicyDenied, UpstreamError, UserError
-from distillgate.ledger.canonical import sha256_file
 from distillgate.pipeline.cache import StageCache, StageRecord, fingerprint
 from distillgate.pipeline.project import Project
 from distillgate.policy.decision import Request
@@ -154,6 +154,10 @@ class Pipeline:
                                    "without an API key")
             data["upstreams"] = {"teacher": upstream}
             data["models"] = {p.teacher.model: "teacher"}
+        elif p.teacher.model.startswith("local/"):  # the project's own local teacher: register it by name
+            name = p.teacher.model.removeprefix("local/")
+            if name != "smollm2-135m-instruct":
+                data["local_models"] = {name: p.teacher.model}
         from distillgate.pipeline.teacher import teacher_loader
 
         self._target = self._stack.enter_context(local_gateway(data, p.user, teacher_loader(self)))
@@ -175,13 +179,16 @@ class Pipeline:
                         TimeRemainingColumn(), console=self.console, transient=True)
 
     # -- stages ---------------------------------------------------------------------------------------------------
+    def pool_sha256(self) -> str | None:
+        """The retrieval teacher's example pool file, by content (an edited pool changes answers)."""
+        r = self.project.teacher.retrieval
+        return sha256_file(self.project.path(self.base, r.pool.path)) if r is not None else None
+
     def fp_generate(self) -> str:
         p = self.project
         return fingerprint("generate", p.teacher.model_dump(), p.task.model_dump(), p.traffic.model_dump(),
                            sha256_file(p.path(self.base, p.traffic.path)), p.generation.model_dump(), p.run_id,
-                           p.project, p.user, self.teacher_system,
-                           sha256_file(p.path(self.base, p.teacher.retrieval.pool.path))
-                           if p.teacher.retrieval is not None else None)
+                           p.project, p.user, self.teacher_system, self.pool_sha256())
 
     def dataset_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = _resolve_paths(json.loads(json.dumps(self.project.dataset)), self.base)
@@ -236,7 +243,8 @@ class Pipeline:
                 "label_scoring": g.label_scoring,
                 "timeout_s": p.teacher.timeout_s,
                 # what changes an answer without being in the request: which teacher serves the model name
-                "answer_context": {"teacher": p.teacher.model_dump(exclude={"timeout_s", "api_key_env"})},
+                "answer_context": {"teacher": p.teacher.model_dump(exclude={"timeout_s", "api_key_env"}),
+                                   "pool_sha256": self.pool_sha256()},
             }, "generation")
             target = self.gateway()
             start = time.monotonic()
@@ -390,7 +398,7 @@ class Pipeline:
         prompts = {"teacher": self.teacher_system, "student": self.student_system}
         if spec.path is not None:
             suite = load_dataset_items(p.path(self.base, spec.path), labels=self.labels, sample=spec.sample,
-                                       seed=spec.seed)
+                                       seed=spec.seed, out_of_scope=p.task.out_of_scope_label)
             return _with_prompts(replace(suite, name=spec.name), prompts)
         from distillgate.data.versions import load_version
 
@@ -404,11 +412,14 @@ class Pipeline:
         return _with_prompts(suite, prompts)
 
     def student_card(self, version_id: str, gate: dict[str, Any]) -> dict[str, Any]:
-        """What a student's run record says of where it came from: its dataset version, the sign-offs, the
-        training decision and a signed checkpoint of the log covering every teacher call behind its rows."""
-        return {"project": self.project.project, "run": self.project.run_id, "dataset_version": version_id,
-                "signoffs": self.signoffs(version_id), "train_decision_index": gate["decision_index"],
-                "checkpoint": self.checkpoint(), "db": str(self.store_path)}
+        """What a student's run record says of where it came from (``train.export.student_card``)."""
+        from distillgate.ledger.store import Store
+        from distillgate.train.export import student_card
+
+        with Store.open(self.store_path) as store:
+            card = student_card(store, project=self.project.project, run=self.project.run_id,
+                                version_id=version_id, decision_index=gate["decision_index"])
+        return {**card, "db": str(self.store_path)}
 
     def stage_eval(self) -> StageOutcome:
         from distillgate.evals.answers import run_source
@@ -418,7 +429,9 @@ class Pipeline:
 
         p = self.project
         train = self.require("train")
-        version = {"version_id": train.get("version_id") or self.require("freeze")["version_id"]}
+        # the version the student was trained on (its test and golden rows are the project suite)
+        version = ({"version_id": train["version_id"], "version_dir": train["version_dir"]}
+                   if train.get("version_dir") else self.require("freeze"))
         self.gate("promote", version["version_id"])  # the evaluation decides whether the student takes traffic
         target = self.gateway()
         headers = {"X-Policy-User": p.user, "X-Policy-Project": p.project, "X-Policy-Run": p.run_id,
