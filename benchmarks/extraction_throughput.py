@@ -75,7 +75,7 @@ async def load(url: str, secret: str, prompts: list[str], seconds: float, concur
 def run_mode(mode: str, args: argparse.Namespace, work: Path, prompts: list[str], ref: list[str]) -> dict[str, Any]:
     import httpx
 
-    from distillgate.gateway.keys import KeyStore
+    from distillgate.keys import KeyStore
 
     db = work / f"{mode}.db"
     (work / f"{mode}-policy.json").write_text(json.dumps(policy(mode != "off")))

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from _web_support import serve_site
-from distillgate.gateway.keys import KeyStore
+from distillgate.keys import KeyStore
 from distillgate.ledger.store import Store
 from distillgate.policy.model import load_policies
 from distillgate.web import ReviewSite

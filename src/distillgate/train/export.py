@@ -14,12 +14,12 @@ from pathlib import Path
 
 import orjson
 
+from distillgate.canonical import sha256_hex
 from distillgate.data.gate import judge
 from distillgate.data.signoff import signoffs
 from distillgate.data.versions import MANIFEST, resolve_version
 from distillgate.destinations import write_files
 from distillgate.errors import NotFoundError, UserError
-from distillgate.ledger.canonical import sha256_hex
 from distillgate.ledger.store import Store
 from distillgate.policy.model import PolicySet
 from distillgate.train.config import TrainConfig
