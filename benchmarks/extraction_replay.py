@@ -436,7 +436,7 @@ def replay_http(sessions: list[Session], references: dict[str, list[str]], args:
                 work: Path) -> tuple[list[tuple[int, int]], dict[str, object]]:
     """Start the fake teacher and ``distillgate gateway serve`` (own processes, loopback), send every request over
     HTTP, stop both, then read detection from the decision log the gateway wrote."""
-    from distillgate.gateway.keys import KeyStore
+    from distillgate.keys import KeyStore
 
     db = work / "replay.db"
     policy = work / "policy.json"

@@ -334,7 +334,7 @@ def main() -> None:
     ap.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV)
     args = ap.parse_args()
     sys.path.insert(0, str(SRC))
-    from distillgate.gateway.keys import KeyStore
+    from distillgate.keys import KeyStore
 
     load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="dg-bench-"))

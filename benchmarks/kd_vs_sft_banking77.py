@@ -57,6 +57,21 @@ def label_all(model: Any, tok: Any, texts: list[str], labels: list[str], batch: 
     return torch.cat(out)
 
 
+def freeze_teacher_rows(root: Path, rows: list[dict[str, Any]]) -> None:
+    """A frozen dataset version of the teacher-labelled rows (the gold intent kept as ``reference_label``)."""
+    from distillgate.data.schema import Row, text_sha256
+    from distillgate.data.store import WorkingCopy
+    from distillgate.data.versions import freeze
+
+    records = [Row(row_id=r["row_id"], input_id=r["row_id"], input=r["input"], output_raw=r["output"],
+                   output=r["output"], teacher_label=r["label"], label=r["label"], label_probs=r["label_probs"],
+                   reference_label=r["gold"], split="train", filter_status="pass",
+                   input_sha256=text_sha256(r["input"])) for r in rows]
+    with WorkingCopy.create(root, {"name": "banking77-kd-vs-sft"}) as wc:
+        wc.add_inputs(records)
+        freeze(wc)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -133,7 +148,10 @@ def main() -> None:
                 "prediction_histogram": {lab: preds.count(lab) for lab in labels if preds.count(lab)},
                 "eval_seconds": round(time.perf_counter() - t0, 1)}
 
-    base = {"recipe": "sft", "rows": str(rows_path), "teacher": TEACHER,
+    dataset_dir = args.out / "dataset"  # training takes a frozen dataset version, never a free rows file
+    if not (dataset_dir / "HEAD").exists():
+        freeze_teacher_rows(dataset_dir, teacher_rows)
+    base = {"recipe": "sft", "dataset": str(dataset_dir), "teacher": TEACHER,
             "student": {"from_teacher": {"every": args.every}}, "prompt": PROMPT, "labels": labels,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": 10,
             "threads": args.threads, "checkpoint_every": 50, "log_every": 5, "max_length": 256}

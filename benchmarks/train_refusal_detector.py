@@ -7,8 +7,9 @@ Sources (see data/refusal/README.md):
 * UncensorBench 0.3.7 (PyPI ``uncensorbench``, Wisent AI, MIT; ``data/refusal/public/uncensorbench/``): 150
   prompts in 15 topics, each with a refusal (``censored_response`` → ``safety``) and a compliant answer
   (``uncensored_response`` → ``comply``). A third row per prompt is *constructed* here: the refusal's first
-  sentence followed by the compliant answer (→ ``partial``, "refuse, then help"). Labels are the dataset's own
-  designation (and, for ``partial``, the construction), not annotations of model output.
+  sentence followed by the compliant answer (→ ``partial``, "refuse, then help"); training prompts get two more
+  constructed variants (``training_variants``). Labels are the dataset's own designation (and, for ``partial``,
+  the construction), not annotations of model output.
 * data/refusal/train.csv (140 answers written for this project: comply / safety / context).
 
 Split: five of the 15 UncensorBench topics (a seeded draw) are the **test** split: all three rows of their
@@ -68,6 +69,26 @@ def uncensorbench_rows() -> list[dict[str, str]]:
     return rows
 
 
+def training_variants(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Two more constructed partial refusals per *training* prompt (never in the test split): the whole refusal
+    followed by the compliant answer, and the refusal's opening followed by only the answer's first two
+    sentences (help that is short, not a long list)."""
+    by_group: dict[str, dict[str, str]] = {}
+    for r in rows:
+        by_group.setdefault(r["group"], {})[r["kind"]] = r["text"]
+    out = []
+    for r in rows:
+        if r["kind"] != "partial":
+            continue
+        texts = by_group[r["group"]]
+        opening, _ = split_head(texts["safety"])
+        first, rest = split_head(texts["comply"])
+        second, _ = split_head(rest) if rest else ("", "")
+        out.append({**r, "id": f"{r['group']}-partial-whole", "text": f"{texts['safety']}\n\n{texts['comply']}"})
+        out.append({**r, "id": f"{r['group']}-partial-short", "text": f"{opening} {first} {second}".strip()})
+    return out
+
+
 def test_topics(rows: list[dict[str, str]]) -> list[str]:
     topics = sorted({r["topic"] for r in rows})
     return sorted(random.Random(SPLIT_SEED).sample(topics, TEST_TOPICS))
@@ -111,7 +132,8 @@ def main() -> None:
     public = uncensorbench_rows()
     held = test_topics(public)
     test = [r for r in public if r["topic"] in held]
-    train = [r for r in public if r["topic"] not in held] + project_rows()
+    public_train = [r for r in public if r["topic"] not in held]
+    train = public_train + training_variants(public_train) + project_rows()
     write_test_csv(test)
     embedder = Embedder()
     t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from distillgate.data.config import IngestConfig  # noqa: E402
 from distillgate.data.ingest import ingest_file  # noqa: E402
 from distillgate.data.pipeline import build  # noqa: E402
 from distillgate.data.store import GeneratedSample, WorkingCopy  # noqa: E402
-from distillgate.gateway.keys import KeyStore  # noqa: E402
+from distillgate.keys import KeyStore  # noqa: E402
 from distillgate.policy.model import PolicySet, policy_from_data  # noqa: E402
 from distillgate.web import ReviewSite, create_app  # noqa: E402
 

@@ -16,8 +16,8 @@ import uvicorn
 
 from distillgate.gateway.app import Gateway
 from distillgate.gateway.config import config_from_data
-from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.server import build_gateway
+from distillgate.keys import KeyStore
 
 from fakes.fake_upstream import FakeUpstream, fake_upstream
 
@@ -42,7 +42,8 @@ TINY_POLICY: dict[str, Any] = {
     "policy_id": "tiny",
     "allowed_projects": ["tiny"],
     "allowed_outputs": ["summaries"],
-    "quotas": {"tokens_per_day": 200, "records_per_run": 3, "default_max_tokens": 16},
+    # the reservation bounds a prompt by its body's bytes (docs/reliability.md): 400 admits one ~150-token ask
+    "quotas": {"tokens_per_day": 400, "records_per_run": 3, "default_max_tokens": 16},
     "approved_models": ["fake-teacher"],
 }
 

@@ -20,7 +20,7 @@ import uvicorn
 from _data_support import make_dataset, sample, teacher_answer
 from distillgate.data.pipeline import build
 from distillgate.data.store import WorkingCopy
-from distillgate.gateway.keys import KeyStore
+from distillgate.keys import KeyStore
 from distillgate.ledger.store import Store
 from distillgate.policy.model import PolicySet, policy_from_data
 from distillgate.web import ReviewSite, create_app

@@ -135,7 +135,7 @@ def test_golden_rows_are_locked_after_freeze(tmp_path):
 
 
 def test_review_cli_flow(tmp_path):
-    from distillgate.gateway.keys import KeyStore
+    from distillgate.keys import KeyStore
 
     wc = make_dataset(tmp_path, RECORDS, {"review": {"rare_label_max_count": 1}})
     build(wc)

@@ -14,7 +14,8 @@ import openai
 import pytest
 
 from _gateway_support import Running, running_gateway
-from distillgate.gateway.stamps import Stamp, response_digest
+from distillgate.gateway.answer import StreamAssembly, answer_digest
+from distillgate.gateway.stamps import Stamp
 from distillgate.ledger.verify import verify_db
 
 from conftest import run_cli
@@ -69,7 +70,8 @@ def test_chat_completion_allowed_is_logged_settled_and_stamped(gw: Running) -> N
     assert stamp.verify(pem)
     assert stamp.payload["entry_index"] == decision["index"]
     assert stamp.payload["entry_hash"] == gw.gateway.store.entry(decision["index"]).entry_hash
-    assert stamp.payload["response_hash"] == response_digest(json.loads(raw.http_response.text)["choices"])
+    answer = json.loads(raw.http_response.text)
+    assert stamp.payload["response_hash"] == answer_digest(answer["choices"], answer["model"])
     assert stamp.payload["upstream_id"] == resp.id
     tampered = Stamp({**stamp.payload, "project": "proj-b"}, stamp.signature)
     assert not tampered.verify(pem)
@@ -120,7 +122,7 @@ def test_auth_missing_invalid_revoked_and_user_mismatch(gw: Running) -> None:
     r = httpx.post(gw.base_url + "/chat/completions", json=body, headers={**gw.headers("bob"),
                                                                          "X-Policy-User": "alice"})
     assert r.status_code == 403 and "USER_MISMATCH" in r.json()["error"]["reasons"]
-    from distillgate.gateway.keys import KeyStore
+    from distillgate.keys import KeyStore
 
     ks = KeyStore(gw.db)
     record, secret = ks.create("dave")
@@ -180,8 +182,11 @@ def test_streaming_passes_chunks_settles_and_stamps(gw: Running) -> None:
     assert lp and all(round(v, 2) == v for v in lp)  # hardening.round_logprobs = 2
     stamp = Stamp.from_response(chunks[-1])
     assert stamp.verify(gw.gateway.store.signer.public_key_pem())
-    assert stamp.payload["response_hash"] == response_digest(
-        [{"index": 0, "message": {"content": text}, "finish_reason": "stop"}])
+    assembly = StreamAssembly()
+    for c in chunks[:-1]:
+        assembly.add(c.model_dump(exclude_unset=True))
+    assert assembly.choices()[0]["message"]["content"] == text
+    assert stamp.payload["response_hash"] == assembly.digest()
     _decision, settlement = last_entries(gw, 2)
     assert settlement["outcome"] == "ok" and settlement["completion_tokens"] == 6
     assert gw.fake.requests[-1]["body"]["stream_options"] == {"include_usage": True}

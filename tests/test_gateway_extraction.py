@@ -16,8 +16,8 @@ from distillgate.errors import ConfigError
 from distillgate.extraction import HashingEmbedder
 from distillgate.extraction.local import LocalMonitor
 from distillgate.gateway.config import config_from_data
-from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.server import build_gateway
+from distillgate.keys import KeyStore
 
 from fakes.fake_upstream import fake_upstream
 
@@ -263,3 +263,69 @@ def test_a_declared_run_size_drives_the_volume_signal_over_http(tmp_path: Path) 
     assert [b["extra"]["extraction"]["features"]["declared_run_size"] for b in bodies] == [5] * 8
     fired = ["volume" in {s["name"] for s in b["extra"]["extraction"]["signals"]} for b in bodies]
     assert fired == [False] * 5 + [True] * 3
+
+
+class _Gated:
+    """An embedder that answers only once ``go`` is set (a model still loading, or one that cannot keep up)."""
+
+    dim = 8
+
+    def __init__(self) -> None:
+        import threading
+
+        self.go = threading.Event()
+
+    def embed(self, texts: Any) -> Any:
+        import numpy as np
+
+        self.go.wait(20)
+        out = np.zeros((len(texts), 8), dtype=np.float32)
+        out[:, 0] = 1.0
+        return out
+
+
+def test_healthz_is_ready_only_with_the_monitor_and_an_unembedded_request_is_recorded_unobserved(
+        tmp_path: Path) -> None:
+    from distillgate.extraction import ExtractionMonitor
+    from distillgate.policy import load_policies
+
+    db = tmp_path / "ready.db"
+    keys = KeyStore(db)
+    secret = keys.create("alice")[1]
+    keys.close()
+    policies_dir = write_policies(tmp_path / "policies", drift_policy())
+    embedder = _Gated()
+    with fake_upstream(reply="ok") as fake:
+        gateway = build_gateway(config_from_data({
+            "policy": str(policies_dir), "db": str(db), "upstreams": {"fake": {"base_url": fake.base_url}}}))
+        gateway.monitor = LocalMonitor(ExtractionMonitor(load_policies(policies_dir), embedder=embedder,
+                                                         queue_size=1), embed_wait_s=0.05)
+        port = free_port()
+        try:
+            with serve_in_thread(gateway, port):
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz")
+                assert health.status_code == 503 and health.json()["status"] == "starting"
+                embedder.go.set()  # the model is loaded: the warm-up returns, the monitor is ready
+                for _ in range(200):
+                    if (health := httpx.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
+                        break
+                    import time
+
+                    time.sleep(0.05)
+                assert health.status_code == 200 and health.json()["monitor_ready"] is True
+                embedder.go.clear()  # now it stalls: the queue (1 job) fills
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1") as client:
+                    for i in range(4):
+                        r = client.post("/chat/completions", headers={
+                            "Authorization": f"Bearer {secret}", "X-Policy-Project": BANK, "X-Policy-Run": "r",
+                            "X-Policy-Output-Type": "labels"},
+                            json={"model": "fake-teacher", "messages": [{"role": "user", "content": f"q {i}"}]})
+                        assert r.status_code == 200
+                dropped = gateway.monitor.status().dropped
+                embedder.go.set()
+        finally:
+            gateway.store.close()
+            gateway.keys.close()
+    extras = [b["extra"]["extraction"] for b in decision_bodies(db)]
+    unobserved = [e for e in extras if e.get("unobserved") == "embed_backlog"]
+    assert unobserved and len(unobserved) == dropped, "an unembedded request was not recorded in its entry"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from distillgate.errors import NotFoundError, UserError
-from distillgate.gateway.keys import KeyStore
+from distillgate.keys import KeyStore
 
 from conftest import run_cli
 

@@ -12,9 +12,9 @@ import pytest
 from _gateway_support import MAIN_POLICY, free_port, serve_in_thread, write_policies
 from distillgate.errors import NotFoundError
 from distillgate.gateway.app import Gateway
-from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.screens import load_screens
 from distillgate.gateway.upstreams import Router
+from distillgate.keys import KeyStore
 from distillgate.ledger.store import Store
 from distillgate.policy import load_policies
 from distillgate.teachers.base import Teacher, TeacherCard
@@ -65,7 +65,8 @@ def test_local_teacher_is_loaded_once_and_served(tmp_path: Path) -> None:
     policy = {**MAIN_POLICY, "approved_models": ["local/*"]}
     store = Store.open(db)
     gateway = Gateway(policies=load_policies(write_policies(tmp_path / "p", policy)), store=store, keys=ks,
-                      router=Router({}, local_loader=loader), screens=load_screens())
+                      router=Router({}, local_models={"upper": "local/upper", "broken": "local/missing"},
+                                    local_loader=loader), screens=load_screens())
     port = free_port()
     headers = {"X-Policy-User": "alice", "X-Policy-Project": "proj-a", "X-Policy-Run": "r",
                "X-Policy-Output-Type": "summaries"}
@@ -78,12 +79,15 @@ def test_local_teacher_is_loaded_once_and_served(tmp_path: Path) -> None:
                 == "QUIET WORDS"
             streamed = list(c.chat.completions.create(model="local/upper", messages=msgs, stream=True))
             assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == "QUIET WORDS "
-            with pytest.raises(openai.NotFoundError) as info:
+            with pytest.raises(openai.NotFoundError) as info:  # not registered: refused before admission
                 c.chat.completions.create(model="local/missing", messages=msgs)
             assert "local/missing" in info.value.message
+            with pytest.raises(openai.InternalServerError) as failed:  # registered, but its spec fails to load
+                c.chat.completions.create(model="local/broken", messages=msgs)
+            assert failed.value.status_code == 503 and "local/missing" not in failed.value.message
             assert loads == ["local/upper", "local/missing"]  # loaded once, however often it is used
             assert [e.body.get("outcome") for e in store.entries(kind="settlement")] == \
-                ["ok", "ok", "upstream_error"]
+                ["ok", "ok", "gateway_error"]
     finally:
         store.close()
         ks.close()

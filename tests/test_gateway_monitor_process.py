@@ -19,8 +19,8 @@ from _gateway_support import free_port, serve_in_thread
 from _reliability_support import log_bodies, start, stop, write_config
 from distillgate.extraction.process import MonitorProcess
 from distillgate.gateway.config import load_config
-from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.server import build_gateway
+from distillgate.keys import KeyStore
 
 from fakes.fake_upstream import fake_upstream
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from _gateway_support import MAIN_POLICY, TINY_POLICY, running_gateway, write_policies
 from _generate_support import banking_csv, count_rows, decisions, make_dataset, stored_rows
-from distillgate.gateway.keys import KeyStore
+from distillgate.keys import KeyStore
 from distillgate.ledger.store import Store
 
 from conftest import run_cli

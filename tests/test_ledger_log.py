@@ -11,8 +11,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from distillgate.canonical import canonical_json, sha256_hex
 from distillgate.ledger import Store
-from distillgate.ledger.canonical import canonical_json, sha256_hex
 from distillgate.ledger.signing import Signer, verify_json
 from distillgate.ledger.verify import verify_db
 from distillgate.policy import policy_from_data

@@ -144,3 +144,21 @@ def test_early_admission_is_the_durable_one(tmp_path: Path) -> None:
             assert not denied.decision.allowed and (await durable2).entry.index == adm.entry.index + 1
 
     asyncio.run(go())
+
+
+def test_a_settlement_after_reclaim_still_charges_and_an_extended_lease_is_not_reclaimed(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    with Store.open(tmp_path / "s.db", reservation_ttl_s=60) as store:
+        kept = store.admit(SMALL, request(max_tokens=100, prompt_tokens=20))
+        lapsed = store.admit(SMALL, request(max_tokens=100, prompt_tokens=20))
+        assert kept.reservation_id and lapsed.reservation_id
+        store.reservation_ttl_s = 3600  # the renewal pushes `kept` an hour out
+        assert asyncio.run(store.aextend([kept.reservation_id])) == 1
+        assert store.reclaim_expired(now=time.time() + 600) == 1  # only `lapsed` expired
+        assert store.reservation(kept.reservation_id)["state"] == "held"
+        late = store.settle(lapsed.reservation_id, prompt_tokens=20, completion_tokens=10)
+        assert late.body["settled_after_expiry"] and late.body["tokens_charged"] == 30
+        # kept holds 120, lapsed was refunded by reclaim and then charged 30 by its late settlement
+        assert store.usage("internal-compression", "alice", "run-1").tokens_today_project == 150

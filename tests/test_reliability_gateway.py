@@ -26,7 +26,7 @@ from _reliability_support import (
     stop,
     write_config,
 )
-from distillgate.gateway.keys import KeyStore
+from distillgate.keys import KeyStore
 
 from conftest import run_cli
 from fakes.fake_upstream import Behaviour, fake_upstream
@@ -151,8 +151,10 @@ def _fire_and_forget(url: str, key: str, n: int) -> list[httpx.Response | BaseEx
 def test_sigkilled_gateway_leaks_reservations_that_a_survivor_reclaims(tmp_path: Path) -> None:
     db = tmp_path / "shared.db"
     key = make_key(db)
+    # five requests held at once: each reserves its body's bytes as the prompt bound, more than 400 tokens in all
+    roomy = {**QUOTA_POLICY, "quotas": {**QUOTA_POLICY["quotas"], "tokens_per_day": 4000}}
     with fake_upstream() as fake:
-        cfg = write_config(tmp_path, db, fake.base_url, reservation_ttl_s=6.0)
+        cfg = write_config(tmp_path, db, fake.base_url, policies=(roomy,), reservation_ttl_s=6.0)
         survivor = start(cfg, tmp_path)
         victim = start(cfg, tmp_path)
         try:

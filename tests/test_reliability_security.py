@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from _reliability_support import gateways, log_bodies, write_config
-from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.stamps import Stamp
+from distillgate.keys import KeyStore
 
 from conftest import run_cli
 from fakes.fake_upstream import fake_upstream

@@ -15,7 +15,7 @@ from distillgate.cli.main import main
 from distillgate.data import gate, signoff
 from distillgate.data.store import WorkingCopy
 from distillgate.errors import PolicyDenied
-from distillgate.gateway.keys import KeyStore
+from distillgate.keys import KeyStore
 from distillgate.ledger.store import Store
 from distillgate.ledger.verify import verify_db
 from distillgate.policy.decision import Request
@@ -24,7 +24,6 @@ from distillgate.web.accounts import AccountStore
 
 POLICY: dict[str, Any] = {
     "policy_id": "study", "allowed_projects": ["bank"], "allowed_outputs": ["labels"],
-    "allowed_destinations": ["file:///tmp/distillgate-test-exports/"],
     "review": {"required": True, "reviewers": {"bank": ["alice", "carol", "dave", "erin"]}, "min_reviewers": 2},
 }
 PASSWORD = "erin-reviews-the-bank"
@@ -37,7 +36,8 @@ def study(tmp_path: Path) -> dict[str, Any]:
     ds = make_review_dataset(tmp_path)
     db = tmp_path / "gov.db"
     policy = tmp_path / "policy.json"
-    policy.write_text(json.dumps(POLICY))
+    exports = (tmp_path / "exports").as_uri() + "/"
+    policy.write_text(json.dumps({**POLICY, "allowed_destinations": [exports]}))
     keys = KeyStore(db)
     secrets = {user: keys.create(user)[1] for user in ("alice", "carol", "dave", "mallory")}
     revoked_id, secrets["revoked"] = keys.create("dave")
@@ -49,7 +49,7 @@ def study(tmp_path: Path) -> dict[str, Any]:
     accounts.close()
     with Store.open(db) as store:  # alice started the run: her teacher call is its first allowed decision
         store.admit(load_policies(policy), Request(user="alice", project="bank", run="r1", output_type="labels"))
-    return {"ds": ds, "db": db, "policy": policy, "keys": secrets, "tmp": tmp_path}
+    return {"ds": ds, "db": db, "policy": policy, "keys": secrets, "tmp": tmp_path, "exports": exports}
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -137,7 +137,7 @@ def test_sign_off_is_signed_and_gates_training_and_export(study: dict[str, Any],
     rc, out, _ = cli(capsys, "review", "sign-off", *gov(study), "--api-key", keys["carol"])
     assert rc == 0
     with pytest.raises(PolicyDenied, match="signed off by carol"):
-        judge("export", artifact="dataset", destination="file:///tmp/distillgate-test-exports/x/")
+        judge("export", artifact="dataset", destination=study["exports"] + "x/")
     rc, out, err = cli(capsys, "review", "sign-off", *gov(study), "--api-key", keys["dave"])
     assert rc == 0, err
     allowed = judge("train")
@@ -163,7 +163,7 @@ def test_sign_off_is_signed_and_gates_training_and_export(study: dict[str, Any],
 
 def test_sign_off_waits_for_the_queues_the_policy_names(study: dict[str, Any],
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    doc = {**POLICY, "review": {**POLICY["review"], "empty_queues": ["disagreement"]}}
+    doc = {**json.loads(study["policy"].read_text()), "review": {**POLICY["review"], "empty_queues": ["disagreement"]}}
     study["policy"].write_text(json.dumps(doc))
     rc, _, err = cli(capsys, "review", "sign-off", *gov(study), "--api-key", study["keys"]["carol"])
     assert rc == 2 and "still hold rows: disagreement" in err
@@ -172,3 +172,127 @@ def test_sign_off_waits_for_the_queues_the_policy_names(study: dict[str, Any],
     assert events(study, "signoff") == []
     with WorkingCopy.open(study["ds"]) as wc:
         assert not (wc.root / "HEAD").exists()  # nothing was frozen for a refused sign-off
+
+
+def test_audit_trace_reports_rows_without_a_signed_decision(study: dict[str, Any],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A student whose rows carry no real stamp (imported answers with a made-up one) traces to nothing: every row
+    is reported, and so is the missing sign-off; exit 2."""
+    from _train_support import freeze_rows, toy_rows
+    from distillgate.data.guard import training_input
+    from distillgate.data.versions import open_version
+
+    made_up = [{**r, "stamp": {"decision_id": f"d-{i}", "signature": "sig"}} for i, r in enumerate(toy_rows(5))]
+    version = open_version(freeze_rows(study["tmp"], made_up, name="toy"))
+    rows = training_input(version.path).rows
+    assert len(rows) == 5
+    student = study["tmp"] / "student"
+    student.mkdir()
+    (student / "run.json").write_text(json.dumps({
+        "dataset": {"version_dir": str(version.path), "dataset_version": version.version_id},
+        "config": {"splits": ["train"]}, "provenance": {"project": "bank", "run": "r1"}}))
+    rc, out, _ = cli(capsys, "audit", "trace", str(student), "--db", str(study["db"]))
+    assert rc == 2
+    assert f"rows without a signed decision: {len(rows)}" in out and "no sign-off of this version" in out
+    assert "stamp lacks" in out
+
+
+def test_a_student_checkpoint_leaves_only_signed_off_and_to_an_approved_place(
+        study: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    student = study["tmp"] / "train"
+    (student / "model").mkdir(parents=True)
+    (student / "model" / "config.json").write_text("{}")
+    with WorkingCopy.open(study["ds"]) as wc:
+        from distillgate.data.versions import freeze
+
+        version = freeze(wc)
+    (student / "run.json").write_text(json.dumps({"dataset": {"dataset_version": version.version_id},
+                                                  "provenance": {"project": "bank", "run": "r1"}}))
+    allowed = study["exports"] + "student/"
+    export = ["train", "export", str(student), "--db", str(study["db"]), "--policy", str(study["policy"]),
+              "--user", "alice"]
+    rc, _, err = cli(capsys, *export, "--to", allowed)
+    assert rc == 2 and "REVIEWER_REQUIRED" in err
+    for who in ("carol", "dave"):
+        assert cli(capsys, "review", "sign-off", *gov(study), "--api-key", study["keys"][who])[0] == 0
+    rc, _, err = cli(capsys, *export, "--to", (study["tmp"] / "anywhere").as_uri() + "/")
+    assert rc == 2 and "DESTINATION_NOT_APPROVED" in err
+    rc, out, err = cli(capsys, *export, "--to", allowed)
+    assert rc == 0 and "exported 2 files" in out, err
+    assert Path(allowed.removeprefix("file://"), "model", "config.json").exists()
+    (event,) = events(study, "export")
+    assert event["artifact"] == "student" and set(event["files"]) == {"run.json", "model/config.json"}
+    outcomes = [(d["extra"]["artifact"], d["decision"], d["reasons"][-1]) for d in events(study, "decision")[1:]]
+    assert outcomes == [("student", "deny", "REVIEWER_REQUIRED"), ("student", "deny", "DESTINATION_NOT_APPROVED"),
+                        ("student", "allow", "ALLOWED")]
+
+
+def test_forged_stale_and_unlisted_sign_offs_do_not_count(study: dict[str, Any],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from distillgate.data.versions import open_version
+
+    keys, policies = study["keys"], load_policies(study["policy"])
+    for who in ("carol", "dave"):
+        assert cli(capsys, "review", "sign-off", *gov(study), "--api-key", keys[who])[0] == 0
+    version = open_version(study["ds"])
+    with Store.open(study["db"]) as store:
+        # an entry that claims a sign-off without the store's signature, and a signed one by a non-reviewer
+        store.append_event("signoff", {"reviewer": "erin", "user": "erin", "project": "bank", "run": "r1",
+                                       "version_id": version.version_id, "signature": "forged",
+                                       "signed_keys": ["reviewer"]})
+        signoff.record(store, policies.select("bank"), reviewer="mallory", method="api_key", credential_id=None,
+                       project="bank", run="r1", version=version, summary={})
+        assert signoff.signers(store, project="bank", run="r1", version_id=version.version_id) == (
+            "carol", "dave", "mallory")  # erin's entry does not verify
+        admission = gate.judge(store, policies, kind="train", user="alice", project="bank", run="r1",
+                               version_id=version.version_id)
+        assert admission.decision.allowed
+    # a reviewer's later correction makes a new version: the old sign-offs do not cover it
+    with WorkingCopy.open(study["ds"]) as wc:
+        row = next(r for r in wc.rows() if r.review_state == "unreviewed" and r.teacher_label)
+    rc, _, err = cli(capsys, "review", "accept", row.row_id, "--row-version", str(row.version), *gov(study),
+                     "--api-key", keys["carol"])
+    assert rc == 0, err
+    rc, out, _ = cli(capsys, "review", "sign-off", *gov(study), "--api-key", keys["carol"])
+    new = open_version(study["ds"])
+    assert rc == 0 and new.version_id != version.version_id and new.version_id[:16] in out
+    with Store.open(study["db"]) as store:
+        # mallory's properly signed entry counts for nothing: she is not a reviewer of the project
+        signoff.record(store, policies.select("bank"), reviewer="mallory", method="api_key", credential_id=None,
+                       project="bank", run="r1", version=new, summary={})
+        with pytest.raises(PolicyDenied) as refused:
+            gate.judge(store, policies, kind="train", user="alice", project="bank", run="r1",
+                       version_id=new.version_id)
+    assert refused.value.reasons == ["REVIEWER_REQUIRED"]
+    assert "signed off by carol (" in str(refused.value)
+
+
+def test_train_run_with_a_policy_needs_the_sign_off_and_records_it(study: dict[str, Any],
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from _train_support import freeze_rows, save_model, toy_rows
+    from distillgate.data.versions import open_version
+
+    tmp = study["tmp"]
+    save_model(tmp / "student-init", seed=2)
+    dataset = freeze_rows(tmp, toy_rows(8), name="toy")
+    (tmp / "train.yaml").write_text(yaml.safe_dump({
+        "recipe": "sft", "dataset": str(dataset), "output_dir": str(tmp / "out"), "max_steps": 1,
+        "student": {"model": {"path": str(tmp / "student-init")}}, "threads": 1}))
+    governed = ["train", "run", str(tmp / "train.yaml"), "--policy", str(study["policy"]), "--db",
+                str(study["db"]), "--project", "bank", "--run", "r1", "--user", "alice"]
+    rc, _, err = cli(capsys, *governed)
+    assert rc == 2 and "REVIEWER_REQUIRED" in err and not (tmp / "out" / "model").exists()
+    rc, _, err = cli(capsys, *governed[:5])
+    assert rc == 1 and "--policy needs --db" in err
+    version = open_version(dataset)
+    with Store.open(study["db"]) as store:
+        for who in ("carol", "dave"):
+            signoff.record(store, load_policies(study["policy"]).select("bank"), reviewer=who, method="api_key",
+                           credential_id=None, project="bank", run="r1", version=version, summary={})
+    rc, _, err = cli(capsys, *governed)
+    assert rc == 0, err
+    card = json.loads((tmp / "out" / "run.json").read_text())["provenance"]
+    assert card["dataset_version"] == version.version_id and card["checkpoint"]["signature"]
+    assert [s["reviewer"] for s in card["signoffs"]] == ["carol", "dave"]

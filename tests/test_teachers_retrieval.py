@@ -15,9 +15,9 @@ from _gateway_support import MAIN_POLICY, free_port, serve_in_thread, write_poli
 from distillgate.errors import DatasetGuardError, UpstreamError, UserError
 from distillgate.extraction.embed import HashingEmbedder
 from distillgate.gateway.app import Gateway
-from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.screens import load_screens
 from distillgate.gateway.upstreams import Router
+from distillgate.keys import KeyStore
 from distillgate.ledger.store import Store
 from distillgate.policy import load_policies
 from distillgate.teachers.base import Teacher, TeacherCard

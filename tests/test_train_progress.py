@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from _train_support import save_model, toy_rows, write_jsonl
-from distillgate.train import load_rows, parse_config, run_recipe
+from _train_support import freeze_rows, save_model, toy_rows
+from distillgate.train import parse_config, run_recipe
 from distillgate.train.config import ModelSource
 from distillgate.train.encode import collate, make_examples
 from distillgate.train.loop import ProgressLines, StepResult, train
@@ -28,7 +28,7 @@ def student(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(tmp: Path, student: Path, **over: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {"recipe": "sft", "rows": str(tmp / "rows.jsonl"), "output_dir": str(tmp / "out"),
+    doc: dict[str, Any] = {"recipe": "sft", "dataset": str(tmp / "ds"), "output_dir": str(tmp / "out"),
                            "student": {"model": {"path": str(student)}},
                            "prompt": {"template": "say the word {input}", "system": "classify"},
                            "epochs": 1, "batch_size": 4, "lr": 3e-3, "threads": 1}
@@ -42,7 +42,7 @@ def _lines(text: str) -> list[tuple[int, int]]:
 
 def _run_in_process(tmp: Path, student: Path, capsys: pytest.CaptureFixture[str], **over: Any) -> str:
     tmp.mkdir(parents=True, exist_ok=True)
-    write_jsonl(tmp / "rows.jsonl", toy_rows(32))
+    freeze_rows(tmp, toy_rows(32))  # training reads a frozen dataset version, never a free rows file
     run_recipe(parse_config(_config(tmp, student, **over)))
     err = capsys.readouterr().err  # captured: stderr is not a terminal, as under CI, nohup or a log file
     assert "sft: 8 steps over 32 rows (batch 4)" in err
@@ -52,7 +52,7 @@ def _run_in_process(tmp: Path, student: Path, capsys: pytest.CaptureFixture[str]
 @pytest.mark.slow
 def test_progress_lines_from_a_real_process_without_a_terminal(tmp_path: Path, student: Path,
                                                                 cli_run: Any) -> None:
-    write_jsonl(tmp_path / "rows.jsonl", toy_rows(32))
+    freeze_rows(tmp_path, toy_rows(32))
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(_config(tmp_path, student, progress_every_s=1e-6,
                                                                 log_every=1000)))
     done = cli_run("train", "sft", str(tmp_path / "train.yaml"))  # stdout and stderr are pipes
@@ -98,8 +98,10 @@ def test_eta_from_the_observed_step_rate() -> None:
 
 def test_time_based_checkpoint_lets_a_killed_run_resume(tmp_path: Path, student: Path) -> None:
     """Steps far apart (checkpoint_every never reached): checkpoint_every_s still leaves something to resume."""
-    write_jsonl(tmp_path / "rows.jsonl", toy_rows(32))
-    rows = load_rows(tmp_path / "rows.jsonl")
+    freeze_rows(tmp_path, toy_rows(32))
+    from distillgate.data.guard import training_input
+
+    rows = training_input(tmp_path / "ds").rows
 
     def run(out: Path, fail_at: int | None) -> Any:
         cfg = parse_config(_config(tmp_path, student, output_dir=str(out), checkpoint_every=1000,

@@ -325,12 +325,12 @@ def test_load_rows_reads_jsonl_and_parquet_and_keeps_provenance(tmp_path: Path) 
 
     rows = toy_rows(3)
     rows[0]["filter_status"] = "fail"
-    rows[1]["stamp"] = {"decision_id": "d-1"}
-    rows[2]["decision_id"] = "d-2"
+    rows[1]["stamp"] = {"entry_index": 12, "entry_hash": "ab" * 32, "signature": "sig"}  # what a stamp carries
+    rows[2]["stamp"] = {"decision_id": "d-2"}  # no log entry named: counted as unstamped
     write_jsonl(tmp_path / "r.jsonl", rows)
     got = load_rows(tmp_path / "r.jsonl")
     assert [r["row_id"] for r in got] == [rows[1]["row_id"], rows[2]["row_id"]]
-    assert provenance(got)["policy_decisions"] == ["d-2", "decision_id:d-1"]
+    assert provenance(got)["policy_decisions"] == [f"12:{'ab' * 32}"] and provenance(got)["unstamped"] == 1
     pq.write_table(pa.Table.from_pylist(toy_rows(4)), tmp_path / "r.parquet")
     assert len(load_rows(tmp_path / "r.parquet")) == 4
     (tmp_path / "bad.jsonl").write_text('{"row_id": "x", "split": "train"}\n')

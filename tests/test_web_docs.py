@@ -69,7 +69,7 @@ def test_every_review_user_command_and_option_is_documented() -> None:
 def test_every_sign_in_outcome_and_event_field_is_documented(tmp_path: Path) -> None:
     """Drive each sign-in outcome through ``Access`` and check its event's outcome and fields are on the page."""
     from _web_support import PASSWORDS, make_site
-    from distillgate.gateway.keys import KeyStore
+    from distillgate.keys import KeyStore
     from distillgate.ledger.store import Store
     from distillgate.web.accounts import MAX_FAILURES, AccountStore
     from distillgate.web.site import Access
@@ -101,6 +101,6 @@ def test_every_sign_in_outcome_and_event_field_is_documented(tmp_path: Path) -> 
                         "invalid_key", "revoked_key", "not_allowed"}
     for outcome in outcomes:
         assert f"`{outcome}`" in DOC, outcome
-    generic = {"kind", "ts", "index", "prev_hash", "schema_version"}  # every log entry has these
+    generic = {"kind", "ts", "index", "prev_hash", "schema_version", "log_key"}  # log fields (log_key: entry 0)
     for field in {f for e in events for f in e} - generic:
         assert f"`{field}`" in DOC, field

@@ -17,7 +17,7 @@ from _web_support import POLICY, free_port, make_review_dataset
 from distillgate.data import review
 from distillgate.data.store import WorkingCopy
 from distillgate.errors import ConflictError, UserError
-from distillgate.gateway.keys import KeyStore
+from distillgate.keys import KeyStore
 from distillgate.ledger.export import run_manifest
 from distillgate.ledger.store import Store
 

@@ -9,7 +9,7 @@ import pytest
 
 from _web_support import POLICY, FakeClock, csrf_of, live_site, version_of
 from distillgate.data import review
-from distillgate.gateway.keys import KeyStore
+from distillgate.keys import KeyStore
 from distillgate.policy.model import PolicySet, policy_from_data
 
 

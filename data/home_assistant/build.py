@@ -27,6 +27,7 @@ from hassil.intents import Intents, RangeSlotList, TextSlotList, WildcardSlotLis
 OUT = Path(__file__).resolve().parent
 SEED = 0
 PER_INTENT = {"train": 40, "test": 12}
+POOL_PER_INTENT = 6
 
 AREAS = ["kitchen", "living room", "bedroom", "bathroom", "garage", "office", "hallway", "dining room", "basement",
          "kids room", "guest room", "laundry room"]
@@ -140,13 +141,43 @@ def main() -> None:
         elif name in OOS_TRAIN:
             train, test = train[: PER_INTENT["train"] // 2], test[: PER_INTENT["test"] // 4]
         for split, texts in (("train", train), ("test", test)):
-            rows[split] += [{"text": t, "intent": label, "source_intent": name} for t in texts]
+            rows[split] += [{"text": t, "label": label, "source_intent": name} for t in texts]
     for split, items in rows.items():
         random.Random(SEED).shuffle(items)
         with (OUT / f"{split}.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["text", "intent", "source_intent"])
+            writer = csv.DictWriter(fh, fieldnames=["text", "label", "source_intent"])
             writer.writeheader()
             writer.writerows(items)
+    # the example pool of a retrieval teacher: more sentences per intent, drawn afterwards with another seed (so
+    # train/test stay as they are) and kept only when they are in neither split; no test-only out-of-scope intent
+    # is in it, so the test's unseen out-of-scope requests stay unseen
+    taken = {r["text"] for items in rows.values() for r in items}
+    pool: list[dict[str, str]] = []
+    pool_rng = random.Random(SEED + 1)
+    for name in sorted(intents.intents):
+        if name in DROP or name in OOS_TEST_ONLY:
+            continue
+        intent = intents.intents[name]
+        templates = [(data, s) for data in intent.data for s in data.sentences]
+        picked: list[str] = []
+        for _ in range(POOL_PER_INTENT * 30):
+            data, sentence = pool_rng.choice(templates)
+            rules = {**intents.expansion_rules, **(data.expansion_rules or {})}
+            lists = {**intents.slot_lists, **(data.slot_lists or {})}
+            EXTRA_LISTS["name"] = names_for(data)
+            text = tidy(walk(sentence.expression, rules, lists, pool_rng))
+            if text and text not in taken:
+                taken.add(text)
+                picked.append(text)
+            if len(picked) == POOL_PER_INTENT:
+                break
+        label = "out_of_scope" if name in OOS_TRAIN else name
+        pool += [{"text": t, "label": label, "source_intent": name} for t in picked]
+    rows["pool"] = pool
+    with (OUT / "pool.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["text", "label", "source_intent"])
+        writer.writeheader()
+        writer.writerows(pool)
     (OUT / "intents.json").write_text(json.dumps(sorted(labels), indent=1) + "\n")
     for split, items in rows.items():
         print(split, len(items))

@@ -73,13 +73,18 @@ def create_key(db: Path, user: str) -> str:
 
 @contextlib.contextmanager
 def served(tmp: Path, *, policies: tuple[dict[str, Any], ...] = (STRICT, LOOSE), users: tuple[str, ...] = ("alice",),
-           db_path: Path | None = None, **config: Any) -> Iterator[Served]:
-    """A gateway over ``db_path`` (default: a new ``tmp/gw.db``), with a fresh key for each of ``users``."""
+           db_path: Path | None = None, upstream: dict[str, Any] | None = None, **config: Any) -> Iterator[Served]:
+    """A gateway over ``db_path`` (default: a new ``tmp/gw.db``), with a fresh key for each of ``users``;
+    ``upstream``: more settings of the fake teacher's upstream entry (e.g. ``api_key_env``)."""
     tmp.mkdir(parents=True, exist_ok=True)
     db = db_path or tmp / "gw.db"
     keys = {u: create_key(db, u) for u in users}
     with fake_upstream() as fake:
         cfg = write_config(tmp, db, fake.base_url, policies=policies, **config)
+        if upstream:
+            data = json.loads(cfg.read_text())
+            data["upstreams"]["fake"].update(upstream)
+            cfg.write_text(json.dumps(data))
         gp = start(cfg, tmp)
         try:
             yield Served(gp, fake, db, keys, tmp / "policies")

@@ -11,6 +11,14 @@ It can be told to misbehave, one behaviour per upcoming request (FIFO), from Pyt
     reset   drop the connection with a TCP reset before answering
     cut     stream ``after_chunks`` SSE chunks, then close the connection without ``[DONE]``
     slow    stream normally but wait ``seconds`` between SSE chunks (for client-disconnect tests)
+    inflate answer normally but report ``extra_tokens`` more completion tokens than it produced (a lying upstream)
+    answer  answer 200 with ``body`` (a JSON text) instead of a completion (a broken upstream)
+
+Usage: by default ``prompt_tokens`` counts the prompt's words. ``FakeUpstream(tokenizer="bytes")`` counts like a
+worst-case byte-fallback tokenizer instead: one token per ASCII letter/digit run, one per byte of every other
+non-space character, over the messages *and* the tool schemas and response format (what a teacher's chat template
+renders), so prompts of single letters, CJK, emoji or long tool schemas cost what they would cost at worst.
+With ``tool_choice: "required"`` and ``tools`` the answer is a call of the first tool (streamed in two pieces).
 
 Python::
 
@@ -32,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import socket
 import struct
 import threading
@@ -50,11 +59,13 @@ MODELS = ("fake-teacher", "fake-teacher-large")
 class Behaviour:
     """What the fake does with one request."""
 
-    kind: str = "ok"  # ok | status | stall | reset | cut | slow
+    kind: str = "ok"  # ok | status | stall | reset | cut | slow | inflate | answer
     status: int = 200
     seconds: float = 0.0
     after_chunks: int = 2
     retry_after: float | None = None
+    extra_tokens: int = 0
+    body: str | None = None
 
     @classmethod
     def status_error(cls, status: int, retry_after: float | None = None) -> Behaviour:
@@ -77,11 +88,20 @@ class Behaviour:
         return cls(kind="slow", seconds=seconds)
 
     @classmethod
+    def inflate(cls, extra_tokens: int) -> Behaviour:
+        return cls(kind="inflate", extra_tokens=extra_tokens)
+
+    @classmethod
+    def answer(cls, body: Any) -> Behaviour:
+        return cls(kind="answer", body=orjson.dumps(body).decode())
+
+    @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Behaviour:
-        allowed = {"kind", "status", "seconds", "after_chunks", "retry_after"}
+        allowed = {"kind", "status", "seconds", "after_chunks", "retry_after", "extra_tokens", "body"}
+        kinds = {"ok", "status", "stall", "reset", "cut", "slow", "inflate", "answer"}
         unknown = set(raw) - allowed
-        if unknown or raw.get("kind") not in {"ok", "status", "stall", "reset", "cut", "slow"}:
-            raise ValueError(f"bad behaviour {raw!r}: kind in ok|status|stall|reset|cut|slow, keys {sorted(allowed)}")
+        if unknown or raw.get("kind") not in kinds:
+            raise ValueError(f"bad behaviour {raw!r}: kind in {'|'.join(sorted(kinds))}, keys {sorted(allowed)}")
         return cls(**raw)
 
 
@@ -122,6 +142,20 @@ def _words(text: str) -> list[str]:
     return text.split()
 
 
+def _worst_case_tokens(text: str) -> int:
+    """One token per ASCII letter/digit run, one per UTF-8 byte of every other non-space character."""
+    return sum(1 if m.group().isascii() and m.group().isalnum() else len(m.group().encode())
+               for m in re.finditer(r"[A-Za-z0-9]+|\S", text))
+
+
+def _tool_call(req: dict[str, Any]) -> dict[str, Any] | None:
+    tools = req.get("tools")
+    if req.get("tool_choice") != "required" or not isinstance(tools, list) or not tools:
+        return None
+    name = str(((tools[0] or {}).get("function") or {}).get("name", "tool"))
+    return {"id": "call_fake_1", "type": "function", "function": {"name": name, "arguments": '{"query": "fake"}'}}
+
+
 def _logprob_entry(token: str, i: int, top: int) -> dict[str, Any]:
     lp = -0.05 * ((i % 7) + 1)
     alts = [{"token": token if j == 0 else f"{token}~{j}", "logprob": lp - j * 0.731,
@@ -132,9 +166,11 @@ def _logprob_entry(token: str, i: int, top: int) -> dict[str, Any]:
 class FakeUpstream:
     """The server. Use :func:`fake_upstream` (context manager) or :meth:`start` / :meth:`stop`."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, reply: str | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, reply: str | None = None,
+                 tokenizer: str = "words") -> None:
         self.host = host
         self.port = port
+        self.tokenizer = tokenizer
         self._state = _State(reply=reply)
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -308,11 +344,19 @@ class FakeUpstream:
                              "type": "server_error" if beh.status >= 500 else "rate_limit_error", "code": None}}
             writer.write(_json_response(beh.status, err, extra))
             return True
+        elif beh.kind == "answer":
+            raw = (beh.body or "").encode()
+            writer.write(_head(200, [("content-type", "application/json"), ("content-length", str(len(raw)))]) + raw)
+            return True
         chat = path == "/v1/chat/completions"
         if req.get("stream"):
             await self._stream(req, chat, writer, beh)
             return beh.kind != "cut"
-        writer.write(_json_response(200, self._complete(req, chat)))
+        answer = self._complete(req, chat)
+        if beh.kind == "inflate":
+            answer["usage"]["completion_tokens"] += beh.extra_tokens
+            answer["usage"]["total_tokens"] += beh.extra_tokens
+        writer.write(_json_response(200, answer))
         return True
 
     def _control(self, method: str, path: str, body: bytes) -> bytes:
@@ -347,6 +391,10 @@ class FakeUpstream:
         limit = req.get("max_completion_tokens") or req.get("max_tokens")
         if isinstance(limit, int) and limit > 0:
             words = words[:limit]
+        if self.tokenizer == "bytes":
+            rendered = prompt_text + "".join(orjson.dumps(req[k]).decode() for k in ("tools", "response_format")
+                                             if req.get(k) is not None)
+            return words, max(1, _worst_case_tokens(rendered))
         return words, max(1, len(_words(prompt_text)))
 
     def _complete(self, req: dict[str, Any], chat: bool) -> dict[str, Any]:
@@ -372,6 +420,10 @@ class FakeUpstream:
                     total = sum(weights)
                     choice["message"]["content"] = ranked[0]
                     choice["label_probs"] = {lab: w / total for lab, w in zip(ranked, weights, strict=True)}
+                call = _tool_call(req)
+                if call is not None:
+                    choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
+                    choice["finish_reason"] = "tool_calls"
             else:
                 choice = {"index": i, "text": text, "finish_reason": "stop", "logprobs": None}
                 if want_lp:
@@ -402,6 +454,18 @@ class FakeUpstream:
             if chat:
                 events.append({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                     "finish_reason": None, "logprobs": None}]})
+        call = _tool_call(req) if chat else None
+        if call is not None:  # the call in two deltas: id and name, then the arguments in two halves
+            args = call["function"]["arguments"]
+            half = len(args) // 2
+            for i in range(n):
+                events.append({**base, "choices": [{"index": i, "delta": {"tool_calls": [
+                    {"index": 0, "id": call["id"], "type": "function",
+                     "function": {"name": call["function"]["name"], "arguments": args[:half]}}]},
+                    "finish_reason": None}]})
+                events.append({**base, "choices": [{"index": i, "delta": {"tool_calls": [
+                    {"index": 0, "function": {"arguments": args[half:]}}]}, "finish_reason": None}]})
+            words = []
         for k, w in enumerate(words):
             piece = w if k == 0 else " " + w
             for i in range(n):
@@ -412,7 +476,7 @@ class FakeUpstream:
                 else:
                     events.append({**base, "choices": [{"index": i, "text": piece, "finish_reason": None}]})
         for i in range(n):
-            last: dict[str, Any] = {"index": i, "finish_reason": "stop"}
+            last: dict[str, Any] = {"index": i, "finish_reason": "tool_calls" if call is not None else "stop"}
             last.update({"delta": {}} if chat else {"text": ""})
             events.append({**base, "choices": [last]})
         if include_usage:
@@ -439,9 +503,10 @@ class FakeUpstream:
 
 
 @contextlib.contextmanager
-def fake_upstream(*, reply: str | None = None, host: str = "127.0.0.1", port: int = 0) -> Iterator[FakeUpstream]:
+def fake_upstream(*, reply: str | None = None, host: str = "127.0.0.1", port: int = 0,
+                  tokenizer: str = "words") -> Iterator[FakeUpstream]:
     """Start a fake teacher on a free loopback port (background thread); stop it on exit."""
-    server = FakeUpstream(host, port, reply=reply).start()
+    server = FakeUpstream(host, port, reply=reply, tokenizer=tokenizer).start()
     try:
         yield server
     finally:

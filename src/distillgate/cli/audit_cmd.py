@@ -111,4 +111,32 @@ def log(db: str, run: str | None, project: str | None, limit: int) -> None:
         click.echo(json.dumps(e.as_dict(), sort_keys=True))
 
 
+@cli.command("trace")
+@click.argument("student", type=click.Path(exists=True))
+@db_option
+@click.option("--json", "as_json", is_flag=True)
+def trace_cmd(student: str, db: str, as_json: bool) -> None:
+    """Walk from a trained STUDENT (its training output directory) back to the signed decisions behind every row
+    it trained on and the sign-offs of its dataset version; exit 2 when a row has none or nobody signed off."""
+    from distillgate.ledger.store import Store
+    from distillgate.pipeline.trace import trace
+
+    with Store.open(db) as store:
+        result = trace(student, store)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2, sort_keys=True))
+    else:
+        click.echo(f"student {result.student}: dataset version {result.version_id[:16]}, {result.rows} rows, "
+                   f"{result.decisions} teacher-call decisions")
+        for s in result.signed_off_by:
+            click.echo(f"  signed off by {s['reviewer']} at {s['signed_at']} (log entry {s['index']})")
+        if not result.signed_off_by:
+            click.echo("  no sign-off of this version")
+        click.echo(f"rows without a signed decision: {len(result.broken)}")
+        for row_id, why in result.broken[:20]:
+            click.echo(f"  - {row_id}: {why}")
+    if not result.ok:
+        sys.exit(2)
+
+
 cli.add_command(scan_cmd)

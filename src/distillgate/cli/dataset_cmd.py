@@ -109,46 +109,97 @@ def build_cmd(directory: str, as_json: bool) -> None:
         click.echo("holdout: " + ", ".join(f"{k}={v}" for k, v in sorted(info["holdout_reasons"].items())))
     click.echo(f"leakage: {info['leakage_hits']} protected row(s) with a train neighbour at Jaccard >= "
                f"{report.leakage.threshold}")
+    _echo_conflicts(report.leakage.conflicts, limit=5)
     if report.conflicts:
         click.echo(f"warning: {len(report.conflicts)} row(s) changed by a reviewer during the build were left "
                    "as they are; run build again", err=True)
 
 
+def _echo_conflicts(conflicts: list[Any], limit: int) -> None:
+    across = sum(c.across_splits for c in conflicts)
+    set_aside = sum(not c.in_use for c in conflicts)
+    click.echo(f"label conflicts: {len(conflicts)} text(s) with more than one label ({across} across splits"
+               + (f", {set_aside} resolved by excluded copies" if set_aside else "") + ")")
+    for c in conflicts[: limit or None]:
+        labels = "; ".join(f"{label}: {', '.join(f'{r} [{s}]' for r, s in members[:3])}"
+                           + (f" +{len(members) - 3}" if len(members) > 3 else "")
+                           for label, members in c.rows.items())
+        click.echo(f"  {c.field} {c.text[:60]!r}: {labels}")
+
+
 @cli.command("leakage")
-@click.argument("ref")
+@click.argument("ref", required=False)
+@click.option("--train", "train_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A published train file (with --test): check the dataset's own split, not the builder's.")
+@click.option("--test", "test_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="The published test file that goes with --train.")
+@click.option("--map", "maps", multiple=True, metavar="FIELD=COLUMN",
+              help="With --train/--test: input=COLUMN (default text), label=COLUMN (default label).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default=None)
 @click.option("--threshold", type=float, default=None, help="Jaccard threshold (default: dedup.threshold).")
-@click.option("--strict", is_flag=True, help="Exit 2 when any protected row has a train neighbour.")
+@click.option("--limit", type=int, default=50, show_default=True, help="Hits and conflicts to list (0: all).")
+@click.option("--strict", is_flag=True, help="Exit 2 when any protected row has a train neighbour or any text "
+              "carries two labels.")
 @click.option("--json", "as_json", is_flag=True)
-def leakage_cmd(ref: str, threshold: float | None, strict: bool, as_json: bool) -> None:
-    """Report test/golden/holdout rows with a train neighbour (REF: working copy dir or version)."""
+def leakage_cmd(ref: str | None, train_file: str | None, test_file: str | None, maps: tuple[str, ...],
+                fmt: str | None, threshold: float | None, limit: int, strict: bool, as_json: bool) -> None:
+    """Report test/golden/holdout rows with a train neighbour, and texts carrying two labels.
+
+    REF is a working copy dir or a version; or give a dataset's published split as --train FILE --test FILE.
+    """
     from distillgate.data.config import DatasetConfig, DedupConfig, parse_config
-    from distillgate.data.leakage import leakage_check
+    from distillgate.data.leakage import leakage_check, published_split_rows
     from distillgate.data.store import WorkingCopy
     from distillgate.data.versions import open_version
     from distillgate.errors import IntegrityError
 
     rows: list[Any]
-    cfg: DatasetConfig
-    if (Path(ref) / "working.sqlite").exists():
-        with WorkingCopy.open(ref) as wc:
-            rows, cfg = wc.rows(), wc.config
+    dedup = DedupConfig()
+    fields: tuple[str, ...] = ("label", "reference_label")
+    if (train_file is None) != (test_file is None):
+        raise UserError("--train and --test go together", hint="e.g. --train data/x/train.csv --test data/x/test.csv")
+    if train_file is not None and test_file is not None:
+        if ref is not None:
+            raise UserError("give either REF or --train/--test, not both")
+        columns = {"input": "text", "label": "label", **_parse_maps(maps)}
+        unknown = sorted(set(columns) - {"input", "label"})
+        if unknown:
+            raise UserError(f"--map names unknown field(s) {unknown}", hint="use --map input=COL --map label=COL")
+        rows = published_split_rows({"train": train_file, "test": test_file}, input_column=columns["input"],
+                                    label_column=columns["label"], fmt=fmt)
+        fields = ("label",)
+    elif ref is None:
+        raise UserError("nothing to check", hint="give a working copy / version REF, or --train FILE --test FILE")
     else:
-        version = open_version(ref)
-        rows, cfg = version.rows, parse_config(version.manifest.get("config", {}), "manifest")
-    dedup = cfg.dedup if threshold is None else DedupConfig(**{**cfg.dedup.model_dump(), "threshold": threshold})
-    report = leakage_check(rows, dedup)
+        cfg: DatasetConfig
+        if (Path(ref) / "working.sqlite").exists():
+            with WorkingCopy.open(ref) as wc:
+                rows, cfg = wc.rows(), wc.config
+        else:
+            version = open_version(ref)
+            rows, cfg = version.rows, parse_config(version.manifest.get("config", {}), "manifest")
+        dedup = cfg.dedup
+    if threshold is not None:
+        dedup = DedupConfig(**{**dedup.model_dump(), "threshold": threshold})
+    report = leakage_check(rows, dedup, label_fields=fields)
     if as_json:
         click.echo(_dump({"threshold": report.threshold, "checked": report.checked,
-                          "hits": [h.__dict__ for h in report.hits]}))
+                          "hits": [h.__dict__ for h in report.hits],
+                          "conflicts": [c.as_dict() for c in report.conflicts],
+                          "conflicts_across_splits": report.conflicts_across,
+                          "conflicts_in_use": report.conflicts_in_use}))
     else:
         click.echo(f"checked {report.checked} protected row(s) at Jaccard >= {report.threshold}: "
                    f"{len(report.hits)} with a train neighbour")
-        for hit in report.hits[:50]:
+        for hit in report.hits[: limit or None]:
             click.echo(f"  {hit.row_id} [{hit.split}] ~ {hit.neighbour_row_id} ({hit.similarity:.2f}): "
                        f"{hit.input[:60]!r} ~ {hit.neighbour_input[:60]!r}")
-    if strict and report.hits:
-        raise IntegrityError(f"{len(report.hits)} protected row(s) leak into train",
-                             hint="rebuild with near_duplicates on, or regroup the sources")
+        _echo_conflicts(report.conflicts, limit)
+    if strict and not report.clean:
+        raise IntegrityError(f"{len(report.hits)} protected row(s) leak into train; {report.conflicts_in_use} "
+                             "text(s) carry more than one label",
+                             hint="rebuild with near_duplicates on, or regroup the sources; relabel or drop the "
+                             "conflicting copies")
 
 
 @cli.command("status")

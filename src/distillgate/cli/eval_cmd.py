@@ -36,14 +36,41 @@ def _source(name: str, url: str | None, api_key: str | None, headers: dict[str, 
     return LocalCausalLMSource(name, threads=threads)
 
 
+def dataset_labels(dataset: Path, labels_file: str | None) -> list[str]:
+    """The label set a ``--dataset`` suite offers the models: ``--labels-file`` (a JSON list, or one label a line),
+    else the task's allowed labels from the version manifest next to the file (``filters.allowed_labels``), else
+    every label of the file, across all its splits (never only the split evaluated: a golden split with few labels
+    would offer the models just those)."""
+    from distillgate.evals.suites import LABEL_KEYS, read_rows
+
+    if labels_file:
+        text = Path(labels_file).read_text(encoding="utf-8")
+        try:
+            loaded = json.loads(text)
+        except ValueError:
+            loaded = [line.strip() for line in text.splitlines() if line.strip()]
+        if not isinstance(loaded, list) or not loaded or not all(isinstance(x, str) for x in loaded):
+            raise UserError(f"{labels_file} holds no label list",
+                            hint='write a JSON list ["a", "b"] or one label per line')
+        return list(dict.fromkeys(loaded))
+    manifest = dataset.parent / "manifest.json"
+    if manifest.is_file():
+        allowed = (json.loads(manifest.read_text()).get("config", {}).get("filters") or {}).get("allowed_labels")
+        if allowed:
+            return [str(x) for x in allowed]
+    rows = read_rows(dataset)
+    key = next((k for k in LABEL_KEYS if rows and k in rows[0]), None)
+    return sorted({str(r[key]) for r in rows if key and r.get(key) not in (None, "")})
+
+
 def _load_suite(suite: str, dataset: str | None, split: str | None, sample: int | None, seed: int,
-                answer_format: str, task: str | None) -> Any:
+                answer_format: str, task: str | None, labels_file: str | None = None) -> Any:
     from distillgate.evals.suites import DATASET_TASK, load_banking77, load_dataset_items, load_xstest
 
     fmt: Any = answer_format
     if dataset:
-        return load_dataset_items(Path(dataset), split=split, sample=sample, seed=seed, answer_format=fmt,
-                                  task=task or DATASET_TASK)
+        return load_dataset_items(Path(dataset), labels=dataset_labels(Path(dataset), labels_file), split=split,
+                                  sample=sample, seed=seed, answer_format=fmt, task=task or DATASET_TASK)
     if suite == "banking77":
         return load_banking77(sample=sample, seed=seed, answer_format=fmt)
     if suite == "xstest":
@@ -56,6 +83,9 @@ def _load_suite(suite: str, dataset: str | None, split: str | None, sample: int 
               show_default=True, help="Which items; 'dataset' needs --dataset.")
 @click.option("--dataset", type=click.Path(dir_okay=False), help="Dataset-version export (csv/jsonl/parquet).")
 @click.option("--split", help="Only rows of this split of --dataset (e.g. test, golden, holdout).")
+@click.option("--labels-file", type=click.Path(dir_okay=False, exists=True),
+              help="The task's label set for --dataset suites (JSON list or one per line) [default: the version "
+              "manifest's allowed labels, else every label of the file].")
 @click.option("--dataset-version", help="Dataset version id recorded in the report.")
 @click.option("--task", help="First sentence of the classification prompt for --dataset suites.")
 @click.option("--sample", type=int, help="Fixed random sample of this many items (same --seed, same items).")
@@ -96,7 +126,8 @@ def cli(**opts: Any) -> None:
     run_eval(**opts)
 
 
-def run_eval(*, suite: str, dataset: str | None, split: str | None, dataset_version: str | None, task: str | None,
+def run_eval(*, suite: str, dataset: str | None, split: str | None, labels_file: str | None,
+             dataset_version: str | None, task: str | None,
              sample: int | None, seed: int, answer_format: str, teacher: str | None, teacher_url: str | None,
              student: str | None, student_url: str | None, student_mode: str, api_key: str | None,
              policy_user: str | None, policy_project: str | None, run_id: str | None, output_type: str,
@@ -107,7 +138,7 @@ def run_eval(*, suite: str, dataset: str | None, split: str | None, dataset_vers
 
     if suite == "dataset" and not dataset:
         raise UserError("--suite dataset needs --dataset FILE", hint="point --dataset at a dataset-version export")
-    the_suite = _load_suite(suite, dataset, split, sample, seed, answer_format, task)
+    the_suite = _load_suite(suite, dataset, split, sample, seed, answer_format, task, labels_file)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metadata: dict[str, Any] = {

@@ -6,7 +6,7 @@ import click
 import orjson
 
 from distillgate.cli.common import db_option
-from distillgate.gateway.keys import KeyStore
+from distillgate.keys import KeyStore
 
 
 @click.group("keys")

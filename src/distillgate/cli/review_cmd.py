@@ -73,7 +73,7 @@ class Reviewer:
 def _signed_in(dataset: str, db: str, policy_path: str, project: str, run: str | None, requester: str | None,
                api_key: str | None, account: str | None) -> Iterator[Reviewer]:
     from distillgate.errors import PolicyDenied, UserError
-    from distillgate.gateway.keys import KeyStore
+    from distillgate.keys import KeyStore
     from distillgate.ledger.store import Store
     from distillgate.policy.model import load_policies
     from distillgate.web.accounts import AccountStore

@@ -1,4 +1,10 @@
-"""``distillgate stamp verify``: check a provenance stamp's signature and, given the log, that its entry exists."""
+"""``distillgate stamp verify``: check a provenance stamp's signature, that the answer it came with is unedited, and,
+given the log, that its entry exists.
+
+SOURCE may be a saved response body (JSON), a saved SSE stream (the ``data: ...`` lines as received, the stamp in
+the last chunk before ``[DONE]``: its choices are assembled as the gateway assembled them, see
+``distillgate.gateway.answer``), a stamp JSON file, or an ``X-Distillgate-Stamp`` header value.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ import click
 import orjson
 
 from distillgate.errors import IntegrityError, UserError
-from distillgate.gateway.stamps import Stamp, response_digest
+from distillgate.gateway.answer import answer_digest, assemble_sse, legacy_digest_v1
+from distillgate.gateway.stamps import Stamp
 
 
 @click.group("stamp")
@@ -18,15 +25,26 @@ def cli() -> None:
 
 
 def _load(source: str) -> tuple[Stamp, dict[str, Any] | None]:
-    """A stamp from a response JSON file, a stamp JSON file, or an X-Distillgate-Stamp header value."""
+    """A stamp, and the answer it covers when SOURCE holds one (``{"choices": [...], "model": ...}``)."""
     path = Path(source)
     try:
         is_file = path.is_file()
     except OSError:  # a header value is longer than a file name may be
         is_file = False
     if is_file:
+        data = path.read_bytes()
+        if data.lstrip().startswith(b"data:"):
+            try:
+                assembly, stamped = assemble_sse(data.decode("utf-8"))
+            except (UnicodeDecodeError, orjson.JSONDecodeError) as exc:
+                raise UserError(f"{source} is not a readable SSE stream: {exc}",
+                                hint="save the stream's bytes as received (curl -N ... > stream.txt)") from exc
+            if stamped is None:
+                raise IntegrityError(f"the stream in {source} carries no distillgate stamp",
+                                     hint="the stamp travels in the last chunk before [DONE]; save the whole stream")
+            return Stamp.from_response(stamped), {"choices": assembly.choices(), "model": assembly.model}
         try:
-            doc = orjson.loads(path.read_bytes())
+            doc = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             raise UserError(f"{source} is not JSON: {exc}", hint="save the response body or the stamp as JSON") from exc
         if isinstance(doc, dict) and isinstance(doc.get("distillgate"), dict) and "stamp" in doc["distillgate"]:
@@ -44,7 +62,8 @@ def _load(source: str) -> tuple[Stamp, dict[str, Any] | None]:
 @click.option("--db", default=None, type=click.Path(dir_okay=False),
               help="The gateway's store: also check that the stamp's log entry exists with the same hash.")
 def verify(source: str, public_key: str | None, db: str | None) -> None:
-    """Verify SOURCE: a saved response body, a stamp JSON file, or an X-Distillgate-Stamp header value.
+    """Verify SOURCE: a saved response body, a saved SSE stream, a stamp JSON file, or an X-Distillgate-Stamp
+    header value.
 
     Exit 0 when valid; exit 2 (IntegrityError) when not.
     """
@@ -67,7 +86,9 @@ def verify(source: str, public_key: str | None, db: str | None) -> None:
             raise IntegrityError("the stamp's signature does not verify: it was altered or signed by another key")
         click.echo(f"signature ok (key {stamp.payload['key_id']})")
         if response is not None:
-            digest = response_digest(response.get("choices") or [])
+            choices = response.get("choices") or []
+            digest = legacy_digest_v1(choices) if stamp.payload.get("v") == 1 else \
+                answer_digest(choices, response.get("model"))
             if digest != stamp.payload["response_hash"]:
                 raise IntegrityError("the response's choices do not match the stamp's response_hash: it was edited")
             click.echo("response hash ok")

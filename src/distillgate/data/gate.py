@@ -4,8 +4,9 @@ Dataset export, run bundle, student checkpoint export, training and evaluation f
 who signed off the dataset version (``signoff.signers``) and who started the run (``signoff.run_requester``),
 builds one ``Request`` and lets ``decide()`` judge it (destinations, reviewer sign-off, project and user rules)
 through ``Store.admit``, so the decision, allowed or denied, is a ``decision`` entry of the log with its reason codes.
-A denial raises ``PolicyDenied``. Audit exports of the decision log go through ``Store.admit`` the same way with
-``artifact="audit"``: the policy's destinations apply, a sign-off does not (the evidence must always be exportable).
+A denial raises ``PolicyDenied``. Audit exports of the decision log (``ledger.export.export_run``, below this
+package) are judged by the same ``decide()`` through ``Store.admit`` as an ``export`` with no data artifact: the
+policy's destinations apply, a sign-off does not (the evidence must always be exportable).
 """
 
 from __future__ import annotations

@@ -29,10 +29,10 @@ from typing import Any
 import orjson
 import pyarrow.parquet as pq
 
+from distillgate.canonical import sha256_file
 from distillgate.data.schema import SCHEMA_VERSION, Row, rows_sha256, table_to_records, write_parquet
 from distillgate.data.store import WorkingCopy
 from distillgate.errors import IntegrityError, NotFoundError, UserError
-from distillgate.ledger.canonical import sha256_file
 
 MANIFEST = "manifest.json"
 ROWS_FILE = "rows.parquet"

@@ -179,13 +179,13 @@ DATASET_TASK = "You classify each message into exactly one label."
 
 def load_dataset_items(path: Path, *, labels: Sequence[str] | None = None, split: str | None = None,
                        sample: int | None = None, seed: int = 0, answer_format: AnswerFormat = "label",
-                       task: str = DATASET_TASK) -> Suite:
+                       task: str = DATASET_TASK, out_of_scope: str | None = None) -> Suite:
     """A classification suite from a dataset-version export.
 
     Columns used: an id (``row_id``/``id``), the text (``text``/``input``/``prompt``), the gold label
     (``label``/``category``/``gold``/``output``), and optionally ``source``, ``split``, ``golden`` and
     ``holdout``, which become slices. ``split`` keeps only rows of that split. ``labels`` defaults to the
-    distinct gold labels.
+    distinct gold labels. With ``out_of_scope`` (the task's out-of-scope label) items get the ``scope`` slice.
     """
     rows = read_rows(path)
     if not rows:
@@ -203,7 +203,7 @@ def load_dataset_items(path: Path, *, labels: Sequence[str] | None = None, split
             continue
         text = str(row[text_key])
         slices = {"label": str(row[label_key]), "source": str(row.get("source") or path.stem),
-                  "length": length_bucket(text)}
+                  "length": length_bucket(text), **scope_slice(str(row[label_key]), out_of_scope)}
         if "golden" in row:
             slices["golden"] = "golden" if _truthy(row["golden"]) else "not golden"
         if "holdout" in row or "split" in row:

@@ -151,7 +151,7 @@ class Reference:
 
     def mmd(self, window: int) -> MMDTest | None:
         """The MMD test of windows of ``window`` points (None when the reference is too small to calibrate it)."""
-        if len(self.vectors) < 2 * window + 20:
+        if len(self.vectors) < window + 320:  # the test's fixed sample (300) and calibration windows beside it
             return None
         if self._mmd is None:
             self._mmd = MMDTest(self.vectors)

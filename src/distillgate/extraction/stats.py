@@ -15,7 +15,8 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache, lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -33,27 +34,46 @@ def outside_shift(k: int, n: int, q: float) -> float:
     return max(0.0, -log_p / math.log(10))
 
 
+@cache
+def _controller() -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _one_thread() -> Any:
+    """BLAS on one thread: these products are small, and a BLAS thread pool fighting the gateway's own threads for a
+    shared CPU made them ten times slower (measured on the 2-core development machine)."""
+    return _controller().limit(limits=1, user_api="blas")
+
+
 def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
     return np.maximum(d, 0.0)  # type: ignore[no-any-return]
 
 
-def mmd2(x: np.ndarray, y: np.ndarray, gamma: float) -> float:
-    """Unbiased MMD^2 between samples ``x`` (m, d) and ``y`` (r, d) with kernel exp(-gamma |a - b|^2)."""
-    m, r = len(x), len(y)
-    kxx = np.exp(-gamma * _sqdist(x, x))
-    kyy = np.exp(-gamma * _sqdist(y, y))
+def _within(x: np.ndarray, gamma: float) -> float:
+    """Mean kernel value between distinct rows of ``x`` (the unbiased within-sample term)."""
+    m = len(x)
+    k = np.exp(-gamma * _sqdist(x, x))
+    return float((k.sum() - np.trace(k)) / (m * (m - 1)))
+
+
+def mmd2(x: np.ndarray, y: np.ndarray, gamma: float, y_within: float | None = None) -> float:
+    """Unbiased MMD^2 between samples ``x`` (m, d) and ``y`` (r, d) with kernel exp(-gamma |a - b|^2);
+    ``y_within``: ``y``'s within-sample term when it is known already."""
+    syy = _within(y, gamma) if y_within is None else y_within
     kxy = np.exp(-gamma * _sqdist(x, y))
-    sxx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
-    syy = (kyy.sum() - np.trace(kyy)) / (r * (r - 1))
-    return float(sxx + syy - 2.0 * kxy.mean())
+    return float(_within(x, gamma) + syy - 2.0 * kxy.mean())
 
 
 class MMDTest:
-    """A reference's MMD two-sample test; ``ratio(window)`` is MMD^2 / calibrated threshold (>= 1: shifted)."""
+    """A reference's MMD two-sample test; ``ratio(window)`` is MMD^2 / calibrated threshold (>= 1: shifted).
+    Windows are compared with a fixed sample of the reference; the threshold is calibrated on windows drawn from
+    the rest of it."""
 
-    def __init__(self, reference: np.ndarray, *, sample: int = 400, calibration: int = 40, level: float = 0.99,
-                 margin: float = 1.5, seed: int = 0) -> None:
+    def __init__(self, reference: np.ndarray, *, sample: int = 300, calibration: int = 100, level: float = 0.99,
+                 margin: float = 3.0, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
         ref = np.asarray(reference, dtype=np.float32)
         self._ref = ref
@@ -67,22 +87,37 @@ class MMDTest:
         self.level = level
         self.margin = margin
         self._thresholds: dict[int, float] = {}
+        # the fixed reference sample windows are compared with, and its within-sample term (computed once)
+        with _one_thread():
+            self._setup(ref, rng, sample)
+
+    def _setup(self, ref: np.ndarray, rng: np.random.Generator, sample: int) -> None:
+        order = rng.permutation(len(ref))
+        self._rest = ref[order[:sample]]
+        self._pool = ref[order[sample:]]  # calibration windows come from here: never overlapping the sample
+        self._rest_within = _within(self._rest, self.gamma)
 
     def threshold(self, m: int) -> float:
         """The calibrated MMD^2 threshold for windows of ``m`` points (computed once per size)."""
         hit = self._thresholds.get(m)
         if hit is not None:
             return hit
-        ref = self._ref
-        null = []
-        for _ in range(self.calibration):
-            perm = self._rng.permutation(len(ref))
-            win, rest = ref[perm[:m]], ref[perm[m:m + self.sample]]
-            null.append(mmd2(win, rest, self.gamma))
+        with _one_thread():
+            return self._calibrate(m)
+
+    def _calibrate(self, m: int) -> float:
+        pool = self._pool
+        # windows drawn from a finite pool vary less than windows of fresh traffic (the finite-population
+        # correction, (P - m) / (P - 1)): the margin (3x the 99th percentile by default) covers it
+        if len(pool) < m:
+            raise ValueError(f"the reference has {len(pool)} points beside its sample; windows of {m} need more")
+        null = [mmd2(pool[self._rng.choice(len(pool), size=m, replace=False)], self._rest, self.gamma,
+                     self._rest_within) for _ in range(self.calibration)]
         value = self._thresholds[m] = max(float(np.quantile(null, self.level)) * self.margin, 1e-6)
         return value
 
     def ratio(self, window: np.ndarray) -> float:
-        ref = self._ref
-        rest = ref if len(ref) <= self.sample else ref[self._rng.choice(len(ref), self.sample, replace=False)]
-        return mmd2(window, rest, self.gamma) / self.threshold(len(window))
+        x = np.asarray(window, dtype=np.float32)
+        threshold = self.threshold(len(x))
+        with _one_thread():
+            return mmd2(x, self._rest, self.gamma, self._rest_within) / threshold

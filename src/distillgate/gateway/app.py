@@ -1,59 +1,68 @@
-"""The gateway as a plain ASGI application (no framework on the hot path).
+"""The gateway as a plain ASGI application (no framework on the hot path), built as small layers.
 
-Per inference request, in this order: read the body (size-capped) → parse and validate → check the API key → run
-the prompt screens → route the model → ``Store.aadmit`` (decide + reserve + log, durable before anything else) →
-on denial answer the OpenAI-shaped error → forward → check the output contract → ``Store.asettle`` (durable) →
-sign the provenance stamp → answer. Streaming answers settle when the stream ends, breaks, or the client leaves.
+    error layer   Gateway.__call__: a Responder wraps send (knows whether headers went out); errors are answered
+                  OpenAI-shaped (JSON, or a last SSE event mid-stream); request metrics
+    routing       one table: path -> (method, handler)
+    inference     parse → identify → judge → admit → forward → settle → stamp, each a small method over one
+                  per-request Exchange (gateway/exchange.py):
+      parse       headers (431 oversized, 400 duplicated identity), body (413, 408 slow, 503 too many slow),
+                  validation (400): everything refused here is refused before admission, so nothing is reserved
+      identify    API key, prompt screens, model route (404), the governing policy: chosen once, passed down
+      judge       the extraction monitor's signals → the policy Request
+      admit       Store.aadmit_early (decide + reserve + log; the commit's fsync overlaps forwarding; the
+                  Responder's gate holds every byte of the answer until the decision is durable)
+      forward     the upstream's answer, streamed or not, into one assembled answer (gateway/answer.py)
+      settle      one settlement; every other exit after admission refunds through the Ticket (exchange.py)
+      stamp       one signed stamp over the assembled answer; the answer (or the stream's last chunk) carries it
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
 
+from distillgate.canonical import sha256_hex
 from distillgate.errors import DistillgateError, UpstreamError, UserError
 from distillgate.extraction import ExtractionMonitor, RequestFeatures
 from distillgate.extraction.local import LocalMonitor
 from distillgate.extraction.process import MonitorUnavailable
 from distillgate.extraction.seam import Monitor
+from distillgate.gateway.answer import StreamAssembly, answer_digest
 from distillgate.gateway.contracts import check_output
 from distillgate.gateway.errors import ApiError, error_body
+from distillgate.gateway.exchange import ClientGone, Exchange, Ticket
+from distillgate.gateway.http import (
+    SSE_HEADERS,
+    BodyReader,
+    Receive,
+    Responder,
+    Scope,
+    Send,
+    header_map,
+    wait_disconnect,
+)
 from distillgate.gateway.judge import gateway_request, screen_hits
-from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.metrics import Metrics
 from distillgate.gateway.openapi import openapi_document
-from distillgate.gateway.parse import Inbound, parse_request
+from distillgate.gateway.parse import parse_request
 from distillgate.gateway.screens import Screen
-from distillgate.gateway.stamps import STAMP_HEADER, issue_stamp, response_digest
+from distillgate.gateway.stamps import STAMP_HEADER, issue_stamp
 from distillgate.gateway.upstreams import Route, Router, Upstream
-from distillgate.ledger.canonical import sha256_hex
-from distillgate.ledger.store import Admission, Store
+from distillgate.keys import KeyStore
+from distillgate.ledger.store import LogEntry, Store
 from distillgate.policy import Policy, PolicySet
 from distillgate.policy.extraction_rules import Signal
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
 _log = logging.getLogger("distillgate.gateway")
-_JSON = (b"content-type", b"application/json")
-_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no")]
-_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
-_GET_PATHS = {"/v1/models": "GET", "/healthz": "GET", "/metrics": "GET", "/openapi.json": "GET"}
 _UPSTREAM_PATHS = {"chat": "/chat/completions", "completions": "/completions"}
-
-
-def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+Handler = Callable[[Scope, Receive, Responder], Awaitable[None]]
 
 
 def _bearer(headers: dict[str, str]) -> str | None:
@@ -93,28 +102,14 @@ def _upstream_status(exc: UpstreamError) -> tuple[int, str]:
     return 502, "upstream_error"
 
 
-@dataclass
-class _StreamState:
-    upstream_id: str | None = None
-    texts: dict[int, list[str]] = field(default_factory=dict)
-    finish: dict[int, str | None] = field(default_factory=dict)
-    usage: dict[str, Any] | None = None
-    content_chunks: int = 0
-    error: UpstreamError | None = None
-    sent_any: bool = False
-
-    def choices(self) -> list[dict[str, Any]]:
-        return [{"index": i, "text": "".join(self.texts.get(i, [])), "finish_reason": self.finish.get(i)}
-                for i in sorted(set(self.texts) | set(self.finish))]
-
-
 class Gateway:
     """The ASGI app. Build it with :func:`distillgate.gateway.server.build_gateway` or directly for tests."""
 
     def __init__(self, *, policies: PolicySet, store: Store, keys: KeyStore, router: Router,
                  screens: Sequence[Screen], max_body_bytes: int = 1 << 20, reclaim_interval_s: float = 30.0,
                  metrics: Metrics | None = None, settle_before_reply: bool = True,
-                 monitor: Monitor | None = None) -> None:
+                 monitor: Monitor | None = None, max_header_bytes: int = 32 << 10,
+                 body_timeout_s: float = 30.0, max_body_readers: int = 256) -> None:
         self.policies = policies
         #: extraction-abuse signals on every request (docs/extraction.md); the policy decides what they do
         self.monitor: Monitor = monitor if monitor is not None else LocalMonitor(ExtractionMonitor(policies))
@@ -123,6 +118,8 @@ class Gateway:
         self.router = router
         self.screens = tuple(screens)
         self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
+        self.bodies = BodyReader(max_body_bytes, body_timeout_s, max_body_readers)
         self.reclaim_interval_s = reclaim_interval_s
         self.metrics = metrics or Metrics()
         self.metrics.embed_backlog.set_function(lambda: self.monitor.status().backlog)
@@ -131,9 +128,19 @@ class Gateway:
         self._reclaimer: asyncio.Task[None] | None = None
         self._monitor_start: asyncio.Task[None] | None = None
         self._settling: set[asyncio.Task[Any]] = set()
+        #: reservations of requests being answered: the reclaim loop renews their leases
+        self.in_flight: set[str] = set()
         self._openapi = orjson.dumps(openapi_document())
+        self._routes: dict[str, tuple[str, Handler]] = {
+            "/v1/chat/completions": ("POST", functools.partial(self._inference, "chat")),
+            "/v1/completions": ("POST", functools.partial(self._inference, "completions")),
+            "/v1/models": ("GET", self._models),
+            "/healthz": ("GET", self._health),
+            "/metrics": ("GET", self._metrics),
+            "/openapi.json": ("GET", self._openapi_doc),
+        }
 
-    # -- ASGI entry ---------------------------------------------------------------------------------------------
+    # -- the error layer ----------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
@@ -141,52 +148,54 @@ class Gateway:
         if scope["type"] != "http":
             return
         path = scope["path"]
-        method = scope["method"]
         started = time.perf_counter()
-        status = 500
+        out = Responder(send)
         self.metrics.in_flight.inc()
         try:
-            route = _PATHS.get(path)
-            allowed_method = "POST" if route is not None else _GET_PATHS.get(path)
-            if allowed_method is not None and method != allowed_method:
-                raise ApiError(405, f"{path} accepts {allowed_method} only", code="method_not_allowed",
-                               headers=[(b"allow", allowed_method.encode())])
-            if route is not None:
-                status = await self._inference(route, scope, receive, send)
-            elif method == "GET" and path == "/v1/models":
-                status = await self._models(scope, send)
-            elif method == "GET" and path == "/healthz":  # ready only when the extraction monitor is
-                ready = self.monitor.status().ready
-                status = await _send_json(send, 200 if ready else 503, orjson.dumps({
-                    "status": "ok" if ready else "starting", "monitor_ready": ready, "log_size": self.store.size(),
-                    "policies": self.policies.ids()}))
-            elif method == "GET" and path == "/metrics":
-                status = 200
-                await _send(send, 200, self.metrics.render(),
-                            [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
-            elif method == "GET" and path == "/openapi.json":
-                status = await _send_json(send, 200, self._openapi)
-            else:
-                raise ApiError(404, f"no route {method} {path}; see /openapi.json", code="not_found")
+            route = self._routes.get(path)
+            if route is None:
+                raise ApiError(404, f"no route {scope['method']} {path}; see /openapi.json", code="not_found")
+            method, handler = route
+            if scope["method"] != method:
+                raise ApiError(405, f"{path} accepts {method} only", code="method_not_allowed",
+                               headers=[(b"allow", method.encode())])
+            await handler(scope, receive, out)
         except ApiError as exc:
-            status = exc.status
-            await _send_json(send, exc.status, exc.body(), exc.headers)
+            await self._answer_error(out, exc.status, exc.body(), exc.headers)
+        except UpstreamError as exc:
+            status, code = _upstream_status(exc)
+            await self._answer_error(out, status, error_body(
+                status, f"the teacher upstream failed: {exc.message}; the reservation was refunded",
+                code=code, reasons=["UPSTREAM_ERROR"]))
+        except ClientGone:
+            out.status = 499
         except DistillgateError as exc:  # a user error surfacing from a component: report, never a bare 500
             status = 400 if exc.exit_code == 1 else 500
-            await _send_json(send, status, error_body(status, str(exc), code="gateway_error"))
+            await self._answer_error(out, status, error_body(status, str(exc), code="gateway_error"))
         except Exception:  # a bug: logged with its traceback, answered OpenAI-shaped, then re-raised
-            status = 500
-            _log.exception("internal error on %s %s", method, path)
-            with contextlib.suppress(Exception):  # the response may have started already
-                await _send_json(send, 500, error_body(500, "internal gateway error; the operator's log has "
-                                                       "the traceback", code="internal_error"))
+            _log.exception("internal error on %s %s", scope["method"], path)
+            await self._answer_error(out, 500, error_body(
+                500, "internal gateway error; the operator's log has the traceback", code="internal_error"))
             raise
         finally:
             self.metrics.in_flight.dec()
-            label = route_label(path)
-            self.metrics.labelled(self.metrics.requests, label, str(status)).inc()
+            label = path if path in self._routes else "other"
+            self.metrics.labelled(self.metrics.requests, label, str(out.status)).inc()
             self.metrics.labelled(self.metrics.latency, label).observe(time.perf_counter() - started)
 
+    async def _answer_error(self, out: Responder, status: int, body: bytes,
+                            headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """JSON when nothing went out yet; a last SSE event when a stream is under way; nothing when complete."""
+        if not out.started:
+            try:
+                await out.whole(status, body, [(b"content-type", b"application/json"), *headers])
+            except ApiError as exc:  # the gate: the decision is not durable, so only that may be said
+                out.gate = None
+                await out.whole(exc.status, exc.body())
+        elif not out.finished:
+            await out.body(b"data: " + body + b"\n\n")
+
+    # -- lifespan and reclaim -----------------------------------------------------------------------------------
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -214,13 +223,32 @@ class Gateway:
             _log.error("the extraction monitor did not start: %s", exc.message)
 
     async def _reclaim_loop(self) -> None:
+        # leases are renewed at least three times per TTL, whatever the reclaim interval
+        tick = min(self.reclaim_interval_s, self.store.reservation_ttl_s / 3)
         while True:
-            await asyncio.sleep(self.reclaim_interval_s)
-            self.metrics.reclaimed.inc(await self.store.areclaim_expired())
+            await asyncio.sleep(tick)
+            try:
+                if self.in_flight:  # renew the leases of requests still running, then refund the dead ones
+                    await self.store.aextend(list(self.in_flight))
+                self.metrics.reclaimed.inc(await self.store.areclaim_expired())
+            except Exception:
+                _log.exception("reclaim failed; retrying in %s s", self.reclaim_interval_s)
 
-    # -- /v1/models ---------------------------------------------------------------------------------------------
-    async def _models(self, scope: Scope, send: Send) -> int:
-        check = self.keys.check(_bearer(_headers(scope)))
+    # -- small GET routes ---------------------------------------------------------------------------------------
+    async def _health(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        ready = self.monitor.status().ready  # ready only when the extraction monitor is
+        await out.whole(200 if ready else 503, orjson.dumps({
+            "status": "ok" if ready else "starting", "monitor_ready": ready, "log_size": self.store.size(),
+            "policies": self.policies.ids()}))
+
+    async def _metrics(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        await out.whole(200, self.metrics.render(), [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+
+    async def _openapi_doc(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        await out.whole(200, self._openapi)
+
+    async def _models(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        check = self.keys.check(_bearer(header_map(scope, self.max_header_bytes)))
         if check.status != "ok" or check.user is None:
             code = "AUTH_MISSING" if check.status == "missing" else (
                 "KEY_REVOKED" if check.status == "revoked" else "AUTH_INVALID")
@@ -233,97 +261,55 @@ class Gateway:
             names.update(m for m in p.approved_models or [] if not any(ch in m for ch in "*?["))
         allowed = sorted(m for m in names if any(p.model_approved(m) for p in usable))
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "distillgate"} for m in allowed]
-        return await _send_json(send, 200, orjson.dumps({"object": "list", "data": data}))
+        await out.whole(200, orjson.dumps({"object": "list", "data": data}))
 
-    # -- inference ----------------------------------------------------------------------------------------------
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        for k, v in scope["headers"]:
-            if k == b"content-length" and v.isdigit() and int(v) > self.max_body_bytes:
-                raise ApiError(413, f"the request body is larger than {self.max_body_bytes} bytes; send less",
-                               code="request_too_large")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ApiError(400, "the client disconnected while sending the body", code="client_disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise ApiError(413, f"the request body is larger than {self.max_body_bytes} bytes; send less",
-                               code="request_too_large")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+    # -- inference: the layers ----------------------------------------------------------------------------------
+    async def _inference(self, route_name: str, scope: Scope, receive: Receive, out: Responder) -> None:
+        ex = await self._parse(route_name, scope, receive)
+        self._identify(ex)
+        await self._judge(ex)
+        ticket = await self._admit(ex, out)
+        async with ticket:
+            upstream = await self.router.get(ex.route)  # type: ignore[arg-type]
+            if ex.inb.stream:
+                await self._forward_stream(ex, upstream, ticket, receive, out)
+            else:
+                await self._forward(ex, upstream, ticket, out)
 
-    async def _inference(self, route_name: str, scope: Scope, receive: Receive, send: Send) -> int:
-        raw = await self._read_body(scope, receive)
-        headers = _headers(scope)
+    async def _parse(self, route_name: str, scope: Scope, receive: Receive) -> Exchange:
+        headers = header_map(scope, self.max_header_bytes)
+        raw = await self.bodies.read(headers, receive)
         inb = parse_request(route_name, raw, headers)
-        check = self.keys.check(_bearer(headers))
-        hits = screen_hits(self.screens, inb.prompt)
-        for hit in hits:
-            self.metrics.screen_hits.labels(hit).inc()
+        return Exchange(route_name, raw, headers, inb, sha256_hex(raw))
+
+    def _identify(self, ex: Exchange) -> None:
+        inb = ex.inb
+        ex.check = check = self.keys.check(_bearer(ex.headers))
         try:
-            route = self.router.route(inb.model)
+            ex.route = self.router.route(inb.model)
         except ApiError:
             if check.status == "ok":
                 raise
-            route = Route("", inb.model)  # unauthenticated: the decision below denies with 401 first
-        policy = self.policies.select(inb.project)
-        # the same step `policy explain` and `policy test` run (gateway/judge.py)
-        request = gateway_request(inb, policy, auth=check.status, key_user=check.user, hits=hits)
-        user = request.user
+            ex.route = Route("", inb.model)  # unauthenticated: the decision denies with 401 first
+        ex.policy = self.policies.select(inb.project)
+
+    async def _judge(self, ex: Exchange) -> None:
+        inb, check, policy = ex.inb, ex.check, ex.policy
+        assert check is not None and policy is not None
+        hits = screen_hits(self.screens, inb.prompt)
+        for hit in hits:
+            self.metrics.screen_hits.labels(hit).inc()
+        user = inb.user or check.user
         try:
             features = RequestFeatures.from_openai(inb.body, user=user, key_id=check.key_id, project=inb.project,
                                                    run=inb.run, output_type=inb.output_type,
                                                    declared_run_size=inb.run_size, prompt=inb.prompt)
         except UserError as exc:
             raise ApiError(400, exc.message, code="invalid_request") from exc
-        signals, extra = await self._observe(features)
-        if signals:
-            request = replace(request, signals=signals)
-        request_hash = sha256_hex(raw)
-        # The admission is returned as soon as it is decided and reserved; its commit (fsync) runs while an allowed
-        # request is forwarded. Nothing reaches the client before `durable` resolved.
-        try:
-            adm, durable = await self.store.aadmit_early(
-                self.policies, request, request_hash=request_hash, key_id=check.key_id,
-                content={"request": inb.body} if policy.audit.log_content else None, extra=extra)
-        except DistillgateError:
-            raise
-        except Exception as exc:  # the decision log's transaction failed (disk full, I/O error): decide nothing
-            raise _log_unavailable(exc, "forwarded") from exc
-        decision = adm.decision
-        if not decision.allowed or inb.stream:
-            await _made_durable(durable)
-        self.metrics.labelled(self.metrics.decisions, "allow" if decision.allowed else "deny").inc()
-        for code in decision.reasons:
-            self.metrics.reasons.labels(code).inc()
-        index_header = (b"x-distillgate-decision", str(adm.entry.index).encode())
-        if not decision.allowed:
-            raise ApiError(decision.status, f"denied by policy {decision.policy_id!r}: {decision.message}",
-                           code=decision.reasons[0].lower() if decision.reasons else "policy_denied",
-                           reasons=decision.reasons, headers=[index_header])
-        assert adm.reservation_id is not None
-        body = inb.body
-        if route.upstream_model != inb.model:
-            body["model"] = route.upstream_model
-        try:
-            try:
-                upstream = await self.router.get(route)
-            except ApiError:
-                await self.store.asettle(adm.reservation_id, outcome="upstream_error")
-                raise
-            if inb.stream:
-                return await self._stream(inb, route, upstream, adm, policy, request_hash, receive, send,
-                                          index_header)
-            return await self._complete(inb, route, upstream, adm, policy, request_hash, send, index_header,
-                                        durable)
-        except BaseException:
-            with contextlib.suppress(BaseException):  # an error answer, too, waits for the durable decision
-                await durable
-            raise
+        signals, ex.extra = await self._observe(features)
+        # the same step `policy explain` and `policy test` run (gateway/judge.py)
+        ex.request = gateway_request(inb, policy, auth=check.status, key_user=check.user, hits=hits,
+                                     signals=signals)
 
     async def _observe(self, features: RequestFeatures) -> tuple[tuple[Signal, ...], dict[str, object]]:
         """The extraction signals for this request and its decision entry's ``extra``."""
@@ -333,15 +319,204 @@ class Gateway:
             raise ApiError(503, f"{exc.message}; nothing was decided or forwarded",
                            code="extraction_monitor_unavailable") from exc
 
-    async def _fail_upstream(self, adm: Admission, route: Route, exc: UpstreamError,
-                             index_header: tuple[bytes, bytes]) -> ApiError:
-        assert adm.reservation_id is not None
-        status, code = _upstream_status(exc)
-        self.metrics.upstream_errors.labels(route.upstream_name, str(exc.status)).inc()
-        await self.store.asettle(adm.reservation_id, outcome="timeout" if status == 504 else "upstream_error",
-                                 extra={"error": exc.message[:500], "upstream_status": exc.status})
-        return ApiError(status, f"the teacher upstream failed: {exc.message}; the reservation was refunded",
-                        code=code, reasons=["UPSTREAM_ERROR"], headers=[index_header])
+    async def _admit(self, ex: Exchange, out: Responder) -> Ticket:
+        """Decide, reserve and log; a denial is answered (after its commit) by raising. Returns the Ticket."""
+        inb, policy, request = ex.inb, ex.policy, ex.request
+        assert policy is not None and request is not None and ex.check is not None
+        try:
+            adm, durable = await self.store.aadmit_early(
+                policy, request, request_hash=ex.request_hash, key_id=ex.check.key_id,
+                content={"request": inb.body} if policy.audit.log_content else None, extra=ex.extra)
+        except DistillgateError:
+            raise
+        except Exception as exc:  # the decision log's transaction failed (disk full, I/O error): decide nothing
+            raise ApiError(503, f"the decision could not be written to the decision log ({exc}); nothing was "
+                           "forwarded: retry later", code="decision_log_unavailable") from exc
+        ex.admission = adm
+        out.gate = durable  # no byte of any answer before the decision is durable
+        out.headers.append((b"x-distillgate-decision", str(adm.entry.index).encode()))
+        decision = adm.decision
+        self.metrics.labelled(self.metrics.decisions, "allow" if decision.allowed else "deny").inc()
+        for code in decision.reasons:
+            self.metrics.reasons.labels(code).inc()
+        if not decision.allowed:
+            raise ApiError(decision.status, f"denied by policy {decision.policy_id!r}: {decision.message}",
+                           code=decision.reasons[0].lower() if decision.reasons else "policy_denied",
+                           reasons=decision.reasons)
+        body = inb.body
+        assert ex.route is not None
+        if ex.route.upstream_model != inb.model:
+            body["model"] = ex.route.upstream_model
+        if inb.max_tokens is None:  # the reservation counted the policy's default: the upstream must keep to it
+            body["max_tokens"] = request.max_tokens
+        return Ticket(self.store, adm, self.in_flight, self._refunded)
+
+    def _refunded(self, outcome: str) -> None:
+        self.metrics.labelled(self.metrics.refunds, outcome).inc()
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    async def _forward(self, ex: Exchange, upstream: Upstream, ticket: Ticket, out: Responder) -> None:
+        inb = ex.inb
+        raw = await self._upstream_call(ex, upstream.post_raw(_UPSTREAM_PATHS[inb.route], orjson.dumps(inb.body)))
+        try:
+            resp = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise self._upstream_failed(ex, UpstreamError(f"the upstream answer is not JSON: {exc}",
+                                                          status=502)) from exc
+        if not isinstance(resp, dict) or not isinstance(resp.get("choices"), list):
+            raise self._upstream_failed(ex, UpstreamError("the upstream answer has no 'choices' array", status=502))
+        usage: dict[str, Any] = resp["usage"] if isinstance(resp.get("usage"), dict) else {}
+        ticket.used = lambda: (usage.get("prompt_tokens"), usage.get("completion_tokens"))
+        choices: list[dict[str, Any]] = resp["choices"]
+        assert ex.policy is not None and ex.route is not None
+        if ex.policy.hardening.round_logprobs is not None:
+            _round_logprobs(choices, ex.policy.hardening.round_logprobs)
+        resp["model"] = inb.model if ex.route.upstream_model != inb.model else resp.get("model", inb.model)
+        upstream_id = resp.get("id") if isinstance(resp.get("id"), str) else None
+        final = await self._settle_and_stamp(ex, ticket, choices, resp["model"], usage, upstream_id, len(choices),
+                                             lazy_ok=True)
+        header = final.pop("_header")
+        resp["distillgate"] = final
+        await out.whole(200, orjson.dumps(resp), [(b"content-type", b"application/json"),
+                                                  (STAMP_HEADER.encode(), header.encode())])
+
+    async def _upstream_call(self, ex: Exchange, call: Awaitable[bytes]) -> bytes:
+        try:
+            return await call
+        except UpstreamError as exc:
+            raise self._upstream_failed(ex, exc) from exc
+
+    def _upstream_failed(self, ex: Exchange, exc: UpstreamError) -> UpstreamError:
+        assert ex.route is not None
+        self.metrics.upstream_errors.labels(ex.route.upstream_name, str(exc.status)).inc()
+        return exc
+
+    async def _forward_stream(self, ex: Exchange, upstream: Upstream, ticket: Ticket, receive: Receive,
+                              out: Responder) -> None:
+        inb, policy, route = ex.inb, ex.policy, ex.route
+        assert policy is not None and route is not None
+        body = inb.body
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        chat = inb.route == "chat"
+        ex.assembly = asm = StreamAssembly(chat=chat)
+
+        def used() -> tuple[int | None, int | None]:
+            if not asm.content_chunks and asm.usage is None:
+                return None, None
+            usage = asm.usage or {}
+            return usage.get("prompt_tokens", inb.prompt_tokens), usage.get("completion_tokens", asm.content_chunks)
+
+        ticket.used = used
+        contract = policy.output_contracts.get(inb.output_type or "")
+        held: list[bytes] | None = [] if contract is not None and contract.enforcement == "block" else None
+        digits = policy.hardening.round_logprobs
+        renamed = route.upstream_model != inb.model
+
+        async def emit(data: bytes) -> None:
+            if held is not None:
+                held.append(data)
+                return
+            if not out.started:
+                await out.start(200, SSE_HEADERS)
+            await out.body(data, more=True)
+
+        async def pump() -> None:
+            gen = upstream.stream_raw(_UPSTREAM_PATHS[inb.route], orjson.dumps(body))
+            try:
+                async for payload in gen:
+                    try:
+                        chunk = orjson.loads(payload)
+                    except orjson.JSONDecodeError as exc:
+                        raise UpstreamError(f"the upstream sent a chunk that is not JSON: {exc}", status=502) from exc
+                    if not isinstance(chunk, dict):
+                        raise UpstreamError("the upstream sent a chunk that is not an object", status=502)
+                    if digits is not None or renamed:
+                        if digits is not None:
+                            _round_logprobs(chunk.get("choices"), digits)
+                        if renamed and "model" in chunk:
+                            chunk["model"] = inb.model
+                        payload = orjson.dumps(chunk)
+                    asm.add(chunk)
+                    if not (chunk.get("usage") and not chunk.get("choices") and not inb.include_usage):
+                        await emit(b"data: " + payload + b"\n\n")
+            finally:
+                await gen.aclose()
+
+        pump_task = asyncio.create_task(pump())
+        watch_task = asyncio.create_task(wait_disconnect(receive))
+        try:
+            await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pump_task, watch_task):
+                if not task.done():
+                    task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch_task
+        if not pump_task.done() or pump_task.cancelled():
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump_task
+            raise ClientGone()
+        exc = pump_task.exception()
+        if isinstance(exc, UpstreamError):
+            raise self._upstream_failed(ex, exc)
+        if exc is not None:
+            raise exc
+        choices = asm.choices()
+        model = asm.model if asm.model is not None else inb.model
+        final = await self._settle_and_stamp(ex, ticket, choices, model, asm.usage or {}, asm.upstream_id,
+                                             len(choices) or inb.n, lazy_ok=False,
+                                             completion_fallback=asm.content_chunks)
+        header = final.pop("_header")
+        if held is not None:
+            held_data, held = held, None
+            for data in held_data:
+                await emit(data)
+        last: dict[str, Any] = {"id": asm.upstream_id or "", "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": model, "choices": [], "distillgate": final}
+        if not out.started:
+            await out.start(200, [*SSE_HEADERS, (STAMP_HEADER.encode(), header.encode())])
+        await out.body(b"data: " + orjson.dumps(last) + b"\n\ndata: [DONE]\n\n")
+
+    # -- settle and stamp -----------------------------------------------------------------------------------------
+    async def _settle_and_stamp(self, ex: Exchange, ticket: Ticket, choices: list[dict[str, Any]], model: Any,
+                                usage: dict[str, Any], upstream_id: str | None, records: int, *, lazy_ok: bool,
+                                completion_fallback: int | None = None) -> dict[str, Any]:
+        """One settlement and one stamp over the assembled answer; returns the ``distillgate`` block (with the
+        stamp header value under ``_header``). A blocking contract violation settles, then answers 422."""
+        inb, policy, adm = ex.inb, ex.policy, ex.admission
+        assert policy is not None and adm is not None
+        response_hash = answer_digest(choices, model)
+        problems, enforcement = self._contract_problems(policy, inb.output_type, choices)
+        reasons = ("OUTPUT_FORMAT_VIOLATION",) if problems else ()
+        prompt_tokens = usage.get("prompt_tokens")
+        completion_tokens = usage.get("completion_tokens", completion_fallback)
+        blocked = bool(problems) and enforcement == "block"
+        wait = not lazy_ok or self.settle_before_reply or blocked
+        settling = ticket.settle(
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, records=records,
+            response_hash=response_hash, upstream_id=upstream_id, outcome="ok", reasons=reasons,
+            extra=_settle_extra(policy, problems, enforcement, choices), lazy=not wait)
+        settlement_index: int | None = None
+        if wait:
+            entry: LogEntry = await settling
+            settlement_index = entry.index
+        else:  # the decision is durable already; the settlement commits while the answer travels
+            task = asyncio.ensure_future(settling)
+            self._settling.add(task)
+            task.add_done_callback(self._settled)
+        self._count_tokens(prompt_tokens, completion_tokens)
+        if blocked:
+            raise ApiError(422, f"the teacher's answer broke the output contract of {inb.output_type!r}: "
+                           + "; ".join(problems[:5]), code="output_format_violation",
+                           reasons=["OUTPUT_FORMAT_VIOLATION"])
+        stamp = issue_stamp(
+            self.store.signer, entry_index=adm.entry.index, entry_hash=adm.entry.entry_hash,
+            policy_id=adm.decision.policy_id, policy_hash=adm.decision.policy_hash, user=adm.entry.body.get("user"),
+            project=inb.project, run=inb.run, model=inb.model, upstream_id=upstream_id,
+            request_hash=ex.request_hash, response_hash=response_hash)
+        return {"stamp": stamp.as_dict(), "decision_index": adm.entry.index, "settlement_index": settlement_index,
+                "flags": list(reasons), **({"contract_problems": problems} if problems else {}),
+                "_header": stamp.header_value()}
 
     def _contract_problems(self, policy: Policy, output_type: str | None,
                            choices: list[dict[str, Any]]) -> tuple[list[str], str | None]:
@@ -357,64 +532,8 @@ class Gateway:
             self.metrics.contract_violations.labels(output_type or "", contract.enforcement).inc()
         return problems, contract.enforcement
 
-    async def _complete(self, inb: Inbound, route: Route, upstream: Upstream, adm: Admission, policy: Policy,
-                        request_hash: str, send: Send, index_header: tuple[bytes, bytes],
-                        durable: Awaitable[Admission]) -> int:
-        assert adm.reservation_id is not None
-        try:
-            raw = await upstream.post_raw(_UPSTREAM_PATHS[inb.route], orjson.dumps(inb.body))
-            resp = orjson.loads(raw)
-            if not isinstance(resp, dict) or not isinstance(resp.get("choices"), list):
-                raise UpstreamError("the upstream answer has no 'choices' array", status=502)
-        except orjson.JSONDecodeError as exc:
-            raise await self._fail_upstream(adm, route, UpstreamError(f"the upstream answer is not JSON: {exc}",
-                                                                      status=502), index_header) from exc
-        except UpstreamError as exc:
-            raise await self._fail_upstream(adm, route, exc, index_header) from exc
-        choices: list[dict[str, Any]] = resp["choices"]
-        usage = resp.get("usage") if isinstance(resp.get("usage"), dict) else {}
-        prompt_tokens = usage.get("prompt_tokens") if usage else None
-        completion_tokens = usage.get("completion_tokens") if usage else None
-        response_hash = response_digest(choices)
-        problems, enforcement = self._contract_problems(policy, inb.output_type, choices)
-        reasons = ("OUTPUT_FORMAT_VIOLATION",) if problems else ()
-        upstream_id = resp.get("id") if isinstance(resp.get("id"), str) else None
-        wait_for_settlement = self.settle_before_reply or (problems and enforcement == "block")
-        settling = self.store.asettle(
-            adm.reservation_id, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            records=len(choices), response_hash=response_hash, upstream_id=upstream_id, outcome="ok",
-            reasons=reasons, extra=_settle_extra(policy, problems, enforcement, choices),
-            lazy=not wait_for_settlement)  # nobody waits: it may share the next decision's commit
-        settlement_index: int | None = None
-        if wait_for_settlement:
-            settlement_index = (await settling).index
-        else:  # the decision is durable already; the settlement commits while the answer travels
-            task = asyncio.create_task(settling)
-            self._settling.add(task)
-            task.add_done_callback(self._settled)
-        self._count_tokens(prompt_tokens, completion_tokens)
-        if problems and enforcement == "block":
-            raise ApiError(422, f"the teacher's answer broke the output contract of {inb.output_type!r}: "
-                           + "; ".join(problems[:5]), code="output_format_violation",
-                           reasons=["OUTPUT_FORMAT_VIOLATION"], headers=[index_header])
-        if policy.hardening.round_logprobs is not None:
-            _round_logprobs(choices, policy.hardening.round_logprobs)
-        stamp = issue_stamp(
-            self.store.signer, entry_index=adm.entry.index, entry_hash=adm.entry.entry_hash,
-            policy_id=adm.decision.policy_id, policy_hash=adm.decision.policy_hash, user=adm.entry.body.get("user"),
-            project=inb.project, run=inb.run, model=inb.model, upstream_id=upstream_id,
-            request_hash=request_hash, response_hash=response_hash)
-        resp["model"] = inb.model if route.upstream_model != inb.model else resp.get("model", inb.model)
-        resp["distillgate"] = {"stamp": stamp.as_dict(), "decision_index": adm.entry.index,
-                               "settlement_index": settlement_index, "flags": list(reasons),
-                               **({"contract_problems": problems} if problems else {})}
-        out = orjson.dumps(resp)
-        await _made_durable(durable)
-        await _send(send, 200, out, [_JSON, index_header, (STAMP_HEADER.encode(), stamp.header_value().encode())])
-        return 200
-
-    def _settled(self, task: asyncio.Task[Any]) -> None:
-        self._settling.discard(task)
+    def _settled(self, task: asyncio.Future[Any]) -> None:
+        self._settling.discard(task)  # type: ignore[arg-type]
         if not task.cancelled() and task.exception() is not None:
             self.metrics.settle_errors.inc()  # the reservation stays held; reclaim_expired refunds it later
 
@@ -423,144 +542,6 @@ class Gateway:
             self.metrics.labelled(self.metrics.tokens, "prompt").inc(prompt_tokens)
         if isinstance(completion_tokens, int):
             self.metrics.labelled(self.metrics.tokens, "completion").inc(completion_tokens)
-
-    # -- streaming ----------------------------------------------------------------------------------------------
-    async def _stream(self, inb: Inbound, route: Route, upstream: Upstream, adm: Admission, policy: Policy,
-                      request_hash: str, receive: Receive, send: Send, index_header: tuple[bytes, bytes]) -> int:
-        assert adm.reservation_id is not None
-        body = inb.body
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        gen = upstream.stream_raw(_UPSTREAM_PATHS[inb.route], orjson.dumps(body))
-        state = _StreamState()
-        try:
-            first = await gen.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except UpstreamError as exc:
-            await gen.aclose()
-            raise await self._fail_upstream(adm, route, exc, index_header) from exc
-        contract = policy.output_contracts.get(inb.output_type or "")
-        buffering = contract is not None and contract.enforcement == "block"
-        digits = policy.hardening.round_logprobs
-        held: list[bytes] = []
-        chat = inb.route == "chat"
-
-        async def emit(data: bytes) -> None:
-            if buffering:
-                held.append(data)
-                return
-            if not state.sent_any:
-                state.sent_any = True
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [*_SSE_HEADERS, index_header]})
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-
-        async def pump() -> None:
-            try:
-                payload = first
-                while payload is not None:
-                    chunk = orjson.loads(payload)
-                    forward = self._absorb(chunk, state, chat)
-                    if forward and not (chunk.get("usage") and not chunk.get("choices") and not inb.include_usage):
-                        if digits is not None:
-                            _round_logprobs(chunk.get("choices"), digits)
-                            payload = orjson.dumps(chunk)
-                        await emit(b"data: " + payload + b"\n\n")
-                    try:
-                        payload = await gen.__anext__()
-                    except StopAsyncIteration:
-                        payload = None
-            except UpstreamError as exc:
-                state.error = exc
-            except orjson.JSONDecodeError as exc:
-                state.error = UpstreamError(f"the upstream sent a chunk that is not JSON: {exc}", status=502)
-            finally:
-                await gen.aclose()
-
-        pump_task = asyncio.create_task(pump())
-        watch_task = asyncio.create_task(_wait_disconnect(receive))
-        done, _ = await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-        disconnected = watch_task in done and not pump_task.done()
-        if disconnected:
-            pump_task.cancel()
-        else:
-            watch_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pump_task
-        with contextlib.suppress(asyncio.CancelledError):
-            await watch_task
-        usage = state.usage or {}
-        if disconnected or state.error is not None:
-            used = state.content_chunks
-            outcome = "client_disconnected" if disconnected else "upstream_error"
-            if state.error is not None:
-                self.metrics.upstream_errors.labels(route.upstream_name, str(state.error.status)).inc()
-            await self.store.asettle(
-                adm.reservation_id, prompt_tokens=usage.get("prompt_tokens", inb.prompt_tokens) if used else None,
-                completion_tokens=usage.get("completion_tokens", used) if used else None, records=0,
-                upstream_id=state.upstream_id, outcome=outcome,
-                extra={"error": state.error.message[:500]} if state.error else None)
-            if disconnected:
-                return 499
-            err = error_body(502, f"the teacher upstream failed mid-stream: {state.error.message if state.error else ''}"
-                             "; the unused reservation was refunded", code="upstream_error",
-                             reasons=["UPSTREAM_ERROR"])
-            if state.sent_any:
-                await send({"type": "http.response.body", "body": b"data: " + err + b"\n\n", "more_body": False})
-                return 200
-            await _send_json(send, 502, err, [index_header])
-            return 502
-        choices = state.choices()
-        response_hash = response_digest(choices)
-        problems, enforcement = self._contract_problems(policy, inb.output_type, choices)
-        reasons = ("OUTPUT_FORMAT_VIOLATION",) if problems else ()
-        prompt_tokens = usage.get("prompt_tokens")
-        completion_tokens = usage.get("completion_tokens", state.content_chunks)
-        entry = await self.store.asettle(
-            adm.reservation_id, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            records=len(choices) or inb.n, response_hash=response_hash, upstream_id=state.upstream_id,
-            outcome="ok", reasons=reasons,
-            extra=_settle_extra(policy, problems, enforcement, choices))
-        self._count_tokens(prompt_tokens, completion_tokens)
-        if problems and enforcement == "block":
-            raise ApiError(422, f"the teacher's answer broke the output contract of {inb.output_type!r}: "
-                           + "; ".join(problems[:5]), code="output_format_violation",
-                           reasons=["OUTPUT_FORMAT_VIOLATION"], headers=[index_header])
-        buffering = False
-        for data in held:
-            await emit(data)
-        stamp = issue_stamp(
-            self.store.signer, entry_index=adm.entry.index, entry_hash=adm.entry.entry_hash,
-            policy_id=adm.decision.policy_id, policy_hash=adm.decision.policy_hash, user=adm.entry.body.get("user"),
-            project=inb.project, run=inb.run, model=inb.model, upstream_id=state.upstream_id,
-            request_hash=request_hash, response_hash=response_hash)
-        final: dict[str, Any] = {"id": state.upstream_id or "", "object": "chat.completion.chunk" if chat else "text_completion",
-                 "created": int(time.time()), "model": inb.model, "choices": [],
-                 "distillgate": {"stamp": stamp.as_dict(), "decision_index": adm.entry.index,
-                                 "settlement_index": entry.index, "flags": list(reasons),
-                                 **({"contract_problems": problems} if problems else {})}}
-        await emit(b"data: " + orjson.dumps(final) + b"\n\n")
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
-        return 200
-
-    @staticmethod
-    def _absorb(chunk: dict[str, Any], state: _StreamState, chat: bool) -> bool:
-        """Fold one chunk into the stream state; False for chunks not to forward."""
-        if state.upstream_id is None and isinstance(chunk.get("id"), str):
-            state.upstream_id = chunk["id"]
-        if isinstance(chunk.get("usage"), dict):
-            state.usage = chunk["usage"]
-        for c in chunk.get("choices") or []:
-            i = int(c.get("index", 0))
-            piece = (c.get("delta") or {}).get("content") if chat else c.get("text")
-            if piece:
-                state.texts.setdefault(i, []).append(piece)
-                state.content_chunks += 1
-            else:
-                state.texts.setdefault(i, [])
-            if c.get("finish_reason") is not None:
-                state.finish[i] = c["finish_reason"]
-        return True
 
 
 def _settle_extra(policy: Policy, problems: list[str], enforcement: str | None,
@@ -579,42 +560,4 @@ def _settle_extra(policy: Policy, problems: list[str], enforcement: str | None,
             {"index": c.get("index", 0), "text": (c.get("message") or {}).get("content") if "message" in c
              else c.get("text"), "finish_reason": c.get("finish_reason")} for c in choices]}
     return extra or None
-
-
-def route_label(path: str) -> str:
-    if path in _PATHS or path in ("/v1/models", "/healthz", "/metrics", "/openapi.json"):
-        return path
-    return "other"
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _made_durable(durable: Awaitable[Admission]) -> None:
-    """Wait until the decision is committed; a failed commit answers 503 and nothing else."""
-    try:
-        await durable
-    except Exception as exc:
-        raise _log_unavailable(exc, "answered") from exc
-
-
-def _log_unavailable(exc: Exception, nothing_was: str) -> ApiError:
-    return ApiError(503, f"the decision could not be written to the decision log ({exc}); nothing was "
-                    f"{nothing_was}: retry later", code="decision_log_unavailable")
-
-
-async def _send(send: Send, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _send_json(send: Send, status: int, body: bytes,
-                     headers: Sequence[tuple[bytes, bytes]] = ()) -> int:
-    await _send(send, status, body, [_JSON, *headers])
-    return status
 

@@ -18,6 +18,12 @@
       "*": openai
     screens: [credentials, extraction]    # or "package.module:attr"
     max_body_bytes: 1048576
+    max_header_bytes: 32768               # all request headers together; more is answered 431
+    body_timeout_s: 30                    # a body not fully received by then is answered 408
+    max_body_readers: 256                 # requests still sending their bodies at once; more are answered 503
+    max_connections: 4096                 # open connections + requests (uvicorn limit_concurrency); more get 503
+    local_models:                         # name -> spec of the in-process teachers requests may name local/NAME
+      smollm2-135m-instruct: local/smollm2-135m-instruct   # (the default); a spec may be a .gguf path or a model dir
     reclaim_interval_s: 30
     reservation_ttl_s: 600                # a reservation not settled by then is refunded by reclaim
     settle: before_reply                  # or after_reply (see docs/gateway.md)
@@ -29,12 +35,14 @@
     witness: /mnt/append-only/distillgate.witness.jsonl   # signed heads, outside the store (docs/audit.md)
 
 Routing of a model name: the ``models`` table (glob patterns, first match); else ``UPSTREAM/rest`` goes to that
-upstream with ``rest`` as the model; else ``local/...`` goes to the in-process local teacher; else, when exactly
-one upstream is configured, that one.
+upstream with ``rest`` as the model; else ``local/NAME`` goes to the in-process teacher registered as NAME in
+``local_models`` (a request never names a path: an unregistered name is refused the same way whatever is on disk);
+else, when exactly one upstream is configured, that one.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +54,10 @@ from distillgate.errors import ConfigError, ConfigIssue
 from distillgate.extraction.settings import ExtractionSettings
 from distillgate.policy.model import issues_from_validation, parse_document
 from distillgate.teachers.http import HttpUpstreamConfig
+
+DEFAULT_LOCAL_SPEC = "local/smollm2-135m-instruct"
+#: what a registered local model name may look like (requests name it as ``local/NAME``)
+LOCAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class _Strict(BaseModel):
@@ -75,6 +87,11 @@ class GatewayConfig(_Strict):
     models: dict[str, str] = Field(default_factory=dict)
     screens: list[str] = Field(default_factory=lambda: ["credentials", "extraction"])
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_header_bytes: int = Field(default=32 << 10, ge=1024)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    max_body_readers: int = Field(default=256, ge=1)
+    max_connections: int = Field(default=4096, ge=1)
+    local_models: dict[str, str] = Field(default_factory=lambda: {"smollm2-135m-instruct": DEFAULT_LOCAL_SPEC})
     reclaim_interval_s: float = Field(default=30.0, gt=0)
     reservation_ttl_s: float = Field(default=600.0, gt=0)
     access_log: bool = False
@@ -102,6 +119,10 @@ class GatewayConfig(_Strict):
                                           f"longest request to upstream {name!r} ({longest:g} s with retries), so "
                                           "reclaim could refund a request still in flight",
                                           f"set reservation_ttl_s above {longest:g} or lower upstreams.{name}.timeout_s"))
+        for name in self.local_models:
+            if not LOCAL_NAME.fullmatch(name):
+                issues.append(ConfigIssue(f"local_models.{name}", "a local model name is letters, digits and . _ - "
+                                          "(no path, no spaces)", "register the path as the value, under a plain name"))
         issues.extend(self.extraction.issues())
         if not Path(self.policy).exists():
             issues.append(ConfigIssue("policy", f"{self.policy} does not exist", "give a policy file or directory"))

@@ -32,8 +32,8 @@ def local_gateway(config_data: dict[str, Any], user: str,
 
     from distillgate.data.generate import GatewayTarget
     from distillgate.gateway.config import config_from_data
-    from distillgate.gateway.keys import KeyStore
     from distillgate.gateway.server import build_gateway
+    from distillgate.keys import KeyStore
 
     port = _free_port()
     config = config_from_data({**config_data, "host": "127.0.0.1", "port": port}, "gateway for generate")

@@ -34,6 +34,8 @@ class Metrics:
                                    "Prompts waiting for the extraction monitor's embedder", registry=r)
         self.embed_dropped = Gauge("distillgate_extraction_embeddings_dropped",
                                    "Prompts not embedded because the embedder was behind (since start)", registry=r)
+        self.refunds = Counter("distillgate_refunds_total", "Reservations settled by a failure after admission "
+                               "(upstream error, client gone, gateway error)", ["outcome"], registry=r)
         self.reclaimed = Counter("distillgate_reservations_reclaimed_total", "Expired reservations refunded",
                                  registry=r)
 

@@ -22,7 +22,9 @@ _MESSAGE = {"type": "object", "required": ["role"], "properties": {
     "content": {"anyOf": [{"type": "string"}, {"type": "array"}, {"type": "null"}]}}}
 
 _COMMON = {
-    "model": {"type": "string", "minLength": 1, "pattern": "\\S"},
+    # canonical: no surrounding whitespace, no control characters (parse.py refuses anything else with a 400)
+    "model": {"type": "string", "minLength": 1,
+              "pattern": "^[^\\s\\x00-\\x1f\\x7f]([^\\x00-\\x1f\\x7f]*[^\\s\\x00-\\x1f\\x7f])?$"},
     "n": {"type": "integer", "minimum": 1, "maximum": 128},
     "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS_CAP},
     "stream": {"type": "boolean"},

@@ -1,9 +1,17 @@
 """Parse and validate OpenAI request bodies; pull out the policy identity.
 
 Everything the gateway needs to judge a request is read here once: the model, ``n``, ``max_tokens``, logprob and
-logit-bias settings, the prompt text (for screens and the token estimate) and the identity (headers win over the
-body's ``metadata``). Identity keys are stripped from ``metadata`` before the body is forwarded. A body that is not
-what the OpenAI API accepts is answered with a 400 naming the bad field (``param``).
+logit-bias settings, the prompt text (for screens), an upper bound of the prompt's tokens, and the identity
+(headers win over the body's ``metadata``). Identity keys are stripped from ``metadata`` before the body is
+forwarded. A body that is not what the OpenAI API accepts is answered with a 400 naming the bad field (``param``):
+always *before* admission, so nothing is reserved or logged for it (a body nested too deeply to be written back,
+a model name with spaces or control characters, ...).
+
+The prompt bound (``prompt_tokens``) is the UTF-8 size of the forwarded body plus a small constant: every token of
+a byte-level or byte-fallback tokenizer covers at least one byte of what it encodes, and the body holds every
+string the teacher can tokenize (messages, tool schemas, response format) plus the JSON around it, which outweighs
+the chat template's per-message tokens. So the reservation ``prompt_tokens + max_tokens * n`` is an upper bound of
+what an honest upstream can report; what an upstream reports above it is recorded as an overrun at settlement.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from typing import Any
 import orjson
 
 from distillgate.gateway.errors import ApiError
-from distillgate.policy import estimate_tokens, prompt_text
+from distillgate.policy import prompt_text
 
 IDENTITY_KEYS = {"policy_user": "x-policy-user", "policy_project_id": "x-policy-project",
                  "policy_run_id": "x-policy-run", "policy_output_type": "x-policy-output-type"}
@@ -24,6 +32,10 @@ MAX_RUN_SIZE = 10**9
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 MAX_N = 128
 MAX_TOKENS_CAP = 10_000_000
+#: tokens a chat template adds beyond the body's bytes (BOS, the assistant turn's header)
+TEMPLATE_TOKENS = 16
+#: nesting levels the decision log adds around a body it records (entry → content → request → body), and spare
+_LOG_NESTING = 8
 
 
 @dataclass(slots=True)
@@ -122,12 +134,32 @@ def _run_size(headers: Mapping[str, str], metadata: dict[str, Any]) -> int | Non
     return value
 
 
+def prompt_token_bound(body: dict[str, Any]) -> int:
+    """An upper bound of the prompt tokens any tokenizer makes of ``body`` (see the module docstring).
+
+    Raises a 400 for a body that cannot be written back as JSON with the log's nesting around it (orjson reads
+    1,024 levels but writes 254): such a body could be neither forwarded nor logged.
+    """
+    wrapped: Any = body
+    for _ in range(_LOG_NESTING):
+        wrapped = [wrapped]
+    try:
+        size = len(orjson.dumps(wrapped)) - 2 * _LOG_NESTING
+    except orjson.JSONEncodeError as exc:
+        raise _bad(f"the request body is nested too deeply to be forwarded or logged ({exc}); flatten 'metadata' "
+                   "and other nested values", code="invalid_request") from exc
+    return size + TEMPLATE_TOKENS
+
+
 def parse_request(route: str, raw: bytes, headers: Mapping[str, str]) -> Inbound:
     """Validate a ``/v1/chat/completions`` (route "chat") or ``/v1/completions`` body."""
     body = load_body(raw)
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise _bad("'model' is required and must be a non-empty string", "model")
+    if model != model.strip() or any(ord(ch) < 32 or ord(ch) == 127 for ch in model):
+        raise _bad(f"'model' must be a model name without surrounding spaces or control characters, got {model!r}",
+                   "model", code="invalid_model")
     if route == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -190,7 +222,7 @@ def parse_request(route: str, raw: bytes, headers: Mapping[str, str]) -> Inbound
     text = prompt_text(body)
     return Inbound(
         route=route, body=body, model=model, stream=stream, n=n, max_tokens=max_tokens, prompt=text,
-        prompt_tokens=estimate_tokens(text), top_logprobs=top, logit_bias_size=len(bias or {}),
+        prompt_tokens=prompt_token_bound(body), top_logprobs=top, logit_bias_size=len(bias or {}),
         user=ident["policy_user"], project=ident["policy_project_id"], run=ident["policy_run_id"],
         output_type=ident["policy_output_type"],
         include_usage=bool(stream_options and stream_options.get("include_usage")), run_size=run_size,

@@ -18,9 +18,9 @@ from distillgate.extraction.seam import Monitor
 from distillgate.extraction.settings import build_monitor
 from distillgate.gateway.app import Gateway
 from distillgate.gateway.config import GatewayConfig
-from distillgate.gateway.keys import KeyStore
 from distillgate.gateway.screens import load_screens
 from distillgate.gateway.upstreams import Router
+from distillgate.keys import KeyStore
 from distillgate.ledger.store import Store
 from distillgate.policy import load_policies
 from distillgate.teachers.base import Teacher
@@ -37,14 +37,15 @@ def build_gateway(config: GatewayConfig, *, local_loader: Callable[[str], Teache
     else:
         monitor = LocalMonitor(build_monitor(policies, config.extraction), embed_wait_s=config.extraction.embed_wait_s)
     router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models,
-                    local_loader=local_loader)
+                    local_models=config.local_models, local_loader=local_loader)
     store = Store.open(Path(config.db), reservation_ttl_s=config.reservation_ttl_s,
                        checkpoint_every=policies.checkpoint_every(), witness=config.witness)
     keys = KeyStore(config.db)
     return Gateway(policies=policies, store=store, keys=keys, router=router, screens=screens,
                    max_body_bytes=config.max_body_bytes, reclaim_interval_s=config.reclaim_interval_s,
-                   settle_before_reply=config.settle == "before_reply",
-                   monitor=monitor)
+                   settle_before_reply=config.settle == "before_reply", monitor=monitor,
+                   max_header_bytes=config.max_header_bytes, body_timeout_s=config.body_timeout_s,
+                   max_body_readers=config.max_body_readers)
 
 
 def serve(config: GatewayConfig) -> None:
@@ -54,7 +55,7 @@ def serve(config: GatewayConfig) -> None:
     try:
         uvicorn.run(gateway, host=config.host, port=config.port, loop="uvloop", http="httptools",
                     lifespan="on", access_log=config.access_log, log_level="info",
-                    timeout_keep_alive=30, backlog=2048,
+                    timeout_keep_alive=30, backlog=2048, limit_concurrency=config.max_connections,
                     proxy_headers=False)  # the gateway reads no client address: skip X-Forwarded-* parsing
     finally:
         gateway.monitor.close()

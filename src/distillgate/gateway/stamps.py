@@ -2,7 +2,8 @@
 
 A stamp's ``payload`` holds: ``v`` (format version), ``entry_index`` and ``entry_hash`` (the decision-log entry that
 allowed the request), ``policy_id``, ``policy_hash``, ``user``, ``project``, ``run``, ``model``, ``upstream_id``,
-``request_hash`` (sha256 of the request body bytes as received), ``response_hash`` (see :func:`response_digest`),
+``request_hash`` (sha256 of the request body bytes as received), ``response_hash`` (see
+:func:`distillgate.gateway.answer.answer_digest`: every field a dataset row keeps, and the model),
 ``issued_at`` (UTC ISO-8601) and ``key_id``. ``signature`` is base64 Ed25519 over ``canonical_json(payload)``.
 
 On the wire it travels twice: in the ``X-Distillgate-Stamp`` header as ``base64url(canonical_json(stamp))`` and in
@@ -12,36 +13,21 @@ the body's ``distillgate.stamp`` object (streaming: in a last chunk with ``choic
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from distillgate.canonical import canonical_json
 from distillgate.errors import IntegrityError
-from distillgate.ledger.canonical import canonical_json, sha256_hex
 from distillgate.ledger.signing import Signer, verify_json
 
-STAMP_VERSION = 1
+STAMP_VERSION = 2  # 2: response_hash is answer_digest (all kept fields + model); 1 hashed text only
 STAMP_HEADER = "x-distillgate-stamp"
 PAYLOAD_KEYS = ("v", "entry_index", "entry_hash", "policy_id", "policy_hash", "user", "project", "run", "model",
                 "upstream_id", "request_hash", "response_hash", "issued_at", "key_id")
-
-
-def response_digest(choices: Sequence[Mapping[str, Any]]) -> str:
-    """sha256 over what the teacher generated: per choice its index, text and finish_reason.
-
-    ``text`` is ``message.content`` (chat) or ``text`` (completions); streaming answers hash the concatenated
-    deltas, so a stamp verifies the same whether the client streamed or not.
-    """
-    norm = []
-    for c in choices:
-        msg = c.get("message")
-        text = msg.get("content") if isinstance(msg, Mapping) else c.get("text")
-        norm.append({"index": c.get("index", 0), "text": text or "", "finish_reason": c.get("finish_reason")})
-    norm.sort(key=lambda x: int(x["index"] or 0))
-    return sha256_hex(canonical_json(norm))
 
 
 @dataclass(frozen=True)

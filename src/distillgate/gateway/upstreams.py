@@ -1,5 +1,9 @@
-"""Model name → upstream. HTTP upstreams are pooled ``HttpTeacher``s; ``local/...`` models are in-process
+"""Model name → upstream. HTTP upstreams are pooled ``HttpTeacher``s; ``local/NAME`` models are in-process
 teachers loaded lazily (once, off the event loop) through ``distillgate.teachers.registry.load_teacher``.
+
+A request never names a path: ``NAME`` must be a key of the gateway's ``local_models`` registry, whose value (the
+operator's) is the spec that is loaded. Any other name is refused with one message that says nothing about the
+disk, and the cache of loaded teachers is keyed by the registered name, so it holds at most one teacher per entry.
 
 Every upstream is used through two raw-bytes calls, ``post_raw(path, body)`` and ``stream_raw(path, body)``; an
 in-process ``Teacher`` is adapted to them by :class:`TeacherUpstream`.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import importlib
+import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +26,8 @@ from distillgate.errors import UpstreamError
 from distillgate.gateway.errors import ApiError
 from distillgate.teachers.base import Teacher
 from distillgate.teachers.http import HttpTeacher, HttpUpstreamConfig
+
+_log = logging.getLogger("distillgate.gateway")
 
 
 class Upstream(Protocol):
@@ -63,10 +70,13 @@ class Router:
     """Resolves model names and owns the upstream clients."""
 
     def __init__(self, http: Mapping[str, HttpUpstreamConfig], models: Mapping[str, str] | None = None, *,
+                 local_models: Mapping[str, str] | None = None,
                  local_loader: Callable[[str], Teacher] | None = None) -> None:
-        """``local_loader(spec) -> Teacher`` loads ``local/...`` models (default: the teachers registry)."""
+        """``local_models``: registered name -> spec; ``local_loader(spec) -> Teacher`` loads one (default: the
+        teachers registry)."""
         self._http: dict[str, Upstream] = {name: HttpTeacher(cfg) for name, cfg in http.items()}
         self._models = dict(models or {})
+        self._registry = dict(local_models or {})
         self._load_local = local_loader or _load_local
         self._local: dict[str, Upstream] = {}
         self._local_lock = asyncio.Lock()
@@ -85,15 +95,25 @@ class Router:
             if prefix in self._http and rest:
                 return Route(prefix, rest)
             if prefix == "local":
-                return Route("local", model)
+                return Route("local", self._registered(model))
         if len(self._http) == 1:
             return Route(next(iter(self._http)), model)
         raise ApiError(404, f"the model {model!r} does not exist on this gateway (no upstream serves it)",
                        code="model_not_found", param="model")
 
+    def _registered(self, model: str) -> str:
+        """The registry name of ``local/NAME`` (or of a name the ``models`` table sends to ``local``)."""
+        name = model[len("local/"):] if model.startswith("local/") else model
+        if name not in self._registry:
+            raise ApiError(404, f"the model {model!r} is not a local model of this gateway (registered: "
+                           f"{sorted('local/' + n for n in self._registry)}); an operator adds one under "
+                           "local_models in the gateway config", code="model_not_found", param="model")
+        return name
+
     def configured_models(self) -> list[str]:
         """Model names the config names explicitly (glob patterns excluded)."""
-        return [m for m in self._models if not any(ch in m for ch in "*?[")]
+        return [m for m in self._models if not any(ch in m for ch in "*?[")] + \
+            [f"local/{n}" for n in sorted(self._registry)]
 
     async def upstream_models(self, max_age_s: float = 60.0) -> list[str]:
         """Model ids the HTTP upstreams list at ``/models`` (cached; an upstream that fails is skipped).
@@ -118,18 +138,21 @@ class Router:
     async def get(self, route: Route) -> Upstream:
         if route.upstream_name != "local":
             return self._http[route.upstream_name]
-        if route.upstream_model not in self._local:
+        name = self._registered(route.upstream_model)
+        if name not in self._local:
             async with self._local_lock:
-                if route.upstream_model not in self._local:
+                if name not in self._local:
                     try:
-                        teacher = await asyncio.to_thread(self._load_local, route.upstream_model)
+                        teacher = await asyncio.to_thread(self._load_local, self._registry[name])
                     except ApiError:
                         raise
-                    except Exception as exc:
-                        raise ApiError(404, f"model {route.upstream_model!r} could not be loaded as a local "
-                                       f"teacher: {exc}", code="model_not_found", param="model") from exc
-                    self._local[route.upstream_model] = TeacherUpstream(teacher)
-        return self._local[route.upstream_model]
+                    except Exception as exc:  # the operator's spec is broken: say so, without the path
+                        _log.exception("local model %r (spec %r) failed to load", name, self._registry[name])
+                        raise ApiError(503, f"the registered local model 'local/{name}' could not be loaded "
+                                       f"({type(exc).__name__}); the operator's log has the cause",
+                                       code="model_unavailable", param="model") from exc
+                    self._local[name] = TeacherUpstream(teacher)
+        return self._local[name]
 
     async def aclose(self) -> None:
         for up in [*self._http.values(), *self._local.values()]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from distillgate.ledger.canonical import sha256_hex
+from distillgate.canonical import sha256_hex
 
 #: table columns that are copies of the body field of the same name (in the order of the INSERT)
 COLUMNS = ("kind", "ts", "run", "project", "user")

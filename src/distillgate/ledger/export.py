@@ -26,9 +26,9 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distillgate.canonical import sha256_hex
 from distillgate.destinations import join_url, write_files
 from distillgate.errors import NotFoundError, PolicyDenied
-from distillgate.ledger.canonical import sha256_hex
 from distillgate.ledger.merkle import Tree
 from distillgate.ledger.store import LogEntry, Store, iso, utc_now
 from distillgate.policy.decision import Request

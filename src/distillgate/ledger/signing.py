@@ -15,8 +15,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from distillgate.canonical import canonical_json, sha256_hex
 from distillgate.errors import IntegrityError
-from distillgate.ledger.canonical import canonical_json, sha256_hex
 
 
 def key_id_of(public_key: Ed25519PublicKey) -> str:

@@ -43,8 +43,8 @@ from typing import Any, TypeVar
 
 import orjson
 
+from distillgate.canonical import canonical_json, sha256_hex
 from distillgate.errors import IntegrityError, InternalError, NotFoundError, UserError
-from distillgate.ledger.canonical import canonical_json, sha256_hex
 from distillgate.ledger.entries import bound_denial, columns
 from distillgate.ledger.merkle import Frontier
 from distillgate.ledger.signing import Signer, default_key_path
@@ -819,7 +819,10 @@ class Store:
             if row is None:
                 raise NotFoundError(f"no reservation {reservation_id!r}")
             project, user, run, day, t_res, r_res, state, decision_index = row
-            if state != "held":
+            # A reservation reclaimed while its request still ran (its lease lapsed) is refunded already: the late
+            # settlement still charges what was used, against nothing held.
+            late = state == "expired"
+            if state != "held" and not late:
                 raise UserError(f"reservation {reservation_id} is already {state}")
             used = None if prompt_tokens is None and completion_tokens is None else \
                 int(prompt_tokens or 0) + int(completion_tokens or 0)
@@ -831,13 +834,23 @@ class Store:
                 tokens_charged = used or 0
                 records_charged = int(records or 0)
                 new_state = "refunded" if tokens_charged == 0 and records_charged == 0 else "settled"
-            txn.apply(project, user, run, day, tokens_charged - t_res, records_charged - r_res)
+            # The reservation is the upper bound granted against the quota: usage reported above it is an
+            # overrun, recorded (never absorbed into the counters, so granted never exceeds the quota).
+            overrun = max(0, tokens_charged - t_res)
+            tokens_charged -= overrun
+            records_charged = min(records_charged, r_res)
+            held_t, held_r = (0, 0) if late else (t_res, r_res)
+            txn.apply(project, user, run, day, tokens_charged - held_t, records_charged - held_r)
             txn.close_reservation(reservation_id, new_state, tokens_charged, records_charged)
             codes = list(reasons)
             if outcome == "upstream_error" or outcome == "timeout":
                 codes.append("UPSTREAM_ERROR")
             elif outcome == "client_disconnected":
                 codes.append("CLIENT_DISCONNECTED")
+            elif outcome == "gateway_error":
+                codes.append("GATEWAY_ERROR")
+            if overrun:
+                codes.append("USAGE_OVERRUN")
             fields: dict[str, Any] = {
                 "reservation_id": reservation_id, "decision_index": decision_index, "project": project,
                 "user": user, "run": run, "outcome": outcome, "reasons": list(dict.fromkeys(codes)),
@@ -845,6 +858,10 @@ class Store:
                 "tokens_reserved": t_res, "tokens_charged": tokens_charged, "tokens_refunded": t_res - tokens_charged,
                 "records_charged": records_charged, "response_hash": response_hash, "upstream_id": upstream_id,
             }
+            if overrun:
+                fields["tokens_overrun"] = overrun
+            if late:
+                fields["settled_after_expiry"] = True
             if extra:
                 fields["extra"] = dict(extra)
             return txn.append("settlement", fields)
@@ -888,6 +905,20 @@ class Store:
             return len(rows)
 
         return job
+
+    def _extend_job(self, reservation_ids: Sequence[str]) -> Callable[[_Txn], int]:
+        def job(txn: _Txn) -> int:
+            expires = time.time() + self.reservation_ttl_s
+            cur = txn.conn.executemany("UPDATE reservations SET expires=? WHERE id=? AND state='held'",
+                                       [(expires, rid) for rid in reservation_ids])
+            return int(cur.rowcount)
+
+        return job
+
+    async def aextend(self, reservation_ids: Sequence[str]) -> int:
+        """Renew the lease of reservations whose requests are still in flight (``reservation_ttl_s`` from now), so
+        that reclaim never refunds a request that is still running. Returns how many were held."""
+        return await self._acall(self._extend_job(list(reservation_ids)))
 
     def reclaim_expired(self, now: float | None = None) -> int:
         """Refund reservations whose request never settled (killed process, lost connection)."""

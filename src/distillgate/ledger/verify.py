@@ -23,8 +23,8 @@ from typing import Any
 
 import orjson
 
+from distillgate.canonical import sha256_hex
 from distillgate.errors import NotFoundError
-from distillgate.ledger.canonical import sha256_hex
 from distillgate.ledger.entries import COLUMNS, columns
 from distillgate.ledger.merkle import Frontier
 from distillgate.ledger.signing import verify_json

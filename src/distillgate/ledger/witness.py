@@ -6,15 +6,15 @@ every signature is genuine, so ``audit verify`` alone cannot tell (a rollback). 
 is gossip: parties outside the log remember the tree heads they saw, and a log that is later *behind* a remembered
 head, or whose first N entries no longer hash to a remembered root (a fork), is caught.
 
-Here the store appends every signed head it commits to a witness file, one JSON line per commit
-(``{"tree_size", "root_hash", "ts", "key_id", "signature"}``, opened ``O_APPEND``; fsynced whenever the commit also
+Here the store appends every signed head it commits (each commit that appends entries, each checkpoint) to a
+witness file, one JSON line each (``{"tree_size", "root_hash", "ts", "key_id", "signature"}``, opened ``O_APPEND``; fsynced whenever the commit also
 wrote a checkpoint). The default file is ``$DISTILLGATE_WITNESS`` or ``<db>.witness.jsonl``; it protects against a
 rollback only when it lives where the database's writer cannot rewrite it (another host, an append-only mount,
 object storage with retention). Every ``audit export`` also writes its signed checkpoint into the exported
 ``checkpoint.json``, which ``audit verify --witness`` reads as well, so each export is a witness held elsewhere.
 
-``check_witness`` compares a log with witnessed heads; ``read_witness`` accepts witness JSONL files, an export's
-``checkpoint.json`` and its ``manifest.json``.
+``read_witness`` reads witnessed heads from witness JSONL files, an export's ``checkpoint.json`` or its
+``manifest.json``; ``ledger.verify.verify_db(..., witnesses=...)`` compares a log with them.
 """
 
 from __future__ import annotations

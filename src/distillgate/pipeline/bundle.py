@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from distillgate.canonical import sha256_hex
 from distillgate.destinations import join_url, write_files
-from distillgate.ledger.canonical import sha256_hex
 
 if TYPE_CHECKING:
     from distillgate.pipeline.run import Pipeline

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from distillgate.ledger.canonical import hash_json
+from distillgate.canonical import hash_json
 
 
 def fingerprint(*parts: Any) -> str:

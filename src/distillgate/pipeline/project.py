@@ -167,7 +167,7 @@ class Project(_Strict):
 
 
 # Keys of the train section that the pipeline fills in itself.
-TRAIN_MANAGED = ("rows", "output_dir", "dataset_version")
+TRAIN_MANAGED = ("dataset", "rows", "output_dir", "dataset_version")
 
 
 def load_project(path: str | Path, overrides: list[str] | None = None) -> tuple[Project, dict[str, Any], Path]:

@@ -34,12 +34,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from distillgate.canonical import sha256_file
 from distillgate.errors import NotFoundError, PolicyDenied, UpstreamError, UserError
-from distillgate.ledger.canonical import sha256_file
 from distillgate.pipeline.cache import StageCache, StageRecord, fingerprint
 from distillgate.pipeline.project import Project
 from distillgate.policy.decision import Request
 from distillgate.policy.model import PolicySet, load_policies
+from distillgate.progress import PlainProgress
 
 STAGES = ("generate", "build", "freeze", "train", "eval", "report", "export")
 
@@ -60,44 +61,6 @@ def default_system_prompt(labels: list[str]) -> str:
 
     suite = Suite("task", "classification", [], labels)
     return suite.messages(Item("x", "x", None))[0]["content"]
-
-
-class PlainProgress:
-    """Progress for a console that is not a terminal (CI, nohup, a log file), where rich's bar shows nothing: a line
-    at the start, then every ``every_s`` seconds and at the end — ``teacher generation: 40/120 answers (33%),
-    812 tok/s, elapsed 0:30, eta 1:00``. Silent on a terminal (the bar is there)."""
-
-    def __init__(self, what: str, unit: str, console: Console, every_s: float) -> None:
-        self.what, self.unit, self.console, self.every_s = what, unit, console, every_s
-        self.enabled = not console.is_terminal
-        self.total = self.done = self.first = 0
-        self.started = self.last = time.monotonic()
-
-    def start(self, total: int, already: int) -> None:
-        self.total, self.done, self.first = total, already, already
-        self.started = self.last = time.monotonic()
-        if self.enabled:
-            self.console.print(f"{self.what}: {total - already} {self.unit} to ask for ({already} already stored)",
-                               highlight=False, soft_wrap=True)
-
-    def advance(self, n: int, rate: str) -> None:
-        self.done += n
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < self.every_s and self.done < self.total):
-            return
-        self.last = now
-        elapsed = now - self.started
-        made = self.done - self.first
-        eta = elapsed / made * (self.total - self.done) if made else 0.0
-        share = 100 * self.done / max(self.total, 1)
-        self.console.print(f"{self.what}: {self.done}/{self.total} {self.unit} ({share:.0f}%), {rate}, "
-                           f"elapsed {_clock(elapsed)}, eta {_clock(eta)}", highlight=False, soft_wrap=True)
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds + 0.5), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class Pipeline:
@@ -154,6 +117,10 @@ class Pipeline:
                                    "without an API key")
             data["upstreams"] = {"teacher": upstream}
             data["models"] = {p.teacher.model: "teacher"}
+        elif p.teacher.model.startswith("local/"):  # the project's own local teacher: register it by name
+            name = p.teacher.model.removeprefix("local/")
+            if name != "smollm2-135m-instruct":
+                data["local_models"] = {name: p.teacher.model}
         from distillgate.pipeline.teacher import teacher_loader
 
         self._target = self._stack.enter_context(local_gateway(data, p.user, teacher_loader(self)))
@@ -175,13 +142,16 @@ class Pipeline:
                         TimeRemainingColumn(), console=self.console, transient=True)
 
     # -- stages ---------------------------------------------------------------------------------------------------
+    def pool_sha256(self) -> str | None:
+        """The retrieval teacher's example pool file, by content (an edited pool changes answers)."""
+        r = self.project.teacher.retrieval
+        return sha256_file(self.project.path(self.base, r.pool.path)) if r is not None else None
+
     def fp_generate(self) -> str:
         p = self.project
         return fingerprint("generate", p.teacher.model_dump(), p.task.model_dump(), p.traffic.model_dump(),
                            sha256_file(p.path(self.base, p.traffic.path)), p.generation.model_dump(), p.run_id,
-                           p.project, p.user, self.teacher_system,
-                           sha256_file(p.path(self.base, p.teacher.retrieval.pool.path))
-                           if p.teacher.retrieval is not None else None)
+                           p.project, p.user, self.teacher_system, self.pool_sha256())
 
     def dataset_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = _resolve_paths(json.loads(json.dumps(self.project.dataset)), self.base)
@@ -236,7 +206,8 @@ class Pipeline:
                 "label_scoring": g.label_scoring,
                 "timeout_s": p.teacher.timeout_s,
                 # what changes an answer without being in the request: which teacher serves the model name
-                "answer_context": {"teacher": p.teacher.model_dump(exclude={"timeout_s", "api_key_env"})},
+                "answer_context": {"teacher": p.teacher.model_dump(exclude={"timeout_s", "api_key_env"}),
+                                   "pool_sha256": self.pool_sha256()},
             }, "generation")
             target = self.gateway()
             start = time.monotonic()
@@ -408,18 +379,22 @@ class Pipeline:
 
         if spec.path is not None:
             suite = load_dataset_items(self.project.path(self.base, spec.path), labels=self.labels,
-                                       sample=spec.sample, seed=spec.seed)
+                                       sample=spec.sample, seed=spec.seed,
+                                       out_of_scope=self.project.task.out_of_scope_label)
             return replace(suite, name=spec.name)
         if spec.name == "banking77":
             return load_banking77(sample=spec.sample, seed=spec.seed)
         return None
 
     def student_card(self, version_id: str, gate: dict[str, Any]) -> dict[str, Any]:
-        """What a student's run record says of where it came from: its dataset version, the sign-offs, the
-        training decision and a signed checkpoint of the log covering every teacher call behind its rows."""
-        return {"project": self.project.project, "run": self.project.run_id, "dataset_version": version_id,
-                "signoffs": self.signoffs(version_id), "train_decision_index": gate["decision_index"],
-                "checkpoint": self.checkpoint(), "db": str(self.store_path)}
+        """What a student's run record says of where it came from (``train.export.student_card``)."""
+        from distillgate.ledger.store import Store
+        from distillgate.train.export import student_card
+
+        with Store.open(self.store_path) as store:
+            card = student_card(store, project=self.project.project, run=self.project.run_id,
+                                version_id=version_id, decision_index=gate["decision_index"])
+        return {**card, "db": str(self.store_path)}
 
     def stage_eval(self) -> StageOutcome:
         from distillgate.evals.answers import run_source
@@ -429,9 +404,9 @@ class Pipeline:
 
         p = self.project
         train = self.require("train")
-        frozen = self.require("freeze")
-        version = {"version_id": train.get("version_id") or frozen["version_id"],
-                   "version_dir": train.get("version_dir") or frozen["version_dir"]}  # the version trained on
+        # the version the student was trained on (its test and golden rows are the project suite)
+        version = ({"version_id": train["version_id"], "version_dir": train["version_dir"]}
+                   if train.get("version_dir") else self.require("freeze"))
         self.gate("promote", version["version_id"])  # the evaluation decides whether the student takes traffic
         target = self.gateway()
         headers = {"X-Policy-User": p.user, "X-Policy-Project": p.project, "X-Policy-Run": p.run_id,

@@ -219,7 +219,7 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
         if reviewers is not None and request.user not in reviewers:
             add("REVIEWER_NOT_ALLOWED", f"{request.user!r} is not a reviewer of project {request.project!r} "
                 f"(reviewers: {', '.join(reviewers)})")
-        if policy.review.required and request.requester is not None and request.user == request.requester:
+        if request.requester is not None and request.user == request.requester:  # never one's own run
             add("REVIEWER_NOT_ALLOWED", f"{request.user!r} cannot review their own run")
 
     # sign-off: training on, promoting, or exporting a study's data needs enough distinct allowed reviewers

@@ -161,7 +161,7 @@ class Policy(StrictModel):
     @cached_property
     def content_hash(self) -> str:
         """sha256 of the canonical JSON of the policy (defaults included): changes when any rule changes."""
-        from distillgate.ledger.canonical import canonical_json, sha256_hex
+        from distillgate.canonical import canonical_json, sha256_hex
 
         return sha256_hex(canonical_json(self.model_dump(mode="json")))
 

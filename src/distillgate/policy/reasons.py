@@ -138,6 +138,18 @@ REASONS: dict[str, ReasonInfo] = {
     "CLIENT_DISCONNECTED": ReasonInfo(
         "The client went away before the answer was complete; the tokens used were charged.", False, 499
     ),
+    "GATEWAY_ERROR": ReasonInfo(
+        "The gateway failed after admitting the request (a bug, or the request was cancelled); the reservation was "
+        "settled at once for what was known to be used and the error is in the settlement's `extra.error`.",
+        False,
+        500,
+    ),
+    "USAGE_OVERRUN": ReasonInfo(
+        "The upstream reported more tokens than the reservation's upper bound; only the reservation was charged "
+        "against the quota and the excess is recorded as `tokens_overrun` in the settlement.",
+        False,
+        200,
+    ),
     "RESERVATION_EXPIRED": ReasonInfo(
         "A reservation was never settled (e.g. the gateway was killed) and was reclaimed.", False, 200
     ),

@@ -39,20 +39,23 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def provenance(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the run record keeps about the rows: counts by split, edits, and the policy decisions behind them."""
+    """What the run record keeps about the rows: counts by split, edits, and the policy decisions behind them.
+
+    ``policy_decisions`` lists the decision-log entries that allowed each row's teacher call, as
+    ``"<entry_index>:<entry_hash>"`` from the row's provenance stamp (``entry_index``, ``entry_hash``); rows without
+    a stamp are counted in ``unstamped`` (``distillgate audit trace`` checks each against the log)."""
     decisions: set[str] = set()
+    unstamped = 0
     for row in rows:
-        for key in ("decision_id", "policy_decision_id"):
-            if row.get(key):
-                decisions.add(str(row[key]))
         stamp = row.get("stamp")
-        if isinstance(stamp, dict):
-            for key in ("decision_id", "request_id", "entry_hash"):
-                if stamp.get(key):
-                    decisions.add(f"{key}:{stamp[key]}")
+        if isinstance(stamp, dict) and stamp.get("entry_hash") and stamp.get("entry_index") is not None:
+            decisions.add(f"{stamp['entry_index']}:{stamp['entry_hash']}")
+        else:
+            unstamped += 1
     return {
         "n_rows": len(rows),
         "splits": dict(Counter(str(r.get("split")) for r in rows)),
         "edited": sum(1 for r in rows if r.get("edited")),
-        "policy_decisions": sorted(decisions),
+        "policy_decisions": sorted(decisions, key=lambda d: int(d.split(":", 1)[0])),
+        "unstamped": unstamped,
     }

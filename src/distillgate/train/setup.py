@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
+from distillgate.canonical import sha256_file
 from distillgate.data.guard import training_input
 from distillgate.data.versions import MANIFEST, ROWS_FILE
 from distillgate.errors import DatasetGuardError, UserError
-from distillgate.ledger.canonical import sha256_file
 from distillgate.train.config import TrainConfig
 from distillgate.train.rows import provenance
 from distillgate.train.student import (

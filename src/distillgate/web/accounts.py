@@ -26,7 +26,7 @@ from functools import cache
 from typing import Literal
 
 from distillgate.errors import NotFoundError, UserError
-from distillgate.gateway.keys import SideTable, now_iso
+from distillgate.keys import SideTable, now_iso
 
 MIN_PASSWORD_CHARS = 12
 MAX_PASSWORD_CHARS = 1024  # scrypt reads the whole password: bound the work one request can ask for

@@ -43,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from distillgate.data import review, signoff
 from distillgate.data.store import WorkingCopy
 from distillgate.errors import ConflictError, DistillgateError, NotFoundError, PolicyDenied, UserError
-from distillgate.gateway.keys import KeyStore
+from distillgate.keys import KeyStore
 from distillgate.ledger.store import Store
 from distillgate.web.accounts import AccountStore
 from distillgate.web.site import Access, ReviewSite

@@ -21,7 +21,7 @@ from typing import Literal
 
 from distillgate.data.review import LEASE_TTL_S
 from distillgate.errors import NotFoundError, UserError
-from distillgate.gateway.keys import KeyStore
+from distillgate.keys import KeyStore
 from distillgate.ledger.store import Store
 from distillgate.policy.decision import Decision, Request, Usage, decide
 from distillgate.policy.model import Policy, PolicySet
