@@ -192,7 +192,8 @@ def test_label_request_through_the_gateway_logs_the_examples_shown(tmp_path: Pat
     store = Store.open(db)
     policy = {**MAIN_POLICY, "approved_models": ["local/*"]}
     gateway = Gateway(policies=load_policies(write_policies(tmp_path / "p", policy)), store=store, keys=ks,
-                      router=Router({}, local_loader=lambda spec: teacher), screens=load_screens())
+                      router=Router({}, local_models={"knn": "knn"}, local_loader=lambda spec: teacher),
+                      screens=load_screens())
     port = free_port()
     headers = {"X-Policy-User": "alice", "X-Policy-Project": "proj-a", "X-Policy-Run": "r",
                "X-Policy-Output-Type": "labels"}
