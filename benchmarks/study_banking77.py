@@ -129,18 +129,35 @@ def label_rows(engine: Any, index: Any, rows: Sequence[dict[str, str]], labels: 
     return out
 
 
+def freeze(rows: list[dict[str, Any]], root: Path) -> Path:
+    """A frozen dataset version (working copy at ``root``, HEAD) holding the teacher-labelled training rows."""
+    from distillgate.data.schema import FIELD_NAMES, Row, text_sha256
+    from distillgate.data.store import WorkingCopy
+    from distillgate.data.versions import freeze as freeze_version
+
+    records = []
+    for r in rows:
+        fields = {k: v for k, v in r.items() if k in FIELD_NAMES}
+        fields.update(input_id=str(r["row_id"]), output_raw=r["output"], teacher_label=r["label"],
+                      input_sha256=text_sha256(str(r["input"])), reference_label=r["gold"])
+        records.append(Row.from_record(fields))
+    with WorkingCopy.create(root, {"name": "study_banking77"}) as wc:
+        wc.add_inputs(records)
+        freeze_version(wc)
+    return root
+
+
 def train_students(rows: list[dict[str, Any]], eval_rows: Sequence[dict[str, str]], labels: list[str],
                    teacher_acc: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from distillgate.evals.sources import EncoderClassifierSource
     from distillgate.train import parse_config, run_recipe
 
-    rows_path = work / "rows.jsonl"
-    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = freeze(rows, work / "dataset")  # training input is a frozen dataset version, never a free file
     recipes = {"encoder_kd": ("kd", False), "encoder_sft": ("sft", False), "encoder_head_kd": ("kd", True)}
     out: dict[str, Any] = {}
     for name, (recipe, frozen) in recipes.items():
         cfg = parse_config({
-            "recipe": recipe, "rows": str(rows_path), "output_dir": str(work / name), "labels": labels,
+            "recipe": recipe, "dataset": str(dataset), "output_dir": str(work / name), "labels": labels,
             "student": {"family": "encoder", "encoder": {"freeze_encoder": frozen}},
             "kd": {"target": "label_probs", "temperature": 2.0, "hard_weight": 0.5},
             "epochs": args.epochs, "batch_size": 16, "lr": 1e-4 if not frozen else 1e-3, "warmup_steps": 10,
