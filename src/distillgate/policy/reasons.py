@@ -134,6 +134,13 @@ REASONS: dict[str, ReasonInfo] = {
     "REVIEW_REQUIRED": ReasonInfo(
         "An extraction-abuse signal fired; the policy asks a human to review the session.", False, 200
     ),
+    "ROUTE_DRIFT": ReasonInfo(
+        "A routed model name's shadow agreement (student vs teacher, per slice) fell below the evaluated level by "
+        "more than its CI; with `shadow.stop_on_drift` the slice is answered by the teacher (docs/gateway.md).",
+        False,
+        200,
+        "re-evaluate the student on current traffic and choose a new threshold (`distillgate route choose`)",
+    ),
     "UPSTREAM_ERROR": ReasonInfo("The teacher upstream failed; the reservation was refunded.", False, 502),
     "CLIENT_DISCONNECTED": ReasonInfo(
         "The client went away before the answer was complete; the tokens used were charged.", False, 499
