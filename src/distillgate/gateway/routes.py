@@ -173,6 +173,8 @@ class RouteMetrics:
                               ["model", "slice"], registry=r)
         self.drift = Gauge("distillgate_route_drift", "1 when a slice's shadow agreement is below the evaluated "
                            "level by more than its CI", ["model", "slice"], registry=r)
+        self.compared = Counter("distillgate_route_shadow_comparisons_total", "Shadow comparisons recorded",
+                                ["model", "agree"], registry=r)
         self.shadow_errors = Counter("distillgate_route_shadow_errors_total", "Shadow teacher calls that failed",
                                      ["model"], registry=r)
 
@@ -194,6 +196,8 @@ class Cascade:
         self._counts: dict[str, list[int]] = {name: [0, 0] for name in routes}
         self._drifted: dict[tuple[str, str], bool] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: shadow comparisons recorded since start
+        self.compared = 0
 
     def __contains__(self, model: object) -> bool:
         return model in self.routes
@@ -274,6 +278,8 @@ class Cascade:
         agree = _norm(teacher) == _norm(choice.verdict.label)
         window = await asyncio.to_thread(self.shadow_log.record, choice.name, choice.slice_key, agree, request_hash,
                                          self.routes[choice.name].shadow.window)
+        self.compared += 1
+        self.metrics.compared.labels(choice.name, str(agree).lower()).inc()
         self._judge(choice.name, choice.slice_key, window)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
