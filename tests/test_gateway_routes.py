@@ -174,6 +174,15 @@ def test_the_student_is_served_by_name_with_its_card_never_by_path(tmp_path: Pat
                 ask(c, "alpha red beta", model=bad)
 
 
+def test_a_request_the_student_cannot_classify_goes_to_the_teacher(tmp_path: Path, student: Path,
+                                                                   threshold: Path) -> None:
+    with gateway(tmp_path, student, threshold) as (url, _gw, fake, key):
+        fake.set_reply("maybe")
+        a = client(url, key).chat.completions.create(
+            model="toy-intent", max_tokens=4, messages=[{"role": "system", "content": "no user turn at all"}])
+        assert a.model == "fake-teacher" and a.model_extra["distillgate"]["route"]["reason"] == "student_error"
+
+
 def test_unrouted_projects_go_to_the_teacher(tmp_path: Path, student: Path, threshold: Path) -> None:
     with gateway(tmp_path, student, threshold, projects=["proj-b"]) as (url, _gw, fake, key):
         fake.set_reply("maybe")

@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from distillgate.errors import ConfigError, ConfigIssue, DistillgateError, UpstreamError
+from distillgate.gateway.errors import ApiError
 from distillgate.gateway.shadow import ShadowLog, Window, wilson
 from distillgate.teachers.student import StudentTeacher, Verdict, stream_chunks
 
@@ -106,7 +107,7 @@ class Choice:
 
     name: str
     taken: Literal["student", "teacher"]
-    reason: str  # confident | below_threshold | project_not_routed | drift
+    reason: str  # confident | below_threshold | project_not_routed | drift | student_error
     answered_by: str
     threshold: Threshold
     verdict: Verdict | None = None
@@ -139,6 +140,8 @@ class Answered:
         return orjson.dumps(self.answer)
 
     async def stream_raw(self, path: str, content: bytes) -> AsyncGenerator[bytes, None]:
+        if path != "/chat/completions":
+            raise UpstreamError(f"a student streams /chat/completions only, not {path}", status=400)
         for chunk in stream_chunks(self.answer):
             yield orjson.dumps(chunk)
 
@@ -228,8 +231,12 @@ class Cascade:
         slice_key = project or "*"
         if settings.projects is not None and project not in settings.projects:
             return self._count(Choice(name, "teacher", "project_not_routed", settings.teacher, t, slice_key=slice_key))
-        student = await self._student(settings.student)
-        verdict = await student.aclassify(body)
+        try:
+            student = await self._student(settings.student)
+            verdict = await student.aclassify(body)
+        except (ApiError, UpstreamError) as exc:  # the teacher is the cascade's safe default
+            _log.warning("route %r: the student could not classify (%s); the teacher answers", name, exc)
+            return self._count(Choice(name, "teacher", "student_error", settings.teacher, t, slice_key=slice_key))
         eligible = verdict.confidence >= t.value
         sampled = eligible and _sampled(request_hash, settings.shadow.rate)
         if eligible and settings.shadow.stop_on_drift and self.drifted(name, slice_key):
