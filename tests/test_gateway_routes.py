@@ -147,6 +147,7 @@ def test_cascade_answers_by_confidence_with_the_evaluated_share(tmp_path: Path, 
         from distillgate.gateway.answer import answer_digest
 
         stamp = Stamp.from_response(by_student[0])
+        assert stamp.verify(gw.store.signer.public_key_pem())
         choices = [ch.model_dump() for ch in by_student[0].choices]
         assert stamp.payload["response_hash"] == answer_digest(choices, "student/toy")
         assert stamp.payload["response_hash"] != answer_digest(choices, "fake-teacher")
@@ -271,3 +272,21 @@ def test_bad_route_config_is_refused_with_every_problem(tmp_path: Path, student:
     for needle in ("students.bad/name", "students.empty", "routes.x.student", "routes.x.threshold",
                    "routes.y.require_promoted"):
         assert needle in text, needle
+
+
+@pytest.mark.slow
+def test_the_routing_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/routing_serving.py at its smallest (it trains a MiniLM head, so it is slow)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "routing.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "routing_serving.py"), "--labels", "3",
+                    "--train-per-label", "8", "--epochs", "1", "--items", "16", "--out", str(out)], check=True,
+                   env={**os.environ, "PYTHONPATH": str(root / "src")}, timeout=300, capture_output=True)
+    figures = json.loads(out.read_text())
+    assert figures["serve_items"] == 8 and figures["routed"]["requests"] == figures["teacher_only"]["requests"] == 8
+    assert 0.0 <= figures["served_share"] <= 1.0
