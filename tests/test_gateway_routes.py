@@ -290,3 +290,18 @@ def test_the_routing_benchmark_runs(tmp_path: Path) -> None:
     figures = json.loads(out.read_text())
     assert figures["serve_items"] == 8 and figures["routed"]["requests"] == figures["teacher_only"]["requests"] == 8
     assert 0.0 <= figures["served_share"] <= 1.0
+
+
+def test_an_edited_threshold_file_stops_the_start_with_its_problems(tmp_path: Path, student: Path,
+                                                                    threshold: Path) -> None:
+    import json
+
+    doc = json.loads(threshold.read_text())
+    bad = tmp_path / "threshold.json"
+    bad.write_text(json.dumps({**doc, "threshold": "high", "sneaky": 1}))
+    data = {"policy": str(write_policies(tmp_path / "p", POLICY)), "db": str(tmp_path / "g.db"),
+            "students": {"toy": str(student)},
+            "routes": {"toy-intent": {"student": "toy", "teacher": "fake-teacher", "threshold": str(bad)}}}
+    with pytest.raises(ConfigError) as info:
+        build_gateway(config_from_data(data))
+    assert "threshold" in str(info.value) and "sneaky" in str(info.value)
