@@ -41,6 +41,7 @@ def build_gateway(config: GatewayConfig, *, local_loader: Callable[[str], Teache
         monitor = LocalMonitor(build_monitor(policies, config.extraction), embed_wait_s=config.extraction.embed_wait_s)
     router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models,
                     local_models=config.local_models, local_loader=local_loader, students=config.students)
+    cascade = build_cascade(config, router)  # before the store opens: a bad threshold file leaks nothing
     store = Store.open(Path(config.db), reservation_ttl_s=config.reservation_ttl_s,
                        checkpoint_every=policies.checkpoint_every(), witness=config.witness)
     keys = KeyStore(config.db)
@@ -48,7 +49,7 @@ def build_gateway(config: GatewayConfig, *, local_loader: Callable[[str], Teache
                    max_body_bytes=config.max_body_bytes, reclaim_interval_s=config.reclaim_interval_s,
                    settle_before_reply=config.settle == "before_reply", monitor=monitor,
                    max_header_bytes=config.max_header_bytes, body_timeout_s=config.body_timeout_s,
-                   max_body_readers=config.max_body_readers, cascade=build_cascade(config, router))
+                   max_body_readers=config.max_body_readers, cascade=cascade)
 
 
 def build_cascade(config: GatewayConfig, router: Router) -> Callable[[Metrics], Cascade] | None:
