@@ -182,16 +182,19 @@ def main() -> None:
             gw.store.close()
             gw.keys.close()
     share = routed["by_student"] / routed["requests"]
+    c = best.coverage  # the CI of the difference of two proportions (choose half vs serve half)
+    half_width = 1.96 * (c * (1 - c) * (1 / len(choose) + 1 / len(serve))) ** 0.5
     figures = {
         "labels": labels, "train_rows": len(rows), "train_s": round(train_s, 1), "serve_items": len(serve),
         "threshold": best.threshold, "evaluated_coverage": best.coverage, "served_share": share,
+        "share_ci_half_width": half_width, "share_within_ci": abs(share - c) <= half_width,
         "teacher_ms_added": args.teacher_ms, "teacher_only": teacher_only, "routed": routed,
         "teacher_calls_saved": 1 - routed["teacher_calls"] / teacher_only["teacher_calls"],
         "teacher_tokens_saved": 1 - routed["teacher_tokens"] / max(1, teacher_only["teacher_tokens"]),
         "latency_ratio_mean": routed["mean_ms"] / teacher_only["mean_ms"],
     }
     print(f"student on {len(labels)} intents, {len(rows)} rows, trained in {train_s:.1f} s; threshold "
-          f"{best.threshold:.3f} (evaluated coverage {best.coverage:.2f})")
+          f"{best.threshold:.3f} (evaluated coverage {best.coverage:.2f} ± {half_width:.2f})")
     print(f"served {len(serve)} items: student share {share:.2f}; teacher calls saved "
           f"{figures['teacher_calls_saved']:.0%}, teacher tokens saved {figures['teacher_tokens_saved']:.0%}")
     print(f"latency mean: routed {routed['mean_ms']:.1f} ms vs teacher-only {teacher_only['mean_ms']:.1f} ms "
