@@ -143,6 +143,7 @@ def test_cascade_answers_by_confidence_with_the_evaluated_share(tmp_path: Path, 
         logged = admissions[0]["extra"]["route"]
         assert logged["taken"] in ("student", "teacher") and logged["threshold"] == t.threshold
         assert logged["source"]["student"] == "student/toy" and len(logged["threshold_sha256"]) == 64
+        assert "student_label" not in logged  # the policy does not log content: the label is content
         # the stamp covers the answering model: its response hash changes if the model is rewritten
         from distillgate.gateway.answer import answer_digest
 

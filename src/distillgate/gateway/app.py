@@ -340,7 +340,10 @@ class Gateway:
         if self.cascade is None or ex.teacher_route is None or ex.check is None or ex.check.status != "ok":
             return
         ex.choice = choice = await self.cascade.choose(ex.inb.model, ex.inb.body, ex.inb.project, ex.request_hash)
-        ex.extra = {**ex.extra, "route": choice.log()}
+        logged = choice.log()
+        if ex.policy is None or not ex.policy.audit.log_content:  # the label is answer content
+            logged.pop("student_label")
+        ex.extra = {**ex.extra, "route": logged}
         ex.answered_by = choice.answered_by
         if choice.taken == "student":
             ex.route = Route("student", self.cascade.routes[ex.inb.model].student)
