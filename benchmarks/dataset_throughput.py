@@ -1,10 +1,14 @@
-"""Filter + dedup throughput (rows/s) and peak memory: banking77 train (10k rows) and synthetic sets up to 1M rows.
+"""The streaming build's throughput (rows/s) and peak memory: banking77 train (10k rows) and synthetic sets to 10M.
 
-Each size runs in its own subprocess so peak RSS (ru_maxrss) is per size. Prints a table and writes
+The whole build runs (``process_stream``: normalise, per-row filters, agreement, exact + near duplicates, splits,
+leakage check, verdicts written back), with rows generated a batch at a time so that nothing but the build holds
+them: peak memory is the build's. Each size runs in its own subprocess so peak RSS (ru_maxrss) is per size; the
+baseline is the subprocess's RSS just before the build (interpreter, numpy, pyarrow, the vocabulary), and
+``bytes_per_row`` is (peak - baseline) / rows. Prints a table and merges into
 benchmarks/results/dataset_throughput.json. Usage:
 
-    python benchmarks/dataset_throughput.py                   # banking77 + synthetic 100k, 300k, 1M
-    python benchmarks/dataset_throughput.py --sizes 100000    # one synthetic size
+    python benchmarks/dataset_throughput.py                     # banking77 + synthetic 100k, 1M
+    python benchmarks/dataset_throughput.py --sizes 10000000    # one synthetic size (about 10 minutes here)
 """
 
 from __future__ import annotations
@@ -14,22 +18,24 @@ import csv
 import json
 import os
 import platform
-import random
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from distillgate.data.config import parse_config  # noqa: E402
-from distillgate.data.dedup import cluster_sketches, sketch  # noqa: E402
-from distillgate.data.pipeline import filter_rows, normalise_rows, paused_gc  # noqa: E402
+from distillgate.data.pipeline import process_stream  # noqa: E402
 from distillgate.data.schema import Row  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "dataset_throughput.json"
+BATCH = 8192
 
 
 def _banking() -> list[tuple[str, str]]:
@@ -41,122 +47,121 @@ def _answer(label: str) -> str:
     return json.dumps({"type": label, "explanation": "The customer asks about " + label.replace("_", " ") + "."})
 
 
-def make_rows(source: str, n: int, seed: int = 0) -> list[Row]:
-    base = _banking()
+def batches(source: str, n: int, base: list[tuple[str, str]], seed: int = 0) -> Iterator[list[Row]]:
+    """The same rows on every call, one batch at a time (nothing kept between batches).
+
+    synthetic: banking77 vocabulary, ~5% exact and ~5% near duplicates of an earlier row of the same batch."""
     if source == "banking77":
-        pairs = base
-    else:  # synthetic: banking77 vocabulary, ~5% exact and ~5% near duplicates of earlier rows
-        rng = random.Random(seed)
-        vocab = [w for text, _ in base for w in text.split()]
-        labels = sorted({lbl for _, lbl in base})
-        pairs = []
-        for i in range(n):
-            roll = rng.random()
-            if i > 100 and roll < 0.05:
-                text, label = pairs[rng.randrange(i)]
-                text = text.upper()
-            elif i > 100 and roll < 0.10:
-                text, label = pairs[rng.randrange(i)]
-                text = text + " " + rng.choice(vocab)
-            else:
-                text, label = " ".join(rng.choices(vocab, k=rng.randint(6, 24))), rng.choice(labels)
-            pairs.append((text, label))
-    return [Row(row_id=f"s-{i}:0", input_id=f"s-{i}", input=t, output_raw=_answer(lbl))
-            for i, (t, lbl) in enumerate(pairs[:n] if n else pairs)]
+        for start in range(0, len(base), BATCH):
+            yield [Row(row_id=f"b-{i}:0", input_id=f"b-{i}", input=t, output_raw=_answer(lbl))
+                   for i, (t, lbl) in enumerate(base[start : start + BATCH], start)]
+        return
+    vocab = np.array([w for text, _ in base for w in text.split()], dtype=object)
+    labels = sorted({lbl for _, lbl in base})
+    answers = [_answer(lbl) for lbl in labels]
+    for start in range(0, n, BATCH):
+        size = min(BATCH, n - start)
+        rng = np.random.default_rng([seed, start])
+        lengths = rng.integers(6, 25, size=size)
+        words = vocab[rng.integers(0, len(vocab), size=int(lengths.sum()))]
+        ends = np.cumsum(lengths).tolist()
+        texts = [" ".join(words[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+        label_of = rng.integers(0, len(labels), size=size).tolist()
+        roll = rng.random(size).tolist()
+        earlier = (rng.random(size) * np.arange(size)).astype(np.int64).tolist()
+        extra = vocab[rng.integers(0, len(vocab), size=size)].tolist()
+        for k in range(101, size):
+            if roll[k] < 0.05:
+                texts[k], label_of[k] = texts[earlier[k]].upper(), label_of[earlier[k]]
+            elif roll[k] < 0.10:
+                texts[k], label_of[k] = texts[earlier[k]] + " " + extra[k], label_of[earlier[k]]
+        yield [Row(row_id=f"s-{i}:0", input_id=f"s-{i}", input=t, output_raw=answers[lbl])
+               for i, (t, lbl) in enumerate(zip(texts, label_of, strict=True), start)]
 
 
 def run_one(source: str, n: int) -> dict[str, object]:
-    """Median of 5 runs for sets up to 100k rows (the machine is shared, single runs are noisy); 1 run above."""
-    repeats = 5 if (n or 10_003) <= 100_000 else 1
-    results = [_run_once(source, n) for _ in range(repeats)]
-    results.sort(key=lambda r: r["rows_per_s_exact_near_dup"])  # type: ignore[arg-type,return-value]
-    median = results[len(results) // 2]
-    median["repeats"] = repeats
-    median["exact_near_dup_rows_per_s_range"] = [results[0]["rows_per_s_exact_near_dup"],
-                                                  results[-1]["rows_per_s_exact_near_dup"]]
-    return median
-
-
-def _run_once(source: str, n: int) -> dict[str, object]:
-    rows = make_rows(source, n)
+    base = _banking()
     cfg = parse_config({"filters": {"valid_json": True, "allowed_labels_file": str(ROOT / "data" / "banking77" /
                                                                                  "categories.json")}})
+    # CPU of generating the rows alone (timed on up to 200k rows), so the build's own rate can be read off
+    sample = min(n, 200_000) if n else 0
+    g0 = time.process_time()
+    sampled = sum(len(b) for b in batches(source, sample, base))
+    gen_cpu_per_row = (time.process_time() - g0) / max(1, sampled)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     c0 = time.process_time()
     t0 = time.perf_counter()
-    with paused_gc():
-        parsed = normalise_rows(rows, cfg)
-    t1 = time.perf_counter()
-    report = filter_rows(rows, cfg, parsed=parsed)
-    t2 = time.perf_counter()
+    report = process_stream(lambda: batches(source, n, base), cfg)
+    wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
-    # exact + near-dup alone, timed in CPU seconds (the same work filter_rows does, repeated)
-    c1 = time.process_time()
-    with paused_gc():
-        sk = sketch([r.input for r in rows], cfg.dedup)
-        first: dict[int, int] = {}
-        keep = [i for i, k in enumerate(sk.exact_keys) if first.setdefault(k, i) == i]
-        cluster_sketches(sk, cfg.dedup, keep)
-    dedup_cpu = time.process_time() - c1
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = report.timings_s
-    dedup_s = t["sketch_and_exact_dup"] + t["near_dup"]
-    total = t2 - t0
+    generated = report.filters.rows
+    t = report.filters.timings_s
+    dedup_cpu = t["sketch_cpu"] + t["exact_dup_cpu"] + t["near_dup_cpu"]
+    gen_cpu = gen_cpu_per_row * generated
+    build_cpu = cpu - 2 * gen_cpu  # the build reads the rows twice
     return {
         "source": source,
-        "rows": len(rows),
-        "passed": report.passed,
-        "reasons": report.reasons,
-        "clusters": report.clusters,
-        "seconds": {"normalise": round(t1 - t0, 3), **{k: round(v, 3) for k, v in t.items()},
-                    "total": round(total, 3)},
-        "rows_per_s_exact_near_dup": round(len(rows) / dedup_s),
-        "rows_per_s_filter_and_dedup": round(len(rows) / (t2 - t1)),
-        "rows_per_s_with_normalise": round(len(rows) / total),
-        "rows_per_cpu_s_with_normalise": round(len(rows) / cpu),
-        "rows_per_cpu_s_exact_near_dup": round(len(rows) / dedup_cpu),  # less sensitive to a shared machine
+        "rows": generated,
+        "passed": report.filters.passed,
+        "reasons": report.filters.reasons,
+        "clusters": report.filters.clusters,
+        "splits": report.split.counts,
+        "leakage_hits": len(report.leakage.hits),
+        "seconds": {k: round(v, 3) for k, v in report.filters.timings_s.items()},
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "row_generation_cpu_s_per_pass": round(gen_cpu, 1),
+        "rows_per_s": round(generated / wall),
+        "rows_per_build_cpu_s": round(generated / max(build_cpu, 1e-9)),
+        "rows_per_cpu_s_exact_near_dup": round(generated / max(dedup_cpu, 1e-9)),  # sketch + exact + near
         "load_average_1m": round(os.getloadavg()[0], 2),
         "peak_rss_mib": round(peak / 1024),
-        "rss_before_pipeline_mib": round(rss_before / 1024),
+        "rss_before_build_mib": round(rss_before / 1024),
+        "bytes_per_row": round((peak - rss_before) * 1024 / generated),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 300_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
+    parser.add_argument("--no-banking", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("SOURCE", "N"))
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_one(args.child[0], int(args.child[1]))))
         return
     runs = []
-    for source, n in [("banking77", 0), *[("synthetic", s) for s in args.sizes]]:
+    todo = [] if args.no_banking else [("banking77", 0)]
+    for source, n in [*todo, *[("synthetic", s) for s in args.sizes]]:
         out = subprocess.run([sys.executable, __file__, "--child", source, str(n)], capture_output=True, text=True,
                              check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = runs[-1]
-        print(f"{r['source']:10} {r['rows']:>9,} rows  exact+near {r['rows_per_s_exact_near_dup']:>9,} rows/s "
-              f"(range {r['exact_near_dup_rows_per_s_range'][0]:,}-{r['exact_near_dup_rows_per_s_range'][1]:,}, "
-              f"{r['repeats']} run(s))  "
-              f"filters+dedup {r['rows_per_s_filter_and_dedup']:>9,} rows/s  with normalise "
-              f"{r['rows_per_s_with_normalise']:>9,} rows/s ({r['rows_per_cpu_s_with_normalise']:,} per CPU-s; exact+near "
-              f"{r['rows_per_cpu_s_exact_near_dup']:,} per CPU-s; load "
-              f"{r['load_average_1m']})  peak RSS {r['peak_rss_mib']:>6,} MiB "
-              f"(rows built: {r['rss_before_pipeline_mib']:,} MiB)", flush=True)
-    synthetic = [r for r in runs if r["source"] == "synthetic"]
+        print(f"{r['source']:10} {r['rows']:>10,} rows  {r['rows_per_s']:>7,} rows/s wall "
+              f"({r['rows_per_build_cpu_s']:,} per build CPU-s, exact+near {r['rows_per_cpu_s_exact_near_dup']:,} "
+              f"per CPU-s; load {r['load_average_1m']})  "
+              f"peak RSS {r['peak_rss_mib']:>6,} MiB (before build {r['rss_before_build_mib']:,} MiB)  "
+              f"{r['bytes_per_row']:>5,} bytes/row", flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    old_runs = previous.get("runs", [])
+    if old_runs and "bytes_per_row" not in old_runs[0]:  # figures of the in-memory build, kept for comparison
+        previous["before_streaming"] = [
+            {k: r[k] for k in ("source", "rows", "peak_rss_mib", "rss_before_pipeline_mib",
+                               "rows_per_s_with_normalise")} for r in old_runs]
+        old_runs = []
+    fresh = {(r["source"], r["rows"]) for r in runs}
+    merged = sorted([*(r for r in old_runs if (r["source"], r["rows"]) not in fresh), *runs],
+                    key=lambda r: (r["source"] != "banking77", r["rows"]))
+    synthetic = [r for r in merged if r["source"] == "synthetic"]
     if len(synthetic) >= 2:
         a, b = synthetic[0], synthetic[-1]
-        growth = (b["peak_rss_mib"] - a["peak_rss_mib"]) / max(1, b["rows"] - a["rows"]) * 1024 * 1024
-        print(f"memory growth between {a['rows']:,} and {b['rows']:,} rows: {growth:,.0f} bytes/row; "
-              f"throughput ratio (largest/smallest, exact+near): "
-              f"{b['rows_per_s_exact_near_dup'] / a['rows_per_s_exact_near_dup']:.2f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    # merge with earlier runs of other sizes (the 1M run is expensive: run it once, keep its figures)
-    previous = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else []
-    fresh = {(r["source"], r["rows"]) for r in runs}
-    merged = sorted([*(r for r in previous if (r["source"], r["rows"]) not in fresh), *runs],
-                    key=lambda r: (r["source"] != "banking77", r["rows"]))
-    RESULTS.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        growth = (b["peak_rss_mib"] - a["peak_rss_mib"]) * 1024 * 1024 / max(1, b["rows"] - a["rows"])
+        print(f"peak RSS growth between {a['rows']:,} and {b['rows']:,} rows: {growth:,.0f} bytes/row")
+        previous["growth_bytes_per_row"] = {"from_rows": a["rows"], "to_rows": b["rows"], "bytes": round(growth)}
+    RESULTS.write_text(json.dumps({**previous, "machine": {"cpus": os.cpu_count(),
+                                                          "python": platform.python_version()},
                                    "runs": merged}, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 

@@ -160,9 +160,9 @@ def test_same_by_time_with_an_ids_file_and_three_gram_dedup(rows, tmp_path: Path
 
 
 def test_batch_size_does_not_change_the_build(rows):
-    small = copy.deepcopy(rows)
-    large = copy.deepcopy(rows)
-    a = process_stream(lambda: _batches(small, 1), config())
+    small = copy.deepcopy(rows[:1500])  # duplicates and samples of one input land in different batches
+    large = copy.deepcopy(rows[:1500])
+    a = process_stream(lambda: _batches(small, 5), config())
     b = process_stream(lambda: _batches(large, 100_000), config())
     _assert_same(small, large, a, b)
 
@@ -194,3 +194,103 @@ def test_process_keeps_its_in_place_contract(rows):
     report = process(mine, config())
     assert all(r.split is not None and r.filter_status in ("pass", "fail") for r in mine)
     assert report.filters.rows == 500
+
+
+class _ChangedBetweenPasses(WorkingCopy):
+    """A working copy whose rows are changed by another writer (its own connection) right after the first pass."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.calls = 0
+        self.meanwhile: Any = None
+
+    def iter_row_pages(self, size: int) -> Iterator[tuple[list[int], list[Row]]]:
+        self.calls += 1
+        yield from super().iter_row_pages(size)
+        if self.calls == 1 and self.meanwhile is not None:
+            with WorkingCopy.open(self.root) as other:
+                self.meanwhile(other)
+
+
+def _working_copy(tmp_path: Path, rows: list[Row], cls: type[WorkingCopy] = WorkingCopy) -> WorkingCopy:
+    cfg = config()
+    WorkingCopy.create(tmp_path / "ds", cfg.model_dump(exclude_defaults=True)).close()
+    wc = cls.open(tmp_path / "ds")
+    with wc.transaction() as conn:
+        for row in copy.deepcopy(rows):
+            wc._insert_row(conn, row)
+    return wc
+
+
+def test_a_row_changed_or_added_between_the_passes_is_left_alone(rows, tmp_path: Path):
+    wc = _working_copy(tmp_path, rows[:300], _ChangedBetweenPasses)
+    victim = wc.rows()[10]
+
+    def meanwhile(other: WorkingCopy) -> None:
+        row = other.get(victim.row_id)
+        row.review_state, row.reviewer = "rejected", "bob"
+        other.update_row(row, row.version)
+        with other.transaction() as conn:
+            other._insert_row(conn, Row(row_id="late:0", input_id="late", input="a late row", output_raw="{}"))
+
+    wc.meanwhile = meanwhile  # type: ignore[attr-defined]
+    report = build(wc)
+    assert report.conflicts == [victim.row_id]
+    kept = wc.get(victim.row_id)
+    assert kept.version == 2 and kept.reviewer == "bob" and kept.split is None  # the reviewer's write stands
+    late = wc.get("late:0")
+    assert late.version == 1 and late.split is None  # not built: the next build sees it
+    assert report.filters.rows == 300 and report.changed == 299
+    wc.close()
+
+
+class _FailsMidWrite(WorkingCopy):
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.writes = 0
+
+    def update_row(self, row: Row, expected_version: int) -> Row:
+        self.writes += 1
+        if self.writes == 120:
+            raise OSError("disk full (simulated at the 120th write)")
+        return super().update_row(row, expected_version)
+
+
+def test_a_build_that_fails_mid_write_changes_nothing_and_leaves_no_spill(rows, tmp_path: Path, monkeypatch):
+    spill_root = tmp_path / "tmp"
+    spill_root.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(spill_root))
+    wc = _working_copy(tmp_path, rows[:300], _FailsMidWrite)
+    with pytest.raises(OSError, match="disk full"):
+        build(wc)
+    assert {r.version for r in wc.rows()} == {1} and {r.split for r in wc.rows()} == {None}  # rolled back whole
+    assert list(spill_root.iterdir()) == []
+    wc.writes = -10**9  # type: ignore[attr-defined]
+    assert build(wc).changed == 300
+    assert list(spill_root.iterdir()) == []
+    wc.close()
+
+
+def test_edge_sets_match_too(rows):
+    # every row fails its filters: nothing is split, nothing leaks
+    failing = copy.deepcopy(rows[:200])
+    for row in failing:
+        row.output_raw = "not json"
+    _assert_same(*_both(failing, config()))
+    # one row; and rows whose inputs are all one text
+    _assert_same(*_both(copy.deepcopy(rows[:1]), config()))
+    same = copy.deepcopy(rows[:50])
+    for row in same:
+        row.input = "how do i top up my card"
+    _assert_same(*_both(same, config()))
+
+
+def test_by_time_without_timestamps_fails_like_before(rows):
+    from distillgate.errors import UserError
+
+    missing = copy.deepcopy(rows[:100])
+    missing[40].source_timestamp = None
+    with pytest.raises(UserError, match="some rows have no timestamp"):
+        reference_process(copy.deepcopy(missing), config(by_time=True, holdout={"enabled": False}))
+    with pytest.raises(UserError, match="some rows have no timestamp"):
+        process(missing, config(by_time=True, holdout={"enabled": False}))

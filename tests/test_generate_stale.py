@@ -135,11 +135,12 @@ def test_cli_refuses_and_regenerate_flag(tmp_path: Path, capsys: pytest.CaptureF
     with running_gateway(tmp_path) as gw:
         common = ["dataset", "generate", str(root), "--template", "Message: {input}", "--model", "fake-teacher",
                   "--user", "alice", "--project", "proj-a", "--output-type", "summaries",
-                  "--gateway", gw.base_url, "--api-key", gw.keys["alice"], "--no-progress"]
-        assert run("--temperature", "0")[0] == 0
-        code, text = run("--temperature", "0.9")
+                  "--gateway", gw.base_url, "--api-key", gw.keys["alice"]]
+        assert run("--temperature", "0", "--no-progress")[0] == 0
+        code, text = run("--temperature", "0.9", "--no-progress")
         assert code == 1 and "temperature: 0.0 -> 0.9" in text and "--regenerate" in text
-        code, text = run("--temperature", "0.9", "--regenerate")
+        code, text = run("--temperature", "0.9", "--regenerate")  # with progress, and stderr is no terminal
         assert code == 0, text
         assert "discarded 2 stale answer(s)" in text and "2 row(s) added" in text
+        assert "generate: 2 rows to ask for (0 already stored)" in text and "generate: 2/2 rows (100%)" in text
     assert {r["sampling"]["temperature"] for r in stored_rows(root)} == {0.9}

@@ -68,7 +68,8 @@ def test_no_key_reaches_any_file_of_a_pipeline_run(tmp_path: Path) -> None:
 
     tiny_student(tmp_path / "tiny")
     with fake_upstream(reply="card_arrival") as fake:
-        project = write_project(tmp_path, fake.base_url)
+        project = write_project(tmp_path, fake.base_url, eval={"suites": [{"name": "project", "sample": 6}],
+                                                               "resamples": 200, "min_routed": 2})
         res = run_cli("run", str(project), env={"TEACHER_API_KEY": UPSTREAM_KEY}, timeout=900)
         assert res.returncode == 0, res.stderr[-3000:]
         sent = [r for r in fake.requests if r["path"].endswith("/chat/completions")]

@@ -52,14 +52,22 @@ class _Progress:
                                  TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA"), TimeRemainingColumn(),
                                  console=Console(stderr=True), disable=not enabled, transient=False)
         self.task = self.progress.add_task("generate", total=None, tps="0")
+        from distillgate.progress import PlainProgress
+
+        # without a terminal the bar shows nothing: plain lines every 30 s instead
+        self.plain = PlainProgress("generate", "rows", Console(stderr=True), 30.0) if enabled else None
 
     def start(self, total: int, done: int) -> None:
         self.progress.update(self.task, total=total, completed=done)
+        if self.plain is not None:
+            self.plain.start(total, done)
 
     def advance(self, rows: int, tokens: int) -> None:
         self.tokens += tokens
         tps = self.tokens / max(1e-6, time.monotonic() - self.started)
         self.progress.update(self.task, advance=rows, tps=f"{tps:,.0f}")
+        if self.plain is not None:
+            self.plain.advance(rows, f"{tps:,.0f} tok/s")
 
 
 @click.command("generate")

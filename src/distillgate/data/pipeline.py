@@ -107,7 +107,7 @@ def process_stream(
         with paused_gc():
             plan.first_pass(batches())
             plan.plan()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if sink is None:
                 start = 0
                 for batch in batches():
@@ -116,7 +116,7 @@ def process_stream(
             else:
                 for batch, positions in sink(plan):
                     plan.apply(batch, positions)
-            plan.timings["apply"] = time.perf_counter() - t0
+            plan.timings["apply"], plan.timings["apply_cpu"] = time.perf_counter() - t0, time.process_time() - c0
     finally:
         plan.close()
     return BuildReport(filters=plan.filter_report(), split=plan.split_report, leakage=plan.leakage_report())

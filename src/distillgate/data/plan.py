@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +27,7 @@ import pyarrow.compute as pc
 from distillgate.data.config import DatasetConfig, FiltersConfig
 from distillgate.data.dedup import sketch, words
 from distillgate.data.filters import ANSWER_REASONS, REASONS, RowFilter, compile_filters
+from distillgate.data.guard import PROTECTED_SPLITS, TRAINABLE_SPLITS
 from distillgate.data.leakage import LeakageReport, LeakHit, label_conflicts, text_key
 from distillgate.data.normalize import normalise_output
 from distillgate.data.schema import Row
@@ -40,12 +42,13 @@ from distillgate.data.splits import (
 from distillgate.minhash import band_keys
 
 I64 = npt.NDArray[np.int64]
+I32 = npt.NDArray[np.int32]
 CODES = tuple(REASONS)  # bit i of a row's reason mask is CODES[i]
 _BIT = {code: 1 << i for i, code in enumerate(CODES)}
 _ANSWER_MASK = sum(_BIT[c] for c in ANSWER_REASONS)
 _REVIEW = {"accepted": 1, "corrected": 1, "rejected": 2}
-_PROTECTED = np.array([name in ("test", "golden", "holdout") for name in SPLIT_NAMES])
-_TRAINABLE = np.array([name in ("train", "val") for name in SPLIT_NAMES])
+_PROTECTED = np.array([name in PROTECTED_SPLITS for name in SPLIT_NAMES])  # the leakage check's two sides
+_TRAINABLE = np.array([name in TRAINABLE_SPLITS for name in SPLIT_NAMES])
 
 
 @dataclass
@@ -92,30 +95,34 @@ class _Columns:
         self.stamps: list[pa.Array] = []
         self.parts: dict[str, list[npt.NDArray[np.generic]]] = {
             k: [] for k in ("mask", "task", "teacher_label", "label", "review", "locked", "ids", "pre_hard",
-                            "low_conf", "n_words", "conflict_label", "conflict_ref", "text_key")}
+                            "low_conf", "n_words", "conflict_ref", "text_key")}
 
     def add(self, name: str, values: Sequence[int] | Sequence[bool], dtype: type[np.generic]) -> None:
         self.parts[name].append(np.asarray(values, dtype=dtype))
 
-    def take(self, name: str, dtype: type[np.generic]) -> npt.NDArray[np.generic]:
+    def take(self, name: str, dtype: type[np.generic]) -> npt.NDArray[Any]:
         parts = self.parts.pop(name)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def _encode(chunks: list[pa.Array]) -> tuple[I64, pa.Array]:
+def _encode(chunks: list[pa.Array]) -> tuple[I32, pa.Array]:
     """Dictionary codes (-1 for null) and the dictionary of a column of strings."""
     if not chunks:
-        return np.zeros(0, dtype=np.int64), pa.array([], pa.string())
+        return np.zeros(0, dtype=np.int32), pa.array([], pa.string())
     encoded = pa.chunked_array(chunks, pa.string()).combine_chunks().dictionary_encode()
-    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    return codes, encoded.dictionary
+    chunks.clear()
+    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+    dictionary = encoded.dictionary
+    del encoded
+    pa.default_memory_pool().release_unused()  # the hash table and the combined copy: back to the system
+    return codes, dictionary
 
 
-def _ranks(dictionary: pa.Array) -> I64:
+def _ranks(dictionary: pa.Array) -> I32:
     """Rank of each dictionary string in code-point order (Python's ``str`` order)."""
-    order = pc.sort_indices(dictionary).to_numpy().astype(np.int64)
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
+    order = pc.sort_indices(dictionary).to_numpy()
+    rank = np.empty(len(order), dtype=np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
     return rank
 
 
@@ -159,7 +166,8 @@ class BuildPlan:
         return code
 
     def first_pass(self, batches: Iterable[Sequence[Row]]) -> None:
-        t0 = time.perf_counter()
+        t0 = _clock()
+        sketching = np.zeros(2)
         h = self.config.split.holdout
         cannot, adversarial = set(h.cannot_answer_labels), set(h.adversarial_tags)
         self.spill = SketchSpill(self.config.dedup, self.tmp_dir)
@@ -176,9 +184,7 @@ class BuildPlan:
             cols.add("mask", masks, np.uint32)
             cols.add("task", tasks, np.int16)
             cols.add("teacher_label", [self._label(r.teacher_label) for r in batch], np.int32)
-            labels = [self._label(r.label) for r in batch]
-            cols.add("label", labels, np.int32)
-            cols.add("conflict_label", labels, np.int32)  # "label" is taken (and dropped) by the plan
+            cols.add("label", [self._label(r.label) for r in batch], np.int32)
             cols.add("conflict_ref", [self._label(r.reference_label) for r in batch], np.int32)
             cols.add("text_key", [hash(text_key(r.input)) for r in batch], np.int64)
             cols.add("review", [_REVIEW.get(r.review_state, 0) for r in batch], np.int8)
@@ -199,66 +205,79 @@ class BuildPlan:
             cols.groups.append(pa.array([r.source_group or None for r in batch], pa.string()))
             if self.config.split.by_time:
                 cols.stamps.append(pa.array([r.source_timestamp for r in batch], pa.string()))
+            s0 = _clock()
             self.spill.add([r.input for r in batch])
+            sketching += _clock() - s0
             self.n += len(batch)
         self.spill.finish()
-        self.timings["read_normalise_filter_sketch"] = time.perf_counter() - t0
+        self._phase("first_pass", _clock() - t0)  # read, normalise, per-row filters, sketch and spill
+        self._phase("sketch", sketching)
 
     # -- dataset-wide verdicts -----------------------------------------------------------------------------
     def plan(self) -> None:
-        t0 = time.perf_counter()
+        t0 = _clock()
         cols, cfg = self._cols, self.config
         self.mask = cols.take("mask", np.uint32).astype(np.uint32)
-        task = cols.take("task", np.int16).astype(np.int64)
+        task = cols.take("task", np.int16)
         per_task = self._task_list
 
         # distinct inputs, numbered in order of first appearance
         codes, dictionary = _encode(cols.input_ids)
-        cols.input_ids = []
         uniq, first = np.unique(codes, return_index=True)
         order = np.argsort(first, kind="stable")
-        renumber = np.empty(len(uniq), dtype=np.int64)
-        renumber[uniq[order]] = np.arange(len(uniq))
+        renumber = np.empty(len(uniq), dtype=np.int32)
+        renumber[uniq[order]] = np.arange(len(uniq), dtype=np.int32)
         self.input_idx = renumber[codes]
-        del codes
+        del codes, renumber
         self.dictionary = dictionary.take(pa.array(uniq[order]))
-        first_row = first[order].astype(np.int64)
+        del dictionary
+        first_row = first[order].astype(np.int32)
+        del uniq, first, order
         n_inputs = len(first_row)
 
         # sample agreement: share of an input's samples naming its majority teacher label
-        teacher = cols.take("teacher_label", np.int32).astype(np.int64)
+        teacher = cols.take("teacher_label", np.int32)
         per_input = np.bincount(self.input_idx, minlength=n_inputs)
-        pair, pair_counts = np.unique(self.input_idx * max(1, len(self._labels)) + teacher, return_counts=True)
+        n_labels = max(1, len(self._labels))
+        pair, pair_counts = np.unique(self.input_idx.astype(np.int64) * n_labels + teacher, return_counts=True)
+        del teacher
         top = np.zeros(n_inputs, dtype=np.int64)
-        np.maximum.at(top, pair // max(1, len(self._labels)), pair_counts)
-        del teacher, pair, pair_counts
-        agreement_in = np.where(per_input > 1, top / np.maximum(per_input, 1), np.nan)
-        self.agreement = agreement_in[self.input_idx]
+        np.maximum.at(top, pair // n_labels, pair_counts)
+        del pair, pair_counts
+        self.agreement = np.where(per_input > 1, top / np.maximum(per_input, 1), np.nan)  # per input
+        del top, per_input
         min_agree = np.array([t.filters.disagreement.min_agreement if t.filters.disagreement else -1.0
                               for t in per_task] or [-1.0])
-        self.mask[self.agreement < min_agree[task]] |= _BIT["SAMPLE_DISAGREEMENT"]  # NaN compares False
-        t1 = time.perf_counter()
+        disagree = self.agreement[self.input_idx] < min_agree[task]  # NaN compares False
+        self.mask[disagree] |= _BIT["SAMPLE_DISAGREEMENT"]
+        del disagree
+        t1 = _clock()
 
         # exact duplicates over distinct inputs (first seen wins), then near-duplicate clusters of the survivors
         _, first_key, key_of = np.unique(self.spill.exact_keys[first_row], return_index=True, return_inverse=True)
-        self.keeper = first_key[key_of].astype(np.int64)
-        uniques = np.flatnonzero(self.keeper == np.arange(n_inputs))
-        t2 = time.perf_counter()
+        self.keeper = first_key[key_of].astype(np.int32)
+        del first_key, key_of
+        uniques = np.flatnonzero(self.keeper == np.arange(n_inputs)).astype(np.int32)
+        t2 = _clock()
         spill = self.spill
         unique_rows = first_row[uniques]
         reps = clusters(spilled_band_keys(spill, unique_rows), cfg.dedup.bands, len(uniques),
                         lambda i: spill.shingle_set(int(unique_rows[i])), cfg.dedup.threshold)
         self.n_clusters = len(np.unique(reps))
-        cluster_of = np.empty(n_inputs, dtype=np.int64)
+        cluster_of = np.empty(n_inputs, dtype=np.int32)
         cluster_of[uniques] = uniques[reps]
         self.cluster = cluster_of[self.keeper]
+        del cluster_of, reps, uniques
         exact = self.keeper[self.input_idx] != self.input_idx
-        near = ~exact & (self.cluster[self.input_idx] != self.input_idx)
         exact_on = np.array([t.filters.exact_duplicates for t in per_task] or [False])[task]
-        near_on = np.array([t.filters.near_duplicates for t in per_task] or [False])[task]
         self.mask[exact & exact_on] |= _BIT["EXACT_DUPLICATE"]
+        del exact_on
+        near = ~exact & (self.cluster[self.input_idx] != self.input_idx)
+        del exact
+        near_on = np.array([t.filters.near_duplicates for t in per_task] or [False])[task]
         self.mask[near & near_on] |= _BIT["NEAR_DUPLICATE"]
-        t3 = time.perf_counter()
+        del near, near_on, first_row
+        t3 = _clock()
 
         # decontamination against eval sets and the locked golden rows
         locked = cols.take("locked", np.bool_).astype(bool)
@@ -276,21 +295,19 @@ class BuildPlan:
                 cfg.dedup.threshold)
             self.mask[queries[sim >= 0]] |= _BIT["CONTAMINATED"]
         del task
-        t4 = time.perf_counter()
+        t4 = _clock()
 
         review = cols.take("review", np.int8)
         self.mask[review == 1] &= np.uint32(~_ANSWER_MASK & 0xFFFFFFFF)
         self.mask[review == 2] |= _BIT["REVIEW_REJECTED"]
         del review
-        self.label = cols.take("label", np.int32).astype(np.int64)
+        self.label = cols.take("label", np.int32)
 
         # splits
         group, _ = _encode(cols.groups)
-        cols.groups = []
         ts_rank = None
         if cfg.split.by_time:
             stamp, stamps = _encode(cols.stamps)
-            cols.stamps = []
             ts_rank = np.where(stamp >= 0, _ranks(stamps)[np.maximum(stamp, 0)] if len(stamps) else -1, -1)
         dictionary = self.dictionary
         inputs = SplitInputs(
@@ -302,18 +319,19 @@ class BuildPlan:
             ids_member=cols.take("ids", np.bool_).astype(bool) if self._ids is not None else None,
             label=self.label, pre_hard=cols.take("pre_hard", np.int8).astype(np.int8),
             low_confidence=cols.take("low_conf", np.bool_).astype(bool), agreement=self.agreement,
-            n_words=cols.take("n_words", np.int32).astype(np.int64) if self._need_words else None,
+            n_words=cols.take("n_words", np.int32) if self._need_words else None,
             ts_rank=ts_rank)
         result = assign_split_columns(inputs, cfg.split, bool(self.locked))
         del inputs, group, locked
         self.split, self.split_reason, self.split_report = result.split, result.reason, result.report
-        t5 = time.perf_counter()
+        t5 = _clock()
 
         # the leakage check: protected rows with a trainable neighbour
-        train = np.flatnonzero(_TRAINABLE[self.split])
-        self.protected = np.flatnonzero(_PROTECTED[self.split])
+        train = np.flatnonzero(_TRAINABLE[self.split]).astype(np.int32)
+        self.protected = np.flatnonzero(_PROTECTED[self.split]).astype(np.int32)
         self.leak_sim = np.zeros(0)
-        self.leak_ref = np.zeros(0, dtype=np.int64)
+        self.leak_ref: npt.NDArray[np.signedinteger[Any]] = np.zeros(0, dtype=np.int64)
+        self.leak_at: npt.NDArray[np.signedinteger[Any]] = np.zeros(0, dtype=np.int64)
         if len(train) and len(self.protected):
             items = np.concatenate((train, self.protected))
             sim, ref = best_neighbours(spilled_band_keys(spill, items), cfg.dedup.bands, len(train),
@@ -321,16 +339,19 @@ class BuildPlan:
                                        cfg.dedup.threshold)
             hit = sim >= 0
             self.leak_at, self.leak_sim, self.leak_ref = self.protected[hit], sim[hit], train[ref[hit]]
-        else:
-            self.leak_at = np.zeros(0, dtype=np.int64)
         self._leak_rows: dict[int, tuple[str, str]] = {}
         self._wanted = set(self.leak_at.tolist()) | set(self.leak_ref.tolist())
         self._conflict_at = self._conflict_candidates()
         self._conflict_rows: dict[int, dict[str, object]] = {}
         spill.close()
-        t6 = time.perf_counter()
-        self.timings.update({"disagreement": t1 - t0, "exact_dup": t2 - t1, "near_dup": t3 - t2,
-                             "decontamination": t4 - t3, "splits": t5 - t4, "leakage": t6 - t5})
+        t6 = _clock()
+        for name, (a, b) in {"disagreement": (t0, t1), "exact_dup": (t1, t2), "near_dup": (t2, t3),
+                             "decontamination": (t3, t4), "splits": (t4, t5), "leakage": (t5, t6)}.items():
+            self._phase(name, b - a)
+
+    def _phase(self, name: str, took: npt.NDArray[np.float64]) -> None:
+        """Record a phase's wall-clock seconds (``name``) and CPU seconds (``name_cpu``)."""
+        self.timings[name], self.timings[name + "_cpu"] = float(took[0]), float(took[1])
 
     def _conflict_candidates(self) -> set[int]:
         """Positions of rows whose text (``leakage.text_key``) carries two labels or reference labels: the
@@ -338,8 +359,7 @@ class BuildPlan:
         key = self._cols.take("text_key", np.int64).astype(np.int64)
         none = self._labels.get(None, -1)
         wanted: set[int] = set()
-        for name in ("conflict_label", "conflict_ref"):
-            code = self._cols.take(name, np.int32).astype(np.int64)
+        for code in (self.label.astype(np.int64), self._cols.take("conflict_ref", np.int32).astype(np.int64)):
             has = np.flatnonzero(code != none)
             if not len(has):
                 continue
@@ -359,7 +379,7 @@ class BuildPlan:
         keeper_ids = self.dictionary.take(pa.array(keeper)).to_pylist()
         cluster_ids = self.dictionary.take(pa.array(cluster)).to_pylist()
         for k, (row, p) in enumerate(zip(rows, positions.tolist(), strict=True)):
-            agreement = float(self.agreement[p])
+            agreement = float(self.agreement[inp[k]])
             row.agreement = None if agreement != agreement else agreement
             row.exact_dup_of = None if keeper[k] == inp[k] else keeper_ids[k]
             row.dup_cluster = cluster_ids[k]
@@ -415,3 +435,7 @@ class BuildPlan:
 
 
 _SORTED = sorted(CODES)
+
+
+def _clock() -> npt.NDArray[np.float64]:
+    return np.array([time.perf_counter(), time.process_time()])

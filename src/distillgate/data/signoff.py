@@ -137,7 +137,7 @@ def verify(entry_body: Mapping[str, Any], public_key_pem: str) -> bool:
 def signoffs(store: Store, *, project: str | None, run: str, version_id: str | None = None) -> Iterator[SignOff]:
     """The run's sign-offs whose signature verifies (of ``version_id`` when given), oldest first."""
     pem = store.signer.public_key_pem()
-    for e in store.entries(run=run, kind=KIND):
+    for e in store.entries(run=run, kind=KIND, project=project):  # a run is keyed by (project, run)
         b = e.body
         if (project is not None and b.get("project") != project) or not verify(b, pem):
             continue
@@ -154,7 +154,7 @@ def signers(store: Store, *, project: str | None, run: str, version_id: str) -> 
 
 def run_requester(store: Store, *, project: str, run: str) -> str | None:
     """Who started the run: the user of its first allowed teacher call (None before any)."""
-    for e in store.entries(run=run, kind="decision"):
+    for e in store.entries(run=run, kind="decision", project=project):
         b = e.body
         if b.get("project") == project and b.get("request_kind") == "inference" and b.get("decision") == "allow":
             user = b.get("user")

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -99,7 +99,7 @@ class SketchSpill:
 BandKeys = Callable[[int], U64]
 
 
-def spilled_band_keys(spill: SketchSpill, items: I64, prefix: Sequence[U64] | None = None) -> BandKeys:
+def spilled_band_keys(spill: SketchSpill, items: npt.NDArray[np.signedinteger[Any]], prefix: Sequence[U64] | None = None) -> BandKeys:
     """Band ``b``'s keys of ``items`` (row positions in ``spill``), after ``prefix[b]`` when given."""
 
     def keys(b: int) -> U64:
@@ -109,7 +109,7 @@ def spilled_band_keys(spill: SketchSpill, items: I64, prefix: Sequence[U64] | No
     return keys
 
 
-def _roots(parent: I64) -> I64:
+def _roots(parent: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
     root = parent.copy()
     while True:
         up = root[root]
@@ -118,11 +118,12 @@ def _roots(parent: I64) -> I64:
         root = up
 
 
-def clusters(keys: BandKeys, bands: int, n: int, set_of: Callable[[int], set[int]], threshold: float) -> I64:
+def clusters(keys: BandKeys, bands: int, n: int, set_of: Callable[[int], set[int]],
+             threshold: float) -> npt.NDArray[np.int32]:
     """Near-duplicate clusters of ``n`` items: for each, the earliest item of its connected component of verified
     candidate pairs (exact Jaccard >= threshold). The same components as ``dedup.cluster_sketches``: the verified
     pairs do not depend on the order they are checked in, and pairs already joined are skipped either way."""
-    parent = np.arange(n, dtype=np.int64)
+    parent = np.arange(n, dtype=np.int32)
 
     def find(i: int) -> int:
         root = i

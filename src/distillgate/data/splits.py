@@ -24,6 +24,7 @@ import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +35,7 @@ from distillgate.data.config import HoldoutConfig, SplitConfig
 from distillgate.errors import NotFoundError, UserError
 
 I64 = npt.NDArray[np.int64]
+Ints = npt.NDArray[np.signedinteger[Any]]  # int32 per row where it fits: memory is the point
 BOOL = npt.NDArray[np.bool_]
 SPLIT_NAMES = ("train", "val", "test", "golden", "holdout", "excluded")
 HARD_REASONS = ("cannot_answer", "adversarial", "ambiguous", "low_confidence", "rare_label", "long_input",
@@ -75,20 +77,20 @@ class SplitInputs:
     """
 
     live: BOOL  # (N,) passed the filters
-    input_idx: I64  # (N,) distinct input of the row, numbered in order of first appearance
-    input_rank: I64  # (D,) rank of the input id in string order (the component key is the smallest)
-    input_ids: Callable[[I64], list[str]]  # the input id strings of some inputs
-    cluster_input: I64  # (D,) the input that names the input's near-duplicate cluster
+    input_idx: Ints  # (N,) distinct input of the row, numbered in order of first appearance
+    input_rank: Ints  # (D,) rank of the input id in string order (the component key is the smallest)
+    input_ids: Callable[[Ints], list[str]]  # the input id strings of some inputs
+    cluster_input: Ints  # (D,) the input that names the input's near-duplicate cluster
     cluster_named: BOOL  # (D,) that name is a non-empty string
-    group: I64  # (N,) source group number, -1 when none (or empty)
+    group: Ints  # (N,) source group number, -1 when none (or empty)
     locked: BOOL  # (N,) row id in the golden lock
     ids_member: BOOL | None  # (N,) input id in split.golden.ids_file (None: no ids_file)
-    label: I64  # (N,) final label number (None is a label too)
+    label: Ints  # (N,) final label number (None is a label too)
     pre_hard: npt.NDArray[np.int8]  # (N,)
     low_confidence: BOOL  # (N,)
-    agreement: npt.NDArray[np.float64]  # (N,) NaN: one sample
-    n_words: I64 | None  # (N,) words of the input (None: no length quantile configured)
-    ts_rank: I64 | None  # (N,) rank of source_timestamp in string order, -1 for none (only with by_time)
+    agreement: npt.NDArray[np.float64]  # (D,) per input; NaN: one sample
+    n_words: Ints | None  # (N,) words of the input (None: no length quantile configured)
+    ts_rank: Ints | None  # (N,) rank of source_timestamp in string order, -1 for none (only with by_time)
 
 
 @dataclass
@@ -98,39 +100,41 @@ class SplitColumns:
     report: SplitReport
 
 
-def _component_of_live(x: SplitInputs, live_rows: I64) -> tuple[I64, int]:
-    """Component number of every live row, numbered in order of each component's first row."""
-    n_live = len(live_rows)
+def _component_of_live(x: SplitInputs, live_rows: Ints) -> tuple[Ints, int]:
+    """Component number of every live row, numbered in order of each component's first row.
+
+    Nodes are inputs, source groups and clusters (a row is in its input's component): an edge joins an input to
+    the group of each of its live rows, and an input with a live row to its cluster.
+    """
     n_inputs = len(x.input_rank)
     inp = x.input_idx[live_rows]
     n_groups = int(x.group.max()) + 1 if len(x.group) else 0
-    src = [np.arange(n_live), ]
-    dst = [n_live + inp]
     grp = x.group[live_rows]
     has_group = grp >= 0
-    src.append(np.flatnonzero(has_group))
-    dst.append(n_live + n_inputs + grp[has_group])
-    named = x.cluster_named[inp]
-    src.append(np.flatnonzero(named))
-    dst.append(n_live + n_inputs + n_groups + x.cluster_input[inp[named]])
-    n_nodes = n_live + 2 * n_inputs + n_groups
-    s, t = np.concatenate(src), np.concatenate(dst)
-    graph = coo_matrix((np.ones(len(s), dtype=np.int8), (s, t)), shape=(n_nodes, n_nodes)).tocsr()
-    del s, t
-    _, labels = connected_components(graph, directed=False)
+    has_live = np.zeros(n_inputs, dtype=bool)
+    has_live[inp] = True
+    named = np.flatnonzero(has_live & x.cluster_named)
+    src = np.concatenate((inp[has_group], named)).astype(np.int32)
+    dst = np.concatenate((n_inputs + grp[has_group], n_inputs + n_groups + x.cluster_input[named])).astype(np.int32)
+    del grp, has_group, has_live, named
+    n_nodes = 2 * n_inputs + n_groups
+    graph = coo_matrix((np.ones(len(src), dtype=bool), (src, dst)), shape=(n_nodes, n_nodes)).tocsr()
+    del src, dst
+    _, node_labels = connected_components(graph, directed=False)
     del graph
-    labels = labels[:n_live]
+    labels = node_labels[inp].astype(np.int32)
+    del node_labels, inp
     uniq, first = np.unique(labels, return_index=True)
-    renumber = np.empty(int(uniq.max()) + 1 if len(uniq) else 0, dtype=np.int64)
-    renumber[uniq[np.argsort(first, kind="stable")]] = np.arange(len(uniq))
+    renumber = np.empty(int(uniq.max()) + 1 if len(uniq) else 0, dtype=np.int32)
+    renumber[uniq[np.argsort(first, kind="stable")]] = np.arange(len(uniq), dtype=np.int32)
     return renumber[labels], len(uniq)
 
 
-def _any_per(comp: I64, flag: BOOL, n: int) -> BOOL:
+def _any_per(comp: Ints, flag: BOOL, n: int) -> BOOL:
     return np.bincount(comp[flag], minlength=n) > 0
 
 
-def _hard_codes(x: SplitInputs, h: HoldoutConfig, live_rows: I64) -> npt.NDArray[np.int8]:
+def _hard_codes(x: SplitInputs, h: HoldoutConfig, live_rows: Ints) -> npt.NDArray[np.int8]:
     """The first hard-case reason of each live row (``_R`` code, 0 for none), tried in ``HARD_REASONS`` order."""
     label = x.label[live_rows]
     counts = np.bincount(label)
@@ -145,7 +149,7 @@ def _hard_codes(x: SplitInputs, h: HoldoutConfig, live_rows: I64) -> npt.NDArray
     pre = x.pre_hard[live_rows]
     take(pre == 1, "cannot_answer")
     take(pre == 2, "adversarial")
-    agreement = x.agreement[live_rows]
+    agreement = x.agreement[x.input_idx[live_rows]]
     take(~np.isnan(agreement) & (agreement < h.ambiguous_max_agreement), "ambiguous")
     take(x.low_confidence[live_rows], "low_confidence")
     take(counts[label] <= h.rare_label_max_count, "rare_label")
@@ -158,14 +162,14 @@ def _hard_codes(x: SplitInputs, h: HoldoutConfig, live_rows: I64) -> npt.NDArray
     return out
 
 
-def _quantile_array(values: I64, q: float) -> float:
+def _quantile_array(values: Ints, q: float) -> float:
     if not len(values):
         return 0.0
     pos = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
     return float(np.partition(values, pos)[pos])
 
 
-def _units(seed: int, prefix: str, keys: Callable[[I64], list[str]], inputs: I64) -> npt.NDArray[np.float64]:
+def _units(seed: int, prefix: str, keys: Callable[[Ints], list[str]], inputs: Ints) -> npt.NDArray[np.float64]:
     out = np.empty(len(inputs))
     step = 65536
     for start in range(0, len(inputs), step):
@@ -196,10 +200,10 @@ def assign_split_columns(x: SplitInputs, cfg: SplitConfig, golden_locked: bool) 
     split = np.full(n, _EXCLUDED, dtype=np.int8)
     reason = np.full(n, _R["filtered"], dtype=np.int8)
     report = SplitReport()
-    live_rows = np.flatnonzero(x.live)
+    live_rows = np.flatnonzero(x.live).astype(np.int32)
     comp, n_comps = _component_of_live(x, live_rows)
     report.components = n_comps
-    key_rank = np.full(n_comps, np.iinfo(np.int64).max, dtype=np.int64)
+    key_rank = np.full(n_comps, np.iinfo(np.int32).max, dtype=np.int32)
     np.minimum.at(key_rank, comp, x.input_rank[x.input_idx[live_rows]])
     key_input = np.argsort(x.input_rank)[key_rank]  # the input whose id is the component's key
     sizes = np.bincount(comp, minlength=n_comps)
@@ -229,7 +233,7 @@ def assign_split_columns(x: SplitInputs, cfg: SplitConfig, golden_locked: bool) 
         codes = _hard_codes(x, h, live_rows)
         codes[done[comp]] = 0
         marked = np.flatnonzero(codes)
-        first_row = np.full(n_comps, len(live_rows), dtype=np.int64)
+        first_row = np.full(n_comps, len(live_rows), dtype=np.int32)
         np.minimum.at(first_row, comp[marked], marked)
         hit = first_row < len(live_rows)
         rows_in = hit[comp]
@@ -249,7 +253,7 @@ def assign_split_columns(x: SplitInputs, cfg: SplitConfig, golden_locked: bool) 
     rest = np.flatnonzero(~done)
     if cfg.by_time:
         assert x.ts_rank is not None
-        ts = np.full(n_comps, np.iinfo(np.int64).max, dtype=np.int64)
+        ts = np.full(n_comps, np.iinfo(np.int32).max, dtype=np.int32)
         stamps = x.ts_rank[live_rows]
         if (stamps[~done[comp]] < 0).any():
             raise UserError(

@@ -19,14 +19,14 @@ import numpy as np
 import xxhash
 
 from distillgate.errors import UserError
+from distillgate.minhash import Permutations, signature
 
 RECORD_VERSION = 1
 MINHASH_PERMS = 64
 EXACT_MAX_WORDS = 256  # prompts (variable parts) up to this many distinct words keep their word set for exact diffs
 _WORD_RE = re.compile(r"[a-z0-9']+")
-_rng = np.random.default_rng(20240611)  # fixed: signatures must be comparable across processes and releases
-_MUL = (_rng.integers(1, 2**63 - 1, size=MINHASH_PERMS, dtype=np.uint64) | np.uint64(1))
-_ADD = _rng.integers(0, 2**63 - 1, size=MINHASH_PERMS, dtype=np.uint64)
+# fixed seed: signatures must be comparable across processes and releases (distillgate.minhash: the one MinHash)
+_PERMS = Permutations.make(MINHASH_PERMS, 20240611)
 
 # phrases that ask a model to spell out its reasoning (chain-of-thought elicitation)
 _COT_RE = re.compile(
@@ -100,9 +100,7 @@ def minhash(text: str, vocab: set[str] | None = None) -> np.ndarray:
     """MinHash signature (uint32, MINHASH_PERMS values) of the prompt's set of lower-cased words."""
     vocab = (vocab if vocab is not None else set(words(text))) or {""}
     hashes = np.fromiter((xxhash.xxh64_intdigest(w.encode()) for w in vocab), dtype=np.uint64, count=len(vocab))
-    mixed = hashes[:, None] * _MUL + _ADD  # (W, P), wraps mod 2**64
-    # the high 32 bits of the smallest value are the smallest high 32 bits: shift P values, not W x P
-    return (mixed.min(axis=0) >> np.uint64(32)).astype(np.uint32)  # type: ignore[no-any-return]
+    return signature(hashes, _PERMS)
 
 
 def prompt_fingerprint(text: str, tokens: list[str] | None = None) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from distillgate.errors import IntegrityError
+from distillgate.progress import clock
 from distillgate.train.config import TrainConfig
 from distillgate.train.encode import Example
 
@@ -74,12 +75,6 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds + 0.5), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
 class ProgressLines:
     """Plain progress lines for a run without a terminal: ``sft step 3/40 (epoch 0.15) loss 1.2345 | 2.10 s/step
     812 tok/s | elapsed 0:06 eta 1:18``. ``due`` says when the next line is owed; ``line`` formats one."""
@@ -105,7 +100,7 @@ class ProgressLines:
         per_step = elapsed / steps if steps else 0.0
         eta = per_step * (self.total - done)
         return (f"{self.recipe} step {done}/{self.total} (epoch {done / self.per_epoch:.2f}) loss {loss:.4f} | "
-                f"{per_step:.2f} s/step {tokens_per_s:.0f} tok/s | elapsed {_clock(elapsed)} eta {_clock(eta)}")
+                f"{per_step:.2f} s/step {tokens_per_s:.0f} tok/s | elapsed {clock(elapsed)} eta {clock(eta)}")
 
 
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
