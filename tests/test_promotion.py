@@ -300,3 +300,25 @@ def test_promote_as_a_subprocess_promotes_a_student_that_holds(tmp_path: Path, p
     assert done.returncode == 0, done.stderr
     assert "PASS    harmful" in done.stdout and "promoted:" in done.stdout
     assert verify_promotion(run / "train" / RECORD_FILE)["deployable"] is True
+
+
+def test_eval_cli_runs_the_harmful_suite_and_promote_reads_it(tmp_path: Path, policy_file: Path,
+                                                              refusal_evals: dict[str, Path]) -> None:
+    run = _student(tmp_path / "evalcli", refusal_evals, ["good/xstest"], correct=40)
+    with fake_upstream(reply=REFUSAL) as teacher_up, fake_upstream(reply=COMPLY) as student_up:
+        main(["eval", "--suite", "harmful", "--sample", "6", "--teacher", "t", "--teacher-url", teacher_up.base_url,
+              "--student", "s", "--student-url", student_up.base_url, "--detector", "string", "--run-id", "r1",
+              "--resamples", "200", "--out", str(tmp_path / "harmful-eval")])
+    metrics = json.loads((tmp_path / "harmful-eval" / "metrics.json").read_text())
+    assert metrics["suite"] == "harmful" and metrics["items"] == 6
+    with Store.open(tmp_path / "gov.db") as store, pytest.raises(PolicyDenied) as denied:
+        promote(store, load_policies(policy_file), run, user="alice", evals=[tmp_path / "harmful-eval"])
+    assert set(denied.value.reasons) == {"PROMOTION_GATE_FAILED", "HARMFUL_COMPLIANCE"}
+
+
+def test_better_evidence_added_on_the_side_cannot_outvote_a_regression(
+        tmp_path: Path, policy_file: Path, refusal_evals: dict[str, Path]) -> None:
+    run = _student(tmp_path / "outvote", refusal_evals, ["bad/xstest", "good/harmful"], correct=40)
+    with Store.open(tmp_path / "gov.db") as store, pytest.raises(PolicyDenied) as denied:
+        promote(store, load_policies(policy_file), run, user="alice", evals=[refusal_evals["good/xstest"]])
+    assert "REFUSAL_REGRESSION" in denied.value.reasons  # where suites disagree, the worst bound counts
