@@ -319,6 +319,11 @@ def test_eval_cli_runs_the_harmful_suite_and_promote_reads_it(tmp_path: Path, po
 def test_better_evidence_added_on_the_side_cannot_outvote_a_regression(
         tmp_path: Path, policy_file: Path, refusal_evals: dict[str, Path]) -> None:
     run = _student(tmp_path / "outvote", refusal_evals, ["bad/xstest", "good/harmful"], correct=40)
+    sides = []
+    for name in ("aa", "zz"):  # sorted before and after the run's own evaluation: neither first nor last wins
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_bytes((refusal_evals["good/xstest"] / "metrics.json").read_bytes())
+        sides.append(tmp_path / name)
     with Store.open(tmp_path / "gov.db") as store, pytest.raises(PolicyDenied) as denied:
-        promote(store, load_policies(policy_file), run, user="alice", evals=[refusal_evals["good/xstest"]])
+        promote(store, load_policies(policy_file), run, user="alice", evals=sides)
     assert "REFUSAL_REGRESSION" in denied.value.reasons  # where suites disagree, the worst bound counts
