@@ -103,17 +103,21 @@ def main() -> None:
               for p in monitor.split(project, t).pieces}
     pieces |= {p for s in sessions for f in s.requests for p in monitor.split(f.project, f.prompt).pieces}
     t0 = time.perf_counter()
-    embedder.embed(sorted(pieces))
+    todo = sorted(pieces - set(table))
+    for start in range(0, len(todo), 1000):  # saved as it goes: an interrupted run keeps what it embedded
+        embedder.embed(todo[start:start + 1000])
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, texts=np.array(list(table)), vecs=np.stack(list(table.values())))
+        print(f"embedded {min(start + 1000, len(todo))}/{len(todo)} new pieces", flush=True)
     embed_s = time.perf_counter() - t0
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, texts=np.array(list(table)), vecs=np.stack(list(table.values())))
     print(f"{len(pieces)} distinct pieces embedded ({embed_s:.0f}s)", flush=True)
     for project, texts in traffic.references.items():
         monitor.set_reference(project, texts)
 
     order = schedule(sessions, args.seed + 1)
     denied_legit = 0
+    first_legit_signals: dict[str, list[dict[str, Any]]] = {}
     t1 = time.perf_counter()
     observe_s: list[float] = []
     for count, (i, pos) in enumerate(order, 1):
@@ -131,6 +135,8 @@ def main() -> None:
             s.flagged_requests += 1
             if s.first_flag is None:
                 s.first_flag = pos + 1
+                if s.legit:
+                    first_legit_signals[s.name] = [x.as_dict() for x in signals]
         if s.legit and denied:
             denied_legit += 1
         if not s.legit and s.malicious[pos] and not denied:
@@ -167,6 +173,7 @@ def main() -> None:
         "legit_requests_flagged_ci95": wilson(flagged_reqs, legit_reqs),
         "legit_requests_denied_deny_mode": denied_legit,
         "flagged_legit": {s.name: sorted(s.signals) for s in flagged_users},
+        "flagged_legit_first_signals": first_legit_signals,
         "legit_signal_counts": dict(Counter(n for s in flagged_users for n in s.signals)),
         "attacks": {k: detection([s for s in attacks if s.kind == k]) for k in kinds},
         "all_attacks": detection(attacks),
@@ -184,7 +191,7 @@ def main() -> None:
     print(f"legit users flagged {len(flagged_users)}/{len(legit)} {result['legit_users_flagged_ci95']}; "
           f"legit requests flagged {flagged_reqs}/{legit_reqs} {result['legit_requests_flagged_ci95']}; "
           f"denied in deny mode {denied_legit}; embeddings dropped {monitor.dropped}")
-    print(f"flagged legit: {result['flagged_legit']}")
+    print(f"flagged legit: {json.dumps(first_legit_signals)}")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"extraction_realistic_{args.embedder}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -27,7 +27,8 @@ RulesFor = Callable[[str | None], ExtractionRules]
 ScopeKey = tuple[str, str]
 NEW_IDENTITY = 20  # a user with fewer requests in a project than this belongs to the project's "cluster" scope
 MMD_EVERY = 50  # embedding_mmd is recomputed after this many new pieces of a project
-GATED = ("project", "cluster")  # scopes whose signals attach only to requests of identities with own evidence
+GATED = ("project", "cluster")
+_EVIDENCE = {"distribution_shift": "content", "embedding_mmd": "content", "prompt_drift": "content"}  # scopes whose signals attach only to requests of identities with own evidence
 Job = tuple[Sketch, tuple[str, ...], tuple[ScopeKey, ...]]  # what the embedder works on: pieces and scopes
 
 
@@ -236,13 +237,15 @@ class ExtractionMonitor:
                 events.append(ev)
                 if s.embedding is not None:  # scan of a log with stored embeddings
                     self._drift_update(s, [st], [s.embedding], project_state if scope == "project" else None)
+            # tenant isolation: a project/cluster signal attaches only to an identity with evidence of the same
+            # kind of its own (its own pieces outside the reference for the content signals, its own suspicious
+            # word-level events for the others)
             own = [st for scope, _, st in states if scope in ("user", "key")]
-            evidence = any(st.own_evidence() for st in own)
+            evidence = {"content": any(st.content_evidence() for st in own),
+                        "words": any(st.word_evidence() for st in own)}
             for (scope, ident, st), ev in zip(states, events, strict=True):
                 ungated = scope not in GATED
-                if not ungated and not evidence:
-                    continue
-                fired.extend(self._values(rules, scope, ident, st, s, ev, project_state, ungated))
+                fired.extend(self._values(rules, scope, ident, st, s, ev, project_state, ungated, evidence))
             if any(sig.scope not in GATED for sig in fired):
                 self._flag(s, project_state)
         return tuple(fired)
@@ -272,10 +275,13 @@ class ExtractionMonitor:
         return st
 
     def _values(self, rules: ExtractionRules, scope: str, ident: str, st: ScopeState, s: Sketch, ev: Events,
-                project_state: ScopeState | None, ungated: bool) -> Iterable[Signal]:
+                project_state: ScopeState | None, ungated: bool,
+                evidence: dict[str, bool] | None = None) -> Iterable[Signal]:
         """The signals of ``scope`` that fire. Values are cheap counters; the evidence is built only for a signal
         that fires (most requests fire none)."""
         for name, threshold, window, min_req in _effective_in(rules, scope):
+            if not ungated and evidence is not None and not evidence[_EVIDENCE.get(name, "words")]:
+                continue
             value: float | None = None
             contributes = True
             known: Any = None  # what the value was made of, when it is costly: the evidence reuses it
@@ -361,20 +367,37 @@ class ExtractionMonitor:
         return [found[k] for k in keys]
 
     def _embed_batch(self, batch: list[Job]) -> None:
+        """Embed a batch and apply it. The costly parts — the embedder, each piece's nearest reference neighbour,
+        the MMD test — run outside the monitor's lock, so the request path (``observe``) never waits on them."""
         texts = [p for _, pieces, _ in batch for p in pieces]
         vectors = self._embed(texts)
+        prepared = []
         pos = 0
+        for s, pieces, keys in batch:
+            vecs, pos = vectors[pos:pos + len(pieces)], pos + len(pieces)
+            ref = self._references.get(s.project or "")
+            sims = ref.nearest(np.stack(vecs)) if ref is not None else None
+            prepared.append((s, keys, vecs, ref, sims, [xxhash.xxh64_intdigest(p.encode()) for p in pieces]))
+        tests: list[tuple[ScopeState, Any, np.ndarray]] = []
         with self._lock:
-            for s, pieces, keys in batch:
-                vecs, pos = vectors[pos:pos + len(pieces)], pos + len(pieces)
+            for s, keys, vecs, ref, sims, piece_keys in prepared:
                 states = [self._scopes[k] for k in keys if k in self._scopes]
                 project = self._scopes.get(("project", s.project)) if s.project else None
-                self._drift_update(s, states, vecs, project)
+                if ref is not self._references.get(s.project or ""):
+                    sims = None  # the reference changed meanwhile: compare again, with the new one
+                self._drift_update(s, states, vecs, project, piece_keys, sims, tests)
+        for project_state, test, window in tests:
+            value = test.ratio(window)
+            with self._lock:
+                project_state.mmd = value
 
     def _drift_update(self, s: Sketch, states: list[ScopeState], vecs: Sequence[np.ndarray],
-                      project_state: ScopeState | None = None) -> None:
+                      project_state: ScopeState | None = None, keys: Sequence[int] | None = None,
+                      sims: np.ndarray | None = None,
+                      tests: list[tuple[ScopeState, Any, np.ndarray]] | None = None) -> None:
         """Apply a request's piece embeddings: its nearest-neighbour similarity (the least similar piece) to each
-        scope's drift window, each piece to the outside-reference windows, and the project's MMD window."""
+        scope's drift window, each piece to the outside-reference windows, and the project's MMD window (its test
+        is appended to ``tests`` to run after the lock is released; without ``tests`` it runs now)."""
         project = s.project or ""
         ref = self._references.get(project)
         if ref is None:
@@ -386,14 +409,17 @@ class ExtractionMonitor:
                 self._references[project] = Reference(np.stack(boot))
                 del self._bootstrap[project]
             return
-        sims = ref.nearest(np.stack(vecs))
+        if sims is None:
+            sims = ref.nearest(np.stack(vecs))
         outside = [bool(x < ref.nn_threshold) for x in sims]
+        # a piece's identity: its text's hash (scan: the record's prompt fingerprint, one piece per record)
+        piece_keys = list(keys) if keys is not None else [s.fp_int + i for i in range(len(vecs))]
         sim = float(sims.min())
         for st in states:
             st.drift.append(sim < ref.nn_threshold)
             st.drift_sims.append(sim)
-            for flag in outside:
-                st.outside.append(flag)
+            for key, flag in zip(piece_keys, outside, strict=True):
+                st.add_piece(key, flag)
             st.shift = outside_shift(st.outside.true, len(st.outside), ref.outside_rate)
         if project_state is not None:
             project_state.vectors.extend(vecs)
@@ -402,7 +428,11 @@ class ExtractionMonitor:
             test = ref.mmd(window)
             if test is not None and len(project_state.vectors) >= window and project_state.mmd_pending >= MMD_EVERY:
                 project_state.mmd_pending = 0
-                project_state.mmd = test.ratio(np.stack(project_state.vectors))
+                stacked = np.stack(project_state.vectors)
+                if tests is None:
+                    project_state.mmd = test.ratio(stacked)
+                else:
+                    tests.append((project_state, test, stacked))
 
     def records_embeddings(self, project: str | None) -> bool:
         """Whether decisions of ``project`` carry a prompt embedding (an embedder and ``record_embeddings``)."""

@@ -90,7 +90,7 @@ class MonitorProcess:
     """The ``Monitor`` seam (``distillgate.extraction.seam``) answered by a child process."""
 
     def __init__(self, policy_path: str, settings: dict[str, Any], policies: PolicySet, *,
-                 start_timeout_s: float = 60.0) -> None:
+                 start_timeout_s: float = 900.0) -> None:  # MiniLM + references on a loaded CPU: minutes
         self.policy_path = policy_path
         self.settings = settings
         self.policies = policies

@@ -15,6 +15,7 @@ TWIN_CANDIDATE_SLACK = 6.0  # MinHash pre-filter: rows estimated within TWIN_MAX
 UNRELATED_MAX_MEAN_JACCARD = 0.15
 KEY_RECENT = 50
 LOCAL_SHIFT = 3.0  # -log10 p of an identity's own outside count that lets a project/cluster shift attach to it
+LOCAL_OUTSIDE = 3  # ... and at least this many of its own pieces outside (two early outliers are not evidence)
 HARVEST_REPEATS = 4  # a logprob request counts as harvesting from the 5th time its prompt is seen in the window
 
 
@@ -145,6 +146,8 @@ class ScopeState:
         self.drift = Flags(windows["prompt_drift"])
         self.drift_sims: deque[float] = deque(maxlen=windows["prompt_drift"])
         self.outside = Flags(windows["distribution_shift"])  # per embedded piece: outside the approved reference
+        self.outside_keys: deque[int] = deque()  # the distinct pieces behind ``outside`` (a repeat is one trial)
+        self.outside_seen: Counter[int] = Counter()
         self.shift = 0.0  # -log10 p of the outside count (distribution_shift), updated with each embedding
         self.suspicious = Flags(KEY_RECENT)  # this identity's own recent suspicious events (tenant isolation)
         self.vectors: deque[np.ndarray] = deque(maxlen=windows["embedding_mmd"])  # project scope only
@@ -202,12 +205,34 @@ class ScopeState:
         while len(self.key_events) > 1000:
             self.key_events.popitem(last=False)
 
+    def add_piece(self, key: int, outside: bool) -> None:
+        """One embedded piece for ``distribution_shift``. A piece already in the window is not a new trial: the
+        binomial test assumes independent pieces, and an eval run resending its prompts would count each outlier
+        once per run (two legitimate XSTest evaluators were flagged that way)."""
+        if key in self.outside_seen:
+            return
+        if len(self.outside) == self.outside.items.maxlen:
+            old = self.outside_keys.popleft()
+            self.outside_seen[old] -= 1
+            if self.outside_seen[old] <= 0:
+                del self.outside_seen[old]
+        self.outside.append(outside)
+        self.outside_keys.append(key)
+        self.outside_seen[key] += 1
+
+    def word_evidence(self) -> bool:
+        """Half of this identity's own last requests were suspicious by the word-level detectors."""
+        return len(self.suspicious) >= 3 and self.suspicious.true * 2 >= len(self.suspicious)
+
+    def content_evidence(self) -> bool:
+        """This identity's own embedded pieces lie outside the reference: half of its requests, or an outside
+        count with p <= 10^-LOCAL_SHIFT and at least LOCAL_OUTSIDE pieces."""
+        drifted = len(self.drift) >= 5 and self.drift.true * 2 >= len(self.drift)
+        return drifted or (self.shift >= LOCAL_SHIFT and self.outside.true >= LOCAL_OUTSIDE)
+
     def own_evidence(self) -> bool:
-        """Whether this identity's own traffic is suspicious: what a project- or cluster-scope signal needs before it
-        is attached to one of its requests (so one tenant never raises another's signals)."""
-        own = len(self.suspicious) >= 3 and self.suspicious.true * 2 >= len(self.suspicious)
-        drifted = len(self.drift) >= 3 and self.drift.true * 2 >= len(self.drift)
-        return own or drifted or self.shift >= LOCAL_SHIFT
+        """Either kind of evidence (the bootstrap reference takes nothing from such an identity)."""
+        return self.word_evidence() or self.content_evidence()
 
     def forget_run(self, run: str) -> None:
         """A run whose owner was flagged no longer counts in the project's run-size baseline."""
