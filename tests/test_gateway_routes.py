@@ -273,6 +273,14 @@ def test_bad_route_config_is_refused_with_every_problem(tmp_path: Path, student:
     for needle in ("students.bad/name", "students.empty", "routes.x.student", "routes.x.threshold",
                    "routes.y.require_promoted"):
         assert needle in text, needle
+    import shutil
+
+    forged = shutil.copytree(student, tmp_path / "forged")
+    (forged / "promotion.json").write_text('{"deployable": true}')  # an edited record, no signature
+    data["students"] = {"toy": str(forged)}
+    data["routes"] = {"y": data["routes"]["y"]}
+    with pytest.raises(ConfigError, match="signature does not verify"):
+        config_from_data(data)
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@
         teacher: fake-teacher               # any model name this gateway routes (an upstream or local/NAME)
         threshold: runs/r1/threshold.json   # `distillgate route choose` output: the threshold and its source
         projects: [proj-a]                  # only these projects are routed (default: every project)
-        require_promoted: false             # true: the student's artefact must hold promotion.json
+        require_promoted: false             # true: a signed promotion.json (distillgate promote) must verify
         shadow:
           rate: 0.1                         # share of student-eligible requests also answered by the teacher
           window: 200                       # comparisons kept per slice (in the store's route_shadow table)
@@ -312,9 +312,9 @@ def route_issues(routes: Mapping[str, RouteSettings], students: Mapping[str, str
         if r.student not in students:
             issues.append(ConfigIssue(f"routes.{name}.student", f"student {r.student!r} is not registered",
                                       f"add it under students (registered: {sorted(students)})"))
-        elif r.require_promoted and not _promoted(students[r.student]):
-            issues.append(ConfigIssue(f"routes.{name}.require_promoted", f"student {r.student!r} is not promoted "
-                                      f"(no {PROMOTION_FILE} in its artefact)", "promote it, or set "
+        elif r.require_promoted and (problem := _not_promoted(students[r.student])):
+            issues.append(ConfigIssue(f"routes.{name}.require_promoted", f"student {r.student!r} is not promoted: "
+                                      f"{problem}", "promote it (`distillgate promote`), or set "
                                       "require_promoted: false"))
         if name.startswith(("student/", "local/")) or name == r.teacher:
             issues.append(ConfigIssue(f"routes.{name}", "a route's name must be its own model name",
@@ -325,6 +325,17 @@ def route_issues(routes: Mapping[str, RouteSettings], students: Mapping[str, str
     return issues
 
 
-def _promoted(artefact: str) -> bool:
+def _not_promoted(artefact: str) -> str | None:
+    """Why the artefact is not a promoted student (None when its signed promotion record verifies)."""
+    from distillgate.errors import IntegrityError
+    from distillgate.evals.promotion import verify_promotion  # the promotion record's one verifier
+
     base = Path(artefact)
-    return (base / PROMOTION_FILE).is_file() or (base.parent / PROMOTION_FILE).is_file()
+    record = next((p for p in (base / PROMOTION_FILE, base.parent / PROMOTION_FILE) if p.is_file()), None)
+    if record is None:
+        return f"no {PROMOTION_FILE} beside its model"
+    try:
+        verify_promotion(record)
+    except (IntegrityError, ValueError, KeyError, TypeError) as exc:
+        return str(exc)
+    return None
