@@ -171,6 +171,8 @@ def test_the_student_is_served_by_name_with_its_card_never_by_path(tmp_path: Pat
         chunks = list(stream)
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "yes"
         assert chunks[-1].model_extra["distillgate"]["route"]["taken"] == "student"
+        legacy = c.completions.create(model="toy-intent", prompt="alpha red beta", max_tokens=4)
+        assert legacy.model == "student/toy" and legacy.choices[0].text == "yes"
         for bad in ("student/" + str(student), "student/../toy", "student/other"):
             with pytest.raises(Exception, match="not a student of this gateway"):
                 ask(c, "alpha red beta", model=bad)
