@@ -278,10 +278,10 @@ class Gateway:
         ex = await self._parse(route_name, scope, receive)
         self._identify(ex)
         await self._judge(ex)
+        started = time.perf_counter()  # a route's latency includes the student's classification
         await self._route(ex)
         ticket = await self._admit(ex, out)
         async with ticket:
-            started = time.perf_counter()
             choice = ex.choice
             upstream = Answered(choice.answer) if choice is not None and choice.answer is not None \
                 else await self.router.get(ex.route)  # type: ignore[arg-type]
