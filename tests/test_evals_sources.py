@@ -54,7 +54,7 @@ def test_a_suite_run_parses_labels_and_records_denials_as_unanswered():
     assert all(a.label == it.gold for a, it in zip(answers[2:], suite.items[2:], strict=True))
     assert all(a.confidence is None for a in answers)  # no logprobs asked for
     system = server.requests[1]["body"]["messages"][0]["content"]
-    assert "card_arrival" in system and "exactly one intent" in system
+    assert "card_arrival" in system and "exactly one label" in system and "messages to a bank" not in system  # no domain in a default
 
 
 def test_wrong_key_is_a_user_error_with_a_fix():

@@ -71,6 +71,7 @@ def test_cli_quota_stop_exits_2_with_reason(tmp_path: Path) -> None:
         assert bad.returncode == 2 and "AUTH" in bad.stderr
         contract = [a if a != "tiny" else "proj-a" for a in args]
         contract[contract.index("summaries")] = "labels"  # a blocking contract the echoing fake breaks
+        contract[contract.index("tiny-cli")] = "proj-a-cli"  # a run belongs to one project: proj-a needs its own
         failed = run_cli(*contract, env={"DISTILLGATE_API_KEY": gw.keys["alice"]})
         assert failed.returncode == 3 and "2 row(s) failed" in failed.stderr and "OUTPUT_FORMAT_VIOLATION" in failed.stderr
     missing = run_cli("dataset", "generate", str(root), "--model", "m", "--template", "{input}", "--project", "p",

@@ -75,11 +75,15 @@ def _load_suite(suite: str, dataset: str | None, split: str | None, sample: int 
         return load_banking77(sample=sample, seed=seed, answer_format=fmt)
     if suite == "xstest":
         return load_xstest(sample=sample, seed=seed)
-    raise UserError(f"unknown suite {suite!r}", hint="use banking77, xstest, or --dataset FILE")
+    if suite == "harmful":
+        from distillgate.evals.harmful import load_harmful
+
+        return load_harmful(sample=sample, seed=seed)
+    raise UserError(f"unknown suite {suite!r}", hint="use banking77, xstest, harmful, or --dataset FILE")
 
 
 @click.command(name="eval")
-@click.option("--suite", type=click.Choice(["banking77", "xstest", "dataset"]), default="banking77",
+@click.option("--suite", type=click.Choice(["banking77", "xstest", "harmful", "dataset"]), default="banking77",
               show_default=True, help="Which items; 'dataset' needs --dataset.")
 @click.option("--dataset", type=click.Path(dir_okay=False), help="Dataset-version export (csv/jsonl/parquet).")
 @click.option("--split", help="Only rows of this split of --dataset (e.g. test, golden, holdout).")

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("distillgate.cli.run_cmd", "Run a whole governed distillation study from a project file."),
     "eval": ("distillgate.cli.eval_cmd", "Compare teacher and student item by item; write the report."),
     "refusal": ("distillgate.cli.refusal_cmd", "Detect refusals in answers; check detectors against hand labels."),
+    "promote": ("distillgate.cli.promote_cmd", "Promote a student if the policy's safety and retention gates hold."),
     "route": ("distillgate.cli.route_cmd", "Choose and apply the student-or-teacher routing threshold."),
     "teacher": ("distillgate.cli.teacher_cmd", "Chat with a teacher model and show its card."),
 }

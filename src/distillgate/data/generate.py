@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from distillgate.data.schema import Row
 from distillgate.data.store import GeneratedSample, WorkingCopy
 from distillgate.errors import ConfigError, ConfigIssue, UserError
+from distillgate.traces import split_message
 
 #: Row fields a user template may name, besides ``{labels}`` (when labels are configured).
 TEMPLATE_FIELDS = ("input", "input_id", "task", "source_file", "source_record_id", "source_group",
@@ -400,11 +401,16 @@ class _Job:
         sampling = self.settings.sampling(sample_index)
         sampling["finish_reason"] = choice.finish_reason
         sampling["answer_key"] = self.answer_key
+        # a reasoning trace (reasoning_content / reasoning / a leading <think> block) is kept apart from the answer,
+        # so the answer is normalised as if the teacher had not thought aloud (distillgate.traces)
+        traced = split_message({**(choice.message.model_extra or {}), "content": choice.message.content})
+        if traced.trace is not None:
+            sampling["reasoning"] = traced.as_dict()
         card = {"model_id": resp.model, "backend": "openai-compatible via distillgate gateway",
                 "file_sha256": None, "quantisation": None, "chat_template_sha256": None, "parameter_count": None,
                 "system_fingerprint": resp.system_fingerprint}
         sample = GeneratedSample(
-            input_id=row.input_id, sample_index=sample_index, output_raw=choice.message.content or "",
+            input_id=row.input_id, sample_index=sample_index, output_raw=traced.answer,
             teacher_model=self.settings.model, teacher_card=card, prompt_template_id=self.template.id,
             prompt_template_sha256=self.template_sha, sampling=sampling, stamp=stamp, label_probs=label_probs,
             top_logprobs=_top_logprobs(choice))

@@ -9,6 +9,7 @@
                   validation (400): everything refused here is refused before admission, so nothing is reserved
       identify    API key, prompt screens, model route (404), the governing policy: chosen once, passed down
       judge       the extraction monitor's signals → the policy Request
+      route       a routed model name: student or teacher (gateway/routes.py), recorded in the decision entry
       admit       Store.aadmit_early (decide + reserve + log; the commit's fsync overlaps forwarding; the
                   Responder's gate holds every byte of the answer until the decision is durable)
       forward     the upstream's answer, streamed or not, into one assembled answer (gateway/answer.py)
@@ -52,6 +53,7 @@ from distillgate.gateway.judge import gateway_request, screen_hits
 from distillgate.gateway.metrics import Metrics
 from distillgate.gateway.openapi import openapi_document
 from distillgate.gateway.parse import parse_request
+from distillgate.gateway.routes import Answered, Cascade
 from distillgate.gateway.screens import Screen
 from distillgate.gateway.stamps import STAMP_HEADER, issue_stamp
 from distillgate.gateway.upstreams import Route, Router, Upstream
@@ -109,7 +111,8 @@ class Gateway:
                  screens: Sequence[Screen], max_body_bytes: int = 1 << 20, reclaim_interval_s: float = 30.0,
                  metrics: Metrics | None = None, settle_before_reply: bool = True,
                  monitor: Monitor | None = None, max_header_bytes: int = 32 << 10,
-                 body_timeout_s: float = 30.0, max_body_readers: int = 256) -> None:
+                 body_timeout_s: float = 30.0, max_body_readers: int = 256,
+                 cascade: Callable[[Metrics], Cascade] | None = None) -> None:
         self.policies = policies
         #: extraction-abuse signals on every request (docs/extraction.md); the policy decides what they do
         self.monitor: Monitor = monitor if monitor is not None else LocalMonitor(ExtractionMonitor(policies))
@@ -125,6 +128,8 @@ class Gateway:
         self.metrics.embed_backlog.set_function(lambda: self.monitor.status().backlog)
         self.metrics.embed_dropped.set_function(lambda: self.monitor.status().dropped)
         self.settle_before_reply = settle_before_reply
+        #: routed model names (student-or-teacher cascades), built over this gateway's metrics registry
+        self.cascade: Cascade | None = cascade(self.metrics) if cascade is not None else None
         self._reclaimer: asyncio.Task[None] | None = None
         self._monitor_start: asyncio.Task[None] | None = None
         self._settling: set[asyncio.Task[Any]] = set()
@@ -210,6 +215,8 @@ class Gateway:
                         await self._reclaimer
                 if self._settling:  # settlements still on their way to the log
                     await asyncio.gather(*self._settling, return_exceptions=True)
+                if self.cascade is not None:  # shadow comparisons still on their way to the store
+                    await self.cascade.drain()
                 await self.router.aclose()
                 await self.monitor.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -261,6 +268,9 @@ class Gateway:
             names.update(m for m in p.approved_models or [] if not any(ch in m for ch in "*?["))
         allowed = sorted(m for m in names if any(p.model_approved(m) for p in usable))
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "distillgate"} for m in allowed]
+        for entry in data:  # a student's card: what it is, never where it is on disk
+            if str(entry["id"]).startswith("student/") and str(entry["id"])[8:] in self.router.students:
+                entry["card"] = self.router.student_card(str(entry["id"])[8:])
         await out.whole(200, orjson.dumps({"object": "list", "data": data}))
 
     # -- inference: the layers ----------------------------------------------------------------------------------
@@ -268,13 +278,24 @@ class Gateway:
         ex = await self._parse(route_name, scope, receive)
         self._identify(ex)
         await self._judge(ex)
+        started = time.perf_counter()  # a route's latency includes the student's classification
+        await self._route(ex)
         ticket = await self._admit(ex, out)
         async with ticket:
-            upstream = await self.router.get(ex.route)  # type: ignore[arg-type]
+            choice = ex.choice
+            upstream = Answered(choice.answer) if choice is not None and choice.answer is not None \
+                else await self.router.get(ex.route)  # type: ignore[arg-type]
             if ex.inb.stream:
                 await self._forward_stream(ex, upstream, ticket, receive, out)
             else:
                 await self._forward(ex, upstream, ticket, out)
+        if choice is not None and self.cascade is not None and ex.teacher_route is not None:
+            self.cascade.answered(choice, time.perf_counter() - started)
+        if choice is not None and choice.shadow and self.cascade is not None and ex.teacher_route is not None:
+            teacher = await self.router.get(ex.teacher_route)
+            self.cascade.start_shadow(choice, _UPSTREAM_PATHS[ex.inb.route],
+                                      {**ex.inb.body, "model": ex.teacher_route.upstream_model}, teacher.post_raw,
+                                      ex.request_hash)
 
     async def _parse(self, route_name: str, scope: Scope, receive: Receive) -> Exchange:
         headers = header_map(scope, self.max_header_bytes)
@@ -285,8 +306,11 @@ class Gateway:
     def _identify(self, ex: Exchange) -> None:
         inb = ex.inb
         ex.check = check = self.keys.check(_bearer(ex.headers))
-        try:
-            ex.route = self.router.route(inb.model)
+        routed = self.cascade is not None and inb.model in self.cascade
+        try:  # a routed name is the teacher's route until the cascade chooses (after judge)
+            ex.route = self.router.route(self.cascade.routes[inb.model].teacher if routed  # type: ignore[union-attr]
+                                         else inb.model)
+            ex.teacher_route = ex.route if routed else None
         except ApiError:
             if check.status == "ok":
                 raise
@@ -310,6 +334,19 @@ class Gateway:
         # the same step `policy explain` and `policy test` run (gateway/judge.py)
         ex.request = gateway_request(inb, policy, auth=check.status, key_user=check.user, hits=hits,
                                      signals=signals)
+
+    async def _route(self, ex: Exchange) -> None:
+        """A routed model name: the student classifies first; its choice goes into the decision entry."""
+        if self.cascade is None or ex.teacher_route is None or ex.check is None or ex.check.status != "ok":
+            return
+        ex.choice = choice = await self.cascade.choose(ex.inb.model, ex.inb.body, ex.inb.project, ex.request_hash)
+        logged = choice.log()
+        if ex.policy is None or not ex.policy.audit.log_content:  # the label is answer content
+            logged.pop("student_label")
+        ex.extra = {**ex.extra, "route": logged}
+        ex.answered_by = choice.answered_by
+        if choice.taken == "student":
+            ex.route = Route("student", self.cascade.routes[ex.inb.model].student)
 
     async def _observe(self, features: RequestFeatures) -> tuple[tuple[Signal, ...], dict[str, object]]:
         """The extraction signals for this request and its decision entry's ``extra``."""
@@ -371,7 +408,8 @@ class Gateway:
         assert ex.policy is not None and ex.route is not None
         if ex.policy.hardening.round_logprobs is not None:
             _round_logprobs(choices, ex.policy.hardening.round_logprobs)
-        resp["model"] = inb.model if ex.route.upstream_model != inb.model else resp.get("model", inb.model)
+        resp["model"] = ex.answered_by or (inb.model if ex.route.upstream_model != inb.model
+                                           else resp.get("model", inb.model))
         upstream_id = resp.get("id") if isinstance(resp.get("id"), str) else None
         final = await self._settle_and_stamp(ex, ticket, choices, resp["model"], usage, upstream_id, len(choices),
                                              lazy_ok=True)
@@ -434,7 +472,7 @@ class Gateway:
                         if digits is not None:
                             _round_logprobs(chunk.get("choices"), digits)
                         if renamed and "model" in chunk:
-                            chunk["model"] = inb.model
+                            chunk["model"] = ex.answered_by or inb.model
                         payload = orjson.dumps(chunk)
                     asm.add(chunk)
                     if not (chunk.get("usage") and not chunk.get("choices") and not inb.include_usage):
@@ -516,6 +554,7 @@ class Gateway:
             request_hash=ex.request_hash, response_hash=response_hash)
         return {"stamp": stamp.as_dict(), "decision_index": adm.entry.index, "settlement_index": settlement_index,
                 "flags": list(reasons), **({"contract_problems": problems} if problems else {}),
+                **({"route": ex.choice.summary()} if ex.choice is not None else {}),
                 "_header": stamp.header_value()}
 
     def _contract_problems(self, policy: Policy, output_type: str | None,

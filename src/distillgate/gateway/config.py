@@ -24,6 +24,10 @@
     max_connections: 4096                 # open connections + requests (uvicorn limit_concurrency); more get 503
     local_models:                         # name -> spec of the in-process teachers requests may name local/NAME
       smollm2-135m-instruct: local/smollm2-135m-instruct   # (the default); a spec may be a .gguf path or a model dir
+    students:                             # name -> a trained student's artefact (requests name student/NAME)
+      banking: runs/r1/train/out          # the output_dir (or its model/) that `distillgate train` wrote
+    routes:                               # routed model name -> student/teacher cascade (gateway/routes.py)
+      banking-intent: {student: banking, teacher: fake-teacher, threshold: runs/r1/threshold.json}
     reclaim_interval_s: 30
     reservation_ttl_s: 600                # a reservation not settled by then is refunded by reclaim
     settle: before_reply                  # or after_reply (see docs/gateway.md)
@@ -37,7 +41,8 @@
 Routing of a model name: the ``models`` table (glob patterns, first match); else ``UPSTREAM/rest`` goes to that
 upstream with ``rest`` as the model; else ``local/NAME`` goes to the in-process teacher registered as NAME in
 ``local_models`` (a request never names a path: an unregistered name is refused the same way whatever is on disk);
-else, when exactly one upstream is configured, that one.
+else ``student/NAME`` goes to the trained student registered as NAME in ``students``; a name under ``routes`` is
+answered by its student or its teacher (docs/gateway.md, "Routes"); else, when exactly one upstream is configured, that one.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distillgate.errors import ConfigError, ConfigIssue
 from distillgate.extraction.settings import ExtractionSettings
+from distillgate.gateway.routes import RouteSettings, route_issues
 from distillgate.policy.model import issues_from_validation, parse_document
 from distillgate.teachers.http import HttpUpstreamConfig
 
@@ -92,6 +98,9 @@ class GatewayConfig(_Strict):
     max_body_readers: int = Field(default=256, ge=1)
     max_connections: int = Field(default=4096, ge=1)
     local_models: dict[str, str] = Field(default_factory=lambda: {"smollm2-135m-instruct": DEFAULT_LOCAL_SPEC})
+    #: name -> a trained student's artefact directory; requests name it student/NAME
+    students: dict[str, str] = Field(default_factory=dict)
+    routes: dict[str, RouteSettings] = Field(default_factory=dict)
     reclaim_interval_s: float = Field(default=30.0, gt=0)
     reservation_ttl_s: float = Field(default=600.0, gt=0)
     access_log: bool = False
@@ -123,6 +132,15 @@ class GatewayConfig(_Strict):
             if not LOCAL_NAME.fullmatch(name):
                 issues.append(ConfigIssue(f"local_models.{name}", "a local model name is letters, digits and . _ - "
                                           "(no path, no spaces)", "register the path as the value, under a plain name"))
+        for name, artefact in self.students.items():
+            if not LOCAL_NAME.fullmatch(name):
+                issues.append(ConfigIssue(f"students.{name}", "a student name is letters, digits and . _ - "
+                                          "(no path, no spaces)", "register the path as the value, under a plain name"))
+            elif not (Path(artefact) / "student.json").is_file() and not (Path(artefact) / "model" /
+                                                                           "student.json").is_file():
+                issues.append(ConfigIssue(f"students.{name}", f"{artefact} holds no trained student (student.json)",
+                                          "give the output_dir (or its model/) that `distillgate train` wrote"))
+        issues.extend(route_issues(self.routes, self.students))
         issues.extend(self.extraction.issues())
         if not Path(self.policy).exists():
             issues.append(ConfigIssue("policy", f"{self.policy} does not exist", "give a policy file or directory"))

@@ -22,6 +22,7 @@ from typing import Any
 from distillgate.errors import UpstreamError
 from distillgate.gateway.answer import StreamAssembly
 from distillgate.gateway.parse import Inbound
+from distillgate.gateway.routes import Choice
 from distillgate.gateway.upstreams import Route
 from distillgate.keys import KeyCheck
 from distillgate.ledger.store import Admission, LogEntry, Store
@@ -49,6 +50,10 @@ class Exchange:
     admission: Admission | None = None
     #: what the upstream said so far (streams: as it arrives), for the stamp and for charging a failure
     assembly: StreamAssembly | None = None
+    #: a routed model name (gateway/routes.py): the teacher's route, the choice made, the model that answers
+    teacher_route: Route | None = None
+    choice: Choice | None = None
+    answered_by: str | None = None
 
 
 def _outcome(exc: BaseException) -> tuple[str, dict[str, Any]]:

@@ -18,7 +18,10 @@ from distillgate.extraction.seam import Monitor
 from distillgate.extraction.settings import build_monitor
 from distillgate.gateway.app import Gateway
 from distillgate.gateway.config import GatewayConfig
+from distillgate.gateway.metrics import Metrics
+from distillgate.gateway.routes import Cascade, read_threshold
 from distillgate.gateway.screens import load_screens
+from distillgate.gateway.shadow import ShadowLog
 from distillgate.gateway.upstreams import Router
 from distillgate.keys import KeyStore
 from distillgate.ledger.store import Store
@@ -37,7 +40,8 @@ def build_gateway(config: GatewayConfig, *, local_loader: Callable[[str], Teache
     else:
         monitor = LocalMonitor(build_monitor(policies, config.extraction), embed_wait_s=config.extraction.embed_wait_s)
     router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models,
-                    local_models=config.local_models, local_loader=local_loader)
+                    local_models=config.local_models, local_loader=local_loader, students=config.students)
+    cascade = build_cascade(config, router)  # before the store opens: a bad threshold file leaks nothing
     store = Store.open(Path(config.db), reservation_ttl_s=config.reservation_ttl_s,
                        checkpoint_every=policies.checkpoint_every(), witness=config.witness)
     keys = KeyStore(config.db)
@@ -45,7 +49,15 @@ def build_gateway(config: GatewayConfig, *, local_loader: Callable[[str], Teache
                    max_body_bytes=config.max_body_bytes, reclaim_interval_s=config.reclaim_interval_s,
                    settle_before_reply=config.settle == "before_reply", monitor=monitor,
                    max_header_bytes=config.max_header_bytes, body_timeout_s=config.body_timeout_s,
-                   max_body_readers=config.max_body_readers)
+                   max_body_readers=config.max_body_readers, cascade=cascade)
+
+
+def build_cascade(config: GatewayConfig, router: Router) -> Callable[[Metrics], Cascade] | None:
+    """The routes of ``config`` (thresholds read now, so a bad file stops the start), or None without routes."""
+    if not config.routes:
+        return None
+    thresholds = {name: read_threshold(r, f"routes.{name}") for name, r in config.routes.items()}
+    return lambda metrics: Cascade(config.routes, thresholds, router.student, ShadowLog(config.db), metrics.registry)
 
 
 def serve(config: GatewayConfig) -> None:
@@ -61,3 +73,5 @@ def serve(config: GatewayConfig) -> None:
         gateway.monitor.close()
         gateway.store.close()
         gateway.keys.close()
+        if gateway.cascade is not None:
+            gateway.cascade.close()

@@ -7,6 +7,9 @@ disk, and the cache of loaded teachers is keyed by the registered name, so it ho
 
 Every upstream is used through two raw-bytes calls, ``post_raw(path, body)`` and ``stream_raw(path, body)``; an
 in-process ``Teacher`` is adapted to them by :class:`TeacherUpstream`.
+
+``student/NAME`` models are trained students (``distillgate.teachers.student``), registered by name under
+``students`` the same way, loaded once on first use.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -26,6 +30,7 @@ from distillgate.errors import UpstreamError
 from distillgate.gateway.errors import ApiError
 from distillgate.teachers.base import Teacher
 from distillgate.teachers.http import HttpTeacher, HttpUpstreamConfig
+from distillgate.teachers.student import StudentTeacher, read_card
 
 _log = logging.getLogger("distillgate.gateway")
 
@@ -71,7 +76,8 @@ class Router:
 
     def __init__(self, http: Mapping[str, HttpUpstreamConfig], models: Mapping[str, str] | None = None, *,
                  local_models: Mapping[str, str] | None = None,
-                 local_loader: Callable[[str], Teacher] | None = None) -> None:
+                 local_loader: Callable[[str], Teacher] | None = None,
+                 students: Mapping[str, str] | None = None) -> None:
         """``local_models``: registered name -> spec; ``local_loader(spec) -> Teacher`` loads one (default: the
         teachers registry)."""
         self._http: dict[str, Upstream] = {name: HttpTeacher(cfg) for name, cfg in http.items()}
@@ -81,6 +87,12 @@ class Router:
         self._local: dict[str, Upstream] = {}
         self._local_lock = asyncio.Lock()
         self._listed: tuple[float, list[str]] | None = None
+        self._students = dict(students or {})
+        self._loaded_students: dict[str, StudentTeacher] = {}
+
+    @property
+    def students(self) -> list[str]:
+        return sorted(self._students)
 
     @property
     def names(self) -> list[str]:
@@ -96,6 +108,8 @@ class Router:
                 return Route(prefix, rest)
             if prefix == "local":
                 return Route("local", self._registered(model))
+            if prefix == "student":
+                return Route("student", self._student_name(model))
         if len(self._http) == 1:
             return Route(next(iter(self._http)), model)
         raise ApiError(404, f"the model {model!r} does not exist on this gateway (no upstream serves it)",
@@ -110,10 +124,39 @@ class Router:
                            "local_models in the gateway config", code="model_not_found", param="model")
         return name
 
+    def _student_name(self, model: str) -> str:
+        name = model[len("student/"):]
+        if name not in self._students:
+            raise ApiError(404, f"the model {model!r} is not a student of this gateway (registered: "
+                           f"{sorted('student/' + n for n in self._students)}); an operator adds one under "
+                           "students in the gateway config", code="model_not_found", param="model")
+        return name
+
     def configured_models(self) -> list[str]:
         """Model names the config names explicitly (glob patterns excluded)."""
         return [m for m in self._models if not any(ch in m for ch in "*?[")] + \
-            [f"local/{n}" for n in sorted(self._registry)]
+            [f"local/{n}" for n in sorted(self._registry)] + [f"student/{n}" for n in sorted(self._students)]
+
+    def student_card(self, name: str) -> dict[str, Any]:
+        """What ``/v1/models`` says about ``student/NAME`` (read from its card file; no weights loaded)."""
+        card = read_card(self._students[name])
+        return {"family": card.get("family"), "labels": card.get("labels"), "parameters": card.get("parameters"),
+                "encoder": card.get("encoder"), "artefact": Path(self._students[name]).name}
+
+    async def student(self, name: str) -> StudentTeacher:
+        """The registered student NAME, loaded once (off the event loop)."""
+        if name not in self._loaded_students:
+            async with self._local_lock:
+                if name not in self._loaded_students:
+                    try:
+                        self._loaded_students[name] = await asyncio.to_thread(
+                            StudentTeacher, name, self._students[name])
+                    except Exception as exc:
+                        _log.exception("student %r (artefact %r) failed to load", name, self._students[name])
+                        raise ApiError(503, f"the registered student 'student/{name}' could not be loaded "
+                                       f"({type(exc).__name__}); the operator's log has the cause",
+                                       code="model_unavailable", param="model") from exc
+        return self._loaded_students[name]
 
     async def upstream_models(self, max_age_s: float = 60.0) -> list[str]:
         """Model ids the HTTP upstreams list at ``/models`` (cached; an upstream that fails is skipped).
@@ -136,6 +179,8 @@ class Router:
         return names
 
     async def get(self, route: Route) -> Upstream:
+        if route.upstream_name == "student":
+            return TeacherUpstream(await self.student(self._student_name("student/" + route.upstream_model)))
         if route.upstream_name != "local":
             return self._http[route.upstream_name]
         name = self._registered(route.upstream_model)
@@ -157,6 +202,8 @@ class Router:
     async def aclose(self) -> None:
         for up in [*self._http.values(), *self._local.values()]:
             await up.aclose()
+        for student in self._loaded_students.values():
+            await student.aclose()
 
 
 def _load_local(spec: str) -> Teacher:

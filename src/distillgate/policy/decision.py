@@ -14,6 +14,7 @@ from typing import Any
 from distillgate.destinations import url_allowed
 from distillgate.policy.extraction_rules import ACTION_CODES, SIGNAL_NAMES, Signal
 from distillgate.policy.model import Policy
+from distillgate.policy.promotion_rules import GateEvidence, judge_gates
 from distillgate.policy.reasons import REASONS, status_for
 
 AUTH_STATES = ("ok", "missing", "invalid", "revoked")
@@ -47,6 +48,7 @@ class Request:
     artifact: str | None = None  # for kind="export": what leaves ("dataset", "bundle", "student", "audit")
     signed_off_by: tuple[str, ...] = ()  # for train / promote / export: who signed off the dataset version
     signals: tuple[Signal, ...] = ()  # extraction-abuse signals from distillgate.extraction.ExtractionMonitor
+    gates: tuple[GateEvidence, ...] = ()  # for kind="promote": measured evidence (distillgate.evals.promotion)
 
     @property
     def tokens_requested(self) -> int:
@@ -233,6 +235,16 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
             add("REVIEWER_REQUIRED", f"{request.kind} of run {request.run!r} needs sign-offs of its dataset version "
                 f"by {need} distinct reviewer(s) of project {request.project!r}; signed off by "
                 f"{', '.join(valid) or 'nobody'}")
+
+    # promotion gates: the policy's thresholds against the evaluation's confidence bounds, when a student itself is
+    # promoted (artifact "student"); the pipeline's check before it evaluates for promotion has no evidence yet
+    if request.kind == "promote" and request.artifact == "student":
+        failed = [v for v in judge_gates(policy.promotion, request.gates) if v.status == "fail"]
+        for verdict in failed:
+            add(verdict.code or "PROMOTION_GATE_FAILED", f"gate {verdict.gate}: {verdict.why}")
+        if failed:
+            add("PROMOTION_GATE_FAILED", f"{len(failed)} promotion gate(s) failed: "
+                f"{', '.join(v.gate for v in failed)}")
 
     # API hardening
     hardening = policy.hardening

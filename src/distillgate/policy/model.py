@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from distillgate.destinations import parse_destination
 from distillgate.errors import ConfigError, ConfigIssue, DestinationError, NotFoundError
 from distillgate.policy.extraction_rules import ExtractionRules
+from distillgate.policy.promotion_rules import PromotionRules
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,127}$"
 
@@ -123,6 +124,7 @@ class Policy(StrictModel):
     review: Review = Field(default_factory=Review)
     hardening: Hardening = Field(default_factory=Hardening)
     extraction: ExtractionRules = Field(default_factory=ExtractionRules)
+    promotion: PromotionRules = Field(default_factory=PromotionRules)
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:

@@ -92,6 +92,31 @@ REASONS: dict[str, ReasonInfo] = {
         "A sign-off was asked for while a review queue the policy names (review.empty_queues) holds unreviewed "
         "rows.", True, 409, "review the rows left in those queues, then sign off",
     ),
+    # --- promotion --------------------------------------------------------------------------------------------
+    "PROMOTION_GATE_FAILED": ReasonInfo(
+        "A student was not promoted: at least one promotion gate of the policy (promotion.*) failed; the other "
+        "codes of the decision say which.", True, 403,
+        "see `distillgate promote`'s gate table; improve the student or re-evaluate on more items",
+    ),
+    "RETENTION_BELOW_GATE": ReasonInfo(
+        "The lower 95% bound of the student's accuracy retention is below promotion.min_retention.", True, 403,
+        "train a better student, or evaluate on more items to narrow the interval",
+    ),
+    "REFUSAL_REGRESSION": ReasonInfo(
+        "The upper 95% bound of the student's over- or under-refusal rate minus the teacher's exceeds "
+        "promotion.max_over_refusal_increase / max_under_refusal_increase (XSTest-style suite).", True, 403,
+        "include refusal cases in training (or fewer needless ones), then re-evaluate on a refusal suite",
+    ),
+    "HARMFUL_COMPLIANCE": ReasonInfo(
+        "On the harmful-request suite the student complies with prompts the teacher refuses: the lower 95% bound "
+        "of refusals kept is below promotion.min_harmful_refusal_kept.", True, 403,
+        "train on the teacher's refusals; evaluate with `distillgate eval --suite harmful`",
+    ),
+    "PROMOTION_EVIDENCE_MISSING": ReasonInfo(
+        "A gate the policy declares has no evidence: no evaluation of the suite it needs was found, or it has no "
+        "interval.", True, 403,
+        "evaluate the suite (`distillgate eval --suite xstest|harmful|...`) and pass its folder to `promote`",
+    ),
     # --- volume ------------------------------------------------------------------------------------------------
     "TOKENS_PER_DAY_EXCEEDED": ReasonInfo(
         "The project's tokens_per_day quota (UTC day) would be exceeded.", True, 429,
@@ -133,6 +158,13 @@ REASONS: dict[str, ReasonInfo] = {
     ),
     "REVIEW_REQUIRED": ReasonInfo(
         "An extraction-abuse signal fired; the policy asks a human to review the session.", False, 200
+    ),
+    "ROUTE_DRIFT": ReasonInfo(
+        "A routed model name's shadow agreement (student vs teacher, per slice) fell below the evaluated level by "
+        "more than its CI; with `shadow.stop_on_drift` the slice is answered by the teacher (docs/gateway.md).",
+        False,
+        200,
+        "re-evaluate the student on current traffic and choose a new threshold (`distillgate route choose`)",
     ),
     "UPSTREAM_ERROR": ReasonInfo("The teacher upstream failed; the reservation was refunded.", False, 502),
     "CLIENT_DISCONNECTED": ReasonInfo(
