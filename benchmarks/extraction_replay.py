@@ -44,7 +44,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -449,32 +450,14 @@ def replay_http(sessions: list[Session], references: dict[str, list[str]], args:
         refs[project] = str(work / f"approved-{project}.jsonl")
         Path(refs[project]).write_text("".join(
             json.dumps({"messages": [{"role": "user", "content": t}]}) + "\n" for t in texts))
-    fake_port, gw_port = _free_port(), _free_port()
-    config = {"host": "127.0.0.1", "port": gw_port, "db": str(db), "policy": str(policy),
-              "upstreams": {"fake": {"base_url": f"http://127.0.0.1:{fake_port}/v1"}},
+    config = {"db": str(db), "policy": str(policy),
               "extraction": {"embedder": args.embedder, "references": refs, "embed_cache": args.embed_cache}}
-    (work / "gateway.json").write_text(json.dumps(config))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-               HF_HUB_OFFLINE="1")
-    fake = _start([sys.executable, str(ROOT / "tests" / "fakes" / "fake_upstream.py"), "--port", str(fake_port)],
-                  work / "fake.log", env)
-    gateway = None
-    try:
-        _wait_up(f"http://127.0.0.1:{fake_port}/v1/models", fake, work / "fake.log", 60)
-        t0 = time.perf_counter()
-        gateway = _start([sys.executable, "-m", "distillgate", "gateway", "serve", "--config",
-                          str(work / "gateway.json")], work / "gateway.log", env)
-        _wait_up(f"http://127.0.0.1:{gw_port}/healthz", gateway, work / "gateway.log", 1800)
-        startup_s = time.perf_counter() - t0
+    with served_gateway(work, "gateway", config, ready_timeout=1800) as (base_url, startup_s):
         print(f"gateway up in {startup_s:.1f}s (references embedded); replaying over HTTP", flush=True)
         t1 = time.perf_counter()
         order, answers, latencies, seen = asyncio.run(_send_all(
-            f"http://127.0.0.1:{gw_port}", sessions, secrets, args.seed, args.concurrency, args.embed_backlog))
+            base_url, sessions, secrets, args.seed, args.concurrency, args.embed_backlog))
         replay_s = time.perf_counter() - t1
-    finally:
-        if gateway is not None:
-            _stop(gateway)
-        _stop(fake)
 
     from distillgate.ledger.store import Store
 
@@ -505,6 +488,34 @@ def replay_http(sessions: list[Session], references: dict[str, list[str]], args:
         "decision_entries": len(entries), "max_embed_backlog_seen": seen["max_backlog"],
         "backlog_pauses": int(seen["waits"]), "embedding_jobs_dropped": int(seen["dropped"]),
     }
+
+
+@contextmanager
+def served_gateway(work: Path, name: str, config: dict[str, object], *,
+                   ready_timeout: float) -> Iterator[tuple[str, float]]:
+    """The fake upstream and a real `gateway serve` on loopback with ``config`` (host, port and the fake's upstream
+    filled in; written to ``work/NAME.json``, logs in ``work/NAME.log``). Yields the gateway's base URL and the
+    seconds it took to answer /healthz; both processes are stopped on exit."""
+    fake_port, gw_port = _free_port(), _free_port()
+    full = {**config, "host": "127.0.0.1", "port": gw_port,
+            "upstreams": {"fake": {"base_url": f"http://127.0.0.1:{fake_port}/v1"}}}
+    (work / f"{name}.json").write_text(json.dumps(full))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1")
+    fake = _start([sys.executable, str(ROOT / "tests" / "fakes" / "fake_upstream.py"), "--port", str(fake_port)],
+                  work / "fake.log", env)
+    gateway = None
+    try:
+        _wait_up(f"http://127.0.0.1:{fake_port}/v1/models", fake, work / "fake.log", 60)
+        t0 = time.perf_counter()
+        gateway = _start([sys.executable, "-m", "distillgate", "gateway", "serve", "--config",
+                          str(work / f"{name}.json")], work / f"{name}.log", env)
+        _wait_up(f"http://127.0.0.1:{gw_port}/healthz", gateway, work / f"{name}.log", ready_timeout)
+        yield f"http://127.0.0.1:{gw_port}", time.perf_counter() - t0
+    finally:
+        if gateway is not None:
+            _stop(gateway)
+        _stop(fake)
 
 
 def _free_port() -> int:

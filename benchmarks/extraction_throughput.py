@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from extraction_replay import ROOT, _free_port, _metric, _start, _stop, _wait_up
+from extraction_replay import ROOT, _metric, served_gateway
 from extraction_traffic import DATA, TEMPLATES, _csv, declared_policy
 
 PROJECT = "support-intents"
@@ -84,35 +84,17 @@ def run_mode(mode: str, args: argparse.Namespace, work: Path, prompts: list[str]
     keys.close()
     refs = work / "approved.jsonl"
     refs.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ref))
-    fake_port, gw_port = _free_port(), _free_port()
     extraction: dict[str, Any] = {"embedder": "none"}
     if mode.startswith("minilm"):
         extraction = {"embedder": "minilm", "references": {PROJECT: str(refs)}, "process": mode == "minilm-mp"}
-    config = {"host": "127.0.0.1", "port": gw_port, "db": str(db), "policy": str(work / f"{mode}-policy.json"),
-              "upstreams": {"fake": {"base_url": f"http://127.0.0.1:{fake_port}/v1"}}, "extraction": extraction}
-    (work / f"{mode}.json").write_text(json.dumps(config))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-               HF_HUB_OFFLINE="1")
-    fake = _start([sys.executable, str(ROOT / "tests" / "fakes" / "fake_upstream.py"), "--port", str(fake_port)],
-                  work / "fake.log", env)
-    gateway = None
-    try:
-        _wait_up(f"http://127.0.0.1:{fake_port}/v1/models", fake, work / "fake.log", 60)
-        t0 = time.perf_counter()
-        gateway = _start([sys.executable, "-m", "distillgate", "gateway", "serve", "--config",
-                          str(work / f"{mode}.json")], work / f"{mode}.log", env)
-        _wait_up(f"http://127.0.0.1:{gw_port}/healthz", gateway, work / f"{mode}.log", 900)
-        ready_s = time.perf_counter() - t0
-        out = asyncio.run(load(f"http://127.0.0.1:{gw_port}", secret, prompts, args.seconds, args.concurrency))
-        metrics = httpx.get(f"http://127.0.0.1:{gw_port}/metrics").text
+    config = {"db": str(db), "policy": str(work / f"{mode}-policy.json"), "extraction": extraction}
+    with served_gateway(work, mode, config, ready_timeout=900) as (base_url, ready_s):
+        out = asyncio.run(load(base_url, secret, prompts, args.seconds, args.concurrency))
+        metrics = httpx.get(f"{base_url}/metrics").text
         out["embed_backlog_after"] = _metric(metrics, "distillgate_extraction_embed_backlog")
         out["embeddings_dropped"] = _metric(metrics, "distillgate_extraction_embeddings_dropped")
         out["ready_s"] = round(ready_s, 1)
         return out
-    finally:
-        if gateway is not None:
-            _stop(gateway)
-        _stop(fake)
 
 
 def main() -> None:
