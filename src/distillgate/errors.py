@@ -8,6 +8,7 @@ Every error a user can meet says what went wrong *and how to fix it*. The CLI ma
     │   ├── ConfigError                   a policy / project / gateway file is invalid (carries every issue)
     │   ├── NotFoundError                 a file, dataset, version, key or run does not exist
     │   ├── DatasetGuardError             golden or test rows offered to training
+    │   │   └── SyntheticShareError       more synthetic train rows than synthetic.max_train_share allows
     │   ├── ConflictError                 a row changed since it was read (optimistic concurrency)
     │   └── DestinationError              an export destination is malformed or unreachable
     ├── PolicyDenied                      exit 2: the policy said no (carries the reason codes)
@@ -73,6 +74,10 @@ class NotFoundError(UserError):
 
 class DatasetGuardError(UserError):
     pass
+
+
+class SyntheticShareError(DatasetGuardError):
+    """A build or freeze would give training a larger synthetic share than the dataset config allows."""
 
 
 class DestinationError(UserError):

@@ -1,4 +1,4 @@
-"""``distillgate dataset``: init, ingest, build, leakage, status, freeze, diff, export."""
+"""``distillgate dataset``: init, ingest, generate, synthesize, build, leakage, status, freeze, diff, export."""
 
 from __future__ import annotations
 
@@ -107,6 +107,10 @@ def build_cmd(directory: str, as_json: bool) -> None:
     click.echo("splits: " + ", ".join(f"{k}={v}" for k, v in sorted(info["splits"].items())))
     if info["holdout_reasons"]:
         click.echo("holdout: " + ", ".join(f"{k}={v}" for k, v in sorted(info["holdout_reasons"].items())))
+    train = info["synthetic"].get("by_split", {}).get("train")
+    if train and train["synthetic"]:
+        click.echo(f"train: {train['real']} real, {train['synthetic']} synthetic row(s) "
+                   f"({info['synthetic']['train_share']:.1%}; at most {info['synthetic']['max_train_share']:.0%})")
     click.echo(f"leakage: {info['leakage_hits']} protected row(s) with a train neighbour at Jaccard >= "
                f"{report.leakage.threshold}")
     _echo_conflicts(report.leakage.conflicts, limit=5)
@@ -308,8 +312,10 @@ def export_cmd(ref: str, url: str, formats: tuple[str, ...], root: str | None, d
 
 def _register_generate() -> None:
     from distillgate.cli.generate_cmd import generate
+    from distillgate.cli.synthesize_cmd import synthesize
 
     cli.add_command(generate)
+    cli.add_command(synthesize)
 
 
 _register_generate()

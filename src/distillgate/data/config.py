@@ -151,6 +151,13 @@ class ReviewConfig(_Strict):
     rare_label_max_count: int = 5
 
 
+class SyntheticRules(_Strict):
+    """What the build allows of synthetic rows (``distillgate.data.synthesize``); they only ever train."""
+
+    #: the most synthetic rows may be of the train split; a build beyond it is refused (guards against collapse)
+    max_train_share: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
 class ExportConfig(_Strict):
     allowed_destinations: list[str] = Field(default_factory=list)  # empty: any file:// ; s3:// must be listed
 
@@ -170,6 +177,7 @@ class DatasetConfig(_Strict):
     split: SplitConfig = SplitConfig()
     review: ReviewConfig = ReviewConfig()
     export: ExportConfig = ExportConfig()
+    synthetic: SyntheticRules = SyntheticRules()
 
     def filters_for(self, task: str) -> FiltersConfig:
         override = self.tasks.get(task)

@@ -40,6 +40,7 @@ class BuildReport:
     leakage: LeakageReport
     changed: int = 0
     conflicts: list[str] = field(default_factory=list)
+    synthetic: dict[str, Any] = field(default_factory=dict)  # real vs synthetic rows per split, the train share
 
 
 @contextmanager
@@ -119,7 +120,8 @@ def process_stream(
             plan.timings["apply"], plan.timings["apply_cpu"] = time.perf_counter() - t0, time.process_time() - c0
     finally:
         plan.close()
-    return BuildReport(filters=plan.filter_report(), split=plan.split_report, leakage=plan.leakage_report())
+    return BuildReport(filters=plan.filter_report(), split=plan.split_report, leakage=plan.leakage_report(),
+                       synthetic=plan.synthetic_report)
 
 
 def process(
@@ -207,4 +209,5 @@ def summary(report: BuildReport) -> dict[str, Any]:
         "label_conflicts_in_use": report.leakage.conflicts_in_use,
         "changed": report.changed,
         "conflicts": len(report.conflicts),
+        "synthetic": report.synthetic,
     }

@@ -39,6 +39,7 @@ from distillgate.data.splits import (
     assign_split_columns,
     golden_ids_file,
 )
+from distillgate.data.synthetic import synthetic_share
 from distillgate.minhash import band_keys
 
 I64 = npt.NDArray[np.int64]
@@ -95,7 +96,7 @@ class _Columns:
         self.stamps: list[pa.Array] = []
         self.parts: dict[str, list[npt.NDArray[np.generic]]] = {
             k: [] for k in ("mask", "task", "teacher_label", "label", "review", "locked", "ids", "pre_hard",
-                            "low_conf", "n_words", "conflict_ref", "text_key")}
+                            "low_conf", "n_words", "conflict_ref", "text_key", "synthetic")}
 
     def add(self, name: str, values: Sequence[int] | Sequence[bool], dtype: type[np.generic]) -> None:
         self.parts[name].append(np.asarray(values, dtype=dtype))
@@ -188,6 +189,7 @@ class BuildPlan:
             cols.add("conflict_ref", [self._label(r.reference_label) for r in batch], np.int32)
             cols.add("text_key", [hash(text_key(r.input)) for r in batch], np.int64)
             cols.add("review", [_REVIEW.get(r.review_state, 0) for r in batch], np.int8)
+            cols.add("synthetic", [r.synthetic is not None for r in batch], np.bool_)
             locked = [r.row_id in self.locked for r in batch]
             cols.add("locked", locked, np.bool_)
             self._golden_texts.extend(r.input for r, lk in zip(batch, locked, strict=True) if lk)
@@ -303,7 +305,8 @@ class BuildPlan:
         del review
         self.label = cols.take("label", np.int32)
 
-        # splits
+        # splits (synthetic rows only ever train: splits.py)
+        synthetic = cols.take("synthetic", np.bool_).astype(bool)
         group, _ = _encode(cols.groups)
         ts_rank = None
         if cfg.split.by_time:
@@ -320,10 +323,11 @@ class BuildPlan:
             label=self.label, pre_hard=cols.take("pre_hard", np.int8).astype(np.int8),
             low_confidence=cols.take("low_conf", np.bool_).astype(bool), agreement=self.agreement,
             n_words=cols.take("n_words", np.int32) if self._need_words else None,
-            ts_rank=ts_rank)
+            ts_rank=ts_rank, synthetic=synthetic if synthetic.any() else None)
         result = assign_split_columns(inputs, cfg.split, bool(self.locked))
         del inputs, group, locked
         self.split, self.split_reason, self.split_report = result.split, result.reason, result.report
+        self.synthetic_report = synthetic_share(self.split, synthetic, cfg.synthetic.max_train_share)
         t5 = _clock()
 
         # the leakage check: protected rows with a trainable neighbour

@@ -6,8 +6,13 @@ the gateway's signed provenance stamp, the filter verdict with reason codes, the
 and the review trail.
 
 Serialised form (``Row.to_record``): a flat dict whose nested values (``label_probs``, ``top_logprobs``,
-``teacher_card``, ``sampling``, ``stamp``, ``review_before``, ``review_after``) stay dicts/lists in JSON and are
-stored as JSON text columns in Parquet (``ARROW_SCHEMA``). ``SCHEMA_VERSION`` changes whenever a field changes.
+``teacher_card``, ``sampling``, ``stamp``, ``review_before``, ``review_after``, ``synthetic``) stay dicts/lists in
+JSON and are stored as JSON text columns in Parquet (``ARROW_SCHEMA``). ``SCHEMA_VERSION`` changes whenever a field
+changes; ``READABLE_VERSIONS`` are the older versions still read (a field added since reads as its default).
+
+A synthetic row (``distillgate.data.synthesize``) carries ``synthetic``: how it was made (kind, generator template
+id and hash, seed row ids, the generator call's stamp, or the deterministic transform). Real rows hold ``None``,
+which ``content_sha256`` leaves out, so a real row hashes as it did before the field existed.
 """
 
 from __future__ import annotations
@@ -25,14 +30,16 @@ import pyarrow.parquet as pq
 
 from distillgate.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = frozenset({1, 2})  # 1: before ``synthetic``
 
 SPLITS = ("train", "val", "test", "golden", "holdout", "excluded")
 FILTER_STATUSES = ("pending", "pass", "fail")
 REVIEW_STATES = ("unreviewed", "accepted", "corrected", "rejected")
 
 # Fields stored as JSON text in Parquet (dicts / nested lists in Python).
-JSON_FIELDS = ("label_probs", "top_logprobs", "teacher_card", "sampling", "stamp", "review_before", "review_after")
+JSON_FIELDS = ("label_probs", "top_logprobs", "teacher_card", "sampling", "stamp", "review_before", "review_after",
+               "synthetic")
 
 
 @dataclass(slots=True)
@@ -65,6 +72,9 @@ class Row:
     reference_label: str | None = None  # a label that came with the traffic (not used for training)
     tags: list[str] = field(default_factory=list)
     input_sha256: str = ""
+    #: None for real traffic; for a synthetic input: {"kind", "template_id", "template_sha256", "seed_row_ids",
+    #: "stamp" (the generator call's, None for a deterministic transform), "transform", "intended_label"}
+    synthetic: dict[str, Any] | None = None
     # pipeline verdicts
     filter_status: str = "pending"
     filter_reasons: list[str] = field(default_factory=list)
@@ -104,7 +114,13 @@ class Row:
         """Hash of the row's content (everything but the edit counter ``version``)."""
         record = self.to_record()
         record.pop("version")
+        if record["synthetic"] is None:
+            record.pop("synthetic")  # a real row hashes as it did before the field existed
         return hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.synthetic is not None
 
     def golden_sha256(self) -> str:
         """Hash of what a golden row must never change: input, final label and normalised answer."""
@@ -153,7 +169,7 @@ def rows_to_table(rows: Sequence[Row]) -> pa.Table:
 
 def table_to_records(table: pa.Table, *, decode_json: bool = True) -> list[dict[str, Any]]:
     version = (table.schema.metadata or {}).get(b"distillgate.schema_version")
-    if version is not None and int(version) != SCHEMA_VERSION:
+    if version is not None and int(version) not in READABLE_VERSIONS:
         raise UserError(
             f"dataset schema version {int(version)} is not supported (this distillgate reads {SCHEMA_VERSION})",
             hint="use the distillgate release that wrote the dataset, or re-freeze it with this one",

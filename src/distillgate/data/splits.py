@@ -12,6 +12,12 @@ conversation) or one near-duplicate cluster are in the same component, transitiv
 
 Rows that failed filters get split ``excluded``.
 
+**Synthetic rows only ever train** (``distillgate.data.synthesize``; enforced here, like the golden lock): they
+never key a component (real input ids rank first), never mark one as a hard case, and do not count towards rare
+labels or length quantiles. A component of synthetic rows only goes to train whatever its draw; a synthetic row in
+a component whose real rows went to val, test, golden or holdout (it is a near-duplicate of them) is ``excluded``
+with reason ``synthetic_held_out``, and so is a synthetic row named by a golden lock.
+
 The work is columnar (``assign_split_columns``): one small integer per row and per input, never a ``Row`` object,
 so a build of millions of rows holds arrays, not objects (docs/dataset.md, "Memory"). Components are the connected
 components of the graph row -- input / source group / cluster (scipy's ``connected_components``), numbered in order
@@ -41,7 +47,8 @@ SPLIT_NAMES = ("train", "val", "test", "golden", "holdout", "excluded")
 HARD_REASONS = ("cannot_answer", "adversarial", "ambiguous", "low_confidence", "rare_label", "long_input",
                 "short_input")  # in the order they are tried
 SPLIT_REASONS: tuple[str | None, ...] = (None, "filtered", "locked", "golden_group", "ids_file", "sampled",
-                                         *HARD_REASONS, *(f"with_{r}" for r in HARD_REASONS))
+                                         *HARD_REASONS, *(f"with_{r}" for r in HARD_REASONS),
+                                         "synthetic_held_out")
 _TRAIN, _VAL, _TEST, _GOLDEN, _HOLDOUT, _EXCLUDED = range(6)
 _R = {name: i for i, name in enumerate(SPLIT_REASONS)}
 _HARD0 = _R["cannot_answer"]
@@ -91,6 +98,7 @@ class SplitInputs:
     agreement: npt.NDArray[np.float64]  # (D,) per input; NaN: one sample
     n_words: Ints | None  # (N,) words of the input (None: no length quantile configured)
     ts_rank: Ints | None  # (N,) rank of source_timestamp in string order, -1 for none (only with by_time)
+    synthetic: BOOL | None = None  # (N,) the row is synthetic (None: no synthetic rows)
 
 
 @dataclass
@@ -134,12 +142,15 @@ def _any_per(comp: Ints, flag: BOOL, n: int) -> BOOL:
     return np.bincount(comp[flag], minlength=n) > 0
 
 
-def _hard_codes(x: SplitInputs, h: HoldoutConfig, live_rows: Ints) -> npt.NDArray[np.int8]:
-    """The first hard-case reason of each live row (``_R`` code, 0 for none), tried in ``HARD_REASONS`` order."""
+def _hard_codes(x: SplitInputs, h: HoldoutConfig, live_rows: Ints, real: BOOL) -> npt.NDArray[np.int8]:
+    """The first hard-case reason of each live row (``_R`` code, 0 for none), tried in ``HARD_REASONS`` order.
+
+    Only ``real`` rows are marked, and label counts and length quantiles are those of the real rows.
+    """
     label = x.label[live_rows]
-    counts = np.bincount(label)
+    counts = np.bincount(label[real], minlength=int(label.max()) + 1 if len(label) else 0)
     out = np.zeros(len(live_rows), dtype=np.int8)
-    undecided = np.ones(len(live_rows), dtype=bool)
+    undecided = real.copy()
 
     def take(flag: BOOL, name: str) -> None:
         hit = undecided & flag
@@ -156,9 +167,9 @@ def _hard_codes(x: SplitInputs, h: HoldoutConfig, live_rows: Ints) -> npt.NDArra
     if x.n_words is not None:
         lengths = x.n_words[live_rows]
         if h.long_input_quantile is not None:
-            take(lengths > _quantile_array(lengths, h.long_input_quantile), "long_input")
+            take(lengths > _quantile_array(lengths[real], h.long_input_quantile), "long_input")
         if h.short_input_quantile is not None:
-            take(lengths < _quantile_array(lengths, h.short_input_quantile), "short_input")
+            take(lengths < _quantile_array(lengths[real], h.short_input_quantile), "short_input")
     return out
 
 
@@ -201,11 +212,20 @@ def assign_split_columns(x: SplitInputs, cfg: SplitConfig, golden_locked: bool) 
     reason = np.full(n, _R["filtered"], dtype=np.int8)
     report = SplitReport()
     live_rows = np.flatnonzero(x.live).astype(np.int32)
+    syn = x.synthetic[live_rows] if x.synthetic is not None else np.zeros(len(live_rows), dtype=bool)
+    input_rank = x.input_rank
+    if syn.any():  # real input ids rank before synthetic ones: a synthetic row never keys a real component
+        assert x.synthetic is not None
+        syn_input = np.zeros(len(input_rank), dtype=bool)
+        syn_input[x.input_idx[x.synthetic]] = True
+        shifted = input_rank.astype(np.int64) + len(input_rank) * syn_input
+        input_rank = np.empty(len(shifted), dtype=np.int32)
+        input_rank[np.argsort(shifted, kind="stable")] = np.arange(len(shifted), dtype=np.int32)
     comp, n_comps = _component_of_live(x, live_rows)
     report.components = n_comps
     key_rank = np.full(n_comps, np.iinfo(np.int32).max, dtype=np.int32)
-    np.minimum.at(key_rank, comp, x.input_rank[x.input_idx[live_rows]])
-    key_input = np.argsort(x.input_rank)[key_rank]  # the input whose id is the component's key
+    np.minimum.at(key_rank, comp, input_rank[x.input_idx[live_rows]])
+    key_input = np.argsort(input_rank)[key_rank]  # the input whose id is the component's key
     sizes = np.bincount(comp, minlength=n_comps)
     live_split = np.full(len(live_rows), -1, dtype=np.int8)
     live_reason = np.zeros(len(live_rows), dtype=np.int8)
@@ -230,7 +250,7 @@ def assign_split_columns(x: SplitInputs, cfg: SplitConfig, golden_locked: bool) 
 
     h = cfg.holdout
     if h.enabled:
-        codes = _hard_codes(x, h, live_rows)
+        codes = _hard_codes(x, h, live_rows, ~syn)
         codes[done[comp]] = 0
         marked = np.flatnonzero(codes)
         first_row = np.full(n_comps, len(live_rows), dtype=np.int32)
@@ -254,7 +274,7 @@ def assign_split_columns(x: SplitInputs, cfg: SplitConfig, golden_locked: bool) 
     if cfg.by_time:
         assert x.ts_rank is not None
         ts = np.full(n_comps, np.iinfo(np.int32).max, dtype=np.int32)
-        stamps = x.ts_rank[live_rows]
+        stamps = np.where(syn, np.iinfo(np.int32).max, x.ts_rank[live_rows]).astype(np.int32)  # synthetic: no time
         if (stamps[~done[comp]] < 0).any():
             raise UserError(
                 "split.by_time is on but some rows have no timestamp",
@@ -272,6 +292,13 @@ def assign_split_columns(x: SplitInputs, cfg: SplitConfig, golden_locked: bool) 
     in_rest = ~done[comp]
     live_split[in_rest] = comp_split[comp[in_rest]]
     live_reason[in_rest] = 0
+    if syn.any():
+        pure = ~_any_per(comp, ~syn, n_comps)[comp]  # the row's component holds no real row
+        off_train = syn & (live_split != _TRAIN)
+        to_train = off_train & pure & ~x.locked[live_rows]
+        live_split[to_train], live_reason[to_train] = _TRAIN, 0
+        held = off_train & ~to_train
+        live_split[held], live_reason[held] = _EXCLUDED, _R["synthetic_held_out"]
     split[live_rows], reason[live_rows] = live_split, live_reason
     values, first, counts = np.unique(split, return_index=True, return_counts=True)
     report.counts = {SPLIT_NAMES[int(values[k])]: int(counts[k]) for k in np.argsort(first, kind="stable").tolist()}

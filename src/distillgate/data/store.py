@@ -284,6 +284,13 @@ class WorkingCopy:
                     pending.append((template, index))
         return pending
 
+    def discard_inputs(self, input_ids: Sequence[str]) -> int:
+        """Delete inputs and every row generated for them (synthetic inputs discarded). Returns the inputs deleted."""
+        with self.transaction() as conn:
+            for iid in input_ids:
+                conn.execute("DELETE FROM rows WHERE input_id=?", (iid,))
+            return sum(conn.execute("DELETE FROM inputs WHERE input_id=?", (iid,)).rowcount for iid in input_ids)
+
     def discard_rows(self, row_ids: Sequence[str]) -> int:
         """Delete generated rows (stale answers about to be asked again); their inputs stay. Returns the count."""
         with self.transaction() as conn:

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from distillgate.canonical import sha256_file
 from distillgate.data.schema import SCHEMA_VERSION, Row, rows_sha256, table_to_records, write_parquet
 from distillgate.data.store import WorkingCopy
+from distillgate.data.synthetic import check_frozen, synthetic_counts
 from distillgate.errors import IntegrityError, NotFoundError, UserError
 
 MANIFEST = "manifest.json"
@@ -72,6 +73,7 @@ def _counts(rows: Sequence[Row]) -> dict[str, Any]:
         "filter_reasons": dict(sorted(Counter(c for r in rows for c in r.filter_reasons).items())),
         "edited": sum(1 for r in rows if r.edited),
         "split_label": {k: dict(sorted(v.items())) for k, v in sorted(split_label.items())},
+        **({"synthetic": synthetic_counts(rows)} if any(r.synthetic is not None for r in rows) else {}),
     }
 
 
@@ -120,6 +122,7 @@ def freeze(wc: WorkingCopy, *, notes: str = "") -> Version:
     if any(r.filter_status == "pending" or r.split is None for r in rows):
         raise UserError("some rows were never built (no filter verdict or split)",
                         hint="run `distillgate dataset build DIR` before freezing")
+    check_frozen(rows, wc.config.synthetic.max_train_share)  # synthetic rows: train only, within the share
     lock: dict[str, str] | None = wc.get_meta("golden_lock")
     if lock:
         verify_golden(rows, lock)

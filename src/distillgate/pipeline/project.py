@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from distillgate.data.synthesize import SynthesizeConfig
 from distillgate.errors import ConfigError, ConfigIssue
 from distillgate.overrides import apply_overrides
 from distillgate.policy.model import issues_from_validation, parse_document
@@ -149,6 +150,8 @@ class Project(_Strict):
     task: TaskSection
     traffic: TrafficSection
     generation: GenerationSection = Field(default_factory=GenerationSection)
+    synthesize: SynthesizeConfig | None = Field(
+        default=None, description="synthetic inputs from the train rows (docs/dataset.md); null: no synthesize stage")
     dataset: dict[str, Any] = Field(default_factory=dict, description="dataset config (docs/dataset.md)")
     train: dict[str, Any] = Field(default_factory=dict, description="training config (docs/training.md)")
     eval: EvalSection = Field(default_factory=EvalSection)

@@ -157,7 +157,7 @@ decision log. Intervals are 95% paired bootstrap intervals over items.</p>
 def write_run_report(pipeline: Pipeline) -> tuple[Path, Path]:
     metrics = collect_metrics(pipeline)
     stages = []
-    for name in ("generate", "build", "freeze", "train", "eval"):
+    for name in ("generate", "synthesize", "build", "freeze", "train", "eval"):
         path = pipeline.cache.path(name)
         if path.exists():
             data = json.loads(path.read_text())
@@ -178,8 +178,14 @@ def _stage_summary(name: str, outputs: dict[str, Any]) -> str:
     if name == "generate":
         r = outputs.get("report") or {}
         return f"{outputs.get('rows')} rows; {r.get('tokens')} tokens"
+    if name == "synthesize":
+        r = outputs.get("report") or {}
+        return (f"{outputs.get('synthetic_inputs', 0)} synthetic inputs (added now: {r.get('added') or 'none'})"
+                if r else "not enabled")
     if name == "build":
-        return f"{outputs.get('passed')}/{outputs.get('rows')} pass; splits {outputs.get('splits')}"
+        train = ((outputs.get("synthetic") or {}).get("by_split") or {}).get("train") or {}
+        mix = f"; train {train.get('real')} real + {train.get('synthetic')} synthetic" if train.get("synthetic") else ""
+        return f"{outputs.get('passed')}/{outputs.get('rows')} pass; splits {outputs.get('splits')}{mix}"
     if name == "freeze":
         return f"version {str(outputs.get('version_id'))[:16]}"
     if name == "train":

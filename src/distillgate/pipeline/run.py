@@ -1,6 +1,8 @@
 """``distillgate run PROJECT.yaml``: a whole governed distillation study, stage by stage.
 
-    generate → build → freeze → train → eval → report → export
+    generate → synthesize → build → freeze → train → eval → report → export
+
+(``synthesize`` runs only when the project file has a ``synthesize:`` section.)
 
 Every teacher call (generation and evaluation) goes through the policy gateway (started in-process on loopback
 unless ``gateway.url`` names one), so quotas, the decision log and provenance stamps cover the whole study. Each
@@ -42,7 +44,7 @@ from distillgate.policy.decision import Request
 from distillgate.policy.model import PolicySet, load_policies
 from distillgate.progress import PlainProgress
 
-STAGES = ("generate", "build", "freeze", "train", "eval", "report", "export")
+STAGES = ("generate", "synthesize", "build", "freeze", "train", "eval", "report", "export")
 
 
 @dataclass
@@ -184,8 +186,28 @@ class Pipeline:
         out.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
         return out
 
+    def label_job(self) -> tuple[Any, Any]:
+        """The labelling job's prompt template and settings (generation, and the labels of synthetic inputs)."""
+        from distillgate.data.generate import PromptTemplate, parse_settings
+
+        p = self.project
+        template = PromptTemplate(id=p.task.template_id, user=p.task.template, system=self.teacher_system)
+        g = p.generation
+        settings = parse_settings({
+            "model": p.teacher.model, "user": p.user, "project": p.project, "run": p.run_id,
+            "output_type": p.task.output_type, "k": g.k, "temperature": g.temperature,
+            "max_tokens": g.max_tokens, "seed": g.seed, "logprobs": g.top_logprobs is not None,
+            "top_logprobs": g.top_logprobs, "labels": self.labels, "concurrency": g.concurrency,
+            "label_scoring": g.label_scoring,
+            "timeout_s": p.teacher.timeout_s,
+            # what changes an answer without being in the request: which teacher serves the model name
+            "answer_context": {"teacher": p.teacher.model_dump(exclude={"timeout_s", "api_key_env"}),
+                               "pool_sha256": self.pool_sha256()},
+        }, "generation")
+        return template, settings
+
     def stage_generate(self) -> StageOutcome:
-        from distillgate.data.generate import PromptTemplate, generate, parse_settings
+        from distillgate.data.generate import generate
         from distillgate.data.ingest import ingest_file
 
         p = self.project
@@ -196,19 +218,7 @@ class Pipeline:
         with self.working_copy() as wc:
             ingested = ingest_file(sample, wc.config.ingest)
             new, known = wc.add_inputs(ingested.rows)
-            template = PromptTemplate(id=p.task.template_id, user=p.task.template, system=self.teacher_system)
-            g = p.generation
-            settings = parse_settings({
-                "model": p.teacher.model, "user": p.user, "project": p.project, "run": p.run_id,
-                "output_type": p.task.output_type, "k": g.k, "temperature": g.temperature,
-                "max_tokens": g.max_tokens, "seed": g.seed, "logprobs": g.top_logprobs is not None,
-                "top_logprobs": g.top_logprobs, "labels": self.labels, "concurrency": g.concurrency,
-                "label_scoring": g.label_scoring,
-                "timeout_s": p.teacher.timeout_s,
-                # what changes an answer without being in the request: which teacher serves the model name
-                "answer_context": {"teacher": p.teacher.model_dump(exclude={"timeout_s", "api_key_env"}),
-                                   "pool_sha256": self.pool_sha256()},
-            }, "generation")
+            template, settings = self.label_job()
             target = self.gateway()
             start = time.monotonic()
             plain = PlainProgress("teacher generation", "answers", self.console, self.progress_every_s)
@@ -245,6 +255,32 @@ class Pipeline:
                             f"{report.tokens:,} tokens",
                             {"rows": rows, "report": report.as_dict(), "dataset_dir": str(self.workdir / "dataset")})
 
+    def stage_synthesize(self) -> StageOutcome:
+        from distillgate.data.synthesize import synthesize
+
+        p = self.project
+        if p.synthesize is None:
+            return StageOutcome("synthesize", "skipped", 0, "no synthesize section in the project file")
+        cfg = p.synthesize
+        if cfg.out_of_scope_label is None and p.task.out_of_scope_label is not None:
+            cfg = cfg.model_copy(update={"out_of_scope_label": p.task.out_of_scope_label})
+        template, settings = self.label_job()
+        with self.working_copy() as wc:
+            report = synthesize(wc, cfg, label_template=template, label_settings=settings, target=self.gateway())
+            synthetic = sum(r.synthetic is not None for r in wc.inputs())
+        if report.stopped:
+            raise PolicyDenied(f"synthesis stopped by the gateway: {report.stop_message}", list(report.stopped_by),
+                               hint="the synthetic rows written so far are kept; rerun after fixing the cause")
+        if report.failed or report.labelled.get("failed"):
+            raise UpstreamError(f"{report.failed} generator call(s) and {report.labelled.get('failed', 0)} "
+                                f"labelling call(s) failed: {report.failures[:1]}",
+                                hint="rerun: what is stored is kept and only the missing ones are asked for")
+        added = ", ".join(f"{k}={v}" for k, v in report.added.items()) or "nothing new"
+        return StageOutcome("synthesize", "ran", 0, f"{report.seeds} seed rows; added {added} "
+                            f"({report.already_present} already present, {report.empty} empty); {synthetic} "
+                            f"synthetic inputs in all, {report.tokens:,} generator tokens",
+                            {"report": report.as_dict(), "synthetic_inputs": synthetic})
+
     def stage_build(self) -> StageOutcome:
         from distillgate.data.pipeline import build
 
@@ -256,9 +292,11 @@ class Pipeline:
         for r in rows:
             splits[str(r.split)] = splits.get(str(r.split), 0) + 1
         leak = report.leakage
+        train = report.synthetic.get("by_split", {}).get("train", {})
+        mix = (f"; train {train['real']} real + {train['synthetic']} synthetic" if train.get("synthetic") else "")
         return StageOutcome("build", "ran", 0, f"{passed}/{len(rows)} rows pass the filters; splits "
-                            + ", ".join(f"{k}={v}" for k, v in sorted(splits.items())),
-                            {"passed": passed, "rows": len(rows), "splits": splits,
+                            + ", ".join(f"{k}={v}" for k, v in sorted(splits.items())) + mix,
+                            {"passed": passed, "rows": len(rows), "splits": splits, "synthetic": report.synthetic,
                              "leakage": getattr(leak, "hits", None) if leak is not None else None})
 
     def stage_freeze(self) -> StageOutcome:
@@ -509,6 +547,7 @@ class Pipeline:
             return chain[-1]
 
         yield "generate", first
+        yield "synthesize", link("synthesize", p.synthesize.model_dump() if p.synthesize is not None else None)
         yield "build", link("build", self.dataset_config())
         yield "freeze", link("freeze")
         yield "train", link("train", {k: v for k, v in p.train.items()}, self.student_system,
