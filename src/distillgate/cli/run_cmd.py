@@ -17,7 +17,7 @@ import click
 @click.option("--check", is_flag=True, help="Validate the project file (every problem at once) and stop.")
 def cli(project_file: str, overrides: tuple[str, ...], start: str | None, only: str | None, force: bool,
         check: bool) -> None:
-    """Run a governed distillation study: generate → build → freeze → train → eval → report → export.
+    """Run a governed distillation study: generate → synthesize → build → freeze → train → eval → report → export.
 
     Exit codes: 0 ok, 1 user error, 2 policy denial, 3 internal or upstream error.
     """
