@@ -299,3 +299,51 @@ def test_freeze_refuses_a_synthetic_row_moved_to_test_by_hand(tmp_path: Path) ->
         version = freeze(wc)
     frozen: list[Any] = read_parquet(version.path / "rows.parquet")
     assert [r.split for r in frozen if r.synthetic] == ["train"]
+
+
+# -- the command ------------------------------------------------------------------------------------------------
+def test_cli_synthesizes_against_a_running_gateway_then_discards(tmp_path: Path) -> None:
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from distillgate.cli.main import cli
+
+    root = seeded_copy(tmp_path / "ds")
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(PLAN))
+    (tmp_path / "labels.json").write_text(json.dumps(LABELS))
+    with two_teachers(tmp_path) as gw:
+        args = ["dataset", "synthesize", str(root), "--plan", str(tmp_path / "plan.yaml"), "--set", "adversarial=0",
+                "--template", LABEL_TEMPLATE.user, "--system", str(LABEL_TEMPLATE.system), "--template-id",
+                LABEL_TEMPLATE.id, "--labels-file", str(tmp_path / "labels.json"), "--model", "fake-teacher",
+                "--max-tokens", "8", "--project", "proj-a", "--user", "alice", "--run", "syn-1",
+                "--gateway", gw.target.base_url, "--api-key", gw.target.api_key, "--json"]
+        result = CliRunner().invoke(cli, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output)
+        assert report["added"] == {"hard_negative": 3, "edge_case": 4, "out_of_scope": 2, "balance": 2}
+        assert report["labelled"]["added"] == 11
+        no_template = CliRunner().invoke(cli, [*args[:5], "--gateway", gw.target.base_url])
+        assert isinstance(no_template.exception, UserError) and "--template" in str(no_template.exception)
+    gone = CliRunner().invoke(cli, ["dataset", "synthesize", str(root), "--discard", "all"])
+    assert gone.exit_code == 0 and "discarded 11 synthetic input(s)" in gone.output
+    with WorkingCopy.open(root) as wc:
+        assert not [r for r in wc.rows() if r.synthetic is not None] and len(wc.inputs()) == 30
+
+
+def test_review_queue_holds_synthetic_rows_labelled_otherwise_than_written_for(tmp_path: Path) -> None:
+    from distillgate.data.review import queue_rows, queue_sizes
+
+    root = seeded_copy(tmp_path / "ds")
+    cfg = parse_synthesize_config({"model": "fake-teacher-large", "hard_negatives": 4,
+                                   "edge_cases": {"transforms": ["formatting"], "per_transform": 3}})
+    with two_teachers(tmp_path) as gw, WorkingCopy.open(root) as wc:
+        synthesize(wc, cfg, label_template=LABEL_TEMPLATE, label_settings=label_settings(), target=gw.target)
+        build(wc)
+        queued = queue_rows(wc, "synthetic")
+        synthetic = [r for r in wc.rows() if r.synthetic is not None]
+        sizes = queue_sizes(wc)
+    # the labeller answers card_lost to everything: the queue is every synthetic row written for another label
+    expected = {r.row_id for r in synthetic if r.synthetic and r.synthetic["intended_label"] != "card_lost"}
+    assert expected and {r.row_id for r in queued} == expected and sizes["synthetic"] == len(expected)

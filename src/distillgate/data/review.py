@@ -18,6 +18,8 @@ Queues (slices of the working copy):
     rare_labels           labels with at most review.rare_label_max_count rows
     failed_parse          answers that did not parse (INVALID_JSON / SCHEMA_MISMATCH)
     disagreement          the k teacher samples did not all agree
+    synthetic             synthetic rows the teacher labelled otherwise than they were written for (or that were
+                          written for no label, e.g. out of scope): the generator and the labeller disagree
     reason:CODE:LABEL     rows failed with reason CODE whose label is LABEL (filter reason x label)
 
 Leases: a reviewer working a row holds a lease on it (``claim``; ``claim_next`` takes the next free row of a queue)
@@ -49,7 +51,7 @@ from distillgate.data.schema import Row
 from distillgate.data.store import WorkingCopy
 from distillgate.errors import ConflictError, DatasetGuardError, NotFoundError, UserError
 
-FIXED_QUEUES = ("low_confidence", "long_outputs", "rare_labels", "failed_parse", "disagreement")
+FIXED_QUEUES = ("low_confidence", "long_outputs", "rare_labels", "failed_parse", "disagreement", "synthetic")
 LEASE_TTL_S = 300.0
 
 _LEASES = """
@@ -70,6 +72,7 @@ def _queue_predicates(rows: list[Row], cfg: ReviewConfig) -> dict[str, Callable[
         "rare_labels": lambda r: r.label is not None and counts[r.label] <= cfg.rare_label_max_count,
         "failed_parse": lambda r: "INVALID_JSON" in r.filter_reasons or "SCHEMA_MISMATCH" in r.filter_reasons,
         "disagreement": lambda r: r.agreement is not None and r.agreement < 1.0,
+        "synthetic": lambda r: r.synthetic is not None and r.label != r.synthetic.get("intended_label"),
     }
 
 

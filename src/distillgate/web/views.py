@@ -20,6 +20,7 @@ QUEUE_HELP = {
     "rare_labels": "labels with only a few rows",
     "failed_parse": "the answer did not parse (INVALID_JSON / SCHEMA_MISMATCH)",
     "disagreement": "the teacher's samples for the input disagree",
+    "synthetic": "synthetic rows the teacher labelled otherwise than they were written for",
 }
 
 
