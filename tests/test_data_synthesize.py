@@ -347,3 +347,27 @@ def test_review_queue_holds_synthetic_rows_labelled_otherwise_than_written_for(t
     # the labeller answers card_lost to everything: the queue is every synthetic row written for another label
     expected = {r.row_id for r in synthetic if r.synthetic and r.synthetic["intended_label"] != "card_lost"}
     assert expected and {r.row_id for r in queued} == expected and sizes["synthetic"] == len(expected)
+
+
+def test_schema_version_1_files_still_read_and_real_rows_hash_as_before(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from distillgate.data.schema import rows_to_table
+
+    row = seed_row(0, "Where is my card?", "card_arrival")
+    table = rows_to_table([row]).drop_columns(["synthetic"])
+    table = table.replace_schema_metadata({b"distillgate.schema_version": b"1"})
+    pq.write_table(table, tmp_path / "v1.parquet")
+    back = read_parquet(tmp_path / "v1.parquet")[0]
+    assert back.synthetic is None and back.input == row.input
+    # a null ``synthetic`` is left out of the content hash: what version 1 hashed
+    import hashlib
+
+    import orjson
+
+    record = row.to_record()
+    record.pop("version")
+    record.pop("synthetic")
+    assert row.content_sha256() == hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    marked = _synthetic_row(0, "Where is my card?")
+    assert marked.content_sha256() != Row.from_record({**marked.to_record(), "synthetic": None}).content_sha256()
