@@ -371,3 +371,13 @@ def test_schema_version_1_files_still_read_and_real_rows_hash_as_before(tmp_path
     assert row.content_sha256() == hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
     marked = _synthetic_row(0, "Where is my card?")
     assert marked.content_sha256() != Row.from_record({**marked.to_record(), "synthetic": None}).content_sha256()
+
+
+def test_generator_answers_are_cleaned_to_the_message() -> None:
+    from distillgate.data.synthesize import clean_generated
+
+    assert clean_generated('Here is a new message:\n"Where is my new card?"\nI hope this helps.') == \
+        "Where is my new card?"
+    assert clean_generated("<think>they want a message</think>Message: My top-up failed") == "My top-up failed"
+    assert clean_generated("   \n") == "" and clean_generated(None) == ""
+    assert clean_generated("Regular message:") == "Regular message:"  # nothing after the header: kept as is

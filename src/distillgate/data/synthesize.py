@@ -368,9 +368,12 @@ class SynthesizeReport:
 
 
 def clean_generated(text: str | None) -> str:
-    """The message in a generator answer: no reasoning trace, quotes, 'Message:' prefix or trailing lines."""
+    """The message in a generator answer: no reasoning trace, header lines, quotes, 'Message:' prefix or trailing
+    lines."""
     answer = split_message({"content": text}).answer or ""
     lines = [ln.strip() for ln in answer.strip().splitlines() if ln.strip()]
+    while len(lines) > 1 and lines[0].endswith(":"):  # a header line ("Here is a new message:") before the text
+        lines.pop(0)
     first = lines[0] if lines else ""
     first = re.sub(r"^(new message|message|rewritten message|rewrite)\s*:\s*", "", first, flags=re.IGNORECASE)
     return first.strip().strip('"“”\'').strip()[:1000]
