@@ -381,3 +381,13 @@ def test_generator_answers_are_cleaned_to_the_message() -> None:
     assert clean_generated("<think>they want a message</think>Message: My top-up failed") == "My top-up failed"
     assert clean_generated("   \n") == "" and clean_generated(None) == ""
     assert clean_generated("Regular message:") == "Regular message:"  # nothing after the header: kept as is
+
+
+def test_a_transform_of_the_same_seed_is_planned_once() -> None:
+    seeds = [seed_row(i, t, "card_lost") for i, t in enumerate(banking_texts(2))]
+    for s in seeds:
+        s.label = s.output_raw
+    tasks, notes = plan_tasks(seeds, parse_synthesize_config({"edge_cases": {"transforms": ["short"],
+                                                                             "per_transform": 5}}), LABELS)
+    assert len(tasks) == 2 and len({t.input_id for t in tasks}) == 2
+    assert any("repeat another" in n for n in notes)

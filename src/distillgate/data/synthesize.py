@@ -334,7 +334,12 @@ def plan_tasks(seeds: Sequence[Row], cfg: SynthesizeConfig, labels: Sequence[str
                                   (seed,), tuple(tpl.messages(input=seed.input, label=lab)), intended_label=lab))
     if not seeds:
         notes.append("no seed rows: the working copy has no labelled real rows the build puts in train")
-    return tasks, notes
+    unique: dict[str, Task] = {}
+    for t in tasks:  # the first of each id: a transform of one seed is one task however often it is drawn
+        unique.setdefault(t.input_id, t)
+    if len(unique) < len(tasks):
+        notes.append(f"{len(tasks) - len(unique)} task(s) repeat another (a transform of the same seed): planned once")
+    return list(unique.values()), notes
 
 
 # -- the job ----------------------------------------------------------------------------------------------------
@@ -404,12 +409,13 @@ async def _write(wc: WorkingCopy, tasks: Sequence[Task], cfg: SynthesizeConfig, 
         return
     job_report = GenerateReport(planned=len(calls))
     job = _Job(wc, PromptTemplate(id="synthesize", user="{input}"), gen, target, None, None, job_report)
-    queue: asyncio.Queue[tuple[int, Task]] = asyncio.Queue()
-    for item in enumerate(calls):
+    queue: asyncio.Queue[Task] = asyncio.Queue()
+    for item in calls:
         queue.put_nowait(item)
 
-    async def one(index: int, task: Task) -> None:
-        result = await job._call(list(task.messages), index)
+    async def one(task: Task) -> None:
+        # the sampling seed follows the task, not its place in this run's queue: a rerun asks the same question
+        result = await job._call(list(task.messages), int(task.input_id[-6:], 16))
         if isinstance(result, _Denied):
             if not job.stop.is_set():
                 report.stopped_by, report.stop_status, report.stop_message = result.reasons, result.status, \
@@ -434,10 +440,10 @@ async def _write(wc: WorkingCopy, tasks: Sequence[Task], cfg: SynthesizeConfig, 
     async def worker() -> None:
         while not job.stop.is_set():
             try:
-                index, task = queue.get_nowait()
+                task = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            await one(index, task)
+            await one(task)
 
     try:
         await asyncio.gather(*(worker() for _ in range(min(cfg.concurrency, len(calls)))))
