@@ -58,7 +58,7 @@ def _abs(path: str) -> str:
     return str((EXAMPLE / path).resolve())
 
 
-def project_doc(workdir: Path, rows: int, synthesize: dict[str, Any] | None) -> dict[str, Any]:
+def project_doc(workdir: Path, rows: int, synthesize: dict[str, Any] | None, epochs: int) -> dict[str, Any]:
     doc: dict[str, Any] = yaml.safe_load((EXAMPLE / "project.yaml").read_text())
     doc["policy"] = _abs(doc["policy"])
     doc["workdir"] = str(workdir)
@@ -72,6 +72,7 @@ def project_doc(workdir: Path, rows: int, synthesize: dict[str, Any] | None) -> 
     doc["dataset"]["filters"]["allowed_labels_file"] = _abs(doc["dataset"]["filters"]["allowed_labels_file"])
     doc["dataset"]["split"]["ratios"] = {"train": 0.6, "val": 0.05, "test": 0.35}
     doc.pop("compare", None)
+    doc["train"]["epochs"] = epochs
     doc["export"] = {"to": None}
     if synthesize is not None:
         doc["synthesize"] = synthesize
@@ -119,20 +120,79 @@ def paired(a: list[bool], b: list[bool], resamples: int = 2000, seed: int = 0) -
             "diff_ci95": [round(float(np.quantile(diffs, 0.025)), 4), round(float(np.quantile(diffs, 0.975)), 4)]}
 
 
+def test_items(workdir: Path) -> list[Any]:
+    head = (workdir / "dataset" / "HEAD").read_text().strip()
+    rows = read_parquet(workdir / "dataset" / "versions" / head[:16] / "rows.parquet")
+    return sorted((r for r in rows if r.split == "test" and r.filter_status == "pass"), key=lambda r: r.row_id)
+
+
+def edge_items(test: list[Any]) -> tuple[list[str], list[str], list[str]]:
+    texts, gold, kind = [], [], []
+    for r in test:
+        for name in EDGE:
+            texts.append(transform_text(name, r.input, random.Random(f"edge:{name}:{r.row_id}")))
+            gold.append(str(r.reference_label))
+            kind.append(name)
+    return texts, gold, kind
+
+
+def control(out: Path, rows: int, epochs: int) -> dict[str, Any]:
+    """The student without synthetic rows, trained ``epochs`` (about the 'with' student's number of steps), paired
+    against the 'with' student on the same items: is a gain the synthetic rows' or only more steps'?"""
+    steps_dir = out / "without-steps"
+    shutil.rmtree(steps_dir, ignore_errors=True)
+    shutil.copytree(out / "without", steps_dir)
+    doc = project_doc(steps_dir, rows, None, epochs)
+    seconds = run_stages(doc, out / "without-steps.yaml", ["train"])
+    labels: list[str] = json.loads(Path(doc["task"]["labels_file"]).read_text())
+    test = test_items(steps_dir)
+    assert [r.row_id for r in test] == [r.row_id for r in test_items(out / "with")]
+    gold = [str(r.reference_label) for r in test]
+    e_texts, e_gold, _ = edge_items(test)
+    result: dict[str, Any] = {"epochs": epochs, "train_s": seconds["train"]}
+    record = json.loads((steps_dir / "train" / "run.json").read_text()) if (steps_dir / "train" / "run.json").exists() \
+        else {}
+    result["steps"] = record.get("steps")
+    ok = {}
+    for name, workdir in (("control", steps_dir), ("with", out / "with")):
+        pred = student_predict(workdir / "train" / "model", [r.input for r in test], labels)
+        edge = student_predict(workdir / "train" / "model", e_texts, labels)
+        ok[name] = ([p == g for p, g in zip(pred, gold, strict=True)],
+                    [p == g for p, g in zip(edge, e_gold, strict=True)])
+    result["real_test_control_vs_with"] = paired(ok["control"][0], ok["with"][0])
+    result["edge_control_vs_with"] = paired(ok["control"][1], ok["with"][1])
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=3, help="student epochs (the demo trains 8)")
+    parser.add_argument("--keep", action="store_true", help="reuse OUT/without's stored teacher answers")
+    parser.add_argument("--control-epochs", type=int, default=5,
+                        help="a third student without synthetic rows, trained about as many steps as 'with'")
+    parser.add_argument("--control-only", action="store_true",
+                        help="only (re)train the control student and add it to OUT/results.json")
     parser.add_argument("--save", action="store_true", help="also write benchmarks/results/synthetic_banking77.json")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     without, with_ = out / "without", out / "with"
-    for d in (without, with_):
+    if args.control_only:
+        results = json.loads((out / "results.json").read_text())
+        results["control"] = control(out, args.rows, args.control_epochs)
+        text = json.dumps(results, indent=2, ensure_ascii=False)
+        (out / "results.json").write_text(text + "\n")
+        if args.save:
+            (ROOT / "benchmarks" / "results" / "synthetic_banking77.json").write_text(text + "\n")
+        print(json.dumps(results["control"], indent=2))
+        return
+    for d in (with_,) if args.keep else (without, with_):
         shutil.rmtree(d, ignore_errors=True)
-    doc_without = project_doc(without, args.rows, None)
-    doc_with = project_doc(with_, args.rows, SYNTHESIZE)
+    doc_without = project_doc(without, args.rows, None, args.epochs)
+    doc_with = project_doc(with_, args.rows, SYNTHESIZE, args.epochs)
     timings: dict[str, Any] = {"without": run_stages(doc_without, out / "without.yaml", ["generate"])}
     shutil.copytree(without, with_)  # the same teacher answers for the real rows
     timings["without"].update(run_stages(doc_without, out / "without.yaml", ["build", "freeze", "train"]))
