@@ -24,7 +24,7 @@ from distillgate.gateway.server import build_gateway
 from distillgate.gateway.shadow import ShadowLog, wilson
 from distillgate.gateway.stamps import Stamp
 from distillgate.keys import KeyStore
-from distillgate.teachers.student import StudentTeacher
+from distillgate.teachers.student import EncoderStudent
 from distillgate.train import run_recipe
 from test_train_encoder import config as train_config
 from test_train_encoder import cue_rows
@@ -56,7 +56,7 @@ def student(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def threshold(student: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The offline step, as `distillgate route choose` does it: an evaluation's confidences → the threshold file."""
-    model = StudentTeacher("toy", student)
+    model = EncoderStudent("toy", student)
     items = traffic(60, seed=1)
     verdicts = [model.classify(text) for text, _ in items]
     points = coverage_curve([v.confidence for v in verdicts], [v.label == lab for v, (_, lab) in
@@ -73,8 +73,10 @@ def threshold(student: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def gateway(tmp: Path, student: Path, threshold: Path, **route: Any) -> Iterator[tuple[str, Any, Any, str]]:
-    policy_dir = write_policies(tmp / "policies", POLICY)
+def gateway(tmp: Path, student: Path, threshold: Path, *, policies: tuple[dict[str, Any], ...] = (POLICY,),
+            **route: Any) -> Iterator[tuple[str, Any, Any, str]]:
+    """A gateway serving ``student`` as student/toy and the route toy-intent (student toy, the fake teacher)."""
+    policy_dir = write_policies(tmp / "policies", *policies)
     db = tmp / "gw.db"
     keystore = KeyStore(db)
     key = keystore.create("alice")[1]
@@ -203,7 +205,7 @@ def test_shadow_agreement_then_drift_trips_the_flag_and_stops_routing(tmp_path: 
     with gateway(tmp_path, student, threshold, shadow=shadow) as (url, gw, fake, key):
         c = client(url, key)
         fake.set_reply("yes")  # in distribution: the teacher labels red-cue inputs "yes", as the student does
-        model, t = StudentTeacher("toy", student), gw.cascade.thresholds["toy-intent"].value
+        model, t = EncoderStudent("toy", student), gw.cascade.thresholds["toy-intent"].value
         reds = [f"{a} red {b}" for a in WORDS[:5] for b in WORDS[:5]]
         sure = [x for x in reds if (v := model.classify(x)).label == "yes" and v.confidence >= t][:12]
         assert len(sure) >= 6
@@ -256,7 +258,7 @@ def test_concurrent_routed_requests_each_get_their_own_route(tmp_path: Path, stu
                 model="toy-intent", messages=[{"role": "user", "content": text}], max_tokens=4) for text, _ in items])
 
         answers = asyncio.run(go())
-        model = StudentTeacher("toy", student)
+        model = EncoderStudent("toy", student)
         t = gw.cascade.thresholds["toy-intent"].value
         for (text, _), a in zip(items, answers, strict=True):
             expected = "student/toy" if model.classify(text).confidence >= t else "fake-teacher"

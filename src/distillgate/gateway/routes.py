@@ -107,7 +107,8 @@ class Choice:
 
     name: str
     taken: Literal["student", "teacher"]
-    reason: str  # confident | below_threshold | project_not_routed | drift | student_error
+    reason: str  # confident | below_threshold | project_not_routed | student_not_approved | not_promoted | drift
+    #              | student_error
     answered_by: str
     threshold: Threshold
     verdict: Verdict | None = None
@@ -190,8 +191,13 @@ class Cascade:
 
     def __init__(self, routes: Mapping[str, RouteSettings], thresholds: Mapping[str, Threshold],
                  student: Callable[[str], Awaitable[StudentTeacher]], shadow_log: ShadowLog,
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry, artefacts: Mapping[str, str] | None = None) -> None:
+        """``artefacts``: student name -> its registered artefact (the promotion record of a route with
+        ``require_promoted`` is verified again there once the student is loaded)."""
         self.routes = dict(routes)
+        self._artefacts = dict(artefacts or {})
+        #: student name -> why it is not promoted (None: its record verified after it was loaded)
+        self._promotion: dict[str, str | None] = {}
         self.thresholds = dict(thresholds)
         self._student = student
         self.shadow_log = shadow_log
@@ -226,13 +232,24 @@ class Cascade:
         self.metrics.shadow_n.labels(name, slice_key).set(window.n)
         return drift
 
-    async def choose(self, name: str, body: Mapping[str, Any], project: str | None, request_hash: str) -> Choice:
+    async def choose(self, name: str, body: Mapping[str, Any], project: str | None, request_hash: str,
+                     approved: Callable[[str], bool] | None = None) -> Choice:
+        """The route of one request. ``approved(model)``: whether the request's policy approves a model name;
+        a student the policy does not approve never answers (``reason: student_not_approved``)."""
         settings, t = self.routes[name], self.thresholds[name]
         slice_key = project or "*"
         if settings.projects is not None and project not in settings.projects:
             return self._count(Choice(name, "teacher", "project_not_routed", settings.teacher, t, slice_key=slice_key))
+        if approved is not None and not approved(f"student/{settings.student}"):
+            return self._count(Choice(name, "teacher", "student_not_approved", settings.teacher, t,
+                                      slice_key=slice_key))
         try:
             student = await self._student(settings.student)
+            if settings.require_promoted and (problem := await self._not_promoted(settings.student)):
+                _log.warning("route %r: student %r is no longer promoted (%s); the teacher answers", name,
+                             settings.student, problem)
+                return self._count(Choice(name, "teacher", "not_promoted", settings.teacher, t,
+                                          slice_key=slice_key))
             verdict = await student.aclassify(body)
         except (ApiError, UpstreamError) as exc:  # the teacher is the cascade's safe default
             _log.warning("route %r: the student could not classify (%s); the teacher answers", name, exc)
@@ -249,6 +266,15 @@ class Cascade:
         flags = ["ROUTE_DRIFT"] if self._drifted.get((name, slice_key)) else []
         return self._count(Choice(name, "student", "confident", student.model_name, t, verdict, answer,
                                   shadow=sampled, slice_key=slice_key, flags=flags))
+
+    async def _not_promoted(self, student: str) -> str | None:
+        """The promotion record checked once more after the student loaded: the weights served are the ones
+        promoted (the start-time check alone would miss files swapped before the first request loads them)."""
+        if student not in self._promotion:
+            artefact = self._artefacts.get(student)
+            self._promotion[student] = "its artefact is not known to the route" if artefact is None else \
+                await asyncio.to_thread(_not_promoted, artefact)
+        return self._promotion[student]
 
     def _count(self, choice: Choice) -> Choice:
         counts = self._counts[choice.name]
@@ -322,7 +348,29 @@ def route_issues(routes: Mapping[str, RouteSettings], students: Mapping[str, str
         if not Path(r.threshold).is_file():
             issues.append(ConfigIssue(f"routes.{name}.threshold", f"{r.threshold} does not exist",
                                       "give the file `distillgate route choose --out` wrote"))
+        elif r.student in students and (problem := _kind_mismatch(students[r.student], Path(r.threshold))):
+            issues.append(ConfigIssue(f"routes.{name}.threshold", problem,
+                                      "choose the threshold on an evaluation of this student (`distillgate route "
+                                      "choose`)"))
     return issues
+
+
+def _kind_mismatch(artefact: str, threshold: Path) -> str | None:
+    """Why the threshold file's confidence kind is not the one the student's verdicts carry (None: it is)."""
+    from distillgate.evals.routing import load_threshold
+    from distillgate.teachers.student import artefact_issue, read_card
+
+    if artefact_issue(artefact) is not None:
+        return None  # reported under students.<name>
+    try:
+        kind = load_threshold(threshold).confidence
+    except DistillgateError:
+        return None  # an invalid file is reported with its own problems when the gateway starts
+    own = read_card(artefact)["confidence"]
+    if kind != own:
+        return (f"the threshold is on confidence {kind!r}, but the student's verdicts carry {own!r} "
+                f"(a {read_card(artefact)['task']} student)")
+    return None
 
 
 def _not_promoted(artefact: str) -> str | None:
