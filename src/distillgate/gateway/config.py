@@ -25,7 +25,8 @@
     local_models:                         # name -> spec of the in-process teachers requests may name local/NAME
       smollm2-135m-instruct: local/smollm2-135m-instruct   # (the default); a spec may be a .gguf path or a model dir
     students:                             # name -> a trained student's artefact (requests name student/NAME)
-      banking: runs/r1/train/out          # the output_dir (or its model/) that `distillgate train` wrote
+      banking: runs/r1/train/out          # the output_dir (or its model/) that `distillgate train` wrote (an
+                                          # encoder classifier or a causal LM: teachers/student.py)
     routes:                               # routed model name -> student/teacher cascade (gateway/routes.py)
       banking-intent: {student: banking, teacher: fake-teacher, threshold: runs/r1/threshold.json}
     reclaim_interval_s: 30

@@ -13,8 +13,11 @@
           min_samples: 30                   # no drift verdict before a slice has this many
           stop_on_drift: false              # true: a drifted slice is answered by the teacher (ROUTE_DRIFT)
 
-For every request to a routed name the student classifies the input first; confidence (its maximum label
-probability) ``>= threshold`` sends the answer from the student, anything else goes to the teacher. The decision
+For every request to a routed name the student gives its verdict first (``teachers/student.py``: a label and its
+probability, or a text student's generation and its mean token probability); confidence ``>= threshold`` sends the
+answer from the student, anything else goes to the teacher. The student answers only where the request's policy
+approves ``student/NAME`` (else ``student_not_approved``), and, with ``require_promoted``, only while its signed
+promotion record verifies: at the start, and again once the student is loaded (else ``not_promoted``). The decision
 log's admission entry carries ``extra.route`` (taken, confidence, threshold, its file's sha256 and source run), the
 answer's ``model`` is the model that answered (so the stamp's response hash covers it) and ``distillgate.route``
 repeats the choice. Shadow comparisons and drift: see :mod:`distillgate.gateway.shadow`.
