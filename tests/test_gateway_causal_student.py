@@ -209,3 +209,51 @@ def test_require_promoted_is_checked_again_when_the_student_loads(tmp_path: Path
     with pytest.raises(ConfigError, match="model files differ"), \
             gateway(tmp_path / "c", promoted, threshold, policies=(CAUSAL_POLICY,), require_promoted=True):
         pass  # and the next start refuses it outright
+
+
+def test_concurrent_routed_requests_to_a_causal_student_each_get_their_own_verdict(tmp_path: Path,
+                                                                                  label_student: Path) -> None:
+    """The label worker scores concurrent requests as one batch: each answer must still be its own prompt's."""
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    texts = _inputs(12, seed=21)
+    with gateway(tmp_path, label_student, _threshold(tmp_path / "t.json", 0.0),
+                 policies=(CAUSAL_POLICY,)) as (url, _gw, _fake, key):
+
+        async def go() -> list[Any]:
+            ac = AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0,
+                             default_headers=client(url, key).default_headers)
+            return await asyncio.gather(*[ac.chat.completions.create(
+                model="toy-intent", messages=[{"role": "user", "content": t}], max_tokens=4) for t in texts])
+
+        answers = asyncio.run(go())
+    for text, a in zip(texts, answers, strict=True):
+        reference = _reference_probs(label_student, text)
+        assert a.model == "student/toy"
+        assert abs(a.model_extra["distillgate"]["route"]["confidence"] - max(reference.values())) < 1e-4, text
+
+
+def test_what_a_causal_student_cannot_answer_goes_to_the_teacher_and_a_bare_model_dir_is_refused(
+        tmp_path: Path, text_student: Path) -> None:
+    import shutil
+
+    with gateway(tmp_path, text_student, _threshold(tmp_path / "t.json", 0.0, "mean_token_prob"),
+                 policies=(CAUSAL_POLICY,)) as (url, _gw, fake, key):
+        fake.set_reply("teacher text")
+        c = client(url, key)
+        two = c.chat.completions.create(model="toy-intent", n=2, max_tokens=3,
+                                        messages=[{"role": "user", "content": _inputs(1)[0]}])
+        assert two.model == "fake-teacher" and two.model_extra["distillgate"]["route"]["reason"] == "student_error"
+        stream = c.chat.completions.create(model="toy-intent", stream=True, max_tokens=3, temperature=0,
+                                           messages=[{"role": "user", "content": _inputs(1)[0]}])
+        chunks = list(stream)
+        assert chunks[-1].model_extra["distillgate"]["route"]["taken"] == "student"
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    # the model folder alone (no run.json beside it: no label set, no prompt settings) is not a student
+    bare = shutil.copytree(text_student / "model", tmp_path / "bare" / "weights")
+    data = {"policy": str(write_policies(tmp_path / "p", CAUSAL_POLICY)), "db": str(tmp_path / "g.db"),
+            "students": {"toy": str(bare)}}
+    with pytest.raises(ConfigError, match=r"students\.toy"):
+        config_from_data(data)
