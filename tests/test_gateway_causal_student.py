@@ -183,6 +183,9 @@ def test_a_route_answers_with_the_student_only_where_the_projects_policy_approve
         assert b.model_extra["distillgate"]["route"]["reason"] == "student_not_approved"
         routes = [e.body["extra"]["route"] for e in gw.store.entries() if "route" in (e.body.get("extra") or {})]
         assert [r["reason"] for r in routes] == ["confident", "student_not_approved"]
+        # a prompt longer than the student's context (64 positions) is not scored past it: the teacher answers
+        long = ask(client(url, key, project="proj-a"), "say the word " + " ".join(["alpha"] * 80))
+        assert long.model == "fake-teacher" and long.model_extra["distillgate"]["route"]["reason"] == "student_error"
 
 
 def test_require_promoted_is_checked_again_when_the_student_loads(tmp_path: Path, label_student: Path) -> None:

@@ -85,6 +85,12 @@ class CausalStudent(StudentTeacher):
         prompt, params, _chat = self._request(body)
         start = time.perf_counter()
         if self.labels is not None:
+            engine = self._local.engine
+            room = engine.context_length - max(len(engine.tokenizer(lab, add_special_tokens=False)["input_ids"]) + 1
+                                               for lab in self.labels)
+            if len(engine.encode(prompt)) > room:  # positions past the context are garbage, and a long one is slow
+                raise UpstreamError(f"the prompt does not fit {self.model_name}'s context ({engine.context_length} "
+                                    "tokens with its longest label)", status=400)
             probs, prompt_tokens = await self._local.score_labels(prompt, self.labels)
             best = max(self.labels, key=probs.__getitem__)
             answer_tokens = len(self._local.engine.tokenizer(best, add_special_tokens=False)["input_ids"])
