@@ -167,13 +167,15 @@ def test_a_causal_text_student_generates_and_routes_on_its_mean_token_probabilit
         config_from_data(data)
 
 
-def test_a_route_answers_with_the_student_only_where_the_projects_policy_approves_it(
+def test_a_route_answers_with_the_student_only_where_the_projects_policy_lets_it(
         tmp_path: Path, label_student: Path) -> None:
     approving = {**CAUSAL_POLICY, "policy_id": "a", "allowed_projects": ["proj-a"]}
     withholding = {**POLICY, "policy_id": "b", "allowed_projects": ["proj-b"],
                    "approved_models": ["fake-teacher", "toy-intent"]}  # the routed name, not the student
+    promoted_only = {**CAUSAL_POLICY, "policy_id": "c", "allowed_projects": ["proj-c"],
+                     "promotion": {"required_for_routing": True}}  # and this student was never promoted
     with gateway(tmp_path, label_student, _threshold(tmp_path / "t.json", 0.0),
-                 policies=(approving, withholding)) as (url, gw, fake, key):
+                 policies=(approving, withholding, promoted_only)) as (url, gw, fake, key):
         fake.set_reply("maybe")
         text = _inputs(1)[0]
         a = ask(client(url, key, project="proj-a"), text)
@@ -181,8 +183,10 @@ def test_a_route_answers_with_the_student_only_where_the_projects_policy_approve
         b = ask(client(url, key, project="proj-b"), text)
         assert b.model == "fake-teacher"
         assert b.model_extra["distillgate"]["route"]["reason"] == "student_not_approved"
+        c = ask(client(url, key, project="proj-c"), text)
+        assert c.model == "fake-teacher" and c.model_extra["distillgate"]["route"]["reason"] == "not_promoted"
         routes = [e.body["extra"]["route"] for e in gw.store.entries() if "route" in (e.body.get("extra") or {})]
-        assert [r["reason"] for r in routes] == ["confident", "student_not_approved"]
+        assert [r["reason"] for r in routes] == ["confident", "student_not_approved", "not_promoted"]
         # a prompt longer than the student's context (64 positions) is not scored past it: the teacher answers
         long = ask(client(url, key, project="proj-a"), "say the word " + " ".join(["alpha"] * 80))
         assert long.model == "fake-teacher" and long.model_extra["distillgate"]["route"]["reason"] == "student_error"

@@ -340,7 +340,7 @@ class Gateway:
         if self.cascade is None or ex.teacher_route is None or ex.check is None or ex.check.status != "ok":
             return
         ex.choice = choice = await self.cascade.choose(ex.inb.model, ex.inb.body, ex.inb.project, ex.request_hash,
-                                                       ex.policy.model_approved if ex.policy is not None else None)
+                                                       ex.policy)
         logged = choice.log()
         if ex.policy is None or not ex.policy.audit.log_content:  # the label is answer content
             logged.pop("student_label")

@@ -16,8 +16,9 @@
 For every request to a routed name the student gives its verdict first (``teachers/student.py``: a label and its
 probability, or a text student's generation and its mean token probability); confidence ``>= threshold`` sends the
 answer from the student, anything else goes to the teacher. The student answers only where the request's policy
-approves ``student/NAME`` (else ``student_not_approved``), and, with ``require_promoted``, only while its signed
-promotion record verifies: at the start, and again once the student is loaded (else ``not_promoted``). The decision
+approves ``student/NAME`` (else ``student_not_approved``), and, with the route's ``require_promoted`` or the
+policy's ``promotion.required_for_routing``, only while its signed promotion record verifies: at the start (the
+route's key) and once the student is loaded (both; else ``not_promoted``). The decision
 log's admission entry carries ``extra.route`` (taken, confidence, threshold, its file's sha256 and source run), the
 answer's ``model`` is the model that answered (so the stamp's response hash covers it) and ``distillgate.route``
 repeats the choice. Shadow comparisons and drift: see :mod:`distillgate.gateway.shadow`.
@@ -42,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from distillgate.errors import ConfigError, ConfigIssue, DistillgateError, UpstreamError
 from distillgate.gateway.errors import ApiError
 from distillgate.gateway.shadow import ShadowLog, Window, wilson
+from distillgate.policy.model import Policy
 from distillgate.teachers.student import StudentTeacher, Verdict, stream_chunks
 
 _log = logging.getLogger("distillgate.gateway.routes")
@@ -236,19 +238,22 @@ class Cascade:
         return drift
 
     async def choose(self, name: str, body: Mapping[str, Any], project: str | None, request_hash: str,
-                     approved: Callable[[str], bool] | None = None) -> Choice:
-        """The route of one request. ``approved(model)``: whether the request's policy approves a model name;
-        a student the policy does not approve never answers (``reason: student_not_approved``)."""
+                     policy: Policy | None = None) -> Choice:
+        """The route of one request under ``policy`` (the request's): a student it does not approve never answers
+        (``student_not_approved``); with its ``promotion.required_for_routing`` (or the route's
+        ``require_promoted``) an unpromoted one neither (``not_promoted``)."""
         settings, t = self.routes[name], self.thresholds[name]
         slice_key = project or "*"
         if settings.projects is not None and project not in settings.projects:
             return self._count(Choice(name, "teacher", "project_not_routed", settings.teacher, t, slice_key=slice_key))
-        if approved is not None and not approved(f"student/{settings.student}"):
+        if policy is not None and not policy.model_approved(f"student/{settings.student}"):
             return self._count(Choice(name, "teacher", "student_not_approved", settings.teacher, t,
                                       slice_key=slice_key))
         try:
             student = await self._student(settings.student)
-            if settings.require_promoted and (problem := await self._not_promoted(settings.student)):
+            promoted_only = settings.require_promoted or (policy is not None and
+                                                          policy.promotion.required_for_routing)
+            if promoted_only and (problem := await self._not_promoted(settings.student)):
                 _log.warning("route %r: student %r is no longer promoted (%s); the teacher answers", name,
                              settings.student, problem)
                 return self._count(Choice(name, "teacher", "not_promoted", settings.teacher, t,
