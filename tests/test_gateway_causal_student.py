@@ -264,3 +264,11 @@ def test_what_a_causal_student_cannot_answer_goes_to_the_teacher_and_a_bare_mode
             "students": {"toy": str(bare)}}
     with pytest.raises(ConfigError, match=r"students\.toy"):
         config_from_data(data)
+    # a run training again in place: its model/ is the last run's, its run.json the new one's -- not served
+    again = shutil.copytree(text_student, tmp_path / "again")
+    record = json.loads((again / "run.json").read_text())
+    (again / "run.json").write_text(json.dumps({**record, "status": "running", "config": {
+        **record["config"], "labels": LABELS}}))
+    data["students"] = {"toy": str(again)}
+    with pytest.raises(ConfigError, match="has not finished"):
+        config_from_data(data)

@@ -77,6 +77,9 @@ def read_card(artefact: str | Path) -> dict[str, Any]:
                                 f"{ENCODER_FAMILY!r}", hint="register an artefact `distillgate train` wrote")
         return {**card, "task": "labels", "confidence": "label_prob"}
     record = json.loads((directory.parent / RUN_FILE).read_text())
+    if record.get("status") != "finished":  # a run training again in place: model/ is the old run's, run.json not
+        raise NotFoundError(f"the training run of {directory.parent.name} has not finished (status "
+                            f"{record.get('status')!r})", hint="serve it once `distillgate train` has finished")
     config = record.get("config") or {}
     labels = config.get("labels") or None
     model = json.loads((directory / "config.json").read_text())
