@@ -216,6 +216,14 @@ def test_require_promoted_is_checked_again_when_the_student_loads(tmp_path: Path
     with pytest.raises(ConfigError, match="model files differ"), \
             gateway(tmp_path / "c", promoted, threshold, policies=(CAUSAL_POLICY,), require_promoted=True):
         pass  # and the next start refuses it outright
+    # the run record is pinned too: a label set edited after promotion is not the promoted student
+    (promoted / "model" / "notes.txt").unlink()
+    record = json.loads((promoted / "run.json").read_text())
+    (promoted / "run.json").write_text(json.dumps({**record, "config": {**record["config"],
+                                                                        "labels": [*LABELS, "card"]}}))
+    with pytest.raises(ConfigError, match=r"the run record \(run.json\) differs"), \
+            gateway(tmp_path / "d", promoted, threshold, policies=(CAUSAL_POLICY,), require_promoted=True):
+        pass
 
 
 def test_concurrent_routed_requests_to_a_causal_student_each_get_their_own_verdict(tmp_path: Path,
