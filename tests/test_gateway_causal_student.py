@@ -86,7 +86,7 @@ def test_a_causal_label_student_is_served_by_name_and_scores_its_label_set_as_tr
         c = client(url, key)
         card = {m.id: m for m in c.models.list().data}["student/toy"].model_extra["card"]
         assert card["family"] == "causal_lm" and card["task"] == "labels" and card["labels"] == LABELS
-        assert card["confidence"] == "label_prob" and card["architecture"] == "llama" and card["parameters"] > 0
+        assert card["confidence"] == "label_prob" and card["architecture"] == "llama" and card["parameter_count"] > 0
         assert str(label_student) not in json.dumps(card)  # what it is, never where it is
         for text in _inputs(4):
             a = ask(c, text, model="student/toy")

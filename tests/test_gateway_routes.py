@@ -164,7 +164,9 @@ def test_the_student_is_served_by_name_with_its_card_never_by_path(tmp_path: Pat
     with gateway(tmp_path, student, threshold) as (url, _gw, _fake, key):
         c = client(url, key)
         cards = {m.id: m for m in c.models.list().data}
-        assert cards["student/toy"].model_extra["card"]["labels"] == LABELS
+        card = cards["student/toy"].model_extra["card"]
+        assert card["labels"] == LABELS and card["family"] == "encoder_classifier" and card["task"] == "labels"
+        assert card["confidence"] == "label_prob" and card["parameter_count"] > 0 and card["architecture"]
         assert str(student) not in str(cards["student/toy"].model_extra)
         direct = ask(c, "alpha red beta", model="student/toy")
         assert direct.model == "student/toy" and direct.choices[0].message.content == "yes"

