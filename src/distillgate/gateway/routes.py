@@ -197,8 +197,9 @@ class Cascade:
     def __init__(self, routes: Mapping[str, RouteSettings], thresholds: Mapping[str, Threshold],
                  student: Callable[[str], Awaitable[StudentTeacher]], shadow_log: ShadowLog,
                  registry: CollectorRegistry, artefacts: Mapping[str, str] | None = None) -> None:
-        """``artefacts``: student name -> its registered artefact (the promotion record of a route with
-        ``require_promoted`` is verified again there once the student is loaded)."""
+        """``artefacts``: student name -> its registered artefact (where the promotion record is verified once
+        the student is loaded, for a route with ``require_promoted`` or a policy with
+        ``promotion.required_for_routing``)."""
         self.routes = dict(routes)
         self._artefacts = dict(artefacts or {})
         #: student name -> why it is not promoted (None: its record verified after it was loaded)
