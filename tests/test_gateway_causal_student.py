@@ -280,3 +280,33 @@ def test_what_a_causal_student_cannot_answer_goes_to_the_teacher_and_a_bare_mode
     data["students"] = {"toy": str(again)}
     with pytest.raises(ConfigError, match="has not finished"):
         config_from_data(data)
+
+
+def test_shadow_mode_compares_a_causal_students_labels_with_the_teachers(tmp_path: Path,
+                                                                        label_student: Path) -> None:
+    import httpx
+
+    from test_gateway_routes import wait_shadow
+
+    from fakes.fake_upstream import Behaviour
+
+    texts = _inputs(10, seed=31)
+    said = ["yes", "no", "maybe", "no", "yes", "no", "no", "maybe", "yes", "no"]  # the teacher, in order
+    shadow = {"rate": 1.0, "window": 50, "min_samples": 5}
+    with gateway(tmp_path, label_student, _threshold(tmp_path / "t.json", 0.0), policies=(CAUSAL_POLICY,),
+                 shadow=shadow) as (url, gw, fake, key):
+        c = client(url, key)
+        labels = []
+        for i, (text, teacher) in enumerate(zip(texts, said, strict=True)):
+            fake.push(Behaviour.answer({"id": f"t{i}", "object": "chat.completion", "created": 0,
+                                        "model": "fake-teacher", "usage": {"prompt_tokens": 1,
+                                                                           "completion_tokens": 1,
+                                                                           "total_tokens": 2},
+                                        "choices": [{"index": 0, "finish_reason": "stop",
+                                                     "message": {"role": "assistant", "content": teacher}}]}))
+            labels.append(ask(c, text).choices[0].message.content)
+            wait_shadow(gw, i + 1)  # one comparison at a time: each meets its own teacher answer
+        metrics = httpx.get(url + "/metrics").text
+    agreement = sum(a == b for a, b in zip(labels, said, strict=True)) / len(said)
+    assert 0 < agreement < 1, labels  # both outcomes occur, so the figure is a real count
+    assert f'distillgate_route_shadow_agreement{{model="toy-intent",slice="proj-a"}} {agreement}' in metrics
