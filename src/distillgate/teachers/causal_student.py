@@ -68,21 +68,21 @@ class CausalStudent(StudentTeacher):
             return [dict(m) for m in messages]
         return "\n\n".join(str(m.get("content", "")) for m in messages) + "\n"
 
-    def _request(self, body: Mapping[str, Any]) -> tuple[Prompt, SamplingParams, bool]:
-        """(prompt, sampling, chat?) of a routed request: one prompt, one choice."""
+    def _request(self, body: Mapping[str, Any]) -> tuple[Prompt, SamplingParams]:
+        """(prompt, sampling) of a request for a verdict: one prompt, one choice."""
         if "messages" in body:
             chat = wire.parse_chat(body)
             if chat.n != 1:
                 raise UpstreamError("a student's verdict answers one choice (n=1)", status=400)
-            return self._prompt(chat.messages), chat.params, True
+            return self._prompt(chat.messages), chat.params
         done = wire.parse_completion(body)
         if done.n != 1 or len(done.prompts) != 1:
             raise UpstreamError("a student's verdict answers one prompt with one choice (n=1)", status=400)
-        return self._prompt([{"role": "user", "content": done.prompts[0]}]), done.params, False
+        return self._prompt([{"role": "user", "content": done.prompts[0]}]), done.params
 
     # ------------------------------------------------------------------ verdicts
     async def aclassify(self, body: Mapping[str, Any]) -> Verdict:
-        prompt, params, _chat = self._request(body)
+        prompt, params = self._request(body)
         start = time.perf_counter()
         if self.labels is not None:
             engine = self._local.engine
