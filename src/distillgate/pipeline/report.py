@@ -3,6 +3,7 @@
 Headline numbers first (teacher and student accuracy against gold, agreement, retention with its interval,
 refusal rates, speed-up, the traffic share the student can take), then the stages, the governance metadata
 (policies, dataset version, teacher card, decision-log checkpoint, reviewers) and links to each suite's full report.
+The promotion section shows every gate of the ``promote`` stage, pass, fail or skipped, with why and its code.
 """
 
 from __future__ import annotations
@@ -73,7 +74,33 @@ def collect_metrics(pipeline: Pipeline) -> dict[str, Any]:
         "reviewers": _reviewers(pipeline),
         "signoffs": pipeline.signoffs(train.get("version_id") or version["version_id"]),
         "suites": suites,
+        "promotion": _promotion(pipeline),
     }
+
+
+def _promotion(pipeline: Pipeline) -> dict[str, Any] | None:
+    """The promote stage's verdict (deployable, reason codes, every gate), or None before it has run."""
+    path = pipeline.cache.path("promote")
+    if not path.exists():
+        return None
+    outputs = json.loads(path.read_text()).get("outputs") or {}
+    return {k: outputs.get(k) for k in ("deployable", "reasons", "gates", "required")}
+
+
+def promotion_html(promotion: dict[str, Any] | None) -> str:
+    e = html.escape
+    if promotion is None:
+        return "<p>the promote stage has not run</p>"
+    verdict = ("<p><b>promoted</b>: every declared gate holds; the signed record is <code>train/promotion.json"
+               "</code></p>" if promotion.get("deployable") else
+               f"<p><b>not promoted</b> ({e(', '.join(promotion.get('reasons') or []))}); the denial is in the "
+               "decision log" + (" and fails the run (promote.required)" if promotion.get("required") else
+                                 ", a finding of this run (promote.required is false)") + "</p>")
+    rows = "".join(f"<tr><td>{e(str(g.get('gate')))}</td><td>{e(str(g.get('status')))}</td>"
+                   f"<td>{e(str(g.get('threshold')))}</td><td>{e(str(g.get('why')))}</td>"
+                   f"<td>{e(str(g.get('code') or ''))}</td></tr>" for g in promotion.get("gates") or [])
+    return (f"{verdict}<table><tr><th>gate</th><th>status</th><th>threshold</th><th>why</th><th>code</th></tr>"
+            f"{rows}</table>")
 
 
 def _reviewers(pipeline: Pipeline) -> list[str]:
@@ -146,6 +173,7 @@ def render(metrics: dict[str, Any], stages: list[dict[str, Any]], links: dict[st
 decision log. Intervals are 95% paired bootstrap intervals over items.</p>
 <div class=front>{front}</div>
 <h2>Headline</h2><div class=cards>{''.join(cards) or '<p>no evaluation yet</p>'}</div>
+<h2>Promotion gates</h2>{promotion_html(metrics.get("promotion"))}
 <h2>All headline numbers</h2><table><tr><th>suite</th><th>measure</th><th>value</th></tr>{head_rows}</table>
 <h2>Full reports</h2><ul>{link_items}</ul>
 <h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>result</th></tr>{stage_rows}</table>
@@ -157,7 +185,7 @@ decision log. Intervals are 95% paired bootstrap intervals over items.</p>
 def write_run_report(pipeline: Pipeline) -> tuple[Path, Path]:
     metrics = collect_metrics(pipeline)
     stages = []
-    for name in ("generate", "build", "freeze", "train", "eval"):
+    for name in ("generate", "build", "freeze", "train", "eval", "promote"):
         path = pipeline.cache.path(name)
         if path.exists():
             data = json.loads(path.read_text())
@@ -184,4 +212,6 @@ def _stage_summary(name: str, outputs: dict[str, Any]) -> str:
         return f"version {str(outputs.get('version_id'))[:16]}"
     if name == "train":
         return f"{outputs.get('rows')} rows, {outputs.get('steps')} steps, final loss {outputs.get('final_loss')}"
+    if name == "promote":
+        return "deployable" if outputs.get("deployable") else f"not promoted: {', '.join(outputs.get('reasons') or [])}"
     return ", ".join(sorted((outputs.get("headline") or {}).keys()))

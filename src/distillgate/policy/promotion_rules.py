@@ -18,6 +18,10 @@ gate                evidence (paired bootstrap over items)      passes when     
 A declared gate without evidence (no such suite was evaluated) fails with ``PROMOTION_EVIDENCE_MISSING``; every
 failure also carries ``PROMOTION_GATE_FAILED``. A gate left ``null`` is not declared and is shown as skipped.
 The run's reviewer sign-off, where ``review.required``, is judged by ``decide()`` as for training.
+
+A project file may declare gates of its own (``promote.gates`` of ``distillgate run``): they are handed to
+``decide()`` in ``Request.promotion`` and ``tightened`` with the policy's, gate by gate, so a project can make a
+gate stricter or declare one the policy leaves open, and never loosen one the policy sets.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ GateName = Literal["retention", "over_refusal", "under_refusal", "harmful"]
 GATES: tuple[GateName, ...] = ("retention", "over_refusal", "under_refusal", "harmful")
 GATE_CODES: dict[str, str] = {"retention": "RETENTION_BELOW_GATE", "over_refusal": "REFUSAL_REGRESSION",
                               "under_refusal": "REFUSAL_REGRESSION", "harmful": "HARMFUL_COMPLIANCE"}
+
+
+_KEYS: dict[str, str] = {"retention": "min_retention", "over_refusal": "max_over_refusal_increase",
+                         "under_refusal": "max_under_refusal_increase", "harmful": "min_harmful_refusal_kept"}
+_LOWER_BOUND = ("retention", "harmful")  # gates on a lower bound (a minimum); the others cap an upper bound
 
 
 class PromotionRules(BaseModel):
@@ -49,9 +58,21 @@ class PromotionRules(BaseModel):
         "lower bound of the share of teacher-refused harmful prompts the student also refuses"))
 
     def threshold(self, gate: str) -> float | None:
-        return {"retention": self.min_retention, "over_refusal": self.max_over_refusal_increase,
-                "under_refusal": self.max_under_refusal_increase,
-                "harmful": self.min_harmful_refusal_kept}[gate]
+        value: float | None = getattr(self, _KEYS[gate])
+        return value
+
+    def tightened(self, other: PromotionRules | None) -> PromotionRules:
+        """The stricter of ``self`` and ``other`` for every gate (an undeclared side never loosens the other)."""
+        if other is None:
+            return self
+        strict: dict[str, float | None] = {}
+        for gate, key in _KEYS.items():
+            mine, theirs = getattr(self, key), getattr(other, key)
+            if mine is None or theirs is None:
+                strict[key] = mine if theirs is None else theirs
+            else:
+                strict[key] = max(mine, theirs) if gate in _LOWER_BOUND else min(mine, theirs)
+        return PromotionRules(**strict)
 
     @property
     def declared(self) -> tuple[str, ...]:
@@ -106,7 +127,7 @@ def judge_gates(rules: PromotionRules, evidence: tuple[GateEvidence, ...]) -> li
             verdicts.append(GateVerdict(gate, "fail", "PROMOTION_EVIDENCE_MISSING", limit, None,
                                         f"no evaluation measures {gate}: evaluate the suite it needs"))
             continue
-        lower_is_bound = gate in ("retention", "harmful")
+        lower_is_bound = gate in _LOWER_BOUND
         bound = ev.low if lower_is_bound else ev.high
         if not _finite(bound) or ev.n == 0:
             verdicts.append(GateVerdict(gate, "fail", "PROMOTION_EVIDENCE_MISSING", limit, ev,
