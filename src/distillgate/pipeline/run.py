@@ -154,9 +154,11 @@ class Pipeline:
 
     def fp_generate(self) -> str:
         p = self.project
+        rubric = p.dataset.get("rubric")  # grading runs in this stage: a rubric edit regrades (absent: no part)
         return fingerprint("generate", p.teacher.model_dump(), p.task.model_dump(), p.traffic.model_dump(),
                            sha256_file(p.path(self.base, p.traffic.path)), p.generation.model_dump(), p.run_id,
-                           p.project, p.user, self.teacher_system, self.pool_sha256())
+                           p.project, p.user, self.teacher_system, self.pool_sha256(),
+                           *([{"rubric": rubric}] if rubric else []))
 
     def dataset_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = _resolve_paths(json.loads(json.dumps(self.project.dataset)), self.base)
@@ -243,12 +245,34 @@ class Pipeline:
             if report.failed:
                 raise UpstreamError(f"{report.failed} generation call(s) failed: {report.failures[:1]}",
                                     hint="rerun: stored rows are kept and only the missing ones are asked for")
+            graded = self.grade_answers(wc, target)
             rows = wc.count_rows()
         stale = f", {report.discarded} stale ones (other settings) discarded" if report.discarded else ""
         return StageOutcome("generate", "ran", 0, f"{new} new inputs ({known} known); {report.added} teacher "
                             f"answers added{stale}, {report.already_present} already stored; "
-                            f"{report.tokens:,} tokens",
-                            {"rows": rows, "report": report.as_dict(), "dataset_dir": str(self.workdir / "dataset")})
+                            f"{report.tokens:,} tokens"
+                            + (f"; {graded['graded']} graded, {graded['unparsed']} unparsed" if graded else ""),
+                            {"rows": rows, "report": report.as_dict(), "dataset_dir": str(self.workdir / "dataset"),
+                             "grading": graded})
+
+    def grade_answers(self, wc: Any, target: Any) -> dict[str, Any] | None:
+        """Grade the answers against the dataset's rubric (``dataset.rubric``), through the same gateway."""
+        from distillgate.data.grade import grade
+
+        rubric = wc.config.rubric
+        if rubric is None:
+            return None
+        p = self.project
+        report = grade(wc, rubric, target, model=rubric.model or p.teacher.model, user=p.user, project=p.project,
+                       run=p.run_id, timeout_s=p.teacher.timeout_s)
+        if report.stopped_by:
+            raise PolicyDenied(f"grading stopped by the gateway: {report.stop_message}", list(report.stopped_by),
+                               hint=f"allow the output type {rubric.output_type!r} in the policy; the answers and "
+                                    "the grades so far are kept")
+        if report.failed:
+            raise UpstreamError(f"{report.failed} grading call(s) failed: {report.failures[:1]}",
+                                hint="rerun: only the answers without a grade are asked again")
+        return report.as_dict()
 
     def stage_build(self) -> StageOutcome:
         from distillgate.data.pipeline import build

@@ -1,0 +1,138 @@
+"""Rubric grading: the teacher grades answers through the real gateway (output type ``rubrics``) over the fake
+teacher; grades are stored on the rows, filter them (``min_grade``) and pick what people review."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _gateway_support import MAIN_POLICY, running_gateway, write_policies
+from _generate_support import banking_csv, decisions
+from distillgate.cli.main import main
+from distillgate.data.config import ColumnMapping, IngestConfig, RubricConfig
+from distillgate.data.generate import GatewayTarget, PromptTemplate, generate, parse_settings
+from distillgate.data.grade import grade, parse_grade, rubric_sha256
+from distillgate.data.ingest import ingest_file
+from distillgate.data.pipeline import build
+from distillgate.data.review import queue_rows, queue_sizes
+from distillgate.data.store import GeneratedSample, WorkingCopy
+
+from fakes.fake_upstream import Behaviour
+
+RUBRIC: dict[str, Any] = {"id": "helpful-v1", "scale": {"min": 1, "max": 5}, "concurrency": 1,
+                          "criteria": [{"name": "correct", "description": "the label fits the message"},
+                                       {"name": "clear", "description": "the answer is only the label"}]}
+GRADES = ['{"scores": {"correct": 5, "clear": 4}}', "Grade: 2", "no idea, sorry",
+          '{"scores": {"correct": 9, "clear": 1}}']
+POLICY = {**MAIN_POLICY, "allowed_outputs": [*MAIN_POLICY["allowed_outputs"], "rubrics"]}
+
+
+def _dataset(tmp: Path, n: int, **config: Any) -> Path:
+    root = tmp / "ds"
+    cfg = IngestConfig(columns=ColumnMapping(input="text", record_id="id", reference_label="category"))
+    with WorkingCopy.create(root, {"name": "grade-test", "rubric": RUBRIC, **config}) as wc:
+        wc.add_inputs(ingest_file(banking_csv(tmp, n), cfg).rows)
+    return root
+
+
+def _generate(wc: WorkingCopy, target: GatewayTarget) -> None:
+    template = PromptTemplate(id="intent-v1", system="Label the banking message.", user="{input}")
+    settings = parse_settings({"model": "fake-teacher", "user": "alice", "project": "proj-a", "run": "g-1",
+                               "output_type": "summaries", "concurrency": 1, "backoff_s": 0.01})
+    assert generate(wc, template, settings, target).added == len(wc.inputs())
+
+
+def _answer(text: str) -> Behaviour:
+    return Behaviour.answer({
+        "id": "g", "object": "chat.completion", "created": 0, "model": "fake-teacher",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+        "usage": {"prompt_tokens": 40, "completion_tokens": 6, "total_tokens": 46}})
+
+
+def test_grades_are_governed_stored_and_used_by_filters_and_review(tmp_path: Path) -> None:
+    root = _dataset(tmp_path, 4, filters={"min_grade": 3}, review={"low_grade_below": 3})
+    policies = write_policies(tmp_path / "p", POLICY)
+    with running_gateway(tmp_path, extra_config={"policy": str(policies)}) as gw, WorkingCopy.open(root) as wc:
+        target = GatewayTarget(gw.base_url, gw.keys["alice"])
+        gw.fake.set_reply("card_arrival")
+        _generate(wc, target)
+        gw.fake.push(*(_answer(g) for g in GRADES))
+        rubric = wc.config.rubric
+        assert rubric is not None
+        report = grade(wc, rubric, target, model="fake-teacher", user="alice", project="proj-a", run="g-1")
+        assert (report.graded, report.unparsed, report.failed, report.stopped_by) == (2, 2, 0, None)
+        rows = wc.rows()
+        assert [r.grade for r in rows] == [4.5, 2.0, None, None]
+        assert rows[0].grading is not None and rows[0].grading["scores"] == {"correct": 5, "clear": 4}
+        assert rows[2].grading is not None and "no JSON scores" in rows[2].grading["error"]
+        assert rows[3].grading is not None and "off the scale" in rows[3].grading["error"]
+        for row in rows:  # every grade names its rubric and carries the gateway's signed stamp
+            assert row.grading is not None and row.grading["rubric_sha256"] == rubric_sha256(rubric)
+            assert row.grading["stamp"]["signature"] and row.grading["model"] == "fake-teacher"
+        graded = [e for e in decisions(gw.log(), "g-1") if e["output_type"] == "rubrics"]
+        assert len(graded) == 4  # four governed, logged grading calls
+
+        served = gw.fake.served
+        again = grade(wc, rubric, target, model="fake-teacher", user="alice", project="proj-a", run="g-1")
+        assert (again.graded, again.already_graded, gw.fake.served) == (0, 4, served)  # nothing asked twice
+
+        build(wc)
+        by_id = {r.row_id: r for r in wc.rows()}
+        verdicts = [(r.filter_status, r.filter_reasons) for r in by_id.values()]
+        assert verdicts[0] == ("pass", [])
+        assert verdicts[1] == ("fail", ["LOW_GRADE"])
+        assert verdicts[2] == ("fail", ["UNGRADED"]) and verdicts[3] == ("fail", ["UNGRADED"])
+        assert [r.row_id for r in queue_rows(wc, "low_grade")] == [rows[1].row_id]
+        assert queue_sizes(wc)["low_grade"] == 1
+
+        # an edited rubric is a new rubric: every answer is graded again under it
+        edited = rubric.model_copy(update={"criteria": [*rubric.criteria[:1]]})
+        gw.fake.set_reply("4")
+        regraded = grade(wc, edited, target, model="fake-teacher", user="alice", project="proj-a", run="g-1")
+        assert regraded.graded == 4 and {r.grade for r in wc.rows()} == {4.0}
+
+
+def test_disagreement_and_grades_together_order_the_priority_queue(tmp_path: Path) -> None:
+    root = _dataset(tmp_path, 3)
+    with WorkingCopy.open(root) as wc:
+        wc.append_generated([GeneratedSample(i.input_id, 0, "card_arrival", "fake-teacher", {}, "t", "0" * 64, {}, {})
+                             for i in wc.inputs()])
+        for row, (agreement, grade_) in zip(wc.rows(), [(1.0, 2.0), (0.5, 5.0), (0.5, 1.0)], strict=True):
+            row.agreement, row.grade, row.grading = agreement, grade_, {"scale": [1, 5]}
+            wc.update_row(row, row.version)
+        ordered = [r.input_id[-2:] for r in queue_rows(wc, "priority")]
+    # m2: disagreeing and graded 1 (0.5 + 1.0); m0: agreeing, graded 2 (0.75); m1: disagreeing, graded 5 (0.5)
+    assert ordered == ["m2", "m0", "m1"]
+
+
+def test_a_policy_that_does_not_allow_rubrics_stops_grading_with_its_code(tmp_path: Path) -> None:
+    root = _dataset(tmp_path, 2)
+    with running_gateway(tmp_path) as gw, WorkingCopy.open(root) as wc:
+        target = GatewayTarget(gw.base_url, gw.keys["alice"])
+        _generate(wc, target)
+        rubric = wc.config.rubric
+        assert rubric is not None
+        report = grade(wc, rubric, target, model="fake-teacher", user="alice", project="proj-a", run="g-1")
+        assert "OUTPUT_TYPE_NOT_ALLOWED" in (report.stopped_by or []) and report.graded == 0
+        assert all(r.grade is None and r.grading is None for r in wc.rows())
+        denied = decisions(gw.log(), "g-1", "deny")
+        assert denied and denied[0]["output_type"] == "rubrics"
+        # the CLI exits 2 with the code, over a running gateway
+        with pytest.raises(SystemExit) as info:
+            main(["dataset", "grade", str(root), "--project", "proj-a", "--user", "alice", "--gateway",
+                  gw.base_url, "--api-key", gw.keys["alice"]])
+        assert info.value.code == 2
+
+
+def test_parse_grade_reads_json_scores_or_one_integer_and_never_a_point_off_the_scale() -> None:
+    rubric = RubricConfig.model_validate(RUBRIC)
+    assert parse_grade('```json\n{"scores": {"correct": 3, "clear": 4}}\n```', rubric)[:2] == (
+        3.5, {"correct": 3, "clear": 4})
+    assert parse_grade("I give it 4/5.", rubric)[0] == 4.0
+    assert parse_grade("5", rubric)[0] == 5.0
+    for bad in ('{"scores": {"correct": 3}}', '{"scores": {"correct": true, "clear": 2}}',
+                '{"scores": {"correct": 2.5, "clear": 2}}', "0", "-1", "12", "3.5", "", "excellent"):
+        grade_, scores, error = parse_grade(bad, rubric)
+        assert grade_ is None and scores is None and error, bad
