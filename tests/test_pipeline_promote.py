@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
+from _train_support import freeze_rows, toy_rows
 from distillgate.cli.main import main
+from distillgate.data.versions import resolve_version
 from distillgate.evals.answers import Answer
 from distillgate.evals.harmful import load_harmful
 from distillgate.evals.promotion import RECORD_FILE, REPORT_FILE, verify_promotion
@@ -103,8 +105,7 @@ def _recorded_run(project_file: Path, evals: dict[str, Path], keys: list[str]) -
     (train / "run.json").write_text(json.dumps({"provenance": {"project": project.project, "run": RUN,
                                                                "dataset_version": "v1"},
                                                 "dataset": {"dataset_version": "v1"}}))
-    (work / "version").mkdir()
-    (work / "version" / "manifest.json").write_text(json.dumps({"version_id": "v1", "counts": {"rows": 40}}))
+    version = resolve_version(freeze_rows(work, toy_rows(4)))  # a real frozen version (the report reads its rows)
     files: dict[str, str] = {}
     for key in keys:
         suite = key.split("/")[1]
@@ -113,9 +114,9 @@ def _recorded_run(project_file: Path, evals: dict[str, Path], keys: list[str]) -
         (target / "metrics.json").write_bytes((evals[key] / "metrics.json").read_bytes())
         files[f"{suite}_metrics"] = str(target / "metrics.json")
     cache = StageCache(work)
-    cache.put(StageRecord("freeze", "x", {"version_id": "v1", "version_dir": str(work / "version")}))
+    cache.put(StageRecord("freeze", "x", {"version_id": "v1", "version_dir": str(version)}))
     cache.put(StageRecord("train", "x", {"model_dir": str(train / "model"), "record": str(train / "run.json"),
-                                         "version_id": "v1", "version_dir": str(work / "version"), "rows": 40}))
+                                         "version_id": "v1", "version_dir": str(version), "rows": 40}))
     cache.put(StageRecord("eval", "x", {"headline": {}, "files": files}))
     return pipeline
 

@@ -160,3 +160,22 @@ def test_trace_stats_report_lengths_and_how_often_thinking_changed_the_answer() 
     assert (stats["rows"], stats["with_trace"], stats["compared"], stats["answer_differs"]) == (6, 4, 2, 0.5)
     assert stats["words"]["max"] == 3.0 and stats["chars"]["mean"] == pytest.approx((13 + 9 + 3 + 11) / 4)
     assert trace_stats([row("a", "x", None)])["answer_differs"] is None
+
+
+def test_the_run_report_shows_trace_lengths_answer_changes_and_grades(tmp_path: Path) -> None:
+    from distillgate.data.versions import resolve_version
+    from distillgate.pipeline.report import render, row_quality
+
+    rows = _traced(toy_rows(6), every=2)
+    for i, r in enumerate(rows):
+        r["input_id"] = f"in{i // 2}"  # inputs of two samples: one after a trace, one without
+        r["label"] = r["output"] = "yes"
+        r["grade"], r["grading"] = (4.0, {"rubric_id": "helpful-v1"}) if i else (None, {"rubric_id": "helpful-v1"})
+    rows[2]["label"] = rows[2]["output"] = "no"  # on input in1, thinking changed the answer
+    quality = row_quality(resolve_version(freeze_rows(tmp_path, rows)))
+    assert quality["traces"]["with_trace"] == 3 and quality["traces"]["compared"] == 3
+    assert quality["traces"]["answer_differs"] == pytest.approx(1 / 3)
+    assert quality["grades"] == {"graded": 5, "unparsed": 1, "mean": 4.0, "min": 4.0, "low_grade_filtered": 0,
+                                 "rubric": "helpful-v1"}
+    page = render({"name": "x", **quality}, [], {})
+    assert "Reasoning traces" in page and "answer_differs" in page and "Rubric grades" in page

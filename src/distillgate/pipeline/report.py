@@ -68,14 +68,36 @@ def collect_metrics(pipeline: Pipeline) -> dict[str, Any]:
         "dataset_counts": manifest.get("counts"),
         "teacher": manifest.get("teacher"),
         "training": {k: record.get(k) for k in ("recipe", "family", "steps", "tokens", "train_seconds", "final_loss",
-                                                "student")
+                                                "student", "traces")
                      if k in record} or {k: train.get(k) for k in ("rows", "steps", "final_loss")},
         "checkpoint": pipeline.checkpoint(),
         "reviewers": _reviewers(pipeline),
         "signoffs": pipeline.signoffs(train.get("version_id") or version["version_id"]),
         "suites": suites,
         "promotion": _promotion(pipeline),
+        **row_quality(Path(train.get("version_dir") or version["version_dir"])),
     }
+
+
+def row_quality(version_dir: Path) -> dict[str, Any]:
+    """The dataset's reasoning traces (``data.trace_stats``) and rubric grades, when its rows carry any."""
+    from distillgate.data.trace_stats import trace_stats
+    from distillgate.data.versions import load_version
+
+    rows = load_version(str(version_dir))
+    out: dict[str, Any] = {}
+    traces = trace_stats(rows)
+    if traces["with_trace"]:
+        out["traces"] = traces
+    grades = [float(r["grade"]) for r in rows if isinstance(r.get("grade"), (int, float))]
+    graded = [r for r in rows if r.get("grading")]
+    if graded:
+        failed = sum(1 for r in rows if "LOW_GRADE" in (r.get("filter_reasons") or []))
+        out["grades"] = {"graded": len(grades), "unparsed": len(graded) - len(grades),
+                         "mean": sum(grades) / len(grades) if grades else None,
+                         "min": min(grades) if grades else None, "low_grade_filtered": failed,
+                         "rubric": (graded[0].get("grading") or {}).get("rubric_id")}
+    return out
 
 
 def _promotion(pipeline: Pipeline) -> dict[str, Any] | None:
@@ -159,7 +181,10 @@ def render(metrics: dict[str, Any], stages: list[dict[str, Any]], links: dict[st
     meta_rows = "".join(f"<tr><th>{e(k)}</th><td><code>{e(v)}</code></td></tr>" for k, v in meta)
     tables = ""
     for title, key in (("Dataset counts", "dataset_counts"), ("Teacher card", "teacher_card"),
-                       ("Teacher (as recorded with the rows)", "teacher"), ("Training", "training")):
+                       ("Teacher (as recorded with the rows)", "teacher"),
+                       ("Reasoning traces (answer_differs: share of inputs whose answer after a trace differs "
+                        "from the answer without one)", "traces"),
+                       ("Rubric grades", "grades"), ("Training", "training")):
         pairs = flatten(metrics.get(key))
         if pairs and any(v for _, v in pairs):
             body = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in pairs)
