@@ -3,10 +3,12 @@ teacher; grades are stored on the rows, filter them (``min_grade``) and pick wha
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from _gateway_support import MAIN_POLICY, running_gateway, write_policies
 from _generate_support import banking_csv, decisions
@@ -19,7 +21,9 @@ from distillgate.data.pipeline import build
 from distillgate.data.review import queue_rows, queue_sizes
 from distillgate.data.store import GeneratedSample, WorkingCopy
 
-from fakes.fake_upstream import Behaviour
+from fakes.fake_upstream import Behaviour, fake_upstream
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RUBRIC: dict[str, Any] = {"id": "helpful-v1", "scale": {"min": 1, "max": 5}, "concurrency": 1,
                           "criteria": [{"name": "correct", "description": "the label fits the message"},
@@ -161,3 +165,34 @@ def test_the_real_local_teacher_grades_through_the_gateway(tmp_path: Path) -> No
             assert set(probs) == {"1", "2", "3", "4", "5"} and abs(sum(probs.values()) - 1) < 1e-3
             assert max(probs, key=probs.__getitem__) == str(int(row.grade))
             assert row.grading["stamp"]["signature"] and row.grading["model"] == model
+
+
+def _study(tmp: Path, upstream: str, policy: dict[str, Any]) -> Path:
+    tmp.mkdir(parents=True)
+    (tmp / "policy.json").write_text(json.dumps(policy))
+    doc = {"name": "graded", "project": "proj-a", "user": "alice", "run": "graded-1", "policy": "policy.json",
+           "workdir": "work", "teacher": {"model": "fake-teacher", "upstream": upstream},
+           "task": {"labels_file": str(ROOT / "data" / "banking77" / "categories.json"), "output_type": "summaries"},
+           "traffic": {"path": str(ROOT / "data" / "banking77" / "train.csv"), "columns": {"input": "text"},
+                       "limit": 5},
+           "generation": {"max_tokens": 4, "top_logprobs": None, "concurrency": 2},
+           "dataset": {"rubric": RUBRIC, "filters": {"min_grade": 3}}}
+    (tmp / "project.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return tmp / "project.yaml"
+
+
+def test_the_pipeline_generate_stage_grades_when_the_project_declares_a_rubric(tmp_path: Path) -> None:
+    from distillgate.errors import PolicyDenied
+    from distillgate.pipeline.project import load_project
+    from distillgate.pipeline.run import Pipeline
+
+    with fake_upstream(reply="4") as fake:
+        project, doc, base = load_project(_study(tmp_path / "ok", fake.base_url, POLICY))
+        [outcome] = Pipeline(project, doc, base).run(only="generate")
+        assert outcome.outputs["grading"]["graded"] == 5 and "5 graded" in outcome.summary
+        with WorkingCopy.open(tmp_path / "ok" / "work" / "dataset") as wc:
+            assert [r.grade for r in wc.rows()] == [4.0] * 5
+        project, doc, base = load_project(_study(tmp_path / "no", fake.base_url, MAIN_POLICY))
+        with pytest.raises(PolicyDenied) as denied:  # the policy allows the answers but not grading them
+            Pipeline(project, doc, base).run(only="generate")
+        assert "OUTPUT_TYPE_NOT_ALLOWED" in denied.value.reasons
