@@ -196,3 +196,43 @@ def test_the_pipeline_generate_stage_grades_when_the_project_declares_a_rubric(t
         with pytest.raises(PolicyDenied) as denied:  # the policy allows the answers but not grading them
             Pipeline(project, doc, base).run(only="generate")
         assert "OUTPUT_TYPE_NOT_ALLOWED" in denied.value.reasons
+
+
+def test_a_row_edited_while_it_is_graded_keeps_the_edit(tmp_path: Path) -> None:
+    import threading
+
+    root = _dataset(tmp_path, 2)
+    policies = write_policies(tmp_path / "p", POLICY)
+    with running_gateway(tmp_path, extra_config={"policy": str(policies)}) as gw, WorkingCopy.open(root) as wc:
+        target = GatewayTarget(gw.base_url, gw.keys["alice"])
+        _generate(wc, target)
+        rubric = wc.config.rubric
+        assert rubric is not None
+        gw.fake.set_reply("5")
+        gw.fake.push(Behaviour.stall(1.0))  # the first grade is slow to come back
+        done: list[Any] = []
+        def job() -> None:
+            with WorkingCopy.open(root) as own:  # a working copy is one connection, one thread
+                done.append(grade(own, rubric, target, model="fake-teacher", user="alice", project="proj-a",
+                                  run="g-1"))
+
+        worker = threading.Thread(target=job)
+        served = gw.fake.served
+        worker.start()
+        import time
+
+        deadline = time.monotonic() + 20
+        while gw.fake.served == served and time.monotonic() < deadline:  # the job has read the rows and asked
+            time.sleep(0.01)
+        with WorkingCopy.open(root) as other:  # a reviewer meanwhile, on another connection
+            first = other.rows()[0]
+            first.tags = ["reviewed-meanwhile"]
+            other.update_row(first, first.version)
+        worker.join(30)
+        [report] = done
+        assert (report.graded, report.conflicts) == (1, 1)
+        rows = wc.rows()
+        assert rows[0].tags == ["reviewed-meanwhile"] and rows[0].grade is None  # the edit stays; a rerun grades it
+        assert rows[1].grade == 5.0
+        assert grade(wc, rubric, target, model="fake-teacher", user="alice", project="proj-a",
+                     run="g-1").graded == 1

@@ -176,9 +176,14 @@ class _Grader:
         served = (choice.model_extra or {}).get("label_probs")
         grade: float | None
         if r.scoring == "label_choices" and isinstance(served, dict) and served:
-            probs = {str(k): float(v) for k, v in served.items()}
-            best = max(probs, key=lambda k: probs[k])
-            grade, grading["probs"] = float(best), probs
+            on_scale = {str(p) for p in points(r)}
+            probs = {str(k): float(v) for k, v in served.items() if str(k) in on_scale
+                     and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if probs:
+                best = max(probs, key=lambda k: probs[k])
+                grade, grading["probs"] = float(best), probs
+            else:  # a teacher that scored other labels than the scale's points: no grade, never a guess
+                grade, grading["error"] = None, "the grader's label_probs name no point of the scale"
         else:
             grade, grading["scores"], grading["error"] = parse_grade(traced.answer, r)
         tokens = int(resp.usage.total_tokens) if resp.usage is not None else 0
