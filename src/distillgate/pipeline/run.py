@@ -338,6 +338,11 @@ class Pipeline:
                               version_id=version_id, artifact=artifact, destination=destination)
         return {"decision_index": admission.entry.index, "reasons": list(admission.decision.reasons)}
 
+    def signoff_indexes(self) -> list[int]:
+        """Log indexes of the run's sign-offs of the trained version (what a promotion's sign-off rule reads)."""
+        version_id = self.trained_version_id()
+        return [int(s["index"]) for s in self.signoffs(version_id)] if version_id else []
+
     def signoffs(self, version_id: str | None = None) -> list[dict[str, Any]]:
         from distillgate.data.signoff import signoffs
         from distillgate.ledger.store import Store
@@ -591,7 +596,9 @@ class Pipeline:
         yield "train", link("train", {k: v for k, v in p.train.items()}, self.student_system,
                             self.trained_version_id(), p.compare.model_dump() if p.compare is not None else None)
         yield "eval", link("eval", p.eval.model_dump(), self.teacher_system, self.student_system)
-        yield "promote", link("promote", p.promote.model_dump(), [pol.content_hash for pol in self.policies])
+        # a sign-off given after a denial (review.required) changes the verdict: it is part of the fingerprint
+        yield "promote", link("promote", p.promote.model_dump(), [pol.content_hash for pol in self.policies],
+                              self.signoff_indexes())
         yield "report", link("report")
         yield "export", link("export", p.export.model_dump())
 
