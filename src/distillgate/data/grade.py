@@ -36,6 +36,7 @@ from typing import Any
 from distillgate.canonical import hash_json
 from distillgate.data.config import RubricConfig
 from distillgate.data.generate import GatewayTarget
+from distillgate.data.generate import _error_body as error_body
 from distillgate.data.schema import Row
 from distillgate.data.store import WorkingCopy
 from distillgate.errors import ConflictError
@@ -155,9 +156,9 @@ class _Grader:
         try:
             resp = self.client.chat.completions.create(**body)
         except openai.APIStatusError as exc:
-            err = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else {}
-            reasons = [str(x) for x in (err.get("reasons") or [])] if isinstance(err, dict) else []
-            message = str(err.get("message") if isinstance(err, dict) and err.get("message") else exc.message)
+            err = error_body(exc)
+            reasons = [str(x) for x in (err.get("reasons") or [])]
+            message = str(err.get("message") or exc.message)
             if reasons and exc.status_code in (400, 401, 403, 429):
                 return _Answer(row, denied=(reasons, message))
             return _Answer(row, failure=f"HTTP {exc.status_code}: {message}")
