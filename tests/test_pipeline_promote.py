@@ -218,3 +218,14 @@ def test_the_eval_stage_knows_the_harmful_suite(tmp_path: Path) -> None:
     suite = pipeline.suite(EvalSuite(name="harmful", sample=5), {})
     assert suite.name == "harmful" and suite.kind == "refusal" and len(suite.items) == 5
     assert {item.gold for item in suite.items} == {"unsafe"}
+
+
+def test_bad_project_gates_are_reported_with_their_path(tmp_path: Path) -> None:
+    from distillgate.errors import ConfigError
+
+    path = _project(tmp_path, policy_gates=None,
+                    promote={"gates": {"min_retention": 5, "min_refusal": 0.9}, "required": "sometimes"})
+    with pytest.raises(ConfigError) as info:
+        load_project(path)
+    paths = {i.path for i in info.value.issues}
+    assert {"promote.gates.min_retention", "promote.gates.min_refusal", "promote.required"} <= paths, paths
