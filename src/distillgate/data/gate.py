@@ -19,7 +19,7 @@ from distillgate.errors import PolicyDenied
 from distillgate.ledger.store import Admission, Store
 from distillgate.policy.decision import Request
 from distillgate.policy.model import Policy, PolicySet
-from distillgate.policy.promotion_rules import GateEvidence, PromotionRules
+from distillgate.policy.promotion_rules import GateEvidence, GateThresholds
 
 HINTS = {
     "REVIEWER_REQUIRED": "have reviewers sign off the dataset version (`distillgate review sign-off` or the "
@@ -32,7 +32,7 @@ HINTS = {
 def judge(store: Store, policies: Policy | PolicySet, *, kind: str, user: str | None, project: str, run: str,
           version_id: str | None, destination: str | None = None, artifact: str | None = None,
           extra: Mapping[str, Any] | None = None, gates: tuple[GateEvidence, ...] = (),
-          promotion: PromotionRules | None = None) -> Admission:
+          promotion: GateThresholds | None = None) -> Admission:
     """Judge and log one train / promote / export step of run ``run``; raise ``PolicyDenied`` when refused.
 
     ``gates``: for ``promote``, the measured evidence of the promotion gates (``evals.promotion``);

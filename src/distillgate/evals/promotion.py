@@ -42,7 +42,7 @@ from distillgate.evals.stats import DEFAULT_RESAMPLES, paired_mean_bootstrap, re
 from distillgate.ledger.signing import verify_json
 from distillgate.ledger.store import Store
 from distillgate.policy.model import Policy, PolicySet
-from distillgate.policy.promotion_rules import GateEvidence, GateVerdict, PromotionRules, judge_gates
+from distillgate.policy.promotion_rules import GateEvidence, GateThresholds, GateVerdict, judge_gates
 
 RECORD_SCHEMA = "distillgate.promotion/1"
 RECORD_FILE = "promotion.json"
@@ -168,7 +168,7 @@ def model_digest(model_dir: Path) -> dict[str, str]:
 
 def promote(store: Store, policies: Policy | PolicySet, directory: str | Path, *, user: str,
             evals: Sequence[str | Path] = (), project: str | None = None, run: str | None = None,
-            rules: PromotionRules | None = None) -> Promotion:
+            rules: GateThresholds | None = None) -> Promotion:
     """Judge, log and (when every gate holds) sign the promotion of the student in ``directory``.
 
     ``rules``: gates the project declares (``promote.gates`` of ``distillgate run``), tightened with the policy's."""

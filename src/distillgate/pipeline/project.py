@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from distillgate.errors import ConfigError, ConfigIssue
 from distillgate.overrides import apply_overrides
 from distillgate.policy.model import issues_from_validation, parse_document
-from distillgate.policy.promotion_rules import PromotionRules
+from distillgate.policy.promotion_rules import GateThresholds
 
 
 class _Strict(BaseModel):
@@ -143,7 +143,7 @@ class CompareSection(_Strict):
 class PromoteSection(_Strict):
     """The ``promote`` stage: the student's gates, judged on the eval stage's metrics (``evals.promotion``)."""
 
-    gates: PromotionRules = Field(default_factory=PromotionRules, description=(
+    gates: GateThresholds = Field(default_factory=GateThresholds, description=(
         "the project's own gates (the policy's promotion keys); each is tightened with the policy's, never looser"))
     required: bool = Field(default=False, description=(
         "true: a denied promotion makes `distillgate run` exit 2 once the report is written; false: the denial is "

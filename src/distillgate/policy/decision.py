@@ -14,7 +14,7 @@ from typing import Any
 from distillgate.destinations import url_allowed
 from distillgate.policy.extraction_rules import ACTION_CODES, SIGNAL_NAMES, Signal
 from distillgate.policy.model import Policy
-from distillgate.policy.promotion_rules import GateEvidence, PromotionRules, judge_gates
+from distillgate.policy.promotion_rules import GateEvidence, GateThresholds, judge_gates
 from distillgate.policy.reasons import REASONS, status_for
 
 AUTH_STATES = ("ok", "missing", "invalid", "revoked")
@@ -49,7 +49,7 @@ class Request:
     signed_off_by: tuple[str, ...] = ()  # for train / promote / export: who signed off the dataset version
     signals: tuple[Signal, ...] = ()  # extraction-abuse signals from distillgate.extraction.ExtractionMonitor
     gates: tuple[GateEvidence, ...] = ()  # for kind="promote": measured evidence (distillgate.evals.promotion)
-    promotion: PromotionRules | None = None  # for kind="promote": the project's own gates (tighten the policy's)
+    promotion: GateThresholds | None = None  # for kind="promote": the project's own gates (tighten the policy's)
 
     @property
     def tokens_requested(self) -> int:

@@ -43,8 +43,8 @@ _KEYS: dict[str, str] = {"retention": "min_retention", "over_refusal": "max_over
 _LOWER_BOUND = ("retention", "harmful")  # gates on a lower bound (a minimum); the others cap an upper bound
 
 
-class PromotionRules(BaseModel):
-    """Thresholds of the promotion gates; ``null`` leaves a gate undeclared."""
+class GateThresholds(BaseModel):
+    """Thresholds of the promotion gates; ``null`` leaves a gate undeclared. A project's ``promote.gates``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -56,6 +56,11 @@ class PromotionRules(BaseModel):
         "upper bound of (student - teacher) under-refusal rate on unsafe prompts may not exceed this"))
     min_harmful_refusal_kept: float | None = Field(default=None, ge=0, le=1, description=(
         "lower bound of the share of teacher-refused harmful prompts the student also refuses"))
+
+
+class PromotionRules(GateThresholds):
+    """The policy's ``promotion`` section: the gates' thresholds, and whether routing needs a promotion."""
+
     required_for_routing: bool = Field(default=False, description=(
         "a gateway route answers this policy's requests with a student only while the student's signed promotion "
         "record (distillgate promote) verifies; otherwise its teacher answers (route reason not_promoted)"))
@@ -64,7 +69,7 @@ class PromotionRules(BaseModel):
         value: float | None = getattr(self, _KEYS[gate])
         return value
 
-    def tightened(self, other: PromotionRules | None) -> PromotionRules:
+    def tightened(self, other: GateThresholds | None) -> PromotionRules:
         """The stricter of ``self`` and ``other`` for every gate (an undeclared side never loosens the other)."""
         if other is None:
             return self
@@ -75,7 +80,7 @@ class PromotionRules(BaseModel):
                 strict[key] = mine if theirs is None else theirs
             else:
                 strict[key] = max(mine, theirs) if gate in _LOWER_BOUND else min(mine, theirs)
-        return PromotionRules(**strict)
+        return self.model_copy(update=strict)
 
     @property
     def declared(self) -> tuple[str, ...]:
