@@ -36,7 +36,6 @@ from distillgate.evals.refusal_features import STRUCTURAL, normalise, split_head
 HASH_BITS = 20
 REST_CHARS = 1500
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-LAST_SENTENCE = re.compile(r"[^.!?\n]+[.!?]*\s*$")
 PARTS = ("h", "o", "r", "t")
 OPENING_CHARS = 300
 _I = r"(i|we)('m| am| are|'re)?"
@@ -78,16 +77,23 @@ def _grams(words: list[str]) -> list[str]:
     return words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
 
 
+def _last_sentence(tail: str) -> str:
+    """The text after the last ``.``/``!``/``?``/newline, trailing punctuation and whitespace ignored (a linear
+    scan: a backtracking regex anchored at the end is quadratic in the tail's length)."""
+    body = tail.rstrip().rstrip(".!?")
+    return body[max(body.rfind(c) for c in ".!?\n") + 1:]
+
+
 def tokens(text: str) -> dict[str, list[str]]:
     """The tokens of each part (before hashing); exposed for tests and for reading what the model sees."""
     head, rest = split_head(text)
     words = _words(normalise(text)[:400])
-    last = LAST_SENTENCE.search(rest[-400:]) if rest else None
+    last = _last_sentence(rest[-400:])
     return {
         "h": _grams(_words(head)),
         "o": [" ".join(words[:n]) for n in (1, 2, 3) if len(words) >= n],
         "r": _grams(_words(rest[:REST_CHARS])),
-        "t": _words(last.group(0)) if last else [],
+        "t": _words(last),
     }
 
 
