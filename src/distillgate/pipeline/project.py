@@ -129,7 +129,7 @@ class EvalSection(_Strict):
     resamples: int = Field(default=1000, ge=100)
     routing_target: float = Field(default=0.95, gt=0, le=1)
     min_routed: int = Field(default=10, ge=1)
-    detector: Literal["string", "embedding"] = "embedding"
+    detector: Literal["string", "ngram", "embedding"] = "ngram"
     threads: int = Field(default=2, ge=1)
     teacher_live_items: int | None = Field(
         default=40, ge=0,
