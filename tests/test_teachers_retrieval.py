@@ -27,6 +27,7 @@ from distillgate.teachers.retrieval import (
     PoolRow,
     RetrievalSettings,
     RetrievalTeacher,
+    combine_with_votes,
     content_hash,
     narrow,
     retrieval_messages,
@@ -185,7 +186,7 @@ class NearestLabelModel(Teacher):
 def test_label_request_through_the_gateway_logs_the_examples_shown(tmp_path: Path) -> None:
     inner = NearestLabelModel()
     index = PoolIndex(pool(), HashingEmbedder(), embedder_id="hashing", cache_dir=tmp_path / "cache")
-    teacher = RetrievalTeacher(inner, index, RetrievalSettings(k=2), model_name="local/knn")
+    teacher = RetrievalTeacher(inner, index, RetrievalSettings(k=3), model_name="local/knn")
     db = tmp_path / "gw.db"
     ks = KeyStore(db)
     key = ks.create("alice")[1]
@@ -205,25 +206,36 @@ def test_label_request_through_the_gateway_logs_the_examples_shown(tmp_path: Pat
                 model="local/knn", max_tokens=8,
                 messages=[{"role": "system", "content": "Pick one label."},
                           {"role": "user", "content": "top up failed"}],
-                extra_body={"label_choices": ["card_arrival", "top_up_failed"]})
+                extra_body={"label_choices": ["card_arrival", "lost_card", "top_up_failed"]})
             choice = resp.choices[0]
             extra = choice.model_extra or {}
             assert choice.message.content == "top_up_failed"
             shown = extra["shown_examples"]
-            assert len(shown) == 2 and set(shown) <= {"p3", "p4"}
-            assert extra["label_probs"]["card_arrival"] == 0.0  # not a neighbour's label: not scored
+            assert len(shown) == 3 and set(shown) == {"p1", "p3", "p4"}
+            assert extra["label_probs"]["lost_card"] == 0.0  # not a neighbour's label: not scored
+            # the model's 5:1 for the nearest label times the vote shares 2/3 : 1/3 (vote_prior 1), renormalised
+            assert extra["label_probs"]["top_up_failed"] == pytest.approx(10 / 11)
             prompt = inner.prompts[0]
             assert prompt[0] == {"role": "system", "content": "Pick one label."}
-            assert [m["role"] for m in prompt] == ["system", "user", "assistant", "user", "assistant", "user"]
-            assert prompt[3]["content"] == next(r["text"] for r in RECORDS if r["id"] == shown[-1])  # nearest last
-            assert inner.scored == [["top_up_failed"]]
+            assert [m["role"] for m in prompt] == ["system"] + ["user", "assistant"] * 3 + ["user"]
+            assert prompt[5]["content"] == next(r["text"] for r in RECORDS if r["id"] == shown[-1])  # nearest last
+            assert inner.scored == [["card_arrival", "top_up_failed"]]
+            # two neighbours of one label: nothing to choose, the model is not run and no prompt token is spent
+            teacher.settings = RetrievalSettings(k=2)
+            one = c.chat.completions.create(
+                model="local/knn", max_tokens=8, messages=[{"role": "user", "content": "top up failed"}],
+                extra_body={"label_choices": ["card_arrival", "top_up_failed"]})
+            assert one.choices[0].message.content == "top_up_failed" and len(inner.prompts) == 1
+            assert (one.choices[0].model_extra or {})["label_probs"] == {"card_arrival": 0.0, "top_up_failed": 1.0}
+            assert one.usage is not None and one.usage.prompt_tokens == 0 and teacher.single_candidate == 1
             free = c.chat.completions.create(model="local/knn", max_tokens=8,
                                              messages=[{"role": "user", "content": "hello"}],
                                              extra_headers={"X-Policy-Output-Type": "summaries"})
             assert free.choices[0].message.content == "free text"  # no label_choices: the model as is
             settled = list(store.entries(kind="settlement"))
             assert settled[0].body["extra"]["shown_examples"] == [shown]
-            assert "shown_examples" not in (settled[1].body.get("extra") or {})
+            assert len(settled[1].body["extra"]["shown_examples"][0]) == 2  # the examples shown are logged anyway
+            assert "shown_examples" not in (settled[2].body.get("extra") or {})
     finally:
         store.close()
         ks.close()
@@ -243,3 +255,18 @@ def test_k_is_checked() -> None:
     index = PoolIndex(pool(), HashingEmbedder(), embedder_id="hashing")
     with pytest.raises(UserError, match="k must be"):
         RetrievalTeacher(NearestLabelModel(), index, RetrievalSettings(k=0))
+
+
+def test_the_neighbours_vote_weighs_the_models_distribution() -> None:
+    near = [PoolRow("a", "x", "card", "h1"), PoolRow("b", "y", "card", "h2"), PoolRow("c", "z", "pin", "h3"),
+            PoolRow("d", "w", "card", "h4")]
+    model = {"card": 0.4, "pin": 0.6}
+    assert combine_with_votes(model, near, 0.0) == model  # beta 0: the model alone
+    once = combine_with_votes(model, near, 1.0)  # 0.4 * 3/4 against 0.6 * 1/4
+    assert once == pytest.approx({"card": 0.3 / 0.45, "pin": 0.15 / 0.45})
+    assert combine_with_votes(model, near, 2.0)["card"] > once["card"]
+    # a scored label no neighbour carries (candidates: all) counts half a vote, not zero
+    wide = combine_with_votes({"card": 0.1, "pin": 0.1, "fee": 0.8}, near, 1.0)
+    assert wide["fee"] == pytest.approx(0.8 * 0.5 / (0.1 * 3 + 0.1 * 1 + 0.8 * 0.5))
+    with pytest.raises(UserError, match="vote_prior"):
+        RetrievalSettings(vote_prior=-1).check()

@@ -6,9 +6,11 @@ the gateway's signed provenance stamp, the filter verdict with reason codes, the
 and the review trail.
 
 Serialised form (``Row.to_record``): a flat dict whose nested values (``label_probs``, ``top_logprobs``,
-``teacher_card``, ``sampling``, ``stamp``, ``review_before``, ``review_after``, ``synthetic``) stay dicts/lists in
-JSON and are stored as JSON text columns in Parquet (``ARROW_SCHEMA``). ``SCHEMA_VERSION`` changes whenever a field
-changes; ``READABLE_VERSIONS`` are the older versions still read (a field added since reads as its default).
+``teacher_card``, ``sampling``, ``stamp``, ``grading``, ``review_before``, ``review_after``, ``synthetic``) stay
+dicts/lists in JSON and are stored as JSON text columns in Parquet (``ARROW_SCHEMA``). ``SCHEMA_VERSION`` changes
+whenever a field changes (2: ``trace``, the teacher's reasoning trace apart from its answer; ``grade`` and
+``grading``, the rubric grade of the answer; 3: ``synthetic``); ``READABLE_VERSIONS`` are the older versions still
+read (a field added since reads as its default).
 
 A synthetic row (``distillgate.data.synthesize``) carries ``synthetic``: how it was made (kind, generator template
 id and hash, seed row ids, the generator call's stamp, or the deterministic transform). Real rows hold ``None``,
@@ -30,16 +32,16 @@ import pyarrow.parquet as pq
 
 from distillgate.errors import UserError
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = frozenset({1, 2})  # 1: before ``synthetic``
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = frozenset({1, 2, 3})  # 1: before ``trace``/``grade``; 2: before ``synthetic``
 
 SPLITS = ("train", "val", "test", "golden", "holdout", "excluded")
 FILTER_STATUSES = ("pending", "pass", "fail")
 REVIEW_STATES = ("unreviewed", "accepted", "corrected", "rejected")
 
 # Fields stored as JSON text in Parquet (dicts / nested lists in Python).
-JSON_FIELDS = ("label_probs", "top_logprobs", "teacher_card", "sampling", "stamp", "review_before", "review_after",
-               "synthetic")
+JSON_FIELDS = ("label_probs", "top_logprobs", "teacher_card", "sampling", "stamp", "grading", "review_before",
+               "review_after", "synthetic")
 
 
 @dataclass(slots=True)
@@ -58,6 +60,7 @@ class Row:
     label: str | None = None  # final label: the human correction when edited, else the teacher's
     label_probs: dict[str, float] | None = None
     top_logprobs: list[list[dict[str, Any]]] | None = None
+    trace: str | None = None  # the teacher's reasoning trace, kept apart from the answer (distillgate.traces)
     teacher_model: str | None = None
     teacher_card: dict[str, Any] | None = None
     prompt_template_id: str | None = None
@@ -81,6 +84,8 @@ class Row:
     exact_dup_of: str | None = None
     dup_cluster: str | None = None
     agreement: float | None = None
+    grade: float | None = None  # the rubric grade of the answer, on the rubric's scale (distillgate.data.grade)
+    grading: dict[str, Any] | None = None  # rubric id and sha256, grader model, per-criterion scores, raw, stamp
     split: str | None = None
     split_reason: str | None = None  # why a row is in holdout/golden/excluded (e.g. "rare_label", "locked")
     # review
@@ -146,6 +151,7 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "tags": pa.list_(pa.string()),
     "filter_reasons": pa.list_(pa.string()),
     "agreement": pa.float64(),
+    "grade": pa.float64(),
     "edited": pa.bool_(),
     "version": pa.int64(),
 }

