@@ -297,6 +297,8 @@ class Pipeline:
         with self.working_copy() as wc:
             report = synthesize(wc, cfg, label_template=template, label_settings=settings, target=self.gateway())
             synthetic = sum(r.synthetic is not None for r in wc.inputs())
+            # with a rubric, the synthetic rows' answers are graded like the real ones (only ungraded are asked)
+            graded = self.grade_answers(wc, self.gateway()) if not report.stopped else None
         if report.stopped:
             raise PolicyDenied(f"synthesis stopped by the gateway: {report.stop_message}", list(report.stopped_by),
                                hint="the synthetic rows written so far are kept; rerun after fixing the cause")
@@ -308,7 +310,7 @@ class Pipeline:
         return StageOutcome("synthesize", "ran", 0, f"{report.seeds} seed rows; added {added} "
                             f"({report.already_present} already present, {report.empty} empty); {synthetic} "
                             f"synthetic inputs in all, {report.tokens:,} generator tokens",
-                            {"report": report.as_dict(), "synthetic_inputs": synthetic})
+                            {"report": report.as_dict(), "synthetic_inputs": synthetic, "grading": graded})
 
     def stage_build(self) -> StageOutcome:
         from distillgate.data.pipeline import build
