@@ -87,3 +87,33 @@ def review_wc(tmp_path: Path):
     copy = WorkingCopy.open(make_review_dataset(tmp_path))
     yield copy
     copy.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server on loopback for the whole session (tests/_pg_support.py); fails if none is
+    installed."""
+    from _pg_support import PgServer
+
+    server = PgServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """An empty PostgreSQL database of its own for one test."""
+    return str(pg_server.fresh_db())
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_db(request: pytest.FixtureRequest, tmp_path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``--db`` of an empty store on each backend: a SQLite file, or a fresh PostgreSQL database (its signing key
+    named by $DISTILLGATE_SIGNING_KEY, as every replica's must be)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "store.db")
+    monkeypatch.setenv("DISTILLGATE_SIGNING_KEY", str(tmp_path / "signing-key.pem"))
+    return str(request.getfixturevalue("pg_server").fresh_db())
