@@ -1,6 +1,6 @@
 """Quota exactness, reclaim of leaked reservations and crash safety through real `gateway serve` processes.
 
-Two or more gateway processes share one SQLite store; clients hit them concurrently; gateways are SIGKILLed with
+Two or more gateway processes share one store (each test runs on SQLite and on PostgreSQL: ``store_db``); clients hit them concurrently; gateways are SIGKILLed with
 requests in flight. The checks read the store file directly and run `distillgate audit verify`.
 """
 
@@ -32,7 +32,7 @@ from conftest import run_cli
 from fakes.fake_upstream import Behaviour, fake_upstream
 
 
-def make_key(db: Path, user: str = "alice") -> str:
+def make_key(db: Path | str, user: str = "alice") -> str:
     ks = KeyStore(db)
     try:
         return ks.create(user)[1]
@@ -68,8 +68,8 @@ async def hammer(urls: list[str], key: str, n: int, concurrency: int, run: str =
     return results
 
 
-def test_quota_exact_across_two_gateway_processes(tmp_path: Path) -> None:
-    db = tmp_path / "shared.db"
+def test_quota_exact_across_two_gateway_processes(tmp_path: Path, store_db: str) -> None:
+    db = store_db  # SQLite file or PostgreSQL database (conftest.py)
     key = make_key(db)
     with fake_upstream() as fake:
         cfg = write_config(tmp_path, db, fake.base_url)
@@ -99,8 +99,8 @@ def test_quota_exact_across_two_gateway_processes(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_tokens_per_day_never_exceeded_under_concurrency(tmp_path: Path) -> None:
-    db = tmp_path / "shared.db"
+def test_tokens_per_day_never_exceeded_under_concurrency(tmp_path: Path, store_db: str) -> None:
+    db = store_db  # SQLite file or PostgreSQL database (conftest.py)
     key = make_key(db)
     with fake_upstream() as fake:
         cfg = write_config(tmp_path, db, fake.base_url)
@@ -148,8 +148,8 @@ def _fire_and_forget(url: str, key: str, n: int) -> list[httpx.Response | BaseEx
     return out
 
 
-def test_sigkilled_gateway_leaks_reservations_that_a_survivor_reclaims(tmp_path: Path) -> None:
-    db = tmp_path / "shared.db"
+def test_sigkilled_gateway_leaks_reservations_that_a_survivor_reclaims(tmp_path: Path, store_db: str) -> None:
+    db = store_db  # SQLite file or PostgreSQL database (conftest.py)
     key = make_key(db)
     # five requests held at once: each reserves its body's bytes as the prompt bound, more than 400 tokens in all
     roomy = {**QUOTA_POLICY, "quotas": {**QUOTA_POLICY["quotas"], "tokens_per_day": 4000}}
@@ -188,8 +188,8 @@ def test_sigkilled_gateway_leaks_reservations_that_a_survivor_reclaims(tmp_path:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_restarted_gateway_reclaims_after_sole_gateway_was_killed(tmp_path: Path) -> None:
-    db = tmp_path / "solo.db"
+def test_restarted_gateway_reclaims_after_sole_gateway_was_killed(tmp_path: Path, store_db: str) -> None:
+    db = store_db
     key = make_key(db)
     with fake_upstream() as fake:
         cfg = write_config(tmp_path, db, fake.base_url, reservation_ttl_s=6.0)

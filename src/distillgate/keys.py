@@ -7,16 +7,18 @@ the key in ``distillgate keys list/revoke`` and in the decision log.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, Self
 
-from distillgate.db import connect, is_postgres
-from distillgate.errors import NotFoundError, UserError
+from distillgate.db import Conn, connect, is_postgres
+from distillgate.errors import NotFoundError, StoreUnavailable, UserError
 
 AuthStatus = Literal["ok", "missing", "invalid", "revoked"]
 
@@ -69,10 +71,28 @@ class SideTable:
             raise NotFoundError(f"directory {self.path.parent} does not exist",
                                 hint="create it or pass --db with an existing directory")
         self._lock = threading.Lock()
-        self._conn = connect(str(db_path) if is_postgres(str(db_path)) else self.path, timeout_s=30)
+        self._db = str(db_path) if is_postgres(str(db_path)) else self.path
+        self._conn = connect(self._db, timeout_s=30)
         migrate(self._conn)
         if self.SCHEMA:
             self._conn.script(self.SCHEMA)
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[Conn]:
+        """The connection, under the lock; one the server dropped (PostgreSQL restarted) is replaced, and the
+        failure it caused is a ``StoreUnavailable`` (the gateway answers 503)."""
+        with self._lock:
+            if self._conn.broken:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                self._conn = connect(self._db, timeout_s=30)
+            try:
+                yield self._conn
+            except Exception as exc:
+                if self._conn.broken:
+                    raise StoreUnavailable(f"lost the connection to the key store: {exc}",
+                                           hint="is PostgreSQL up? the next request reconnects") from exc
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -95,8 +115,8 @@ class KeyStore(SideTable):
         key_id = secrets.token_hex(6)
         secret = f"dgk_{key_id}_{secrets.token_urlsafe(32)}"
         record = ApiKey(key_id=key_id, user=user, created_at=now_iso(), label=label)
-        with self._lock:
-            self._conn.execute(
+        with self._using() as conn:
+            conn.execute(
                 'INSERT INTO gateway_api_keys (key_id, key_hash, "user", label, created_at) VALUES (?, ?, ?, ?, ?)',
                 (key_id, hash_key(secret), user, label, record.created_at))
         return record, secret
@@ -107,16 +127,16 @@ class KeyStore(SideTable):
         if user is not None:
             sql += ' WHERE "user" = ?'
             args = (user,)
-        with self._lock:
-            rows = self._conn.execute(sql + " ORDER BY created_at, key_id", args).fetchall()
+        with self._using() as conn:
+            rows = conn.execute(sql + " ORDER BY created_at, key_id", args).fetchall()
         return [ApiKey(*row) for row in rows]
 
     def revoke(self, key_id: str) -> ApiKey:
-        with self._lock:
-            cur = self._conn.execute(
+        with self._using() as conn:
+            cur = conn.execute(
                 "UPDATE gateway_api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
                 (now_iso(), key_id))
-            row = self._conn.execute(
+            row = conn.execute(
                 'SELECT key_id, "user", created_at, revoked_at, label FROM gateway_api_keys WHERE key_id = ?',
                 (key_id,)).fetchone()
         if row is None:
@@ -129,8 +149,8 @@ class KeyStore(SideTable):
         """Check a presented key (the bearer token); ``status`` is what the policy's ``auth`` field expects."""
         if not presented:
             return KeyCheck("missing")
-        with self._lock:
-            row = self._conn.execute(
+        with self._using() as conn:
+            row = conn.execute(
                 'SELECT "user", key_id, revoked_at FROM gateway_api_keys WHERE key_hash = ?',
                 (hash_key(presented),)).fetchone()
         if row is None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distillgate.db import Conn
-from distillgate.errors import InternalError
+from distillgate.errors import InternalError, StoreUnavailable
 from distillgate.ledger.backend import Backend
 from distillgate.ledger.records import Checkpoint
 from distillgate.ledger.txn import Signs, State, Txn
@@ -194,7 +194,12 @@ class Writer:
                     conn.rollback_quietly()
                 raise
         except Exception as exc:  # the transaction failed: nobody's work is durable
-            failed = [(False, exc)] * len(batch)
+            failure: Exception = exc
+            if conn is not None and conn.broken:
+                failure = StoreUnavailable(f"lost the connection to {self.backend.label}: {str(exc).strip()}",
+                                           hint="is the database up? the next write reconnects")
+                failure.__cause__ = exc
+            failed = [(False, failure)] * len(batch)
             deliver(batch[delivered:], failed[delivered:], early=True)
             deliver(batch, failed, early=False)
             return stop
