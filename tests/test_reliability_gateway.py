@@ -213,8 +213,8 @@ def test_restarted_gateway_reclaims_after_sole_gateway_was_killed(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_sigkill_under_load_loses_no_acknowledged_decision(tmp_path: Path) -> None:
-    db = tmp_path / "crash.db"
+def test_sigkill_under_load_loses_no_acknowledged_decision(tmp_path: Path, store_db: str) -> None:
+    db = store_db
     key = make_key(db)
     big = {**QUOTA_POLICY, "quotas": {"tokens_per_day": 10_000_000, "records_per_run": 1_000_000,
                                       "default_max_tokens": 8}}

@@ -42,9 +42,20 @@ def test_three_replicas_hundreds_of_clients_a_sigkill_and_a_restart(tmp_path: Pa
     key = make_key(pg_db)
     quotas = QUOTA_POLICY["quotas"]
     with fake_upstream() as fake:
-        cfg = write_config(tmp_path, pg_db, fake.base_url, reservation_ttl_s=5.0)
+        cfg = write_config(tmp_path, pg_db, fake.base_url, reservation_ttl_s=6.0)
         gws: list[GatewayProc] = [start(cfg, tmp_path) for _ in range(3)]
         try:
+            # a replica dies with requests in flight: their reservations leak (and hold quota until reclaimed)
+            victim = gws[2]
+            fake.push(*[Behaviour.stall(10)] * 3)
+            _fire_and_forget(victim.url, key, 3)
+            _wait_in_flight(lambda: fake.requests, 3)
+            held = held_reservations(pg_db)
+            assert held == 3
+            victim.proc.send_signal(signal.SIGKILL)
+            victim.proc.wait(10)
+            fake.clear()
+            gws[2] = start(cfg, tmp_path)  # restarted; all three reclaim what the dead one leaked
             urls = [g.url for g in gws]
 
             async def load() -> list[tuple[int, dict[str, str], Any]]:
@@ -54,17 +65,6 @@ def test_three_replicas_hundreds_of_clients_a_sigkill_and_a_restart(tmp_path: Pa
                 return [r for b in batches for r in b]
 
             results = asyncio.run(load())
-            # a replica dies with requests in flight (their reservations leak), then comes back
-            victim = gws[2]
-            fake.push(*[Behaviour.stall(10)] * 3)
-            _fire_and_forget(victim.url, key, 3)
-            _wait_in_flight(lambda: fake.requests, 3)
-            held = held_reservations(pg_db)
-            assert held >= 3
-            victim.proc.send_signal(signal.SIGKILL)
-            victim.proc.wait(10)
-            fake.clear()
-            gws[2] = start(cfg, tmp_path)
             deadline = time.monotonic() + 40
             while held_reservations(pg_db) and time.monotonic() < deadline:
                 time.sleep(0.2)
