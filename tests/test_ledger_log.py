@@ -15,6 +15,7 @@ import pytest
 
 from distillgate.canonical import canonical_json, sha256_hex
 from distillgate.db import Conn, connect
+from distillgate.errors import IntegrityError
 from distillgate.ledger import Store
 from distillgate.ledger.signing import Signer, verify_json
 from distillgate.ledger.verify import verify_db
@@ -189,6 +190,7 @@ def test_resigned_log_fails_against_the_trusted_key(log_db: str) -> None:
 
 WRITER = r"""
 import sys
+from distillgate.errors import IntegrityError
 from distillgate.ledger import Store
 from distillgate.policy import Request, policy_from_data
 import json
@@ -240,3 +242,19 @@ def test_checkpoint_on_demand(tmp_path: Path, every: int) -> None:
         store.admit(POLICY, request())
         cp = store.checkpoint()
         assert cp.tree_size == 2 and verify_json(store.signer.public_key_pem(), cp.payload(), cp.signature)
+
+
+def test_a_replica_with_another_key_cannot_append_to_a_log_started_meanwhile(store_db: str) -> None:
+    """Two processes open an empty store with different keys; the first to write starts the log with its key, and
+    the other is refused at its first write (never a log whose heads are signed by two keys)."""
+    first, second = Signer.generate(), Signer.generate()
+    a = Store.open(store_db, signer=first)
+    b = Store.open(store_db, signer=second)  # the log is empty: nothing to compare yet
+    try:
+        a.admit(POLICY, request())
+        with pytest.raises(IntegrityError, match="same signing key"):
+            b.admit(POLICY, request())
+    finally:
+        a.close()
+        b.close()
+    assert verify_db(store_db, first.public_key_pem()).ok
