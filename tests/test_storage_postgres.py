@@ -139,3 +139,28 @@ def test_migrations_from_an_empty_database_are_recorded_once(pg_db: str) -> None
         assert applied(conn) == [name for name, _ in MIGRATIONS]
     finally:
         conn.close()
+
+
+@pytest.mark.slow
+def test_distillgate_run_on_postgres(tmp_path: Path, pg_db: str) -> None:
+    """`distillgate run` with `store: postgresql://...`: every teacher call is a decision in PostgreSQL, the run's
+    export carries its log slice, and `audit verify` / `audit export` read the same database."""
+    from test_run_pipeline import tiny_student, write_project
+
+    tiny_student(tmp_path / "tiny")
+    with fake_upstream(reply="card_arrival") as fake:
+        project = write_project(tmp_path, fake.base_url, store=pg_db)
+        res = run_cli("run", str(project), timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert not (tmp_path / "work" / "distillgate.db").exists()
+    bodies = [e for e in log_bodies(pg_db) if e.get("run") == "tiny-run-1" and e["kind"] == "decision"]
+    inference = [b for b in bodies if b["request_kind"] == "inference" and b["decision"] == "allow"]
+    assert len(inference) == 30 + 6  # 30 generated rows + 6 evaluation items for the teacher
+    assert (tmp_path / "bundles" / "tiny-run-1" / "decision-log" / "checkpoint.json").exists()
+    verify = run_cli("audit", "verify", "--db", pg_db)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    out = (tmp_path / "bundles" / "again").as_uri() + "/"
+    exported = run_cli("audit", "export", "--db", pg_db, "--run", "tiny-run-1", "--to", out,
+                       "--policy", str(tmp_path / "policy.json"), "--user", "alice")
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert (tmp_path / "bundles" / "again" / "manifest.json").exists()
