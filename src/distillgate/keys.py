@@ -59,9 +59,7 @@ def now_iso() -> str:
 class SideTable:
     """A table kept in the ledger's database beside the log (API keys, reviewer accounts): one autocommit
     connection behind a lock, so the store is thread-safe. The tables come from the one migration list
-    (ledger/schema.py); a subclass may add ``SCHEMA`` (SQLite only)."""
-
-    SCHEMA = ""
+    (ledger/schema.py)."""
 
     def __init__(self, db_path: str | Path) -> None:
         from distillgate.ledger.schema import migrate
@@ -74,8 +72,6 @@ class SideTable:
         self._db = str(db_path) if is_postgres(str(db_path)) else self.path
         self._conn = connect(self._db, timeout_s=30)
         migrate(self._conn)
-        if self.SCHEMA:
-            self._conn.script(self.SCHEMA)
 
     @contextlib.contextmanager
     def _using(self) -> Iterator[Conn]:

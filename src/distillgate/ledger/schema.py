@@ -96,6 +96,17 @@ def m005_write_head(conn: Conn, d: Dialect) -> None:
     conn.execute("INSERT INTO write_head (id, generation) VALUES (1, 0) ON CONFLICT DO NOTHING")
 
 
+@migration
+def m006_review_accounts(conn: Conn, d: Dialect) -> None:
+    """Reviewer accounts and sign-in failure counts (distillgate/web/accounts.py)."""
+    conn.script(f"""
+    CREATE TABLE IF NOT EXISTS review_accounts (
+        "user" TEXT PRIMARY KEY, password_hash TEXT NOT NULL, created_at TEXT NOT NULL, disabled_at TEXT);
+    CREATE TABLE IF NOT EXISTS review_signin_failures (
+        "user" TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at {d.real} NOT NULL, locked_until {d.real})
+    """)
+
+
 def applied(conn: Conn) -> list[str]:
     """Names of the migrations recorded in ``conn``'s database, in the order they were applied."""
     return [str(r[0]) for r in conn.execute("SELECT name FROM distillgate_migrations ORDER BY seq").fetchall()]
