@@ -107,6 +107,18 @@ def m006_review_accounts(conn: Conn, d: Dialect) -> None:
     """)
 
 
+@migration
+def m007_route_shadow(conn: Conn, d: Dialect) -> None:
+    """Student-vs-teacher comparisons of routed traffic (distillgate/gateway/shadow.py)."""
+    ident = "INTEGER PRIMARY KEY AUTOINCREMENT" if d.name == "sqlite" else "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+    conn.script(f"""
+    CREATE TABLE IF NOT EXISTS route_shadow (
+        id {ident}, route TEXT NOT NULL, slice TEXT NOT NULL, at {d.real} NOT NULL, agree INTEGER NOT NULL,
+        request_hash TEXT NOT NULL);
+    CREATE INDEX IF NOT EXISTS route_shadow_window ON route_shadow(route, slice, id)
+    """)
+
+
 def applied(conn: Conn) -> list[str]:
     """Names of the migrations recorded in ``conn``'s database, in the order they were applied."""
     return [str(r[0]) for r in conn.execute("SELECT name FROM distillgate_migrations ORDER BY seq").fetchall()]
