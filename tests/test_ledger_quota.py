@@ -101,8 +101,8 @@ def _hammer(db: str, n: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
     out.put(got)
 
 
-def test_several_processes_share_one_database_exactly(store_db: str) -> None:
-    db = store_db  # the child processes inherit $DISTILLGATE_SIGNING_KEY (PostgreSQL)
+def test_several_processes_share_one_database_exactly(replica_db: str) -> None:
+    db = replica_db  # the child processes inherit $DISTILLGATE_SIGNING_KEY (PostgreSQL)
     Store.open(db).close()  # create schema and key once
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]

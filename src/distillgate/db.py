@@ -68,15 +68,29 @@ class Conn:
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
         if self._pg:
-            return self.raw.execute(_pg_sql(sql), args if args else None)
+            try:
+                return self.raw.execute(_pg_sql(sql), args if args else None)
+            except Exception as exc:
+                self._raise_if_lost(exc)
+                raise
         return self.raw.execute(sql, args)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Any:
         if self._pg:
             cur = self.raw.cursor()
-            cur.executemany(_pg_sql(sql), list(rows))
+            try:
+                cur.executemany(_pg_sql(sql), list(rows))
+            except Exception as exc:
+                self._raise_if_lost(exc)
+                raise
             return cur
         return self.raw.executemany(sql, rows)
+
+    def _raise_if_lost(self, exc: Exception) -> None:
+        """A lost server is ``StoreUnavailable`` (the gateway answers 503; the next use reconnects)."""
+        if self.broken:
+            raise StoreUnavailable(f"lost the connection to PostgreSQL: {str(exc).strip()}",
+                                   hint="is the server up? the next request reconnects") from exc
 
     def script(self, sql: str) -> None:
         """Run ``;``-separated statements (DDL without string literals holding ``;``)."""
