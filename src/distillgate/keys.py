@@ -11,14 +11,13 @@ import contextlib
 import hashlib
 import secrets
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, Self
 
 from distillgate.db import Conn, connect, is_postgres
-from distillgate.errors import NotFoundError, StoreUnavailable, UserError
+from distillgate.errors import NotFoundError, UserError
 
 AuthStatus = Literal["ok", "missing", "invalid", "revoked"]
 
@@ -73,22 +72,14 @@ class SideTable:
         self._conn = connect(self._db, timeout_s=30)
         migrate(self._conn)
 
-    @contextlib.contextmanager
-    def _using(self) -> Iterator[Conn]:
-        """The connection, under the lock; one the server dropped (PostgreSQL restarted) is replaced, and the
-        failure it caused is a ``StoreUnavailable`` (the gateway answers 503)."""
-        with self._lock:
-            if self._conn.broken:
-                with contextlib.suppress(Exception):
-                    self._conn.close()
-                self._conn = connect(self._db, timeout_s=30)
-            try:
-                yield self._conn
-            except Exception as exc:
-                if self._conn.broken:
-                    raise StoreUnavailable(f"lost the connection to the key store: {exc}",
-                                           hint="is PostgreSQL up? the next request reconnects") from exc
-                raise
+    def _live(self) -> Conn:
+        """The connection (call under the lock). One the server dropped (PostgreSQL restarted) is replaced; the
+        request that found it dropped got ``StoreUnavailable`` from ``Conn`` (the gateway answers 503)."""
+        if self._conn.broken:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = connect(self._db, timeout_s=30)
+        return self._conn
 
     def close(self) -> None:
         with self._lock:
@@ -111,7 +102,8 @@ class KeyStore(SideTable):
         key_id = secrets.token_hex(6)
         secret = f"dgk_{key_id}_{secrets.token_urlsafe(32)}"
         record = ApiKey(key_id=key_id, user=user, created_at=now_iso(), label=label)
-        with self._using() as conn:
+        with self._lock:
+            conn = self._live()
             conn.execute(
                 'INSERT INTO gateway_api_keys (key_id, key_hash, "user", label, created_at) VALUES (?, ?, ?, ?, ?)',
                 (key_id, hash_key(secret), user, label, record.created_at))
@@ -123,12 +115,14 @@ class KeyStore(SideTable):
         if user is not None:
             sql += ' WHERE "user" = ?'
             args = (user,)
-        with self._using() as conn:
+        with self._lock:
+            conn = self._live()
             rows = conn.execute(sql + " ORDER BY created_at, key_id", args).fetchall()
         return [ApiKey(*row) for row in rows]
 
     def revoke(self, key_id: str) -> ApiKey:
-        with self._using() as conn:
+        with self._lock:
+            conn = self._live()
             cur = conn.execute(
                 "UPDATE gateway_api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
                 (now_iso(), key_id))
@@ -145,7 +139,8 @@ class KeyStore(SideTable):
         """Check a presented key (the bearer token); ``status`` is what the policy's ``auth`` field expects."""
         if not presented:
             return KeyCheck("missing")
-        with self._using() as conn:
+        with self._lock:
+            conn = self._live()
             row = conn.execute(
                 'SELECT "user", key_id, revoked_at FROM gateway_api_keys WHERE key_hash = ?',
                 (hash_key(presented),)).fetchone()

@@ -153,7 +153,7 @@ class AccountStore(SideTable):
         record = Account(user=user, created_at=now_iso())
         with self._lock:
             try:
-                self._conn.execute('INSERT INTO review_accounts ("user", password_hash, created_at) VALUES (?, ?, ?)',
+                self._live().execute('INSERT INTO review_accounts ("user", password_hash, created_at) VALUES (?, ?, ?)',
                                    (user, encoded, record.created_at))
             except Exception as exc:
                 if not _is_unique_violation(exc):
@@ -168,8 +168,8 @@ class AccountStore(SideTable):
         check_new_password(user, password)
         encoded = hash_password(password, params)
         with self._lock:
-            cur = self._conn.execute('UPDATE review_accounts SET password_hash = ? WHERE "user" = ?', (encoded, user))
-            self._conn.execute('DELETE FROM review_signin_failures WHERE "user" = ?', (user,))
+            cur = self._live().execute('UPDATE review_accounts SET password_hash = ? WHERE "user" = ?', (encoded, user))
+            self._live().execute('DELETE FROM review_signin_failures WHERE "user" = ?', (user,))
         if cur.rowcount == 0:
             raise no_account(user)
         account = self.get(user)
@@ -187,7 +187,7 @@ class AccountStore(SideTable):
         """Disable (``disabled_at``) or enable (None) ``user``; whether that changed it, and the account after."""
         was = "disabled_at IS NULL" if disabled_at is not None else "disabled_at IS NOT NULL"
         with self._lock:
-            cur = self._conn.execute(f'UPDATE review_accounts SET disabled_at = ? WHERE "user" = ? AND {was}',
+            cur = self._live().execute(f'UPDATE review_accounts SET disabled_at = ? WHERE "user" = ? AND {was}',
                                      (disabled_at, user))
         account = self.get(user)
         if account is None:
@@ -198,7 +198,7 @@ class AccountStore(SideTable):
         """What a password session remembers of the account: a digest of the current password hash (it changes with
         every new password, salt included). None for an unknown or disabled account."""
         with self._lock:
-            row = self._conn.execute('SELECT password_hash, disabled_at FROM review_accounts WHERE "user" = ?',
+            row = self._live().execute('SELECT password_hash, disabled_at FROM review_accounts WHERE "user" = ?',
                                      (user,)).fetchone()
         if row is None or row[1] is not None:
             return None
@@ -206,13 +206,13 @@ class AccountStore(SideTable):
 
     def list(self) -> list[Account]:
         with self._lock:
-            rows = self._conn.execute(
+            rows = self._live().execute(
                 'SELECT "user", created_at, disabled_at FROM review_accounts ORDER BY created_at, "user"').fetchall()
         return [Account(*row) for row in rows]
 
     def get(self, user: str) -> Account | None:
         with self._lock:
-            row = self._conn.execute('SELECT "user", created_at, disabled_at FROM review_accounts WHERE "user" = ?',
+            row = self._live().execute('SELECT "user", created_at, disabled_at FROM review_accounts WHERE "user" = ?',
                                      (user,)).fetchone()
         return Account(*row) if row else None
 
@@ -230,9 +230,9 @@ class AccountStore(SideTable):
     def check(self, user: str, password: str, *, now: float) -> PasswordCheck:
         """Check a sign-in attempt at time ``now`` (seconds), counting failures and enforcing the lockout."""
         with self._lock:
-            found = self._conn.execute('SELECT locked_until FROM review_signin_failures WHERE "user" = ?',
+            found = self._live().execute('SELECT locked_until FROM review_signin_failures WHERE "user" = ?',
                                        (user,)).fetchone()
-            account = self._conn.execute('SELECT password_hash, disabled_at FROM review_accounts WHERE "user" = ?',
+            account = self._live().execute('SELECT password_hash, disabled_at FROM review_accounts WHERE "user" = ?',
                                          (user,)).fetchone()
         if found is not None and found[0] is not None and float(found[0]) > now:
             return PasswordCheck("locked", user, MAX_FAILURES, float(found[0]) - now)
@@ -240,19 +240,19 @@ class AccountStore(SideTable):
         matches = verify_password("" if too_long else password, account[0] if account else _dummy_hash())
         if account is not None and matches and not too_long:
             with self._lock:
-                self._conn.execute('DELETE FROM review_signin_failures WHERE "user" = ?', (user,))
+                self._live().execute('DELETE FROM review_signin_failures WHERE "user" = ?', (user,))
             return PasswordCheck("disabled" if account[1] else "ok", user)
         with self._lock:
-            self._conn.execute('DELETE FROM review_signin_failures WHERE last_at < ? AND "user" != ? '
+            self._live().execute('DELETE FROM review_signin_failures WHERE last_at < ? AND "user" != ? '
                                "AND (locked_until IS NULL OR locked_until < ?)", (now - FAILURE_WINDOW_S, user, now))
-            failures = int(self._conn.execute(
+            failures = int(self._live().execute(
                 'INSERT INTO review_signin_failures ("user", failures, last_at, locked_until) VALUES (?, 1, ?, NULL) '
                 'ON CONFLICT ("user") DO UPDATE SET failures = CASE WHEN review_signin_failures.last_at < ? THEN 1 '
                 "ELSE review_signin_failures.failures + 1 END, last_at = excluded.last_at RETURNING failures", (user, now, now - FAILURE_WINDOW_S)).fetchone()[0])
             locked_for = 0.0
             if failures >= MAX_FAILURES:
                 locked_for = LOCKOUT_S
-                self._conn.execute('UPDATE review_signin_failures SET failures = 0, locked_until = ? WHERE "user" = ?',
+                self._live().execute('UPDATE review_signin_failures SET failures = 0, locked_until = ? WHERE "user" = ?',
                                    (now + LOCKOUT_S, user))
         return PasswordCheck("wrong" if account is not None else "unknown", user, failures, locked_for)
 
