@@ -172,3 +172,23 @@ def test_distillgate_run_on_postgres(tmp_path: Path, pg_db: str) -> None:
                        "--policy", str(tmp_path / "policy.json"), "--user", "alice")
     assert exported.returncode == 0, exported.stdout + exported.stderr
     assert (tmp_path / "bundles" / "again" / "manifest.json").exists()
+
+
+def test_an_unreachable_database_is_a_clear_error_without_the_password() -> None:
+    from distillgate.errors import StoreUnavailable
+    from distillgate.ledger import Store
+
+    with pytest.raises(StoreUnavailable, match="cannot connect to PostgreSQL") as caught:
+        Store.open("postgresql://alice:hunter2@127.0.0.1:1/nowhere")
+    assert "hunter2" not in str(caught.value) and "alice:***@" in str(caught.value)
+
+
+def test_a_postgres_store_without_a_named_signing_key_is_refused(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from distillgate.errors import UserError
+    from distillgate.ledger import Store
+
+    monkeypatch.delenv("DISTILLGATE_SIGNING_KEY", raising=False)
+    with pytest.raises(UserError, match="DISTILLGATE_SIGNING_KEY"):
+        Store.open(pg_url)
+    res = run_cli("audit", "verify", "--db", pg_url)  # verify needs no private key: an empty log has no key yet
+    assert res.returncode != 0 and "no public key" in res.stderr
