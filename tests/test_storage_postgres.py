@@ -130,6 +130,7 @@ def test_postgres_restarted_under_load_answers_503_then_recovers(tmp_path: Path,
             assert r.status_code == 200, r.text
         finally:
             stop(gw)
+            pg_server.start()  # a no-op when it is up: the next tests need it whatever happened here
     res = run_cli("audit", "verify", "--db", pg_db)
     assert res.returncode == 0, res.stdout + res.stderr
     entries = log_bodies(pg_db)
