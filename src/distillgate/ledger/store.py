@@ -94,8 +94,7 @@ class Store:
         """``witness``: the file every signed head is appended to (default ``$DISTILLGATE_WITNESS`` or
         ``<db>.witness.jsonl``; none for ``:memory:``, nor by default for PostgreSQL, where each replica names its
         own)."""
-        self.db = str(path)
-        self.path = Path(path) if not is_postgres(str(path)) else Path(".")
+        self.db = str(path)  # as given: a SQLite path or a PostgreSQL URL
         self.backend = open_backend(path)
         self.label = self.backend.label
         conn = self.backend.connect()
