@@ -82,11 +82,13 @@ class Ring:
         """Whether a row is a near-twin of ``s``: at most TWIN_MAX_WORDS words apart, yet not the same prompt. The
         MinHash estimate only picks candidates; the decision is the exact word difference when both rows keep their
         word sets (a long shared template made the estimate call 63% of distinct banking77 messages twins)."""
+        other = self.fp[: self.size] != fp
+        if not other.any():  # every row is this very prompt (a resampling run): no twin, nothing to estimate
+            return False
         j = self.jaccard(s.minhash8)
         a, b = self.vocab[: self.size], float(s.vocab_size)
         inter = j * (a + b) / (1.0 + j)
         delta = a + b - 2.0 * inter
-        other = self.fp[: self.size] != fp
         if s.word_set is None:
             return bool(np.any((delta <= TWIN_MAX_WORDS) & other))
         for i in np.flatnonzero((delta <= TWIN_MAX_WORDS + TWIN_CANDIDATE_SLACK) & other):
