@@ -112,13 +112,16 @@ class Flags:
 
     def __init__(self, size: int) -> None:
         self.items: deque[bool] = deque(maxlen=size)
+        self.size = size
         self.true = 0
 
     def append(self, flag: bool) -> None:
-        if len(self.items) == self.items.maxlen and self.items[0]:
+        items = self.items
+        if len(items) == self.size and items[0]:
             self.true -= 1
-        self.items.append(flag)
-        self.true += flag
+        items.append(flag)
+        if flag:
+            self.true += 1
 
     def __len__(self) -> int:
         return len(self.items)
@@ -199,13 +202,18 @@ class ScopeState:
         self.harvest.append(ev.harvest)
         _push_counted(self.fps, self.fp_counts, s.prompt_fp)
         self.cot.append(ev.cot_unrelated)
-        self.suspicious.append(ev.suspicious)
+        suspicious = ev.suspicious
+        self.suspicious.append(suspicious)
         key = s.key_id or ""
-        flags = self.key_events.pop(key, None) or Flags(KEY_RECENT)
-        flags.append(ev.suspicious)
-        self.key_events[key] = flags
-        while len(self.key_events) > 1000:
-            self.key_events.popitem(last=False)
+        key_events = self.key_events
+        flags = key_events.get(key)
+        if flags is None:
+            flags = key_events[key] = Flags(KEY_RECENT)
+            while len(key_events) > 1000:
+                key_events.popitem(last=False)
+        else:
+            key_events.move_to_end(key)
+        flags.append(suspicious)
 
     def add_piece(self, key: int, outside: bool) -> None:
         """One embedded piece for ``distribution_shift``. A piece already in the window is not a new trial: the
