@@ -485,7 +485,7 @@ def write_json(results: dict[tuple[str, int], dict[str, Any]], args: argparse.Na
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(doc, indent=2))
     for key, value in doc["ratios"].items():
-        print(f"  {key:36s} {value:8.2f}x")
+        print(f"  {key:36s} {value:8.2f}{' ms' if key.endswith('_ms_c1') else 'x'}")
     print(f"wrote {RESULTS}")
 
 
