@@ -28,7 +28,7 @@ passthrough and the floor, and the p50 latency each proxy adds over direct at co
 
     python benchmarks/gateway.py [--seconds 4] [--concurrency 1 16 64] [--only direct distillgate litellm]
 
-Writes benchmarks/results/gateway.json (every figure, the ratios, and the load average during the run).
+Writes benchmarks/results/gateway.json, or ``--out PATH`` (every figure, the ratios, and the load average during the run).
 
 The load generator is a raw keep-alive HTTP/1.1 client on uvloop in its own process. Everything shares this
 machine's cores, so absolute numbers depend on the host; ratios are the point.
@@ -359,6 +359,7 @@ def main() -> None:
                                                   "floor", "distillgate", "distillgate-after", "distillgate-mp",
                                                   "distillgate-h11", "litellm"])
     ap.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where the results JSON goes")
     args = ap.parse_args()
     sys.path.insert(0, str(SRC))
     from distillgate.keys import KeyStore
@@ -482,11 +483,11 @@ def write_json(results: dict[tuple[str, int], dict[str, Any]], args: argparse.Na
         "ratios": ratios(results, args.concurrency),
         "durable_log_alone": lat,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2))
     for key, value in doc["ratios"].items():
         print(f"  {key:36s} {value:8.2f}{' ms' if key.endswith('_ms_c1') else 'x'}")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 def print_table(results: dict[tuple[str, int], dict[str, Any]], concurrency: list[int]) -> None:
