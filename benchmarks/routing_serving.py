@@ -124,7 +124,7 @@ def main() -> None:
     from distillgate.gateway.config import config_from_data
     from distillgate.gateway.server import build_gateway
     from distillgate.keys import KeyStore
-    from distillgate.teachers.student import StudentTeacher
+    from distillgate.teachers.student import EncoderStudent
 
     train, test = read("train"), read("test")
     labels = sorted({r["category"] for r in train})[: args.labels]
@@ -141,7 +141,7 @@ def main() -> None:
         t0 = time.perf_counter()
         artefact = train_student(work, rows, labels, args.epochs)
         train_s = time.perf_counter() - t0
-        student = StudentTeacher("banking", artefact, threads=2)
+        student = EncoderStudent("banking", artefact, threads=2)
         verdicts = [student.classify(r["text"]) for r in choose]
         points = coverage_curve([v.confidence for v in verdicts],
                                 [v.label == r["category"] for v, r in zip(verdicts, choose, strict=True)],

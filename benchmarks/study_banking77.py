@@ -12,12 +12,16 @@ Teacher (SmolLM2-135M-Instruct, label scoring; every strategy on the same ``--ev
 
 The pool is banking77 *train* minus the student's traffic rows (by content hash); eval rows come from *test*.
 
-Students (trained on ``--train-rows`` banking77 train rows labelled by ``retrieval_k16``; evaluated on the same
-eval rows; retention = student accuracy / ``retrieval_k16`` accuracy, both against gold):
+Retrieval strategies answer a row whose neighbours all carry one label with that label, without running the model
+(as ``RetrievalTeacher`` does); ``model_run_share`` is the share of rows where the model ran.
+
+Students (trained on ``--train-rows`` banking77 train rows labelled by ``retrieval_k{--label-k}``; evaluated on the
+same eval rows; retention = student accuracy / that strategy's accuracy, both against gold):
 
 * ``encoder_kd``    all-MiniLM-L6-v2 + linear head, end to end, KD on the teacher's label distributions;
 * ``encoder_sft``   the same on the teacher's hard labels;
-* ``encoder_head_kd`` KD with the encoder frozen (only the head learns).
+* ``encoder_head_kd`` KD with the encoder frozen (only the head learns);
+* ``encoder_kd_random_head`` ``encoder_kd`` with a random linear head instead of label prototypes (``head_init``).
 
 Prints a table, writes ``benchmarks/results/study_banking77.json`` (``--out``). The default is small (a few
 minutes on a shared 2-core CPU: 40 eval rows, 200 training rows); the full study:
@@ -78,7 +82,7 @@ def teacher_strategies(engine: Any, index: Any, rows: Sequence[dict[str, str]], 
     short = {"role": "system", "content": SHORT}
     out: dict[str, Any] = {}
     for name in which:
-        hits, seconds, preds = 0, 0.0, []
+        hits, seconds, preds, calls = 0, 0.0, [], 0
         for i, row in enumerate(rows):
             t0 = time.perf_counter()
             question = {"role": "user", "content": row["text"]}
@@ -93,8 +97,12 @@ def teacher_strategies(engine: Any, index: Any, rows: Sequence[dict[str, str]], 
                     pred = max(votes, key=lambda lab: (votes[lab], -[r.label for r in near].index(lab)))
                 else:
                     cands = narrow(labels, near, "all" if name.endswith("_all") else "neighbours")
-                    probs = engine.score_labels_batch([retrieval_messages([short, question], near)], cands)[0]
-                    pred = max(probs, key=probs.__getitem__)
+                    if len(cands) == 1:  # as RetrievalTeacher: one candidate is the answer, the model is not run
+                        pred = cands[0]
+                    else:
+                        calls += 1
+                        probs = engine.score_labels_batch([retrieval_messages([short, question], near)], cands)[0]
+                        pred = max(probs, key=probs.__getitem__)
             seconds += time.perf_counter() - t0
             hits += pred == row["category"]
             preds.append(pred)
@@ -103,22 +111,25 @@ def teacher_strategies(engine: Any, index: Any, rows: Sequence[dict[str, str]], 
                       file=sys.stderr, flush=True)
         lo, hi = wilson(hits, len(rows))
         out[name] = {"accuracy": hits / len(rows), "ci95": [lo, hi], "s_per_item": seconds / len(rows),
-                     "n": len(rows), "predictions": preds}
+                     "n": len(rows), "model_run_share": calls / len(rows) if name != "knn_vote_k16" else 0.0,
+                     "predictions": preds}
     return out
 
 
-def label_rows(engine: Any, index: Any, rows: Sequence[dict[str, str]], labels: list[str]) -> list[dict[str, Any]]:
-    """Training rows labelled by the k=16 retrieval teacher, with its distribution (zeros off the candidates)."""
+def label_rows(engine: Any, index: Any, rows: Sequence[dict[str, str]], labels: list[str],
+               k: int = 16) -> list[dict[str, Any]]:
+    """Training rows labelled by the retrieval teacher (k neighbours), with its distribution (zeros off the
+    candidates; one candidate: probability 1 without running the model, as ``RetrievalTeacher`` does)."""
     from distillgate.teachers.retrieval import narrow, retrieval_messages
 
     system = {"role": "system", "content": SHORT}
     out = []
     t0 = time.perf_counter()
     for i, row in enumerate(rows):
-        near = [r for r, _ in index.nearest(row["text"], 16)]
+        near = [r for r, _ in index.nearest(row["text"], k)]
         cands = narrow(labels, near, "neighbours")
-        probs = engine.score_labels_batch([retrieval_messages([system, {"role": "user", "content": row["text"]}],
-                                                              near)], cands)[0]
+        probs = {cands[0]: 1.0} if len(cands) == 1 else engine.score_labels_batch(
+            [retrieval_messages([system, {"role": "user", "content": row["text"]}], near)], cands)[0]
         full = {lab: float(probs.get(lab, 0.0)) for lab in labels}
         best = max(full, key=full.__getitem__)
         out.append({"row_id": f"train-{i}", "input": row["text"], "label": best, "output": best,
@@ -153,12 +164,15 @@ def train_students(rows: list[dict[str, Any]], eval_rows: Sequence[dict[str, str
     from distillgate.train import parse_config, run_recipe
 
     dataset = freeze(rows, work / "dataset")  # training input is a frozen dataset version, never a free file
-    recipes = {"encoder_kd": ("kd", False), "encoder_sft": ("sft", False), "encoder_head_kd": ("kd", True)}
+    recipes = {"encoder_kd": ("kd", False, "prototypes"), "encoder_sft": ("sft", False, "prototypes"),
+               "encoder_head_kd": ("kd", True, "prototypes"), "encoder_kd_random_head": ("kd", False, "random")}
     out: dict[str, Any] = {}
-    for name, (recipe, frozen) in recipes.items():
+    for name, (recipe, frozen, init) in recipes.items():
+        if name not in args.students.split(","):
+            continue
         cfg = parse_config({
             "recipe": recipe, "dataset": str(dataset), "output_dir": str(work / name), "labels": labels,
-            "student": {"family": "encoder", "encoder": {"freeze_encoder": frozen}},
+            "student": {"family": "encoder", "encoder": {"freeze_encoder": frozen, "head_init": init}},
             "kd": {"target": "label_probs", "temperature": 2.0, "hard_weight": 0.5},
             "epochs": args.epochs, "batch_size": 16, "lr": 1e-4 if not frozen else 1e-3, "warmup_steps": 10,
             "max_length": 64, "threads": args.threads, "log_every": 50, "resume": False}, name)
@@ -173,7 +187,7 @@ def train_students(rows: list[dict[str, Any]], eval_rows: Sequence[dict[str, str
             hits += labels[max(range(len(labels)), key=probs.__getitem__)] == row["category"]
         acc = hits / len(eval_rows)
         lo, hi = wilson(hits, len(eval_rows))
-        out[name] = {"family": "encoder_classifier", "recipe": recipe, "frozen_encoder": frozen,
+        out[name] = {"family": "encoder_classifier", "recipe": recipe, "frozen_encoder": frozen, "head_init": init,
                      "accuracy": acc, "ci95": [lo, hi],
                      "retention": acc / teacher_acc if teacher_acc > 0 else None,
                      "s_per_item": seconds / len(eval_rows), "train_seconds": train_s, "steps": result.steps}
@@ -190,6 +204,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--strategies", default="zero_shot,knn_vote_k16,retrieval_k8,retrieval_k16,retrieval_k16_all")
+    ap.add_argument("--label-k", type=int, default=16, help="neighbours of the teacher that labels the training rows")
+    ap.add_argument("--students", default="encoder_kd,encoder_sft,encoder_head_kd,encoder_kd_random_head")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "study_banking77.json")
     args = ap.parse_args()
@@ -220,20 +236,21 @@ def main() -> None:
     print(f"pool {len(pool.rows)} rows (embedding {pool_s:.0f}s, cached: {index.cache_hit}); teacher load "
           f"{load_s:.0f}s", file=sys.stderr, flush=True)
     teacher = teacher_strategies(engine, index, eval_rows, labels, args.strategies.split(","))
-    teacher_acc = teacher.get("retrieval_k16", {}).get("accuracy", 0.0)
+    reference = f"retrieval_k{args.label_k}"  # the teacher that labels the students' rows
+    teacher_acc = teacher.get(reference, {}).get("accuracy", 0.0)
     students: dict[str, Any] = {}
     labelling_s = 0.0
     if args.train_rows:
         t0 = time.perf_counter()
-        rows = label_rows(engine, index, traffic, labels)
+        rows = label_rows(engine, index, traffic, labels, k=args.label_k)
         labelling_s = time.perf_counter() - t0
         agreement = sum(r["label"] == r["gold"] for r in rows) / len(rows)
         print(f"  teacher labels on the training rows: {agreement:.3f} accurate", file=sys.stderr)
         with tempfile.TemporaryDirectory() as tmp:
             students = train_students(rows, eval_rows, labels, teacher_acc, args, Path(tmp))
     for s in students.values():
-        t_s = teacher.get("retrieval_k16", {}).get("s_per_item")
-        s["speedup_vs_retrieval_k16"] = t_s / s["s_per_item"] if t_s and s["s_per_item"] else None
+        t_s = teacher.get(reference, {}).get("s_per_item")
+        s["speedup_vs_teacher"] = t_s / s["s_per_item"] if t_s and s["s_per_item"] else None
     result = {
         "benchmark": "study_banking77", "args": {k: str(v) for k, v in vars(args).items()},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -246,14 +263,15 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'teacher strategy':<20} {'accuracy':>9} {'95% CI':>15} {'s/item':>8}")
+    print(f"\n{'teacher strategy':<20} {'accuracy':>9} {'95% CI':>15} {'s/item':>8} {'model runs':>10}")
     for name, t in result["teacher"].items():
-        print(f"{name:<20} {t['accuracy']:>9.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}] {t['s_per_item']:>8.3f}")
+        print(f"{name:<20} {t['accuracy']:>9.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}] {t['s_per_item']:>8.3f} "
+              f"{t['model_run_share']:>10.2f}")
     if students:
         print(f"\n{'student':<18} {'accuracy':>9} {'retention':>10} {'ms/item':>8} {'speedup':>8} {'train s':>8}")
         for name, s in students.items():
             ret = f"{s['retention']:.3f}" if s["retention"] is not None else "n/a"
-            sp = f"{s['speedup_vs_retrieval_k16']:.0f}x" if s["speedup_vs_retrieval_k16"] else "n/a"
+            sp = f"{s['speedup_vs_teacher']:.0f}x" if s["speedup_vs_teacher"] else "n/a"
             print(f"{name:<18} {s['accuracy']:>9.3f} {ret:>10} {s['s_per_item'] * 1000:>8.1f} {sp:>8} "
                   f"{s['train_seconds']:>8.0f}")
     print(f"\nwall {result['wall_s']:.0f}s, peak RSS {result['peak_rss_mb']:.0f} MB -> {args.out}")

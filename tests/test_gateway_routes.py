@@ -24,7 +24,7 @@ from distillgate.gateway.server import build_gateway
 from distillgate.gateway.shadow import ShadowLog, wilson
 from distillgate.gateway.stamps import Stamp
 from distillgate.keys import KeyStore
-from distillgate.teachers.student import StudentTeacher
+from distillgate.teachers.student import EncoderStudent
 from distillgate.train import run_recipe
 from test_train_encoder import config as train_config
 from test_train_encoder import cue_rows
@@ -56,7 +56,7 @@ def student(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def threshold(student: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The offline step, as `distillgate route choose` does it: an evaluation's confidences → the threshold file."""
-    model = StudentTeacher("toy", student)
+    model = EncoderStudent("toy", student)
     items = traffic(60, seed=1)
     verdicts = [model.classify(text) for text, _ in items]
     points = coverage_curve([v.confidence for v in verdicts], [v.label == lab for v, (_, lab) in
@@ -73,8 +73,10 @@ def threshold(student: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def gateway(tmp: Path, student: Path, threshold: Path, **route: Any) -> Iterator[tuple[str, Any, Any, str]]:
-    policy_dir = write_policies(tmp / "policies", POLICY)
+def gateway(tmp: Path, student: Path, threshold: Path, *, policies: tuple[dict[str, Any], ...] = (POLICY,),
+            **route: Any) -> Iterator[tuple[str, Any, Any, str]]:
+    """A gateway serving ``student`` as student/toy and the route toy-intent (student toy, the fake teacher)."""
+    policy_dir = write_policies(tmp / "policies", *policies)
     db = tmp / "gw.db"
     keystore = KeyStore(db)
     key = keystore.create("alice")[1]
@@ -162,7 +164,9 @@ def test_the_student_is_served_by_name_with_its_card_never_by_path(tmp_path: Pat
     with gateway(tmp_path, student, threshold) as (url, _gw, _fake, key):
         c = client(url, key)
         cards = {m.id: m for m in c.models.list().data}
-        assert cards["student/toy"].model_extra["card"]["labels"] == LABELS
+        card = cards["student/toy"].model_extra["card"]
+        assert card["labels"] == LABELS and card["family"] == "encoder_classifier" and card["task"] == "labels"
+        assert card["confidence"] == "label_prob" and card["parameter_count"] > 0 and card["architecture"]
         assert str(student) not in str(cards["student/toy"].model_extra)
         direct = ask(c, "alpha red beta", model="student/toy")
         assert direct.model == "student/toy" and direct.choices[0].message.content == "yes"
@@ -203,7 +207,7 @@ def test_shadow_agreement_then_drift_trips_the_flag_and_stops_routing(tmp_path: 
     with gateway(tmp_path, student, threshold, shadow=shadow) as (url, gw, fake, key):
         c = client(url, key)
         fake.set_reply("yes")  # in distribution: the teacher labels red-cue inputs "yes", as the student does
-        model, t = StudentTeacher("toy", student), gw.cascade.thresholds["toy-intent"].value
+        model, t = EncoderStudent("toy", student), gw.cascade.thresholds["toy-intent"].value
         reds = [f"{a} red {b}" for a in WORDS[:5] for b in WORDS[:5]]
         sure = [x for x in reds if (v := model.classify(x)).label == "yes" and v.confidence >= t][:12]
         assert len(sure) >= 6
@@ -256,7 +260,7 @@ def test_concurrent_routed_requests_each_get_their_own_route(tmp_path: Path, stu
                 model="toy-intent", messages=[{"role": "user", "content": text}], max_tokens=4) for text, _ in items])
 
         answers = asyncio.run(go())
-        model = StudentTeacher("toy", student)
+        model = EncoderStudent("toy", student)
         t = gw.cascade.thresholds["toy-intent"].value
         for (text, _), a in zip(items, answers, strict=True):
             expected = "student/toy" if model.classify(text).confidence >= t else "fake-teacher"
@@ -316,3 +320,63 @@ def test_an_edited_threshold_file_stops_the_start_with_its_problems(tmp_path: Pa
     with pytest.raises(ConfigError) as info:
         build_gateway(config_from_data(data))
     assert "threshold" in str(info.value) and "sneaky" in str(info.value)
+
+
+def _banking77(split: str) -> list[dict[str, str]]:
+    import csv
+
+    with open(Path(__file__).resolve().parent.parent / "data" / "banking77" / f"{split}.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_banking77_share_answered_by_a_trained_minilm_student_is_within_the_evaluations_ci(tmp_path: Path) -> None:
+    """Done means of issue 23 on real data: a frozen all-MiniLM-L6-v2 encoder with a head trained (the encoder
+    recipe) on 4 banking77 intents; the threshold chosen, as `route choose` does, on test messages half of which
+    are of other intents; fresh test messages sent to the routed name with the openai SDK. Each is answered by the
+    student exactly when its confidence clears the threshold, and the share the student answered lies inside the
+    95 % Wilson interval of the coverage the evaluation measured."""
+    from _train_support import freeze_rows
+    from distillgate.train import parse_config
+
+    train, test = _banking77("train"), _banking77("test")
+    labels = sorted({r["category"] for r in train})[:4]
+    rows = [{"row_id": f"b{i}", "input": r["text"], "output": r["category"], "label": r["category"],
+             "split": "train", "filter_status": "pass", "edited": False}
+            for i, r in enumerate(r for lab in labels for r in [x for x in train if x["category"] == lab][:16])]
+    dataset = freeze_rows(tmp_path, rows, name="banking")
+    cfg = parse_config({"recipe": "sft", "dataset": str(dataset), "output_dir": str(tmp_path / "out"),
+                        "labels": labels, "student": {"family": "encoder", "encoder": {"freeze_encoder": True}},
+                        "epochs": 3, "batch_size": 16, "lr": 2e-3, "threads": 2, "log_every": 10_000}, "test")
+    artefact = run_recipe(cfg).model_dir.parent
+    inside = [r for r in test if r["category"] in labels]
+    outside = [r for r in test if r["category"] not in labels][::37]
+    pairs = list(zip(inside, outside, strict=False))[:40]  # (one of its intents, one of another), alternating:
+    choose = [x for pair in pairs[0::2] for x in pair]  # the evaluation's items
+    serve = [x for pair in pairs[1::2] for x in pair]  # and fresh traffic like them
+    model = EncoderStudent("banking", artefact, threads=2)
+    verdicts = [model.classify(r["text"]) for r in choose]
+    best = choose_threshold(coverage_curve([v.confidence for v in verdicts],
+                                           [v.label == r["category"] for v, r in zip(verdicts, choose, strict=True)],
+                                           [True] * len(choose)), target=0.95, min_items=10)
+    assert 0.2 < best.coverage < 0.8, best  # the threshold really splits the traffic
+    threshold = tmp_path / "threshold.json"
+    save_threshold(RouteThreshold(threshold=best.threshold, confidence="label_prob", student="student/toy",
+                                  teacher="fake-teacher", suite="banking77", target=0.95, min_items=10,
+                                  coverage=best.coverage, student_accuracy=best.student_accuracy,
+                                  teacher_accuracy=best.teacher_accuracy, system_accuracy=best.system_accuracy,
+                                  items=len(choose)), threshold)
+    with gateway(tmp_path / "gw", artefact, threshold) as (url, gw, fake, key):
+        fake.set_reply("teacher-label")
+        c = client(url, key)
+        answers = [ask(c, r["text"]) for r in serve]
+        lo, hi = gw.cascade.thresholds["toy-intent"].coverage_ci()
+    for r, a in zip(serve, answers, strict=True):
+        sure = model.classify(r["text"]).confidence
+        assert (a.model == "student/toy") == (sure >= best.threshold), (r["text"], sure, best.threshold)
+        if a.model == "student/toy":
+            assert a.choices[0].message.content in labels
+        else:
+            assert a.choices[0].message.content == "teacher-label"
+    share = sum(a.model == "student/toy" for a in answers) / len(answers)  # measured: 0.475 (coverage 0.35)
+    assert lo <= share <= hi, (share, best.coverage, lo, hi)  # Wilson 95 % of the coverage on 40 items

@@ -84,7 +84,8 @@ def test_default_teacher_prompt_names_no_domain(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_run_evaluates_on_the_projects_own_test_split(tmp_path: Path) -> None:
     with fake_upstream(reply="weather") as fake:
-        project = write_project(tmp_path, fake.base_url)
+        project = write_project(tmp_path, fake.base_url,
+                                eval={"resamples": 100, "min_routed": 1, "teacher_live_items": 5})
         run = run_cli("run", str(project), timeout=900)
         assert run.returncode == 0, run.stderr[-3000:]
     work = tmp_path / "work"
@@ -103,7 +104,16 @@ def test_run_evaluates_on_the_projects_own_test_split(tmp_path: Path) -> None:
     bodies = [json.loads(b[0]) for b in conn.execute("SELECT body FROM log WHERE kind='decision'").fetchall()]
     conn.close()
     inference = [b for b in bodies if b["request_kind"] == "inference" and b["decision"] == "allow"]
-    assert len(inference) == 40 + len(item_ids)
+    # 40 labelling calls; the evaluation reuses those answers and asks 5 items again live
+    assert len(inference) == 40 + 5
+    teacher_answers = {a["item_id"]: a for a in answers if a["role"] == "teacher"}
+    assert all(a["label"] == by_id[i]["teacher_label"] for i, a in teacher_answers.items())
+    timed = [a for a in teacher_answers.values() if a["latency_s"] is not None]
+    assert len(timed) == 5 and all(a["meta"].get("reused_from") is None for a in timed)
+    reuse = suite["teacher"]["reuse"]
+    assert (reuse["reused"], reuse["asked_live"], reuse["live_matches"]) == (len(item_ids) - 5, 5, 5)
+    teacher_speed = next(s for s in suite["speed"] if s["role"] == "teacher")
+    assert (teacher_speed["items"], teacher_speed["untimed"]) == (5, len(item_ids) - 5)
     # the out-of-scope label is a slice of its own, and the kd-vs-sft lift is reported with an interval
     retention = suite["retention"]
     assert {(s["slice"], s["value"]) for s in retention} >= {("scope", "out of scope"), ("scope", "in scope")}

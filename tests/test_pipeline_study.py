@@ -62,3 +62,13 @@ def test_governance_is_rendered_as_tables_not_json() -> None:
     assert "<th>method.pool.rows</th><td>9999</td>" in page
     assert '{"' not in page  # no raw JSON objects
     assert flatten({"a": [{"b": 1}], "c": [1, 2]}) == [("a[0].b", "1"), ("c", "1, 2")]
+
+
+def test_reused_teacher_answers_and_a_changed_teacher_are_said_on_the_front_page() -> None:
+    m = metrics(teacher_accuracy=iv(0.9), student_accuracy=iv(0.88), accuracy_retention=iv(0.97))
+    m["suites"]["project"]["teacher"] = {"reuse": {"reused": 400, "asked_live": 40, "live_matches": 40}}
+    text = " ".join(front_page(m))
+    assert "answers on 400 of the 440 project items come from the labelling run" in text
+    assert "40 of 40 gave the stored answer" in text and "Warning" not in text
+    m["suites"]["project"]["teacher"]["reuse"]["live_matches"] = 37
+    assert "Warning: 3 live answer(s) differ from the stored ones" in " ".join(front_page(m))

@@ -185,7 +185,7 @@ class NearestLabelModel(Teacher):
 def test_label_request_through_the_gateway_logs_the_examples_shown(tmp_path: Path) -> None:
     inner = NearestLabelModel()
     index = PoolIndex(pool(), HashingEmbedder(), embedder_id="hashing", cache_dir=tmp_path / "cache")
-    teacher = RetrievalTeacher(inner, index, RetrievalSettings(k=2), model_name="local/knn")
+    teacher = RetrievalTeacher(inner, index, RetrievalSettings(k=3), model_name="local/knn")
     db = tmp_path / "gw.db"
     ks = KeyStore(db)
     key = ks.create("alice")[1]
@@ -205,25 +205,34 @@ def test_label_request_through_the_gateway_logs_the_examples_shown(tmp_path: Pat
                 model="local/knn", max_tokens=8,
                 messages=[{"role": "system", "content": "Pick one label."},
                           {"role": "user", "content": "top up failed"}],
-                extra_body={"label_choices": ["card_arrival", "top_up_failed"]})
+                extra_body={"label_choices": ["card_arrival", "lost_card", "top_up_failed"]})
             choice = resp.choices[0]
             extra = choice.model_extra or {}
             assert choice.message.content == "top_up_failed"
             shown = extra["shown_examples"]
-            assert len(shown) == 2 and set(shown) <= {"p3", "p4"}
-            assert extra["label_probs"]["card_arrival"] == 0.0  # not a neighbour's label: not scored
+            assert len(shown) == 3 and set(shown) == {"p1", "p3", "p4"}
+            assert extra["label_probs"]["lost_card"] == 0.0  # not a neighbour's label: not scored
             prompt = inner.prompts[0]
             assert prompt[0] == {"role": "system", "content": "Pick one label."}
-            assert [m["role"] for m in prompt] == ["system", "user", "assistant", "user", "assistant", "user"]
-            assert prompt[3]["content"] == next(r["text"] for r in RECORDS if r["id"] == shown[-1])  # nearest last
-            assert inner.scored == [["top_up_failed"]]
+            assert [m["role"] for m in prompt] == ["system"] + ["user", "assistant"] * 3 + ["user"]
+            assert prompt[5]["content"] == next(r["text"] for r in RECORDS if r["id"] == shown[-1])  # nearest last
+            assert inner.scored == [["card_arrival", "top_up_failed"]]
+            # two neighbours of one label: nothing to choose, the model is not run and no prompt token is spent
+            teacher.settings = RetrievalSettings(k=2)
+            one = c.chat.completions.create(
+                model="local/knn", max_tokens=8, messages=[{"role": "user", "content": "top up failed"}],
+                extra_body={"label_choices": ["card_arrival", "top_up_failed"]})
+            assert one.choices[0].message.content == "top_up_failed" and len(inner.prompts) == 1
+            assert (one.choices[0].model_extra or {})["label_probs"] == {"card_arrival": 0.0, "top_up_failed": 1.0}
+            assert one.usage is not None and one.usage.prompt_tokens == 0 and teacher.single_candidate == 1
             free = c.chat.completions.create(model="local/knn", max_tokens=8,
                                              messages=[{"role": "user", "content": "hello"}],
                                              extra_headers={"X-Policy-Output-Type": "summaries"})
             assert free.choices[0].message.content == "free text"  # no label_choices: the model as is
             settled = list(store.entries(kind="settlement"))
             assert settled[0].body["extra"]["shown_examples"] == [shown]
-            assert "shown_examples" not in (settled[1].body.get("extra") or {})
+            assert len(settled[1].body["extra"]["shown_examples"][0]) == 2  # the examples shown are logged anyway
+            assert "shown_examples" not in (settled[2].body.get("extra") or {})
     finally:
         store.close()
         ks.close()

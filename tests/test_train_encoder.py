@@ -140,3 +140,25 @@ def test_a_causal_lm_directory_is_still_served_as_one(tmp_path: Path) -> None:
     assert not is_encoder_student(d)
     source = student_source(d, threads=1)
     assert isinstance(source, LocalCausalLMSource)
+
+
+def test_the_head_starts_at_the_label_prototypes_and_a_label_without_rows_at_its_name(tmp_path: Path) -> None:
+    """With head_init: prototypes (the default) the untrained student is already a nearest-centroid classifier:
+    zero epochs of training fit the cue rows; a label no row carries starts at its name's embedding."""
+    rows = [r for r in soft_rows(24) if r["label"] != "maybe"]
+    for r in rows:
+        r["label_probs"] = {lab: (1.0 if lab == r["label"] else 0.0) for lab in LABELS}
+    doc = config(tmp_path, rows).model_dump(mode="json")
+    result = run_recipe(parse_config({**doc, "epochs": 0.0001, "lr": 1e-9}, "test"))  # one step, a no-op rate
+    record = json.loads(result.record_path.read_text())
+    assert record["student"]["head_init"] == "prototypes" and record["student"]["labels_started_from_name"] == 1
+    assert json.loads((result.model_dir / "student.json").read_text())["normalise"] is True
+    assert accuracy(result.model_dir, rows) >= 0.9
+    model, _ = load_encoder_student(result.model_dir)
+    norms = model.head.weight.norm(dim=-1)
+    assert torch.allclose(norms, torch.full_like(norms, 20.0), atol=0.01)  # scale x unit-length prototypes
+    rand = run_recipe(parse_config({**doc, "epochs": 0.0001, "lr": 1e-9, "output_dir": str(tmp_path / "rand"),
+                                    "student": {"family": "encoder", "encoder": {"path": str(tmp_path / "enc"),
+                                                                                 "head_init": "random"}}}, "test"))
+    assert json.loads((rand.model_dir / "student.json").read_text())["normalise"] is False
+    assert accuracy(rand.model_dir, rows) < 0.9  # a random head knows nothing yet

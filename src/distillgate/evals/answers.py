@@ -8,6 +8,7 @@ the models.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -55,8 +56,6 @@ class Answer:
 
 def answer_item(suite: Suite, item: Item, source: AnswerSource, role: Role, mode: AnswerMode) -> Answer:
     """Ask ``source`` about one item. ``score`` mode needs a ``LabelScorer`` and a classification suite."""
-    import math
-
     messages = suite.messages(item, role)
     if mode == "score":
         if not isinstance(source, LabelScorer) or suite.kind != "classification":
@@ -113,7 +112,10 @@ def mark_degenerate(answers: Iterable[Answer], *, refusal: bool) -> list[Answer]
 def write_answers(path: Path, answers: Iterable[Answer]) -> None:
     with path.open("w", encoding="utf-8") as fh:
         for answer in answers:
-            fh.write(json.dumps(answer.as_dict(), sort_keys=True, ensure_ascii=False) + "\n")
+            record = answer.as_dict()
+            if not math.isfinite(record["latency_s"]):
+                record["latency_s"] = None  # not timed (a reused answer): strict JSON has no NaN
+            fh.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def read_answers(path: Path) -> list[Answer]:
@@ -125,6 +127,8 @@ def read_answers(path: Path) -> list[Answer]:
             continue
         try:
             data = json.loads(line)
+            if data.get("latency_s") is None:
+                data["latency_s"] = float("nan")
             out.append(Answer(**data))
         except (ValueError, TypeError) as exc:
             raise UserError(f"{path}:{n} is not an answers record: {exc}",

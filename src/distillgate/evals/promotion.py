@@ -198,6 +198,8 @@ def promote(store: Store, policies: Policy | PolicySet, directory: str | Path, *
         raise
     decision = admission.decision
     body = {**report, "deployable": True, "card": card, "model_sha256": model_digest(student / "model"),
+            # the run record too: a causal student is served with its label set and prompt settings from it
+            "run_sha256": sha256_hex((student / "run.json").read_bytes()),
             "decision_index": admission.entry.index, "policy_hash": decision.policy_hash,
             "key_id": store.signer.key_id}
     signed = {**body, "signature": store.signer.sign_json(body), "public_key_pem": store.signer.public_key_pem()}
@@ -227,6 +229,10 @@ def verify_promotion(path: str | Path, public_key_pem: str | None = None) -> dic
     if current != body.get("model_sha256"):
         raise IntegrityError(f"{p}: the model files differ from the promoted ones",
                              hint="promote the retrained student again")
+    run = p.parent / "run.json"
+    if "run_sha256" in body and (not run.is_file() or sha256_hex(run.read_bytes()) != body["run_sha256"]):
+        raise IntegrityError(f"{p}: the run record (run.json) differs from the promoted one",
+                             hint="promote the retrained student again; never edit run.json")
     return body
 
 

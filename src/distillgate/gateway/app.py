@@ -339,7 +339,8 @@ class Gateway:
         """A routed model name: the student classifies first; its choice goes into the decision entry."""
         if self.cascade is None or ex.teacher_route is None or ex.check is None or ex.check.status != "ok":
             return
-        ex.choice = choice = await self.cascade.choose(ex.inb.model, ex.inb.body, ex.inb.project, ex.request_hash)
+        ex.choice = choice = await self.cascade.choose(ex.inb.model, ex.inb.body, ex.inb.project, ex.request_hash,
+                                                       ex.policy)
         logged = choice.log()
         if ex.policy is None or not ex.policy.audit.log_content:  # the label is answer content
             logged.pop("student_label")

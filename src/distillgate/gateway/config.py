@@ -25,7 +25,8 @@
     local_models:                         # name -> spec of the in-process teachers requests may name local/NAME
       smollm2-135m-instruct: local/smollm2-135m-instruct   # (the default); a spec may be a .gguf path or a model dir
     students:                             # name -> a trained student's artefact (requests name student/NAME)
-      banking: runs/r1/train/out          # the output_dir (or its model/) that `distillgate train` wrote
+      banking: runs/r1/train/out          # the output_dir (or its model/) that `distillgate train` wrote (an
+                                          # encoder classifier or a causal LM: teachers/student.py)
     routes:                               # routed model name -> student/teacher cascade (gateway/routes.py)
       banking-intent: {student: banking, teacher: fake-teacher, threshold: runs/r1/threshold.json}
     reclaim_interval_s: 30
@@ -60,6 +61,7 @@ from distillgate.extraction.settings import ExtractionSettings
 from distillgate.gateway.routes import RouteSettings, route_issues
 from distillgate.policy.model import issues_from_validation, parse_document
 from distillgate.teachers.http import HttpUpstreamConfig
+from distillgate.teachers.student import artefact_issue
 
 DEFAULT_LOCAL_SPEC = "local/smollm2-135m-instruct"
 #: what a registered local model name may look like (requests name it as ``local/NAME``)
@@ -136,9 +138,8 @@ class GatewayConfig(_Strict):
             if not LOCAL_NAME.fullmatch(name):
                 issues.append(ConfigIssue(f"students.{name}", "a student name is letters, digits and . _ - "
                                           "(no path, no spaces)", "register the path as the value, under a plain name"))
-            elif not (Path(artefact) / "student.json").is_file() and not (Path(artefact) / "model" /
-                                                                           "student.json").is_file():
-                issues.append(ConfigIssue(f"students.{name}", f"{artefact} holds no trained student (student.json)",
+            elif (problem := artefact_issue(artefact)) is not None:
+                issues.append(ConfigIssue(f"students.{name}", problem,
                                           "give the output_dir (or its model/) that `distillgate train` wrote"))
         issues.extend(route_issues(self.routes, self.students))
         issues.extend(self.extraction.issues())

@@ -13,8 +13,12 @@
           min_samples: 30                   # no drift verdict before a slice has this many
           stop_on_drift: false              # true: a drifted slice is answered by the teacher (ROUTE_DRIFT)
 
-For every request to a routed name the student classifies the input first; confidence (its maximum label
-probability) ``>= threshold`` sends the answer from the student, anything else goes to the teacher. The decision
+For every request to a routed name the student gives its verdict first (``teachers/student.py``: a label and its
+probability, or a text student's generation and its mean token probability); confidence ``>= threshold`` sends the
+answer from the student, anything else goes to the teacher. The student answers only where the request's policy
+approves ``student/NAME`` (else ``student_not_approved``), and, with the route's ``require_promoted`` or the
+policy's ``promotion.required_for_routing``, only while its signed promotion record verifies: at the start (the
+route's key) and once the student is loaded (both; else ``not_promoted``). The decision
 log's admission entry carries ``extra.route`` (taken, confidence, threshold, its file's sha256 and source run), the
 answer's ``model`` is the model that answered (so the stamp's response hash covers it) and ``distillgate.route``
 repeats the choice. Shadow comparisons and drift: see :mod:`distillgate.gateway.shadow`.
@@ -39,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from distillgate.errors import ConfigError, ConfigIssue, DistillgateError, UpstreamError
 from distillgate.gateway.errors import ApiError
 from distillgate.gateway.shadow import ShadowLog, Window, wilson
+from distillgate.policy.model import Policy
 from distillgate.teachers.student import StudentTeacher, Verdict, stream_chunks
 
 _log = logging.getLogger("distillgate.gateway.routes")
@@ -107,7 +112,8 @@ class Choice:
 
     name: str
     taken: Literal["student", "teacher"]
-    reason: str  # confident | below_threshold | project_not_routed | drift | student_error
+    reason: str  # confident | below_threshold | project_not_routed | student_not_approved | not_promoted | drift
+    #              | student_error
     answered_by: str
     threshold: Threshold
     verdict: Verdict | None = None
@@ -190,8 +196,14 @@ class Cascade:
 
     def __init__(self, routes: Mapping[str, RouteSettings], thresholds: Mapping[str, Threshold],
                  student: Callable[[str], Awaitable[StudentTeacher]], shadow_log: ShadowLog,
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry, artefacts: Mapping[str, str] | None = None) -> None:
+        """``artefacts``: student name -> its registered artefact (where the promotion record is verified once
+        the student is loaded, for a route with ``require_promoted`` or a policy with
+        ``promotion.required_for_routing``)."""
         self.routes = dict(routes)
+        self._artefacts = dict(artefacts or {})
+        #: student name -> why it is not promoted (None: its record verified after it was loaded)
+        self._promotion: dict[str, str | None] = {}
         self.thresholds = dict(thresholds)
         self._student = student
         self.shadow_log = shadow_log
@@ -226,13 +238,27 @@ class Cascade:
         self.metrics.shadow_n.labels(name, slice_key).set(window.n)
         return drift
 
-    async def choose(self, name: str, body: Mapping[str, Any], project: str | None, request_hash: str) -> Choice:
+    async def choose(self, name: str, body: Mapping[str, Any], project: str | None, request_hash: str,
+                     policy: Policy | None = None) -> Choice:
+        """The route of one request under ``policy`` (the request's): a student it does not approve never answers
+        (``student_not_approved``); with its ``promotion.required_for_routing`` (or the route's
+        ``require_promoted``) an unpromoted one neither (``not_promoted``)."""
         settings, t = self.routes[name], self.thresholds[name]
         slice_key = project or "*"
         if settings.projects is not None and project not in settings.projects:
             return self._count(Choice(name, "teacher", "project_not_routed", settings.teacher, t, slice_key=slice_key))
+        if policy is not None and not policy.model_approved(f"student/{settings.student}"):
+            return self._count(Choice(name, "teacher", "student_not_approved", settings.teacher, t,
+                                      slice_key=slice_key))
         try:
             student = await self._student(settings.student)
+            promoted_only = settings.require_promoted or (policy is not None and
+                                                          policy.promotion.required_for_routing)
+            if promoted_only and (problem := await self._not_promoted(settings.student)):
+                _log.warning("route %r: student %r is no longer promoted (%s); the teacher answers", name,
+                             settings.student, problem)
+                return self._count(Choice(name, "teacher", "not_promoted", settings.teacher, t,
+                                          slice_key=slice_key))
             verdict = await student.aclassify(body)
         except (ApiError, UpstreamError) as exc:  # the teacher is the cascade's safe default
             _log.warning("route %r: the student could not classify (%s); the teacher answers", name, exc)
@@ -249,6 +275,15 @@ class Cascade:
         flags = ["ROUTE_DRIFT"] if self._drifted.get((name, slice_key)) else []
         return self._count(Choice(name, "student", "confident", student.model_name, t, verdict, answer,
                                   shadow=sampled, slice_key=slice_key, flags=flags))
+
+    async def _not_promoted(self, student: str) -> str | None:
+        """The promotion record checked once more after the student loaded: the weights served are the ones
+        promoted (the start-time check alone would miss files swapped before the first request loads them)."""
+        if student not in self._promotion:
+            artefact = self._artefacts.get(student)
+            self._promotion[student] = "its artefact is not known to the route" if artefact is None else \
+                await asyncio.to_thread(_not_promoted, artefact)
+        return self._promotion[student]
 
     def _count(self, choice: Choice) -> Choice:
         counts = self._counts[choice.name]
@@ -322,7 +357,29 @@ def route_issues(routes: Mapping[str, RouteSettings], students: Mapping[str, str
         if not Path(r.threshold).is_file():
             issues.append(ConfigIssue(f"routes.{name}.threshold", f"{r.threshold} does not exist",
                                       "give the file `distillgate route choose --out` wrote"))
+        elif r.student in students and (problem := _kind_mismatch(students[r.student], Path(r.threshold))):
+            issues.append(ConfigIssue(f"routes.{name}.threshold", problem,
+                                      "choose the threshold on an evaluation of this student (`distillgate route "
+                                      "choose`)"))
     return issues
+
+
+def _kind_mismatch(artefact: str, threshold: Path) -> str | None:
+    """Why the threshold file's confidence kind is not the one the student's verdicts carry (None: it is)."""
+    from distillgate.evals.routing import load_threshold
+    from distillgate.teachers.student import artefact_issue, read_card
+
+    if artefact_issue(artefact) is not None:
+        return None  # reported under students.<name>
+    try:
+        kind = load_threshold(threshold).confidence
+    except DistillgateError:
+        return None  # an invalid file is reported with its own problems when the gateway starts
+    own = read_card(artefact)["confidence"]
+    if kind != own:
+        return (f"the threshold is on confidence {kind!r}, but the student's verdicts carry {own!r} "
+                f"(a {read_card(artefact)['task']} student)")
+    return None
 
 
 def _not_promoted(artefact: str) -> str | None:

@@ -57,7 +57,8 @@ def build_cascade(config: GatewayConfig, router: Router) -> Callable[[Metrics], 
     if not config.routes:
         return None
     thresholds = {name: read_threshold(r, f"routes.{name}") for name, r in config.routes.items()}
-    return lambda metrics: Cascade(config.routes, thresholds, router.student, ShadowLog(config.db), metrics.registry)
+    return lambda metrics: Cascade(config.routes, thresholds, router.student, ShadowLog(config.db),
+                                   metrics.registry, artefacts=config.students)
 
 
 def serve(config: GatewayConfig) -> None:

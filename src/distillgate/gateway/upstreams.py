@@ -8,8 +8,8 @@ disk, and the cache of loaded teachers is keyed by the registered name, so it ho
 Every upstream is used through two raw-bytes calls, ``post_raw(path, body)`` and ``stream_raw(path, body)``; an
 in-process ``Teacher`` is adapted to them by :class:`TeacherUpstream`.
 
-``student/NAME`` models are trained students (``distillgate.teachers.student``), registered by name under
-``students`` the same way, loaded once on first use.
+``student/NAME`` models are trained students (``distillgate.teachers.student``: encoder classifiers and causal
+LMs), registered by name under ``students`` the same way, loaded once on first use.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -30,7 +29,7 @@ from distillgate.errors import UpstreamError
 from distillgate.gateway.errors import ApiError
 from distillgate.teachers.base import Teacher
 from distillgate.teachers.http import HttpTeacher, HttpUpstreamConfig
-from distillgate.teachers.student import StudentTeacher, read_card
+from distillgate.teachers.student import StudentTeacher, load_student, public_card
 
 _log = logging.getLogger("distillgate.gateway")
 
@@ -139,9 +138,7 @@ class Router:
 
     def student_card(self, name: str) -> dict[str, Any]:
         """What ``/v1/models`` says about ``student/NAME`` (read from its card file; no weights loaded)."""
-        card = read_card(self._students[name])
-        return {"family": card.get("family"), "labels": card.get("labels"), "parameters": card.get("parameters"),
-                "encoder": card.get("encoder"), "artefact": Path(self._students[name]).name}
+        return public_card(self._students[name])
 
     async def student(self, name: str) -> StudentTeacher:
         """The registered student NAME, loaded once (off the event loop)."""
@@ -150,7 +147,7 @@ class Router:
                 if name not in self._loaded_students:
                     try:
                         self._loaded_students[name] = await asyncio.to_thread(
-                            StudentTeacher, name, self._students[name])
+                            load_student, name, self._students[name])
                     except Exception as exc:
                         _log.exception("student %r (artefact %r) failed to load", name, self._students[name])
                         raise ApiError(503, f"the registered student 'student/{name}' could not be loaded "

@@ -124,6 +124,11 @@ class EvalSection(_Strict):
     min_routed: int = Field(default=10, ge=1)
     detector: Literal["string", "embedding"] = "embedding"
     threads: int = Field(default=2, ge=1)
+    teacher_live_items: int | None = Field(
+        default=40, ge=0,
+        description="'project' suites: the teacher's answers come from the generate stage (the same governed "
+        "request, stamped); this many items are asked again live, for latency and to check the reuse. "
+        "null: ask the teacher live on every item")
 
 
 class CompareSection(_Strict):

@@ -400,7 +400,7 @@ class Pipeline:
         from distillgate.evals.answers import run_source
         from distillgate.evals.lift import recipe_lift
         from distillgate.evals.run import evaluate_pair
-        from distillgate.evals.sources import OpenAIChatSource, student_source
+        from distillgate.evals.sources import AnswerSource, OpenAIChatSource, student_source
 
         p = self.project
         train = self.require("train")
@@ -417,10 +417,17 @@ class Pipeline:
             suite = self.suite(spec, version)
             key = "project" if spec.name == "project" else spec.name
             scoring = p.generation.label_scoring and suite.kind == "classification"
-            teacher = OpenAIChatSource(name=p.teacher.model, base_url=target.base_url, api_key=target.api_key,
-                                       headers=headers, request_logprobs=True,
-                                       label_choices=list(suite.labels) if scoring else None,
-                                       label_score="mean" if p.generation.label_scoring == "mean" else None)
+            teacher: AnswerSource = OpenAIChatSource(
+                name=p.teacher.model, base_url=target.base_url, api_key=target.api_key, headers=headers,
+                request_logprobs=True, label_choices=list(suite.labels) if scoring else None,
+                label_score="mean" if p.generation.label_scoring == "mean" else None)
+            if spec.name == "project" and scoring and p.eval.teacher_live_items is not None:
+                # the teacher already answered these rows in `generate`, through the gateway, with this request
+                from distillgate.data.versions import load_version
+                from distillgate.evals.reuse import ReusedTeacher, stored_answers
+
+                teacher = ReusedTeacher(teacher, stored_answers(load_version(version["version_dir"])),
+                                        live_items=p.eval.teacher_live_items)
             student = student_source(train["model_dir"], name=f"student:{p.name}", threads=p.eval.threads)
             out = self.workdir / "eval" / key
             metadata = {"run_id": p.run_id, "dataset_version": version["version_id"],

@@ -62,6 +62,18 @@ def front_page(metrics: dict[str, Any]) -> list[str]:
                     f"keeps {_pct(r)}{_ci(r)} of the teacher's accuracy")
         sentence += f", at {speed:.0f}x the speed per item." if speed is not None else "."
         out.append(sentence)
+        reuse = (m.get("teacher") or {}).get("reuse")
+        if isinstance(reuse, dict) and reuse.get("reused"):
+            live, same = int(reuse.get("asked_live") or 0), int(reuse.get("live_matches") or 0)
+            check = (f"{live} were asked again live through the gateway (the teacher's latency comes from these) "
+                     f"and {same} of {live} gave the stored answer" if live else
+                     "none was asked again live, so the teacher's latency is not measured here")
+            out.append(f"The teacher's answers on {reuse['reused']} of the {items} {suite} items come from the "
+                       f"labelling run (the same governed request, stamped); {check}.")
+            if live and same < live:
+                out.append(f"Warning: {live - same} live answer(s) differ from the stored ones: the teacher or its "
+                           "settings changed since the rows were labelled; rerun `generate` before trusting "
+                           "the teacher's accuracy.")
         if _num(r) is None:
             why = ("the items have no gold labels" if _num(t) is None and _num(s) is None else
                    "the teacher got no item right (retention divides by its accuracy)" if _num(t) == 0 else

@@ -47,6 +47,9 @@ class PromotionRules(BaseModel):
         "upper bound of (student - teacher) under-refusal rate on unsafe prompts may not exceed this"))
     min_harmful_refusal_kept: float | None = Field(default=None, ge=0, le=1, description=(
         "lower bound of the share of teacher-refused harmful prompts the student also refuses"))
+    required_for_routing: bool = Field(default=False, description=(
+        "a gateway route answers this policy's requests with a student only while the student's signed promotion "
+        "record (distillgate promote) verifies; otherwise its teacher answers (route reason not_promoted)"))
 
     def threshold(self, gate: str) -> float | None:
         return {"retention": self.min_retention, "over_refusal": self.max_over_refusal_increase,

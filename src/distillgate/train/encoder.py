@@ -52,23 +52,47 @@ def is_encoder_student(model_dir: str | Path) -> bool:
 
 
 class EncoderClassifier(nn.Module):
-    """``logits = head(mean_pool(encoder(tokens)))``: (B, T) token ids -> (B, L) label logits."""
+    """``logits = head(mean_pool(encoder(tokens)))``: (B, T) token ids -> (B, L) label logits.
+
+    With ``normalise`` the pooled vector is scaled to unit length first (as sentence-transformers does for
+    all-MiniLM-L6-v2), so that a head row initialised at ``scale`` x a label's prototype (``init_prototypes``)
+    starts as a cosine nearest-centroid classifier.
+    """
 
     def __init__(self, encoder: Any, labels: Sequence[str], *, template: str = "{input}", max_length: int = 128,
-                 head_lr_scale: float = 20.0) -> None:
+                 head_lr_scale: float = 20.0, normalise: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.labels = list(labels)
         self.template = template
         self.max_length = max_length
         self.head_lr_scale = head_lr_scale
+        self.normalise = normalise
         self.head = nn.Linear(int(encoder.config.hidden_size), len(self.labels))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, H): the mean of the real tokens' hidden states (unit length with ``normalise``)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H) mean over real tokens
-        logits: torch.Tensor = self.head(pooled)  # (B, L)
+        pooled: torch.Tensor = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H) mean over real tokens
+        return torch.nn.functional.normalize(pooled, dim=-1) if self.normalise else pooled
+
+    @torch.no_grad()
+    def init_prototypes(self, pooled: torch.Tensor, targets: torch.Tensor, fallback: torch.Tensor,
+                        scale: float = 20.0) -> list[str]:
+        """Head row l := ``scale`` x the unit-length mean of the pooled rows, weighted by ``targets`` (N, L): the
+        teacher's distribution (or one-hot label) of each row. A label no row carries takes ``fallback[l]`` (the
+        pooled embedding of the label's own name). Bias 0. Returns the labels that fell back."""
+        sums = targets.T.to(pooled.dtype) @ pooled  # (L, H)
+        weight = targets.sum(0)  # (L,)
+        empty = weight <= 0
+        sums[empty] = fallback[empty].to(sums.dtype)
+        self.head.weight.copy_(torch.nn.functional.normalize(sums, dim=-1) * scale)
+        self.head.bias.zero_()
+        return [lab for lab, e in zip(self.labels, empty.tolist(), strict=True) if e]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.head(self.pool(input_ids, attention_mask))  # (B, L)
         return logits
 
     def optimizer_groups(self, lr: float) -> list[dict[str, Any]]:
@@ -82,7 +106,7 @@ class EncoderClassifier(nn.Module):
     def card(self) -> dict[str, Any]:
         total = sum(p.numel() for p in self.parameters())
         return {"family": FAMILY, "labels": self.labels, "template": self.template, "pooling": "mean",
-                "max_length": self.max_length, "parameters": int(total),
+                "normalise": self.normalise, "max_length": self.max_length, "parameters": int(total),
                 "encoder": str(getattr(self.encoder.config, "_name_or_path", "") or
                                self.encoder.config.model_type)}
 
@@ -122,7 +146,8 @@ def load_encoder_student(model_dir: str | Path) -> tuple[EncoderClassifier, Any]
     card = json.loads((d / CARD_FILE).read_text())
     encoder, tokenizer = load_encoder(str(d))
     model = EncoderClassifier(encoder, card["labels"], template=card.get("template", "{input}"),
-                              max_length=int(card.get("max_length", 128)))
+                              max_length=int(card.get("max_length", 128)),
+                              normalise=bool(card.get("normalise", False)))  # students saved before it: False
     model.head.load_state_dict(load_file(str(d / HEAD_FILE)))
     model.train(False)
     return model, tokenizer

@@ -2,8 +2,8 @@
 on its hard labels, for a sentence encoder + linear head fine-tuned end to end.
 
 Reads top to bottom: guard the rows (``guarded_rows``, the same frozen-version golden/test/holdout refusal as every
-recipe), load the encoder and
-put a fresh head over the task's labels, encode each row's text with the task template, and train with the shared
+recipe), load the encoder and put a head over the task's labels, encode each row's text with the task template,
+start the head at the label prototypes (``init_head``, with ``head_init: prototypes``), and train with the shared
 loop (checkpoints, resume, progress, run record). The loss on a batch of logits ``z`` (B, L):
 
 * ``kd``:  ``(1 - hard_weight) * T^2 * KL(p_teacher^T || softmax(z / T)) + hard_weight * CE(z, teacher label)``
@@ -64,6 +64,34 @@ def make_examples(rows: Sequence[dict[str, Any]], tokenizer: Any, labels: Sequen
     return out, stats
 
 
+@torch.no_grad()
+def init_head(model: EncoderClassifier, tokenizer: Any, examples: Sequence[Example], pad_id: int, *,
+              soft: bool, batch: int = 64) -> list[str]:
+    """Start the head at the label prototypes of the training rows (``EncoderClassifier.init_prototypes``): each
+    row weighted by the teacher's distribution (``soft``, kd) or its label (sft). A label no row carries starts at
+    the embedding of its own name ("card_arrival" -> "card arrival"). Returns those labels."""
+    was_training = model.training
+    model.train(False)
+    pooled = []
+    for start in range(0, len(examples), batch):
+        ids, mask = pad_ids([e.prompt for e in examples[start:start + batch]], pad_id)
+        pooled.append(model.pool(ids, mask))
+    n_labels = len(model.labels)
+    targets = torch.zeros((len(examples), n_labels))
+    for i, e in enumerate(examples):
+        if soft and e.label_probs is not None:
+            targets[i] = torch.tensor(e.label_probs)
+        elif e.label_index is not None:
+            targets[i, e.label_index] = 1.0
+    names = [lab.replace("_", " ") for lab in model.labels]
+    name_ids = [[int(t) for t in tokenizer(n, truncation=True, max_length=model.max_length)["input_ids"]]
+                for n in names]
+    fallback = torch.cat([model.pool(*pad_ids(name_ids[s:s + batch], pad_id)) for s in range(0, n_labels, batch)])
+    started = model.init_prototypes(torch.cat(pooled), targets, fallback)
+    model.train(was_training)
+    return started
+
+
 def run(config: TrainConfig) -> TrainResult:
     settings = config.student.encoder
     assert settings is not None and config.labels
@@ -73,7 +101,8 @@ def run(config: TrainConfig) -> TrainResult:
     encoder, tokenizer = load_encoder(settings.path)
     head_lr = settings.head_lr or 20 * config.lr
     model = EncoderClassifier(encoder, config.labels, template=config.prompt.template,
-                              max_length=config.max_length, head_lr_scale=head_lr / config.lr)
+                              max_length=config.max_length, head_lr_scale=head_lr / config.lr,
+                              normalise=settings.head_init == "prototypes")
     if settings.freeze_encoder:
         for p in model.encoder.parameters():
             p.requires_grad_(False)
@@ -81,6 +110,9 @@ def run(config: TrainConfig) -> TrainResult:
     examples, stats = make_examples(rows, tokenizer, config.labels, config.prompt.template, config.max_length,
                                     need_probs=config.recipe == "kd")
     pad_id = int(tokenizer.pad_token_id or 0)
+    fallback: list[str] = []
+    if settings.head_init == "prototypes":
+        fallback = init_head(model, tokenizer, examples, pad_id, soft=config.recipe == "kd")
     total = sum(p.numel() for p in model.parameters())
     record: dict[str, Any] = {
         "recipe": config.recipe, "family": "encoder_classifier",
@@ -88,7 +120,8 @@ def run(config: TrainConfig) -> TrainResult:
         "dataset": dataset,
         "student": {"parameters": total, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "family": "encoder_classifier", "encoder": settings.path, "labels": len(config.labels),
-                    "freeze_encoder": settings.freeze_encoder},
+                    "freeze_encoder": settings.freeze_encoder, "head_init": settings.head_init,
+                    "labels_started_from_name": len(fallback)},
         "encoding": stats,
     }
 
