@@ -87,3 +87,38 @@ def test_a_normal_request_and_keep_alive_still_work(wire: tuple[Target, int]) ->
             while len(rest) < length:
                 rest += s.recv(65536)
             assert head.startswith(b"HTTP/1.1 200"), head
+
+
+def _read_answer(s: socket.socket, data: bytes = b"") -> tuple[bytes, bytes]:
+    """One answer off a kept-alive connection: (head, what came after its body)."""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(rest) < length:
+        rest += s.recv(65536)
+    return head, rest[length:]
+
+
+def test_a_pipelined_large_body_does_not_count_against_the_next_head(wire: tuple[Target, int]) -> None:
+    """A read that ends one request (here with a body larger than the head bound) and begins the next head is not
+    head bytes: both requests are answered."""
+    target, port = wire
+    headers = "".join(f"{k}: {v}\r\n" for k, v in target.headers().items())
+
+    def request(text: str) -> bytes:
+        body = orjson.dumps({"model": "fake-teacher", "messages": [{"role": "user", "content": text}]})
+        return (f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\n{headers}\r\n").encode() + body
+
+    first, second = request("a " * (3 * BOUND)), request("hi")
+    cut = 40  # the second request's first bytes go with the first request
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(first + second[:cut])
+        time.sleep(0.3)
+        s.sendall(second[cut:])
+        head, rest = _read_answer(s)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        head, _ = _read_answer(s, rest)
+        assert head.startswith(b"HTTP/1.1 200"), head

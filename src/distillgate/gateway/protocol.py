@@ -3,8 +3,8 @@
 - **The request head is bounded while it arrives.** httptools keeps the header block in memory until it is complete,
   so a client sending megabytes of headers made the server hold them all before the app's 431 (gateway/http.py).
   Here every chunk read while a request's head is still incomplete counts against ``max_header_bytes``; past it
-  the client gets a 431 (JSON, OpenAI-shaped) and the connection closes. What is held is at most the bound plus one
-  read. A head that arrives whole in one read is judged by the app's ``header_map``, with the same bound.
+  the client gets a 431 (JSON, OpenAI-shaped) and the connection closes. What is held is at most the bound plus two
+  reads. A head that arrives whole in one read is judged by the app's ``header_map``, with the same bound.
 - **A request the parser rejects** (obs-fold, NUL in a header, Content-Length with Transfer-Encoding, ...) gets an
   OpenAI-shaped JSON 400 (``code: invalid_http``) instead of uvicorn's plain text, and the connection closes.
 """
@@ -32,6 +32,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._in_head = True  # a connection starts with a request's head
         self._head_bytes = 0
+        self._message_done = False  # a request ended within the current read
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -39,14 +40,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes = True, 0  # keep-alive: the next request's head comes next
+        self._message_done = True
         super().on_message_complete()
 
     def data_received(self, data: bytes) -> None:
-        in_head = self._in_head
+        in_head, self._message_done = self._in_head, False
         super().data_received(data)
-        # a read after which the head is still incomplete was head bytes only (a read that completes it is not
-        # counted: the app's header_map judges a head that came whole)
-        if in_head and self._in_head and not self.transport.is_closing():
+        # A read that began and ended inside one request's head was head bytes only. A read that completes a head
+        # is not counted (the app's header_map judges a head that came whole), nor one that ends a pipelined
+        # request and begins the next head (its bytes are mostly the earlier request's): at most the bound plus
+        # two reads are held.
+        if in_head and self._in_head and not self._message_done and not self.transport.is_closing():
             self._head_bytes += len(data)
             if self._head_bytes > self.max_header_bytes:
                 self.transport.write(_answer(431, b"Request Header Fields Too Large", error_body(
