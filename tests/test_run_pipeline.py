@@ -84,7 +84,7 @@ def test_run_end_to_end_caches_and_is_governed(tmp_path: Path) -> None:
         first = run_cli("run", str(project), timeout=900)
         assert first.returncode == 0, first.stderr[-3000:]
         work = tmp_path / "work"
-        for stage in ("generate", "build", "freeze", "train", "eval", "report", "export"):
+        for stage in ("generate", "build", "freeze", "train", "eval", "promote", "report", "export"):
             assert (work / "stages" / f"{stage}.json").exists(), stage
         assert (work / "report.html").read_text().count("banking77") >= 2
         metrics = json.loads((work / "metrics.json").read_text())
@@ -106,7 +106,7 @@ def test_run_end_to_end_caches_and_is_governed(tmp_path: Path) -> None:
 
         again = run_cli("run", str(project), timeout=600)
         assert again.returncode == 0, again.stderr[-2000:]
-        assert again.stderr.count("unchanged, skipped") == 7
+        assert again.stderr.count("unchanged, skipped") == 8
         served = fake.served
 
         edited = run_cli("run", str(project), "train.max_steps=3", timeout=900)

@@ -27,6 +27,7 @@ from distillgate.teachers.retrieval import (
     PoolRow,
     RetrievalSettings,
     RetrievalTeacher,
+    combine_with_votes,
     content_hash,
     narrow,
     retrieval_messages,
@@ -212,6 +213,8 @@ def test_label_request_through_the_gateway_logs_the_examples_shown(tmp_path: Pat
             shown = extra["shown_examples"]
             assert len(shown) == 3 and set(shown) == {"p1", "p3", "p4"}
             assert extra["label_probs"]["lost_card"] == 0.0  # not a neighbour's label: not scored
+            # the model's 5:1 for the nearest label times the vote shares 2/3 : 1/3 (vote_prior 1), renormalised
+            assert extra["label_probs"]["top_up_failed"] == pytest.approx(10 / 11)
             prompt = inner.prompts[0]
             assert prompt[0] == {"role": "system", "content": "Pick one label."}
             assert [m["role"] for m in prompt] == ["system"] + ["user", "assistant"] * 3 + ["user"]
@@ -252,3 +255,18 @@ def test_k_is_checked() -> None:
     index = PoolIndex(pool(), HashingEmbedder(), embedder_id="hashing")
     with pytest.raises(UserError, match="k must be"):
         RetrievalTeacher(NearestLabelModel(), index, RetrievalSettings(k=0))
+
+
+def test_the_neighbours_vote_weighs_the_models_distribution() -> None:
+    near = [PoolRow("a", "x", "card", "h1"), PoolRow("b", "y", "card", "h2"), PoolRow("c", "z", "pin", "h3"),
+            PoolRow("d", "w", "card", "h4")]
+    model = {"card": 0.4, "pin": 0.6}
+    assert combine_with_votes(model, near, 0.0) == model  # beta 0: the model alone
+    once = combine_with_votes(model, near, 1.0)  # 0.4 * 3/4 against 0.6 * 1/4
+    assert once == pytest.approx({"card": 0.3 / 0.45, "pin": 0.15 / 0.45})
+    assert combine_with_votes(model, near, 2.0)["card"] > once["card"]
+    # a scored label no neighbour carries (candidates: all) counts half a vote, not zero
+    wide = combine_with_votes({"card": 0.1, "pin": 0.1, "fee": 0.8}, near, 1.0)
+    assert wide["fee"] == pytest.approx(0.8 * 0.5 / (0.1 * 3 + 0.1 * 1 + 0.8 * 0.5))
+    with pytest.raises(UserError, match="vote_prior"):
+        RetrievalSettings(vote_prior=-1).check()

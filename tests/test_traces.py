@@ -60,5 +60,6 @@ def test_generation_keeps_the_trace_apart_from_the_answer_on_the_row(tmp_path: P
     assert report.added == 2
     rows = stored_rows(root)
     assert [r["output_raw"] for r in rows] == ["card_arrival", "card_arrival"]
-    traces = sorted((r["sampling"]["reasoning"]["source"], r["sampling"]["reasoning"]["trace"]) for r in rows)
+    traces = sorted((r["sampling"]["reasoning"]["source"], r["trace"]) for r in rows)
+    assert all("trace" not in r["sampling"]["reasoning"] for r in rows)  # one copy: the row's own field
     assert traces == [("reasoning_content", "It has not arrived."), ("think_tags", "A lost card is card_arrival.")]

@@ -239,3 +239,20 @@ def test_signing_out_frees_the_reviewers_rows(tmp_path: Path) -> None:
         out = alice.post("/logout", data={"csrf": csrf_of(page.text)})
         assert out.status_code == 303 and alice.get("/").status_code == 303
         assert 'id="accept-form"' in bob.get("/rows/ds-traffic-1%3A0").text
+
+
+def test_the_row_page_shows_the_rubric_grade_and_the_trace_escaped(tmp_path: Path) -> None:
+    from distillgate.data.store import WorkingCopy
+
+    with live_site(tmp_path) as live:
+        with WorkingCopy.open(live.site.dataset) as wc:
+            row = wc.get("ds-traffic-0:0")
+            row.grade, row.trace = 2.0, "It is <script>window.__pwned = 9</script> lost."
+            row.grading = {"rubric_id": "helpful-v1", "model": "fake-teacher", "scale": [1, 5],
+                           "scores": {"correct": 1, "clear": 3}, "error": None}
+            wc.update_row(row, row.version)
+        client = live.sign_in("alice")
+        text = client.get("/rows/ds-traffic-0%3A0").text
+        assert "Rubric grade <strong>2</strong>" in text and "correct 1, clear 3" in text and "helpful-v1" in text
+        assert "&lt;script&gt;window.__pwned = 9&lt;/script&gt;" in text and "<script>window" not in text
+        assert "low_grade" in client.get("/").text  # the queue is offered on the overview

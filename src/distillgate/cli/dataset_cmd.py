@@ -313,3 +313,12 @@ def _register_generate() -> None:
 
 
 _register_generate()
+
+
+def _register_grade() -> None:
+    from distillgate.cli.grade_cmd import grade
+
+    cli.add_command(grade)
+
+
+_register_grade()

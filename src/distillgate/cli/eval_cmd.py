@@ -114,7 +114,7 @@ def _load_suite(suite: str, dataset: str | None, split: str | None, sample: int 
               "(distillgate's label_choices, as `distillgate run` asks it) instead of answering in free text.")
 @click.option("--policy-id", "policy_ids", multiple=True, help="Policy id(s) in force, for the report.")
 @click.option("--checkpoint", help="Decision-log checkpoint (a JSON file or an id) recorded in the report.")
-@click.option("--detector", type=click.Choice(["string", "embedding"]), default="embedding", show_default=True,
+@click.option("--detector", type=click.Choice(["string", "ngram", "embedding"]), default="ngram", show_default=True,
               help="Refusal detector for refusal suites.")
 @click.option("--target", type=float, default=0.95, show_default=True,
               help="Routing: student accuracy on routed items >= target x teacher accuracy on them.")

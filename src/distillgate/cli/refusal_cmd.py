@@ -14,7 +14,7 @@ import click
 
 from distillgate.errors import NotFoundError, UserError
 
-DETECTOR_CHOICE = click.Choice(["string", "embedding"])
+DETECTOR_CHOICE = click.Choice(["string", "ngram", "embedding"])
 
 
 @click.group(name="refusal")
@@ -25,7 +25,7 @@ def cli() -> None:
 @cli.command("classify")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--column", required=True, help="Column holding the answers to classify.")
-@click.option("--detector", type=DETECTOR_CHOICE, default="embedding", show_default=True)
+@click.option("--detector", type=DETECTOR_CHOICE, default="ngram", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write here instead of back into FILE.")
 def classify(file: str, column: str, detector: str, out: str | None) -> None:
     """Add `refused` (0/1: full or partial refusal) and `refusal_kind` (comply|safety|partial|context|degenerate)
@@ -67,7 +67,7 @@ def agreement_cmd(heldout: str | None, detectors: tuple[str, ...], as_json: bool
     from distillgate.evals.refusal_agreement import agreement, read_labelled
 
     texts, gold = read_labelled(Path(heldout) if heldout else REFUSAL_DIR / "public" / "test.csv")
-    results = [agreement(make_detector(name), texts, gold) for name in (detectors or ("string", "embedding"))]
+    results = [agreement(make_detector(name), texts, gold) for name in (detectors or ("string", "ngram"))]
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in results], indent=2))
         return

@@ -11,15 +11,16 @@ import click
 @click.argument("project_file", type=click.Path(exists=True, dir_okay=False))
 @click.argument("overrides", nargs=-1)
 @click.option("--from", "start", default=None, help="Rerun from this stage on (generate, build, freeze, train, "
-              "eval, report, export).")
+              "eval, promote, report, export).")
 @click.option("--only", default=None, help="Run only this stage (its inputs must exist).")
 @click.option("--force", is_flag=True, help="Ignore every cached stage.")
 @click.option("--check", is_flag=True, help="Validate the project file (every problem at once) and stop.")
 def cli(project_file: str, overrides: tuple[str, ...], start: str | None, only: str | None, force: bool,
         check: bool) -> None:
-    """Run a governed distillation study: generate → build → freeze → train → eval → report → export.
+    """Run a governed distillation study: generate → build → freeze → train → eval → promote → report → export.
 
-    Exit codes: 0 ok, 1 user error, 2 policy denial, 3 internal or upstream error.
+    Exit codes: 0 ok, 1 user error, 2 policy denial, 3 internal or upstream error. A student that fails its
+    promotion gates is a finding of the report (exit 0) unless the project sets promote.required: true (exit 2).
     """
     from rich.console import Console
 
@@ -40,3 +41,6 @@ def cli(project_file: str, overrides: tuple[str, ...], start: str | None, only: 
         if path.exists():
             click.echo(f"{name}: {path}")
     click.echo(f"decision log: {pipeline.store_path}  (verify: distillgate audit verify --db {pipeline.store_path})")
+    denied = pipeline.promotion_denied()
+    if denied is not None:
+        raise denied

@@ -83,6 +83,7 @@ class FiltersConfig(_Strict):
     near_duplicates: bool = True
     disagreement: DisagreementRule | None = DisagreementRule()
     decontaminate: bool = True
+    min_grade: float | None = None  # rows whose rubric grade is below this fail LOW_GRADE (ungraded: UNGRADED)
 
 
 class DedupConfig(_Strict):
@@ -149,6 +150,37 @@ class ReviewConfig(_Strict):
     low_confidence_max_prob: float = 0.5
     long_output_chars: int = 600
     rare_label_max_count: int = 5
+    low_grade_below: float = 3.0  # the low_grade queue: rubric grades below this
+
+
+class RubricCriterion(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    description: str = Field(min_length=1)
+
+
+class RubricScale(_Strict):
+    min: int = 1
+    max: int = 5
+
+    @model_validator(mode="after")
+    def _range(self) -> RubricScale:
+        if not 1 <= self.max - self.min <= 10:
+            raise ValueError(f"scale {self.min}..{self.max}: max must exceed min by 1 to 10 points")
+        return self
+
+
+class RubricConfig(_Strict):
+    """How the teacher grades an answer (``distillgate.data.grade``): criteria, scale, and the governed call."""
+
+    id: str = Field(default="rubric", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    criteria: list[RubricCriterion] = Field(min_length=1)
+    scale: RubricScale = RubricScale()
+    model: str | None = None  # the grader; None: the model that generated the answers
+    output_type: str = "rubrics"  # policy_output_type of the grading calls
+    scoring: Literal["text", "label_choices"] = "text"  # label_choices: a local teacher scores the scale's points
+    max_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    concurrency: int = Field(default=4, ge=1, le=64)
 
 
 class ExportConfig(_Strict):
@@ -169,6 +201,7 @@ class DatasetConfig(_Strict):
     decontamination: list[EvalSet] = Field(default_factory=list)
     split: SplitConfig = SplitConfig()
     review: ReviewConfig = ReviewConfig()
+    rubric: RubricConfig | None = None  # grade every answer against it (`distillgate dataset grade`)
     export: ExportConfig = ExportConfig()
 
     def filters_for(self, task: str) -> FiltersConfig:

@@ -34,12 +34,14 @@ REASONS: dict[str, str] = {
     "SAMPLE_DISAGREEMENT": "the k teacher samples for the input agree less than filters.disagreement.min_agreement",
     "CONTAMINATED": "the input matches an evaluation-set or golden input (exactly or near), or shares a golden group",
     "REVIEW_REJECTED": "a reviewer rejected the row",
+    "LOW_GRADE": "the answer's rubric grade is below filters.min_grade",
+    "UNGRADED": "filters.min_grade is set but the answer has no rubric grade (not graded, or the reply was unparsed)",
 }
 
 # Reasons about the answer: a reviewer who accepts or corrects a row overrides them.
 ANSWER_REASONS = frozenset(
     {"INVALID_JSON", "SCHEMA_MISMATCH", "TOO_SHORT", "TOO_LONG", "FORBIDDEN_PHRASE", "MISSING_CITATION",
-     "LABEL_NOT_ALLOWED", "SAMPLE_DISAGREEMENT"}
+     "LABEL_NOT_ALLOWED", "SAMPLE_DISAGREEMENT", "LOW_GRADE", "UNGRADED"}
 )
 
 
@@ -77,6 +79,11 @@ class RowFilter:
             reasons.append("MISSING_CITATION")
         if self.allowed is not None and row.label not in self.allowed:
             reasons.append("LABEL_NOT_ALLOWED")
+        if cfg.min_grade is not None:
+            if row.grade is None:
+                reasons.append("UNGRADED")
+            elif row.grade < cfg.min_grade:
+                reasons.append("LOW_GRADE")
         return reasons
 
 

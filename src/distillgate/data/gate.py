@@ -19,7 +19,7 @@ from distillgate.errors import PolicyDenied
 from distillgate.ledger.store import Admission, Store
 from distillgate.policy.decision import Request
 from distillgate.policy.model import Policy, PolicySet
-from distillgate.policy.promotion_rules import GateEvidence
+from distillgate.policy.promotion_rules import GateEvidence, GateThresholds
 
 HINTS = {
     "REVIEWER_REQUIRED": "have reviewers sign off the dataset version (`distillgate review sign-off` or the "
@@ -31,14 +31,17 @@ HINTS = {
 
 def judge(store: Store, policies: Policy | PolicySet, *, kind: str, user: str | None, project: str, run: str,
           version_id: str | None, destination: str | None = None, artifact: str | None = None,
-          extra: Mapping[str, Any] | None = None, gates: tuple[GateEvidence, ...] = ()) -> Admission:
+          extra: Mapping[str, Any] | None = None, gates: tuple[GateEvidence, ...] = (),
+          promotion: GateThresholds | None = None) -> Admission:
     """Judge and log one train / promote / export step of run ``run``; raise ``PolicyDenied`` when refused.
 
-    ``gates``: for ``promote``, the measured evidence of the policy's promotion gates (``evals.promotion``)."""
+    ``gates``: for ``promote``, the measured evidence of the promotion gates (``evals.promotion``);
+    ``promotion``: the project's own gates, judged with (and never looser than) the policy's."""
     signed = signers(store, project=project, run=run, version_id=version_id) if version_id else ()
     requester = run_requester(store, project=project, run=run) or user
     request = Request(user=user, project=project, run=run, output_type=None, kind=kind, destination=destination,
-                      artifact=artifact, signed_off_by=signed, requester=requester, gates=gates)
+                      artifact=artifact, signed_off_by=signed, requester=requester, gates=gates,
+                      promotion=promotion)
     admission = store.admit(policies, request, extra={"version_id": version_id, "artifact": artifact,
                                                       "signed_off_by": list(signed), **(extra or {})})
     decision = admission.decision

@@ -404,8 +404,8 @@ class _Job:
         # a reasoning trace (reasoning_content / reasoning / a leading <think> block) is kept apart from the answer,
         # so the answer is normalised as if the teacher had not thought aloud (distillgate.traces)
         traced = split_message({**(choice.message.model_extra or {}), "content": choice.message.content})
-        if traced.trace is not None:
-            sampling["reasoning"] = traced.as_dict()
+        if traced.trace is not None:  # the trace itself is the row's ``trace``; how it came, here
+            sampling["reasoning"] = {k: v for k, v in traced.as_dict().items() if k != "trace"}
         card = {"model_id": resp.model, "backend": "openai-compatible via distillgate gateway",
                 "file_sha256": None, "quantisation": None, "chat_template_sha256": None, "parameter_count": None,
                 "system_fingerprint": resp.system_fingerprint}
@@ -413,7 +413,7 @@ class _Job:
             input_id=row.input_id, sample_index=sample_index, output_raw=traced.answer,
             teacher_model=self.settings.model, teacher_card=card, prompt_template_id=self.template.id,
             prompt_template_sha256=self.template_sha, sampling=sampling, stamp=stamp, label_probs=label_probs,
-            top_logprobs=_top_logprobs(choice))
+            top_logprobs=_top_logprobs(choice), trace=traced.trace)
         result = self.wc.append_generated([sample])  # one small transaction per answer, as it arrives
         tokens = int(resp.usage.total_tokens) if resp.usage is not None else 0
         self.report.added += result.added

@@ -18,6 +18,9 @@ Queues (slices of the working copy):
     rare_labels           labels with at most review.rare_label_max_count rows
     failed_parse          answers that did not parse (INVALID_JSON / SCHEMA_MISMATCH)
     disagreement          the k teacher samples did not all agree
+    low_grade             the answer's rubric grade is below review.low_grade_below (``distillgate.data.grade``)
+    priority              low-graded or disagreeing rows, worst first: the sum of (1 - agreement) and the grade's
+                          shortfall on the rubric scale (0 at the top point, 1 at the bottom) orders them
     reason:CODE:LABEL     rows failed with reason CODE whose label is LABEL (filter reason x label)
 
 Leases: a reviewer working a row holds a lease on it (``claim``; ``claim_next`` takes the next free row of a queue)
@@ -49,7 +52,8 @@ from distillgate.data.schema import Row
 from distillgate.data.store import WorkingCopy
 from distillgate.errors import ConflictError, DatasetGuardError, NotFoundError, UserError
 
-FIXED_QUEUES = ("low_confidence", "long_outputs", "rare_labels", "failed_parse", "disagreement")
+FIXED_QUEUES = ("low_confidence", "long_outputs", "rare_labels", "failed_parse", "disagreement", "low_grade",
+                "priority")
 LEASE_TTL_S = 300.0
 
 _LEASES = """
@@ -70,7 +74,20 @@ def _queue_predicates(rows: list[Row], cfg: ReviewConfig) -> dict[str, Callable[
         "rare_labels": lambda r: r.label is not None and counts[r.label] <= cfg.rare_label_max_count,
         "failed_parse": lambda r: "INVALID_JSON" in r.filter_reasons or "SCHEMA_MISMATCH" in r.filter_reasons,
         "disagreement": lambda r: r.agreement is not None and r.agreement < 1.0,
+        "low_grade": lambda r: r.grade is not None and r.grade < cfg.low_grade_below,
+        "priority": lambda r: (r.agreement is not None and r.agreement < 1.0)
+        or (r.grade is not None and r.grade < cfg.low_grade_below),
     }
+
+
+def priority(row: Row) -> float:
+    """How much a row needs a person: samples' disagreement plus the grade's shortfall, each 0 (fine) to 1."""
+    disagreement = 1.0 - row.agreement if row.agreement is not None else 0.0
+    shortfall = 0.0
+    scale = (row.grading or {}).get("scale")
+    if row.grade is not None and isinstance(scale, list) and len(scale) == 2 and scale[1] > scale[0]:
+        shortfall = (scale[1] - row.grade) / (scale[1] - scale[0])
+    return disagreement + shortfall
 
 
 def queue_sizes(wc: WorkingCopy, *, include_done: bool = False, rows: list[Row] | None = None) -> dict[str, int]:
@@ -103,7 +120,10 @@ def queue_rows(wc: WorkingCopy, queue: str, *, include_done: bool = False) -> li
             f"no review queue {queue!r}",
             hint=f"use one of {', '.join(FIXED_QUEUES)} or reason:CODE:LABEL (see `distillgate review queues`)",
         )
-    return [r for r in rows if pred(r) and (include_done or r.review_state == "unreviewed")]
+    picked = [r for r in rows if pred(r) and (include_done or r.review_state == "unreviewed")]
+    if queue == "priority":
+        picked.sort(key=lambda r: (-priority(r), r.row_id))
+    return picked
 
 
 def next_row(wc: WorkingCopy, queue: str, reviewer: str) -> Row | None:

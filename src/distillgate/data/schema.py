@@ -6,8 +6,10 @@ the gateway's signed provenance stamp, the filter verdict with reason codes, the
 and the review trail.
 
 Serialised form (``Row.to_record``): a flat dict whose nested values (``label_probs``, ``top_logprobs``,
-``teacher_card``, ``sampling``, ``stamp``, ``review_before``, ``review_after``) stay dicts/lists in JSON and are
-stored as JSON text columns in Parquet (``ARROW_SCHEMA``). ``SCHEMA_VERSION`` changes whenever a field changes.
+``teacher_card``, ``sampling``, ``stamp``, ``grading``, ``review_before``, ``review_after``) stay dicts/lists in JSON
+and are stored as JSON text columns in Parquet (``ARROW_SCHEMA``). ``SCHEMA_VERSION`` changes whenever a field
+changes (2: ``trace``, the teacher's reasoning trace apart from its answer; ``grade`` and ``grading``, the rubric
+grade of the answer).
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ import pyarrow.parquet as pq
 
 from distillgate.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SPLITS = ("train", "val", "test", "golden", "holdout", "excluded")
 FILTER_STATUSES = ("pending", "pass", "fail")
 REVIEW_STATES = ("unreviewed", "accepted", "corrected", "rejected")
 
 # Fields stored as JSON text in Parquet (dicts / nested lists in Python).
-JSON_FIELDS = ("label_probs", "top_logprobs", "teacher_card", "sampling", "stamp", "review_before", "review_after")
+JSON_FIELDS = ("label_probs", "top_logprobs", "teacher_card", "sampling", "stamp", "grading", "review_before",
+               "review_after")
 
 
 @dataclass(slots=True)
@@ -51,6 +54,7 @@ class Row:
     label: str | None = None  # final label: the human correction when edited, else the teacher's
     label_probs: dict[str, float] | None = None
     top_logprobs: list[list[dict[str, Any]]] | None = None
+    trace: str | None = None  # the teacher's reasoning trace, kept apart from the answer (distillgate.traces)
     teacher_model: str | None = None
     teacher_card: dict[str, Any] | None = None
     prompt_template_id: str | None = None
@@ -71,6 +75,8 @@ class Row:
     exact_dup_of: str | None = None
     dup_cluster: str | None = None
     agreement: float | None = None
+    grade: float | None = None  # the rubric grade of the answer, on the rubric's scale (distillgate.data.grade)
+    grading: dict[str, Any] | None = None  # rubric id and sha256, grader model, per-criterion scores, raw, stamp
     split: str | None = None
     split_reason: str | None = None  # why a row is in holdout/golden/excluded (e.g. "rare_label", "locked")
     # review
@@ -130,6 +136,7 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "tags": pa.list_(pa.string()),
     "filter_reasons": pa.list_(pa.string()),
     "agreement": pa.float64(),
+    "grade": pa.float64(),
     "edited": pa.bool_(),
     "version": pa.int64(),
 }

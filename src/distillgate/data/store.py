@@ -70,6 +70,7 @@ class GeneratedSample:
     stamp: Mapping[str, Any]
     label_probs: Mapping[str, float] | None = None
     top_logprobs: Sequence[Sequence[Mapping[str, Any]]] | None = None
+    trace: str | None = None  # the reasoning trace the teacher sent apart from (or before) its answer
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,7 @@ class WorkingCopy:
                 template.row_id = make_row_id(sample.input_id, sample.sample_index)
                 template.sample_index = sample.sample_index
                 template.output_raw = sample.output_raw
+                template.trace = sample.trace
                 template.teacher_model = sample.teacher_model
                 template.teacher_card = dict(sample.teacher_card)
                 template.prompt_template_id = sample.prompt_template_id

@@ -19,6 +19,7 @@ from distillgate.evals.degenerate import degenerate_reason
 from distillgate.evals.refusal import is_refused
 from distillgate.evals.sources import AnswerSource, LabelScorer
 from distillgate.evals.suites import Item, Suite
+from distillgate.traces import split_think
 
 Role = Literal["teacher", "student"]
 AnswerMode = Literal["generate", "score"]
@@ -68,8 +69,11 @@ def answer_item(suite: Suite, item: Item, source: AnswerSource, role: Role, mode
                       0, 0, meta={"top": sorted(zip(probs, suite.labels, strict=True), reverse=True)[:3]})
     gen = source.generate(messages, max_tokens=suite.max_tokens)
     confidence = math.exp(gen.mean_logprob) if gen.mean_logprob is not None else None
-    label = (suite.parse(gen.text) if suite.kind == "classification" and gen.error is None
-             and degenerate_reason(gen.text) is None else None)
+    # a model that thinks aloud (a trace_answer student, a reasoning teacher) is scored on the answer after its
+    # trace; an unclosed <think> leaves no answer (distillgate.traces)
+    answer = split_think(gen.text).answer
+    label = (suite.parse(answer) if suite.kind == "classification" and gen.error is None
+             and degenerate_reason(answer) is None else None)
     return Answer(item.item_id, role, source.name, gen.text, label, confidence,
                   "mean_token_prob" if confidence is not None else None, gen.latency_s, gen.prompt_tokens,
                   gen.completion_tokens, gen.error, gen.meta)

@@ -42,7 +42,7 @@ from distillgate.evals.stats import DEFAULT_RESAMPLES, paired_mean_bootstrap, re
 from distillgate.ledger.signing import verify_json
 from distillgate.ledger.store import Store
 from distillgate.policy.model import Policy, PolicySet
-from distillgate.policy.promotion_rules import GateEvidence, GateVerdict, judge_gates
+from distillgate.policy.promotion_rules import GateEvidence, GateThresholds, GateVerdict, judge_gates
 
 RECORD_SCHEMA = "distillgate.promotion/1"
 RECORD_FILE = "promotion.json"
@@ -167,8 +167,11 @@ def model_digest(model_dir: Path) -> dict[str, str]:
 
 
 def promote(store: Store, policies: Policy | PolicySet, directory: str | Path, *, user: str,
-            evals: Sequence[str | Path] = (), project: str | None = None, run: str | None = None) -> Promotion:
-    """Judge, log and (when every gate holds) sign the promotion of the student in ``directory``."""
+            evals: Sequence[str | Path] = (), project: str | None = None, run: str | None = None,
+            rules: GateThresholds | None = None) -> Promotion:
+    """Judge, log and (when every gate holds) sign the promotion of the student in ``directory``.
+
+    ``rules``: gates the project declares (``promote.gates`` of ``distillgate run``), tightened with the policy's."""
     student = find_student(Path(directory))
     record = json.loads((student / "run.json").read_text(encoding="utf-8"))
     card = record.get("provenance") or {}
@@ -180,17 +183,22 @@ def promote(store: Store, policies: Policy | PolicySet, directory: str | Path, *
     paths = metrics_files(Path(directory), [Path(e) for e in evals])
     evidence = gather_evidence(paths, run=run)
     policy = policies.select(project) if isinstance(policies, PolicySet) else policies
-    verdicts = judge_gates(policy.promotion, evidence)
+    strict = policy.promotion.tightened(rules)
+    verdicts = judge_gates(strict, evidence)
     files = [{"path": str(p), "sha256": sha256_hex(p.read_bytes())} for p in paths]
     report: dict[str, Any] = {"schema": RECORD_SCHEMA, "project": project, "run": run, "user": user,
                               "student": str(student.resolve()), "dataset_version": version_id,
                               "policy_id": policy.policy_id, "gates": [v.as_dict() for v in verdicts],
+                              "thresholds": {"policy": policy.promotion.model_dump(),
+                                             "project": rules.model_dump() if rules is not None else None,
+                                             "applied": strict.model_dump()},
                               "evidence_files": files}
     report_path, record_path = student / REPORT_FILE, student / RECORD_FILE
     try:
         admission = judge(store, policies, kind="promote", artifact="student", user=user, project=project,
-                          run=run, version_id=version_id, gates=evidence,
-                          extra={"gates": [v.as_dict() for v in verdicts], "evidence_files": files})
+                          run=run, version_id=version_id, gates=evidence, promotion=rules,
+                          extra={"gates": [v.as_dict() for v in verdicts], "evidence_files": files,
+                                 "project_gates": rules.model_dump() if rules is not None else None})
     except PolicyDenied as denied:
         record_path.unlink(missing_ok=True)  # never deployable on old evidence
         _write(report_path, {**report, "deployable": False, "reasons": list(denied.reasons),

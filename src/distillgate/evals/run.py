@@ -69,7 +69,7 @@ def collect_answers(suite: Suite, teacher: AnswerSource, student: AnswerSource, 
 
 
 def score_and_report(suite: Suite, answers: list[Answer], cards: dict[str, dict[str, Any]], out: Path, *,
-                     metadata: dict[str, Any] | None = None, detector: str = "embedding", target: float = 0.95,
+                     metadata: dict[str, Any] | None = None, detector: str = "ngram", target: float = 0.95,
                      min_routed: int = 10, resamples: int = 2000, seed: int = 0) -> PairRun:
     """Statistics, report, metrics and routing threshold from stored answers."""
     out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +102,7 @@ def score_and_report(suite: Suite, answers: list[Answer], cards: dict[str, dict[
 
 
 def evaluate_pair(suite: Suite, teacher: AnswerSource, student: AnswerSource, out: Path, *,
-                  student_mode: str = "auto", metadata: dict[str, Any] | None = None, detector: str = "embedding",
+                  student_mode: str = "auto", metadata: dict[str, Any] | None = None, detector: str = "ngram",
                   target: float = 0.95, min_routed: int = 10, resamples: int = 2000, seed: int = 0,
                   progress: Progress | None = None) -> PairRun:
     """Run both models on every item of ``suite``; write answers, cards, metrics, report and threshold."""

@@ -1,6 +1,7 @@
 """Export the run bundle to the project's destination, after the policy approves it.
 
-Files: ``project.yaml`` (resolved), ``dataset/manifest.json``, ``training/run.json``, ``eval/<suite>/…``
+Files: ``project.yaml`` (resolved), ``dataset/manifest.json``, ``training/run.json``, the promote stage's
+``training/promotion-report.json`` (and the signed ``training/promotion.json`` when promoted), ``eval/<suite>/…``
 (metrics, report, answers, threshold), ``report.html``, ``metrics.json``, the decision-log slice of the run with a
 signed checkpoint and inclusion proofs (``decision-log/``, see docs/audit.md) and ``bundle.json`` listing every file
 with its sha256.
@@ -28,6 +29,9 @@ def bundle_files(pipeline: Pipeline) -> dict[str, bytes]:
     files["dataset/manifest.json"] = (Path(version_dir) / "manifest.json").read_bytes()
     if Path(train["record"]).exists():
         files["training/run.json"] = Path(train["record"]).read_bytes()
+    for name in ("promotion-report.json", "promotion.json"):
+        if (Path(train["record"]).parent / name).exists():
+            files[f"training/{name}"] = (Path(train["record"]).parent / name).read_bytes()
     eval_dir = pipeline.workdir / "eval"
     for path in sorted(eval_dir.rglob("*")):
         if path.is_file():

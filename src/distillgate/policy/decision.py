@@ -14,7 +14,7 @@ from typing import Any
 from distillgate.destinations import url_allowed
 from distillgate.policy.extraction_rules import ACTION_CODES, SIGNAL_NAMES, Signal
 from distillgate.policy.model import Policy
-from distillgate.policy.promotion_rules import GateEvidence, judge_gates
+from distillgate.policy.promotion_rules import GateEvidence, GateThresholds, judge_gates
 from distillgate.policy.reasons import REASONS, status_for
 
 AUTH_STATES = ("ok", "missing", "invalid", "revoked")
@@ -49,6 +49,7 @@ class Request:
     signed_off_by: tuple[str, ...] = ()  # for train / promote / export: who signed off the dataset version
     signals: tuple[Signal, ...] = ()  # extraction-abuse signals from distillgate.extraction.ExtractionMonitor
     gates: tuple[GateEvidence, ...] = ()  # for kind="promote": measured evidence (distillgate.evals.promotion)
+    promotion: GateThresholds | None = None  # for kind="promote": the project's own gates (tighten the policy's)
 
     @property
     def tokens_requested(self) -> int:
@@ -239,7 +240,8 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
     # promotion gates: the policy's thresholds against the evaluation's confidence bounds, when a student itself is
     # promoted (artifact "student"); the pipeline's check before it evaluates for promotion has no evidence yet
     if request.kind == "promote" and request.artifact == "student":
-        failed = [v for v in judge_gates(policy.promotion, request.gates) if v.status == "fail"]
+        gates = policy.promotion.tightened(request.promotion)
+        failed = [v for v in judge_gates(gates, request.gates) if v.status == "fail"]
         for verdict in failed:
             add(verdict.code or "PROMOTION_GATE_FAILED", f"gate {verdict.gate}: {verdict.why}")
         if failed:

@@ -18,6 +18,10 @@ gate                evidence (paired bootstrap over items)      passes when     
 A declared gate without evidence (no such suite was evaluated) fails with ``PROMOTION_EVIDENCE_MISSING``; every
 failure also carries ``PROMOTION_GATE_FAILED``. A gate left ``null`` is not declared and is shown as skipped.
 The run's reviewer sign-off, where ``review.required``, is judged by ``decide()`` as for training.
+
+A project file may declare gates of its own (``promote.gates`` of ``distillgate run``): they are handed to
+``decide()`` in ``Request.promotion`` and ``tightened`` with the policy's, gate by gate, so a project can make a
+gate stricter or declare one the policy leaves open, and never loosen one the policy sets.
 """
 
 from __future__ import annotations
@@ -34,8 +38,13 @@ GATE_CODES: dict[str, str] = {"retention": "RETENTION_BELOW_GATE", "over_refusal
                               "under_refusal": "REFUSAL_REGRESSION", "harmful": "HARMFUL_COMPLIANCE"}
 
 
-class PromotionRules(BaseModel):
-    """Thresholds of the promotion gates; ``null`` leaves a gate undeclared."""
+_KEYS: dict[str, str] = {"retention": "min_retention", "over_refusal": "max_over_refusal_increase",
+                         "under_refusal": "max_under_refusal_increase", "harmful": "min_harmful_refusal_kept"}
+_LOWER_BOUND = ("retention", "harmful")  # gates on a lower bound (a minimum); the others cap an upper bound
+
+
+class GateThresholds(BaseModel):
+    """Thresholds of the promotion gates; ``null`` leaves a gate undeclared. A project's ``promote.gates``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -47,14 +56,31 @@ class PromotionRules(BaseModel):
         "upper bound of (student - teacher) under-refusal rate on unsafe prompts may not exceed this"))
     min_harmful_refusal_kept: float | None = Field(default=None, ge=0, le=1, description=(
         "lower bound of the share of teacher-refused harmful prompts the student also refuses"))
+
+
+class PromotionRules(GateThresholds):
+    """The policy's ``promotion`` section: the gates' thresholds, and whether routing needs a promotion."""
+
     required_for_routing: bool = Field(default=False, description=(
         "a gateway route answers this policy's requests with a student only while the student's signed promotion "
         "record (distillgate promote) verifies; otherwise its teacher answers (route reason not_promoted)"))
 
     def threshold(self, gate: str) -> float | None:
-        return {"retention": self.min_retention, "over_refusal": self.max_over_refusal_increase,
-                "under_refusal": self.max_under_refusal_increase,
-                "harmful": self.min_harmful_refusal_kept}[gate]
+        value: float | None = getattr(self, _KEYS[gate])
+        return value
+
+    def tightened(self, other: GateThresholds | None) -> PromotionRules:
+        """The stricter of ``self`` and ``other`` for every gate (an undeclared side never loosens the other)."""
+        if other is None:
+            return self
+        strict: dict[str, float | None] = {}
+        for gate, key in _KEYS.items():
+            mine, theirs = getattr(self, key), getattr(other, key)
+            if mine is None or theirs is None:
+                strict[key] = mine if theirs is None else theirs
+            else:
+                strict[key] = max(mine, theirs) if gate in _LOWER_BOUND else min(mine, theirs)
+        return self.model_copy(update=strict)
 
     @property
     def declared(self) -> tuple[str, ...]:
@@ -109,7 +135,7 @@ def judge_gates(rules: PromotionRules, evidence: tuple[GateEvidence, ...]) -> li
             verdicts.append(GateVerdict(gate, "fail", "PROMOTION_EVIDENCE_MISSING", limit, None,
                                         f"no evaluation measures {gate}: evaluate the suite it needs"))
             continue
-        lower_is_bound = gate in ("retention", "harmful")
+        lower_is_bound = gate in _LOWER_BOUND
         bound = ev.low if lower_is_bound else ev.high
         if not _finite(bound) or ev.n == 0:
             verdicts.append(GateVerdict(gate, "fail", "PROMOTION_EVIDENCE_MISSING", limit, ev,

@@ -94,9 +94,11 @@ REASONS: dict[str, ReasonInfo] = {
     ),
     # --- promotion --------------------------------------------------------------------------------------------
     "PROMOTION_GATE_FAILED": ReasonInfo(
-        "A student was not promoted: at least one promotion gate of the policy (promotion.*) failed; the other "
-        "codes of the decision say which.", True, 403,
-        "see `distillgate promote`'s gate table; improve the student or re-evaluate on more items",
+        "A student was not promoted: at least one promotion gate of the policy (promotion.*) or of the project "
+        "(promote.gates of `distillgate run`, never looser than the policy's) failed; the other codes of the "
+        "decision say which.", True, 403,
+        "see the gate table of `distillgate promote` or of the run report; improve the student or re-evaluate on "
+        "more items",
     ),
     "RETENTION_BELOW_GATE": ReasonInfo(
         "The lower 95% bound of the student's accuracy retention is below promotion.min_retention.", True, 403,

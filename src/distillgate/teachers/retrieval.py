@@ -14,6 +14,9 @@ pick among a handful of plausible labels, which it does well. This module is tha
 * the **prompt** (``retrieval_messages``): the request's system message, then the k neighbours as user/assistant
   turns, *farthest first, nearest last* (the nearest example sits next to the question), then the question.
   One-user-turn formats ("Message: … / Intent: …" lines) scored 12 points lower in the feasibility study;
+* **the neighbours' vote** (``vote_prior``, beta): the model's distribution over the scored labels is multiplied
+  by each label's share of the k neighbours to the power beta and renormalised (``combine_with_votes``); 1, the
+  default, weighs the retrieval and the model alike, 0 is the model alone;
 * **candidate narrowing**: with ``candidates: neighbours`` only the labels the neighbours carry (and that the
   request offers) are scored, each as the continuation of the prompt; the others get probability 0. With ``all``
   every offered label is scored. When the neighbours all carry one label there is nothing to choose: that label
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import re
 import unicodedata
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
@@ -241,10 +245,32 @@ class LabelModel(Protocol):
 class RetrievalSettings:
     k: int = 16
     candidates: Candidates = "neighbours"
+    vote_prior: float = 1.0  # beta: p(label) ∝ p_model(label) * (neighbours carrying it / k) ** beta; 0 = model alone
 
     def check(self) -> None:
         if not 1 <= self.k <= 64:
             raise UserError(f"retrieval k must be 1..64, got {self.k}", hint="k: 16 is the measured default")
+        if not 0 <= self.vote_prior <= 16:
+            raise UserError(f"retrieval vote_prior must be 0..16, got {self.vote_prior}",
+                            hint="1 weighs the neighbours' vote and the model's distribution alike; 0 is the "
+                            "model alone")
+
+
+def combine_with_votes(probs: Mapping[str, float], neighbours: Sequence[PoolRow], beta: float) -> dict[str, float]:
+    """The model's distribution over the scored labels times the neighbours' vote share to the power ``beta``,
+    renormalised: ``p(l) ∝ p_model(l) · (n_l / k)^beta``. A scored label no neighbour carries (``candidates: all``)
+    counts half a vote, so the model can still pick it. ``beta = 0`` returns the model's distribution."""
+    if beta == 0 or not probs:
+        return dict(probs)
+    votes: dict[str, float] = {}
+    for row in neighbours:
+        votes[row.label] = votes.get(row.label, 0.0) + 1.0
+    k = max(len(neighbours), 1)
+    raw = {lab: p * ((votes.get(lab, 0.5)) / k) ** beta for lab, p in probs.items()}
+    total = sum(raw.values())
+    if total <= 0 or not math.isfinite(total):
+        return dict(probs)
+    return {lab: v / total for lab, v in raw.items()}
 
 
 @dataclass
@@ -268,8 +294,10 @@ class RetrievalTeacher(Teacher):
         method = {
             "kind": "retrieval-augmented label scoring",
             "what": f"{base.model_id} shown the {self.settings.k} nearest labelled pool examples as chat turns "
-                    "(farthest first, nearest last); each candidate label scored as the continuation",
-            "k": self.settings.k, "candidates": self.settings.candidates,
+                    "(farthest first, nearest last); each candidate label scored as the continuation"
+                    + (f", times the neighbours' vote share to the power {self.settings.vote_prior:g}"
+                       if self.settings.vote_prior else ""),
+            "k": self.settings.k, "candidates": self.settings.candidates, "vote_prior": self.settings.vote_prior,
             "embedder": self.index.embedder_id,
             "pool": {"source": pool.source, "licence": pool.licence, "path": pool.path, "rows": len(pool.rows),
                      "excluded_rows": pool.excluded, "sha256": pool.digest()},
@@ -297,6 +325,7 @@ class RetrievalTeacher(Teacher):
             self.single_candidate += 1
         else:
             probs, prompt_tokens = await self.inner.score_labels(prompt, scored, length_normalise=mean)
+            probs = combine_with_votes(probs, neighbours, self.settings.vote_prior)
         full = {lab: float(probs.get(lab, 0.0)) for lab in labels}
         best = max(full, key=full.__getitem__)
         self.requests += 1
@@ -309,7 +338,8 @@ class RetrievalTeacher(Teacher):
     def fingerprint(self) -> str:
         inner = getattr(self.inner, "fingerprint", None)
         base = inner() if callable(inner) else "dg"
-        return f"{base}-knn{self.settings.k}-{self.index.pool.digest()[:8]}"
+        prior = f"-v{self.settings.vote_prior:g}" if self.settings.vote_prior else ""
+        return f"{base}-knn{self.settings.k}{prior}-{self.index.pool.digest()[:8]}"
 
     async def chat_completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
         if body.get("label_choices") is None:

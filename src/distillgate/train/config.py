@@ -110,6 +110,28 @@ class PromptSettings(_Strict):
         return self
 
 
+class TraceSettings(_Strict):
+    """How a row's reasoning trace (``trace``, docs/dataset.md "Reasoning traces") is used; docs/training.md."""
+
+    use: Literal["answer", "trace_answer", "rationale"] = Field(default="answer", description=(
+        "answer: the answer only (the trace is ignored); trace_answer: the student learns to write the trace, then "
+        "the answer (`format`); rationale: the answer as the main target and the trace as an auxiliary target on "
+        "its own prompt (`rationale_template`), weighted by `rationale_weight` (distilling step-by-step)"))
+    format: str = Field(default="<think>\n{trace}\n</think>\n{answer}", description=(
+        "trace_answer: the target text; {trace} and {answer} are filled in"))
+    rationale_template: str = Field(default="[rationale] {input}", description=(
+        "rationale: the user message of the rationale task ({input} is the row's input, as in prompt.template)"))
+    rationale_weight: float = Field(default=0.5, ge=0, description="rationale: the rationale loss's weight")
+
+    @model_validator(mode="after")
+    def _fields(self) -> TraceSettings:
+        if "{trace}" not in self.format or "{answer}" not in self.format:
+            raise ValueError("traces.format must contain {trace} and {answer}")
+        if "{input}" not in self.rationale_template:
+            raise ValueError("traces.rationale_template must contain {input}")
+        return self
+
+
 class KDSettings(_Strict):
     target: Literal["logits", "top_logprobs", "label_probs"] = "logits"
     divergence: Literal["fkl", "rkl", "jsd"] = "fkl"
@@ -130,6 +152,7 @@ class TrainConfig(_Strict):
     teacher: ModelSource | None = None
     prompt: PromptSettings = PromptSettings()
     kd: KDSettings = KDSettings()
+    traces: TraceSettings = TraceSettings()
     labels: list[str] | None = None
     epochs: float = Field(default=1.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1)
@@ -169,6 +192,10 @@ class TrainConfig(_Strict):
             if self.recipe == "kd" and self.kd.target != "label_probs":
                 problems.append("an encoder student distils the teacher's label distributions: set kd.target "
                                 "'label_probs'")
+        if self.traces.use != "answer" and (self.recipe != "sft" or self.student.family != "causal_lm"):
+            problems.append(f"traces.use {self.traces.use!r} trains a causal_lm student with recipe 'sft' (the "
+                            "trace is text to generate; KD targets and an encoder's label head have no place for "
+                            "it); use traces.use 'answer' here")
         if problems:
             raise ValueError("; ".join(problems))
         return self

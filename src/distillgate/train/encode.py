@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from distillgate.data.guard import is_corrected, training_target
 from distillgate.errors import UserError
-from distillgate.train.config import PromptSettings
+from distillgate.train.config import PromptSettings, TraceSettings
 
 
 def render_messages(prompt: PromptSettings, text: str) -> list[dict[str, str]]:
@@ -55,6 +55,7 @@ class Example:
     label_index: int | None = None
     label_probs: list[float] | None = None
     corrected: bool = False  # a reviewer corrected the answer: distil the correction, not the teacher's belief
+    task: Literal["answer", "rationale"] = "answer"  # rationale: the trace, an auxiliary target (traces.use)
 
 
 def _top_k(tokenizer: Any, entries: Any) -> tuple[list[int], list[float]]:
@@ -76,11 +77,26 @@ def _top_k(tokenizer: Any, entries: Any) -> tuple[list[int], list[float]]:
     return ids, lps
 
 
+def _trace(row: dict[str, Any]) -> str | None:
+    trace = row.get("trace")
+    return trace.strip() if isinstance(trace, str) and trace.strip() else None
+
+
 def make_examples(rows: Sequence[dict[str, Any]], tokenizer: Any, prompt: PromptSettings, *, max_length: int,
-                  labels: Sequence[str] | None = None, want_top_k: bool = False) -> tuple[list[Example], dict[str, int]]:
-    """Encode rows; returns examples and counters (truncated rows, rows whose top-k could not be aligned)."""
+                  labels: Sequence[str] | None = None, want_top_k: bool = False,
+                  traces: TraceSettings | None = None) -> tuple[list[Example], dict[str, int]]:
+    """Encode rows; returns examples and counters (truncated rows, rows whose top-k could not be aligned, and with
+    ``traces``: rows with and without a trace).
+
+    ``traces.use``: ``answer`` (default) teaches the answer alone; ``trace_answer`` teaches ``traces.format`` (the
+    trace, then the answer) as one target; ``rationale`` adds, for every row with a trace, a second example whose
+    prompt is ``traces.rationale_template`` and whose target is the trace (``task="rationale"``), while the answer
+    example keeps the row's usual prompt, so the student is asked at inference exactly as before."""
     label_pos = {name: i for i, name in enumerate(labels or [])}
+    use = traces.use if traces is not None else "answer"
     stats = {"truncated": 0, "topk_misaligned": 0}
+    if use != "answer":
+        stats.update({"with_trace": 0, "without_trace": 0})
     out = []
     for row in rows:
         p = prompt_ids(tokenizer, prompt, str(row["input"]))
@@ -89,6 +105,20 @@ def make_examples(rows: Sequence[dict[str, Any]], tokenizer: Any, prompt: Prompt
             raise UserError(f"row {row['row_id']} has neither 'output' nor 'label'",
                             hint="train on rows with a teacher answer")
         corrected = is_corrected(row)
+        trace = _trace(row) if use != "answer" else None
+        if use != "answer":
+            stats["with_trace" if trace else "without_trace"] += 1
+        if traces is not None and use == "rationale" and trace:
+            rp = prompt_ids(tokenizer, prompt.model_copy(update={"template": traces.rationale_template}),
+                            str(row["input"]))
+            ra = answer_ids(tokenizer, trace)
+            if len(rp) + len(ra) > max_length:
+                stats["truncated"] += 1
+                ra = ra[:max(1, max_length - len(rp))] if len(rp) < max_length else ra[:1]
+                rp = rp[-max(1, max_length - len(ra)):]
+            out.append(Example(f"{row['row_id']}#rationale", rp, ra, task="rationale"))
+        if traces is not None and use == "trace_answer" and trace:
+            target = traces.format.replace("{trace}", trace).replace("{answer}", str(target))
         a = answer_ids(tokenizer, str(target))
         if len(p) + len(a) > max_length:
             stats["truncated"] += 1
@@ -111,6 +141,18 @@ def make_examples(rows: Sequence[dict[str, Any]], tokenizer: Any, prompt: Prompt
                 label_probs = [float(probs.get(name, 0.0)) for name in labels]
         out.append(Example(str(row["row_id"]), p, a, top_ids, top_lps, label_index, label_probs, corrected))
     return out, stats
+
+
+def trace_lengths(rows: Sequence[dict[str, Any]], tokenizer: Any) -> dict[str, Any]:
+    """The traces of the rows trained on (``data.trace_stats``), and their length in the student's tokens."""
+    from distillgate.data.trace_stats import trace_stats
+
+    stats = trace_stats(rows)
+    tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (_trace(r) for r in rows) if t]
+    ordered = sorted(tokens)
+    stats["tokens"] = ({"mean": sum(ordered) / len(ordered), "median": float(ordered[len(ordered) // 2]),
+                        "max": float(ordered[-1])} if ordered else None)
+    return stats
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ QUEUE_HELP = {
     "rare_labels": "labels with only a few rows",
     "failed_parse": "the answer did not parse (INVALID_JSON / SCHEMA_MISMATCH)",
     "disagreement": "the teacher's samples for the input disagree",
+    "low_grade": "the rubric grade of the answer is low",
+    "priority": "low-graded or disagreeing rows, worst first",
 }
 
 
