@@ -63,9 +63,12 @@ def build_cascade(config: GatewayConfig, router: Router) -> Callable[[Metrics], 
 def serve(config: GatewayConfig) -> None:
     import uvicorn
 
+    from distillgate.gateway.protocol import gateway_protocol  # imports uvicorn
+
     gateway = build_gateway(config)
-    try:
-        uvicorn.run(gateway, host=config.host, port=config.port, loop="uvloop", http="httptools",
+    try:  # httptools, with the head bounded as it arrives and JSON for malformed HTTP (gateway/protocol.py)
+        uvicorn.run(gateway, host=config.host, port=config.port, loop="uvloop",
+                    http=gateway_protocol(config.max_header_bytes),
                     lifespan="on", access_log=config.access_log, log_level="info",
                     timeout_keep_alive=30, backlog=2048, limit_concurrency=config.max_connections,
                     proxy_headers=False)  # the gateway reads no client address: skip X-Forwarded-* parsing
