@@ -21,12 +21,14 @@ In one run, on loopback, against the same fast upstream (the in-repo fake teache
   litellm       LiteLLM's proxy (``litellm[proxy]`` from PyPI, installed by this script into its own venv under
                 ``.cache/litellm-venv``), a plain pass-through to the same fake teacher with a master key, one worker
 
-For each: throughput (requests/s) at concurrency 1/16/64 and p50/p99 latency; then ratios against passthrough
-and the p50 latency each proxy adds over direct at concurrency 1.
+For each: throughput (requests/s) at concurrency 1/16/64, p50/p99 latency and the CPU time the proxy's process
+(every thread, and its child processes) spent per request, in microseconds, read from /proc around each load: on a
+shared machine throughput drifts with what else runs, the CPU a request costs much less. Then ratios against
+passthrough and the floor, and the p50 latency each proxy adds over direct at concurrency 1.
 
     python benchmarks/gateway.py [--seconds 4] [--concurrency 1 16 64] [--only direct distillgate litellm]
 
-Writes benchmarks/results/gateway.json (every figure, the ratios, and the load average during the run).
+Writes benchmarks/results/gateway.json, or ``--out PATH`` (every figure, the ratios, and the load average during the run).
 
 The load generator is a raw keep-alive HTTP/1.1 client on uvloop in its own process. Everything shares this
 machine's cores, so absolute numbers depend on the host; ratios are the point.
@@ -201,13 +203,14 @@ async def worker(lat, stop_at):
 
 async def main():
     # warm-up
-    await asyncio.gather(*[worker([], time.perf_counter() + 0.5) for _ in range(conc)])
+    warm = []
+    await asyncio.gather(*[worker(warm, time.perf_counter() + 0.5) for _ in range(conc)])
     lat = []
     t0 = time.perf_counter()
     errors = sum(await asyncio.gather(*[worker(lat, t0 + seconds) for _ in range(conc)]))
     elapsed = time.perf_counter() - t0
     lat.sort()
-    print(json.dumps({"n": len(lat), "rps": len(lat) / elapsed, "p50": lat[len(lat) // 2],
+    print(json.dumps({"n": len(lat), "n_warm": len(warm), "rps": len(lat) / elapsed, "p50": lat[len(lat) // 2],
                       "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))], "errors": errors}))
 
 uvloop.run(main())
@@ -283,10 +286,34 @@ def request_bytes(path: str, key: str) -> str:
     return f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n" + body
 
 
-def load(port: int, conc: int, seconds: float, req: str) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (every thread) and of its live child processes (the extraction
+    monitor's process of distillgate-mp), from /proc; 0.0 where /proc cannot be read."""
+    total, todo, seen = 0.0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def load(port: int, conc: int, seconds: float, req: str, pid: int | None = None) -> dict[str, float]:
+    """One measurement; with ``pid``, also the CPU time that process spent per request (warm-up included in
+    both), in microseconds: what a request costs the proxy, whatever else the machine is running."""
+    before = cpu_seconds(pid) if pid is not None else 0.0
     out = subprocess.run([sys.executable, "-c", LOADGEN, "127.0.0.1", str(port), str(conc), str(seconds), req],
                          capture_output=True, text=True, check=True)
     result: dict[str, float] = json.loads(out.stdout)
+    if pid is not None and before:
+        result["cpu_us_per_request"] = (cpu_seconds(pid) - before) / (result["n"] + result["n_warm"]) * 1e6
     return result
 
 
@@ -332,6 +359,7 @@ def main() -> None:
                                                   "floor", "distillgate", "distillgate-after", "distillgate-mp",
                                                   "distillgate-h11", "litellm"])
     ap.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where the results JSON goes")
     args = ap.parse_args()
     sys.path.insert(0, str(SRC))
     from distillgate.keys import KeyStore
@@ -346,17 +374,20 @@ def main() -> None:
         wait_port(fake_port, procs[-1])
         upstream = f"http://127.0.0.1:{fake_port}/v1"
         targets: dict[str, int] = {"direct": fake_port}
+        pids: dict[str, int] = {"direct": procs[-1].pid}
         for name, loop, http, client in PASSTHROUGHS:
             if name in args.only:
                 port = free_port()
                 procs.append(start(PASSTHROUGH, upstream, str(port), loop, http, client))
                 wait_port(port, procs[-1])
                 targets[name] = port
+                pids[name] = procs[-1].pid
         if "floor" in args.only:
             port = free_port()
             procs.append(start(FLOOR, upstream, str(port), str(tmp / "floor.db")))
             wait_port(port, procs[-1])
             targets["floor"] = port
+            pids["floor"] = procs[-1].pid
         for name, loop, http, settle, monitor in GATEWAYS:
             if name in args.only:
                 port = free_port()
@@ -364,11 +395,13 @@ def main() -> None:
                                    loop, http, settle, monitor))
                 wait_port(port, procs[-1])
                 targets[name] = port
+                pids[name] = procs[-1].pid
         if "litellm" in args.only:
             port = free_port()
             procs.append(start_litellm(args.litellm_venv, upstream, port, tmp))
             wait_port(port, procs[-1], timeout=300)  # litellm imports for a long time
             targets["litellm"] = port
+            pids["litellm"] = procs[-1].pid
             KEYS["litellm"] = LITELLM_KEY
         for name, *_ in GATEWAYS:  # each gateway has its own store: give it a key
             if name in targets:
@@ -382,14 +415,19 @@ def main() -> None:
                     continue
                 for conc in args.concurrency:
                     req = request_bytes("/v1/chat/completions", KEYS.get(name, "not-needed"))
-                    r = load(port, conc, args.seconds, req)
+                    r = load(port, conc, args.seconds, req, pids.get(name))
                     runs.setdefault((name, conc), []).append(r)
                     print(f"  measured {name:16s} c={conc:<3d} {r['rps']:8.0f} req/s  p50 {r['p50'] * 1e3:6.2f} ms  "
-                          f"p99 {r['p99'] * 1e3:6.2f} ms  errors {int(r['errors'])}", file=sys.stderr, flush=True)
+                          f"p99 {r['p99'] * 1e3:6.2f} ms  cpu {r.get('cpu_us_per_request', 0):6.0f} us/req  "
+                          f"errors {int(r['errors'])}", file=sys.stderr, flush=True)
         results: dict[tuple[str, int], dict[str, Any]] = {}
         for point, rs in runs.items():
             ranked = sorted(rs, key=lambda r: r["rps"])
             results[point] = {**ranked[len(ranked) // 2], "rps_runs": [round(r["rps"], 1) for r in rs]}
+            cpu = [r["cpu_us_per_request"] for r in rs if "cpu_us_per_request" in r]
+            if cpu:  # the median of its own runs (the run of median throughput need not have the median cost)
+                results[point].update(cpu_us_per_request=statistics.median(cpu),
+                                      cpu_us_runs=[round(c, 1) for c in cpu])
         print_table(results, args.concurrency)
         lat = store_latency(tmp)
         print(f"\ndurable log alone (in-process, sequential): aadmit p50 {lat['aadmit_p50'] * 1e3:.2f} ms, "
@@ -418,12 +456,18 @@ GATEWAYS = (("distillgate", "uvloop", "httptools", "before_reply", "inline"),
 def ratios(results: dict[tuple[str, int], dict[str, Any]], concurrency: list[int]) -> dict[str, float]:
     out: dict[str, float] = {}
     for conc in concurrency:
-        for name in ("distillgate", "floor"):
+        for name, bases in (("distillgate", ("passthrough", "floor", "litellm")), ("floor", ("passthrough", "litellm"))):
             mine = results.get((name, conc))
-            for base in ("passthrough", "litellm"):
+            for base in bases:
                 other = results.get((base, conc))
                 if mine and other and other["rps"]:
                     out[f"{name}_over_{base}_c{conc}"] = mine["rps"] / other["rps"]
+        mine, floor = results.get(("distillgate", conc)), results.get(("floor", conc))
+        if mine and floor and mine.get("cpu_us_per_request") and floor.get("cpu_us_per_request"):
+            out[f"distillgate_cpu_over_floor_cpu_c{conc}"] = mine["cpu_us_per_request"] / floor["cpu_us_per_request"]
+    direct, mine = results.get(("direct", 1)), results.get(("distillgate", 1))
+    if direct and mine:
+        out["distillgate_added_p50_ms_c1"] = (mine["p50"] - direct["p50"]) * 1e3
     return out
 
 
@@ -439,17 +483,17 @@ def write_json(results: dict[tuple[str, int], dict[str, Any]], args: argparse.Na
         "ratios": ratios(results, args.concurrency),
         "durable_log_alone": lat,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2))
     for key, value in doc["ratios"].items():
-        print(f"  {key:36s} {value:8.2f}x")
-    print(f"wrote {RESULTS}")
+        print(f"  {key:36s} {value:8.2f}{' ms' if key.endswith('_ms_c1') else 'x'}")
+    print(f"wrote {args.out}")
 
 
 def print_table(results: dict[tuple[str, int], dict[str, Any]], concurrency: list[int]) -> None:
     names = list(dict.fromkeys(n for n, _ in results))
     print(f"\n{'target':18s} {'conc':>4s} {'req/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'vs passthrough':>15s} "
-          f"{'errors':>6s}")
+          f"{'cpu us/req':>10s} {'errors':>6s}")
     for name in names:
         for conc in concurrency:
             r = results.get((name, conc))
@@ -457,8 +501,9 @@ def print_table(results: dict[tuple[str, int], dict[str, Any]], concurrency: lis
                 continue
             base = results.get(("passthrough", conc))
             ratio = f"{r['rps'] / base['rps']:.2f}x" if base else "-"
+            cpu = f"{r['cpu_us_per_request']:.0f}" if "cpu_us_per_request" in r else "-"
             print(f"{name:18s} {conc:4d} {r['rps']:9.0f} {r['p50'] * 1e3:8.2f} {r['p99'] * 1e3:8.2f} {ratio:>15s} "
-                  f"{int(r['errors']):6d}")
+                  f"{cpu:>10s} {int(r['errors']):6d}")
     direct = results.get(("direct", 1))
     if direct:
         print("\nadded p50 latency at concurrency 1 (vs direct):")

@@ -84,8 +84,9 @@ def write_policies(directory: Path, *policies: dict[str, Any]) -> Path:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: Any, port: int) -> Iterator[uvicorn.Server]:
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="on",
+def serve_in_thread(app: Any, port: int, *, http: Any = "httptools") -> Iterator[uvicorn.Server]:
+    """``http``: uvicorn's protocol (a name or a class, e.g. ``gateway_protocol(n)`` as ``gateway serve`` runs)."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop", http=http, lifespan="on",
                             access_log=False, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

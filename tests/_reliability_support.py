@@ -1,4 +1,4 @@
-"""Real `distillgate gateway serve` subprocesses on loopback, sharing one SQLite store, for reliability tests."""
+"""Real `distillgate gateway serve` subprocesses on loopback, sharing one store (SQLite or PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import Any
 import httpx
 
 from _gateway_support import free_port, write_policies
+from distillgate.db import connect
 
 QUOTA_POLICY: dict[str, Any] = {
     "policy_id": "quota",
@@ -43,7 +43,7 @@ class GatewayProc:
         return self.log_path.read_text(errors="replace")
 
 
-def write_config(tmp: Path, db: Path, upstream_url: str, *, policies: tuple[dict[str, Any], ...] = (QUOTA_POLICY,),
+def write_config(tmp: Path, db: Path | str, upstream_url: str, *, policies: tuple[dict[str, Any], ...] = (QUOTA_POLICY,),
                  **extra: Any) -> Path:
     policy_dir = write_policies(tmp / "policies", *policies)
     cfg: dict[str, Any] = {"policy": str(policy_dir), "db": str(db),
@@ -95,18 +95,18 @@ def gateways(config: Path, tmp: Path, n: int) -> Iterator[list[GatewayProc]]:
             stop(gp)
 
 
-def log_bodies(db: Path) -> list[dict[str, Any]]:
-    """Every decision-log entry body, read straight from the SQLite file (no gateway code involved)."""
-    conn = sqlite3.connect(db)
+def log_bodies(db: Path | str) -> list[dict[str, Any]]:
+    """Every decision-log entry body, read straight from the database (no store code involved)."""
+    conn = connect(db)
     try:
         rows = conn.execute("SELECT idx, body FROM log ORDER BY idx").fetchall()
     finally:
         conn.close()
-    return [json.loads(body) | {"index": idx} for idx, body in rows]
+    return [json.loads(bytes(body)) | {"index": idx} for idx, body in rows]
 
 
-def held_reservations(db: Path) -> int:
-    conn = sqlite3.connect(db)
+def held_reservations(db: Path | str) -> int:
+    conn = connect(db)
     try:
         (n,) = conn.execute("SELECT count(*) FROM reservations WHERE state='held'").fetchone()
     finally:

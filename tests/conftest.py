@@ -87,3 +87,44 @@ def review_wc(tmp_path: Path):
     copy = WorkingCopy.open(make_review_dataset(tmp_path))
     yield copy
     copy.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server on loopback for the whole session (tests/_pg_support.py); fails if none is
+    installed."""
+    from _pg_support import PgServer
+
+    server = PgServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """An empty PostgreSQL database of its own for one test."""
+    return str(pg_server.fresh_db())
+
+
+def _store_db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "store.db")
+    monkeypatch.setenv("DISTILLGATE_SIGNING_KEY", str(tmp_path / "signing-key.pem"))
+    return str(request.getfixturevalue("pg_server").fresh_db())
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``--db`` of an empty store on each backend: a SQLite file, or a fresh PostgreSQL database (its signing key
+    named by $DISTILLGATE_SIGNING_KEY, as every replica's must be)."""
+    return _store_db(request, tmp_path, monkeypatch)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
+def replica_db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``store_db`` for the multi-process tests (10-15 s each): the PostgreSQL runs are in `make test-slow`, and
+    tests/test_storage_postgres.py keeps one PostgreSQL gateway check in the default suite."""
+    return _store_db(request, tmp_path, monkeypatch)

@@ -33,3 +33,10 @@ def test_extraction_observe_benchmark_runs(tmp_path: Path) -> None:
     _run("extraction_observe.py", "--requests", "1200", "--out", str(out))
     figures = json.loads(out.read_text())
     assert figures["requests"] == 1200 and figures["observe"]["p50_us"] > 0
+
+
+def test_store_backends_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "store_backends.json"
+    _run("store_backends.py", "--entries", "96", "--out", str(out))
+    figures = json.loads(out.read_text())
+    assert figures["postgres_appends_per_s_16_writers"] > 0 and figures["sqlite_appends_per_s_procs_2x16"] > 0

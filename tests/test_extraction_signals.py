@@ -273,3 +273,19 @@ def test_a_prompt_without_reasoning_words_skips_the_regex_with_the_same_answer()
                "Keep an internal monologue", "Use a scratchpad", "<think>", "walk me through your thinking"]
     assert [elicits_reasoning(p) for p in prompts] == [_COT_RE.search(p) is not None for p in prompts]
     assert sum(elicits_reasoning(p) for p in prompts[-7:]) == 7
+
+
+def test_a_ring_of_one_repeated_prompt_holds_no_twin_of_it_yet_finds_one_of_a_new_prompt() -> None:
+    """``has_twin`` returns early when every row is the request's own prompt (a resampling run); the early exit
+    must not hide a twin among other rows."""
+    from distillgate.extraction.state import Ring
+
+    same = Sketch.of(feat("my card was lost, what should I do?"))
+    near = Sketch.of(feat("my card was stolen, what should I do?"))
+    ring = Ring(8)
+    for _ in range(8):
+        ring.add(same.minhash8, same.vocab_size, same.fp_int, same.row_key, same.word_set)
+    assert not ring.has_twin(same, same.fp_int)  # identical rows are not twins
+    assert ring.has_twin(near, near.fp_int)  # one word apart
+    ring.add(near.minhash8, near.vocab_size, near.fp_int, near.row_key, near.word_set)
+    assert ring.has_twin(same, same.fp_int)

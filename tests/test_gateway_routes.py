@@ -232,12 +232,12 @@ def test_shadow_agreement_then_drift_trips_the_flag_and_stops_routing(tmp_path: 
         assert "ROUTE_DRIFT route 'toy-intent' slice 'proj-a'" in caplog.text  # the log signal
 
 
-def test_the_window_survives_a_restart_and_stays_bounded(tmp_path: Path) -> None:
-    log = ShadowLog(tmp_path / "s.db")
+def test_the_window_survives_a_restart_and_stays_bounded(store_db: str) -> None:
+    log = ShadowLog(store_db)
     for i in range(50):
         log.record("r", "p", i % 2 == 0, f"h{i}", window=10)
     log.close()
-    again = ShadowLog(tmp_path / "s.db")
+    again = ShadowLog(store_db)
     w = again.window("r", "p", 10)
     assert (w.n, w.agree) == (10, 5)
     assert again._conn.execute("SELECT COUNT(*) FROM route_shadow").fetchone()[0] == 10

@@ -198,7 +198,7 @@ def test_a_lazy_settlement_alone_commits_after_lazy_commit_s_or_at_close(tmp_pat
 
 def test_the_counter_cache_is_bounded_and_reloads_what_it_dropped(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from distillgate.ledger import store as store_module
+    from distillgate.ledger import writer as store_module
 
     monkeypatch.setattr(store_module, "COUNTER_CACHE_MAX", 4)
     with Store.open(tmp_path / "bounded.db") as store:

@@ -17,8 +17,8 @@ SMALL = policy_from_data({**SEED, "quotas": {"tokens_per_day": 1000, "records_pe
 TOKENS_BIND = policy_from_data({**SEED, "quotas": {"tokens_per_day": 1000, "records_per_run": 5000}})
 
 
-def test_reserve_settle_refund_lifecycle(tmp_path: Path) -> None:
-    with Store.open(tmp_path / "s.db") as store:
+def test_reserve_settle_refund_lifecycle(store_db: str) -> None:
+    with Store.open(store_db) as store:
         a = store.admit(SMALL, request(max_tokens=100, prompt_tokens=20))
         assert a.decision.allowed and a.tokens_reserved == 120 and a.reservation_id
         assert store.usage("internal-compression", "alice", "run-1").tokens_today_project == 120
@@ -41,16 +41,16 @@ def test_reserve_settle_refund_lifecycle(tmp_path: Path) -> None:
         assert store.usage("internal-compression", "alice", "run-1").tokens_today_project == 77
 
 
-def test_denied_requests_reserve_nothing_and_are_logged(tmp_path: Path) -> None:
-    with Store.open(tmp_path / "s.db") as store:
+def test_denied_requests_reserve_nothing_and_are_logged(store_db: str) -> None:
+    with Store.open(store_db) as store:
         d = store.admit(SMALL, request(max_tokens=5000))
         assert not d.decision.allowed and d.reservation_id is None
         assert d.entry.body["decision"] == "deny" and d.entry.body["reasons"] == ["TOKENS_PER_DAY_EXCEEDED"]
         assert store.usage("internal-compression", "alice", "run-1").tokens_today_project == 0
 
 
-def test_expired_reservations_are_reclaimed(tmp_path: Path) -> None:
-    with Store.open(tmp_path / "s.db", reservation_ttl_s=0.0) as store:
+def test_expired_reservations_are_reclaimed(store_db: str) -> None:
+    with Store.open(store_db, reservation_ttl_s=0.0) as store:
         a = store.admit(SMALL, request(max_tokens=400))
         assert store.usage("internal-compression", "alice", "run-1").tokens_today_project == 405
         assert store.reclaim_expired() == 1
@@ -60,18 +60,18 @@ def test_expired_reservations_are_reclaimed(tmp_path: Path) -> None:
         assert reclaim[0].body["reasons"] == ["RESERVATION_EXPIRED"]
 
 
-def test_days_are_utc_calendar_days(tmp_path: Path) -> None:
-    with Store.open(tmp_path / "s.db") as store:
+def test_days_are_utc_calendar_days(store_db: str) -> None:
+    with Store.open(store_db) as store:
         store.admit(SMALL, request(max_tokens=95))
         today = utc_day()
         assert store.usage("internal-compression", "alice", "run-1", day=today).tokens_today_project == 100
         assert store.usage("internal-compression", "alice", "run-1", day="1999-12-31").tokens_today_project == 0
 
 
-def test_thread_concurrency_never_exceeds_quota(tmp_path: Path) -> None:
+def test_thread_concurrency_never_exceeds_quota(store_db: str) -> None:
     granted: list[int] = []
     lock = threading.Lock()
-    with Store.open(tmp_path / "s.db") as store:
+    with Store.open(store_db) as store:
         def worker() -> None:
             for _ in range(20):
                 a = store.admit(SMALL, request(max_tokens=25, prompt_tokens=0))
@@ -101,8 +101,8 @@ def _hammer(db: str, n: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
     out.put(got)
 
 
-def test_several_processes_share_one_database_exactly(tmp_path: Path) -> None:
-    db = str(tmp_path / "shared.db")
+def test_several_processes_share_one_database_exactly(replica_db: str) -> None:
+    db = replica_db  # the child processes inherit $DISTILLGATE_SIGNING_KEY (PostgreSQL)
     Store.open(db).close()  # create schema and key once
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
@@ -146,11 +146,11 @@ def test_early_admission_is_the_durable_one(tmp_path: Path) -> None:
     asyncio.run(go())
 
 
-def test_a_settlement_after_reclaim_still_charges_and_an_extended_lease_is_not_reclaimed(tmp_path: Path) -> None:
+def test_a_settlement_after_reclaim_still_charges_and_an_extended_lease_is_not_reclaimed(store_db: str) -> None:
     import asyncio
     import time
 
-    with Store.open(tmp_path / "s.db", reservation_ttl_s=60) as store:
+    with Store.open(store_db, reservation_ttl_s=60) as store:
         kept = store.admit(SMALL, request(max_tokens=100, prompt_tokens=20))
         lapsed = store.admit(SMALL, request(max_tokens=100, prompt_tokens=20))
         assert kept.reservation_id and lapsed.reservation_id

@@ -1,6 +1,7 @@
 """Quota exactness, reclaim of leaked reservations and crash safety through real `gateway serve` processes.
 
-Two or more gateway processes share one SQLite store; clients hit them concurrently; gateways are SIGKILLed with
+Two or more gateway processes share one store (each test runs on SQLite and, in the slow suite, on PostgreSQL:
+``replica_db``); clients hit them concurrently; gateways are SIGKILLed with
 requests in flight. The checks read the store file directly and run `distillgate audit verify`.
 """
 
@@ -32,7 +33,7 @@ from conftest import run_cli
 from fakes.fake_upstream import Behaviour, fake_upstream
 
 
-def make_key(db: Path, user: str = "alice") -> str:
+def make_key(db: Path | str, user: str = "alice") -> str:
     ks = KeyStore(db)
     try:
         return ks.create(user)[1]
@@ -68,8 +69,8 @@ async def hammer(urls: list[str], key: str, n: int, concurrency: int, run: str =
     return results
 
 
-def test_quota_exact_across_two_gateway_processes(tmp_path: Path) -> None:
-    db = tmp_path / "shared.db"
+def test_quota_exact_across_two_gateway_processes(tmp_path: Path, replica_db: str) -> None:
+    db = replica_db  # SQLite file or PostgreSQL database (conftest.py)
     key = make_key(db)
     with fake_upstream() as fake:
         cfg = write_config(tmp_path, db, fake.base_url)
@@ -99,8 +100,8 @@ def test_quota_exact_across_two_gateway_processes(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_tokens_per_day_never_exceeded_under_concurrency(tmp_path: Path) -> None:
-    db = tmp_path / "shared.db"
+def test_tokens_per_day_never_exceeded_under_concurrency(tmp_path: Path, replica_db: str) -> None:
+    db = replica_db  # SQLite file or PostgreSQL database (conftest.py)
     key = make_key(db)
     with fake_upstream() as fake:
         cfg = write_config(tmp_path, db, fake.base_url)
@@ -129,6 +130,14 @@ def _wait_in_flight(fake_requests: Any, n: int, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
+def _wait_committed(db: Path | str, n: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while held_reservations(db) < n:
+        assert time.monotonic() < deadline, f"only {held_reservations(db)} of {n} reservations committed"
+        time.sleep(0.02)
+    assert held_reservations(db) == n
+
+
 def _fire_and_forget(url: str, key: str, n: int) -> list[httpx.Response | BaseException]:
     """Start n requests in threads that may never be answered (their gateway gets killed)."""
     import concurrent.futures
@@ -148,8 +157,8 @@ def _fire_and_forget(url: str, key: str, n: int) -> list[httpx.Response | BaseEx
     return out
 
 
-def test_sigkilled_gateway_leaks_reservations_that_a_survivor_reclaims(tmp_path: Path) -> None:
-    db = tmp_path / "shared.db"
+def test_sigkilled_gateway_leaks_reservations_that_a_survivor_reclaims(tmp_path: Path, replica_db: str) -> None:
+    db = replica_db  # SQLite file or PostgreSQL database (conftest.py)
     key = make_key(db)
     # five requests held at once: each reserves its body's bytes as the prompt bound, more than 400 tokens in all
     roomy = {**QUOTA_POLICY, "quotas": {**QUOTA_POLICY["quotas"], "tokens_per_day": 4000}}
@@ -161,7 +170,8 @@ def test_sigkilled_gateway_leaks_reservations_that_a_survivor_reclaims(tmp_path:
             fake.push(*[Behaviour.stall(10)] * 5)
             answers = _fire_and_forget(victim.url, key, 5)
             _wait_in_flight(lambda: fake.requests, 5)
-            assert held_reservations(db) == 5
+            # a request is forwarded while its decision's commit runs (aadmit_early): wait for the commits
+            _wait_committed(db, 5)
             victim.proc.send_signal(signal.SIGKILL)
             victim.proc.wait(10)
             # until the TTL passes the reservations count against the quota; then the survivor refunds them
@@ -188,8 +198,8 @@ def test_sigkilled_gateway_leaks_reservations_that_a_survivor_reclaims(tmp_path:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_restarted_gateway_reclaims_after_sole_gateway_was_killed(tmp_path: Path) -> None:
-    db = tmp_path / "solo.db"
+def test_restarted_gateway_reclaims_after_sole_gateway_was_killed(tmp_path: Path, replica_db: str) -> None:
+    db = replica_db
     key = make_key(db)
     with fake_upstream() as fake:
         cfg = write_config(tmp_path, db, fake.base_url, reservation_ttl_s=6.0)
@@ -197,6 +207,7 @@ def test_restarted_gateway_reclaims_after_sole_gateway_was_killed(tmp_path: Path
         fake.push(*[Behaviour.stall(10)] * 3)
         _fire_and_forget(gw.url, key, 3)
         _wait_in_flight(lambda: fake.requests, 3)
+        _wait_committed(db, 3)
         gw.proc.send_signal(signal.SIGKILL)
         gw.proc.wait(10)
         assert held_reservations(db) == 3
@@ -213,8 +224,8 @@ def test_restarted_gateway_reclaims_after_sole_gateway_was_killed(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_sigkill_under_load_loses_no_acknowledged_decision(tmp_path: Path) -> None:
-    db = tmp_path / "crash.db"
+def test_sigkill_under_load_loses_no_acknowledged_decision(tmp_path: Path, replica_db: str) -> None:
+    db = replica_db
     key = make_key(db)
     big = {**QUOTA_POLICY, "quotas": {"tokens_per_day": 10_000_000, "records_per_run": 1_000_000,
                                       "default_max_tokens": 8}}

@@ -13,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from distillgate.db import connect, is_postgres
 from distillgate.errors import NotFoundError, UserError
 from distillgate.web.accounts import (
     FAILURE_WINDOW_S,
@@ -30,8 +31,9 @@ CHEAP = ScryptParams(n=2**10, r=8, p=1)  # a valid, cheaper cost: stored hashes 
 
 
 @pytest.fixture()
-def store(tmp_path: Path) -> Iterator[AccountStore]:
-    accounts = AccountStore(tmp_path / "db.sqlite")
+def store(store_db: str) -> Iterator[AccountStore]:
+    """Accounts on each backend (conftest.py ``store_db``: a SQLite file, a PostgreSQL database)."""
+    accounts = AccountStore(store_db)
     yield accounts
     accounts.close()
 
@@ -53,7 +55,8 @@ def test_hash_format_names_its_parameters_and_uses_a_fresh_salt() -> None:
         verify_password(PASSWORD, "scrypt$n=1024$abc")
 
 
-def test_add_enforces_the_password_rules_and_never_stores_the_password(store: AccountStore, tmp_path: Path) -> None:
+def test_add_enforces_the_password_rules_and_never_stores_the_password(store: AccountStore, tmp_path: Path,
+                                                                      store_db: str) -> None:
     with pytest.raises(UserError, match=f"5 characters long; reviewer passwords need at least {MIN_PASSWORD_CHARS}"):
         store.add("alice", "short")
     with pytest.raises(UserError, match="may not be the user name"):
@@ -66,7 +69,12 @@ def test_add_enforces_the_password_rules_and_never_stores_the_password(store: Ac
         store.add("alice", "another long password")
     store.add("bob", "bob's own long password")
     assert [a.user for a in store.list()] == ["alice", "bob"]
-    raw = b"".join(p.read_bytes() for p in tmp_path.glob("db.sqlite*"))
+    if is_postgres(store_db):  # what a database dump would show
+        conn = connect(store_db)
+        raw = repr(conn.execute("SELECT * FROM review_accounts").fetchall()).encode()
+        conn.close()
+    else:
+        raw = b"".join(p.read_bytes() for p in tmp_path.glob("store.db*"))
     assert PASSWORD.encode() not in raw and b"scrypt$n=32768,r=8,p=1$" in raw
 
 
@@ -135,7 +143,7 @@ def test_five_failures_lock_the_name_for_a_minute(store: AccountStore) -> None:
     assert store.check("bob", "bob's own long password", now=201.0).status == "ok"
 
 
-def test_old_failures_do_not_count_and_are_forgotten(store: AccountStore, tmp_path: Path) -> None:
+def test_old_failures_do_not_count_and_are_forgotten(store: AccountStore, store_db: str) -> None:
     store.add("alice", PASSWORD)
     for i in range(MAX_FAILURES - 1):
         store.check("alice", f"wrong password {i}", now=float(i))
@@ -144,10 +152,9 @@ def test_old_failures_do_not_count_and_are_forgotten(store: AccountStore, tmp_pa
     for i in range(3):
         store.check(f"stranger-{i}", "guess", now=0.0)
     store.check("bob", "guess", now=FAILURE_WINDOW_S + 10)  # any failure sweeps out stale counts
-    import sqlite3
-
-    with sqlite3.connect(tmp_path / "db.sqlite") as conn:
-        names = sorted(n for (n,) in conn.execute("SELECT user FROM review_signin_failures"))
+    conn = connect(store_db)
+    names = sorted(n for (n,) in conn.execute('SELECT "user" FROM review_signin_failures').fetchall())
+    conn.close()
     assert names == ["alice", "bob"]
 
 

@@ -14,6 +14,7 @@ Every error a user can meet says what went wrong *and how to fix it*. The CLI ma
     ├── PolicyDenied                      exit 2: the policy said no (carries the reason codes)
     ├── IntegrityError                    exit 2: a decision log, stamp or checkpoint failed verification
     ├── UpstreamError                     exit 3: a teacher upstream failed (timeouts, 5xx, resets)
+    ├── StoreUnavailable                  exit 3: the database (PostgreSQL) cannot be reached now; retry later
     └── InternalError                     exit 3: a bug; please report it with DISTILLGATE_DEBUG=1 output
 """
 
@@ -112,6 +113,12 @@ class UpstreamError(DistillgateError):
     def __init__(self, message: str, *, status: int | None = None, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.status = status
+
+
+class StoreUnavailable(DistillgateError):
+    """The store's database cannot be reached now (PostgreSQL down or restarting); a retry later can succeed."""
+
+    exit_code = 3
 
 
 class InternalError(DistillgateError):

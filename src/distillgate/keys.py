@@ -1,4 +1,4 @@
-"""API keys per user, stored hashed in the same SQLite file as the ledger (table ``gateway_api_keys``).
+"""API keys per user, stored hashed in the same database as the ledger (table ``gateway_api_keys``).
 
 A key looks like ``dgk_<key_id>_<secret>``; only ``sha256(key)`` is stored, so a leaked database does not leak keys.
 Keys are 256-bit random, so a fast hash is enough (no password stretching needed). ``key_id`` is public: it names
@@ -7,29 +7,19 @@ the key in ``distillgate keys list/revoke`` and in the decision log.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
-import sqlite3
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, Self
 
+from distillgate.db import Conn, connect, is_postgres
 from distillgate.errors import NotFoundError, UserError
 
 AuthStatus = Literal["ok", "missing", "invalid", "revoked"]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS gateway_api_keys (
-    key_id      TEXT PRIMARY KEY,
-    key_hash    TEXT NOT NULL UNIQUE,
-    user        TEXT NOT NULL,
-    label       TEXT,
-    created_at  TEXT NOT NULL,
-    revoked_at  TEXT
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -66,20 +56,30 @@ def now_iso() -> str:
 
 
 class SideTable:
-    """A table kept in the ledger's SQLite file beside the log (API keys, reviewer accounts): one autocommit
-    connection behind a lock, so the store is thread-safe. Subclasses set ``SCHEMA``."""
-
-    SCHEMA = ""
+    """A table kept in the ledger's database beside the log (API keys, reviewer accounts): one autocommit
+    connection behind a lock, so the store is thread-safe. The tables come from the one migration list
+    (ledger/schema.py)."""
 
     def __init__(self, db_path: str | Path) -> None:
+        from distillgate.ledger.schema import migrate
+
         self.path = Path(db_path)
-        if self.path.parent and not self.path.parent.exists():
+        if not is_postgres(str(db_path)) and self.path.parent and not self.path.parent.exists():
             raise NotFoundError(f"directory {self.path.parent} does not exist",
                                 hint="create it or pass --db with an existing directory")
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(self.SCHEMA)
+        self._db = str(db_path) if is_postgres(str(db_path)) else self.path
+        self._conn = connect(self._db, timeout_s=30)
+        migrate(self._conn)
+
+    def _live(self) -> Conn:
+        """The connection (call under the lock). One the server dropped (PostgreSQL restarted) is replaced; the
+        request that found it dropped got ``StoreUnavailable`` from ``Conn`` (the gateway answers 503)."""
+        if self._conn.broken:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = connect(self._db, timeout_s=30)
+        return self._conn
 
     def close(self) -> None:
         with self._lock:
@@ -95,8 +95,6 @@ class SideTable:
 class KeyStore(SideTable):
     """Create, list, revoke and check API keys. Thread-safe (one connection behind a lock)."""
 
-    SCHEMA = _SCHEMA
-
     def create(self, user: str, *, label: str | None = None) -> tuple[ApiKey, str]:
         """Make a new key for ``user``; returns the stored record and the secret (shown once, never stored)."""
         if not user or not user.strip() or user != user.strip():
@@ -105,28 +103,31 @@ class KeyStore(SideTable):
         secret = f"dgk_{key_id}_{secrets.token_urlsafe(32)}"
         record = ApiKey(key_id=key_id, user=user, created_at=now_iso(), label=label)
         with self._lock:
-            self._conn.execute(
-                "INSERT INTO gateway_api_keys (key_id, key_hash, user, label, created_at) VALUES (?, ?, ?, ?, ?)",
+            conn = self._live()
+            conn.execute(
+                'INSERT INTO gateway_api_keys (key_id, key_hash, "user", label, created_at) VALUES (?, ?, ?, ?, ?)',
                 (key_id, hash_key(secret), user, label, record.created_at))
         return record, secret
 
     def list(self, *, user: str | None = None) -> list[ApiKey]:
-        sql = "SELECT key_id, user, created_at, revoked_at, label FROM gateway_api_keys"
+        sql = 'SELECT key_id, "user", created_at, revoked_at, label FROM gateway_api_keys'
         args: tuple[str, ...] = ()
         if user is not None:
-            sql += " WHERE user = ?"
+            sql += ' WHERE "user" = ?'
             args = (user,)
         with self._lock:
-            rows = self._conn.execute(sql + " ORDER BY created_at, key_id", args).fetchall()
+            conn = self._live()
+            rows = conn.execute(sql + " ORDER BY created_at, key_id", args).fetchall()
         return [ApiKey(*row) for row in rows]
 
     def revoke(self, key_id: str) -> ApiKey:
         with self._lock:
-            cur = self._conn.execute(
+            conn = self._live()
+            cur = conn.execute(
                 "UPDATE gateway_api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
                 (now_iso(), key_id))
-            row = self._conn.execute(
-                "SELECT key_id, user, created_at, revoked_at, label FROM gateway_api_keys WHERE key_id = ?",
+            row = conn.execute(
+                'SELECT key_id, "user", created_at, revoked_at, label FROM gateway_api_keys WHERE key_id = ?',
                 (key_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"no API key with id {key_id!r}", hint="see `distillgate keys list --db PATH`")
@@ -139,8 +140,9 @@ class KeyStore(SideTable):
         if not presented:
             return KeyCheck("missing")
         with self._lock:
-            row = self._conn.execute(
-                "SELECT user, key_id, revoked_at FROM gateway_api_keys WHERE key_hash = ?",
+            conn = self._live()
+            row = conn.execute(
+                'SELECT "user", key_id, revoked_at FROM gateway_api_keys WHERE key_hash = ?',
                 (hash_key(presented),)).fetchone()
         if row is None:
             return KeyCheck("invalid")

@@ -61,7 +61,7 @@ class Target:
 
 @contextlib.contextmanager
 def serve_target(tmp: Path, *, policy: dict[str, Any] | None = None, tokenizer: str = "words",
-                 **config: Any) -> Iterator[Target]:
+                 http: Any = "httptools", **config: Any) -> Iterator[Target]:
     policy_dir = write_policies(tmp / "policies", policy or POLICY)
     db = tmp / "gw.db"
     keys = KeyStore(db)
@@ -76,7 +76,7 @@ def serve_target(tmp: Path, *, policy: dict[str, Any] | None = None, tokenizer: 
         gateway = build_gateway(config_from_data(data))
         port = free_port()
         try:
-            with serve_in_thread(gateway, port):
+            with serve_in_thread(gateway, port, http=http):
                 yield Target(f"http://127.0.0.1:{port}", gateway, fake, db, key)
         finally:
             gateway.store.close()

@@ -36,7 +36,9 @@ def test_a_log_from_before_run_owners_is_backfilled_on_open(tmp_path: Path) -> N
         ask(store, policies, "loose", "y")
     conn = sqlite3.connect(db)
     with conn:
-        conn.execute("DROP TABLE runs")  # what a store written by an older distillgate looks like
+        # what a store written by an older distillgate looks like: no runs table, no recorded migrations
+        conn.execute("DROP TABLE runs")
+        conn.execute("DROP TABLE distillgate_migrations")
     conn.close()
     with Store.open(db) as store:
         assert store.run_owner("x") == "strict" and store.run_owner("y") == "loose"

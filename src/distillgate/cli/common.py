@@ -19,12 +19,12 @@ def default_db() -> str:
 
 
 def db_option(func: F) -> F:
-    """The ``--db PATH`` option every store-touching command takes."""
+    """The ``--db PATH|URL`` option every store-touching command takes (docs/deploy.md for PostgreSQL)."""
     return click.option(
         "--db",
         "db",
         default=default_db,
         show_default="$DISTILLGATE_DB or ./distillgate.db",
         type=click.Path(dir_okay=False),
-        help="SQLite store holding quotas and the decision log.",
+        help="Store holding quotas and the decision log: a SQLite file or a postgresql://user@host:port/db URL.",
     )(func)

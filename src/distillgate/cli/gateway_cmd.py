@@ -63,8 +63,8 @@ def cli() -> None:
               help="Environment variable holding the upstream's API key (repeatable).")
 @click.option("--model", "models", multiple=True, metavar="PATTERN=UPSTREAM",
               help="Route model names matching PATTERN (glob) to UPSTREAM (repeatable).")
-@click.option("--db", default=None, help="SQLite store (quotas, decision log, API keys). [default: $DISTILLGATE_DB "
-              "or ./distillgate.db]")
+@click.option("--db", default=None, help="Store (quotas, decision log, API keys): a SQLite file or a postgresql:// URL. "
+              "[default: $DISTILLGATE_DB or ./distillgate.db]")
 @click.option("--host", default=None, help="Address to bind. [default: 127.0.0.1]")
 @click.option("--port", type=int, default=None, help="Port to bind. [default: 8080]")
 @click.option("--check", is_flag=True, help="Validate the configuration, print it, and exit.")

@@ -30,11 +30,12 @@ from distillgate.cli.common import db_option
 def serve(dataset: str, db: str, policy: str, project: str, run: str | None, requester: str | None, host: str,
           port: int, session_ttl: float, lease_ttl: float) -> None:
     """Serve the review page: sign in with a reviewer account or an API key, work the queues, every verdict logged."""
+    from distillgate.db import is_postgres
     from distillgate.policy.model import load_policies
     from distillgate.web import ReviewSite
     from distillgate.web import serve as run_site
 
-    site = ReviewSite(dataset=Path(dataset), db=Path(db), policies=load_policies(policy), project=project,
+    site = ReviewSite(dataset=Path(dataset), db=db if is_postgres(db) else Path(db), policies=load_policies(policy), project=project,
                       run=run, requester=requester, session_ttl_s=session_ttl, lease_ttl_s=lease_ttl)
     click.echo(f"distillgate review on http://{host}:{port}/ (dataset {dataset}, project {project}, "
                f"run {site.run_id}, db {db})", err=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from distillgate.cli.common import db_option
+from distillgate.db import is_postgres
 
 
 @click.command("scan")
@@ -22,8 +23,8 @@ def scan(db: str, policy_path: str | None, as_json: bool) -> None:
     from distillgate.extraction.scan import scan_store
     from distillgate.policy.model import load_policies
 
-    if not Path(db).exists():
-        raise NotFoundError(f"no store at {db}", hint="pass --db PATH of the gateway's SQLite store")
+    if not is_postgres(db) and not Path(db).exists():
+        raise NotFoundError(f"no store at {db}", hint="pass --db PATH (or postgresql:// URL) of the gateway's store")
     policies = load_policies(policy_path) if policy_path else None
     report = scan_store(db, policies)
     if as_json:

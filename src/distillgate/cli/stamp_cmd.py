@@ -14,6 +14,7 @@ from typing import Any
 import click
 import orjson
 
+from distillgate.db import is_postgres
 from distillgate.errors import IntegrityError, UserError
 from distillgate.gateway.answer import answer_digest, assemble_sse, legacy_digest_v1
 from distillgate.gateway.stamps import Stamp
@@ -70,7 +71,7 @@ def verify(source: str, public_key: str | None, db: str | None) -> None:
     stamp, response = _load(source)
     store = None
     if db is not None:
-        if not Path(db).exists():
+        if not is_postgres(db) and not Path(db).exists():
             raise UserError(f"no store at {db}", hint="pass the --db the gateway used")
         from distillgate.ledger.store import Store
 

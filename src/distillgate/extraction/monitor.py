@@ -266,12 +266,14 @@ class ExtractionMonitor:
 
     def _state(self, scope: str, ident: str, rules: ExtractionRules) -> ScopeState:
         key = (scope, ident)
-        st = self._scopes.pop(key, None)
-        if st is None:
-            st = ScopeState({name: row[1] for name, row in _effective(rules).items()})
-        self._scopes[key] = st
-        while len(self._scopes) > self.max_scopes:
-            self._scopes.popitem(last=False)
+        scopes = self._scopes
+        st = scopes.get(key)
+        if st is not None:  # least recently seen first: this one moves to the end
+            scopes.move_to_end(key)
+            return st
+        st = scopes[key] = ScopeState({name: row[1] for name, row in _effective(rules).items()})
+        while len(scopes) > self.max_scopes:
+            scopes.popitem(last=False)
         return st
 
     def _values(self, rules: ExtractionRules, scope: str, ident: str, st: ScopeState, s: Sketch, ev: Events,

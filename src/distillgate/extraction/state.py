@@ -82,11 +82,13 @@ class Ring:
         """Whether a row is a near-twin of ``s``: at most TWIN_MAX_WORDS words apart, yet not the same prompt. The
         MinHash estimate only picks candidates; the decision is the exact word difference when both rows keep their
         word sets (a long shared template made the estimate call 63% of distinct banking77 messages twins)."""
+        other = self.fp[: self.size] != fp
+        if not other.any():  # every row is this very prompt (a resampling run): no twin, nothing to estimate
+            return False
         j = self.jaccard(s.minhash8)
         a, b = self.vocab[: self.size], float(s.vocab_size)
         inter = j * (a + b) / (1.0 + j)
         delta = a + b - 2.0 * inter
-        other = self.fp[: self.size] != fp
         if s.word_set is None:
             return bool(np.any((delta <= TWIN_MAX_WORDS) & other))
         for i in np.flatnonzero((delta <= TWIN_MAX_WORDS + TWIN_CANDIDATE_SLACK) & other):
@@ -110,13 +112,16 @@ class Flags:
 
     def __init__(self, size: int) -> None:
         self.items: deque[bool] = deque(maxlen=size)
+        self.size = size
         self.true = 0
 
     def append(self, flag: bool) -> None:
-        if len(self.items) == self.items.maxlen and self.items[0]:
+        items = self.items
+        if len(items) == self.size and items[0]:
             self.true -= 1
-        self.items.append(flag)
-        self.true += flag
+        items.append(flag)
+        if flag:
+            self.true += 1
 
     def __len__(self) -> int:
         return len(self.items)
@@ -197,13 +202,18 @@ class ScopeState:
         self.harvest.append(ev.harvest)
         _push_counted(self.fps, self.fp_counts, s.prompt_fp)
         self.cot.append(ev.cot_unrelated)
-        self.suspicious.append(ev.suspicious)
+        suspicious = ev.suspicious
+        self.suspicious.append(suspicious)
         key = s.key_id or ""
-        flags = self.key_events.pop(key, None) or Flags(KEY_RECENT)
-        flags.append(ev.suspicious)
-        self.key_events[key] = flags
-        while len(self.key_events) > 1000:
-            self.key_events.popitem(last=False)
+        key_events = self.key_events
+        flags = key_events.get(key)
+        if flags is None:
+            flags = key_events[key] = Flags(KEY_RECENT)
+            while len(key_events) > 1000:
+                key_events.popitem(last=False)
+        else:
+            key_events.move_to_end(key)
+        flags.append(suspicious)
 
     def add_piece(self, key: int, outside: bool) -> None:
         """One embedded piece for ``distribution_shift``. A piece already in the window is not a new trial: the

@@ -94,6 +94,8 @@ class TemplateSet:
         return bool(self._templates)
 
     def split(self, prompt: str) -> Split:
+        if not self._templates:  # most projects declare none: the whole prompt is the variable part
+            return _bounded([prompt], None, None)
         for t in self._templates:
             fills = t.fast(prompt)
             if fills is not None:

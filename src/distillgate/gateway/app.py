@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from distillgate.canonical import sha256_hex
-from distillgate.errors import DistillgateError, UpstreamError, UserError
+from distillgate.errors import DistillgateError, StoreUnavailable, UpstreamError, UserError
 from distillgate.extraction import ExtractionMonitor, RequestFeatures
 from distillgate.extraction.local import LocalMonitor
 from distillgate.extraction.process import MonitorUnavailable
@@ -175,7 +175,7 @@ class Gateway:
         except ClientGone:
             out.status = 499
         except DistillgateError as exc:  # a user error surfacing from a component: report, never a bare 500
-            status = 400 if exc.exit_code == 1 else 500
+            status = 503 if isinstance(exc, StoreUnavailable) else 400 if exc.exit_code == 1 else 500
             await self._answer_error(out, status, error_body(status, str(exc), code="gateway_error"))
         except Exception:  # a bug: logged with its traceback, answered OpenAI-shaped, then re-raised
             _log.exception("internal error on %s %s", scope["method"], path)
@@ -365,8 +365,11 @@ class Gateway:
             adm, durable = await self.store.aadmit_early(
                 policy, request, request_hash=ex.request_hash, key_id=ex.check.key_id,
                 content={"request": inb.body} if policy.audit.log_content else None, extra=ex.extra)
-        except DistillgateError:
-            raise
+        except DistillgateError as exc:
+            if not isinstance(exc, StoreUnavailable):
+                raise
+            raise ApiError(503, f"the decision log's database is unavailable ({exc.message}); nothing was "
+                           "forwarded: retry later", code="decision_log_unavailable") from exc
         except Exception as exc:  # the decision log's transaction failed (disk full, I/O error): decide nothing
             raise ApiError(503, f"the decision could not be written to the decision log ({exc}); nothing was "
                            "forwarded: retry later", code="decision_log_unavailable") from exc

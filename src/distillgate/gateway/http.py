@@ -65,19 +65,27 @@ class Responder:
 
 
 def header_map(scope: Scope, max_bytes: int) -> dict[str, str]:
-    """The request headers (lower-case names); 431 past ``max_bytes`` in all, 400 for a duplicated identity header."""
-    out: dict[str, str] = {}
-    size = 0
-    for k, v in scope["headers"]:
-        size += len(k) + len(v) + 4
-        if size > max_bytes:
-            raise ApiError(431, f"the request headers are larger than {max_bytes} bytes; send fewer or shorter "
-                           "headers", code="request_header_fields_too_large")
-        name = k.decode("latin-1")
-        if k in SINGLE_HEADERS and name in out:
-            raise ApiError(400, f"the header {name!r} appears more than once; send it once (a duplicated identity "
-                           "header could override what a proxy set)", code="duplicate_header", param=name)
-        out[name] = v.decode("latin-1")
+    """The request headers (lower-case names); 431 past ``max_bytes`` in all, 400 for a duplicated identity header.
+
+    One pass builds the map; only a request with a repeated name (fewer names than headers) is looked at again, to
+    tell a repeated identity header (refused) from any other repeated header (the last copy wins)."""
+    raw = scope["headers"]
+    size = 4 * len(raw)
+    for k, v in raw:
+        size += len(k) + len(v)
+    if size > max_bytes:
+        raise ApiError(431, f"the request headers are larger than {max_bytes} bytes; send fewer or shorter headers",
+                       code="request_header_fields_too_large")
+    out = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}
+    if len(out) < len(raw):
+        seen: set[bytes] = set()
+        for k, _ in raw:
+            if k in SINGLE_HEADERS and k in seen:
+                name = k.decode("latin-1")
+                raise ApiError(400, f"the header {name!r} appears more than once; send it once (a duplicated "
+                               "identity header could override what a proxy set)", code="duplicate_header",
+                               param=name)
+            seen.add(k)
     return out
 
 

@@ -32,6 +32,7 @@ def local_gateway(config_data: dict[str, Any], user: str,
 
     from distillgate.data.generate import GatewayTarget
     from distillgate.gateway.config import config_from_data
+    from distillgate.gateway.protocol import gateway_protocol
     from distillgate.gateway.server import build_gateway
     from distillgate.keys import KeyStore
 
@@ -40,8 +41,9 @@ def local_gateway(config_data: dict[str, Any], user: str,
     gateway = build_gateway(config, local_loader=local_loader)
     keys = KeyStore(config.db)
     record, secret = keys.create(user, label="distillgate dataset generate (in-process gateway)")
-    server = uvicorn.Server(uvicorn.Config(gateway, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                                           lifespan="on", access_log=False, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(gateway, host="127.0.0.1", port=port, loop="uvloop",
+                                           http=gateway_protocol(config.max_header_bytes), lifespan="on",
+                                           access_log=False, log_level="warning"))
     thread = threading.Thread(target=server.run, name="distillgate-gateway", daemon=True)
     thread.start()
     try:

@@ -16,6 +16,7 @@ what an honest upstream can report; what an upstream reports above it is recorde
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ MAX_TOKENS_CAP = 10_000_000
 TEMPLATE_TOKENS = 16
 #: nesting levels the decision log adds around a body it records (entry → content → request → body), and spare
 _LOG_NESTING = 8
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(slots=True)
@@ -157,7 +159,7 @@ def parse_request(route: str, raw: bytes, headers: Mapping[str, str]) -> Inbound
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise _bad("'model' is required and must be a non-empty string", "model")
-    if model != model.strip() or any(ord(ch) < 32 or ord(ch) == 127 for ch in model):
+    if model != model.strip() or _CONTROL.search(model) is not None:
         raise _bad(f"'model' must be a model name without surrounding spaces or control characters, got {model!r}",
                    "model", code="invalid_model")
     if route == "chat":

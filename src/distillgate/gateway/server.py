@@ -8,7 +8,6 @@ the HTTP layer).
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 __all__ = ["build_gateway", "build_monitor", "serve"]  # build_monitor: now distillgate.extraction.settings
 
@@ -42,7 +41,7 @@ def build_gateway(config: GatewayConfig, *, local_loader: Callable[[str], Teache
     router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models,
                     local_models=config.local_models, local_loader=local_loader, students=config.students)
     cascade = build_cascade(config, router)  # before the store opens: a bad threshold file leaks nothing
-    store = Store.open(Path(config.db), reservation_ttl_s=config.reservation_ttl_s,
+    store = Store.open(config.db, reservation_ttl_s=config.reservation_ttl_s,
                        checkpoint_every=policies.checkpoint_every(), witness=config.witness)
     keys = KeyStore(config.db)
     return Gateway(policies=policies, store=store, keys=keys, router=router, screens=screens,
@@ -64,9 +63,12 @@ def build_cascade(config: GatewayConfig, router: Router) -> Callable[[Metrics], 
 def serve(config: GatewayConfig) -> None:
     import uvicorn
 
+    from distillgate.gateway.protocol import gateway_protocol  # imports uvicorn
+
     gateway = build_gateway(config)
-    try:
-        uvicorn.run(gateway, host=config.host, port=config.port, loop="uvloop", http="httptools",
+    try:  # httptools, with the head bounded as it arrives and JSON for malformed HTTP (gateway/protocol.py)
+        uvicorn.run(gateway, host=config.host, port=config.port, loop="uvloop",
+                    http=gateway_protocol(config.max_header_bytes),
                     lifespan="on", access_log=config.access_log, log_level="info",
                     timeout_keep_alive=30, backlog=2048, limit_concurrency=config.max_connections,
                     proxy_headers=False)  # the gateway reads no client address: skip X-Forwarded-* parsing

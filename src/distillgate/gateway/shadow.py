@@ -1,7 +1,7 @@
 """Shadow agreement of a route: per slice, the last ``window`` student-vs-teacher comparisons, kept in the store.
 
 A shadowed request (a sample of the traffic a route sent to the student) is also answered by the teacher; whether
-the two answers agree is one row of ``route_shadow`` (in the gateway's SQLite file, beside the decision log and the
+the two answers agree is one row of ``route_shadow`` (in the gateway's store, beside the decision log and the
 API keys). Only the last ``window`` rows of each (route, slice) are kept, so the table stays small and the window
 survives a restart.
 
@@ -13,23 +13,13 @@ agreement is below ``lo0`` -- below the evaluated level by more than the evaluat
 from __future__ import annotations
 
 import math
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS route_shadow (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    route TEXT NOT NULL,
-    slice TEXT NOT NULL,
-    at REAL NOT NULL,
-    agree INTEGER NOT NULL,
-    request_hash TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS route_shadow_window ON route_shadow(route, slice, id);
-"""
+from distillgate.db import connect
+from distillgate.ledger.schema import migrate
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -58,19 +48,15 @@ class ShadowLog:
     """The ``route_shadow`` table of one store file (thread-safe; one connection)."""
 
     def __init__(self, db: str | Path) -> None:
-        self._conn = sqlite3.connect(str(db), isolation_level=None, check_same_thread=False, timeout=60.0)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA busy_timeout=60000")
+        self._conn = connect(db)
+        migrate(self._conn)  # the table is m007 of ledger/schema.py
+        self._begin = "BEGIN IMMEDIATE" if self._conn.dialect.name == "sqlite" else "BEGIN"
         self._lock = threading.Lock()
-        with self._lock:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self._conn.execute(statement)
 
     def record(self, route: str, slice_key: str, agree: bool, request_hash: str, window: int) -> Window:
         """Add one comparison, drop what fell out of the window, return the window."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute(self._begin)
             try:
                 self._conn.execute("INSERT INTO route_shadow (route, slice, at, agree, request_hash) "
                                    "VALUES (?, ?, ?, ?, ?)", (route, slice_key, time.time(), int(agree), request_hash))
@@ -80,7 +66,7 @@ class ShadowLog:
                     (route, slice_key, route, slice_key, window))
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._conn.rollback_quietly()
                 raise
         return self.window(route, slice_key, window)
 
@@ -88,13 +74,13 @@ class ShadowLog:
         with self._lock:
             row = self._conn.execute(
                 "SELECT COALESCE(SUM(agree), 0), COUNT(*) FROM (SELECT agree FROM route_shadow WHERE route = ? AND "
-                "slice = ? ORDER BY id DESC LIMIT ?)", (route, slice_key, window)).fetchone()
+                "slice = ? ORDER BY id DESC LIMIT ?) AS w", (route, slice_key, window)).fetchone()
         return Window(int(row[0]), int(row[1]))
 
     def slices(self, route: str) -> list[str]:
         with self._lock:
             return [r[0] for r in self._conn.execute(
-                "SELECT DISTINCT slice FROM route_shadow WHERE route = ? ORDER BY slice", (route,))]
+                "SELECT DISTINCT slice FROM route_shadow WHERE route = ? ORDER BY slice", (route,)).fetchall()]
 
     def close(self) -> None:
         with self._lock:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ class Signer:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + f".{os.getpid()}.tmp")
+        tmp = p.with_name(p.name + f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # threads race too
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(pem)

@@ -15,7 +15,6 @@ root of size N (a fork), fails.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +23,15 @@ from typing import Any
 import orjson
 
 from distillgate.canonical import sha256_hex
+from distillgate.db import Conn, connect, describe, is_postgres
 from distillgate.errors import NotFoundError
 from distillgate.ledger.entries import COLUMNS, columns
 from distillgate.ledger.merkle import Frontier
+from distillgate.ledger.records import GENESIS_HASH, Checkpoint
 from distillgate.ledger.signing import verify_json
-from distillgate.ledger.store import GENESIS_HASH, Checkpoint
 from distillgate.ledger.witness import Witnessed
+
+_QUOTED = ", ".join(f'"{c}"' for c in COLUMNS)  # "user" is reserved in PostgreSQL
 
 
 @dataclass
@@ -113,20 +115,20 @@ def verify_db(path: str | Path, public_key_pem: str | None = None,
     """Verify the log in a store file. Without ``public_key_pem`` the key stored in the database is used, which
     proves internal consistency only; pass the operator's public key to rule out a re-signed forgery, and
     ``witnesses`` (ledger/witness.py) to rule out a rollback."""
-    p = Path(path)
-    if not p.exists():
-        raise NotFoundError(f"no store at {p}", hint="pass --db PATH of an existing distillgate store")
-    conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+    conn = _open_read_only(path)
+    label = describe(path)
+    # one snapshot for the head, the checkpoints and every page of the log, while writers go on appending
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if is_postgres(path) else "BEGIN")
     try:
         if public_key_pem is None:
             row = conn.execute("SELECT value FROM meta WHERE key='public_key'").fetchone()
             if row is None:
-                raise NotFoundError(f"{p} has no public key; is it a distillgate store?")
-            public_key_pem = row[0].decode() if isinstance(row[0], bytes) else str(row[0])
+                raise NotFoundError(f"{label} has no public key; is it a distillgate store?")
+            public_key_pem = _bytes(row[0]).decode()
         cps = [Checkpoint(int(a), str(b), str(c), str(d), str(e)) for a, b, c, d, e in conn.execute(
-            "SELECT tree_size, root_hash, ts, key_id, signature FROM checkpoints ORDER BY tree_size")]
+            "SELECT tree_size, root_hash, ts, key_id, signature FROM checkpoints ORDER BY tree_size").fetchall()]
         head_row = conn.execute("SELECT value FROM meta WHERE key='head'").fetchone()
-        head = Checkpoint(**orjson.loads(head_row[0])) if head_row else None
+        head = Checkpoint(**orjson.loads(bytes(head_row[0]))) if head_row else None
         wanted = {cp.tree_size for cp in cps} | ({head.tree_size} if head else set()) \
             | {w.tree_size for w in witnesses}
         report = VerifyReport(head=head.as_dict() if head else None)
@@ -134,8 +136,9 @@ def verify_db(path: str | Path, public_key_pem: str | None = None,
         frontier = Frontier()
         prev = GENESIS_HASH
         expected = 0
-        for idx, entry_hash, body, *cols in conn.execute(
-                f"SELECT idx, entry_hash, body, {', '.join(COLUMNS)} FROM log ORDER BY idx"):
+        for idx, entry_hash, raw, *cols in _rows(conn, f"SELECT idx, entry_hash, body, {_QUOTED} FROM log "
+                                                        "WHERE idx >= ? ORDER BY idx LIMIT ?"):
+            body = _bytes(raw)
             report.entries += 1
             if idx != expected:
                 report.fail(expected, f"index {expected} missing: found {idx} next (entry deleted or inserted)")
@@ -179,3 +182,33 @@ def verify_db(path: str | Path, public_key_pem: str | None = None,
         return report
     finally:
         conn.close()
+
+
+def _bytes(value: Any) -> bytes:
+    if isinstance(value, str):  # a body edited in as text
+        return value.encode()
+    return bytes(value)
+
+
+def _open_read_only(db: str | Path) -> Conn:
+    if is_postgres(db):
+        return connect(db)
+    import sqlite3
+
+    from distillgate.db import SQLITE
+
+    p = Path(db)
+    if not p.exists():
+        raise NotFoundError(f"no store at {p}", hint="pass --db PATH of an existing distillgate store")
+    return Conn(sqlite3.connect(f"file:{p}?mode=ro", uri=True), SQLITE)
+
+
+def _rows(conn: Conn, sql: str, page: int = 10_000) -> Any:
+    """The log in pages of ``page`` rows (``sql`` takes the first index and the page size): memory stays bounded."""
+    start = 0
+    while True:
+        rows = conn.execute(sql, (start, page)).fetchall()
+        yield from rows
+        if len(rows) < page:
+            return
+        start = int(rows[-1][0]) + 1

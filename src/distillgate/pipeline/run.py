@@ -42,6 +42,7 @@ from rich.progress import (
 from rich.table import Table
 
 from distillgate.canonical import sha256_file
+from distillgate.db import is_postgres
 from distillgate.errors import NotFoundError, PolicyDenied, UpstreamError, UserError
 from distillgate.pipeline.cache import StageCache, StageRecord, fingerprint
 from distillgate.pipeline.project import Project
@@ -83,7 +84,10 @@ class Pipeline:
         self.console = console or Console(stderr=True)
         self.workdir = project.path(base, project.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.store_path = project.path(base, project.store) if project.store else self.workdir / "distillgate.db"
+        #: the store: a SQLite file (relative to the project file) or a PostgreSQL URL, passed on as written
+        self.store_path: str | Path = (project.store if project.store and is_postgres(project.store) else
+                                       project.path(base, project.store) if project.store else
+                                       self.workdir / "distillgate.db")
         self.policy_path = project.path(base, project.policy)
         self.policies: PolicySet = load_policies(self.policy_path)
         self.labels: list[str] = json.loads(project.path(base, project.task.labels_file).read_text())

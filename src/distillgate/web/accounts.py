@@ -1,4 +1,4 @@
-"""Reviewer accounts with passwords, in the same SQLite file as the API keys and the decision log (``--db``).
+"""Reviewer accounts with passwords, in the same database as the API keys and the decision log (``--db``).
 
 Made with ``distillgate review user add``; the review site accepts them next to API keys. Only a scrypt hash of a
 password is stored (``hashlib.scrypt``, a fresh 16-byte random salt per password), with its cost parameters:
@@ -35,20 +35,6 @@ MAX_FAILURES = 5
 LOCKOUT_S = 60.0
 FAILURE_WINDOW_S = 15 * 60.0  # a failure this long after the previous one starts a new count
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS review_accounts (
-    user          TEXT PRIMARY KEY,
-    password_hash TEXT NOT NULL,
-    created_at    TEXT NOT NULL,
-    disabled_at   TEXT
-);
-CREATE TABLE IF NOT EXISTS review_signin_failures (
-    user         TEXT PRIMARY KEY,
-    failures     INTEGER NOT NULL,
-    last_at      REAL NOT NULL,
-    locked_until REAL
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -159,8 +145,6 @@ class PasswordCheck:
 class AccountStore(SideTable):
     """Add, list, disable and check reviewer accounts. Thread-safe (one connection behind a lock)."""
 
-    SCHEMA = _SCHEMA
-
     def add(self, user: str, password: str, *, params: ScryptParams = DEFAULT_PARAMS) -> Account:
         """Create the account ``user``; ``UserError`` when it exists or the password breaks the rules."""
         check_user_name(user)
@@ -169,9 +153,11 @@ class AccountStore(SideTable):
         record = Account(user=user, created_at=now_iso())
         with self._lock:
             try:
-                self._conn.execute("INSERT INTO review_accounts (user, password_hash, created_at) VALUES (?, ?, ?)",
+                self._live().execute('INSERT INTO review_accounts ("user", password_hash, created_at) VALUES (?, ?, ?)',
                                    (user, encoded, record.created_at))
-            except sqlite3.IntegrityError:
+            except Exception as exc:
+                if not _is_unique_violation(exc):
+                    raise
                 raise UserError(f"reviewer account {user!r} already exists",
                                 hint="see `distillgate review user list`; pick another name") from None
         return record
@@ -182,8 +168,8 @@ class AccountStore(SideTable):
         check_new_password(user, password)
         encoded = hash_password(password, params)
         with self._lock:
-            cur = self._conn.execute("UPDATE review_accounts SET password_hash = ? WHERE user = ?", (encoded, user))
-            self._conn.execute("DELETE FROM review_signin_failures WHERE user = ?", (user,))
+            cur = self._live().execute('UPDATE review_accounts SET password_hash = ? WHERE "user" = ?', (encoded, user))
+            self._live().execute('DELETE FROM review_signin_failures WHERE "user" = ?', (user,))
         if cur.rowcount == 0:
             raise no_account(user)
         account = self.get(user)
@@ -201,7 +187,7 @@ class AccountStore(SideTable):
         """Disable (``disabled_at``) or enable (None) ``user``; whether that changed it, and the account after."""
         was = "disabled_at IS NULL" if disabled_at is not None else "disabled_at IS NOT NULL"
         with self._lock:
-            cur = self._conn.execute(f"UPDATE review_accounts SET disabled_at = ? WHERE user = ? AND {was}",
+            cur = self._live().execute(f'UPDATE review_accounts SET disabled_at = ? WHERE "user" = ? AND {was}',
                                      (disabled_at, user))
         account = self.get(user)
         if account is None:
@@ -212,7 +198,7 @@ class AccountStore(SideTable):
         """What a password session remembers of the account: a digest of the current password hash (it changes with
         every new password, salt included). None for an unknown or disabled account."""
         with self._lock:
-            row = self._conn.execute("SELECT password_hash, disabled_at FROM review_accounts WHERE user = ?",
+            row = self._live().execute('SELECT password_hash, disabled_at FROM review_accounts WHERE "user" = ?',
                                      (user,)).fetchone()
         if row is None or row[1] is not None:
             return None
@@ -220,13 +206,13 @@ class AccountStore(SideTable):
 
     def list(self) -> list[Account]:
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT user, created_at, disabled_at FROM review_accounts ORDER BY created_at, user").fetchall()
+            rows = self._live().execute(
+                'SELECT "user", created_at, disabled_at FROM review_accounts ORDER BY created_at, "user"').fetchall()
         return [Account(*row) for row in rows]
 
     def get(self, user: str) -> Account | None:
         with self._lock:
-            row = self._conn.execute("SELECT user, created_at, disabled_at FROM review_accounts WHERE user = ?",
+            row = self._live().execute('SELECT "user", created_at, disabled_at FROM review_accounts WHERE "user" = ?',
                                      (user,)).fetchone()
         return Account(*row) if row else None
 
@@ -244,9 +230,9 @@ class AccountStore(SideTable):
     def check(self, user: str, password: str, *, now: float) -> PasswordCheck:
         """Check a sign-in attempt at time ``now`` (seconds), counting failures and enforcing the lockout."""
         with self._lock:
-            found = self._conn.execute("SELECT locked_until FROM review_signin_failures WHERE user = ?",
+            found = self._live().execute('SELECT locked_until FROM review_signin_failures WHERE "user" = ?',
                                        (user,)).fetchone()
-            account = self._conn.execute("SELECT password_hash, disabled_at FROM review_accounts WHERE user = ?",
+            account = self._live().execute('SELECT password_hash, disabled_at FROM review_accounts WHERE "user" = ?',
                                          (user,)).fetchone()
         if found is not None and found[0] is not None and float(found[0]) > now:
             return PasswordCheck("locked", user, MAX_FAILURES, float(found[0]) - now)
@@ -254,18 +240,25 @@ class AccountStore(SideTable):
         matches = verify_password("" if too_long else password, account[0] if account else _dummy_hash())
         if account is not None and matches and not too_long:
             with self._lock:
-                self._conn.execute("DELETE FROM review_signin_failures WHERE user = ?", (user,))
+                self._live().execute('DELETE FROM review_signin_failures WHERE "user" = ?', (user,))
             return PasswordCheck("disabled" if account[1] else "ok", user)
         with self._lock:
-            self._conn.execute("DELETE FROM review_signin_failures WHERE last_at < ? AND user != ? "
+            self._live().execute('DELETE FROM review_signin_failures WHERE last_at < ? AND "user" != ? '
                                "AND (locked_until IS NULL OR locked_until < ?)", (now - FAILURE_WINDOW_S, user, now))
-            failures = int(self._conn.execute(
-                "INSERT INTO review_signin_failures (user, failures, last_at, locked_until) VALUES (?, 1, ?, NULL) "
-                "ON CONFLICT(user) DO UPDATE SET failures = CASE WHEN last_at < ? THEN 1 ELSE failures + 1 END, "
-                "last_at = excluded.last_at RETURNING failures", (user, now, now - FAILURE_WINDOW_S)).fetchone()[0])
+            failures = int(self._live().execute(
+                'INSERT INTO review_signin_failures ("user", failures, last_at, locked_until) VALUES (?, 1, ?, NULL) '
+                'ON CONFLICT ("user") DO UPDATE SET failures = CASE WHEN review_signin_failures.last_at < ? THEN 1 '
+                "ELSE review_signin_failures.failures + 1 END, last_at = excluded.last_at RETURNING failures", (user, now, now - FAILURE_WINDOW_S)).fetchone()[0])
             locked_for = 0.0
             if failures >= MAX_FAILURES:
                 locked_for = LOCKOUT_S
-                self._conn.execute("UPDATE review_signin_failures SET failures = 0, locked_until = ? WHERE user = ?",
+                self._live().execute('UPDATE review_signin_failures SET failures = 0, locked_until = ? WHERE "user" = ?',
                                    (now + LOCKOUT_S, user))
         return PasswordCheck("wrong" if account is not None else "unknown", user, failures, locked_for)
+
+
+def _is_unique_violation(exc: BaseException) -> bool:
+    """A primary-key clash, from either database (sqlite3.IntegrityError, psycopg's UniqueViolation)."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        return True
+    return type(exc).__name__ == "UniqueViolation"

@@ -35,7 +35,7 @@ class ReviewSite:
     """Settings of one review site: one dataset working copy, reviewed for one project (and run)."""
 
     dataset: Path
-    db: Path
+    db: Path | str  # a SQLite file or a postgresql:// URL
     policies: PolicySet
     project: str
     run: str | None = None
