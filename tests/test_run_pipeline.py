@@ -106,7 +106,7 @@ def test_run_end_to_end_caches_and_is_governed(tmp_path: Path) -> None:
 
         again = run_cli("run", str(project), timeout=600)
         assert again.returncode == 0, again.stderr[-2000:]
-        assert again.stderr.count("unchanged, skipped") == 9
+        assert again.stderr.count("unchanged, skipped") == 9, again.stderr[-3000:]
         served = fake.served
 
         edited = run_cli("run", str(project), "train.max_steps=3", timeout=900)
