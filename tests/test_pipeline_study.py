@@ -72,3 +72,12 @@ def test_reused_teacher_answers_and_a_changed_teacher_are_said_on_the_front_page
     assert "40 of 40 gave the stored answer" in text and "Warning" not in text
     m["suites"]["project"]["teacher"]["reuse"]["live_matches"] = 37
     assert "Warning: 3 live answer(s) differ from the stored ones" in " ".join(front_page(m))
+
+
+def test_routing_everything_because_retention_clears_the_target_says_so() -> None:
+    m = metrics(teacher_accuracy=iv(0.91), student_accuracy=iv(0.88), accuracy_retention=iv(0.967, 0.94, 0.99),
+                student_traffic_share=1.0, routing_threshold=0.2)
+    m["suites"]["project"]["routing"] = {"target": 0.95}
+    text = " ".join(front_page(m))
+    assert "keeps 96.7 % of the teacher's accuracy over all items, above the 95.0 % target" in text
+    assert "check the teacher" not in text

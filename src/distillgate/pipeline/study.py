@@ -86,9 +86,16 @@ def front_page(metrics: dict[str, Any]) -> list[str]:
                 out.append(f"Routing sends no traffic to the student on {suite}: no confidence threshold keeps "
                            "the student's accuracy on what it answers at the target share of the teacher's.")
             elif share >= 1:
-                out.append(f"Routing sends all traffic to the student on {suite}: it meets the target on every "
-                           "item, or the teacher is no better than the student here -- check the teacher's "
-                           "accuracy before trusting this.")
+                target = _num((m.get("routing") or {}).get("target"))
+                if _num(r) is not None and target is not None and (_num(r) or 0) >= target:
+                    out.append(f"Routing sends all traffic to the student on {suite}: it keeps {_pct(r)} of the "
+                               f"teacher's accuracy over all items, above the {_pct(target)} target, so no item "
+                               "has to go to the teacher; a stricter eval.routing_target keeps the least confident "
+                               "items with the teacher.")
+                else:
+                    out.append(f"Routing sends all traffic to the student on {suite}: it meets the target on every "
+                               "item, or the teacher is no better than the student here -- check the teacher's "
+                               "accuracy before trusting this.")
             else:
                 out.append(f"Routing sends {_pct(share)} of {suite} traffic to the student (confidence ≥ "
                            f"{_num(h.get('routing_threshold')) or 0:.3f}); the rest goes to the teacher.")
