@@ -65,6 +65,12 @@ def test_three_replicas_hundreds_of_clients_a_sigkill_and_a_restart(tmp_path: Pa
             fake.clear()
             gws[2] = start(cfg, tmp_path)  # restarted; all three reclaim what the dead one leaked
             urls = [g.url for g in gws]
+            # the leaked reservations hold nearly the whole (small) daily quota until their lease runs out: wait for
+            # the three replicas' reclaim loops to free them, or every request of the load would be refused
+            deadline = time.monotonic() + 40
+            while held_reservations(pg_db) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert held_reservations(pg_db) == 0, "the dead replica's reservations were never reclaimed"
 
             async def load() -> list[tuple[int, dict[str, str], Any]]:
                 # 8 runs x 25 clients: records/run binds each run, the daily token quota binds the project
