@@ -157,6 +157,9 @@ class TrainConfig(_Strict):
     epochs: float = Field(default=1.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=8, ge=1)
+    #: batches of rows of similar length (less padding: each batch is as long as its longest row); the order is
+    #: still shuffled and still follows the seed and the epoch, so a resumed run sees the same batches
+    group_by_length: bool = False
     lr: float = Field(default=5e-5, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)

@@ -54,10 +54,23 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def batches_for_epoch(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def batches_for_epoch(n: int, batch_size: int, seed: int, epoch: int,
+                      lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """The epoch's batches of example indices: a seeded shuffle cut into batches. With ``lengths`` (group by
+    length) the shuffled order is cut into windows of 32 batches, each window sorted by length and cut into
+    batches, and the batches shuffled again: every batch holds rows of similar length, the order stays random."""
+    rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return [order[i: i + batch_size] for i in range(0, n, batch_size)]
+    rng.shuffle(order)
+    if lengths is None:
+        return [order[i: i + batch_size] for i in range(0, n, batch_size)]
+    window = batch_size * 32
+    out: list[list[int]] = []
+    for w in range(0, n, window):
+        chunk = sorted(order[w: w + window], key=lambda i: lengths[i])
+        out += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(out)
+    return out
 
 
 def _now() -> str:
@@ -156,12 +169,13 @@ def train(config: TrainConfig, model: Any, tokenizer: Any, examples: Sequence[Ex
     if bar.disable:  # no terminal: say at once what is coming, the first step can take a while
         print(f"{config.recipe}: {total} steps over {len(examples)} rows (batch {config.batch_size})"
               + (f", resuming at step {done}" if done else ""), file=sys.stderr, flush=True)
+    lengths = [len(e.prompt) + len(e.answer) for e in examples] if config.group_by_length else None
     last_ckpt = time.monotonic()
     model.train()
     last_loss = float("nan")
     while done < total:
         epoch, offset = divmod(done, per_epoch)
-        for idx in batches_for_epoch(len(examples), config.batch_size, config.seed, epoch)[offset:]:
+        for idx in batches_for_epoch(len(examples), config.batch_size, config.seed, epoch, lengths)[offset:]:
             if done >= total:
                 break
             t0 = time.perf_counter()
