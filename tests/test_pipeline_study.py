@@ -81,3 +81,9 @@ def test_routing_everything_because_retention_clears_the_target_says_so() -> Non
     text = " ".join(front_page(m))
     assert "keeps 96.7 % of the teacher's accuracy over all items, above the 95.0 % target" in text
     assert "check the teacher" not in text
+
+
+def test_a_speedup_just_below_ten_is_not_rounded_up() -> None:
+    first = front_page(metrics(teacher_accuracy=iv(0.9), student_accuracy=iv(0.86), accuracy_retention=iv(0.95),
+                               speedup_mean_latency=9.78))[0]
+    assert "at 9.8x the speed per item" in first

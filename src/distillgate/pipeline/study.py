@@ -60,7 +60,11 @@ def front_page(metrics: dict[str, Any]) -> list[str]:
         sentence = (f"{_teacher_words(metrics)} was distilled into {_student_words(metrics)}: on {items} "
                     f"{suite} items the teacher is {_pct(t)} accurate and the student {_pct(s)}, so the student "
                     f"keeps {_pct(r)}{_ci(r)} of the teacher's accuracy")
-        sentence += f", at {speed:.0f}x the speed per item." if speed is not None else "."
+        if speed is not None:  # one decimal below 20x: 9.8x must not read as 10x
+            sentence += f", at {speed:.1f}x the speed per item." if speed < 20 else \
+                f", at {speed:.0f}x the speed per item."
+        else:
+            sentence += "."
         out.append(sentence)
         reuse = (m.get("teacher") or {}).get("reuse")
         if isinstance(reuse, dict) and reuse.get("reused"):
