@@ -39,6 +39,21 @@ def _gateway_data(config_path: str | None, policy: str | None, upstreams: tuple[
     return data
 
 
+def _open_target(stack: contextlib.ExitStack, gw_data: dict[str, Any] | None, gateway_url: str | None,
+                 api_key: str | None, user: str) -> Any:
+    """The gateway the dataset commands talk to: an in-process one over ``gw_data`` (kept open by ``stack``), or the
+    running gateway at ``gateway_url`` with ``api_key`` (or ``$DISTILLGATE_API_KEY``)."""
+    if gw_data is not None:
+        return stack.enter_context(local_gateway(gw_data, user))
+    from distillgate.data.generate import GatewayTarget
+
+    key = api_key or os.environ.get("DISTILLGATE_API_KEY")
+    if not key:
+        raise UserError("no API key for --gateway", hint="pass --api-key or set DISTILLGATE_API_KEY "
+                        "(create one with `distillgate keys create --user U --db PATH`)")
+    return GatewayTarget(base_url=str(gateway_url), api_key=key)
+
+
 class _Progress:
     """A rich progress bar on stderr: rows, tokens/s and ETA."""
 
@@ -171,17 +186,9 @@ def generate(directory: str, traffic: str | None, maps: tuple[str, ...], templat
             "max_attempts": max_attempts, "timeout_s": timeout_s}, "command line")
         bar = _Progress(enabled=not no_progress and not as_json)
         with contextlib.ExitStack() as stack:
+            target = _open_target(stack, gw_data, gateway_url, api_key, user)
             if gw_data is not None:
-                target = stack.enter_context(local_gateway(gw_data, user))
                 click.echo(f"in-process gateway on {target.base_url} (db {gw_data['db']})", err=True)
-            else:
-                from distillgate.data.generate import GatewayTarget
-
-                key = api_key or os.environ.get("DISTILLGATE_API_KEY")
-                if not key:
-                    raise UserError("no API key for --gateway", hint="pass --api-key or set DISTILLGATE_API_KEY "
-                                    "(create one with `distillgate keys create --user U --db PATH`)")
-                target = GatewayTarget(base_url=str(gateway_url), api_key=key)
             with bar.progress:
                 report = run_job(wc, template, settings, target, on_start=bar.start, on_progress=bar.advance,
                                  stale="regenerate" if regenerate else "refuse")

@@ -42,11 +42,9 @@ def grade(directory: str, model: str | None, user: str, project: str, run_id: st
           gateway_url: str | None, api_key: str | None, gateway_config: str | None, policy: str | None,
           upstreams: tuple[str, ...], db: str | None, timeout_s: float, as_json: bool) -> None:
     """Grade the answers in DIRECTORY against its rubric (output type `rubrics`, governed like generation)."""
-    from distillgate.cli.generate_cmd import _gateway_data
-    from distillgate.data.generate import GatewayTarget
+    from distillgate.cli.generate_cmd import _gateway_data, _open_target
     from distillgate.data.grade import grade as run_grading
     from distillgate.data.store import WorkingCopy
-    from distillgate.gateway.inprocess import local_gateway
 
     if gateway_url is None and api_key is not None:
         raise UserError("--api-key goes with --gateway URL", hint="drop --api-key to use an in-process gateway")
@@ -63,13 +61,7 @@ def grade(directory: str, model: str | None, user: str, project: str, run_id: st
             raise UserError("no grader model or run: nothing was generated in this working copy yet",
                             hint="pass --model and --run")
         with contextlib.ExitStack() as stack:
-            if gw_data is not None:
-                target = stack.enter_context(local_gateway(gw_data, user))
-            else:
-                key = api_key or os.environ.get("DISTILLGATE_API_KEY")
-                if not key:
-                    raise UserError("no API key for --gateway", hint="pass --api-key or set DISTILLGATE_API_KEY")
-                target = GatewayTarget(base_url=str(gateway_url), api_key=key)
+            target = _open_target(stack, gw_data, gateway_url, api_key, user)
             report = run_grading(wc, rubric, target, model=str(grader), user=user, project=project, run=str(run),
                                  regrade=regrade, timeout_s=timeout_s)
     if as_json:

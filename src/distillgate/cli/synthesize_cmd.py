@@ -59,8 +59,8 @@ def synthesize(directory: str, plan_file: str | None, overrides: tuple[str, ...]
     Every synthetic row records its kind, generator template, seed rows and the generator call's stamp; the
     teacher then labels it like any input. Resumable: a rerun asks only for what is missing.
     """
-    from distillgate.cli.generate_cmd import _gateway_data
-    from distillgate.data.generate import GatewayTarget, PromptTemplate, parse_settings
+    from distillgate.cli.generate_cmd import _gateway_data, _open_target
+    from distillgate.data.generate import PromptTemplate, parse_settings
     from distillgate.data.store import WorkingCopy
     from distillgate.data.synthesize import discard_synthetic, parse_synthesize_config
     from distillgate.data.synthesize import synthesize as run_job
@@ -95,15 +95,7 @@ def synthesize(directory: str, plan_file: str | None, overrides: tuple[str, ...]
             "run": run_id or previous.get("run") or f"{wc.config.name}-synthetic", "output_type": output_type,
             "labels": labels, "max_tokens": max_tokens}, "command line")
         with contextlib.ExitStack() as stack:
-            if gw_data is not None:
-                from distillgate.gateway.inprocess import local_gateway
-
-                target = stack.enter_context(local_gateway(gw_data, user))
-            else:
-                key = api_key or os.environ.get("DISTILLGATE_API_KEY")
-                if not key:
-                    raise UserError("no API key for --gateway", hint="pass --api-key or set DISTILLGATE_API_KEY")
-                target = GatewayTarget(base_url=str(gateway_url), api_key=key)
+            target = _open_target(stack, gw_data, gateway_url, api_key, user)
             report = run_job(wc, cfg, label_template=template, label_settings=settings, target=target)
     if as_json:
         click.echo(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode())
