@@ -7,9 +7,11 @@ import itertools
 from typing import Any
 
 import orjson
+import pytest
 
 from _extraction_support import feat, legit_banking, template_sweep
 from distillgate.db import connect
+from distillgate.errors import NotFoundError
 from distillgate.extraction import ExtractionMonitor, RequestFeatures, Sketch
 from distillgate.extraction.shared import SharedWindows
 from distillgate.ledger.schema import migrate
@@ -118,11 +120,8 @@ def test_a_store_away_keeps_the_outbox_and_shares_it_later(tmp_path: Any) -> Non
     m = ExtractionMonitor()
     m.shared = SharedWindows(m, str(db), start=False)
     m.observe(feat("hello there", user="bob", key="k-bob"))
-    try:
+    with pytest.raises(NotFoundError, match="does not exist"):
         m.shared.sync()
-        raise AssertionError("sync must fail while the store is away")
-    except Exception as exc:  # noqa: BLE001 - any store error
-        assert "does not exist" in str(exc)
     db.parent.mkdir()
     m.shared.sync()
     assert m.shared.published == 1

@@ -143,7 +143,7 @@ class SharedWindows:
             try:
                 self._conn.rollback_quietly()
                 self._conn.close()
-            except Exception:  # noqa: S110 - the connection is gone either way
+            except Exception:
                 pass
             self._conn = None
         if self._backend is not None:

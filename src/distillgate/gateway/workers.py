@@ -84,7 +84,7 @@ def supervise(config: GatewayConfig, workers: int, *, grace_s: float = 30.0,
                 _die_with_parent()
                 os.environ["DISTILLGATE_WORKER"] = str(slot)
                 worker(config, sock)
-            except BaseException as exc:  # noqa: BLE001 - a worker reports and exits; the supervisor restarts it
+            except BaseException as exc:
                 if not isinstance(exc, SystemExit | KeyboardInterrupt):
                     print(f"distillgate worker {slot} failed: {exc!r}", file=sys.stderr, flush=True)
                     code = 1
