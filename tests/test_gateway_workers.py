@@ -141,7 +141,7 @@ MONITOR_POLICY: dict[str, Any] = {
     "quotas": {"default_max_tokens": 4}, "approved_models": ["fake-teacher"],
     "project_users": {"p": ["mallory", "eve", "alice"]},
 }
-PACE_S = 0.15  # between a reply and the next request: above the staleness bound (share_interval_s + two commits)
+PACE_S = 0.15  # between a reply and the next request: above the staleness bound (2 x share_interval_s + two commits)
 
 
 def traffic() -> list[tuple[str, dict[str, Any]]]:

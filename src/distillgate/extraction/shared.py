@@ -6,15 +6,15 @@ or replicas would stay under every threshold. So each process
 
 - **publishes** what it observed: on the request path ``publish(sketch)`` only appends the sketch's
   ``share_record`` (the decision log's features record plus the word set as hashes) to an in-memory outbox;
-- a background thread **flushes** the outbox to the store's ``monitor_events`` table (migration m008) in one
-  transaction per batch, woken by the first publish (the batch is whatever queued meanwhile), and
+- a background thread, every ``interval_s``, **flushes** the outbox to the store's ``monitor_events`` table
+  (migration m008) in one transaction, and
 - **pulls** the rows other processes wrote since its cursor, in ``seq`` order, and applies each to its own monitor
-  exactly as a local request would be (``ExtractionMonitor.absorb``), then sleeps up to ``interval_s``.
+  exactly as a local request would be (``ExtractionMonitor.absorb``).
 
 A decision therefore judges the merged view: every request this process saw, and every request another process
-saw up to **staleness = its flush (one commit, woken at once) + ``interval_s`` + our pull**, i.e. about
-``interval_s`` plus two commits (0.05 s + a few ms by default; see docs/deploy.md). A request inside that bound
-may be judged without the other process's last few events; nothing is lost, they apply a moment later.
+saw up to **staleness = 2 x ``interval_s`` + two commits** before (the other's next round commits it, ours reads
+it at our next round; 0.05 s plus a few ms by default, see docs/deploy.md). A request inside that bound may be
+judged without the other process's last few events; nothing is lost, they apply a moment later.
 
 Order: rows get their ``seq`` under the write lock (SQLite's flock + ``BEGIN IMMEDIATE``, a PostgreSQL advisory
 lock), so a row with a smaller ``seq`` is always committed before one with a larger: a cursor never skips a row.
@@ -55,7 +55,7 @@ MAX_OUTBOX = 50_000  # rows kept while the store is unreachable; older ones are 
 class SharedWindows:
     """See the module docstring. Thread-safe ``publish``; ``close`` flushes what is queued."""
 
-    def __init__(self, monitor: ExtractionMonitor, db: str, *, interval_s: float = 0.05, backfill: int = 10_000,
+    def __init__(self, monitor: ExtractionMonitor, db: str, *, interval_s: float = 0.025, backfill: int = 10_000,
                  retain: int = 200_000, start: bool = True) -> None:
         self.monitor = monitor
         self.db = db
@@ -71,7 +71,6 @@ class SharedWindows:
         self.synced_at = 0.0  # monotonic time the last pull finished
         self._outbox: deque[bytes] = deque()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._backend: Any = None
         self._conn: Any = None
@@ -89,7 +88,6 @@ class SharedWindows:
             while len(self._outbox) > MAX_OUTBOX:
                 self._outbox.popleft()
                 self.lost += 1
-        self._wake.set()
 
     # -- the background thread ----------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -106,10 +104,9 @@ class SharedWindows:
                 self._drop_conn()
                 self._stop.wait(min(2.0, self.interval_s * 2 ** min(failures, 6)))
                 continue
-            self._wake.wait(self.interval_s)
-            if self._wake.is_set() and not self._stop.is_set():
-                self._wake.clear()
-                time.sleep(0.002)  # let the publishes of the same moment join this batch
+            # one round per interval, not per publish: each commit here makes every ledger writer on a SQLite
+            # store reload its cached state (PRAGMA data_version), so commits stay at most 1 / interval_s
+            self._stop.wait(self.interval_s)
 
     def sync(self) -> None:
         """One round: flush the outbox, then apply what the other processes wrote since the cursor."""
@@ -180,12 +177,10 @@ class SharedWindows:
 
     def _pull(self, conn: Any) -> None:
         while True:
-            got = conn.execute("SELECT seq, origin, record FROM monitor_events WHERE seq > ? ORDER BY seq LIMIT ?",
-                               (self.cursor, PULL_BATCH)).fetchall()
-            for seq, origin, record in got:
+            got = conn.execute("SELECT seq, record FROM monitor_events WHERE seq > ? AND origin <> ? ORDER BY seq "
+                               "LIMIT ?", (self.cursor, self.origin, PULL_BATCH)).fetchall()
+            for seq, record in got:
                 self.cursor = int(seq)
-                if origin == self.origin:
-                    continue
                 try:
                     sketch = Sketch.from_record(orjson.loads(bytes(record)))
                 except Exception as exc:  # a row of another release: skipped, said once per row
@@ -199,7 +194,6 @@ class SharedWindows:
     def close(self) -> None:
         """Stop the thread, flushing what is queued (one last try)."""
         self._stop.set()
-        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
