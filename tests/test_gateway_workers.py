@@ -135,6 +135,16 @@ def test_two_workers_keep_quotas_exact_restart_a_dead_worker_and_stop_on_sigterm
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_workers_that_cannot_open_their_store_stop_the_supervisor_with_the_reason(tmp_path: Path) -> None:
+    with fake_upstream() as fake:
+        cfg = write_config(tmp_path, tmp_path / "no-such-dir" / "store.db", fake.base_url)
+        res = subprocess.run([sys.executable, "-m", "distillgate", "gateway", "serve", "--config", str(cfg),
+                              "--port", str(free_port()), "--workers", "2"], capture_output=True, text=True,
+                             timeout=120, env=dict(os.environ))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "does not exist" in res.stderr and "times in a row at start" in res.stderr
+
+
 # -- the extraction monitor across processes ------------------------------------------------------------------------
 MONITOR_POLICY: dict[str, Any] = {
     "policy_id": "watch", "allowed_projects": ["p"], "allowed_outputs": ["labels"],

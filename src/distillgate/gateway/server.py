@@ -80,11 +80,14 @@ def close_gateway(gateway: Gateway) -> None:
 
 
 def serve(config: GatewayConfig, workers: int = 1) -> None:
-    """Serve until interrupted; ``workers`` > 1: that many processes on one socket (gateway/workers.py)."""
+    """Serve until interrupted; ``workers`` > 1: that many processes on one socket (gateway/workers.py), exiting
+    with status 1 when a worker cannot start."""
     if workers > 1:
         from distillgate.gateway.workers import supervise
 
-        supervise(config, workers)
+        code = supervise(config, workers)
+        if code:
+            raise SystemExit(code)
         return
     import uvicorn
 

@@ -29,6 +29,7 @@ from distillgate.gateway.config import GatewayConfig
 
 _log = logging.getLogger("distillgate.gateway")
 _PR_SET_PDEATHSIG = 1
+GIVE_UP = 5  # a worker that dies this many times in a row within 5 s of its start stops the supervisor
 
 
 def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -65,7 +66,8 @@ def run_worker(config: GatewayConfig, sock: socket.socket) -> None:
 
 def supervise(config: GatewayConfig, workers: int, *, grace_s: float = 30.0,
               worker: Callable[[GatewayConfig, socket.socket], None] = run_worker) -> int:
-    """Run ``workers`` processes of ``worker`` on one socket until SIGTERM/SIGINT; the exit status."""
+    """Run ``workers`` processes of ``worker`` on one socket until SIGTERM/SIGINT (exit status 0), or until a worker
+    keeps dying at start (``GIVE_UP`` times in a row: 1)."""
     sock = bind(config.host, config.port)
     children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started at)
     deaths: dict[int, int] = {}  # slot -> quick deaths in a row (back-off)
@@ -86,7 +88,8 @@ def supervise(config: GatewayConfig, workers: int, *, grace_s: float = 30.0,
                 worker(config, sock)
             except BaseException as exc:
                 if not isinstance(exc, SystemExit | KeyboardInterrupt):
-                    print(f"distillgate worker {slot} failed: {exc!r}", file=sys.stderr, flush=True)
+                    print(f"distillgate worker {slot} failed: {type(exc).__name__}: {exc}", file=sys.stderr,
+                          flush=True)
                     code = 1
             finally:
                 sys.stdout.flush()
@@ -101,16 +104,24 @@ def supervise(config: GatewayConfig, workers: int, *, grace_s: float = 30.0,
     for slot in range(workers):
         spawn(slot)
     pending: list[tuple[float, int]] = []  # (restart at, slot)
+    code = 0
     try:
-        while not stopping:
+        while not stopping and not code:
             reaped = _reap(children)
             for slot, started, status in reaped:
                 quick = time.monotonic() - started < 5.0
                 deaths[slot] = deaths.get(slot, 0) + 1 if quick else 0
+                if deaths[slot] >= GIVE_UP:  # it cannot start (a bad store, a missing key): say so and stop
+                    print(f"distillgate worker {slot} exited {deaths[slot]} times in a row at start "
+                          f"({_describe(status)}); stopping", file=sys.stderr, flush=True)
+                    code = 1
+                    break
                 delay = min(10.0, 0.5 * 2 ** (deaths[slot] - 1)) if quick else 0.0
                 print(f"distillgate worker {slot} exited ({_describe(status)}); restarting in {delay:g} s",
                       file=sys.stderr, flush=True)
                 pending.append((time.monotonic() + delay, slot))
+            if code:
+                break
             now = time.monotonic()
             for item in [p for p in pending if p[0] <= now]:
                 pending.remove(item)
@@ -130,7 +141,7 @@ def supervise(config: GatewayConfig, workers: int, *, grace_s: float = 30.0,
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
         sock.close()
-    return 0
+    return code
 
 
 def _reap(children: dict[int, tuple[int, float]]) -> list[tuple[int, float, int]]:
