@@ -18,6 +18,10 @@ In one run, on loopback, against the same fast upstream (the in-repo fake teache
                 settlement commits while the answer travels)
   distillgate-h11  the same gateway on uvicorn's pure-Python stack (asyncio loop + h11): the alternative to
                 uvloop/httptools
+  workers-{sqlite,pg}-{1,2}[-unshared]  ``gateway serve --workers N`` (N = 1, 2) on SQLite or PostgreSQL (a throw-away cluster
+                unless ``--pg-url``), the extraction monitor's windows shared through the store; CPU per request
+                counts the supervisor and every worker; ``-unshared`` turns the sharing off (its cost). Not in the
+                default ``--only``
   litellm       LiteLLM's proxy (``litellm[proxy]`` from PyPI, installed by this script into its own venv under
                 ``.cache/litellm-venv``), a plain pass-through to the same fake teacher with a master key, one worker
 
@@ -171,6 +175,17 @@ gw = build_gateway(config_from_data({"policy": policy, "db": db, "upstreams": {"
 uvicorn.run(gw, host="127.0.0.1", port=int(port), loop=loop, http=http, access_log=False, log_level="warning",
             lifespan="on", backlog=2048, proxy_headers=False)
 '''
+
+WORKERS = r'''
+import sys
+from distillgate.gateway.config import config_from_data
+from distillgate.gateway.server import serve
+policy, db, upstream, port, workers, shared = sys.argv[1:7]
+serve(config_from_data({"policy": policy, "db": db, "upstreams": {"fake": {"base_url": upstream}}, "port": int(port),
+                        "access_log": False, "extraction": {"shared": shared == "shared"}}), int(workers))
+'''
+# ``-unshared``: the same with ``extraction.shared: false`` (what sharing the monitor's windows costs)
+WORKER_TARGETS = tuple(f"workers-{b}-{n}{u}" for u in ("", "-unshared") for b in ("sqlite", "pg") for n in (1, 2))
 
 FAKE = r'''
 import sys
@@ -359,6 +374,8 @@ def main() -> None:
                                                   "floor", "distillgate", "distillgate-after", "distillgate-mp",
                                                   "distillgate-h11", "litellm"])
     ap.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV)
+    ap.add_argument("--pg-url", default=None, help="an empty PostgreSQL database for workers-pg-N (default: a "
+                    "throw-away cluster, one database per target)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where the results JSON goes")
     args = ap.parse_args()
     sys.path.insert(0, str(SRC))
@@ -368,6 +385,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="dg-bench-"))
     (tmp / "policy.json").write_text(json.dumps(POLICY))
     procs: list[subprocess.Popen[bytes]] = []
+    pg_server: Any = None
     try:
         fake_port = free_port()
         procs.append(start(FAKE, str(fake_port), str(TESTS)))
@@ -396,6 +414,31 @@ def main() -> None:
                 wait_port(port, procs[-1])
                 targets[name] = port
                 pids[name] = procs[-1].pid
+        for name in WORKER_TARGETS:
+            if name not in args.only:
+                continue
+            if "-pg-" in name:
+                if args.pg_url is None and pg_server is None:
+                    sys.path.insert(0, str(TESTS))
+                    from _pg_support import PgServer
+
+                    pg_server = PgServer()
+                    pg_server.start()
+                os.environ.setdefault("DISTILLGATE_SIGNING_KEY", str(tmp / "pg-signing-key.pem"))
+                db = args.pg_url if pg_server is None else str(pg_server.fresh_db())
+            else:
+                db = str(tmp / f"{name}.db")
+            port = free_port()
+            ks = KeyStore(db)  # before the workers start: the store exists, and the key with it
+            KEYS[name] = ks.create("bench")[1]
+            ks.close()
+            workers = name.split("-")[2]
+            shared = "unshared" if name.endswith("-unshared") else "shared"
+            procs.append(start(WORKERS, str(tmp / "policy.json"), db, upstream, str(port), workers, shared))
+            wait_port(port, procs[-1], timeout=120)
+            time.sleep(2.0)  # every worker up (the port opens with the socket, before the workers build)
+            targets[name] = port
+            pids[name] = procs[-1].pid
         if "litellm" in args.only:
             port = free_port()
             procs.append(start_litellm(args.litellm_venv, upstream, port, tmp))
@@ -438,9 +481,11 @@ def main() -> None:
             p.send_signal(signal.SIGINT)
         for p in procs:
             try:
-                p.wait(10)
+                p.wait(40)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if pg_server is not None:
+            pg_server.close()
 
 
 KEYS: dict[str, str] = {}
@@ -465,6 +510,10 @@ def ratios(results: dict[tuple[str, int], dict[str, Any]], concurrency: list[int
         mine, floor = results.get(("distillgate", conc)), results.get(("floor", conc))
         if mine and floor and mine.get("cpu_us_per_request") and floor.get("cpu_us_per_request"):
             out[f"distillgate_cpu_over_floor_cpu_c{conc}"] = mine["cpu_us_per_request"] / floor["cpu_us_per_request"]
+        for backend in ("sqlite", "pg"):
+            one, two = results.get((f"workers-{backend}-1", conc)), results.get((f"workers-{backend}-2", conc))
+            if one and two and one["rps"]:
+                out[f"workers_{backend}_2_over_1_c{conc}"] = two["rps"] / one["rps"]
     direct, mine = results.get(("direct", 1)), results.get(("distillgate", 1))
     if direct and mine:
         out["distillgate_added_p50_ms_c1"] = (mine["p50"] - direct["p50"]) * 1e3

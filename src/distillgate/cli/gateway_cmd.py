@@ -67,9 +67,13 @@ def cli() -> None:
               "[default: $DISTILLGATE_DB or ./distillgate.db]")
 @click.option("--host", default=None, help="Address to bind. [default: 127.0.0.1]")
 @click.option("--port", type=int, default=None, help="Port to bind. [default: 8080]")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Worker processes on the one port (each its own event loop; quotas and the extraction "
+              "monitor's windows are shared through --db). [default: workers: in --config, else 1]")
 @click.option("--check", is_flag=True, help="Validate the configuration, print it, and exit.")
 def serve(config_path: str | None, policy: str | None, upstreams: tuple[str, ...], key_envs: tuple[str, ...],
-          models: tuple[str, ...], db: str | None, host: str | None, port: int | None, check: bool) -> None:
+          models: tuple[str, ...], db: str | None, host: str | None, port: int | None, workers: int | None,
+          check: bool) -> None:
     """Run the gateway (uvicorn, uvloop, httptools) until interrupted."""
     data = gateway_document(config_path, upstreams)
     ups = dict(data.get("upstreams") or {})
@@ -82,7 +86,7 @@ def serve(config_path: str | None, policy: str | None, upstreams: tuple[str, ...
         data["upstreams"] = ups
     if models:
         data["models"] = {**(data.get("models") or {}), **_pairs(models, "--model", "PATTERN=UPSTREAM")}
-    for key, value in (("policy", policy), ("db", db), ("host", host), ("port", port)):
+    for key, value in (("policy", policy), ("db", db), ("host", host), ("port", port), ("workers", workers)):
         if value is not None:
             data[key] = value
     data.setdefault("db", default_db())
@@ -98,4 +102,4 @@ def serve(config_path: str | None, policy: str | None, upstreams: tuple[str, ...
     click.echo(f"distillgate gateway on http://{config.host}:{config.port}/v1 "
                f"(policy {config.policy}, db {config.db}, upstreams {', '.join(config.upstreams) or 'none'})",
                err=True)
-    run_server(config)
+    run_server(config, config.workers)

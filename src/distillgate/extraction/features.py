@@ -96,10 +96,17 @@ def words(text: str) -> list[str]:
     return _WORD_RE.findall(text.lower())
 
 
-def minhash(text: str, vocab: set[str] | None = None) -> np.ndarray:
-    """MinHash signature (uint32, MINHASH_PERMS values) of the prompt's set of lower-cased words."""
-    vocab = (vocab if vocab is not None else set(words(text))) or {""}
-    hashes = np.fromiter((xxhash.xxh64_intdigest(w.encode()) for w in vocab), dtype=np.uint64, count=len(vocab))
+def word_hashes(vocab: set[str]) -> np.ndarray:
+    """xxh64 of each word of ``vocab`` (uint64; the empty set hashes as one empty word)."""
+    vocab = vocab or {""}
+    return np.fromiter((xxhash.xxh64_intdigest(w.encode()) for w in vocab), dtype=np.uint64, count=len(vocab))
+
+
+def minhash(text: str, vocab: set[str] | None = None, hashes: np.ndarray | None = None) -> np.ndarray:
+    """MinHash signature (uint32, MINHASH_PERMS values) of the prompt's set of lower-cased words (``hashes``: their
+    ``word_hashes``, when the caller has them)."""
+    if hashes is None:
+        hashes = word_hashes(vocab if vocab is not None else set(words(text)))
     return signature(hashes, _PERMS)
 
 
@@ -169,7 +176,9 @@ class Sketch:
     resamples: int = 1  # times the declared shape lets one prompt be sent in a window
     unseen: int = 0  # prompt pieces beyond what is embedded (recorded, never silently skipped)
     unobserved: str | None = None  # why the prompt was not embedded at all (``embed_backlog``), recorded
-    word_set: frozenset[str] | None = field(default=None, repr=False, compare=False)  # exact words (not logged)
+    #: the exact word set as xxh64 hashes (``word_hashes``), for exact near-twin diffs; never in the decision log,
+    #: shared between gateway processes in ``share_record`` (extraction/shared.py)
+    word_set: frozenset[int] | None = field(default=None, repr=False, compare=False)
 
     # What the detectors' rings store (b-bit MinHash, see state.Ring), computed once per request, not per scope.
     @cached_property
@@ -204,17 +213,18 @@ class Sketch:
         text = f.prompt if text is None else text
         tokens = words(text)
         vocab = set(tokens)
+        hashes = word_hashes(vocab)
         cot = elicits_reasoning(text)
         return cls(
             ts=f.ts, user=f.user, key_id=f.key_id, project=f.project, run=f.run, output_type=f.output_type,
-            minhash=minhash(text, vocab), vocab_size=len(vocab), prompt_chars=len(f.prompt),
+            minhash=minhash(text, hashes=hashes), vocab_size=len(vocab), prompt_chars=len(f.prompt),
             prompt_fp=prompt_fingerprint(text, [template or "", *tokens]), top_logprobs=int(f.top_logprobs or 0),
             logprobs=f.logprobs, bias_size=len(f.logit_bias), bias_pattern=bias_pattern(f.logit_bias),
             max_tokens=f.max_tokens, n=f.n,
             declared_run_size=f.declared_run_size if f.declared_run_size is not None else run_size, cot=cot,
             task_minhash=minhash(task_text(text)) if cot else None, template=template, declared=declared,
             resamples=resamples, unseen=unseen,
-            word_set=frozenset(vocab) if len(vocab) <= EXACT_MAX_WORDS else None,
+            word_set=(frozenset(hashes.tolist()) if vocab else frozenset()) if len(vocab) <= EXACT_MAX_WORDS else None,
         )
 
     def record(self) -> dict[str, Any]:
@@ -241,6 +251,14 @@ class Sketch:
             rec["embedding"] = quantise(self.embedding)
         return rec
 
+    def share_record(self) -> dict[str, Any]:
+        """``record()`` plus the exact word set (its hashes): what one gateway process tells the others, so that a
+        near-twin is judged exactly the same whichever process saw the earlier prompt."""
+        rec = self.record()
+        if self.word_set is not None:
+            rec["words"] = base64.b64encode(np.array(sorted(self.word_set), dtype="<u8").tobytes()).decode()
+        return rec
+
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> Sketch:
         if rec.get("v") != RECORD_VERSION:
@@ -260,6 +278,8 @@ class Sketch:
             embedding=dequantise(emb) if emb is not None else None, template=rec.get("template"),
             declared=bool(rec.get("declared")), resamples=int(rec.get("resamples") or 1),
             unseen=int(rec.get("unseen_pieces") or 0), unobserved=rec.get("unobserved"),
+            word_set=frozenset(np.frombuffer(base64.b64decode(rec["words"]), dtype="<u8").tolist())
+            if "words" in rec else None,
         )
 
 

@@ -10,7 +10,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xxhash
@@ -22,6 +22,9 @@ from distillgate.extraction.stats import outside_shift
 from distillgate.extraction.templates import NO_TEMPLATES, Split, TemplateSet
 from distillgate.policy.extraction_rules import SIGNAL_NAMES, ExtractionRules, Signal
 from distillgate.policy.model import Policy, PolicySet
+
+if TYPE_CHECKING:
+    from distillgate.extraction.shared import SharedWindows
 
 RulesFor = Callable[[str | None], ExtractionRules]
 ScopeKey = tuple[str, str]
@@ -101,9 +104,25 @@ class ExtractionMonitor:
         self._templates: dict[int, tuple[ExtractionRules, dict[str, TemplateSet]]] = {}
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._worker: threading.Thread | None = None
+        #: other gateway processes' view, when the monitor shares its windows through the store (``share``)
+        self.shared: SharedWindows | None = None
         if embedder is not None and background:
             self._worker = threading.Thread(target=self._work, name="distillgate-extraction-embed", daemon=True)
             self._worker.start()
+
+    def share(self, db: str, *, interval_s: float = 0.025, backfill: int = 10_000) -> SharedWindows:
+        """Share this monitor's windows with every other process judging requests on ``db`` (workers, replicas):
+        each request it judges is published, and theirs are applied here (extraction/shared.py)."""
+        from distillgate.extraction.shared import SharedWindows
+
+        if self.shared is None:
+            self.shared = SharedWindows(self, db, interval_s=interval_s, backfill=backfill)
+        return self.shared
+
+    def absorb(self, s: Sketch) -> None:
+        """Apply a request another process judged, as if it had been judged here (its signals are that process's
+        to act on; a signal firing here still marks the identity flagged for this process's baselines)."""
+        self.observe_sketch(s)
 
     # -- references ---------------------------------------------------------------------------------------------------
     def set_reference(self, project: str, texts: Sequence[str] | None = None, *,
@@ -201,6 +220,8 @@ class ExtractionMonitor:
     def judge(self, s: Sketch, split: Split) -> tuple[tuple[Signal, ...], Job | None]:
         """The signals of a prepared request and the embedding job its pieces need (None: nothing to embed)."""
         signals = self.observe_sketch(s)
+        if self.shared is not None:
+            self.shared.publish(s)
         if self.embedder is None or not any(p.strip() for p in split.pieces):
             return signals, None
         with self._lock:
@@ -466,6 +487,9 @@ class ExtractionMonitor:
             self._queue.put(None)
             self._worker.join(timeout=30)
             self._worker = None
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
 
 def _evidence(name: str, st: ScopeState, known: Any) -> dict[str, object]:

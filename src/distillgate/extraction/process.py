@@ -90,8 +90,9 @@ class MonitorProcess:
     """The ``Monitor`` seam (``distillgate.extraction.seam``) answered by a child process."""
 
     def __init__(self, policy_path: str, settings: dict[str, Any], policies: PolicySet, *,
-                 start_timeout_s: float = 900.0) -> None:  # MiniLM + references on a loaded CPU: minutes
+                 start_timeout_s: float = 900.0, db: str | None = None) -> None:  # MiniLM on a loaded CPU: minutes
         self.policy_path = policy_path
+        self.db = db  # the store the child shares its windows through (None: not shared)
         self.settings = settings
         self.policies = policies
         self.start_timeout_s = start_timeout_s
@@ -151,7 +152,7 @@ class MonitorProcess:
         _, wire = await loop.create_unix_connection(lambda: _Wire(self), sock=ours)
         self._loop = loop
         assert wire.transport is not None
-        wire.transport.write(_frame({"policy": self.policy_path, "settings": self.settings}))
+        wire.transport.write(_frame({"policy": self.policy_path, "settings": self.settings, "db": self.db}))
         self._wire = wire
         try:
             hello = await asyncio.wait_for(self._call({"op": "ping"}), self.start_timeout_s)
@@ -278,7 +279,7 @@ def _serve(sock: socket.socket) -> None:
     config, queued = first[0], first[1:]
     policies = load_policies(config["policy"])
     settings = ExtractionSettings(**config["settings"])
-    monitor = build_monitor(policies, settings)
+    monitor = build_monitor(policies, settings, config.get("db"))
     if monitor.embedder is not None:
         monitor.embedder.embed(["warm up"])  # loaded before the first answer: the gateway is ready after ping
     try:

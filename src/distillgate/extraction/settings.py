@@ -31,6 +31,11 @@ class ExtractionSettings(BaseModel):
     queue_size: int = Field(default=1024, ge=1)
     embed_wait_s: float = Field(default=5.0, ge=0)  # back-pressure: a request waits this long for queue room
     process: bool = False  # run the monitor in a child process, beside the event loop (docs/gateway.md)
+    #: share the windows with every other worker and replica on the same ``--db`` (extraction/shared.py)
+    shared: bool = True
+    #: one round of sharing (commit what this process judged, read what the others did) per this many seconds
+    share_interval_s: float = Field(default=0.025, gt=0, le=10)
+    share_backfill: int = Field(default=10_000, ge=0)  # rows a (re)started process reads first
 
     def issues(self) -> list[ConfigIssue]:
         out: list[ConfigIssue] = []
@@ -44,12 +49,15 @@ class ExtractionSettings(BaseModel):
         return out
 
 
-def build_monitor(policies: PolicySet, settings: ExtractionSettings) -> ExtractionMonitor:
+def build_monitor(policies: PolicySet, settings: ExtractionSettings, db: str | None = None) -> ExtractionMonitor:
     """The extraction monitor with the configured embedder; each configured reference is embedded now (through the
-    project's approved templates, so the reference holds what requests' pieces are compared with)."""
+    project's approved templates, so the reference holds what requests' pieces are compared with). With ``db``
+    (and ``shared``), its windows are shared with every other process on that store."""
     embedder = None if settings.embedder == "none" else make_embedder(settings.embedder)
     monitor = ExtractionMonitor(policies, embedder=embedder, reference_size=settings.reference_size,
                                 embed_cache=settings.embed_cache, queue_size=settings.queue_size)
     for project, path in settings.references.items():
         monitor.set_reference(project, read_reference(path))
+    if db is not None and settings.shared:
+        monitor.share(db, interval_s=settings.share_interval_s, backfill=settings.share_backfill)
     return monitor

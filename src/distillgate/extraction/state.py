@@ -51,13 +51,13 @@ class Ring:
         self.vocab = np.zeros(first, dtype=np.float32)
         self.fp = np.zeros(first, dtype=np.uint64)
         self.keys = [0] * first
-        self.sets: list[frozenset[str] | None] = [None] * first  # exact word sets (None: too long, estimate only)
+        self.sets: list[frozenset[int] | None] = [None] * first  # exact word sets (None: too long, estimate only)
         self.content = 0
         self.size = 0
         self.pos = 0
 
     def add(self, mh: np.ndarray, vocab: int, fp: int, key: int = 0,
-            word_set: frozenset[str] | None = None) -> None:
+            word_set: frozenset[int] | None = None) -> None:
         """Add a row: ``mh`` a MinHash signature (uint8 or wider), ``key`` its ``Sketch.row_key``."""
         if self.size == len(self.mh) and self.size < self.cap:
             grow = min(self.cap, 2 * len(self.mh))

@@ -90,6 +90,8 @@ class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     db: str = "./distillgate.db"
+    #: processes serving the one port (``gateway serve --workers``; gateway/workers.py)
+    workers: int = Field(default=1, ge=1, le=64)
     policy: str
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
     models: dict[str, str] = Field(default_factory=dict)

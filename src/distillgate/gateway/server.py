@@ -8,6 +8,7 @@ the HTTP layer).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["build_gateway", "build_monitor", "serve"]  # build_monitor: now distillgate.extraction.settings
 
@@ -35,9 +36,11 @@ def build_gateway(config: GatewayConfig, *, local_loader: Callable[[str], Teache
     screens = load_screens(config.screens)
     monitor: Monitor
     if config.extraction.process:  # the child builds the same monitor from the same files
-        monitor = MonitorProcess(str(config.policy), config.extraction.model_dump(exclude={"process"}), policies)
+        monitor = MonitorProcess(str(config.policy), config.extraction.model_dump(exclude={"process"}), policies,
+                                 db=config.db)
     else:
-        monitor = LocalMonitor(build_monitor(policies, config.extraction), embed_wait_s=config.extraction.embed_wait_s)
+        monitor = LocalMonitor(build_monitor(policies, config.extraction, config.db),
+                               embed_wait_s=config.extraction.embed_wait_s)
     router = Router({name: up.to_http(name) for name, up in config.upstreams.items()}, config.models,
                     local_models=config.local_models, local_loader=local_loader, students=config.students)
     cascade = build_cascade(config, router)  # before the store opens: a bad threshold file leaks nothing
@@ -60,21 +63,38 @@ def build_cascade(config: GatewayConfig, router: Router) -> Callable[[Metrics], 
                                    metrics.registry, artefacts=config.students)
 
 
-def serve(config: GatewayConfig) -> None:
+def uvicorn_options(config: GatewayConfig) -> dict[str, Any]:
+    """uvicorn's settings for the gateway (one process or each ``--workers`` worker)."""
+    return {"host": config.host, "port": config.port, "loop": "uvloop", "lifespan": "on",
+            "access_log": config.access_log, "log_level": "info", "timeout_keep_alive": 30, "backlog": 2048,
+            "limit_concurrency": config.max_connections,
+            "proxy_headers": False}  # the gateway reads no client address: skip X-Forwarded-* parsing
+
+
+def close_gateway(gateway: Gateway) -> None:
+    gateway.monitor.close()
+    gateway.store.close()
+    gateway.keys.close()
+    if gateway.cascade is not None:
+        gateway.cascade.close()
+
+
+def serve(config: GatewayConfig, workers: int = 1) -> None:
+    """Serve until interrupted; ``workers`` > 1: that many processes on one socket (gateway/workers.py), exiting
+    with status 1 when a worker cannot start."""
+    if workers > 1:
+        from distillgate.gateway.workers import supervise
+
+        code = supervise(config, workers)
+        if code:
+            raise SystemExit(code)
+        return
     import uvicorn
 
     from distillgate.gateway.protocol import gateway_protocol  # imports uvicorn
 
     gateway = build_gateway(config)
     try:  # httptools, with the head bounded as it arrives and JSON for malformed HTTP (gateway/protocol.py)
-        uvicorn.run(gateway, host=config.host, port=config.port, loop="uvloop",
-                    http=gateway_protocol(config.max_header_bytes),
-                    lifespan="on", access_log=config.access_log, log_level="info",
-                    timeout_keep_alive=30, backlog=2048, limit_concurrency=config.max_connections,
-                    proxy_headers=False)  # the gateway reads no client address: skip X-Forwarded-* parsing
+        uvicorn.run(gateway, http=gateway_protocol(config.max_header_bytes), **uvicorn_options(config))
     finally:
-        gateway.monitor.close()
-        gateway.store.close()
-        gateway.keys.close()
-        if gateway.cascade is not None:
-            gateway.cascade.close()
+        close_gateway(gateway)

@@ -119,6 +119,17 @@ def m007_route_shadow(conn: Conn, d: Dialect) -> None:
     """)
 
 
+@migration
+def m008_monitor_events(conn: Conn, d: Dialect) -> None:
+    """What each gateway process's extraction monitor observed (extraction/shared.py): every worker and replica
+    applies the others' rows, so a user's sliding windows are the same whichever process a request lands on."""
+    ident = "INTEGER PRIMARY KEY AUTOINCREMENT" if d.name == "sqlite" else "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+    conn.script(f"""
+    CREATE TABLE IF NOT EXISTS monitor_events (
+        seq {ident}, origin TEXT NOT NULL, at {d.real} NOT NULL, record {d.blob} NOT NULL)
+    """)
+
+
 def applied(conn: Conn) -> list[str]:
     """Names of the migrations recorded in ``conn``'s database, in the order they were applied."""
     return [str(r[0]) for r in conn.execute("SELECT name FROM distillgate_migrations ORDER BY seq").fetchall()]

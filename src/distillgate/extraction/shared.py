@@ -1,0 +1,205 @@
+"""``SharedWindows``: one extraction monitor's view shared with every other gateway process on the same store.
+
+Each gateway process (a ``--workers`` worker, or a replica on one PostgreSQL) keeps its own ``ExtractionMonitor``;
+alone, its windows would see only the requests that landed on it, and an attacker spreading traffic over workers
+or replicas would stay under every threshold. So each process
+
+- **publishes** what it observed: on the request path ``publish(sketch)`` only appends the sketch's
+  ``share_record`` (the decision log's features record plus the word set as hashes) to an in-memory outbox;
+- a background thread, every ``interval_s``, **flushes** the outbox to the store's ``monitor_events`` table
+  (migration m008) in one transaction, and
+- **pulls** the rows other processes wrote since its cursor, in ``seq`` order, and applies each to its own monitor
+  exactly as a local request would be (``ExtractionMonitor.absorb``).
+
+A decision therefore judges the merged view: every request this process saw, and every request another process
+saw up to **staleness = 2 x ``interval_s`` + two commits** before (the other's next round commits it, ours reads
+it at our next round; 0.05 s plus a few ms by default, see docs/deploy.md). A request inside that bound may be
+judged without the other process's last few events; nothing is lost, they apply a moment later.
+
+Order: rows get their ``seq`` under the write lock (SQLite's flock + ``BEGIN IMMEDIATE``, a PostgreSQL advisory
+lock), so a row with a smaller ``seq`` is always committed before one with a larger: a cursor never skips a row.
+A process (re)started reads the last ``backfill`` rows first, so a restarted worker keeps its users' windows.
+The table keeps the last ``retain`` rows. Commits here need no fsync (SQLite ``synchronous=NORMAL`` under WAL,
+PostgreSQL ``synchronous_commit=off``): a lost tail of monitor events weakens detection for a moment, never a
+decision already logged.
+
+The rows hold what the decision log's features record holds (a MinHash, lengths, fingerprints, ids) plus the
+64-bit hashes of the prompt's words (never the words).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from distillgate.extraction.features import Sketch
+
+if TYPE_CHECKING:
+    from distillgate.extraction.monitor import ExtractionMonitor
+
+_log = logging.getLogger("distillgate.extraction")
+#: PostgreSQL advisory lock serialising monitor_events inserts (any constant; "dgmon" in ASCII)
+SHARE_LOCK = 0x6467_6D6F6E
+PULL_BATCH = 2000
+MAX_OUTBOX = 50_000  # rows kept while the store is unreachable; older ones are dropped (and counted)
+
+
+class SharedWindows:
+    """See the module docstring. Thread-safe ``publish``; ``close`` flushes what is queued."""
+
+    def __init__(self, monitor: ExtractionMonitor, db: str, *, interval_s: float = 0.025, backfill: int = 10_000,
+                 retain: int = 200_000, start: bool = True) -> None:
+        self.monitor = monitor
+        self.db = db
+        self.interval_s = interval_s
+        self.backfill = backfill
+        self.retain = retain
+        self.origin = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.cursor: int | None = None
+        self.published = 0  # rows this process committed
+        self.applied = 0  # other processes' rows applied here
+        self.lost = 0  # rows dropped from a full outbox (store unreachable for long)
+        self.errors = 0
+        self.synced_at = 0.0  # monotonic time the last pull finished
+        self._outbox: deque[bytes] = deque()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._backend: Any = None
+        self._conn: Any = None
+        self._since_prune = 0
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self._run, name="distillgate-extraction-share", daemon=True)
+            self._thread.start()
+
+    # -- the request path ---------------------------------------------------------------------------------------------
+    def publish(self, sketch: Sketch) -> None:
+        row = orjson.dumps(sketch.share_record())
+        with self._lock:
+            self._outbox.append(row)
+            while len(self._outbox) > MAX_OUTBOX:
+                self._outbox.popleft()
+                self.lost += 1
+
+    # -- the background thread ----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self.sync()
+                failures = 0
+            except Exception as exc:  # the store is away: keep the outbox, reconnect on the next round
+                self.errors += 1
+                failures += 1
+                if failures == 1:
+                    _log.warning("extraction monitor: cannot share windows through the store: %s", exc)
+                self._drop_conn()
+                self._stop.wait(min(2.0, self.interval_s * 2 ** min(failures, 6)))
+                continue
+            # one round per interval, not per publish: each commit here makes every ledger writer on a SQLite
+            # store reload its cached state (PRAGMA data_version), so commits stay at most 1 / interval_s
+            self._stop.wait(self.interval_s)
+
+    def sync(self) -> None:
+        """One round: flush the outbox, then apply what the other processes wrote since the cursor."""
+        conn = self._connection()
+        self._flush(conn)
+        self._pull(conn)
+        self.synced_at = time.monotonic()
+
+    def _connection(self) -> Any:
+        if self._conn is not None and not self._conn.broken:
+            return self._conn
+        from distillgate.ledger.backend import open_backend
+        from distillgate.ledger.schema import migrate
+
+        self._drop_conn()
+        self._backend = open_backend(self.db)
+        conn = self._backend.connect()
+        migrate(conn)
+        if conn.dialect.name == "sqlite":
+            conn.execute("PRAGMA synchronous=NORMAL")
+        else:
+            conn.execute("SET synchronous_commit = off")
+        self._conn = conn
+        if self.cursor is None:  # a fresh process starts from the recent past: the windows it would have had
+            (top,) = conn.execute("SELECT coalesce(max(seq), 0) FROM monitor_events").fetchone()
+            self.cursor = max(0, int(top) - self.backfill)
+        return conn
+
+    def _drop_conn(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.rollback_quietly()
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    def _flush(self, conn: Any) -> None:
+        with self._lock:
+            rows = list(self._outbox)
+            self._outbox.clear()
+        if not rows:
+            return
+        now = time.time()
+        try:
+            with self._backend.write_lock():
+                pg = conn.dialect.name == "postgres"
+                conn.execute("BEGIN" if pg else "BEGIN IMMEDIATE")
+                if pg:
+                    conn.execute("SELECT pg_advisory_xact_lock(?)", (SHARE_LOCK,))
+                conn.executemany("INSERT INTO monitor_events (origin, at, record) VALUES (?,?,?)",
+                                 [(self.origin, now, r) for r in rows])
+                self._since_prune += len(rows)
+                if self._since_prune >= 1000:
+                    self._since_prune = 0
+                    conn.execute("DELETE FROM monitor_events WHERE seq <= "
+                                 "(SELECT max(seq) FROM monitor_events) - ?", (self.retain,))
+                conn.execute("COMMIT")
+        except BaseException:
+            conn.rollback_quietly()
+            with self._lock:  # put them back, oldest first, for the next round
+                self._outbox.extendleft(reversed(rows))
+            raise
+        self.published += len(rows)
+
+    def _pull(self, conn: Any) -> None:
+        while True:
+            got = conn.execute("SELECT seq, record FROM monitor_events WHERE seq > ? AND origin <> ? ORDER BY seq "
+                               "LIMIT ?", (self.cursor, self.origin, PULL_BATCH)).fetchall()
+            for seq, record in got:
+                self.cursor = int(seq)
+                try:
+                    sketch = Sketch.from_record(orjson.loads(bytes(record)))
+                except Exception as exc:  # a row of another release: skipped, said once per row
+                    _log.warning("extraction monitor: skipped shared row %s: %s", seq, exc)
+                    continue
+                self.monitor.absorb(sketch)
+                self.applied += 1
+            if len(got) < PULL_BATCH:
+                return
+
+    def close(self) -> None:
+        """Stop the thread, flushing what is queued (one last try)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+            try:
+                self._flush(self._connection())
+            except Exception as exc:
+                _log.warning("extraction monitor: %d observed requests not shared at stop: %s",
+                             len(self._outbox), exc)
+        self._drop_conn()
