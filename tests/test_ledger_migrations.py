@@ -121,3 +121,10 @@ def test_the_log_keeps_no_index_on_its_editable_run_column_and_selects_runs_on_t
             finally:
                 conn.close()
             assert [e.body["run"] for e in store.entries(run="r1")] == ["r1"]
+
+
+def test_the_derived_columns_come_in_the_order_the_table_and_verify_name_them() -> None:
+    from distillgate.ledger.entries import COLUMNS, columns
+
+    assert columns({name: f"v-{name}" for name in COLUMNS}) == tuple(f"v-{name}" for name in COLUMNS)
+    assert columns({}) == (None,) * len(COLUMNS)

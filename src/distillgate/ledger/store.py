@@ -26,7 +26,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -225,9 +224,8 @@ class Store:
         def job(txn: Txn) -> Admission:
             policy = policies.select(request.project) if isinstance(policies, PolicySet) else policies
             day = utc_day(txn.now)
+            # with the run's owner: a run belongs to one project, decided in this transaction (two cannot both claim it)
             usage = txn.usage(request.project, request.user, request.run, day)
-            if request.run:  # a run belongs to one project: decided in this transaction, so two cannot both claim it
-                usage = replace(usage, run_project=txn.run_owner(request.run))
             decision = decide(policy, request, usage)
             reservation_id = None
             tokens = records = 0
