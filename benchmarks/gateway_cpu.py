@@ -106,7 +106,11 @@ async def main():
 uvloop.run(main())
 gw.store.close()
 fake.send_signal(signal.SIGINT)
-fake.wait(10)
+try:
+    fake.wait(10)
+except subprocess.TimeoutExpired:  # a loaded machine: the measured requests are done, only the teardown is slow
+    fake.kill()
+    fake.wait()
 print(json.dumps({"statuses": statuses}))
 '''
 

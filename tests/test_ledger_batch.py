@@ -73,6 +73,48 @@ def test_a_failing_job_in_a_batch_leaves_no_trace(tmp_path: Path) -> None:
     assert verify_db(db).ok
 
 
+def test_a_failing_job_undoes_every_counter_change_it_made_even_on_keys_new_to_the_batch(tmp_path: Path) -> None:
+    """``apply`` undoes by subtracting what it added (no copies): a job that charged the same counters twice, some
+    of them first touched by this job, then failed, leaves the cache and the table as if it never ran."""
+    db = tmp_path / "u.db"
+
+    def charges_twice_then_fails(txn: _Txn) -> Any:
+        day = utc_day(txn.now)
+        txn.apply("internal-compression", "mallory", "run-m", day, 400, 2)
+        txn.apply("internal-compression", "mallory", "run-m", day, 7, 1)
+        txn.apply("internal-compression", "alice", "run-1", day, -3, 0)
+        raise RuntimeError("broke after charging")
+
+    async def go(store: Store) -> tuple[Any, Any]:
+        blocker = _hold_write_lock(db)  # all three jobs share one batch
+        first = asyncio.ensure_future(store.aadmit(QUOTA, request(max_tokens=10, prompt_tokens=0)))
+        await asyncio.sleep(0.2)
+        broken: Future[Any] = Future()
+        store._submit(_Job(charges_twice_then_fails, broken))
+        after = asyncio.ensure_future(store.aadmit(QUOTA, request(user="mallory", run="run-m", max_tokens=20,
+                                                                  prompt_tokens=0)))
+        await asyncio.sleep(0.2)
+        blocker.execute("COMMIT")
+        blocker.close()
+        out = await asyncio.gather(first, after)
+        with pytest.raises(RuntimeError, match="broke"):
+            broken.result(timeout=10)
+        return out[0], out[1]
+
+    with Store.open(db) as store:
+        _, adm = asyncio.run(go(store))
+        assert adm.entry.body["usage_before"] == {"tokens_today_project": 10, "tokens_today_user": 0,
+                                                  "records_run": 0}
+        assert store.usage("internal-compression", "mallory", "run-m").tokens_today_user == 20
+        assert store.usage("internal-compression", "alice", "run-1").tokens_today_user == 10
+    conn = sqlite3.connect(db)
+    rows = dict(((sc, k), (t, r)) for sc, k, _, t, r in conn.execute("SELECT * FROM counters"))
+    conn.close()
+    assert rows[("user", "mallory")] == (20, 0) and rows[("user", "alice")] == (10, 0)
+    assert rows[("project", "internal-compression")] == (30, 0)
+    assert verify_db(db).ok
+
+
 def test_another_writer_on_the_same_file_is_seen_before_the_next_decision(tmp_path: Path) -> None:
     db = tmp_path / "two.db"
     Store.open(db).close()

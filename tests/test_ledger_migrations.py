@@ -101,3 +101,30 @@ def test_an_unrecorded_old_store_without_runs_is_backfilled(tmp_path: Path, miss
     with Store.open(db) as store:
         assert store.run_owner("old-run") == "internal-compression"
         assert store.run_owner("other-run") == "internal-compression"
+
+
+def test_the_log_keeps_no_index_on_its_editable_run_column_and_selects_runs_on_the_body(tmp_path: Path) -> None:
+    """m009: the column index cost every append an index insert and no read used it; a run's entries are still
+    found through the index over the hashed body's field (an old store loses the index on its first open)."""
+    for db in (tmp_path / "new.db", _old_store(tmp_path)):
+        with Store.open(db) as store:
+            store.admit(policy_from_data(SEED), request(run="r1"))
+            conn = connect(db)
+            try:
+                names = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+                assert "log_run" not in names and "log_body_run" in names
+                plan = " ".join(str(r[-1]) for r in conn.execute(
+                    f"EXPLAIN QUERY PLAN SELECT idx FROM log WHERE idx >= 0 AND {conn.dialect.body_run} = ?",
+                    ("r1",)))
+                assert "log_body_run" in plan, plan
+                conn.execute("UPDATE log SET run = 'elsewhere'")  # an edited column moves nothing out of the run
+            finally:
+                conn.close()
+            assert [e.body["run"] for e in store.entries(run="r1")] == ["r1"]
+
+
+def test_the_derived_columns_come_in_the_order_the_table_and_verify_name_them() -> None:
+    from distillgate.ledger.entries import COLUMNS, columns
+
+    assert columns({name: f"v-{name}" for name in COLUMNS}) == tuple(f"v-{name}" for name in COLUMNS)
+    assert columns({}) == (None,) * len(COLUMNS)

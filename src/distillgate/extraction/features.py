@@ -10,10 +10,9 @@ from __future__ import annotations
 import base64
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from functools import cached_property
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 import xxhash
@@ -147,6 +146,30 @@ def task_text(text: str) -> str:
     return " ".join(content) or text
 
 
+_T = TypeVar("_T")
+
+
+class _once(Generic[_T]):
+    """``functools.cached_property`` without its lock: Python 3.11's takes a class-wide RLock on every first access
+    (3.12 dropped it), and a sketch is made for every request. The values are pure functions of a frozen sketch, so
+    two threads computing one at once store the same value. It is kept in the instance's ``__dict__``: later reads
+    never reach this descriptor."""
+
+    def __init__(self, fn: Callable[[Any], _T]) -> None:
+        self.fn = fn
+        self.name = fn.__name__
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _once[_T]: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> _T: ...
+    def __get__(self, obj: object | None, owner: type | None = None) -> _T | _once[_T]:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
+
+
 @dataclass(frozen=True)
 class Sketch:
     """What the detectors use: derived from ``RequestFeatures`` on the request path, or from a logged record."""
@@ -181,15 +204,15 @@ class Sketch:
     word_set: frozenset[int] | None = field(default=None, repr=False, compare=False)
 
     # What the detectors' rings store (b-bit MinHash, see state.Ring), computed once per request, not per scope.
-    @cached_property
+    @_once
     def minhash8(self) -> np.ndarray:
         return self.minhash.astype(np.uint8)
 
-    @cached_property
+    @_once
     def task_minhash8(self) -> np.ndarray | None:
         return None if self.task_minhash is None else self.task_minhash.astype(np.uint8)
 
-    @cached_property
+    @_once
     def fp_int(self) -> int:
         return int(self.prompt_fp, 16)
 
@@ -197,11 +220,11 @@ class Sketch:
         """Identity of a ring row this request adds: its signature, word count and fingerprint."""
         return xxhash.xxh64_intdigest(signature.tobytes() + f"{self.vocab_size}:{self.prompt_fp}".encode())
 
-    @cached_property
+    @_once
     def row_key(self) -> int:
         return self._row_key(self.minhash8)
 
-    @cached_property
+    @_once
     def task_row_key(self) -> int:
         return 0 if self.task_minhash8 is None else self._row_key(self.task_minhash8)
 

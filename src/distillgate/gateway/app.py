@@ -398,7 +398,10 @@ class Gateway:
     # -- forward --------------------------------------------------------------------------------------------------
     async def _forward(self, ex: Exchange, upstream: Upstream, ticket: Ticket, out: Responder) -> None:
         inb = ex.inb
-        raw = await self._upstream_call(ex, upstream.post_raw(_UPSTREAM_PATHS[inb.route], orjson.dumps(inb.body)))
+        try:  # inline, not a helper coroutine: one coroutine less per request
+            raw = await upstream.post_raw(_UPSTREAM_PATHS[inb.route], orjson.dumps(inb.body))
+        except UpstreamError as exc:
+            raise self._upstream_failed(ex, exc) from exc
         try:
             resp = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -421,12 +424,6 @@ class Gateway:
         resp["distillgate"] = final
         await out.whole(200, orjson.dumps(resp), [(b"content-type", b"application/json"),
                                                   (STAMP_HEADER.encode(), header.encode())])
-
-    async def _upstream_call(self, ex: Exchange, call: Awaitable[bytes]) -> bytes:
-        try:
-            return await call
-        except UpstreamError as exc:
-            raise self._upstream_failed(ex, exc) from exc
 
     def _upstream_failed(self, ex: Exchange, exc: UpstreamError) -> UpstreamError:
         assert ex.route is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from itertools import chain
 from typing import Any
 
 from distillgate.gateway.errors import ApiError
@@ -70,9 +71,7 @@ def header_map(scope: Scope, max_bytes: int) -> dict[str, str]:
     One pass builds the map; only a request with a repeated name (fewer names than headers) is looked at again, to
     tell a repeated identity header (refused) from any other repeated header (the last copy wins)."""
     raw = scope["headers"]
-    size = 4 * len(raw)
-    for k, v in raw:
-        size += len(k) + len(v)
+    size = 4 * len(raw) + sum(map(len, chain.from_iterable(raw)))  # no Python loop: this runs for every request
     if size > max_bytes:
         raise ApiError(431, f"the request headers are larger than {max_bytes} bytes; send fewer or shorter headers",
                        code="request_header_fields_too_large")

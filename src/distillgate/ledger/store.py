@@ -23,10 +23,8 @@ import contextlib
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -225,14 +223,13 @@ class Store:
         def job(txn: Txn) -> Admission:
             policy = policies.select(request.project) if isinstance(policies, PolicySet) else policies
             day = utc_day(txn.now)
+            # with the run's owner: a run belongs to one project, decided in this transaction (two cannot both claim it)
             usage = txn.usage(request.project, request.user, request.run, day)
-            if request.run:  # a run belongs to one project: decided in this transaction, so two cannot both claim it
-                usage = replace(usage, run_project=txn.run_owner(request.run))
             decision = decide(policy, request, usage)
             reservation_id = None
             tokens = records = 0
             if decision.allowed and request.kind == "inference":
-                reservation_id = uuid.uuid4().hex
+                reservation_id = os.urandom(16).hex()  # 128 random bits, as many hex digits as uuid4().hex
                 tokens, records = request.tokens_requested, request.records_requested
                 txn.apply(request.project, request.user, request.run, day, tokens, records)
             fields: dict[str, Any] = {

@@ -35,6 +35,7 @@ from distillgate.ledger.signing import Signer
 from distillgate.policy.decision import Usage
 
 _MISSING = object()
+_COUNTER_CHANGES: dict[Any, Any] = {}  # marks an undo record of ``apply`` (its changes and the values they changed)
 CounterKey = tuple[str, str, str]  # (scope, key, day) of a row of the counters table
 
 LOG_INSERT = 'INSERT INTO log (idx, entry_hash, body, kind, ts, run, project, "user") VALUES (?,?,?,?,?,?,?,?)'
@@ -71,9 +72,10 @@ def read_counters(conn: Conn, keys: Sequence[CounterKey]) -> dict[CounterKey, li
     return {k: found.get(k, [0, 0]) for k in keys}
 
 
-def as_usage(counters: Sequence[list[int]]) -> Usage:
+def as_usage(counters: Sequence[list[int]], run_project: str | None = None) -> Usage:
     project, user, run = counters
-    return Usage(tokens_today_project=project[0], tokens_today_user=user[0], records_run=run[1])
+    return Usage(tokens_today_project=project[0], tokens_today_user=user[0], records_run=run[1],
+                 run_project=run_project)
 
 
 def log_key_pem(body: bytes | memoryview | None) -> str | None:
@@ -152,7 +154,14 @@ class Txn:
         del self._reservation_updates[n_upd:], self._runs[n_runs:]
         while len(self._undo) > n_undo:
             mapping, key, old = self._undo.pop()
-            if old is _MISSING:
+            if mapping is _COUNTER_CHANGES:  # see ``apply``
+                for (counter, t, r), value in zip(key, old, strict=True):
+                    value[0] -= t
+                    value[1] -= r
+                    d = self._deltas[counter]
+                    d[0] -= t
+                    d[1] -= r
+            elif old is _MISSING:
                 mapping.pop(key, None)
             else:
                 mapping[key] = old
@@ -213,7 +222,8 @@ class Txn:
         return [cache[k] for k in keys]
 
     def usage(self, project: str | None, user: str | None, run: str | None, day: str) -> Usage:
-        return as_usage(self.counters(usage_keys(project, user, run, day)))
+        """The counters ``decide`` reads and, for a request in a run, the project that owns the run."""
+        return as_usage(self.counters(usage_keys(project, user, run, day)), self.run_owner(run) if run else None)
 
     def apply(self, project: str | None, user: str | None, run: str | None, day: str, tokens: int,
               records: int) -> None:
@@ -227,14 +237,19 @@ class Txn:
         if not changes:
             return
         values = self.counters([k for k, _, _ in changes])
+        deltas = self._deltas
         for (key, t, r), value in zip(changes, values, strict=True):
-            self._remember(self.state.counters, key)
-            self._remember(self._deltas, key)
             value[0] += t
             value[1] += r
-            d = self._deltas.setdefault(key, [0, 0])
-            d[0] += t
-            d[1] += r
+            d = deltas.get(key)
+            if d is None:
+                deltas[key] = [t, r]
+            else:
+                d[0] += t
+                d[1] += r
+        # undone by subtracting the same amounts (undo runs newest first), not by copies of each value: the
+        # counter lists are the ones the cache holds, so this is exact; a delta left at [0, 0] writes no row
+        self._undo.append((_COUNTER_CHANGES, changes, values))
 
     # -- reservations -------------------------------------------------------------------------------------------
     def reservation(self, reservation_id: str) -> Reservation | None:
