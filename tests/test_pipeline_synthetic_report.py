@@ -139,3 +139,12 @@ def test_project_file_refuses_probe_transforms_that_lose_the_label(tmp_path: Pat
     path = write_project(tmp_path, "http://127.0.0.1:9/v1", eval={"edge_probe": {"transforms": ["long"]}})
     with pytest.raises(ConfigError, match="edge_probe"):
         load_project(path)
+
+
+def test_a_probe_with_nothing_left_is_a_finding_of_the_report() -> None:
+    from distillgate.pipeline.report import synthetic_html, synthetic_section
+
+    section = synthetic_section({"edge_probe": {"skipped": "the edge-case probe has no item left", "items": 0,
+                                                "slices": {}, "compared_with": "project"}}, {}, {})
+    assert "the edge-case probe has no item left" in synthetic_html(section["synthetic"])
+    assert synthetic_section({}, {}, {}) == {} and synthetic_html(None) == ""

@@ -148,6 +148,9 @@ def synthetic_html(section: dict[str, Any] | None) -> str:
             rows.append(f"<tr><td>{e(label)}</td><td>{sl.get('n')}</td><td>{_pct_ci(sl.get('teacher_accuracy'))}"
                         f"</td><td>{_pct_ci(sl.get('student_accuracy'))}</td>"
                         f"<td>{_est(sl.get('accuracy_retention'))}</td><td>{_pct_ci(sl.get('agreement'))}</td></tr>")
+    if probe.get("skipped"):
+        parts.append(f"<p>edge-case probe not run: {e(str(probe['skipped']))}</p>")
+    if slices:
         dropped = (probe.get("meta") or {}).get("dropped") or {}
         note = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in dropped.items() if v)
         parts.append("<h3>Evaluation: real held-out rows and the edge-case probe (the same rows under deterministic "

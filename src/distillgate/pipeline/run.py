@@ -598,9 +598,13 @@ class Pipeline:
         if probed is not None and (probe_cfg.enabled if probe_cfg.enabled is not None else p.synthesize is not None):
             base_suite, spec = probed
             stored = {str(r["row_id"]): str(r["label"]) for r in rows if r.get("label") not in (None, "")}
-            suite = probe_suite(base_suite, probe_cfg.transforms, sample=probe_cfg.sample, seed=probe_cfg.seed,
-                                exclude_texts=[str(r["input"]) for r in rows if r.get("split") == "train"],
-                                fallback_gold=stored if spec.name == "project" else None)
+            try:
+                suite = probe_suite(base_suite, probe_cfg.transforms, sample=probe_cfg.sample, seed=probe_cfg.seed,
+                                    exclude_texts=[str(r["input"]) for r in rows if r.get("split") == "train"],
+                                    fallback_gold=stored if spec.name == "project" else None)
+            except UserError as exc:  # an optional measure with nothing to measure: a finding, not a failed run
+                out["edge_probe"] = {"skipped": str(exc), "items": 0, "slices": {}}
+                return out
             scoring = p.generation.label_scoring
             teacher = OpenAIChatSource(
                 name=p.teacher.model, base_url=target.base_url, api_key=target.api_key, headers=headers,
