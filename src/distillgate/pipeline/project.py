@@ -125,6 +125,31 @@ class EvalSuite(_Strict):
         return self
 
 
+ProbeTransform = Literal["misspelt", "mixed_language", "formatting", "short"]
+_PROBE_TRANSFORMS: tuple[ProbeTransform, ...] = ("misspelt", "mixed_language", "formatting", "short")
+
+
+class EdgeProbeSection(_Strict):
+    """The edge-case probe (``evals.edge_probe``): test/golden rows under deterministic edge-case transforms, their
+    own gold label kept, answered by teacher and student; a slice of its own, never a training row."""
+
+    enabled: bool | None = Field(default=None, description="null: on when the project has a synthesize section")
+    transforms: list[ProbeTransform] = Field(default_factory=lambda: list(_PROBE_TRANSFORMS))
+    sample: int | None = Field(default=100, ge=1, description="project-suite items probed, each under every "
+                               "transform (each probe item is a live teacher call); null: every item")
+    seed: int = 0
+
+
+class TrainFitSection(_Strict):
+    """The student's agreement with the label it was trained on, real and synthetic train rows apart."""
+
+    enabled: bool | None = Field(default=None, description="null: on when the trained version has synthetic "
+                                 "train rows")
+    real_sample: int | None = Field(default=200, ge=1, description="real train rows scored (a seeded sample; "
+                                    "null: all); every synthetic train row is scored")
+    seed: int = 0
+
+
 class EvalSection(_Strict):
     suites: list[EvalSuite] = Field(default_factory=lambda: [EvalSuite(name="project")])
     resamples: int = Field(default=1000, ge=100)
@@ -137,6 +162,8 @@ class EvalSection(_Strict):
         description="'project' suites: the teacher's answers come from the generate stage (the same governed "
         "request, stamped); this many items are asked again live, for latency and to check the reuse. "
         "null: ask the teacher live on every item")
+    edge_probe: EdgeProbeSection = Field(default_factory=EdgeProbeSection)
+    train_fit: TrainFitSection = Field(default_factory=TrainFitSection)
 
 
 class CompareSection(_Strict):

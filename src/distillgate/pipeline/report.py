@@ -75,8 +75,90 @@ def collect_metrics(pipeline: Pipeline) -> dict[str, Any]:
         "signoffs": pipeline.signoffs(train.get("version_id") or version["version_id"]),
         "suites": suites,
         "promotion": _promotion(pipeline),
+        **synthetic_section(eval_out, suites, manifest.get("counts") or {}),
         **row_quality(Path(train.get("version_dir") or version["version_dir"])),
     }
+
+
+def synthetic_section(eval_out: dict[str, Any], suites: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:
+    """``metrics.synthetic``: real vs synthetic train rows (share, train fit) and the real test slice next to the
+    edge-case probe (``pipeline.synthetic_eval``); absent when the eval stage measured neither."""
+    fit, probe = eval_out.get("train_fit"), eval_out.get("edge_probe")
+    if not fit and not probe:
+        return {}
+    out: dict[str, Any] = {"train_share": (counts.get("synthetic") or {}).get("train_share")}
+    if fit:
+        out["train_fit"] = fit
+    if probe:
+        key = probe.get("compared_with")
+        real = suites.get(key) or {}
+        overall = next((s for s in real.get("retention") or [] if s.get("slice") == "all"), None)
+        if overall is not None:
+            m = (overall.get("metrics") or {}).get("accuracy") or {}
+            out["real_test"] = {"suite": key, "n": overall.get("n"), "teacher_accuracy": m.get("teacher"),
+                                "student_accuracy": m.get("student"), "accuracy_retention": m.get("retention"),
+                                "agreement": overall.get("agreement")}
+        out["edge_probe"] = probe
+    return {"synthetic": out}
+
+
+def _pct_ci(value: Any) -> str:
+    if not isinstance(value, dict) or not isinstance(value.get("estimate"), (int, float)):
+        return "–"
+    text = f"{100 * value['estimate']:.1f} %"
+    lo, hi = value.get("low"), value.get("high")
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+        text += f" <span class=ci>[{100 * lo:.1f}, {100 * hi:.1f}]</span>"
+    return text
+
+
+def synthetic_html(section: dict[str, Any] | None) -> str:
+    """The report's "Real vs synthetic" tables (train rows; real test slice and edge-case probe)."""
+    if not section:
+        return ""
+    e = html.escape
+    parts = ["<h2>Real vs synthetic</h2>"]
+    fit = section.get("train_fit") or {}
+    groups = fit.get("groups") or {}
+    if groups:
+        rows = []
+        for name, g in groups.items():
+            beside = (g.get("teacher_label_is_gold"), "teacher label = gold") if name == "real" else \
+                (g.get("teacher_label_is_intended"), "teacher label = intended")
+            rows.append(f"<tr><td>{e(name)}</td><td>{g.get('train_rows')}</td>"
+                        f"<td>{100 * float(g.get('share_of_train') or 0):.1f} %</td><td>{g.get('scored')}</td>"
+                        f"<td>{_pct_ci(g.get('student_agrees_with_trained_label'))}</td>"
+                        f"<td>{_pct_ci(beside[0])} <span class=ci>{e(beside[1])}</span></td></tr>")
+        parts.append("<h3>Train rows (train fit: the student's agreement with the label each row was trained on; "
+                     "not held-out accuracy)</h3><table><tr><th>rows</th><th>train rows</th><th>share</th>"
+                     "<th>scored</th><th>student = trained label</th><th>teacher's label</th></tr>"
+                     + "".join(rows) + "</table>")
+    probe = section.get("edge_probe") or {}
+    slices = probe.get("slices") or {}
+    if slices:
+        rows = []
+        real = section.get("real_test")
+        if real:
+            rows.append(f"<tr><td>real test ({e(str(real.get('suite')))})</td><td>{real.get('n')}</td>"
+                        f"<td>{_pct_ci(real.get('teacher_accuracy'))}</td><td>{_pct_ci(real.get('student_accuracy'))}"
+                        f"</td><td>{_est(real.get('accuracy_retention'))}</td><td>{_pct_ci(real.get('agreement'))}"
+                        "</td></tr>")
+        for name, sl in slices.items():
+            label = "edge-case probe (all)" if name == "all" else f"· {name}"
+            rows.append(f"<tr><td>{e(label)}</td><td>{sl.get('n')}</td><td>{_pct_ci(sl.get('teacher_accuracy'))}"
+                        f"</td><td>{_pct_ci(sl.get('student_accuracy'))}</td>"
+                        f"<td>{_est(sl.get('accuracy_retention'))}</td><td>{_pct_ci(sl.get('agreement'))}</td></tr>")
+    if probe.get("skipped"):
+        parts.append(f"<p>edge-case probe not run: {e(str(probe['skipped']))}</p>")
+    if slices:
+        dropped = (probe.get("meta") or {}).get("dropped") or {}
+        note = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in dropped.items() if v)
+        parts.append("<h3>Evaluation: real held-out rows and the edge-case probe (the same rows under deterministic "
+                     "edge-case transforms, gold label kept; never a training row)</h3><table><tr><th>slice</th>"
+                     "<th>items</th><th>teacher accuracy</th><th>student accuracy</th><th>retention</th>"
+                     "<th>agreement</th></tr>" + "".join(rows) + "</table>"
+                     + (f"<p class=sub>probe items left out: {e(note)}</p>" if note else ""))
+    return "".join(parts)
 
 
 def row_quality(version_dir: Path) -> dict[str, Any]:
@@ -199,6 +281,7 @@ decision log. Intervals are 95% paired bootstrap intervals over items.</p>
 <div class=front>{front}</div>
 <h2>Headline</h2><div class=cards>{''.join(cards) or '<p>no evaluation yet</p>'}</div>
 <h2>Promotion gates</h2>{promotion_html(metrics.get("promotion"))}
+{synthetic_html(metrics.get("synthetic"))}
 <h2>All headline numbers</h2><table><tr><th>suite</th><th>measure</th><th>value</th></tr>{head_rows}</table>
 <h2>Full reports</h2><ul>{link_items}</ul>
 <h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>result</th></tr>{stage_rows}</table>

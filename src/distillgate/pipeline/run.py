@@ -495,8 +495,12 @@ class Pipeline:
                    "X-Policy-Output-Type": p.task.output_type}
         summaries: dict[str, Any] = {}
         files: dict[str, str] = {}
+        probed: tuple[Any, Any] | None = None  # the suite the edge-case probe rewrites, and its spec
         for spec in p.eval.suites:
             suite = self.suite(spec, version)
+            if suite.kind == "classification" and (probed is None or (spec.name == "project" and
+                                                                      probed[1].name != "project")):
+                probed = (suite, spec)
             key = "project" if spec.name == "project" else spec.name
             scoring = p.generation.label_scoring and suite.kind == "classification"
             teacher: AnswerSource = OpenAIChatSource(
@@ -546,8 +550,83 @@ class Pipeline:
                 files[f"{key}_lift"] = str(out / "recipe_lift.json")
             files[f"{key}_report"] = str(run.report_path)
             files[f"{key}_metrics"] = str(run.metrics_path)
-        return StageOutcome("eval", "ran", 0, "; ".join(f"{k}: {_short(v)}" for k, v in summaries.items()),
-                            {"headline": summaries, "files": files})
+        outputs: dict[str, Any] = {"headline": summaries, "files": files}
+        extra = self.synthetic_eval(version, train, probed, target, headers)
+        outputs.update(extra)
+        for key in ("edge_probe_report", "edge_probe_slice"):
+            if key in extra.get("edge_probe_files", {}):
+                files[key] = extra["edge_probe_files"][key]
+        outputs.pop("edge_probe_files", None)
+        summary = "; ".join(f"{k}: {_short(v)}" for k, v in summaries.items())
+        probe_all = (extra.get("edge_probe") or {}).get("slices", {}).get("all")
+        if probe_all:
+            summary += f"; edge-case probe ({probe_all['n']} items): " + _short(
+                {"teacher_accuracy": probe_all["teacher_accuracy"], "student_accuracy": probe_all["student_accuracy"]})
+        return StageOutcome("eval", "ran", 0, summary, outputs)
+
+    def synthetic_eval(self, version: dict[str, Any], train: dict[str, Any], probed: tuple[Any, Any] | None,
+                       target: Any, headers: dict[str, str]) -> dict[str, Any]:
+        """The train fit (real vs synthetic train rows) and the edge-case probe, where enabled
+        (``pipeline.synthetic_eval``); the probe's teacher calls go through the gateway like the suites'."""
+        from distillgate.data.versions import load_version
+        from distillgate.evals.answers import run_source
+        from distillgate.evals.edge_probe import probe_suite
+        from distillgate.evals.run import evaluate_pair
+        from distillgate.evals.sources import OpenAIChatSource, student_source
+        from distillgate.evals.suites import Item, Suite
+        from distillgate.pipeline.synthetic_eval import pick_rows, probe_summary, train_fit
+
+        p = self.project
+        rows = load_version(version["version_dir"])
+        has_synthetic = any(r.get("synthetic") is not None and r.get("split") == "train" for r in rows)
+        out: dict[str, Any] = {}
+        fit_cfg = p.eval.train_fit
+        if fit_cfg.enabled if fit_cfg.enabled is not None else has_synthetic:
+            scored = pick_rows(rows, fit_cfg.real_sample, fit_cfg.seed)
+            suite = Suite("train-fit", "classification", [Item(str(r["row_id"]), str(r["input"]), None)
+                                                           for r in scored], list(self.labels),
+                          system_prompts={"student": self.student_system})
+            student = student_source(train["model_dir"], name=f"student:{p.name}", threads=p.eval.threads)
+            try:
+                predicted = [a.label for a in run_source(suite, student, "student", mode="score")]
+            finally:
+                student.close()
+            out["train_fit"] = train_fit(rows, scored, predicted, resamples=p.eval.resamples, seed=fit_cfg.seed)
+            (self.workdir / "eval").mkdir(parents=True, exist_ok=True)
+            (self.workdir / "eval" / "train_fit.json").write_text(json.dumps(out["train_fit"], indent=2) + "\n")
+        probe_cfg = p.eval.edge_probe
+        if probed is not None and (probe_cfg.enabled if probe_cfg.enabled is not None else p.synthesize is not None):
+            base_suite, spec = probed
+            stored = {str(r["row_id"]): str(r["label"]) for r in rows if r.get("label") not in (None, "")}
+            try:
+                suite = probe_suite(base_suite, probe_cfg.transforms, sample=probe_cfg.sample, seed=probe_cfg.seed,
+                                    exclude_texts=[str(r["input"]) for r in rows if r.get("split") == "train"],
+                                    fallback_gold=stored if spec.name == "project" else None)
+            except UserError as exc:  # an optional measure with nothing to measure: a finding, not a failed run
+                out["edge_probe"] = {"skipped": str(exc), "items": 0, "slices": {}}
+                return out
+            scoring = p.generation.label_scoring
+            teacher = OpenAIChatSource(
+                name=p.teacher.model, base_url=target.base_url, api_key=target.api_key, headers=headers,
+                request_logprobs=True, label_choices=list(suite.labels) if scoring else None,
+                label_score="mean" if scoring == "mean" else None)
+            student = student_source(train["model_dir"], name=f"student:{p.name}", threads=p.eval.threads)
+            metadata = {"run_id": p.run_id, "dataset_version": version["version_id"],
+                        "policy_ids": [f"{pol.policy_id}@{pol.content_hash[:16]}" for pol in self.policies],
+                        "checkpoint": self.checkpoint()}
+            try:
+                run = evaluate_pair(suite, teacher, student, self.workdir / "eval" / "edge_probe", metadata=metadata,
+                                    detector=p.eval.detector, target=p.eval.routing_target,
+                                    min_routed=p.eval.min_routed, resamples=p.eval.resamples, seed=probe_cfg.seed)
+            finally:
+                teacher.close()
+                student.close()
+            out["edge_probe"] = {**probe_summary(json.loads(run.metrics_path.read_text())),
+                                 "compared_with": "project" if spec.name == "project" else spec.name}
+            # "_slice", not "_metrics": the probe is a finding of the report, not a suite the promotion gates read
+            out["edge_probe_files"] = {"edge_probe_report": str(run.report_path),
+                                       "edge_probe_slice": str(run.metrics_path)}
+        return out
 
     def stage_promote(self) -> StageOutcome:
         from distillgate.evals.promotion import REPORT_FILE, promote
