@@ -60,6 +60,7 @@ class StageOutcome:
     seconds: float
     summary: str
     outputs: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # user + sys of this process (every thread) while the stage ran
 
 
 def default_system_prompt(labels: list[str]) -> str:
@@ -429,8 +430,9 @@ class Pipeline:
             summary += f"; baseline {baseline}: {base.steps} steps, {base.seconds:.0f}s"
         return StageOutcome("train", "ran", 0, summary, outputs)
 
-    def suite(self, spec: Any, version: dict[str, Any]) -> Any:
-        """The suite ``spec`` names: the project's own split (default), a labelled file, or XSTest refusals."""
+    def suite(self, spec: Any, version: dict[str, Any], rows: Callable[[], list[dict[str, Any]]] | None = None) -> Any:
+        """The suite ``spec`` names: the project's own split (default), a labelled file, or XSTest refusals.
+        ``rows`` gives the version's rows (read once by the caller); without it they are read here."""
         from distillgate.evals.suites import load_xstest, project_suite
 
         p = self.project
@@ -447,9 +449,9 @@ class Pipeline:
         from distillgate.data.versions import load_version
 
         manifest = json.loads((Path(version["version_dir"]) / "manifest.json").read_text())
-        rows = load_version(version["version_dir"])
+        version_rows = rows() if rows is not None else load_version(version["version_dir"])
         splits = (spec.split, "golden") if spec.split == "test" else (spec.split,)
-        suite = project_suite(rows, self.labels, name=p.name, splits=splits, sample=spec.sample, seed=spec.seed,
+        suite = project_suite(version_rows, self.labels, name=p.name, splits=splits, sample=spec.sample, seed=spec.seed,
                               out_of_scope=p.task.out_of_scope_label,
                               golden_ids=manifest.get("golden", {}).get("row_ids", ()),
                               meta={"dataset_version": version["version_id"]})
@@ -495,8 +497,18 @@ class Pipeline:
                    "X-Policy-Output-Type": p.task.output_type}
         summaries: dict[str, Any] = {}
         files: dict[str, str] = {}
+        read: list[list[dict[str, Any]]] = []
+
+        def version_rows() -> list[dict[str, Any]]:
+            """The frozen version's rows, read from disk once for every suite and the reused teacher answers."""
+            if not read:
+                from distillgate.data.versions import load_version
+
+                read.append(load_version(version["version_dir"]))
+            return read[0]
+
         for spec in p.eval.suites:
-            suite = self.suite(spec, version)
+            suite = self.suite(spec, version, version_rows)
             key = "project" if spec.name == "project" else spec.name
             scoring = p.generation.label_scoring and suite.kind == "classification"
             teacher: AnswerSource = OpenAIChatSource(
@@ -505,10 +517,9 @@ class Pipeline:
                 label_score="mean" if p.generation.label_scoring == "mean" else None)
             if spec.name == "project" and scoring and p.eval.teacher_live_items is not None:
                 # the teacher already answered these rows in `generate`, through the gateway, with this request
-                from distillgate.data.versions import load_version
                 from distillgate.evals.reuse import ReusedTeacher, stored_answers
 
-                teacher = ReusedTeacher(teacher, stored_answers(load_version(version["version_dir"])),
+                teacher = ReusedTeacher(teacher, stored_answers(version_rows()),
                                         live_items=p.eval.teacher_live_items)
             student = student_source(train["model_dir"], name=f"student:{p.name}", threads=p.eval.threads)
             out = self.workdir / "eval" / key
@@ -673,14 +684,16 @@ class Pipeline:
                     self.console.print(f"[dim]• {name}: unchanged, skipped[/]")
                     continue
                 self.console.print(f"[bold]• {name}[/]")
-                began = time.monotonic()
+                began, cpu_began = time.monotonic(), time.process_time()
                 outcome = getattr(self, f"stage_{name}")()
                 outcome.seconds = time.monotonic() - began
+                outcome.cpu_seconds = time.process_time() - cpu_began
                 record = StageRecord(name, fp, outcome.outputs)
                 self.cache.put(record)
                 self.records[name] = record
                 outcomes.append(outcome)
-                self.console.print(f"  {outcome.summary} [dim]({outcome.seconds:.1f}s)[/]")
+                self.console.print(f"  {outcome.summary} [dim]({outcome.seconds:.1f}s, "
+                                   f"{outcome.cpu_seconds:.1f} CPU s)[/]")
                 forced = True  # what a stage that ran produced may differ: every later stage runs too
         finally:
             self.close()
@@ -691,9 +704,10 @@ class Pipeline:
         table.add_column("stage")
         table.add_column("status")
         table.add_column("time", justify="right")
+        table.add_column("CPU", justify="right")
         table.add_column("result")
         for o in outcomes:
-            table.add_row(o.name, o.status, f"{o.seconds:.1f}s", o.summary)
+            table.add_row(o.name, o.status, f"{o.seconds:.1f}s", f"{o.cpu_seconds:.1f}s", o.summary)
         return table
 
 

@@ -102,7 +102,7 @@ def run(config: TrainConfig) -> TrainResult:
     head_lr = settings.head_lr or 20 * config.lr
     model = EncoderClassifier(encoder, config.labels, template=config.prompt.template,
                               max_length=config.max_length, head_lr_scale=head_lr / config.lr,
-                              normalise=settings.head_init == "prototypes")
+                              normalise=settings.head_init == "prototypes", serve=settings.serve)
     if settings.freeze_encoder:
         for p in model.encoder.parameters():
             p.requires_grad_(False)
@@ -121,7 +121,7 @@ def run(config: TrainConfig) -> TrainResult:
         "student": {"parameters": total, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "family": "encoder_classifier", "encoder": settings.path, "labels": len(config.labels),
                     "freeze_encoder": settings.freeze_encoder, "head_init": settings.head_init,
-                    "labels_started_from_name": len(fallback)},
+                    "labels_started_from_name": len(fallback), "serve": settings.serve},
         "encoding": stats,
     }
 
