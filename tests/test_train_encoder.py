@@ -234,3 +234,19 @@ def test_one_item_is_padded_to_its_own_length_and_a_batch_to_its_longest(tmp_pat
     assert ids.shape == (2, 6) and mask[0].tolist() == [1, 1, 1, 0, 0, 0]
     ids, _ = encode_texts(tok, [" ".join(WORDS * 20)], 8)
     assert ids.shape == (1, 8)  # never past max_length
+
+
+def test_frozen_word_embeddings_stay_pretrained_while_the_layers_learn(tmp_path: Path) -> None:
+    rows = soft_rows(24)
+    result = run_recipe(config(tmp_path, rows, freeze_word_embeddings=True))
+    before = load_encoder_student_weights(tmp_path / "enc")
+    model, _ = load_encoder_student(result.model_dir)
+    after = model.encoder.state_dict()
+    assert torch.equal(before["embeddings.word_embeddings.weight"], after["embeddings.word_embeddings.weight"])
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("encoder.layer.0" in k for k in changed) and any("position_embeddings" in k for k in changed)
+    record = json.loads(result.record_path.read_text())
+    assert record["student"]["freeze_word_embeddings"] is True
+    assert record["student"]["trainable"] == record["student"]["parameters"] - before[
+        "embeddings.word_embeddings.weight"].numel()
+    assert accuracy(result.model_dir, rows) >= 0.9

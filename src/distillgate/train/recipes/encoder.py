@@ -106,6 +106,8 @@ def run(config: TrainConfig) -> TrainResult:
     if settings.freeze_encoder:
         for p in model.encoder.parameters():
             p.requires_grad_(False)
+    if settings.freeze_word_embeddings:
+        model.encoder.get_input_embeddings().weight.requires_grad_(False)
     kd = config.kd
     examples, stats = make_examples(rows, tokenizer, config.labels, config.prompt.template, config.max_length,
                                     need_probs=config.recipe == "kd")
@@ -120,7 +122,8 @@ def run(config: TrainConfig) -> TrainResult:
         "dataset": dataset,
         "student": {"parameters": total, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "family": "encoder_classifier", "encoder": settings.path, "labels": len(config.labels),
-                    "freeze_encoder": settings.freeze_encoder, "head_init": settings.head_init,
+                    "freeze_encoder": settings.freeze_encoder,
+                    "freeze_word_embeddings": settings.freeze_word_embeddings, "head_init": settings.head_init,
                     "labels_started_from_name": len(fallback), "serve": settings.serve},
         "encoding": stats,
     }
