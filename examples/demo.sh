@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: the main job, `distillgate run examples/banking77/project.yaml`, offline on banking77: a retrieval-
-# augmented local teacher (SmolLM2-135M-Instruct shown its 16 nearest labelled examples) labels 1,100 messages
-# through the policy gateway; an encoder student (all-MiniLM-L6-v2 + head) learns its label distributions (kd) and,
-# for comparison, its hard labels (sft); both are evaluated on the project's own ~440 test items. Then the front
-# page in words, the headline numbers and a check of the decision log.
+# augmented local teacher (SmolLM2-135M-Instruct shown its 8 nearest labelled examples) labels 2,000 messages
+# through the policy gateway; an encoder student (all-MiniLM-L6-v2 + head, served int8) learns its label
+# distributions (kd) and, for comparison, its hard labels (sft); both are evaluated on the project's own ~570 test
+# and golden items. Then the front page in words, the headline numbers and a check of the decision log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1

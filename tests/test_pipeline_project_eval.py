@@ -189,3 +189,51 @@ def test_the_retrieval_pool_never_holds_a_labelled_or_evaluated_row(tmp_path: Pa
         assert card["pool"]["excluded_rows"] == pool.excluded and card["pool"]["licence"] == "CC0"
     finally:
         pipeline.close()
+
+
+@pytest.mark.slow
+def test_eval_reads_the_frozen_version_once_and_measures_the_served_int8_student(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eval stage reads the version's rows once for the project suite and the reused teacher answers; with
+    ``serve: int8`` the student it measures is the quantised one, and its card says so."""
+    import distillgate.data.versions as versions
+
+    reads: list[str] = []
+    real = versions.load_version
+    in_eval: list[bool] = [False]
+
+    def counting(ref: Any, **kw: Any) -> Any:
+        if in_eval[0]:
+            reads.append(str(ref))
+        return real(ref, **kw)
+
+    monkeypatch.setattr(versions, "load_version", counting)
+    real_eval = Pipeline.stage_eval
+
+    def stage_eval(self: Pipeline) -> Any:
+        in_eval[0] = True
+        try:
+            return real_eval(self)
+        finally:
+            in_eval[0] = False
+
+    monkeypatch.setattr(Pipeline, "stage_eval", stage_eval)
+    with fake_upstream(reply="weather") as fake:
+        path = write_project(tmp_path, fake.base_url,
+                             eval={"resamples": 100, "min_routed": 1, "teacher_live_items": 3})
+        doc = yaml.safe_load(path.read_text())
+        doc["train"]["student"]["encoder"]["serve"] = "int8"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        project, doc, base = load_project(path)
+        pipeline = Pipeline(project, doc, base)
+        outcomes = pipeline.run()
+    assert [o.status for o in outcomes if o.name == "eval"] == ["ran"]
+    assert all(o.cpu_seconds >= 0 for o in outcomes)
+    assert len(reads) == 1  # suite and reused answers share one read
+    work = tmp_path / "work"
+    for model in ("model", "baseline-sft/model"):
+        assert json.loads((work / "train" / model / "student.json").read_text())["serve"] == "int8"
+    cards = (work / "eval" / "project" / "cards.json").read_text()
+    assert '"serve": "int8"' in cards
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert metrics["suites"]["project"]["teacher"]["reuse"]["asked_live"] == 3

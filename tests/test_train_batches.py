@@ -24,3 +24,25 @@ def test_grouped_batches_cover_every_row_once_with_far_less_padding_and_stay_see
     assert grouped != batches_for_epoch(1000, 16, seed=0, epoch=3, lengths=lengths)  # each epoch reshuffles
     firsts = [lengths[b[0]] for b in grouped[:20]]
     assert firsts != sorted(firsts)  # the batches themselves are not in length order
+
+
+def test_the_optimizer_is_fused_adamw_and_steps_as_the_default_one() -> None:
+    import torch
+
+    from distillgate.train.loop import adamw
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    b = [torch.nn.Parameter(t.detach().clone()) for t in a]
+    fused = adamw([{"params": a[:1], "lr": 0.02}, {"params": a[1:], "lr": 0.001}], lr=0.001, weight_decay=0.01)
+    plain = torch.optim.AdamW([{"params": b[:1], "lr": 0.02}, {"params": b[1:], "lr": 0.001}], lr=0.001,
+                              weight_decay=0.01)
+    assert fused.defaults["fused"] is True and [g["lr"] for g in fused.param_groups] == [0.02, 0.001]
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in a]
+        for p, q, g in zip(a, b, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a, b, strict=True))
+    assert not all(torch.equal(p, torch.zeros_like(p)) for p in a)

@@ -162,3 +162,91 @@ def test_the_head_starts_at_the_label_prototypes_and_a_label_without_rows_at_its
                                                                                  "head_init": "random"}}}, "test"))
     assert json.loads((rand.model_dir / "student.json").read_text())["normalise"] is False
     assert accuracy(rand.model_dir, rows) < 0.9  # a random head knows nothing yet
+
+
+def test_an_int8_student_says_so_in_its_card_and_is_served_quantised(tmp_path: Path) -> None:
+    """serve: int8 saves the fp32 weights with ``serve: int8`` on the card; every loader (eval's source, the
+    gateway's student) quantises the encoder's Linear layers, and its answers stay those of the fp32 model."""
+    import asyncio
+
+    from distillgate.errors import UserError
+    from distillgate.teachers.student import EncoderStudent, public_card, read_card
+
+    rows = soft_rows(24)
+    result = run_recipe(config(tmp_path, rows, serve="int8"))
+    card = json.loads((result.model_dir / "student.json").read_text())
+    assert card["serve"] == "int8"
+    assert json.loads(result.record_path.read_text())["student"]["serve"] == "int8"
+    quantised, tok = load_encoder_student(result.model_dir)
+    exact, _ = load_encoder_student(result.model_dir, serve="fp32")
+    kinds = {type(m).__module__ for m in quantised.encoder.modules() if "Linear" in type(m).__name__}
+    assert quantised.quantised and kinds and all("quantized" in k for k in kinds)  # every Linear is int8
+    assert not exact.quantised and all(type(m) is torch.nn.Linear
+                                       for m in exact.encoder.modules() if "Linear" in type(m).__name__)
+    assert type(quantised.head) is torch.nn.Linear  # the head stays fp32
+    assert quantised.card()["parameters"] == exact.card()["parameters"] == card["parameters"]
+    from distillgate.train.encoder import encode_texts
+
+    ids, mask = encode_texts(tok, [r["input"] for r in rows], 16)
+    with torch.inference_mode():
+        pq, pe = torch.softmax(quantised(ids, mask), -1), torch.softmax(exact(ids, mask), -1)
+    assert float((pq - pe).abs().max()) < 0.05 and bool((pq.argmax(-1) == pe.argmax(-1)).all())
+    assert accuracy(result.model_dir, rows) >= 0.9  # what eval serves is the quantised model
+    source = EncoderClassifierSource(result.model_dir, threads=1)
+    assert source._model.quantised and source.describe()["serve"] == "int8"
+    served = EncoderStudent("toy", result.model_dir.parent)
+    assert served.card().method["serve"] == "int8" and served._model.quantised
+    verdict = asyncio.run(served.aclassify({"messages": [{"role": "user", "content": rows[0]["input"]}]}))
+    assert verdict.label == rows[0]["label"] and verdict.tokens == int(mask[0].sum())
+    assert read_card(result.model_dir)["serve"] == "int8" and public_card(result.model_dir)["family"]
+    with pytest.raises(UserError, match="cannot be saved"):  # a quantised model never overwrites the fp32 one
+        quantised.save_pretrained(tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def test_the_serving_mode_is_validated(tmp_path: Path) -> None:
+    base = {"recipe": "kd", "rows": "r.jsonl", "output_dir": "o", "labels": LABELS, "kd": {"target": "label_probs"}}
+    assert parse_config({**base, "student": {"family": "encoder"}}).student.encoder.serve == "fp32"  # type: ignore
+    with pytest.raises(ConfigError, match="serve"):
+        parse_config({**base, "student": {"family": "encoder", "encoder": {"serve": "int4"}}})
+    # a card that names an unknown mode is refused on load, not served as something else
+    result = run_recipe(config(tmp_path, soft_rows(8)))
+    card_path = result.model_dir / "student.json"
+    card = json.loads(card_path.read_text())
+    assert card["serve"] == "fp32" and not load_encoder_student(result.model_dir)[0].quantised
+    card_path.write_text(json.dumps({**card, "serve": "int4"}))
+    from distillgate.errors import UserError
+
+    with pytest.raises(UserError, match="int4"):
+        load_encoder_student(result.model_dir)
+    del card["serve"]  # a student saved before the option: fp32
+    card_path.write_text(json.dumps(card))
+    assert not load_encoder_student(result.model_dir)[0].quantised
+
+
+def test_one_item_is_padded_to_its_own_length_and_a_batch_to_its_longest(tmp_path: Path) -> None:
+    from distillgate.train.encoder import encode_texts, load_encoder
+
+    _, tok = load_encoder(str(tiny_encoder(tmp_path / "enc")))
+    ids, mask = encode_texts(tok, ["rain"], 64)
+    assert ids.shape == (1, 3) and int(mask.sum()) == 3  # [CLS] rain [SEP], not 64 columns
+    ids, mask = encode_texts(tok, ["rain", " ".join(WORDS[:4])], 64)
+    assert ids.shape == (2, 6) and mask[0].tolist() == [1, 1, 1, 0, 0, 0]
+    ids, _ = encode_texts(tok, [" ".join(WORDS * 20)], 8)
+    assert ids.shape == (1, 8)  # never past max_length
+
+
+def test_frozen_word_embeddings_stay_pretrained_while_the_layers_learn(tmp_path: Path) -> None:
+    rows = soft_rows(24)
+    result = run_recipe(config(tmp_path, rows, freeze_word_embeddings=True))
+    before = load_encoder_student_weights(tmp_path / "enc")
+    model, _ = load_encoder_student(result.model_dir)
+    after = model.encoder.state_dict()
+    assert torch.equal(before["embeddings.word_embeddings.weight"], after["embeddings.word_embeddings.weight"])
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("encoder.layer.0" in k for k in changed) and any("position_embeddings" in k for k in changed)
+    record = json.loads(result.record_path.read_text())
+    assert record["student"]["freeze_word_embeddings"] is True
+    assert record["student"]["trainable"] == record["student"]["parameters"] - before[
+        "embeddings.word_embeddings.weight"].numel()
+    assert accuracy(result.model_dir, rows) >= 0.9

@@ -388,7 +388,7 @@ class EncoderClassifierSource:
                             hint="evaluate it on the label set it was trained with (train.labels)")
         start = time.perf_counter()
         ids, mask = encode_texts(self._tokenizer, [self._text(messages)], self._model.max_length)
-        with self._torch.no_grad():
+        with self._torch.inference_mode():
             probs = self._torch.softmax(self._model(ids, mask)[0].float(), dim=-1)
         elapsed = time.perf_counter() - start
         picked = [float(probs[own.index(lab)]) for lab in labels]
@@ -403,7 +403,8 @@ class EncoderClassifierSource:
     def describe(self) -> dict[str, Any]:
         card = self._model.card()
         return {"kind": "encoder-classifier", "model": self.name, "spec": self.spec,
-                "parameter_count": card["parameters"], "architecture": card["encoder"], "family": card["family"]}
+                "parameter_count": card["parameters"], "architecture": card["encoder"], "family": card["family"],
+                "serve": card["serve"]}
 
     def close(self) -> None:
         del self._model

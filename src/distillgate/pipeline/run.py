@@ -60,6 +60,7 @@ class StageOutcome:
     seconds: float
     summary: str
     outputs: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # user + sys of this process (every thread) while the stage ran
 
 
 def default_system_prompt(labels: list[str]) -> str:
@@ -429,8 +430,9 @@ class Pipeline:
             summary += f"; baseline {baseline}: {base.steps} steps, {base.seconds:.0f}s"
         return StageOutcome("train", "ran", 0, summary, outputs)
 
-    def suite(self, spec: Any, version: dict[str, Any]) -> Any:
-        """The suite ``spec`` names: the project's own split (default), a labelled file, or XSTest refusals."""
+    def suite(self, spec: Any, version: dict[str, Any], rows: Callable[[], list[dict[str, Any]]] | None = None) -> Any:
+        """The suite ``spec`` names: the project's own split (default), a labelled file, or XSTest refusals.
+        ``rows`` gives the version's rows (read once by the caller); without it they are read here."""
         from distillgate.evals.suites import load_xstest, project_suite
 
         p = self.project
@@ -447,9 +449,9 @@ class Pipeline:
         from distillgate.data.versions import load_version
 
         manifest = json.loads((Path(version["version_dir"]) / "manifest.json").read_text())
-        rows = load_version(version["version_dir"])
+        version_rows = rows() if rows is not None else load_version(version["version_dir"])
         splits = (spec.split, "golden") if spec.split == "test" else (spec.split,)
-        suite = project_suite(rows, self.labels, name=p.name, splits=splits, sample=spec.sample, seed=spec.seed,
+        suite = project_suite(version_rows, self.labels, name=p.name, splits=splits, sample=spec.sample, seed=spec.seed,
                               out_of_scope=p.task.out_of_scope_label,
                               golden_ids=manifest.get("golden", {}).get("row_ids", ()),
                               meta={"dataset_version": version["version_id"]})
@@ -496,8 +498,18 @@ class Pipeline:
         summaries: dict[str, Any] = {}
         files: dict[str, str] = {}
         probed: tuple[Any, Any] | None = None  # the suite the edge-case probe rewrites, and its spec
+        read: list[list[dict[str, Any]]] = []
+
+        def version_rows() -> list[dict[str, Any]]:
+            """The frozen version's rows, read from disk once for every suite and the reused teacher answers."""
+            if not read:
+                from distillgate.data.versions import load_version
+
+                read.append(load_version(version["version_dir"]))
+            return read[0]
+
         for spec in p.eval.suites:
-            suite = self.suite(spec, version)
+            suite = self.suite(spec, version, version_rows)
             if suite.kind == "classification" and (probed is None or (spec.name == "project" and
                                                                       probed[1].name != "project")):
                 probed = (suite, spec)
@@ -509,10 +521,9 @@ class Pipeline:
                 label_score="mean" if p.generation.label_scoring == "mean" else None)
             if spec.name == "project" and scoring and p.eval.teacher_live_items is not None:
                 # the teacher already answered these rows in `generate`, through the gateway, with this request
-                from distillgate.data.versions import load_version
                 from distillgate.evals.reuse import ReusedTeacher, stored_answers
 
-                teacher = ReusedTeacher(teacher, stored_answers(load_version(version["version_dir"])),
+                teacher = ReusedTeacher(teacher, stored_answers(version_rows()),
                                         live_items=p.eval.teacher_live_items)
             student = student_source(train["model_dir"], name=f"student:{p.name}", threads=p.eval.threads)
             out = self.workdir / "eval" / key
@@ -551,7 +562,7 @@ class Pipeline:
             files[f"{key}_report"] = str(run.report_path)
             files[f"{key}_metrics"] = str(run.metrics_path)
         outputs: dict[str, Any] = {"headline": summaries, "files": files}
-        extra = self.synthetic_eval(version, train, probed, target, headers)
+        extra = self.synthetic_eval(version, version_rows, train, probed, target, headers)
         outputs.update(extra)
         for key in ("edge_probe_report", "edge_probe_slice"):
             if key in extra.get("edge_probe_files", {}):
@@ -564,11 +575,11 @@ class Pipeline:
                 {"teacher_accuracy": probe_all["teacher_accuracy"], "student_accuracy": probe_all["student_accuracy"]})
         return StageOutcome("eval", "ran", 0, summary, outputs)
 
-    def synthetic_eval(self, version: dict[str, Any], train: dict[str, Any], probed: tuple[Any, Any] | None,
-                       target: Any, headers: dict[str, str]) -> dict[str, Any]:
+    def synthetic_eval(self, version: dict[str, Any], version_rows: Callable[[], list[dict[str, Any]]],
+                       train: dict[str, Any], probed: tuple[Any, Any] | None, target: Any,
+                       headers: dict[str, str]) -> dict[str, Any]:
         """The train fit (real vs synthetic train rows) and the edge-case probe, where enabled
         (``pipeline.synthetic_eval``); the probe's teacher calls go through the gateway like the suites'."""
-        from distillgate.data.versions import load_version
         from distillgate.evals.answers import run_source
         from distillgate.evals.edge_probe import probe_suite
         from distillgate.evals.run import evaluate_pair
@@ -577,7 +588,7 @@ class Pipeline:
         from distillgate.pipeline.synthetic_eval import pick_rows, probe_summary, train_fit
 
         p = self.project
-        rows = load_version(version["version_dir"])
+        rows = version_rows()
         has_synthetic = any(r.get("synthetic") is not None and r.get("split") == "train" for r in rows)
         out: dict[str, Any] = {}
         fit_cfg = p.eval.train_fit
@@ -752,14 +763,16 @@ class Pipeline:
                     self.console.print(f"[dim]• {name}: unchanged, skipped[/]")
                     continue
                 self.console.print(f"[bold]• {name}[/]")
-                began = time.monotonic()
+                began, cpu_began = time.monotonic(), time.process_time()
                 outcome = getattr(self, f"stage_{name}")()
                 outcome.seconds = time.monotonic() - began
+                outcome.cpu_seconds = time.process_time() - cpu_began
                 record = StageRecord(name, fp, outcome.outputs)
                 self.cache.put(record)
                 self.records[name] = record
                 outcomes.append(outcome)
-                self.console.print(f"  {outcome.summary} [dim]({outcome.seconds:.1f}s)[/]")
+                self.console.print(f"  {outcome.summary} [dim]({outcome.seconds:.1f}s, "
+                                   f"{outcome.cpu_seconds:.1f} CPU s)[/]")
                 forced = True  # what a stage that ran produced may differ: every later stage runs too
         finally:
             self.close()
@@ -770,9 +783,10 @@ class Pipeline:
         table.add_column("stage")
         table.add_column("status")
         table.add_column("time", justify="right")
+        table.add_column("CPU", justify="right")
         table.add_column("result")
         for o in outcomes:
-            table.add_row(o.name, o.status, f"{o.seconds:.1f}s", o.summary)
+            table.add_row(o.name, o.status, f"{o.seconds:.1f}s", f"{o.cpu_seconds:.1f}s", o.summary)
         return table
 
 

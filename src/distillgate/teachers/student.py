@@ -198,14 +198,15 @@ class EncoderStudent(StudentTeacher):
         self._card = TeacherCard(model_id=self.model_name, backend=ENCODER_FAMILY, file_sha256=digest.hexdigest(),
                                  parameter_count=int(self._model.card()["parameters"]), source=directory.parent.name
                                  if directory.name == "model" else directory.name,
-                                 method={"family": ENCODER_FAMILY, "labels": self.labels})
+                                 method={"family": ENCODER_FAMILY, "labels": self.labels,
+                                         "serve": self._model.serve})
 
     def classify(self, text: str) -> Verdict:
         """The label distribution of one text (synchronous; the async calls run it off the event loop)."""
         start = time.perf_counter()
         with self._lock:
             ids, mask = self._encode(self._tokenizer, [text], self._model.max_length)
-            with self._torch.no_grad():
+            with self._torch.inference_mode():
                 probs = self._torch.softmax(self._model(ids, mask)[0].float(), dim=-1).tolist()
         labels = self._model.labels
         best = max(range(len(probs)), key=probs.__getitem__)

@@ -2,7 +2,8 @@
 
 Saved as one directory: the encoder (``config.json`` + ``model.safetensors``, loadable with ``AutoModel``), its
 tokenizer, the head (``classifier.safetensors``) and ``student.json`` -- the card that says what the student is
-(family, labels in head order, prompt template, pooling, maximum length) and lets ``load_encoder_student`` and
+(family, labels in head order, prompt template, pooling, maximum length, how it is served: ``serve`` fp32 or int8)
+and lets ``load_encoder_student`` and
 ``distillgate eval`` serve it.
 """
 
@@ -23,6 +24,7 @@ from distillgate.errors import NotFoundError, UserError
 CARD_FILE = "student.json"
 HEAD_FILE = "classifier.safetensors"
 FAMILY = "encoder_classifier"
+SERVE_MODES = ("fp32", "int8")
 
 
 def resolve_encoder_dir(path: str) -> Path:
@@ -60,8 +62,10 @@ class EncoderClassifier(nn.Module):
     """
 
     def __init__(self, encoder: Any, labels: Sequence[str], *, template: str = "{input}", max_length: int = 128,
-                 head_lr_scale: float = 20.0, normalise: bool = False) -> None:
+                 head_lr_scale: float = 20.0, normalise: bool = False, serve: str = "fp32") -> None:
         super().__init__()
+        if serve not in SERVE_MODES:
+            raise UserError(f"unknown encoder serving mode {serve!r}", hint=f"one of {', '.join(SERVE_MODES)}")
         self.encoder = encoder
         self.labels = list(labels)
         self.template = template
@@ -69,6 +73,29 @@ class EncoderClassifier(nn.Module):
         self.head_lr_scale = head_lr_scale
         self.normalise = normalise
         self.head = nn.Linear(int(encoder.config.hidden_size), len(self.labels))
+        self.serve = serve  # how the saved student is served (the card says so; ``quantise`` applies it)
+        self.quantised = False
+        self.parameter_count = int(sum(p.numel() for p in self.parameters()))  # of the fp32 model, as trained
+
+    def quantise(self) -> EncoderClassifier:
+        """The encoder's Linear layers as int8 weights (per output channel) with dynamic activation quantisation (in
+        place; the head stays
+        fp32: 77 rows cost nothing and keep the label distribution exact). Inference only: it cannot be trained or
+        saved again (the saved artefact keeps the fp32 weights and ``serve: int8``)."""
+        if not self.quantised:
+            import warnings
+
+            with warnings.catch_warnings():  # torch.ao's notice that the API moves to torchao
+                warnings.simplefilter("ignore")
+                from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+                # one scale per output row: on banking77 it agreed with the fp32 student on 96.0 % of held-out
+                # items against 94.8 % for one scale per matrix, at the same speed
+                self.encoder = quantize_dynamic(  # type: ignore[no-untyped-call]
+                    self.encoder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+            self.quantised = True
+            self.train(False)
+        return self
 
     def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, H): the mean of the real tokens' hidden states (unit length with ``normalise``)."""
@@ -104,15 +131,18 @@ class EncoderClassifier(nn.Module):
         return groups
 
     def card(self) -> dict[str, Any]:
-        total = sum(p.numel() for p in self.parameters())
         return {"family": FAMILY, "labels": self.labels, "template": self.template, "pooling": "mean",
-                "normalise": self.normalise, "max_length": self.max_length, "parameters": int(total),
+                "normalise": self.normalise, "max_length": self.max_length, "parameters": self.parameter_count,
+                "serve": self.serve,
                 "encoder": str(getattr(self.encoder.config, "_name_or_path", "") or
                                self.encoder.config.model_type)}
 
     def save_pretrained(self, directory: str | Path) -> None:
         from safetensors.torch import save_file
 
+        if self.quantised:
+            raise UserError("a quantised encoder student cannot be saved again",
+                            hint="save the fp32 model with serve: int8; loading it quantises it")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(out)
@@ -135,8 +165,9 @@ def load_encoder(path: str) -> tuple[Any, Any]:
     return encoder, tokenizer
 
 
-def load_encoder_student(model_dir: str | Path) -> tuple[EncoderClassifier, Any]:
-    """A saved encoder student and its tokenizer, in eval mode."""
+def load_encoder_student(model_dir: str | Path, *, serve: str | None = None) -> tuple[EncoderClassifier, Any]:
+    """A saved encoder student and its tokenizer, in eval mode, served as its card says (``serve: int8``: its
+    encoder quantised) unless ``serve`` says otherwise (``fp32``: the weights as trained, for a comparison)."""
     from safetensors.torch import load_file
 
     d = Path(model_dir)
@@ -147,9 +178,12 @@ def load_encoder_student(model_dir: str | Path) -> tuple[EncoderClassifier, Any]
     encoder, tokenizer = load_encoder(str(d))
     model = EncoderClassifier(encoder, card["labels"], template=card.get("template", "{input}"),
                               max_length=int(card.get("max_length", 128)),
-                              normalise=bool(card.get("normalise", False)))  # students saved before it: False
+                              normalise=bool(card.get("normalise", False)),  # students saved before it: False
+                              serve=str(card.get("serve", "fp32")))  # students saved before it: fp32
     model.head.load_state_dict(load_file(str(d / HEAD_FILE)))
     model.train(False)
+    if (serve or model.serve) == "int8":
+        model.quantise()
     return model, tokenizer
 
 

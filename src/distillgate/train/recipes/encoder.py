@@ -102,10 +102,12 @@ def run(config: TrainConfig) -> TrainResult:
     head_lr = settings.head_lr or 20 * config.lr
     model = EncoderClassifier(encoder, config.labels, template=config.prompt.template,
                               max_length=config.max_length, head_lr_scale=head_lr / config.lr,
-                              normalise=settings.head_init == "prototypes")
+                              normalise=settings.head_init == "prototypes", serve=settings.serve)
     if settings.freeze_encoder:
         for p in model.encoder.parameters():
             p.requires_grad_(False)
+    if settings.freeze_word_embeddings:
+        model.encoder.get_input_embeddings().weight.requires_grad_(False)
     kd = config.kd
     examples, stats = make_examples(rows, tokenizer, config.labels, config.prompt.template, config.max_length,
                                     need_probs=config.recipe == "kd")
@@ -120,8 +122,9 @@ def run(config: TrainConfig) -> TrainResult:
         "dataset": dataset,
         "student": {"parameters": total, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "family": "encoder_classifier", "encoder": settings.path, "labels": len(config.labels),
-                    "freeze_encoder": settings.freeze_encoder, "head_init": settings.head_init,
-                    "labels_started_from_name": len(fallback)},
+                    "freeze_encoder": settings.freeze_encoder,
+                    "freeze_word_embeddings": settings.freeze_word_embeddings, "head_init": settings.head_init,
+                    "labels_started_from_name": len(fallback), "serve": settings.serve},
         "encoding": stats,
     }
 
