@@ -13,7 +13,7 @@ from _extraction_support import feat, legit_banking, template_sweep
 from distillgate.db import connect
 from distillgate.errors import NotFoundError
 from distillgate.extraction import ExtractionMonitor, RequestFeatures, Sketch
-from distillgate.extraction.shared import SharedWindows
+from distillgate.extraction.shared import SharedWindows, events_path
 from distillgate.ledger.schema import migrate
 
 
@@ -100,9 +100,11 @@ def test_shared_rows_carry_word_hashes_never_the_words(store_db: str) -> None:
     m.observe(feat("my card was stolen, what should I do?", user="bob", key="k-bob"))
     m.shared.sync()
     m.close()
-    conn = connect(store_db)
+    sidecar = events_path(store_db)  # SQLite: the events' own file next to the store; PostgreSQL: the store
+    conn = connect(sidecar or store_db)
     try:
-        migrate(conn)
+        if sidecar is None:
+            migrate(conn)
         rows = conn.execute("SELECT record FROM monitor_events").fetchall()
     finally:
         conn.close()
@@ -126,3 +128,30 @@ def test_a_store_away_keeps_the_outbox_and_shares_it_later(tmp_path: Any) -> Non
     m.shared.sync()
     assert m.shared.published == 1
     m.close()
+
+
+def test_on_sqlite_sharing_never_writes_the_store_so_no_ledger_writer_reloads(tmp_path: Any) -> None:
+    """Every commit to a SQLite store's file changes its data_version, which makes each ledger writer on it reload
+    its cached counters and chain head (and the flush would take the store's write lock): the events go to a file
+    of their own."""
+    db = str(tmp_path / "store.db")
+    watcher = connect(db)
+    try:
+        migrate(watcher)
+        (before,) = watcher.execute("PRAGMA data_version").fetchone()
+        m = ExtractionMonitor()
+        m.shared = SharedWindows(m, db, start=False)
+        for i in range(5):
+            m.observe(feat(f"message number {i} about my card", user="bob", key="k-bob"))
+            m.shared.sync()
+        m.close()
+        (after,) = watcher.execute("PRAGMA data_version").fetchone()
+        (in_store,) = watcher.execute("SELECT count(*) FROM monitor_events").fetchone()
+    finally:
+        watcher.close()
+    assert after == before and in_store == 0
+    sidecar = connect(str(events_path(db)))
+    try:
+        assert sidecar.execute("SELECT count(*) FROM monitor_events").fetchone()[0] == 5
+    finally:
+        sidecar.close()

@@ -30,6 +30,7 @@ from _extraction_support import BANK_TEMPLATE, CITIES, TOPICS, banking_texts
 from _gateway_support import free_port
 from _reliability_support import QUOTA_POLICY, GatewayProc, log_bodies, stop, write_config
 from distillgate.db import connect
+from distillgate.extraction.shared import events_path
 from distillgate.keys import KeyStore
 from test_reliability_gateway import hammer, make_key
 
@@ -81,7 +82,7 @@ def wait_workers(pid: int, n: int, timeout: float = 90, without: int | None = No
 
 
 def origins(db: str) -> set[str]:
-    conn = connect(db)
+    conn = connect(events_path(db) or db)
     try:
         return {str(r[0]) for r in conn.execute("SELECT DISTINCT origin FROM monitor_events").fetchall()}
     finally:

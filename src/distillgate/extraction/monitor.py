@@ -110,7 +110,7 @@ class ExtractionMonitor:
             self._worker = threading.Thread(target=self._work, name="distillgate-extraction-embed", daemon=True)
             self._worker.start()
 
-    def share(self, db: str, *, interval_s: float = 0.025, backfill: int = 10_000) -> SharedWindows:
+    def share(self, db: str, *, interval_s: float = 0.1, backfill: int = 10_000) -> SharedWindows:
         """Share this monitor's windows with every other process judging requests on ``db`` (workers, replicas):
         each request it judges is published, and theirs are applied here (extraction/shared.py)."""
         from distillgate.extraction.shared import SharedWindows

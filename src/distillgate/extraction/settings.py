@@ -34,7 +34,7 @@ class ExtractionSettings(BaseModel):
     #: share the windows with every other worker and replica on the same ``--db`` (extraction/shared.py)
     shared: bool = True
     #: one round of sharing (commit what this process judged, read what the others did) per this many seconds
-    share_interval_s: float = Field(default=0.025, gt=0, le=10)
+    share_interval_s: float = Field(default=0.1, gt=0, le=10)
     share_backfill: int = Field(default=10_000, ge=0)  # rows a (re)started process reads first
 
     def issues(self) -> list[ConfigIssue]:

@@ -4,16 +4,17 @@ Each gateway process (a ``--workers`` worker, or a replica on one PostgreSQL) ke
 alone, its windows would see only the requests that landed on it, and an attacker spreading traffic over workers
 or replicas would stay under every threshold. So each process
 
-- **publishes** what it observed: on the request path ``publish(sketch)`` only appends the sketch's
-  ``share_record`` (the decision log's features record plus the word set as hashes) to an in-memory outbox;
-- a background thread, every ``interval_s``, **flushes** the outbox to the store's ``monitor_events`` table
-  (migration m008) in one transaction, and
+- **publishes** what it observed: on the request path ``publish(sketch)`` only appends the sketch to an in-memory
+  outbox; its ``share_record`` (the decision log's features record plus the word set as hashes) is built and
+  encoded off the request path;
+- a background thread, every ``interval_s``, **flushes** the outbox to ``monitor_events`` (the store's table,
+  migration m008, on PostgreSQL; a file of its own next to a SQLite store, see below) in one transaction, and
 - **pulls** the rows other processes wrote since its cursor, in ``seq`` order, and applies each to its own monitor
   exactly as a local request would be (``ExtractionMonitor.absorb``).
 
 A decision therefore judges the merged view: every request this process saw, and every request another process
 saw up to **staleness = 2 x ``interval_s`` + two commits** before (the other's next round commits it, ours reads
-it at our next round; 0.05 s plus a few ms by default, see docs/deploy.md). A request inside that bound may be
+it at our next round; 0.2 s plus a few ms by default, see docs/deploy.md). A request inside that bound may be
 judged without the other process's last few events; nothing is lost, they apply a moment later.
 
 Order: rows get their ``seq`` under the write lock (SQLite's flock + ``BEGIN IMMEDIATE``, a PostgreSQL advisory
@@ -23,12 +24,20 @@ The table keeps the last ``retain`` rows. Commits here need no fsync (SQLite ``s
 PostgreSQL ``synchronous_commit=off``): a lost tail of monitor events weakens detection for a moment, never a
 decision already logged.
 
+Where the rows live: on PostgreSQL, the store's ``monitor_events`` table (its commits bump no ``write_head``
+generation, so no replica's ledger cache reloads for them). On SQLite, a file of its own next to the store
+(:func:`events_path`: ``STORE.monitor-events.sqlite3``, same table): every commit to the store's own file changes
+its ``PRAGMA data_version`` and makes each ledger writer on it reload its cached counters and chain head, and the
+flush would take the store's write lock from the decision path; a separate file costs neither (docs/deploy.md). SQLite's own write lock (``BEGIN IMMEDIATE``) orders the
+sidecar's ``seq`` the same way.
+
 The rows hold what the decision log's features record holds (a MinHash, lengths, fingerprints, ids) plus the
 64-bit hashes of the prompt's words (never the words).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -52,10 +61,21 @@ PULL_BATCH = 2000
 MAX_OUTBOX = 50_000  # rows kept while the store is unreachable; older ones are dropped (and counted)
 
 
+EVENTS_SQL = ("CREATE TABLE IF NOT EXISTS monitor_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+              "origin TEXT NOT NULL, at REAL NOT NULL, record BLOB NOT NULL)")
+
+
+def events_path(db: str) -> str | None:
+    """The SQLite file that holds a SQLite store's shared monitor events; None for PostgreSQL (the store's table)."""
+    from distillgate.db import is_postgres
+
+    return None if is_postgres(db) else f"{db}.monitor-events.sqlite3"
+
+
 class SharedWindows:
     """See the module docstring. Thread-safe ``publish``; ``close`` flushes what is queued."""
 
-    def __init__(self, monitor: ExtractionMonitor, db: str, *, interval_s: float = 0.025, backfill: int = 10_000,
+    def __init__(self, monitor: ExtractionMonitor, db: str, *, interval_s: float = 0.1, backfill: int = 10_000,
                  retain: int = 200_000, start: bool = True) -> None:
         self.monitor = monitor
         self.db = db
@@ -69,7 +89,7 @@ class SharedWindows:
         self.lost = 0  # rows dropped from a full outbox (store unreachable for long)
         self.errors = 0
         self.synced_at = 0.0  # monotonic time the last pull finished
-        self._outbox: deque[bytes] = deque()
+        self._outbox: deque[Sketch | bytes] = deque()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._backend: Any = None
@@ -82,9 +102,9 @@ class SharedWindows:
 
     # -- the request path ---------------------------------------------------------------------------------------------
     def publish(self, sketch: Sketch) -> None:
-        row = orjson.dumps(sketch.share_record())
+        # the record is built and encoded by the flush, off the request path (a sketch does not change)
         with self._lock:
-            self._outbox.append(row)
+            self._outbox.append(sketch)
             while len(self._outbox) > MAX_OUTBOX:
                 self._outbox.popleft()
                 self.lost += 1
@@ -104,8 +124,7 @@ class SharedWindows:
                 self._drop_conn()
                 self._stop.wait(min(2.0, self.interval_s * 2 ** min(failures, 6)))
                 continue
-            # one round per interval, not per publish: each commit here makes every ledger writer on a SQLite
-            # store reload its cached state (PRAGMA data_version), so commits stay at most 1 / interval_s
+            # one round per interval, not per publish: commits stay at most 1 / interval_s whatever the load
             self._stop.wait(self.interval_s)
 
     def sync(self) -> None:
@@ -118,16 +137,20 @@ class SharedWindows:
     def _connection(self) -> Any:
         if self._conn is not None and not self._conn.broken:
             return self._conn
+        from distillgate.db import connect
         from distillgate.ledger.backend import open_backend
         from distillgate.ledger.schema import migrate
 
         self._drop_conn()
-        self._backend = open_backend(self.db)
-        conn = self._backend.connect()
-        migrate(conn)
-        if conn.dialect.name == "sqlite":
+        sidecar = events_path(self.db)
+        if sidecar is not None:
+            conn = connect(sidecar)  # a missing directory is the store's NotFoundError, said for the sidecar
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(EVENTS_SQL)
         else:
+            self._backend = open_backend(self.db)
+            conn = self._backend.connect()
+            migrate(conn)
             conn.execute("SET synchronous_commit = off")
         self._conn = conn
         if self.cursor is None:  # a fresh process starts from the recent past: the windows it would have had
@@ -149,13 +172,14 @@ class SharedWindows:
 
     def _flush(self, conn: Any) -> None:
         with self._lock:
-            rows = list(self._outbox)
+            queued = list(self._outbox)
             self._outbox.clear()
+        rows = [r if isinstance(r, bytes) else orjson.dumps(r.share_record()) for r in queued]
         if not rows:
             return
         now = time.time()
         try:
-            with self._backend.write_lock():
+            with self._backend.write_lock() if self._backend is not None else contextlib.nullcontext():
                 pg = conn.dialect.name == "postgres"
                 conn.execute("BEGIN" if pg else "BEGIN IMMEDIATE")
                 if pg:
