@@ -87,6 +87,7 @@ def teacher_strategies(engine: Any, index: Any, rows: Sequence[dict[str, str]], 
             t0 = time.perf_counter()
             question = {"role": "user", "content": row["text"]}
             if name == "zero_shot":
+                calls += 1  # the model scores every row
                 probs = engine.score_labels_batch([[listed, question]], labels)[0]
                 pred = max(probs, key=probs.__getitem__)
             else:
