@@ -55,14 +55,16 @@ def write_config(tmp: Path, db: Path | str, upstream_url: str, *, policies: tupl
     return path
 
 
-def start(config: Path, tmp: Path) -> GatewayProc:
+def start(config: Path, tmp: Path, *args: str, timeout_s: float = 60) -> GatewayProc:
+    """`gateway serve --config CONFIG` on a free port (``args``: more options), once /healthz answers."""
     port = free_port()
     log_path = tmp / f"gateway-{port}.log"
     with log_path.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "distillgate", "gateway", "serve", "--config", str(config),
-                                 "--port", str(port)], env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
+                                 "--port", str(port), *args], env=dict(os.environ), stdout=out,
+                                stderr=subprocess.STDOUT)
     gp = GatewayProc(proc, port, log_path)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout_s
     while True:
         with contextlib.suppress(httpx.TransportError):
             if httpx.get(gp.url + "/healthz", timeout=2).status_code == 200:

@@ -29,6 +29,7 @@ import pytest
 from _extraction_support import BANK_TEMPLATE, CITIES, TOPICS, banking_texts
 from _gateway_support import free_port
 from _reliability_support import QUOTA_POLICY, GatewayProc, log_bodies, stop, write_config
+from _reliability_support import start as reliability_start
 from distillgate.db import connect
 from distillgate.extraction.shared import events_path
 from distillgate.keys import KeyStore
@@ -39,22 +40,7 @@ from fakes.fake_upstream import fake_upstream
 
 
 def start(config: Path, tmp: Path, *args: str) -> GatewayProc:
-    port = free_port()
-    log_path = tmp / f"gateway-{port}.log"
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "distillgate", "gateway", "serve", "--config", str(config),
-                                 "--port", str(port), *args], env=dict(os.environ), stdout=out,
-                                stderr=subprocess.STDOUT)
-    gp = GatewayProc(proc, port, log_path)
-    deadline = time.monotonic() + 90
-    while True:
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(gp.url + "/healthz", timeout=2).status_code == 200:
-                return gp
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"gateway did not start:\n{gp.output()}")
-        time.sleep(0.1)
+    return reliability_start(config, tmp, *args, timeout_s=90)  # a supervisor forks its workers first
 
 
 def children(pid: int) -> set[int]:
