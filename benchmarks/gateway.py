@@ -182,7 +182,7 @@ from distillgate.gateway.config import config_from_data
 from distillgate.gateway.server import serve
 policy, db, upstream, port, workers, shared = sys.argv[1:7]
 serve(config_from_data({"policy": policy, "db": db, "upstreams": {"fake": {"base_url": upstream}}, "port": int(port),
-                        "access_log": False, "extraction": {"shared": shared == "shared"}}), int(workers))
+                        "access_log": False, "workers": int(workers), "extraction": {"shared": shared == "shared"}}))
 '''
 # ``-unshared``: the same with ``extraction.shared: false`` (what sharing the monitor's windows costs)
 WORKER_TARGETS = tuple(f"workers-{b}-{n}{u}" for u in ("", "-unshared") for b in ("sqlite", "pg") for n in (1, 2))

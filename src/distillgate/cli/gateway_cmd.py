@@ -102,4 +102,4 @@ def serve(config_path: str | None, policy: str | None, upstreams: tuple[str, ...
     click.echo(f"distillgate gateway on http://{config.host}:{config.port}/v1 "
                f"(policy {config.policy}, db {config.db}, upstreams {', '.join(config.upstreams) or 'none'})",
                err=True)
-    run_server(config, config.workers)
+    run_server(config)

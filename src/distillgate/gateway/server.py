@@ -79,13 +79,13 @@ def close_gateway(gateway: Gateway) -> None:
         gateway.cascade.close()
 
 
-def serve(config: GatewayConfig, workers: int = 1) -> None:
-    """Serve until interrupted; ``workers`` > 1: that many processes on one socket (gateway/workers.py), exiting
-    with status 1 when a worker cannot start."""
-    if workers > 1:
+def serve(config: GatewayConfig) -> None:
+    """Serve until interrupted; ``config.workers`` > 1: that many processes on one socket (gateway/workers.py),
+    exiting with status 1 when a worker cannot start."""
+    if config.workers > 1:
         from distillgate.gateway.workers import supervise
 
-        code = supervise(config, workers)
+        code = supervise(config, config.workers)
         if code:
             raise SystemExit(code)
         return
