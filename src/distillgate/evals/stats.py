@@ -159,6 +159,17 @@ def paired_bootstrap(
     return Interval(estimate, float(low), float(high), n, len(values), dropped)
 
 
+def mean_bootstrap(values: FloatArray, *, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
+                   seed: int = 0, indices: IntArray | None = None) -> Interval:
+    """Percentile bootstrap of one mean of per-item scores (0/1 correctness, agreement); the same interval
+    ``paired_mean_bootstrap`` gives each side on the same resamples."""
+    n = len(values)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0, 0, 0)
+    idx = indices if indices is not None else resample_indices(n, resamples, seed)
+    return _interval(float(values.mean()), values[idx].mean(axis=1), n, level)
+
+
 def paired_mean_bootstrap(
     teacher: FloatArray,
     student: FloatArray,

@@ -591,52 +591,58 @@ class Pipeline:
         rows = version_rows()
         has_synthetic = any(r.get("synthetic") is not None and r.get("split") == "train" for r in rows)
         out: dict[str, Any] = {}
-        fit_cfg = p.eval.train_fit
-        if fit_cfg.enabled if fit_cfg.enabled is not None else has_synthetic:
-            scored = pick_rows(rows, fit_cfg.real_sample, fit_cfg.seed)
-            suite = Suite("train-fit", "classification", [Item(str(r["row_id"]), str(r["input"]), None)
-                                                           for r in scored], list(self.labels),
-                          system_prompts={"student": self.student_system})
-            student = student_source(train["model_dir"], name=f"student:{p.name}", threads=p.eval.threads)
-            try:
+        fit_cfg, probe_cfg = p.eval.train_fit, p.eval.edge_probe
+        fit = fit_cfg.enabled if fit_cfg.enabled is not None else has_synthetic
+        probe = probed is not None and (probe_cfg.enabled if probe_cfg.enabled is not None else
+                                        p.synthesize is not None)
+        if not (fit or probe):
+            return out
+        # one student for both measures (loading it, and quantising an int8 one, is the costly part)
+        student = student_source(train["model_dir"], name=f"student:{p.name}", threads=p.eval.threads)
+        try:
+            if fit:
+                scored = pick_rows(rows, fit_cfg.real_sample, fit_cfg.seed)
+                suite = Suite("train-fit", "classification", [Item(str(r["row_id"]), str(r["input"]), None)
+                                                               for r in scored], list(self.labels),
+                              system_prompts={"student": self.student_system})
                 predicted = [a.label for a in run_source(suite, student, "student", mode="score")]
-            finally:
-                student.close()
-            out["train_fit"] = train_fit(rows, scored, predicted, resamples=p.eval.resamples, seed=fit_cfg.seed)
-            (self.workdir / "eval").mkdir(parents=True, exist_ok=True)
-            (self.workdir / "eval" / "train_fit.json").write_text(json.dumps(out["train_fit"], indent=2) + "\n")
-        probe_cfg = p.eval.edge_probe
-        if probed is not None and (probe_cfg.enabled if probe_cfg.enabled is not None else p.synthesize is not None):
-            base_suite, spec = probed
-            stored = {str(r["row_id"]): str(r["label"]) for r in rows if r.get("label") not in (None, "")}
-            try:
-                suite = probe_suite(base_suite, probe_cfg.transforms, sample=probe_cfg.sample, seed=probe_cfg.seed,
-                                    exclude_texts=[str(r["input"]) for r in rows if r.get("split") == "train"],
-                                    fallback_gold=stored if spec.name == "project" else None)
-            except UserError as exc:  # an optional measure with nothing to measure: a finding, not a failed run
-                out["edge_probe"] = {"skipped": str(exc), "items": 0, "slices": {}}
-                return out
-            scoring = p.generation.label_scoring
-            teacher = OpenAIChatSource(
-                name=p.teacher.model, base_url=target.base_url, api_key=target.api_key, headers=headers,
-                request_logprobs=True, label_choices=list(suite.labels) if scoring else None,
-                label_score="mean" if scoring == "mean" else None)
-            student = student_source(train["model_dir"], name=f"student:{p.name}", threads=p.eval.threads)
-            metadata = {"run_id": p.run_id, "dataset_version": version["version_id"],
-                        "policy_ids": [f"{pol.policy_id}@{pol.content_hash[:16]}" for pol in self.policies],
-                        "checkpoint": self.checkpoint()}
-            try:
-                run = evaluate_pair(suite, teacher, student, self.workdir / "eval" / "edge_probe", metadata=metadata,
-                                    detector=p.eval.detector, target=p.eval.routing_target,
-                                    min_routed=p.eval.min_routed, resamples=p.eval.resamples, seed=probe_cfg.seed)
-            finally:
-                teacher.close()
-                student.close()
-            out["edge_probe"] = {**probe_summary(json.loads(run.metrics_path.read_text())),
-                                 "compared_with": "project" if spec.name == "project" else spec.name}
-            # "_slice", not "_metrics": the probe is a finding of the report, not a suite the promotion gates read
-            out["edge_probe_files"] = {"edge_probe_report": str(run.report_path),
-                                       "edge_probe_slice": str(run.metrics_path)}
+                out["train_fit"] = train_fit(rows, scored, predicted, resamples=p.eval.resamples, seed=fit_cfg.seed)
+                (self.workdir / "eval").mkdir(parents=True, exist_ok=True)
+                (self.workdir / "eval" / "train_fit.json").write_text(json.dumps(out["train_fit"], indent=2) + "\n")
+            if probe:
+                assert probed is not None
+                base_suite, spec = probed
+                stored = {str(r["row_id"]): str(r["label"]) for r in rows if r.get("label") not in (None, "")}
+                try:
+                    suite = probe_suite(base_suite, probe_cfg.transforms, sample=probe_cfg.sample,
+                                        seed=probe_cfg.seed,
+                                        exclude_texts=[str(r["input"]) for r in rows if r.get("split") == "train"],
+                                        fallback_gold=stored if spec.name == "project" else None)
+                except UserError as exc:  # an optional measure with nothing to measure: a finding, not a failure
+                    out["edge_probe"] = {"skipped": str(exc), "items": 0, "slices": {}}
+                    return out
+                scoring = p.generation.label_scoring
+                teacher = OpenAIChatSource(
+                    name=p.teacher.model, base_url=target.base_url, api_key=target.api_key, headers=headers,
+                    request_logprobs=True, label_choices=list(suite.labels) if scoring else None,
+                    label_score="mean" if scoring == "mean" else None)
+                metadata = {"run_id": p.run_id, "dataset_version": version["version_id"],
+                            "policy_ids": [f"{pol.policy_id}@{pol.content_hash[:16]}" for pol in self.policies],
+                            "checkpoint": self.checkpoint()}
+                try:
+                    run = evaluate_pair(suite, teacher, student, self.workdir / "eval" / "edge_probe",
+                                        metadata=metadata, detector=p.eval.detector, target=p.eval.routing_target,
+                                        min_routed=p.eval.min_routed, resamples=p.eval.resamples,
+                                        seed=probe_cfg.seed)
+                finally:
+                    teacher.close()
+                out["edge_probe"] = {**probe_summary(json.loads(run.metrics_path.read_text())),
+                                     "compared_with": "project" if spec.name == "project" else spec.name}
+                # "_slice", not "_metrics": the probe is a finding of the report, not a suite the promotion gates read
+                out["edge_probe_files"] = {"edge_probe_report": str(run.report_path),
+                                           "edge_probe_slice": str(run.metrics_path)}
+        finally:
+            student.close()
         return out
 
     def stage_promote(self) -> StageOutcome:

@@ -23,16 +23,14 @@ from typing import Any
 import numpy as np
 
 from distillgate.data.guard import training_target
-from distillgate.evals.stats import DEFAULT_RESAMPLES, paired_mean_bootstrap
+from distillgate.evals.stats import DEFAULT_RESAMPLES, mean_bootstrap
 
 
 def mean_ci(values: Sequence[bool], *, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict[str, Any] | None:
     """The share of true values with a 95 % percentile bootstrap interval (an ``Interval`` dict); None if empty."""
     if not values:
         return None
-    x = np.asarray(values, dtype=np.float64)
-    interval, _, _, _ = paired_mean_bootstrap(x, x, resamples=resamples, seed=seed)
-    return interval.as_dict()
+    return mean_bootstrap(np.asarray(values, dtype=np.float64), resamples=resamples, seed=seed).as_dict()
 
 
 def train_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -51,23 +49,24 @@ def pick_rows(rows: Sequence[dict[str, Any]], real_sample: int | None, seed: int
     return real + synthetic
 
 
+def _groups(row: dict[str, Any]) -> tuple[str, ...]:
+    """The train-fit groups a row counts in: ``real``, or ``synthetic`` and its kind."""
+    syn = row.get("synthetic")
+    return ("real",) if syn is None else ("synthetic", f"synthetic:{syn.get('kind')}")
+
+
 def train_fit(rows: Sequence[dict[str, Any]], scored: Sequence[dict[str, Any]], predicted: Sequence[str | None], *,
               resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict[str, Any]:
     """The train-fit table from the student's labels ``predicted`` on ``scored`` (``pick_rows`` of ``rows``)."""
     train = train_rows(rows)
     groups: dict[str, list[int]] = {"real": [], "synthetic": []}
     for i, r in enumerate(scored):
-        syn = r.get("synthetic")
-        groups["synthetic" if syn is not None else "real"].append(i)
-        if syn is not None:
-            groups.setdefault(f"synthetic:{syn.get('kind')}", []).append(i)
+        for name in _groups(r):
+            groups.setdefault(name, []).append(i)
     totals: dict[str, int] = {"real": 0, "synthetic": 0}
     for r in train:
-        syn = r.get("synthetic")
-        key = "synthetic" if syn is not None else "real"
-        totals[key] += 1
-        if syn is not None:
-            totals[f"synthetic:{syn.get('kind')}"] = totals.get(f"synthetic:{syn.get('kind')}", 0) + 1
+        for name in _groups(r):
+            totals[name] = totals.get(name, 0) + 1
     n_train = len(train)
     out: dict[str, Any] = {}
     for name, idx in groups.items():
