@@ -78,10 +78,9 @@ class EncoderClassifier(nn.Module):
         self.parameter_count = int(sum(p.numel() for p in self.parameters()))  # of the fp32 model, as trained
 
     def quantise(self) -> EncoderClassifier:
-        """The encoder's Linear layers as int8 weights (per output channel) with dynamic activation quantisation (in
-        place; the head stays
-        fp32: 77 rows cost nothing and keep the label distribution exact). Inference only: it cannot be trained or
-        saved again (the saved artefact keeps the fp32 weights and ``serve: int8``)."""
+        """The encoder's Linear layers as int8 weights (per output channel) with dynamic activation quantisation, in
+        place; the head stays fp32 (77 rows cost nothing and keep the label distribution exact). Inference only: it
+        cannot be trained or saved again (the saved artefact keeps the fp32 weights and ``serve: int8``)."""
         if not self.quantised:
             import warnings
 
