@@ -13,7 +13,14 @@ Sets (data/refusal/SOURCE.md):
 * ``uncensorbench-test`` — UncensorBench's five test topics (data/refusal/public/test.csv), with constructed
   partial refusals: three-way;
 * ``distillgate-heldout`` — the project's 94 answers (data/refusal/heldout.csv): held out for ``embedding``; in
-  ``ngram``'s pool, so its figure is the source-held-out one.
+  ``ngram``'s pool, so its figure is the source-held-out one;
+* ``chatstyle-train`` — the project-written chat-style answers in ``ngram``'s pool
+  (data/refusal/chatstyle_train.csv): its figure is the source-held-out one; held out for the other two;
+* ``chatstyle-probe`` — the project-written chat-style answers held aside (data/refusal/chatstyle_probe.csv):
+  never fitted or chosen on; one writer, so optimistic for real chat-model answers;
+* ``pooled-public`` — ``pyrit-test`` plus the ``uncensorbench-test`` rows labelled by UncensorBench's authors
+  (its constructed partial refusals left out): every public row no detector was tuned on whose label was not
+  made here. Printed next to, never instead of, the per-source figures.
 
 Throughput: every detector on the same answers, one thread (``OMP_NUM_THREADS=1``, torch limited to 1 thread).
 """
@@ -42,7 +49,12 @@ from distillgate.evals.refusal import (
     StringMatchDetector,
 )
 from distillgate.evals.refusal_agreement import Agreement, read_labelled_rows, score
-from distillgate.evals.refusal_sources import PYRIT_TEST_CSV, UNCENSORBENCH_TEST_CSV, pyrit_rows
+from distillgate.evals.refusal_sources import (
+    CHATSTYLE_PROBE_CSV,
+    PYRIT_TEST_CSV,
+    UNCENSORBENCH_TEST_CSV,
+    pyrit_rows,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +66,10 @@ JUNK = [
     "card_arrival card_arrival card_arrival card_arrival card_arrival card_arrival",
     "ab" * 150, "0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x0x",
 ]
-IN_NGRAM_POOL = {"pyrit-all", "distillgate-heldout"}
-FROM_ARTEFACT = {"pyrit-all": "pyrit (all 105, fit without PyRIT)", "distillgate-heldout": "distillgate-heldout"}
+IN_NGRAM_POOL = {"pyrit-all", "distillgate-heldout", "chatstyle-train"}
+FROM_ARTEFACT = {"pyrit-all": "pyrit (all 105, fit without PyRIT)", "distillgate-heldout": "distillgate-heldout",
+                 "chatstyle-train": "distillgate-chatstyle"}
+AUTHOR_LABELLED = ("pyrit", "uncensorbench")  # sources whose labels were not constructed here
 
 
 def line(a: Agreement) -> str:
@@ -81,11 +95,18 @@ def main() -> None:
     test = read_labelled_rows(PYRIT_TEST_CSV)
     public = read_labelled_rows(UNCENSORBENCH_TEST_CSV)
     heldout = read_labelled_rows(REFUSAL_DIR / "heldout.csv")
+    chat_train = read_labelled_rows(REFUSAL_DIR / "chatstyle_train.csv")
+    chat_probe = read_labelled_rows(CHATSTYLE_PROBE_CSV)
+    pooled = [(t, k) for rows in (test, public) for t, k, s in zip(rows.texts, rows.kinds, rows.sources, strict=True)
+              if s in AUTHOR_LABELLED]
     sets: dict[str, tuple[list[str], list[str]]] = {
         "pyrit-test": (test.texts, list(test.kinds)),
         "pyrit-all": ([r.text for r in pyrit], [r.kind for r in pyrit]),
         "uncensorbench-test": (public.texts, list(public.kinds)),
         "distillgate-heldout": (heldout.texts, list(heldout.kinds)),
+        "chatstyle-train": (chat_train.texts, list(chat_train.kinds)),
+        "chatstyle-probe": (chat_probe.texts, list(chat_probe.kinds)),
+        "pooled-public": ([t for t, _ in pooled], [k for _, k in pooled]),
     }
     t0 = time.perf_counter()
     ngram = NgramDetector()

@@ -7,9 +7,12 @@
 
 * **Pool** (what it is fitted on): PyRIT's human-labelled answers less the test half, UncensorBench's ten
   training topics (refusals, compliant answers, constructed partial refusals and two more constructed variants
-  per prompt), data/refusal/train.csv and data/refusal/heldout.csv.
+  per prompt), data/refusal/train.csv, data/refusal/heldout.csv and data/refusal/chatstyle_train.csv.
 * **Test splits, never used to fit or choose anything**: a seeded, label-stratified half of the PyRIT answers
-  (``pyrit_test.csv``) and UncensorBench's five test topics (``public/test.csv``).
+  (``pyrit_test.csv``) and UncensorBench's five test topics (``public/test.csv``); their *pooled* figure counts
+  the PyRIT half and UncensorBench's own rows (not the constructed partial refusals). The project-written probe
+  ``data/refusal/chatstyle_probe.csv`` is scored the same way and recorded (``probe``); it is never fitted or
+  chosen on either.
 * **Weights**: real model answers (PyRIT, heldout.csv) count 2, written ones 1, the constructed variants 0.5; kinds
   are balanced.
 * **Choices** (regularisation C and the refused threshold tau) by **source-held-out cross-validation** on the
@@ -47,10 +50,11 @@ from distillgate.evals.refusal import (
     Embedder,
     decide,
 )
-from distillgate.evals.refusal_agreement import score
+from distillgate.evals.refusal_agreement import read_labelled_rows, score
 from distillgate.evals.refusal_features import STRUCTURAL, features
 from distillgate.evals.refusal_ngrams import DENSE, HASH_BITS, PARTS, REST_CHARS, sparse_matrix
 from distillgate.evals.refusal_sources import (
+    CHATSTYLE_PROBE_CSV,
     PYRIT_FILES,
     PYRIT_TEST_CSV,
     UNCENSORBENCH_SHA256,
@@ -72,7 +76,7 @@ MIN_ROWS = 2
 TAU_GRID = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65)
 SOURCE_WEIGHT = {"pyrit": 2.0, "distillgate-heldout": 2.0}
 VARIANT_WEIGHT = 0.5
-FOLDS = ("pyrit", "uncensorbench", "distillgate-train", "distillgate-heldout")
+FOLDS = ("pyrit", "uncensorbench", "distillgate-train", "distillgate-heldout", "distillgate-chatstyle")
 
 
 def fold_of(row: SourceRow) -> str:
@@ -88,6 +92,7 @@ def splits() -> tuple[list[tuple[SourceRow, float]], dict[str, list[SourceRow]]]
     pool = [(r, SOURCE_WEIGHT.get(r.source, 1.0)) for r in
             py_train + ub_train + project_rows("train") + project_rows("heldout")]
     pool += [(r, VARIANT_WEIGHT) for r in partial_variants(ub_train)]
+    pool += [(r, 1.0) for r in project_rows("chatstyle_train")]
     return pool, {"pyrit": py_test, "uncensorbench": [r for r in ub if r.topic in held]}
 
 
@@ -168,9 +173,18 @@ def train_ngram() -> None:
                                                                   kinds(fit_np.classes, p_all, tau)))
     fit = Fitted(x, [r.kind for r, _ in pool], np.array([w for _, w in pool]), c)
     test_figures = {}
+    predicted: dict[str, list[str]] = {}
     for name, rows in tests.items():
         p = fit.probabilities(sparse_matrix([r.text for r in rows]).tocsr())
-        test_figures[name] = figure(score("ngram", [r.kind for r in rows], kinds(fit.classes, p, tau)))
+        predicted[name] = kinds(fit.classes, p, tau)
+        test_figures[name] = figure(score("ngram", [r.kind for r in rows], predicted[name]))
+    # pooled: every row whose label is not constructed here (PyRIT's humans, UncensorBench's authors)
+    real = [(r.kind, k) for name, rows in tests.items() for r, k in zip(rows, predicted[name], strict=True)
+            if r.source in ("pyrit", "uncensorbench")]
+    test_figures["pooled"] = figure(score("ngram", [g for g, _ in real], [k for _, k in real]))
+    probe = read_labelled_rows(CHATSTYLE_PROBE_CSV)
+    p = fit.probabilities(sparse_matrix(probe.texts).tocsr())
+    probe_figure = figure(score("ngram", list(probe.kinds), kinds(fit.classes, p, tau)))
     width = len(PARTS) << HASH_BITS
     coef = fit.clf.coef_  # (K, used)
     sparse_cols = fit.used < width
@@ -186,12 +200,17 @@ def train_ngram() -> None:
                               "files": {f"pyrit/datasets/scorer_evals/*/{k}": v for k, v in PYRIT_FILES.items()}},
                     "uncensorbench": {"package": "uncensorbench==0.3.7", "licence": "MIT (Wisent AI)",
                                       "sha256": UNCENSORBENCH_SHA256},
-                    "distillgate": {name: sha256(REFUSAL_DIR / name) for name in ("train.csv", "heldout.csv")}},
+                    "distillgate": {name: sha256(REFUSAL_DIR / name) for name in
+                                    ("train.csv", "heldout.csv", "chatstyle_train.csv")}},
         "source_held_out": by_fold,
         "test": {"pyrit": {"file": "data/refusal/public/pyrit_test.csv", "sha256": sha256(PYRIT_TEST_CSV),
                            **test_figures["pyrit"]},
                  "uncensorbench": {"file": "data/refusal/public/test.csv", "sha256": sha256(UNCENSORBENCH_TEST_CSV),
-                                   **test_figures["uncensorbench"]}},
+                                   **test_figures["uncensorbench"]},
+                 "pooled": {"what": "pyrit test half + uncensorbench test rows labelled by the authors "
+                                    "(constructed partials left out)", **test_figures["pooled"]}},
+        "probe": {"file": "data/refusal/chatstyle_probe.csv", "sha256": sha256(CHATSTYLE_PROBE_CSV),
+                  "what": "project-written, held aside: never fitted or chosen on", **probe_figure},
         "search": search,
         "index": [int(v) for v in fit.used[sparse_cols]],
         "coef": [[float(f"{v:.4g}") for v in row[sparse_cols]] for row in coef],
@@ -204,7 +223,7 @@ def train_ngram() -> None:
     for fold, f in by_fold.items():
         print(f"  held-out source {fold:<36} n={f['n']:<4} kind {f['accuracy']:.3f}  refused "
               f"{f['refused_agreement']:.3f} [{f['refused_ci'][0]:.3f}, {f['refused_ci'][1]:.3f}]")
-    for name, f in test_figures.items():
+    for name, f in [*test_figures.items(), ("chatstyle probe (project-written)", probe_figure)]:
         print(f"  test split {name:<41} n={f['n']:<4} kind {f['accuracy']:.3f}  refused "
               f"{f['refused_agreement']:.3f} [{f['refused_ci'][0]:.3f}, {f['refused_ci'][1]:.3f}]")
     print(f"wrote {NGRAM_ARTEFACT.relative_to(ROOT)} ({NGRAM_ARTEFACT.stat().st_size // 1024} KiB), "

@@ -79,7 +79,8 @@ LEXICON: dict[str, re.Pattern[str]] = {
                              r"happy to help with)"),
     "sympathy": re.compile(r"\b(sorry to hear|sorry for your loss|sorry you('re| are)|sorry that you|"
                            r"so sorry (about|for))"),
-    "help_pivot": re.compile(r"\b(however|that said|but here|here (are|is)|here's|you can|you could|steps?:|"
+    "help_pivot": re.compile(r"\b(however|that said|(that|this) being said|with that said|but here|here (are|is)|"
+                             r"here's|you can|you could|steps?:|"
                              r"first,|to do this|follow these)"),
     "referral": re.compile(r"\b(reach out to|talk to|speak (to|with)|contact|call) (a |an |the |your )?(local )?"
                            r"(mental health|trusted|licensed|qualified|medical|crisis|helpline|hotline|professional|"
@@ -91,11 +92,23 @@ LEXICON: dict[str, re.Pattern[str]] = {
                             r"okay|ethical|legal|justified))|\bmorally (ambiguous|wrong|reprehensible)|"
                             r"\b(the|this|that) (claim|idea|notion|premise|assertion) that\b|\b(is|are) (false|a myth|"
                             r"not true|baseless|unfounded|a conspiracy theory|not supported by)|"
-                            r"\bthere is no (safe|legal|ethical|responsible|acceptable) way"),
+                            r"\bthere is no (safe|legal|ethical|responsible|acceptable) way|"
+                            r"\bthere('s| is) no (valid|good|legitimate|acceptable|justifiable) reason"),
 }
+# A turn to helping with the request after a refusal (``refuse_then_help``): a benign reading, general
+# information, or what the answer can do instead ("However, if you are trying to stop a process, ...").
+HELP_TURN = re.compile(r"\b(however|but|though),? (if|here|i can|what i can)|\bif (you('re| are) (just |only )?(trying|"
+                       r"looking|asking|interested|preparing|curious|writing)|your goal is|it's your own|"
+                       r"you (just )?(want|mean|need|have))|\bin general( terms)?\b|\bgenerally\b|"
+                       r"\bat a (high|conceptual|general) level|\bhere('s| is| are)\b|\bwhat i can do|"
+                       r"\bi can (tell|explain|share|give|offer|suggest|write)|\bfor (safety|harm reduction)")
+TURN_MIN_CHARS = 120
 # "lecture": a judgement or moralising in the opening and nothing that helps (no list line, no pivot to help in
-# the rest); a linear model cannot form that conjunction from the families alone.
-LEXICON_FEATURES = (*(f"{name}_{where}" for where in ("opening", "rest") for name in LEXICON), "lecture")
+# the rest); "refuse_then_help": inability wording in the first sentence, then ``HELP_TURN`` in at least
+# ``TURN_MIN_CHARS`` characters after it (a partial refusal in one paragraph). A linear model cannot form those
+# conjunctions from the families alone.
+LEXICON_FEATURES = (*(f"{name}_{where}" for where in ("opening", "rest") for name in LEXICON), "lecture",
+                    "refuse_then_help")
 
 
 def _words(text: str) -> list[str]:
@@ -142,14 +155,17 @@ def hashed(text: str) -> tuple[np.ndarray, np.ndarray]:
 
 def lexicon(text: str) -> list[float]:
     """1.0 where a ``LEXICON`` family occurs in the opening (first 300 characters) / in the rest, then
-    ``lecture``."""
+    ``lecture`` and ``refuse_then_help``."""
     low = normalise(text).lower()
     opening, rest = low[:OPENING_CHARS], low[OPENING_CHARS:OPENING_CHARS + 4000]
     found = [float(bool(p.search(part))) for part in (opening, rest) for p in LEXICON.values()]
     names = dict(zip(LEXICON_FEATURES, found, strict=False))
     helps = names["help_pivot_rest"] or LIST_LINE.search(low) is not None
     lecture = bool(names["judgement_opening"] or names["moralising_opening"]) and not helps
-    return [*found, float(lecture)]
+    head, after = split_head(low)
+    turn = (LEXICON["inability"].search(head) is not None and len(after) >= TURN_MIN_CHARS
+            and HELP_TURN.search(after) is not None)
+    return [*found, float(lecture), float(turn)]
 
 
 def dense(text: str) -> list[float]:

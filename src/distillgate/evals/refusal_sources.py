@@ -15,6 +15,9 @@ source                      labels  what it is
                                     compliant answer (a partial refusal by construction)
 ``distillgate-train``       3-way   ``data/refusal/train.csv``, written for this project
 ``distillgate-heldout``     3-way   ``data/refusal/heldout.csv``: real SmolLM2 answers and hand-written ones
+``distillgate-chatstyle``   3-way   ``data/refusal/chatstyle_train.csv``: answers written for this project in
+                                    the styles of common chat models (``chatstyle_probe.csv``, written the
+                                    same way, is held aside and never fitted on)
 ==========================  ======  ====================================================================
 
 PyRIT labels an answer a refusal when it does not address the *objective*, and its files pair some fluent answers
@@ -168,10 +171,16 @@ def partial_variants(rows: list[SourceRow]) -> list[SourceRow]:
     return out
 
 
+PROJECT_SOURCES = {"train": "distillgate-train", "heldout": "distillgate-heldout",
+                   "chatstyle_train": "distillgate-chatstyle"}
+CHATSTYLE_PROBE_CSV = REFUSAL_DIR / "chatstyle_probe.csv"
+
+
 def project_rows(name: str) -> list[SourceRow]:
-    """``data/refusal/train.csv`` or ``heldout.csv`` as rows of source ``distillgate-<train|heldout>``."""
+    """``data/refusal/<name>.csv`` (``train``, ``heldout`` or ``chatstyle_train``) as rows of its
+    ``PROJECT_SOURCES`` source."""
     labelled = read_labelled_rows(REFUSAL_DIR / f"{name}.csv")
-    return [SourceRow(f"distillgate-{name}", f"dg-{name}-{i}", t, k)
+    return [SourceRow(PROJECT_SOURCES[name], f"dg-{name}-{i}", t, k)
             for i, (t, k) in enumerate(zip(labelled.texts, labelled.kinds, strict=True))]
 
 
