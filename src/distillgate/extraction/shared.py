@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from distillgate.extraction.features import Sketch
+from distillgate.extraction.features import Embedded, Sketch
 
 if TYPE_CHECKING:
     from distillgate.extraction.monitor import ExtractionMonitor
@@ -83,13 +83,16 @@ class SharedWindows:
         self.backfill = backfill
         self.retain = retain
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        #: the origin of the pieces this process left for the stream to apply (its pull reads them back)
+        self.deferred_origin = f"{self.origin}/deferred"
         self.cursor: int | None = None
         self.published = 0  # rows this process committed
-        self.applied = 0  # other processes' rows applied here
+        self.applied = 0  # other processes' rows applied here (and this one's deferred pieces)
+        self.applied_embedded = 0  # ... of which embedded pieces
         self.lost = 0  # rows dropped from a full outbox (store unreachable for long)
         self.errors = 0
         self.synced_at = 0.0  # monotonic time the last pull finished
-        self._outbox: deque[Sketch | bytes] = deque()
+        self._outbox: deque[tuple[str, Sketch | Embedded | bytes]] = deque()  # (origin, what to share)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._backend: Any = None
@@ -101,10 +104,13 @@ class SharedWindows:
             self._thread.start()
 
     # -- the request path ---------------------------------------------------------------------------------------------
-    def publish(self, sketch: Sketch) -> None:
+    def publish(self, item: Sketch | Embedded, *, deferred: bool = False) -> None:
+        """Queue a judged request's sketch (the request path) or its embedded pieces (the embedder's thread).
+        ``deferred``: pieces this process did not apply (its project has no reference yet); they are written under
+        :attr:`deferred_origin`, so that this process reads them back and applies them in ``seq`` order too."""
         # the record is built and encoded by the flush, off the request path (a sketch does not change)
         with self._lock:
-            self._outbox.append(sketch)
+            self._outbox.append((self.deferred_origin if deferred else self.origin, item))
             while len(self._outbox) > MAX_OUTBOX:
                 self._outbox.popleft()
                 self.lost += 1
@@ -174,7 +180,7 @@ class SharedWindows:
         with self._lock:
             queued = list(self._outbox)
             self._outbox.clear()
-        rows = [r if isinstance(r, bytes) else orjson.dumps(r.share_record()) for r in queued]
+        rows = [(o, r if isinstance(r, bytes) else orjson.dumps(r.share_record())) for o, r in queued]
         if not rows:
             return
         now = time.time()
@@ -185,7 +191,7 @@ class SharedWindows:
                 if pg:
                     conn.execute("SELECT pg_advisory_xact_lock(?)", (SHARE_LOCK,))
                 conn.executemany("INSERT INTO monitor_events (origin, at, record) VALUES (?,?,?)",
-                                 [(self.origin, now, r) for r in rows])
+                                 [(o, now, r) for o, r in rows])
                 self._since_prune += len(rows)
                 if self._since_prune >= 1000:
                     self._since_prune = 0
@@ -206,11 +212,16 @@ class SharedWindows:
             for seq, record in got:
                 self.cursor = int(seq)
                 try:
-                    sketch = Sketch.from_record(orjson.loads(bytes(record)))
+                    rec = orjson.loads(bytes(record))
+                    item = Embedded.from_record(rec) if rec.get("kind") == "embedded" else Sketch.from_record(rec)
                 except Exception as exc:  # a row of another release: skipped, said once per row
                     _log.warning("extraction monitor: skipped shared row %s: %s", seq, exc)
                     continue
-                self.monitor.absorb(sketch)
+                if isinstance(item, Embedded):
+                    self.monitor.absorb_embedded(item)
+                    self.applied_embedded += 1
+                else:
+                    self.monitor.absorb(item)
                 self.applied += 1
             if len(got) < PULL_BATCH:
                 return
