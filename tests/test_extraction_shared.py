@@ -1,5 +1,6 @@
 """Extraction monitors sharing their windows through the store (extraction/shared.py): traffic spread over two
-monitors on one store (SQLite or PostgreSQL) is judged exactly as the same traffic on one monitor."""
+monitors on one store (SQLite or PostgreSQL) is judged exactly as the same traffic on one monitor: the word-level
+windows (from the requests' sketches) and the content signals (from their embedded pieces)."""
 
 from __future__ import annotations
 
