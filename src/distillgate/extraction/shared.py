@@ -6,7 +6,10 @@ or replicas would stay under every threshold. So each process
 
 - **publishes** what it observed: on the request path ``publish(sketch)`` only appends the sketch to an in-memory
   outbox; its ``share_record`` (the decision log's features record plus the word set as hashes) is built and
-  encoded off the request path;
+  encoded off the request path. Once its embedder has read the request's prompt, the embedder's thread publishes
+  the pieces too (``Embedded``: their int8 vector codes, 64-bit hashes and scopes), so that the content signals
+  (``prompt_drift``, ``distribution_shift``, ``embedding_mmd``) see every process's pieces without embedding the
+  text again;
 - a background thread, every ``interval_s``, **flushes** the outbox to ``monitor_events`` (the store's table,
   migration m008, on PostgreSQL; a file of its own next to a SQLite store, see below) in one transaction, and
 - **pulls** the rows other processes wrote since its cursor, in ``seq`` order, and applies each to its own monitor
@@ -15,7 +18,17 @@ or replicas would stay under every threshold. So each process
 A decision therefore judges the merged view: every request this process saw, and every request another process
 saw up to **staleness = 2 x ``interval_s`` + two commits** before (the other's next round commits it, ours reads
 it at our next round; 0.2 s plus a few ms by default, see docs/deploy.md). A request inside that bound may be
-judged without the other process's last few events; nothing is lost, they apply a moment later.
+judged without the other process's last few events; nothing is lost, they apply a moment later. Embedded pieces
+leave once embedded: their bound adds the other's embedder latency (its queue, then the model), as their effect
+on the process that embedded them waits for it too.
+
+Each piece counts once everywhere. A process applies its own pieces when it embeds them, through the same int8
+codes it publishes (every process applies bit-identical vectors), and its pull skips its own origin. While a
+project has no reference yet (none configured; the first ``reference_size`` pieces become it) the publisher
+applies nothing itself: it writes the pieces under ``origin + "/deferred"``, which its pull does not skip, so they
+come back to it in ``seq`` order as they reach every other process, and every process builds the bootstrap
+reference of the same pieces (whether they may shape it is the publisher's judgement, in the row). A process
+that starts after the reference was built, beyond its ``backfill``, builds its own from what follows.
 
 Order: rows get their ``seq`` under the write lock (SQLite's flock + ``BEGIN IMMEDIATE``, a PostgreSQL advisory
 lock), so a row with a smaller ``seq`` is always committed before one with a larger: a cursor never skips a row.
@@ -32,7 +45,8 @@ flush would take the store's write lock from the decision path; a separate file 
 sidecar's ``seq`` the same way.
 
 The rows hold what the decision log's features record holds (a MinHash, lengths, fingerprints, ids) plus the
-64-bit hashes of the prompt's words (never the words).
+64-bit hashes of the prompt's words (never the words); a pieces row, int8 codes of the pieces' unit embeddings
+(one byte per dimension), the 64-bit hashes of the pieces and the scopes they apply to (never the text).
 """
 
 from __future__ import annotations
