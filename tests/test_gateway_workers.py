@@ -326,14 +326,14 @@ def test_content_signals_of_an_attack_spread_over_two_replicas_are_those_of_one_
         with served(tmp_path, db, n, shared=shared, policy=CONTENT_POLICY, extraction=extraction) as urls:
             return send(urls, keys_for(db, CONTENT_USERS), db, content_traffic())
 
-    one_db = fresh(tmp_path, replica_db, "one_process")
+    one_db = fresh(tmp_path, replica_db, "content_one_process")
     alone = run(one_db, 1)
     spread = run(replica_db, 2)
     assert len(origins(replica_db)) == 2
     assert spread == alone  # every request: the same signals, scopes and values
     expect_content_signals(fired(alone))
 
-    apart_db = fresh(tmp_path, replica_db, "unshared")
+    apart_db = fresh(tmp_path, replica_db, "content_unshared")
     apart = fired(run(apart_db, 2, shared=False))
     assert "prompt_drift" not in apart["cov"] and "embedding_mmd" not in apart["cov"]  # 6 of cov's requests each
     assert apart["h"] == set() and apart["alice"] == set()
