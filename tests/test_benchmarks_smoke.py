@@ -35,6 +35,13 @@ def test_extraction_observe_benchmark_runs(tmp_path: Path) -> None:
     assert figures["requests"] == 1200 and figures["observe"]["p50_us"] > 0
 
 
+def test_extraction_share_rows_benchmark_runs(tmp_path: Path) -> None:
+    out = tmp_path / "share_rows.json"
+    _run("extraction_share_rows.py", "--no-callgrind", "--out", str(out))
+    figures = json.loads(out.read_text())
+    assert figures["dim_384"]["embedded_row_bytes"] > figures["dim_256"]["embedded_row_bytes"] > 0
+
+
 def test_store_backends_benchmark_runs(tmp_path: Path) -> None:
     out = tmp_path / "store_backends.json"
     _run("store_backends.py", "--entries", "96", "--out", str(out))

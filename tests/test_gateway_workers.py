@@ -5,6 +5,9 @@
 - The extraction monitor's windows are shared through the store: one attacker's traffic spread round-robin over two
   replicas (or landing wherever the kernel hands it among workers) is flagged exactly as on one process, and a
   legitimate user no more; with sharing off, the spread sweep goes unseen (what the sharing is for).
+- So are the content signals (prompt_drift, distribution_shift, embedding_mmd): off-domain prompts of hydra heads
+  and of one user, spread over two replicas or two workers, get what one process gives them; unshared, each
+  replica's embedder sees too few of them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -26,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
-from _extraction_support import BANK_TEMPLATE, CITIES, TOPICS, banking_texts
+from _extraction_support import BANK_TEMPLATE, CITIES, TOPICS, banking_texts, coverage_prompts
 from _gateway_support import free_port
 from _reliability_support import QUOTA_POLICY, GatewayProc, log_bodies, stop, write_config
 from _reliability_support import start as reliability_start
@@ -70,7 +74,8 @@ def wait_workers(pid: int, n: int, timeout: float = 90, without: int | None = No
 def origins(db: str) -> set[str]:
     conn = connect(events_path(db) or db)
     try:
-        return {str(r[0]) for r in conn.execute("SELECT DISTINCT origin FROM monitor_events").fetchall()}
+        # a process's own origin, and its "/deferred" pieces (read back by it: extraction/shared.py)
+        return {str(r[0]).split("/")[0] for r in conn.execute("SELECT DISTINCT origin FROM monitor_events").fetchall()}
     finally:
         conn.close()
 
@@ -161,10 +166,12 @@ def traffic() -> list[tuple[str, dict[str, Any]]]:
 Flags = list[tuple[str, list[tuple[str, str, float]]]]
 
 
-def send(urls: list[str], keys: dict[str, str], db: str) -> Flags:
-    """The traffic, request i to urls[i % len(urls)] on a fresh connection; (user, fired signals) per request."""
+def send(urls: list[str], keys: dict[str, str], db: str,
+         requests: list[tuple[str, dict[str, Any]]] | None = None) -> Flags:
+    """The traffic (``traffic()`` by default), request i to urls[i % len(urls)] on a fresh connection; (user, fired
+    signals) per request."""
     indices = []
-    for i, (user, body) in enumerate(traffic()):
+    for i, (user, body) in enumerate(traffic() if requests is None else requests):
         with httpx.Client() as client:  # a new connection each time: among workers, the kernel picks one
             r = client.post(urls[i % len(urls)] + "/v1/chat/completions", json=body, timeout=30, headers={
                 "Authorization": f"Bearer {keys[user]}", "X-Policy-User": user, "X-Policy-Project": "p",
@@ -183,15 +190,16 @@ def first_flag(flags: Flags, user: str, name: str) -> int | None:
 
 
 @contextlib.contextmanager
-def served(tmp: Path, db: str, n: int, *, workers: int = 1, shared: bool = True) -> Iterator[list[str]]:
+def served(tmp: Path, db: str, n: int, *, workers: int = 1, shared: bool = True,
+           policy: dict[str, Any] = MONITOR_POLICY, extraction: dict[str, Any] | None = None) -> Iterator[list[str]]:
     with fake_upstream(reply="ok") as fake:
         from _gateway_support import write_policies
 
         cfg = tmp / f"watch-{n}-{workers}-{shared}.json"
         cfg.write_text(json.dumps({
-            "policy": str(write_policies(tmp / "watch-policies", MONITOR_POLICY)), "db": db,
+            "policy": str(write_policies(tmp / f"{policy['policy_id']}-policies", policy)), "db": db,
             "upstreams": {"fake": {"base_url": fake.base_url, "max_retries": 0}},
-            "extraction": {"shared": shared, "share_interval_s": 0.02}}))
+            "extraction": {"shared": shared, "share_interval_s": 0.02, **(extraction or {})}}))
         gws = [start(cfg, tmp, "--workers", str(workers)) for _ in range(n)]
         try:
             if workers > 1:
@@ -202,10 +210,10 @@ def served(tmp: Path, db: str, n: int, *, workers: int = 1, shared: bool = True)
                 stop(g)
 
 
-def keys_for(db: str) -> dict[str, str]:
+def keys_for(db: str, users: tuple[str, ...] = ("mallory", "eve", "alice")) -> dict[str, str]:
     ks = KeyStore(db)
     try:
-        return {u: ks.create(u)[1] for u in ("mallory", "eve", "alice")}
+        return {u: ks.create(u)[1] for u in users}
     finally:
         ks.close()
 
@@ -251,3 +259,90 @@ def test_an_attack_landing_on_either_worker_is_flagged_as_on_one_process(tmp_pat
     assert first_flag(flags, "mallory", "logit_bias_sweep") == 15
     assert first_flag(flags, "eve", "template_sweep") is not None
     assert not any(scope in ("user", "key") for u, sigs in flags if u == "alice" for _, scope, _ in sigs)
+
+
+# -- the content signals across processes (embedded pieces shared through the store) ---------------------------------
+HEADS = tuple(f"h{i}" for i in range(4))
+CONTENT_USERS = ("alice", "cov", *HEADS)
+CONTENT_POLICY: dict[str, Any] = {
+    **MONITOR_POLICY, "policy_id": "content", "project_users": {"p": list(CONTENT_USERS)},
+    # windows short enough for a few dozen paced requests: prompt_drift from 10 embedded requests, the project's
+    # MMD over its last 40 pieces (recomputed every 50)
+    "extraction": {"signals": {"prompt_drift": {"window": 20, "min_requests": 10},
+                               "embedding_mmd": {"window": 40, "min_requests": 20}}},
+}
+
+
+def chat(text: str) -> dict[str, Any]:
+    return {"model": "fake-teacher", "messages": [{"role": "user", "content": text}]}
+
+
+def content_traffic() -> list[tuple[str, dict[str, Any]]]:
+    """A legitimate banking user (alice) and, two requests in four, off-domain prompts: 4 hydra heads of 4 requests,
+    then one user (cov) of 12. Spread over two replicas each sees 2 of a head's requests, 6 of cov's and 36 of the
+    project's pieces (its MMD is first computed at 50)."""
+    cov = iter(coverage_prompts(100, seed=9))
+    attack = iter([(h, chat(next(cov))) for h in HEADS for _ in range(4)] + [("cov", chat(next(cov)))
+                                                                            for _ in range(12)])
+    bank = banking_texts()
+    random.Random(11).shuffle(bank)
+    alice = iter(("alice", chat(t)) for t in bank[3000:3100])
+    out = []
+    for i in range(72):
+        step = next(attack, None) if i % 4 in (1, 2) else None
+        out.append(step if step is not None else next(alice))
+    return out
+
+
+def fired(flags: Flags) -> dict[str, set[str]]:
+    """user (the heads as ``h``) -> the names of the signals fired on its requests."""
+    out: dict[str, set[str]] = {}
+    for user, sigs in flags:
+        out.setdefault("h" if user in HEADS else user, set()).update(name for name, _, _ in sigs)
+    return out
+
+
+def content_extraction(tmp: Path) -> dict[str, Any]:
+    """The gateway's ``extraction`` section: the hashing embedder, and 1,000 banking messages approved for p."""
+    bank = banking_texts()
+    random.Random(11).shuffle(bank)
+    ref = tmp / "approved.jsonl"
+    ref.write_text("".join(json.dumps(chat(t)) + "\n" for t in bank[:1000]))
+    return {"embedder": "hashing", "references": {"p": str(ref)}}
+
+
+def expect_content_signals(seen: dict[str, set[str]]) -> None:
+    assert seen["cov"] == {"prompt_drift", "distribution_shift", "embedding_mmd"}
+    assert seen["h"] == {"distribution_shift"}
+    assert seen["alice"] == set()  # the legitimate user: no signal of any scope
+
+
+@pytest.mark.slow
+def test_content_signals_of_an_attack_spread_over_two_replicas_are_those_of_one_process(tmp_path: Path,
+                                                                                        replica_db: str) -> None:
+    extraction = content_extraction(tmp_path)
+
+    def run(db: str, n: int, shared: bool = True) -> Flags:
+        with served(tmp_path, db, n, shared=shared, policy=CONTENT_POLICY, extraction=extraction) as urls:
+            return send(urls, keys_for(db, CONTENT_USERS), db, content_traffic())
+
+    one_db = fresh(tmp_path, replica_db, "content_one_process")
+    alone = run(one_db, 1)
+    spread = run(replica_db, 2)
+    assert len(origins(replica_db)) == 2
+    assert spread == alone  # every request: the same signals, scopes and values
+    expect_content_signals(fired(alone))
+
+    apart_db = fresh(tmp_path, replica_db, "content_unshared")
+    apart = fired(run(apart_db, 2, shared=False))
+    assert "prompt_drift" not in apart["cov"] and "embedding_mmd" not in apart["cov"]  # 6 of cov's requests each
+    assert apart["h"] == set() and apart["alice"] == set()
+
+
+@pytest.mark.slow
+def test_content_signals_of_an_attack_landing_on_either_worker_are_those_of_one_process(tmp_path: Path) -> None:
+    db = str(tmp_path / "workers.db")
+    with served(tmp_path, db, 1, workers=2, policy=CONTENT_POLICY, extraction=content_extraction(tmp_path)) as urls:
+        flags = send(urls, keys_for(db, CONTENT_USERS), db, content_traffic())
+    assert len(origins(db)) == 2, "the kernel gave every connection to one worker: the test proved nothing"
+    expect_content_signals(fired(flags))

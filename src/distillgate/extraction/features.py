@@ -314,16 +314,64 @@ def _unb64(data: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(data), dtype="<u4").astype(np.uint32)
 
 
+def int8_codes(vectors: np.ndarray) -> np.ndarray:
+    """int8 codes of unit vectors (scale 127), any shape."""
+    return np.clip(np.round(vectors * 127.0), -127, 127).astype(np.int8)  # type: ignore[no-any-return]
+
+
+def from_codes(codes: np.ndarray) -> np.ndarray:
+    """The unit float32 vectors of ``int8_codes`` (the last axis is the vector; a zero vector stays zero)."""
+    v = codes.astype(np.float32) / np.float32(127.0)
+    norm = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.where(norm > 0, norm, 1.0).astype(np.float32)  # type: ignore[no-any-return]
+
+
 def quantise(vector: np.ndarray) -> str:
     """int8 quantisation of a unit vector (scale 127), base64: 384 bytes for MiniLM."""
-    q = np.clip(np.round(vector * 127.0), -127, 127).astype(np.int8)
-    return base64.b64encode(q.tobytes()).decode()
+    return base64.b64encode(int8_codes(vector).tobytes()).decode()
 
 
 def dequantise(data: str) -> np.ndarray:
-    v = np.frombuffer(base64.b64decode(data), dtype=np.int8).astype(np.float32) / 127.0
-    norm = float(np.linalg.norm(v)) or 1.0
-    return v / norm  # type: ignore[no-any-return]
+    return from_codes(np.frombuffer(base64.b64decode(data), dtype=np.int8))
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One request's embedded prompt pieces as the content signals apply them (``prompt_drift``,
+    ``distribution_shift``, ``embedding_mmd``, a bootstrap reference): what one gateway process tells the others
+    once its embedder has read a prompt (extraction/shared.py), so that they apply the same vectors to the same
+    scopes without embedding the text again. Never the text: int8 vector codes and 64-bit hashes of the pieces."""
+
+    user: str | None
+    key_id: str | None
+    project: str | None
+    scopes: tuple[tuple[str, str], ...]  # the (scope, identity) windows the pieces apply to, as the publisher chose
+    keys: tuple[int, ...]  # xxh64 of each piece's text: a repeated piece is one trial of distribution_shift
+    codes: np.ndarray  # (P, D) int8: ``int8_codes`` of the pieces' unit embeddings
+    boot: bool = True  # the publisher's judgement: these pieces may shape the project's bootstrap reference
+
+    @_once
+    def vectors(self) -> np.ndarray:
+        """(P, D) float32 unit vectors: what every process applies, the publisher included."""
+        return from_codes(self.codes)
+
+    def share_record(self) -> dict[str, Any]:
+        d = self.codes.shape[1]
+        return {"v": RECORD_VERSION, "kind": "embedded", "user": self.user, "key_id": self.key_id,
+                "project": self.project, "scopes": [list(k) for k in self.scopes],
+                "keys": base64.b64encode(np.array(self.keys, dtype="<u8").tobytes()).decode(),
+                "dim": d, "codes": base64.b64encode(self.codes.tobytes()).decode(), "boot": self.boot}
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> Embedded:
+        if rec.get("v") != RECORD_VERSION or rec.get("kind") != "embedded":
+            raise UserError(f"not an embedded-pieces record of version {RECORD_VERSION}: "
+                            f"{rec.get('kind')!r} v{rec.get('v')!r}", hint="run one distillgate release per store")
+        keys = tuple(np.frombuffer(base64.b64decode(rec["keys"]), dtype="<u8").tolist())
+        codes = np.frombuffer(base64.b64decode(rec["codes"]), dtype=np.int8).reshape(len(keys), int(rec["dim"]))
+        return cls(user=rec.get("user"), key_id=rec.get("key_id"), project=rec.get("project"),
+                   scopes=tuple((str(a), str(b)) for a, b in rec["scopes"]), keys=keys, codes=codes,
+                   boot=bool(rec.get("boot", True)))
 
 
 def features_record(features: RequestFeatures, embedding: np.ndarray | None = None,

@@ -16,7 +16,14 @@ import numpy as np
 import xxhash
 
 from distillgate.extraction.embed import Embedder, Reference
-from distillgate.extraction.features import RequestFeatures, Sketch, identities
+from distillgate.extraction.features import (
+    Embedded,
+    RequestFeatures,
+    Sketch,
+    from_codes,
+    identities,
+    int8_codes,
+)
 from distillgate.extraction.state import Events, ScopeState
 from distillgate.extraction.stats import outside_shift
 from distillgate.extraction.templates import NO_TEMPLATES, Split, TemplateSet
@@ -256,8 +263,10 @@ class ExtractionMonitor:
                     ev = st.events(s, fp, memo)
                     st.add(s, fp, ev)
                 events.append(ev)
-                if s.embedding is not None:  # scan of a log with stored embeddings
-                    self._drift_update(s, [st], [s.embedding], project_state if scope == "project" else None)
+                if s.embedding is not None:  # scan of a log with stored embeddings (one piece: the record's)
+                    self._drift_update(s.project or "", [st], [s.embedding], [s.fp_int],
+                                       self._may_shape_baseline(s, [st]),
+                                       project_state if scope == "project" else None)
             # tenant isolation: a project/cluster signal attaches only to an identity with evidence of the same
             # kind of its own (its own pieces outside the reference for the content signals, its own suspicious
             # word-level events for the others)
@@ -271,7 +280,7 @@ class ExtractionMonitor:
                 self._flag(s, project_state)
         return tuple(fired)
 
-    def _is_flagged(self, s: Sketch) -> bool:
+    def _is_flagged(self, s: Sketch | Embedded) -> bool:
         return (("user", s.user or "") in self._flagged) or (("key", s.key_id or "") in self._flagged)
 
     def _flag(self, s: Sketch, project_state: ScopeState | None) -> None:
@@ -391,57 +400,97 @@ class ExtractionMonitor:
 
     def _embed_batch(self, batch: list[Job]) -> None:
         """Embed a batch and apply it. The costly parts — the embedder, each piece's nearest reference neighbour,
-        the MMD test — run outside the monitor's lock, so the request path (``observe``) never waits on them."""
+        the MMD test — run outside the monitor's lock, so the request path (``observe``) never waits on them.
+
+        A shared monitor applies each vector as the others will (through its int8 share codes) and publishes the
+        pieces (``Embedded``); while the project has no reference yet it does not apply them here at all: they
+        come back from the store in ``seq`` order, as to every other process, so that every process's bootstrap
+        reference is made of the same pieces (``absorb_embedded``)."""
         texts = [p for _, pieces, _ in batch for p in pieces]
         vectors = self._embed(texts)
+        shared = self.shared
         prepared = []
         pos = 0
-        for s, pieces, keys in batch:
-            vecs, pos = vectors[pos:pos + len(pieces)], pos + len(pieces)
+        for s, pieces, scopes in batch:
+            vecs, pos = np.stack(vectors[pos:pos + len(pieces)]), pos + len(pieces)  # (P, D)
+            codes = None
+            if shared is not None:
+                codes = int8_codes(vecs)
+                vecs = from_codes(codes)
             ref = self._references.get(s.project or "")
-            sims = ref.nearest(np.stack(vecs)) if ref is not None else None
-            prepared.append((s, keys, vecs, ref, sims, [xxhash.xxh64_intdigest(p.encode()) for p in pieces]))
+            sims = ref.nearest(vecs) if ref is not None else None
+            keys = tuple(xxhash.xxh64_intdigest(p.encode()) for p in pieces)
+            prepared.append((s, scopes, keys, vecs, codes, ref, sims))
         tests: list[tuple[ScopeState, Any, np.ndarray]] = []
         with self._lock:
-            for s, keys, vecs, ref, sims, piece_keys in prepared:
-                states = [self._scopes[k] for k in keys if k in self._scopes]
-                project = self._scopes.get(("project", s.project)) if s.project else None
-                if ref is not self._references.get(s.project or ""):
+            for s, scopes, keys, vecs, codes, ref, sims in prepared:
+                project = s.project or ""
+                states = [self._scopes[k] for k in scopes if k in self._scopes]
+                project_state = self._scopes.get(("project", s.project)) if s.project else None
+                if ref is not self._references.get(project):
                     sims = None  # the reference changed meanwhile: compare again, with the new one
-                self._drift_update(s, states, vecs, project, piece_keys, sims, tests)
+                boot = self._may_shape_baseline(s, states)
+                if shared is not None and codes is not None:
+                    deferred = project not in self._references
+                    shared.publish(Embedded(s.user, s.key_id, s.project, scopes, keys, codes, boot), deferred=deferred)
+                    if deferred:
+                        continue
+                self._drift_update(project, states, list(vecs), keys, boot, project_state, sims, tests)
+        self._run_mmd(tests)
+
+    def absorb_embedded(self, e: Embedded) -> None:
+        """Apply pieces another process embedded (or this one, deferred for want of a reference), as if they had
+        been embedded here: the same vectors, the same scopes, the publisher's judgement of the bootstrap."""
+        project = e.project or ""
+        vecs = e.vectors
+        ref = self.reference(project)
+        sims = ref.nearest(vecs) if ref is not None else None  # outside the lock, as for a local piece
+        tests: list[tuple[ScopeState, Any, np.ndarray]] = []
+        with self._lock:
+            if ref is not self._references.get(project):
+                sims = None
+            states = [self._scopes[k] for k in e.scopes if k in self._scopes]
+            project_state = self._scopes.get(("project", e.project)) if e.project else None
+            self._drift_update(project, states, list(vecs), e.keys, e.boot, project_state, sims, tests)
+        self._run_mmd(tests)
+
+    def _run_mmd(self, tests: list[tuple[ScopeState, Any, np.ndarray]]) -> None:
         for project_state, test, window in tests:
             value = test.ratio(window)
             with self._lock:
                 project_state.mmd = value
 
-    def _drift_update(self, s: Sketch, states: list[ScopeState], vecs: Sequence[np.ndarray],
-                      project_state: ScopeState | None = None, keys: Sequence[int] | None = None,
+    def _may_shape_baseline(self, s: Sketch | Embedded, states: Sequence[ScopeState]) -> bool:
+        """Whether a request's pieces may go into its project's bootstrap reference: not from an identity flagged
+        or with evidence of its own (``states[:2]``: its user's and key's)."""
+        return not (self._is_flagged(s) or any(st.own_evidence() for st in states[:2]))
+
+    def _drift_update(self, project: str, states: Sequence[ScopeState], vecs: Sequence[np.ndarray],
+                      keys: Sequence[int], boot: bool, project_state: ScopeState | None = None,
                       sims: np.ndarray | None = None,
                       tests: list[tuple[ScopeState, Any, np.ndarray]] | None = None) -> None:
         """Apply a request's piece embeddings: its nearest-neighbour similarity (the least similar piece) to each
-        scope's drift window, each piece to the outside-reference windows, and the project's MMD window (its test
-        is appended to ``tests`` to run after the lock is released; without ``tests`` it runs now)."""
-        project = s.project or ""
+        scope's drift window, each piece (``keys``: its identity) to the outside-reference windows, and the
+        project's MMD window (its test is appended to ``tests`` to run after the lock is released; without
+        ``tests`` it runs now). Without a reference yet, the pieces go to the project's bootstrap when ``boot``."""
         ref = self._references.get(project)
         if ref is None:
-            if self._is_flagged(s) or any(st.own_evidence() for st in states[:2]):
+            if not boot:
                 return  # a project's baseline comes from unflagged identities only
-            boot = self._bootstrap.setdefault(project, [])
-            boot.extend(vecs)
-            if len(boot) >= self.reference_size:
-                self._references[project] = Reference(np.stack(boot))
+            bootstrap = self._bootstrap.setdefault(project, [])
+            bootstrap.extend(vecs)
+            if len(bootstrap) >= self.reference_size:
+                self._references[project] = Reference(np.stack(bootstrap))
                 del self._bootstrap[project]
             return
         if sims is None:
             sims = ref.nearest(np.stack(vecs))
         outside = [bool(x < ref.nn_threshold) for x in sims]
-        # a piece's identity: its text's hash (scan: the record's prompt fingerprint, one piece per record)
-        piece_keys = list(keys) if keys is not None else [s.fp_int + i for i in range(len(vecs))]
         sim = float(sims.min())
         for st in states:
             st.drift.append(sim < ref.nn_threshold)
             st.drift_sims.append(sim)
-            for key, flag in zip(piece_keys, outside, strict=True):
+            for key, flag in zip(keys, outside, strict=True):
                 st.add_piece(key, flag)
             st.shift = outside_shift(st.outside.true, len(st.outside), ref.outside_rate)
         if project_state is not None:

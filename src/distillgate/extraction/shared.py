@@ -6,7 +6,10 @@ or replicas would stay under every threshold. So each process
 
 - **publishes** what it observed: on the request path ``publish(sketch)`` only appends the sketch to an in-memory
   outbox; its ``share_record`` (the decision log's features record plus the word set as hashes) is built and
-  encoded off the request path;
+  encoded off the request path. Once its embedder has read the request's prompt, the embedder's thread publishes
+  the pieces too (``Embedded``: their int8 vector codes, 64-bit hashes and scopes), so that the content signals
+  (``prompt_drift``, ``distribution_shift``, ``embedding_mmd``) see every process's pieces without embedding the
+  text again;
 - a background thread, every ``interval_s``, **flushes** the outbox to ``monitor_events`` (the store's table,
   migration m008, on PostgreSQL; a file of its own next to a SQLite store, see below) in one transaction, and
 - **pulls** the rows other processes wrote since its cursor, in ``seq`` order, and applies each to its own monitor
@@ -15,7 +18,17 @@ or replicas would stay under every threshold. So each process
 A decision therefore judges the merged view: every request this process saw, and every request another process
 saw up to **staleness = 2 x ``interval_s`` + two commits** before (the other's next round commits it, ours reads
 it at our next round; 0.2 s plus a few ms by default, see docs/deploy.md). A request inside that bound may be
-judged without the other process's last few events; nothing is lost, they apply a moment later.
+judged without the other process's last few events; nothing is lost, they apply a moment later. Embedded pieces
+leave once embedded: their bound adds the other's embedder latency (its queue, then the model), as their effect
+on the process that embedded them waits for it too.
+
+Each piece counts once everywhere. A process applies its own pieces when it embeds them, through the same int8
+codes it publishes (every process applies bit-identical vectors), and its pull skips its own origin. While a
+project has no reference yet (none configured; the first ``reference_size`` pieces become it) the publisher
+applies nothing itself: it writes the pieces under ``origin + "/deferred"``, which its pull does not skip, so they
+come back to it in ``seq`` order as they reach every other process, and every process builds the bootstrap
+reference of the same pieces (whether they may shape it is the publisher's judgement, in the row). A process
+that starts after the reference was built, beyond its ``backfill``, builds its own from what follows.
 
 Order: rows get their ``seq`` under the write lock (SQLite's flock + ``BEGIN IMMEDIATE``, a PostgreSQL advisory
 lock), so a row with a smaller ``seq`` is always committed before one with a larger: a cursor never skips a row.
@@ -32,7 +45,8 @@ flush would take the store's write lock from the decision path; a separate file 
 sidecar's ``seq`` the same way.
 
 The rows hold what the decision log's features record holds (a MinHash, lengths, fingerprints, ids) plus the
-64-bit hashes of the prompt's words (never the words).
+64-bit hashes of the prompt's words (never the words); a pieces row, int8 codes of the pieces' unit embeddings
+(one byte per dimension), the 64-bit hashes of the pieces and the scopes they apply to (never the text).
 """
 
 from __future__ import annotations
@@ -49,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from distillgate.extraction.features import Sketch
+from distillgate.extraction.features import Embedded, Sketch
 
 if TYPE_CHECKING:
     from distillgate.extraction.monitor import ExtractionMonitor
@@ -83,13 +97,16 @@ class SharedWindows:
         self.backfill = backfill
         self.retain = retain
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        #: the origin of the pieces this process left for the stream to apply (its pull reads them back)
+        self.deferred_origin = f"{self.origin}/deferred"
         self.cursor: int | None = None
         self.published = 0  # rows this process committed
-        self.applied = 0  # other processes' rows applied here
+        self.applied = 0  # other processes' rows applied here (and this one's deferred pieces)
+        self.applied_embedded = 0  # ... of which embedded pieces
         self.lost = 0  # rows dropped from a full outbox (store unreachable for long)
         self.errors = 0
         self.synced_at = 0.0  # monotonic time the last pull finished
-        self._outbox: deque[Sketch | bytes] = deque()
+        self._outbox: deque[tuple[str, Sketch | Embedded | bytes]] = deque()  # (origin, what to share)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._backend: Any = None
@@ -101,10 +118,13 @@ class SharedWindows:
             self._thread.start()
 
     # -- the request path ---------------------------------------------------------------------------------------------
-    def publish(self, sketch: Sketch) -> None:
+    def publish(self, item: Sketch | Embedded, *, deferred: bool = False) -> None:
+        """Queue a judged request's sketch (the request path) or its embedded pieces (the embedder's thread).
+        ``deferred``: pieces this process did not apply (its project has no reference yet); they are written under
+        :attr:`deferred_origin`, so that this process reads them back and applies them in ``seq`` order too."""
         # the record is built and encoded by the flush, off the request path (a sketch does not change)
         with self._lock:
-            self._outbox.append(sketch)
+            self._outbox.append((self.deferred_origin if deferred else self.origin, item))
             while len(self._outbox) > MAX_OUTBOX:
                 self._outbox.popleft()
                 self.lost += 1
@@ -174,7 +194,7 @@ class SharedWindows:
         with self._lock:
             queued = list(self._outbox)
             self._outbox.clear()
-        rows = [r if isinstance(r, bytes) else orjson.dumps(r.share_record()) for r in queued]
+        rows = [(o, r if isinstance(r, bytes) else orjson.dumps(r.share_record())) for o, r in queued]
         if not rows:
             return
         now = time.time()
@@ -185,7 +205,7 @@ class SharedWindows:
                 if pg:
                     conn.execute("SELECT pg_advisory_xact_lock(?)", (SHARE_LOCK,))
                 conn.executemany("INSERT INTO monitor_events (origin, at, record) VALUES (?,?,?)",
-                                 [(self.origin, now, r) for r in rows])
+                                 [(o, now, r) for o, r in rows])
                 self._since_prune += len(rows)
                 if self._since_prune >= 1000:
                     self._since_prune = 0
@@ -206,11 +226,16 @@ class SharedWindows:
             for seq, record in got:
                 self.cursor = int(seq)
                 try:
-                    sketch = Sketch.from_record(orjson.loads(bytes(record)))
+                    rec = orjson.loads(bytes(record))
+                    item = Embedded.from_record(rec) if rec.get("kind") == "embedded" else Sketch.from_record(rec)
                 except Exception as exc:  # a row of another release: skipped, said once per row
                     _log.warning("extraction monitor: skipped shared row %s: %s", seq, exc)
                     continue
-                self.monitor.absorb(sketch)
+                if isinstance(item, Embedded):
+                    self.monitor.absorb_embedded(item)
+                    self.applied_embedded += 1
+                else:
+                    self.monitor.absorb(item)
                 self.applied += 1
             if len(got) < PULL_BATCH:
                 return
