@@ -44,6 +44,7 @@ from distillgate.ledger.records import (
     LogEntry,
     Reservation,
     iso,
+    iso_now,
     utc_day,
     utc_now,
 )
@@ -207,7 +208,7 @@ class Store:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _signed_checkpoint(self, frontier: Frontier) -> Checkpoint:
-        payload = {"tree_size": frontier.size, "root_hash": frontier.root(), "ts": iso(utc_now()),
+        payload = {"tree_size": frontier.size, "root_hash": frontier.root(), "ts": iso_now(),
                    "key_id": self.signer.key_id}
         return Checkpoint(signature=self.signer.sign_json(payload), **payload)  # type: ignore[arg-type]
 
