@@ -21,6 +21,7 @@ import functools
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+_Signature = ctypes.c_char * 64
 _SELF_TEST = b'{"distillgate":"libsodium and cryptography must sign this alike"}'
 
 
@@ -73,7 +74,7 @@ class SodiumKey:
         return fast if agrees else None
 
     def sign(self, data: bytes) -> bytes:
-        sig = ctypes.create_string_buffer(64)  # one per call: the writer thread and the event loop both sign
+        sig = _Signature()  # one per call: the writer thread and the event loop both sign
         if self._sign(sig, None, data, len(data), self._secret) != 0:
             raise OSError("libsodium's crypto_sign_detached failed")
         return sig.raw
