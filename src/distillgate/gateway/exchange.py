@@ -35,7 +35,7 @@ class ClientGone(Exception):
     """The client disconnected before the answer was complete."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Exchange:
     route_name: str  # "chat" | "completions"
     raw: bytes
