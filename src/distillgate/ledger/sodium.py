@@ -23,15 +23,29 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 _Signature = ctypes.c_char * 64
 _SELF_TEST = b'{"distillgate":"libsodium and cryptography must sign this alike"}'
+#: the usual file names first (no ``ldconfig`` run), then whatever ``ctypes.util`` finds
+_NAMES = ("libsodium.so.23", "libsodium.so.26", "libsodium.dylib")
+
+
+def _open() -> ctypes.CDLL | None:
+    for name in _NAMES:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    found = ctypes.util.find_library("sodium")
+    try:
+        return None if found is None else ctypes.CDLL(found)
+    except OSError:
+        return None
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("sodium")
-    if name is None:
+    lib = _open()
+    if lib is None:
         return None
     try:
-        lib = ctypes.CDLL(name)
         if lib.sodium_init() < 0:
             return None
         lib.crypto_sign_seed_keypair.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p]
