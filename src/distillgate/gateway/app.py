@@ -132,7 +132,7 @@ class Gateway:
         self.cascade: Cascade | None = cascade(self.metrics) if cascade is not None else None
         self._reclaimer: asyncio.Task[None] | None = None
         self._monitor_start: asyncio.Task[None] | None = None
-        self._settling: set[asyncio.Task[Any]] = set()
+        self._settling: set[asyncio.Future[Any]] = set()
         #: reservations of requests being answered: the reclaim loop renews their leases
         self.in_flight: set[str] = set()
         self._openapi = orjson.dumps(openapi_document())
@@ -535,24 +535,27 @@ class Gateway:
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, records=records,
             response_hash=response_hash, upstream_id=upstream_id, outcome="ok", reasons=reasons,
             extra=_settle_extra(policy, problems, enforcement, choices), lazy=not wait)
-        settlement_index: int | None = None
-        if wait:
-            entry: LogEntry = await settling
-            settlement_index = entry.index
-        else:  # the decision is durable already; the settlement commits while the answer travels
-            task = asyncio.ensure_future(settling)
-            self._settling.add(task)
-            task.add_done_callback(self._settled)
-        self._count_tokens(prompt_tokens, completion_tokens)
+        if not wait:  # the decision is durable already; the settlement commits while the answer travels
+            self._settling.add(settling)
+            settling.add_done_callback(self._settled)
         if blocked:
+            await settling
+            self._count_tokens(prompt_tokens, completion_tokens)
             raise ApiError(422, f"the teacher's answer broke the output contract of {inb.output_type!r}: "
                            + "; ".join(problems[:5]), code="output_format_violation",
                            reasons=["OUTPUT_FORMAT_VIOLATION"])
+        # signed while the writer commits the settlement (its fsync runs without the GIL); nothing is sent before
+        # the settlement is durable (awaited below, when this mode waits for it)
         stamp = issue_stamp(
             self.store.signer, entry_index=adm.entry.index, entry_hash=adm.entry.entry_hash,
             policy_id=adm.decision.policy_id, policy_hash=adm.decision.policy_hash, user=adm.entry.body.get("user"),
             project=inb.project, run=inb.run, model=inb.model, upstream_id=upstream_id,
             request_hash=ex.request_hash, response_hash=response_hash)
+        settlement_index: int | None = None
+        if wait:
+            entry: LogEntry = await settling
+            settlement_index = entry.index
+        self._count_tokens(prompt_tokens, completion_tokens)
         return {"stamp": stamp.as_dict(), "decision_index": adm.entry.index, "settlement_index": settlement_index,
                 "flags": list(reasons), **({"contract_problems": problems} if problems else {}),
                 **({"route": ex.choice.summary()} if ex.choice is not None else {}),
@@ -573,7 +576,7 @@ class Gateway:
         return problems, contract.enforcement
 
     def _settled(self, task: asyncio.Future[Any]) -> None:
-        self._settling.discard(task)  # type: ignore[arg-type]
+        self._settling.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.metrics.settle_errors.inc()  # the reservation stays held; reclaim_expired refunds it later
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -35,7 +35,7 @@ class ClientGone(Exception):
     """The client disconnected before the answer was complete."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Exchange:
     route_name: str  # "chat" | "completions"
     raw: bytes
@@ -102,8 +102,9 @@ class Ticket:
         if self.on_refund is not None:
             self.on_refund(outcome)
 
-    def settle(self, **kwargs: Any) -> Awaitable[LogEntry]:
-        """Submit the settlement (``Store.asettle`` arguments); the ticket is closed from here on."""
+    def settle(self, **kwargs: Any) -> asyncio.Future[LogEntry]:
+        """Submit the settlement now (``Store.asettle`` arguments); the future resolves once it is durable. The
+        ticket is closed from here on."""
         self.closed = True
         self.in_flight.discard(self.reservation_id)
-        return self.store.asettle(self.reservation_id, **kwargs)
+        return self.store.submit_settle(self.reservation_id, **kwargs)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -58,21 +57,14 @@ class SqliteBackend:
         self._connect_first: Conn | None = connect(path)  # fails with a clear error before a lock file is made
         if not memory:
             self._lock_fd = os.open(str(self.path) + ".write-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock = _Flock(self)
 
     def connect(self) -> Conn:
         conn, self._connect_first = self._connect_first, None
         return conn if conn is not None else connect(self.path)
 
-    @contextlib.contextmanager
-    def write_lock(self) -> Iterator[None]:
-        if self._lock_fd is None:
-            yield
-            return
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+    def write_lock(self) -> contextlib.AbstractContextManager[None]:
+        return self._lock if self._lock_fd is not None else contextlib.nullcontext()
 
     def begin_write(self, conn: Conn) -> int:
         conn.execute("BEGIN IMMEDIATE")
@@ -88,6 +80,26 @@ class SqliteBackend:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+class _Flock:
+    """The ``flock`` on a SQLite store's lock file as a context manager (a class: a generator-based one costs a
+    generator and three calls per commit)."""
+
+    __slots__ = ("_backend",)
+
+    def __init__(self, backend: SqliteBackend) -> None:
+        self._backend = backend
+
+    def __enter__(self) -> None:
+        fd = self._backend._lock_fd
+        assert fd is not None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fd = self._backend._lock_fd
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 class PostgresBackend:

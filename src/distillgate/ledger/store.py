@@ -44,6 +44,7 @@ from distillgate.ledger.records import (
     LogEntry,
     Reservation,
     iso,
+    iso_now,
     utc_day,
     utc_now,
 )
@@ -182,11 +183,15 @@ class Store:
         self._submit(Job(fn, fut))
         return fut.result()
 
-    async def _acall(self, fn: Callable[[Txn], T], *, lazy: bool = False) -> T:
+    def _asubmit(self, fn: Callable[[Txn], T], *, lazy: bool = False) -> asyncio.Future[T]:
+        """Hand ``fn`` to the writer now; the future (of the running loop) resolves after its COMMIT."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         self._submit(Job(fn, fut, loop=loop, lazy=lazy))
-        return await fut
+        return fut
+
+    async def _acall(self, fn: Callable[[Txn], T], *, lazy: bool = False) -> T:
+        return await self._asubmit(fn, lazy=lazy)
 
     def close(self) -> None:
         if self._writer.closed:
@@ -203,7 +208,7 @@ class Store:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _signed_checkpoint(self, frontier: Frontier) -> Checkpoint:
-        payload = {"tree_size": frontier.size, "root_hash": frontier.root(), "ts": iso(utc_now()),
+        payload = {"tree_size": frontier.size, "root_hash": frontier.root(), "ts": iso_now(),
                    "key_id": self.signer.key_id}
         return Checkpoint(signature=self.signer.sign_json(payload), **payload)  # type: ignore[arg-type]
 
@@ -348,6 +353,17 @@ class Store:
         may wait up to ``lazy_commit_s`` for the next decision, so both share one fsync."""
         return await self._acall(self._settle_job(reservation_id, prompt_tokens, completion_tokens, records,
                                                   response_hash, upstream_id, outcome, reasons, extra), lazy=lazy)
+
+    def submit_settle(self, reservation_id: str, *, prompt_tokens: int | None = None,
+                      completion_tokens: int | None = None, records: int | None = None,
+                      response_hash: str | None = None, upstream_id: str | None = None, outcome: str = "ok",
+                      reasons: tuple[str, ...] = (), extra: Mapping[str, Any] | None = None,
+                      lazy: bool = False) -> asyncio.Future[LogEntry]:
+        """``asettle``, handed to the writer at once (call it in the event loop): the returned future resolves
+        once the settlement is durable, and the caller can do other work meanwhile (sign the answer's stamp while
+        the commit's fsync runs)."""
+        return self._asubmit(self._settle_job(reservation_id, prompt_tokens, completion_tokens, records,
+                                              response_hash, upstream_id, outcome, reasons, extra), lazy=lazy)
 
     def _reclaim_job(self, now: float | None) -> Callable[[Txn], int]:
         def job(txn: Txn) -> int:

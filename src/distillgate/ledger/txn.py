@@ -28,7 +28,7 @@ from distillgate.ledger.records import (
     Checkpoint,
     LogEntry,
     Reservation,
-    iso,
+    iso_now,
     utc_now,
 )
 from distillgate.ledger.signing import Signer
@@ -123,6 +123,7 @@ class Txn:
         self.now = utc_now()
         self.appended = 0
         self.head: Checkpoint | None = None  # the signed head ``finish`` wrote (for the witness)
+        self.head_json = b""  # ... and its JSON, as stored in ``meta``
         self.checkpoints: list[Checkpoint] = []
         self._log: list[tuple[Any, ...]] = []
         self._runs: list[tuple[Any, ...]] = []
@@ -177,7 +178,7 @@ class Txn:
             **fields,
             "schema_version": SCHEMA_VERSION,
             "index": s.next_index,
-            "ts": iso(utc_now()),
+            "ts": iso_now(),
             "kind": kind,
             "prev_hash": s.prev_hash,
         }
@@ -308,8 +309,8 @@ class Txn:
             return
         frontier = self.state.frontier
         head = self.head = self.store._signed_checkpoint(frontier)
-        conn.executemany(META_UPSERT, [("frontier", orjson.dumps(frontier.to_json())),
-                                       ("head", orjson.dumps(head.as_dict()))])
+        self.head_json = orjson.dumps(head.as_dict())  # the witness line too (ledger/witness.py: the same fields)
+        conn.executemany(META_UPSERT, [("frontier", orjson.dumps(frontier.to_json())), ("head", self.head_json)])
         # closed reservations are settled for good: keep the cache small
         for _, _, _, rid in self._reservation_updates:
             self.state.reservations.pop(rid, None)

@@ -54,11 +54,14 @@ class WitnessFile:
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def append(self, heads: Iterable[dict[str, Any]], *, sync: bool) -> None:
-        if self._fd is None:
+        self.append_json([orjson.dumps({k: h[k] for k in _FIELDS}) for h in heads], sync=sync)
+
+    def append_json(self, heads: list[bytes], *, sync: bool) -> None:
+        """``append`` for heads already written as JSON objects of exactly ``_FIELDS``, in that order (the store
+        writes each head's JSON once, for its ``meta`` row and for this file)."""
+        if self._fd is None or not heads:
             return
-        data = b"".join(orjson.dumps({k: h[k] for k in _FIELDS}) + b"\n" for h in heads)
-        if not data:
-            return
+        data = b"\n".join(heads) + b"\n"
         try:
             os.write(self._fd, data)
             if sync:

@@ -21,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from distillgate.db import Conn
 from distillgate.errors import InternalError, StoreUnavailable
 from distillgate.ledger.backend import Backend
-from distillgate.ledger.records import Checkpoint
 from distillgate.ledger.txn import Signs, State, Txn
 from distillgate.ledger.witness import WitnessFile
 
@@ -210,8 +211,10 @@ class Writer:
         """Append the heads this commit signed to the witness file (see ledger/witness.py)."""
         if self.witness is None:
             return
-        heads: list[Checkpoint] = [*txn.checkpoints, *([txn.head] if txn.head is not None else [])]
-        self.witness.append([cp.as_dict() for cp in heads], sync=bool(txn.checkpoints))
+        heads = [orjson.dumps(cp.as_dict()) for cp in txn.checkpoints]
+        if txn.head is not None:
+            heads.append(txn.head_json)
+        self.witness.append_json(heads, sync=bool(txn.checkpoints))
 
     @staticmethod
     def _run_jobs(txn: Txn, jobs: list[Job], outcomes: list[tuple[bool, Any]]) -> None:
