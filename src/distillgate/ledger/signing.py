@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from distillgate.canonical import canonical_json, sha256_hex
 from distillgate.errors import IntegrityError
-from distillgate.ledger.sodium import SodiumKey
 
 
 def key_id_of(public_key: Ed25519PublicKey) -> str:
@@ -31,8 +30,6 @@ class Signer:
         self._key = private_key
         self.public_key = private_key.public_key()
         self.key_id = key_id_of(self.public_key)
-        #: the same key for libsodium, where the system has it (ledger/sodium.py: same signatures, half the cost)
-        self._fast = SodiumKey.load(private_key)
 
     @classmethod
     def generate(cls) -> Signer:
@@ -71,12 +68,6 @@ class Signer:
         ).decode()
 
     def sign(self, data: bytes) -> str:
-        fast = self._fast
-        if fast is not None:
-            try:
-                return base64.b64encode(fast.sign(data)).decode()
-            except OSError:  # never seen; cryptography signs the same bytes
-                pass
         return base64.b64encode(self._key.sign(data)).decode()
 
     def sign_json(self, payload: Any) -> str:
