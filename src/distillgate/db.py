@@ -13,6 +13,7 @@ Both connections are in autocommit mode; a transaction is an explicit ``BEGIN`` 
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -132,12 +133,29 @@ def connect(db: str | Path, *, timeout_s: float = 60.0) -> Conn:
         raise NotFoundError(f"directory of --db {path} does not exist", hint="create it or choose another path")
     try:
         raw = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=timeout_s)
-        raw.execute("PRAGMA journal_mode=WAL")
+        _wal(raw, timeout_s)
         raw.execute("PRAGMA synchronous=FULL")
         raw.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
     except sqlite3.DatabaseError as exc:
         raise UserError(f"cannot open store {path}: {exc}", hint="is --db a distillgate SQLite file?") from exc
     return Conn(raw, SQLITE)
+
+
+def _wal(raw: sqlite3.Connection, timeout_s: float) -> None:
+    """Put the file in WAL mode (it stays so). On a new file, several processes or threads doing this at once get
+    "database is locked" at once: SQLite does not call the busy handler for the lock the mode change takes. So
+    retry, backing off, for up to ``timeout_s``; a file already in WAL mode answers at once."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.001
+    while True:
+        try:
+            raw.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def _connect_pg(url: str, timeout_s: float) -> Conn:
