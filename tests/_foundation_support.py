@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +33,23 @@ def request(**overrides: Any) -> Request:
     }
     base.update(overrides)
     return Request(**base)
+
+
+def raised_in_threads(fn: Callable[[], object], n: int) -> list[BaseException]:
+    """Run ``fn`` in ``n`` threads released together (a barrier); what they raised, for the test to assert on."""
+    start = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            start.wait()
+            fn()
+        except BaseException as exc:  # reported to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

@@ -16,7 +16,7 @@ from distillgate.ledger.verify import verify_db
 from distillgate.ledger.witness import read_witness
 from distillgate.policy import policy_from_data
 
-from _foundation_support import SEED, request
+from _foundation_support import SEED, raised_in_threads, request
 
 FIXTURES = Path(__file__).parent / "data" / "stores"
 NAMES = [name for name, _ in MIGRATIONS]
@@ -68,21 +68,7 @@ def test_a_store_from_before_recorded_migrations_opens_verifies_and_goes_on(tmp_
 
 
 def test_a_migration_is_never_applied_twice_by_concurrent_starts(store_db: str) -> None:
-    import threading
-
-    errors: list[BaseException] = []
-
-    def open_close() -> None:
-        try:
-            Store.open(store_db).close()
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=open_close) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = raised_in_threads(lambda: Store.open(store_db).close(), 4)
     assert not errors
     conn = connect(store_db)
     try:
