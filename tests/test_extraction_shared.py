@@ -107,22 +107,27 @@ def test_a_restarted_process_reads_the_recent_windows_first(store_db: str) -> No
     fresh.close()
 
 
+def event_rows(store_db: str) -> list[tuple[Any, Any]]:
+    """``(origin, record)`` of every row in the monitor events table, in ``seq`` order."""
+    sidecar = events_path(store_db)  # SQLite: the events' own file next to the store; PostgreSQL: the store
+    conn = connect(sidecar or store_db)
+    try:
+        if sidecar is None:
+            migrate(conn)
+        return [tuple(r) for r in conn.execute("SELECT origin, record FROM monitor_events ORDER BY seq").fetchall()]
+    finally:
+        conn.close()
+
+
 def test_shared_rows_carry_word_hashes_never_the_words(store_db: str) -> None:
     m = ExtractionMonitor()
     m.shared = SharedWindows(m, store_db, start=False)
     m.observe(feat("my card was stolen, what should I do?", user="bob", key="k-bob"))
     m.shared.sync()
     m.close()
-    sidecar = events_path(store_db)  # SQLite: the events' own file next to the store; PostgreSQL: the store
-    conn = connect(sidecar or store_db)
-    try:
-        if sidecar is None:
-            migrate(conn)
-        rows = conn.execute("SELECT record FROM monitor_events").fetchall()
-    finally:
-        conn.close()
+    rows = event_rows(store_db)
     assert len(rows) == 1
-    raw = bytes(rows[0][0])
+    raw = bytes(rows[0][1])
     assert b"stolen" not in raw and b"card" not in raw
     back = Sketch.from_record(orjson.loads(raw))
     assert back.word_set == Sketch.of(feat("my card was stolen, what should I do?")).word_set
@@ -308,14 +313,7 @@ def test_shared_pieces_carry_vector_codes_and_hashes_never_the_text(store_db: st
     origin = m.shared.origin
     applied = m._scopes[("project", "bank")].vectors[-1]
     m.close()
-    sidecar = events_path(store_db)
-    conn = connect(sidecar or store_db)
-    try:
-        if sidecar is None:
-            migrate(conn)
-        rows = conn.execute("SELECT origin, record FROM monitor_events ORDER BY seq").fetchall()
-    finally:
-        conn.close()
+    rows = event_rows(store_db)
     assert [str(o) for o, _ in rows] == [origin, origin]  # the sketch, then its pieces (applied here: a reference)
     raw = bytes(rows[1][1])
     for word in ("zebulon", "volcanology", "maritime", "12345678"):
