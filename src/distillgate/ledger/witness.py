@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,12 +52,9 @@ class WitnessFile:
                                      "in an existing directory")
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-    def append(self, heads: Iterable[dict[str, Any]], *, sync: bool) -> None:
-        self.append_json([orjson.dumps({k: h[k] for k in _FIELDS}) for h in heads], sync=sync)
-
-    def append_json(self, heads: list[bytes], *, sync: bool) -> None:
-        """``append`` for heads already written as JSON objects of exactly ``_FIELDS``, in that order (the store
-        writes each head's JSON once, for its ``meta`` row and for this file)."""
+    def append(self, heads: list[bytes], *, sync: bool) -> None:
+        """Append signed heads, each the JSON of ``Checkpoint.as_dict()`` (exactly ``_FIELDS``, in that order: the
+        store writes each head's JSON once, for its ``meta`` row and for this file)."""
         if self._fd is None or not heads:
             return
         data = b"\n".join(heads) + b"\n"

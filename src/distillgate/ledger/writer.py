@@ -214,7 +214,7 @@ class Writer:
         heads = [orjson.dumps(cp.as_dict()) for cp in txn.checkpoints]
         if txn.head is not None:
             heads.append(txn.head_json)
-        self.witness.append_json(heads, sync=bool(txn.checkpoints))
+        self.witness.append(heads, sync=bool(txn.checkpoints))
 
     @staticmethod
     def _run_jobs(txn: Txn, jobs: list[Job], outcomes: list[tuple[bool, Any]]) -> None:
