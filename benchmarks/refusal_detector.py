@@ -50,6 +50,7 @@ from distillgate.evals.refusal import (
 )
 from distillgate.evals.refusal_agreement import Agreement, read_labelled_rows, score
 from distillgate.evals.refusal_sources import (
+    AUTHOR_LABELLED,
     CHATSTYLE_PROBE_CSV,
     PYRIT_TEST_CSV,
     UNCENSORBENCH_TEST_CSV,
@@ -69,7 +70,6 @@ JUNK = [
 IN_NGRAM_POOL = {"pyrit-all", "distillgate-heldout", "chatstyle-train"}
 FROM_ARTEFACT = {"pyrit-all": "pyrit (all 105, fit without PyRIT)", "distillgate-heldout": "distillgate-heldout",
                  "chatstyle-train": "distillgate-chatstyle"}
-AUTHOR_LABELLED = ("pyrit", "uncensorbench")  # sources whose labels were not constructed here
 
 
 def line(a: Agreement) -> str:

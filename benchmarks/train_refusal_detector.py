@@ -54,6 +54,7 @@ from distillgate.evals.refusal_agreement import read_labelled_rows, score
 from distillgate.evals.refusal_features import STRUCTURAL, features
 from distillgate.evals.refusal_ngrams import DENSE, HASH_BITS, PARTS, REST_CHARS, sparse_matrix
 from distillgate.evals.refusal_sources import (
+    AUTHOR_LABELLED,
     CHATSTYLE_PROBE_CSV,
     PYRIT_FILES,
     PYRIT_TEST_CSV,
@@ -180,7 +181,7 @@ def train_ngram() -> None:
         test_figures[name] = figure(score("ngram", [r.kind for r in rows], predicted[name]))
     # pooled: every row whose label is not constructed here (PyRIT's humans, UncensorBench's authors)
     real = [(r.kind, k) for name, rows in tests.items() for r, k in zip(rows, predicted[name], strict=True)
-            if r.source in ("pyrit", "uncensorbench")]
+            if r.source in AUTHOR_LABELLED]
     test_figures["pooled"] = figure(score("ngram", [g for g, _ in real], [k for _, k in real]))
     probe = read_labelled_rows(CHATSTYLE_PROBE_CSV)
     p = fit.probabilities(sparse_matrix(probe.texts).tocsr())

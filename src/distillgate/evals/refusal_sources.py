@@ -174,6 +174,8 @@ def partial_variants(rows: list[SourceRow]) -> list[SourceRow]:
 PROJECT_SOURCES = {"train": "distillgate-train", "heldout": "distillgate-heldout",
                    "chatstyle_train": "distillgate-chatstyle"}
 CHATSTYLE_PROBE_CSV = REFUSAL_DIR / "chatstyle_probe.csv"
+#: sources whose labels were not made here (PyRIT's annotators, UncensorBench's authors): the pooled public figure
+AUTHOR_LABELLED = ("pyrit", "uncensorbench")
 
 
 def project_rows(name: str) -> list[SourceRow]:
