@@ -19,6 +19,14 @@ def banking_texts(split: str = "train") -> list[str]:
         return [row["text"] for row in csv.DictReader(fh)]
 
 
+def shuffled_bank() -> list[str]:
+    """banking77's train texts in one fixed shuffled order (seed 11): tests take disjoint slices of it as approved
+    reference text and as a legitimate user's traffic."""
+    texts = banking_texts()
+    random.Random(11).shuffle(texts)
+    return texts
+
+
 def xstest_prompts() -> list[str]:
     with open(DATA / "xstest" / "xstest_prompts.csv", newline="", encoding="utf-8") as fh:
         return [row["prompt"] for row in csv.DictReader(fh)]

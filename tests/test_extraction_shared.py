@@ -5,7 +5,6 @@ windows (from the requests' sketches) and the content signals (from their embedd
 from __future__ import annotations
 
 import itertools
-import random
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +13,13 @@ import numpy as np
 import orjson
 import pytest
 
-from _extraction_support import banking_texts, coverage_prompts, feat, legit_banking, template_sweep
+from _extraction_support import (
+    coverage_prompts,
+    feat,
+    legit_banking,
+    shuffled_bank,
+    template_sweep,
+)
 from distillgate.db import connect
 from distillgate.errors import NotFoundError
 from distillgate.extraction import ExtractionMonitor, HashingEmbedder, RequestFeatures, Sketch
@@ -176,12 +181,6 @@ def test_on_sqlite_sharing_never_writes_the_store_so_no_ledger_writer_reloads(tm
 
 
 # -- the content signals: embedded pieces shared between processes ----------------------------------------------------
-def shuffled_bank() -> list[str]:
-    texts = banking_texts()
-    random.Random(11).shuffle(texts)
-    return texts
-
-
 BANK = shuffled_bank()
 EMBEDDER = HashingEmbedder()
 

@@ -17,7 +17,6 @@ import contextlib
 import itertools
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from _extraction_support import BANK_TEMPLATE, CITIES, TOPICS, banking_texts, coverage_prompts
+from _extraction_support import BANK_TEMPLATE, CITIES, TOPICS, banking_texts, coverage_prompts, shuffled_bank
 from _gateway_support import free_port
 from _reliability_support import QUOTA_POLICY, GatewayProc, log_bodies, stop, write_config
 from _reliability_support import start as reliability_start
@@ -284,9 +283,7 @@ def content_traffic() -> list[tuple[str, dict[str, Any]]]:
     cov = iter(coverage_prompts(100, seed=9))
     attack = iter([(h, chat(next(cov))) for h in HEADS for _ in range(4)] + [("cov", chat(next(cov)))
                                                                             for _ in range(12)])
-    bank = banking_texts()
-    random.Random(11).shuffle(bank)
-    alice = iter(("alice", chat(t)) for t in bank[3000:3100])
+    alice = iter(("alice", chat(t)) for t in shuffled_bank()[3000:3100])
     out = []
     for i in range(72):
         step = next(attack, None) if i % 4 in (1, 2) else None
@@ -304,8 +301,7 @@ def fired(flags: Flags) -> dict[str, set[str]]:
 
 def content_extraction(tmp: Path) -> dict[str, Any]:
     """The gateway's ``extraction`` section: the hashing embedder, and 1,000 banking messages approved for p."""
-    bank = banking_texts()
-    random.Random(11).shuffle(bank)
+    bank = shuffled_bank()
     ref = tmp / "approved.jsonl"
     ref.write_text("".join(json.dumps(chat(t)) + "\n" for t in bank[:1000]))
     return {"embedder": "hashing", "references": {"p": str(ref)}}
