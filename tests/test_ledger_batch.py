@@ -250,3 +250,199 @@ def test_the_counter_cache_is_bounded_and_reloads_what_it_dropped(tmp_path: Path
         last = store.admit(QUOTA, request(run="run-0", max_tokens=10, prompt_tokens=0))
         assert last.entry.body["usage_before"]["tokens_today_project"] == 120  # reloaded from the table
         assert store.usage("internal-compression", "alice", "run-0").records_run == 3
+
+
+# -- one commit per request: an early admission's transaction waits for its settlement ------------------------------
+def _counting_commits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The entries each transaction wrote, one item per commit."""
+    commits: list[int] = []
+    real_finish = _Txn.finish
+
+    def counting_finish(self: _Txn) -> None:
+        commits.append(self.appended)
+        real_finish(self)
+
+    monkeypatch.setattr(_Txn, "finish", counting_finish)
+    return commits
+
+
+def _committed(db: str, index: int) -> bool:
+    """Whether log entry ``index`` is committed, as another connection sees it."""
+    from distillgate.db import connect
+
+    conn = connect(db)
+    try:
+        return conn.execute("SELECT idx FROM log WHERE idx=?", (index,)).fetchone() is not None
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["before_reply", "after_reply"])
+def test_an_early_admission_and_its_settlement_share_one_commit(store_db: str, monkeypatch: pytest.MonkeyPatch,
+                                                                 lazy: bool) -> None:
+    commits = _counting_commits(monkeypatch)
+
+    async def go(store: Store) -> None:
+        adm, durable = await store.aadmit_early(QUOTA, request(max_tokens=10, prompt_tokens=0))
+        assert adm.decision.allowed
+        await asyncio.sleep(0.2)
+        assert not durable.done() and not _committed(store_db, adm.entry.index), "held for its settlement"
+        settled = store.submit_settle(adm.reservation_id, prompt_tokens=0, completion_tokens=4, lazy=lazy)
+        # the settlement ends the wait (lazy_commit_s is 30 s): nobody awaits anything yet
+        done, _ = await asyncio.wait({durable, settled}, timeout=5)
+        assert done == {durable, settled}
+        assert commits == [2], "one BEGIN, one signed head, one fsync for the request"
+        assert (await settled).index == adm.entry.index + 1
+
+    with Store.open(store_db, lazy_commit_s=30.0) as store:
+        asyncio.run(go(store))
+        assert store.usage("internal-compression", "alice", "run-1").tokens_today_project == 4
+        head = store.head()
+        assert head is not None and head.tree_size == 2
+    if not store_db.startswith("postgres"):
+        assert verify_db(Path(store_db)).ok
+
+
+def test_awaiting_an_early_admission_ends_the_wait_and_a_denial_never_waits(store_db: str) -> None:
+    async def go(store: Store) -> tuple[float, float]:
+        adm, durable = await store.aadmit_early(QUOTA, request(max_tokens=10, prompt_tokens=0))
+        await asyncio.sleep(0.2)
+        assert not durable.done()
+
+        async def awaiting() -> Any:
+            return await durable  # ``await`` tells the writer
+
+        started = time.monotonic()
+        assert (await asyncio.wait_for(awaiting(), 5)) == adm
+        took_awaited = time.monotonic() - started
+        assert _committed(store_db, adm.entry.index)
+        denied, durable2 = await store.aadmit_early(QUOTA, request(project="moonshot"))
+        assert not denied.decision.allowed
+        started = time.monotonic()
+        done, _ = await asyncio.wait({durable2}, timeout=5)  # not awaited: the denial alone ends the wait
+        assert done == {durable2}
+        return took_awaited, time.monotonic() - started
+
+    with Store.open(store_db, lazy_commit_s=30.0) as store:
+        took_awaited, took_denied = asyncio.run(go(store))
+    assert took_awaited < 5 and took_denied < 5
+
+
+def test_an_early_admission_alone_commits_after_lazy_commit_s(store_db: str) -> None:
+    async def go(store: Store) -> float:
+        adm, durable = await store.aadmit_early(QUOTA, request(max_tokens=10, prompt_tokens=0))
+        started = time.monotonic()
+        done, _ = await asyncio.wait({durable}, timeout=5)  # nobody awaits it, no settlement comes
+        assert done == {durable} and _committed(store_db, adm.entry.index)
+        return time.monotonic() - started
+
+    with Store.open(store_db, lazy_commit_s=0.1) as store:
+        took = asyncio.run(go(store))
+    assert 0.05 <= took < 2.0
+
+
+def test_no_future_resolves_before_its_commit(store_db: str) -> None:
+    """Early admissions, settlements (lazy or not) and plain admissions from many tasks at once: when any ``done``
+    or ``durable`` future resolves, its entry is committed (read by another connection)."""
+    seen: list[tuple[int, bool]] = []
+
+    def check(fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            value = fut.result()
+            index = value.entry.index if hasattr(value, "entry") else value.index
+            seen.append((index, _committed(store_db, index)))
+
+    async def client(store: Store, i: int) -> None:
+        for j in range(6):
+            if (i + j) % 3 == 0:
+                fut = asyncio.ensure_future(store.aadmit(QUOTA, request(max_tokens=1, prompt_tokens=0)))
+                fut.add_done_callback(check)
+                adm = await fut
+            else:
+                adm, durable = await store.aadmit_early(QUOTA, request(max_tokens=1, prompt_tokens=0))
+                durable.add_done_callback(check)
+                await asyncio.sleep(0.001 * (j % 2))  # "forwarding"
+            assert adm.reservation_id is not None
+            settled = store.submit_settle(adm.reservation_id, prompt_tokens=0, completion_tokens=1,
+                                          lazy=bool(j % 2))
+            settled.add_done_callback(check)
+            if j % 2 == 0:
+                await settled
+            if (i + j) % 3:
+                await durable
+
+    async def go(store: Store) -> None:
+        await asyncio.gather(*[client(store, i) for i in range(8)])
+        await asyncio.sleep(0.1)  # the last lazy settlements
+
+    with Store.open(store_db, lazy_commit_s=0.02) as store:
+        asyncio.run(go(store))
+    assert len(seen) == 8 * 6 * 2 and all(ok for _, ok in seen), [s for s in seen if not s[1]]
+
+
+def test_a_failed_commit_fails_early_answered_jobs_too(store_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_finish = _Txn.finish
+    failing = {"on": False}
+
+    def finish_fails(self: _Txn) -> None:
+        if failing["on"]:
+            raise sqlite3.OperationalError("disk I/O error (simulated)")
+        real_finish(self)
+
+    monkeypatch.setattr(_Txn, "finish", finish_fails)
+
+    async def go(store: Store) -> None:
+        ok = await store.aadmit(QUOTA, request(max_tokens=100, prompt_tokens=0))
+        failing["on"] = True
+        adm, durable = await store.aadmit_early(QUOTA, request(max_tokens=200, prompt_tokens=0))
+        assert adm.decision.allowed  # answered early: the caller forwarded the request
+        settled = store.submit_settle(adm.reservation_id, prompt_tokens=0, completion_tokens=50)
+        with pytest.raises(sqlite3.OperationalError, match="simulated"):
+            await durable  # the gateway's gate: it answers 503
+        with pytest.raises(sqlite3.OperationalError, match="simulated"):
+            await settled
+        assert store._state is None, "the cache ran ahead of the log: dropped"
+        failing["on"] = False
+        after = await store.aadmit(QUOTA, request(max_tokens=300, prompt_tokens=0))
+        assert after.entry.index == ok.entry.index + 1 and after.entry.body["prev_hash"] == ok.entry.entry_hash
+        assert after.entry.body["usage_before"]["tokens_today_project"] == 100  # the failed 200 left no trace
+        with pytest.raises(NotFoundError):
+            store.reservation(adm.reservation_id)
+
+    with Store.open(store_db, lazy_commit_s=30.0) as store:
+        asyncio.run(go(store))
+        assert store.size() == 2
+    if not store_db.startswith("postgres"):
+        assert verify_db(Path(store_db)).ok
+
+
+def test_an_open_early_admission_holds_other_writers_at_most_lazy_commit_s(store_db: str) -> None:
+    """Another process's writer (here another store on the same database) waits for the held transaction at most
+    ``lazy_commit_s`` (plus the commit itself), and quotas stay exact across both."""
+    import threading
+
+    lazy = 0.3
+    with Store.open(store_db, lazy_commit_s=lazy) as one, Store.open(store_db) as two:
+        two.admit(QUOTA, request(max_tokens=1, prompt_tokens=0))  # both open and migrated
+        waited: list[float] = []
+
+        def other_writer() -> None:
+            started = time.monotonic()
+            two.admit(QUOTA, request(max_tokens=7, prompt_tokens=0))
+            waited.append(time.monotonic() - started)
+
+        async def go() -> float:
+            _, durable = await one.aadmit_early(QUOTA, request(max_tokens=10, prompt_tokens=0))
+            started = time.monotonic()
+            thread = threading.Thread(target=other_writer)
+            thread.start()
+            done, _ = await asyncio.wait({durable}, timeout=5)
+            assert done == {durable}
+            held = time.monotonic() - started
+            await asyncio.to_thread(thread.join, 10)
+            return held
+
+        held = asyncio.run(go())
+        assert lazy * 0.5 <= held < lazy + 1.0
+        assert len(waited) == 1 and lazy * 0.5 <= waited[0] < lazy + 1.0, waited
+        assert one.usage("internal-compression", "alice", "run-1").tokens_today_project == 18

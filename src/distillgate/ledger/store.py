@@ -61,7 +61,7 @@ from distillgate.ledger.txn import (
     usage_keys,
 )
 from distillgate.ledger.witness import WitnessFile, default_witness_path
-from distillgate.ledger.writer import COUNTER_CACHE_MAX, Job, Writer
+from distillgate.ledger.writer import COUNTER_CACHE_MAX, Durable, Job, Writer
 from distillgate.policy.decision import Request, Usage, decide
 from distillgate.policy.model import Policy, PolicySet
 
@@ -183,15 +183,16 @@ class Store:
         self._submit(Job(fn, fut))
         return fut.result()
 
-    def _asubmit(self, fn: Callable[[Txn], T], *, lazy: bool = False) -> asyncio.Future[T]:
+    def _asubmit(self, fn: Callable[[Txn], T], *, lazy: bool = False,
+                 settles: str | None = None) -> asyncio.Future[T]:
         """Hand ``fn`` to the writer now; the future (of the running loop) resolves after its COMMIT."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._submit(Job(fn, fut, loop=loop, lazy=lazy))
+        self._submit(Job(fn, fut, loop=loop, lazy=lazy, settles=settles))
         return fut
 
-    async def _acall(self, fn: Callable[[Txn], T], *, lazy: bool = False) -> T:
-        return await self._asubmit(fn, lazy=lazy)
+    async def _acall(self, fn: Callable[[Txn], T], *, lazy: bool = False, settles: str | None = None) -> T:
+        return await self._asubmit(fn, lazy=lazy, settles=settles)
 
     def close(self) -> None:
         if self._writer.closed:
@@ -293,14 +294,18 @@ class Store:
         """Like ``aadmit``, but return the admission as soon as it is decided and reserved, *before* its commit.
 
         The second value resolves once the decision is durable (or raises if the commit failed). A caller may start
-        forwarding an allowed request while the fsync runs, but must await the second value before it tells the
-        client anything: a client never learns of a decision that is not in the log.
+        forwarding an allowed request before its commit, but must await the second value before it tells the
+        client anything: a client never learns of a decision that is not in the log. The transaction of an allowed
+        one stays open (up to ``lazy_commit_s``) until its settlement comes or the second value is awaited, so that
+        both commit together (ledger/writer.py).
         """
         loop = asyncio.get_running_loop()
         early: asyncio.Future[Admission] = loop.create_future()
-        durable: asyncio.Future[Admission] = loop.create_future()
-        self._submit(Job(self._admit_job(policies, request, request_hash, key_id, content, extra), durable, early,
-                          loop))
+        job = Job(self._admit_job(policies, request, request_hash, key_id, content, extra), None, early, loop,
+                  hold=_held_reservation)
+        durable: Durable[Admission] = Durable(self._writer, job, loop=loop)
+        job.done = durable
+        self._submit(job)
         try:
             return await early, durable
         except BaseException:
@@ -352,7 +357,8 @@ class Store:
         """``settle`` for coroutines. ``lazy=True`` (a settlement committed after the answer went out): its commit
         may wait up to ``lazy_commit_s`` for the next decision, so both share one fsync."""
         return await self._acall(self._settle_job(reservation_id, prompt_tokens, completion_tokens, records,
-                                                  response_hash, upstream_id, outcome, reasons, extra), lazy=lazy)
+                                                  response_hash, upstream_id, outcome, reasons, extra), lazy=lazy,
+                                 settles=reservation_id)
 
     def submit_settle(self, reservation_id: str, *, prompt_tokens: int | None = None,
                       completion_tokens: int | None = None, records: int | None = None,
@@ -363,7 +369,8 @@ class Store:
         once the settlement is durable, and the caller can do other work meanwhile (sign the answer's stamp while
         the commit's fsync runs)."""
         return self._asubmit(self._settle_job(reservation_id, prompt_tokens, completion_tokens, records,
-                                              response_hash, upstream_id, outcome, reasons, extra), lazy=lazy)
+                                              response_hash, upstream_id, outcome, reasons, extra), lazy=lazy,
+                             settles=reservation_id)
 
     def _reclaim_job(self, now: float | None) -> Callable[[Txn], int]:
         def job(txn: Txn) -> int:
@@ -486,6 +493,12 @@ class Store:
         if row is None:
             raise NotFoundError(f"no reservation {reservation_id!r}")
         return dict(zip([d[0] for d in cur.description], row, strict=True))
+
+
+def _held_reservation(admission: Admission) -> str | None:
+    """What an early admission's transaction may wait for: the settlement of its reservation (an allowed inference;
+    a denial, or an allowed request that reserves nothing, is answered at once)."""
+    return admission.reservation_id
 
 
 def _text(value: Any) -> str:

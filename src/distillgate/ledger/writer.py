@@ -6,6 +6,15 @@ fsync). A failing job is undone on its own (ledger/txn.py); a failed transaction
 cache. Async callers are woken once per batch (one ``call_soon_threadsafe`` per event loop), not once per job.
 A caller is told the outcome only after COMMIT returned: an acknowledged decision is durable.
 
+One commit per request at low load: a transaction stays open up to ``lazy_commit_s`` while no caller needs its
+commit yet, so that the next jobs share it (one BEGIN, one signed head, one fsync). Callers that do not need it yet
+are a *lazy* job (a settlement committed after the answer went out) and an allowed admission handed out early
+(``Job.hold``: its answer goes out as soon as it ran, its caller forwards the request and comes back with the
+settlement, which then commits with it). Anything else ends the wait: a job whose caller waits for its commit, a
+denial, the settlement of an admission of this transaction (its caller answers next), or a caller awaiting a
+``Durable`` future (it tells the writer). Until COMMIT an early admission is only in this process: SIGKILL loses it
+and the request it forwarded, never an answered one (nothing is answered before the gate, ``Durable``, resolves).
+
 The write lock and the cache's validity come from the backend (ledger/backend.py). A connection the server dropped
 (PostgreSQL restarted) fails its batch (the gateway answers 503: nothing decided) and is replaced before the next.
 """
@@ -19,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -30,6 +39,7 @@ from distillgate.ledger.txn import Signs, State, Txn
 from distillgate.ledger.witness import WitnessFile
 
 COUNTER_CACHE_MAX = 100_000  # quota counters the writer keeps in memory between transactions
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -42,6 +52,43 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     #: nobody waits for this job's commit: it may wait for the next job to share one (``lazy_commit_s``)
     lazy: bool = False
+    #: for a job answered early: given its result, the reservation whose settlement its caller brings next (None:
+    #: its caller wants the commit now, as after a denial); the transaction may wait for that settlement
+    hold: Callable[[Any], str | None] | None = None
+    #: the reservation this job settles (it releases an admission of the same transaction that holds it)
+    settles: str | None = None
+    #: the caller awaits ``done`` (set by ``Durable``)
+    awaited: bool = False
+
+
+def _nothing(txn: Txn) -> None:
+    return None
+
+
+#: put on the queue by ``Writer.awaited``: look again whether a caller now waits for the open transaction
+WAKE = Job(_nothing, None)
+
+
+class Durable(asyncio.Future[T]):
+    """The ``done`` future of a job answered early: awaiting it tells the writer that its caller now waits for the
+    commit, which ends the open transaction's wait for company. (Waited on without ``await``, as by
+    ``asyncio.wait``, it still resolves, at the latest ``lazy_commit_s`` after its job ran.)"""
+
+    __slots__ = ("_job", "_writer")
+
+    def __init__(self, writer: Writer, job: Job, *, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._writer: Writer | None = writer
+        self._job = job
+
+    def __await__(self) -> Any:
+        writer = self._writer
+        if writer is not None:
+            self._writer = None
+            writer.awaited(self._job)
+        return super().__await__()
+
+    __iter__ = __await__
 
 
 def _resolve(items: list[tuple[Any, bool, Any]]) -> None:
@@ -86,6 +133,8 @@ class Writer:
         self.queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.state: State | None = None  # the cache; see ledger/txn.py
         self.closed = False
+        #: the writer holds a transaction open, waiting for company (see ``awaited``)
+        self.waiting = False
         self._thread = threading.Thread(target=self._loop, name="distillgate-ledger-writer", daemon=True)
         self._thread.start()
 
@@ -93,6 +142,13 @@ class Writer:
         if self.closed:
             raise InternalError("the store is closed")
         self.queue.put(job)
+
+    def awaited(self, job: Job) -> None:
+        """``job``'s caller now waits for its commit (any thread). Race-free with the wait: the writer sets
+        ``waiting`` before it looks at ``awaited``, and this sets ``awaited`` before it looks at ``waiting``."""
+        job.awaited = True
+        if self.waiting:
+            self.queue.put(WAKE)
 
     def close(self) -> None:
         if self.closed:
@@ -106,6 +162,8 @@ class Writer:
             first = self.queue.get()
             if first is None:
                 break
+            if first is WAKE:  # for a transaction that committed meanwhile
+                continue
             batch: list[Job] = [first]
             stop = self._drain(batch)
             if self._run_batch(batch) or stop:
@@ -122,7 +180,8 @@ class Writer:
                 return False
             if nxt is None:
                 return True
-            batch.append(nxt)
+            if nxt is not WAKE:
+                batch.append(nxt)
         return False
 
     def _connection(self) -> Conn:
@@ -150,42 +209,52 @@ class Writer:
             return self._run_batch_locked(batch)
 
     def _run_batch_locked(self, batch: list[Job]) -> bool:
-        """Run ``batch`` in one transaction and commit it. A batch of lazy jobs only (settlements nobody waits for)
-        keeps its transaction open for up to ``lazy_commit_s`` to share its commit with the next job that arrives.
-        Returns True when the store began closing meanwhile."""
+        """Run ``batch`` in one transaction and commit it. While no job of it needs its commit yet (see the module
+        docstring) the transaction stays open for up to ``lazy_commit_s``, running the jobs that arrive meanwhile,
+        so they share its commit. Returns True when the store began closing meanwhile."""
         outcomes: list[tuple[bool, Any]] = []
         delivered = 0  # jobs whose early answer went out
         stop = False
         conn: Conn | None = None
+        held: set[str] = set()  # reservations of early admissions whose settlement has not come yet
         try:
             try:
                 conn = self._connection()
                 txn = Txn(conn, self.store, self._begin(conn))
-                self._run_jobs(txn, batch, outcomes)
-                deadline = time.monotonic() + self.lazy_commit_s
-                while all(job.lazy for job in batch) and len(batch) < self.batch_max:
-                    wait = deadline - time.monotonic()
-                    if wait <= 0:
-                        break
+                urgent = self._run_jobs(txn, batch, outcomes, held)
+                deliver(batch, outcomes, early=True)  # allowed admissions forward while the transaction is open
+                delivered = len(batch)
+                if not urgent:
+                    self.waiting = True  # before looking at ``awaited`` (see ``awaited``)
                     try:
-                        nxt = self.queue.get(timeout=wait)
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        stop = True
-                        break
-                    more = [nxt]
-                    stop = self._drain(more)
-                    batch.extend(more)
-                    self._run_jobs(txn, more, outcomes)
-                    if stop:
-                        break
-                # Rows and the signed head are written first, so that once the early answers are out this thread
-                # goes straight into COMMIT (the fsync, without the GIL) while the callers forward their requests.
+                        deadline = time.monotonic() + self.lazy_commit_s
+                        urgent = any(job.awaited for job in batch)
+                        while not urgent and len(batch) < self.batch_max:
+                            wait = deadline - time.monotonic()
+                            if wait <= 0:
+                                break
+                            try:
+                                nxt = self.queue.get(timeout=wait)
+                            except queue.Empty:
+                                break
+                            if nxt is None:
+                                stop = True
+                                break
+                            if nxt is WAKE:
+                                urgent = any(job.awaited for job in batch)
+                                continue
+                            more = [nxt]
+                            stop = self._drain(more)
+                            batch.extend(more)
+                            urgent = self._run_jobs(txn, more, outcomes, held)
+                            deliver(more, outcomes[delivered:], early=True)
+                            delivered = len(batch)
+                            if stop:
+                                break
+                    finally:
+                        self.waiting = False
                 txn.finish()
                 version = self.backend.end_write(conn, txn.state.version)
-                deliver(batch, outcomes, early=True)
-                delivered = len(batch)
                 conn.execute("COMMIT")
                 txn.state.version = version
                 self._witness_commit(txn)
@@ -202,7 +271,7 @@ class Writer:
                 failure.__cause__ = exc
             failed = [(False, failure)] * len(batch)
             deliver(batch[delivered:], failed[delivered:], early=True)
-            deliver(batch, failed, early=False)
+            deliver(batch, failed, early=False)  # early answers too: their callers answer 503, nothing else
             return stop
         deliver(batch, outcomes, early=False)
         return stop
@@ -217,11 +286,29 @@ class Writer:
         self.witness.append(heads, sync=bool(txn.checkpoints))
 
     @staticmethod
-    def _run_jobs(txn: Txn, jobs: list[Job], outcomes: list[tuple[bool, Any]]) -> None:
+    def _run_jobs(txn: Txn, jobs: list[Job], outcomes: list[tuple[bool, Any]], held: set[str]) -> bool:
+        """Run ``jobs`` in ``txn`` (a failing one is undone alone); True when one of them ends the wait for company:
+        its caller wants the commit now, or it settles an admission of this transaction (whose caller answers
+        next)."""
+        urgent = False
         for job in jobs:
+            if job.settles is not None and job.settles in held:
+                held.discard(job.settles)
+                urgent = True
             mark = txn.mark()
             try:
-                outcomes.append((True, job.fn(txn)))
+                value = job.fn(txn)
             except Exception as exc:
                 txn.undo(mark)
                 outcomes.append((False, exc))
+                urgent = urgent or not job.lazy
+                continue
+            outcomes.append((True, value))
+            if job.lazy:
+                continue
+            reservation = None if job.hold is None else job.hold(value)
+            if reservation is None:
+                urgent = True
+            else:
+                held.add(reservation)
+        return urgent
