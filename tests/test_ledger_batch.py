@@ -446,3 +446,38 @@ def test_an_open_early_admission_holds_other_writers_at_most_lazy_commit_s(store
         assert lazy * 0.5 <= held < lazy + 1.0
         assert len(waited) == 1 and lazy * 0.5 <= waited[0] < lazy + 1.0, waited
         assert one.usage("internal-compression", "alice", "run-1").tokens_today_project == 18
+
+
+def test_a_reservation_made_and_settled_in_one_transaction_is_one_row_and_a_failed_settlement_undoes(
+        store_db: str) -> None:
+    """The reservation's INSERT carries the settlement's outcome when both are in one transaction (no UPDATE); a
+    settlement that fails after closing it puts the row back as held, and the next one closes it."""
+
+    def closes_then_fails(rid: str) -> Any:
+        def job(txn: _Txn) -> Any:
+            txn.close_reservation(rid, "settled", 1, 1)
+            raise RuntimeError("broke after closing")
+
+        return job
+
+    async def go(store: Store) -> tuple[Any, Any, Any]:
+        adm, durable = await store.aadmit_early(QUOTA, request(max_tokens=10, prompt_tokens=0))
+        broken: Future[Any] = Future()
+        store._submit(_Job(closes_then_fails(adm.reservation_id), broken, lazy=True))
+        settled = await store.asettle(adm.reservation_id, prompt_tokens=0, completion_tokens=4)
+        assert (await durable) == adm and settled.index == adm.entry.index + 1
+        with pytest.raises(RuntimeError, match="broke"):
+            broken.result(timeout=10)
+        held, held_durable = await store.aadmit_early(QUOTA, request(max_tokens=20, prompt_tokens=0))
+        await held_durable
+        return adm, settled, held
+
+    with Store.open(store_db, lazy_commit_s=30.0) as store:
+        adm, settled, held = asyncio.run(go(store))
+        row = store.reservation(adm.reservation_id)
+        assert (row["state"], row["tokens_reserved"], row["tokens_charged"], row["records_charged"]) == \
+            ("settled", 10, 4, 1)
+        assert settled.body["tokens_charged"] == 4
+        row = store.reservation(held.reservation_id)
+        assert (row["state"], row["tokens_charged"], row["records_charged"]) == ("held", None, None)
+        assert store.usage("internal-compression", "alice", "run-1").tokens_today_project == 24

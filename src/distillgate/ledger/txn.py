@@ -127,10 +127,13 @@ class Txn:
         self.checkpoints: list[Checkpoint] = []
         self._log: list[tuple[Any, ...]] = []
         self._runs: list[tuple[Any, ...]] = []
+        #: rows of reservations made in this transaction (settled in it too: written once, with their outcome)
         self._new_reservations: list[tuple[Any, ...]] = []
+        self._new_at: dict[str, int] = {}  # reservation id -> its row in ``_new_reservations``
         self._reservation_updates: list[tuple[Any, ...]] = []
         self._deltas: dict[CounterKey, list[int]] = {}
-        self._undo: list[tuple[dict[Any, Any], Any, Any]] = []  # (mapping, key, previous value or _MISSING)
+        #: (mapping or list, key, previous value or _MISSING)
+        self._undo: list[tuple[Any, Any, Any]] = []
 
     # chain head, for jobs that read it
     @property
@@ -151,9 +154,7 @@ class Txn:
     def undo(self, mark: tuple[Any, ...]) -> None:
         s = self.state
         (s.next_index, s.prev_hash, s.frontier, self.appended, n_log, n_cp, n_new, n_upd, n_runs, n_undo) = mark
-        del self._log[n_log:], self.checkpoints[n_cp:], self._new_reservations[n_new:]
-        del self._reservation_updates[n_upd:], self._runs[n_runs:]
-        while len(self._undo) > n_undo:
+        while len(self._undo) > n_undo:  # first: it may restore rows of ``_new_reservations`` cut off below
             mapping, key, old = self._undo.pop()
             if mapping is _COUNTER_CHANGES:  # see ``apply``
                 for (counter, t, r), value in zip(key, old, strict=True):
@@ -166,6 +167,8 @@ class Txn:
                 mapping.pop(key, None)
             else:
                 mapping[key] = old
+        del self._log[n_log:], self.checkpoints[n_cp:], self._new_reservations[n_new:]
+        del self._reservation_updates[n_upd:], self._runs[n_runs:]
 
     def _remember(self, mapping: dict[Any, Any], key: Any) -> None:
         old = mapping.get(key, _MISSING)
@@ -266,8 +269,10 @@ class Txn:
     def add_reservation(self, reservation_id: str, decision_index: int, project: str | None, user: str | None,
                         run: str | None, day: str, tokens: int, records: int) -> None:
         created = time.time()
+        self._remember(self._new_at, reservation_id)
+        self._new_at[reservation_id] = len(self._new_reservations)
         self._new_reservations.append((reservation_id, decision_index, project, user, run, day, tokens, records,
-                                       created, created + self.store.reservation_ttl_s))
+                                       None, None, "held", created, created + self.store.reservation_ttl_s))
         self._remember(self.state.reservations, reservation_id)
         self.state.reservations[reservation_id] = Reservation(reservation_id, decision_index, project, user, run,
                                                               day, tokens, records, "held")
@@ -275,7 +280,13 @@ class Txn:
     def close_reservation(self, reservation_id: str, state: str, tokens_charged: int, records_charged: int) -> None:
         res = self.reservation(reservation_id)
         assert res is not None
-        self._reservation_updates.append((state, tokens_charged, records_charged, reservation_id))
+        at = self._new_at.get(reservation_id)
+        if at is None:
+            self._reservation_updates.append((state, tokens_charged, records_charged, reservation_id))
+        else:  # made in this transaction: its one INSERT carries the outcome (the same row as INSERT + UPDATE)
+            row = self._new_reservations[at]
+            self._undo.append((self._new_reservations, at, row))
+            self._new_reservations[at] = (*row[:8], tokens_charged, records_charged, state, *row[11:])
         self._remember(self.state.reservations, reservation_id)
         self.state.reservations[reservation_id] = Reservation(
             res.id, res.decision_index, res.project, res.user, res.run, res.day, res.tokens_reserved,
@@ -292,8 +303,8 @@ class Txn:
         if self._new_reservations:
             conn.executemany(
                 'INSERT INTO reservations (id, decision_index, project, "user", run, day, tokens_reserved, '
-                "records_reserved, state, created, expires) VALUES (?,?,?,?,?,?,?,?,'held',?,?)",
-                self._new_reservations)
+                "records_reserved, tokens_charged, records_charged, state, created, expires) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", self._new_reservations)
         if self._reservation_updates:
             conn.executemany("UPDATE reservations SET state=?, tokens_charged=?, records_charged=? WHERE id=?",
                              self._reservation_updates)
@@ -312,5 +323,9 @@ class Txn:
         self.head_json = orjson.dumps(head.as_dict())  # the witness line too (ledger/witness.py: the same fields)
         conn.executemany(META_UPSERT, [("frontier", orjson.dumps(frontier.to_json())), ("head", self.head_json)])
         # closed reservations are settled for good: keep the cache small
+        cache = self.state.reservations
         for _, _, _, rid in self._reservation_updates:
-            self.state.reservations.pop(rid, None)
+            cache.pop(rid, None)
+        for row in self._new_reservations:
+            if row[10] != "held":
+                cache.pop(row[0], None)
