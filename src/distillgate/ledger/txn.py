@@ -40,6 +40,9 @@ CounterKey = tuple[str, str, str]  # (scope, key, day) of a row of the counters 
 
 LOG_INSERT = 'INSERT INTO log (idx, entry_hash, body, kind, ts, run, project, "user") VALUES (?,?,?,?,?,?,?,?)'
 META_UPSERT = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+#: the frontier and the signed head, in one statement (two rows)
+META_UPSERT_HEAD = ("INSERT INTO meta (key, value) VALUES ('frontier', ?), ('head', ?) ON CONFLICT (key) DO UPDATE "
+                    "SET value = excluded.value")
 CHECKPOINT_UPSERT = ("INSERT INTO checkpoints (tree_size, root_hash, ts, key_id, signature) VALUES (?,?,?,?,?) "
                      "ON CONFLICT (tree_size) DO UPDATE SET root_hash = excluded.root_hash, ts = excluded.ts, "
                      "key_id = excluded.key_id, signature = excluded.signature")
@@ -321,7 +324,7 @@ class Txn:
         frontier = self.state.frontier
         head = self.head = self.store._signed_checkpoint(frontier)
         self.head_json = orjson.dumps(head.as_dict())  # the witness line too (ledger/witness.py: the same fields)
-        conn.executemany(META_UPSERT, [("frontier", orjson.dumps(frontier.to_json())), ("head", self.head_json)])
+        conn.execute(META_UPSERT_HEAD, (orjson.dumps(frontier.to_json()), self.head_json))
         # closed reservations are settled for good: keep the cache small
         cache = self.state.reservations
         for _, _, _, rid in self._reservation_updates:
