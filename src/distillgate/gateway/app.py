@@ -125,6 +125,8 @@ class Gateway:
         self.bodies = BodyReader(max_body_bytes, body_timeout_s, max_body_readers)
         self.reclaim_interval_s = reclaim_interval_s
         self.metrics = metrics or Metrics()
+        self._handling = 0  # requests being handled: the in-flight gauge reads it when scraped
+        self.metrics.in_flight.set_function(lambda: self._handling)
         self.metrics.embed_backlog.set_function(lambda: self.monitor.status().backlog)
         self.metrics.embed_dropped.set_function(lambda: self.monitor.status().dropped)
         self.settle_before_reply = settle_before_reply
@@ -155,7 +157,7 @@ class Gateway:
         path = scope["path"]
         started = time.perf_counter()
         out = Responder(send)
-        self.metrics.in_flight.inc()
+        self._handling += 1
         try:
             route = self._routes.get(path)
             if route is None:
@@ -183,10 +185,9 @@ class Gateway:
                 500, "internal gateway error; the operator's log has the traceback", code="internal_error"))
             raise
         finally:
-            self.metrics.in_flight.dec()
-            label = path if path in self._routes else "other"
-            self.metrics.labelled(self.metrics.requests, label, str(out.status)).inc()
-            self.metrics.labelled(self.metrics.latency, label).observe(time.perf_counter() - started)
+            self._handling -= 1
+            self.metrics.answered(path if path in self._routes else "other", out.status,
+                                  time.perf_counter() - started)
 
     async def _answer_error(self, out: Responder, status: int, body: bytes,
                             headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
@@ -377,9 +378,7 @@ class Gateway:
         out.gate = durable  # no byte of any answer before the decision is durable
         out.headers.append((b"x-distillgate-decision", str(adm.entry.index).encode()))
         decision = adm.decision
-        self.metrics.labelled(self.metrics.decisions, "allow" if decision.allowed else "deny").inc()
-        for code in decision.reasons:
-            self.metrics.reasons.labels(code).inc()
+        self.metrics.decided(decision.allowed, decision.reasons)
         if not decision.allowed:
             raise ApiError(decision.status, f"denied by policy {decision.policy_id!r}: {decision.message}",
                            code=decision.reasons[0].lower() if decision.reasons else "policy_denied",
@@ -582,9 +581,9 @@ class Gateway:
 
     def _count_tokens(self, prompt_tokens: Any, completion_tokens: Any) -> None:
         if isinstance(prompt_tokens, int):
-            self.metrics.labelled(self.metrics.tokens, "prompt").inc(prompt_tokens)
+            self.metrics.settled_tokens("prompt", prompt_tokens)
         if isinstance(completion_tokens, int):
-            self.metrics.labelled(self.metrics.tokens, "completion").inc(completion_tokens)
+            self.metrics.settled_tokens("completion", completion_tokens)
 
 
 def _settle_extra(policy: Policy, problems: list[str], enforcement: str | None,
