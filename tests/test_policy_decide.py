@@ -29,6 +29,9 @@ def test_allowed_request_carries_allowed_code_and_policy_identity() -> None:
     d = decide(RICH, request(), Usage())
     assert d.allowed and d.reasons == ("ALLOWED",) and d.status == 200
     assert d.policy_id == "ml-research-distillation" and d.policy_hash == RICH.content_hash
+    assert d.message == "allowed" and d.details == () and d.as_dict()["decision"] == "allow"
+    other = policy_from_data({**SEED, "policy_id": "other"})  # the kept "allowed" decision is per policy
+    assert decide(other, request(), Usage()).policy_id == "other" and decide(RICH, request(), Usage()) == d
 
 
 def test_every_applicable_reason_is_returned_not_just_the_first() -> None:

@@ -194,15 +194,15 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
         add("AUTH_INVALID", f"unknown auth state {request.auth!r}")
     if request.key_user is not None and request.user is not None and request.key_user != request.user:
         add("USER_MISMATCH", f"policy_user {request.user!r} but the key belongs to {request.key_user!r}")
-    if request.kind == "inference":
+    if request.kind == "inference" and not (request.user and request.project and request.run
+                                            and request.output_type):
         missing = [
             name for name, value in (
                 ("policy_user", request.user), ("policy_project_id", request.project),
                 ("policy_run_id", request.run), ("policy_output_type", request.output_type),
             ) if not value
         ]
-        if missing:
-            add("IDENTITY_INCOMPLETE", f"missing {', '.join(missing)}")
+        add("IDENTITY_INCOMPLETE", f"missing {', '.join(missing)}")
 
     # scope
     if request.run and request.project and usage.run_project is not None and usage.run_project != request.project:
@@ -224,7 +224,8 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
         elif request.output_type not in policy.allowed_outputs:
             add("OUTPUT_TYPE_NOT_ALLOWED", f"output type {request.output_type!r} is not in allowed_outputs "
                 f"(allowed: {', '.join(policy.allowed_outputs)})")
-    screened = sorted(hit for hit in request.screen_hits if hit in policy.blocked_outputs)
+    screened = sorted(hit for hit in request.screen_hits if hit in policy.blocked_outputs) \
+        if request.screen_hits else ()
     if screened:
         add("BLOCKED_CONTENT_DETECTED", f"the prompt matches blocked class(es): {', '.join(screened)}")
     if request.model and not policy.model_approved(request.model):
@@ -310,6 +311,8 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
             add("RECORDS_PER_RUN_EXCEEDED", f"run has {usage.records_run} of {quotas.records_per_run} records; "
                 f"this request adds {records}")
 
+    if not found:  # the common case: allowed with nothing to note, one Decision per policy (it is immutable)
+        return _allowed(policy)
     codes = tuple(dict.fromkeys(code for code, _ in found))
     allowed = not any(REASONS[c].blocking for c in codes)
     if allowed:
@@ -326,3 +329,18 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
         message=message,
         details=tuple(f"{code}: {detail}" for code, detail in found),
     )
+
+
+#: the decision "allowed, nothing to note" of each policy (by id and content hash) decide has judged
+_ALLOWED: dict[tuple[str, str], Decision] = {}
+
+
+def _allowed(policy: Policy) -> Decision:
+    key = (policy.policy_id, policy.content_hash)
+    decision = _ALLOWED.get(key)
+    if decision is None:
+        decision = Decision(allowed=True, reasons=("ALLOWED",), policy_id=policy.policy_id,
+                            policy_hash=policy.content_hash, status=status_for(("ALLOWED",)), message="allowed")
+        if len(_ALLOWED) < 256:  # a few policies per process; never an unbounded memo
+            _ALLOWED[key] = decision
+    return decision
