@@ -27,7 +27,8 @@ from distillgate.policy.extraction_rules import Signal
 
 def screen_hits(screens: Sequence[Screen], prompt: str) -> frozenset[str]:
     """The output classes the prompt screens find in ``prompt``."""
-    return frozenset(h.output_class for h in run_screens(screens, prompt)) if prompt else frozenset()
+    hits = run_screens(screens, prompt) if prompt else ()
+    return frozenset([h.output_class for h in hits]) if hits else frozenset()
 
 
 def gateway_request(inb: Inbound, policy: Policy, *, auth: str, key_user: str | None, hits: frozenset[str],
