@@ -122,7 +122,7 @@ def prompt_text(body: Mapping[str, Any]) -> str:
     """The text of a chat ``messages`` list or a completions ``prompt``, concatenated."""
     parts: list[str] = []
     for message in body.get("messages") or []:
-        if not isinstance(message, Mapping):
+        if type(message) is not dict and not isinstance(message, Mapping):  # a dict first: the ABC check is slow
             continue
         content = message.get("content")
         if isinstance(content, str):
