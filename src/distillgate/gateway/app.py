@@ -64,6 +64,7 @@ from distillgate.policy.extraction_rules import Signal
 
 _log = logging.getLogger("distillgate.gateway")
 _UPSTREAM_PATHS = {"chat": "/chat/completions", "completions": "/completions"}
+_STAMP_HEADER = STAMP_HEADER.encode()
 Handler = Callable[[Scope, Receive, Responder], Awaitable[None]]
 
 
@@ -285,7 +286,7 @@ class Gateway:
         async with ticket:
             choice = ex.choice
             upstream = Answered(choice.answer) if choice is not None and choice.answer is not None \
-                else await self.router.get(ex.route)  # type: ignore[arg-type]
+                else self.router.http(ex.route) or await self.router.get(ex.route)  # type: ignore[arg-type]
             if ex.inb.stream:
                 await self._forward_stream(ex, upstream, ticket, receive, out)
             else:
@@ -422,7 +423,7 @@ class Gateway:
         header = final.pop("_header")
         resp["distillgate"] = final
         await out.whole(200, orjson.dumps(resp), [(b"content-type", b"application/json"),
-                                                  (STAMP_HEADER.encode(), header.encode())])
+                                                  (_STAMP_HEADER, header.encode())])
 
     def _upstream_failed(self, ex: Exchange, exc: UpstreamError) -> UpstreamError:
         assert ex.route is not None
@@ -512,7 +513,7 @@ class Gateway:
         last: dict[str, Any] = {"id": asm.upstream_id or "", "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": model, "choices": [], "distillgate": final}
         if not out.started:
-            await out.start(200, [*SSE_HEADERS, (STAMP_HEADER.encode(), header.encode())])
+            await out.start(200, [*SSE_HEADERS, (_STAMP_HEADER, header.encode())])
         await out.body(b"data: " + orjson.dumps(last) + b"\n\ndata: [DONE]\n\n")
 
     # -- settle and stamp -----------------------------------------------------------------------------------------
@@ -555,10 +556,14 @@ class Gateway:
             entry: LogEntry = await settling
             settlement_index = entry.index
         self._count_tokens(prompt_tokens, completion_tokens)
-        return {"stamp": stamp.as_dict(), "decision_index": adm.entry.index, "settlement_index": settlement_index,
-                "flags": list(reasons), **({"contract_problems": problems} if problems else {}),
-                **({"route": ex.choice.summary()} if ex.choice is not None else {}),
-                "_header": stamp.header_value()}
+        final: dict[str, Any] = {"stamp": stamp.as_dict(), "decision_index": adm.entry.index,
+                                 "settlement_index": settlement_index, "flags": list(reasons)}
+        if problems:
+            final["contract_problems"] = problems
+        if ex.choice is not None:
+            final["route"] = ex.choice.summary()
+        final["_header"] = stamp.header_value()
+        return final
 
     def _contract_problems(self, policy: Policy, output_type: str | None,
                            choices: list[dict[str, Any]]) -> tuple[list[str], str | None]:
