@@ -229,10 +229,9 @@ def parse_request(route: str, raw: bytes, headers: Mapping[str, str]) -> Inbound
         else:
             del body["metadata"]
     text = prompt_text(body)
-    return Inbound(
-        route=route, body=body, model=model, stream=stream, n=n, max_tokens=max_tokens, prompt=text,
-        prompt_tokens=prompt_token_bound(body), top_logprobs=top, logit_bias_size=len(bias or {}),
-        user=ident["policy_user"], project=ident["policy_project_id"], run=ident["policy_run_id"],
-        output_type=ident["policy_output_type"],
-        include_usage=bool(stream_options and stream_options.get("include_usage")), run_size=run_size,
-    )
+    # positional, in field order (a test checks each field by name): with 16 keywords the call cost 2.8 times as
+    # many instructions, on every request
+    return Inbound(route, body, model, stream, n, max_tokens, text, prompt_token_bound(body), top, len(bias or {}),
+                   ident["policy_user"], ident["policy_project_id"], ident["policy_run_id"],
+                   ident["policy_output_type"], bool(stream_options and stream_options.get("include_usage")),
+                   run_size)
