@@ -108,7 +108,7 @@ def test_request_quick_equals_the_dataclass_constructor() -> None:
                   n=2, auth="revoked", key_user="b", top_logprobs=3, logit_bias_size=1,
                   screen_hits=frozenset({"x"}), kind="export", destination="file:///tmp/x", signed_off_by=("c",))
     for given in (values, {"user": None, "project": None, "run": None, "output_type": None}):
-        quick, built = Request.quick(**given), Request(**given)  # type: ignore[arg-type]
+        quick, built = Request.quick(given), Request(**given)  # type: ignore[arg-type]
         assert quick == built and hash(quick) == hash(built) and repr(quick) == repr(built)
         assert vars(quick) == vars(built) and decide(RICH, quick, Usage()) == decide(RICH, built, Usage())
     inb = parse_request("chat", b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}',

@@ -52,11 +52,12 @@ class Request:
     promotion: GateThresholds | None = None  # for kind="promote": the project's own gates (tighten the policy's)
 
     @classmethod
-    def quick(cls, **values: Any) -> Request:
-        """``Request(**values)`` (keyword values of its fields), built without the frozen dataclass's ``__init__``,
-        which sets each of the 22 fields through ``object.__setattr__``: the instance's ``__dict__`` is set in one
-        step, the defaults overlaid with ``values``. The gateway builds one per request; tests check that it equals
-        ``Request(**values)``. It does not check the names (a test of every caller does)."""
+    def quick(cls, values: Mapping[str, Any]) -> Request:
+        """``Request(**values)`` (``values`` maps field names to values), built without the frozen dataclass's
+        ``__init__``, which sets each of the 22 fields through ``object.__setattr__`` (and matches each keyword):
+        the instance's ``__dict__`` is set in one step, the defaults overlaid with ``values``. The gateway builds
+        one per request; tests check that it equals ``Request(**values)``. It does not check the names (a test
+        of every caller does)."""
         request = object.__new__(cls)
         object.__setattr__(request, "__dict__", {**_REQUEST_DEFAULTS, **values})
         return request
