@@ -123,8 +123,20 @@ class BodyReader:
 
         self.reading += 1
         timer = asyncio.get_running_loop().call_later(self.timeout_s, expire)
-        try:
-            return await self._read(receive)
+        try:  # the messages until the last (inline: one coroutine less per request)
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ApiError(400, "the client disconnected while sending the body", code="client_disconnected")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise self._too_large()
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         except asyncio.CancelledError:
             if expired and task.uncancel() <= cancelling:
                 raise ApiError(408, f"the request body did not arrive within {self.timeout_s:g} s; send the whole "
@@ -133,21 +145,6 @@ class BodyReader:
         finally:
             timer.cancel()
             self.reading -= 1
-
-    async def _read(self, receive: Receive) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ApiError(400, "the client disconnected while sending the body", code="client_disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                raise self._too_large()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def wait_disconnect(receive: Receive) -> None:
