@@ -1,7 +1,8 @@
 """``decide(policy, request, usage) -> Decision``: the only place a request is judged.
 
-A pure function: no I/O, no clock, no globals. It returns *every* reason code that applies (not only the first),
-so a denied researcher sees all they must fix at once. Quota usage is passed in by the caller (the ledger reads it
+A pure function: no I/O, no clock, no state that changes a result (its one memo, of each policy's immutable
+"allowed" Decision, hands out what the general path would build). It returns *every* reason code that applies
+(not only the first), so a denied researcher sees all they must fix at once. Quota usage is passed in by the caller (the ledger reads it
 inside the same transaction that records the reservation, which keeps quotas exact under concurrency).
 """
 
