@@ -162,3 +162,22 @@ def test_schemathesis_finds_no_server_errors(gw: Running, tmp_path: Path) -> Non
         args += ["-H", f"{k}: {v}"]
     res = subprocess.run(args, capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its cache goes there
     assert res.returncode == 0, res.stdout[-4000:]
+
+
+def test_parse_request_fills_every_field_by_name() -> None:
+    # parse_request builds Inbound positionally (cheaper on every request): each field must land where it belongs
+    import dataclasses
+
+    from distillgate.gateway.parse import Inbound, parse_request
+
+    body = {"model": "m1", "messages": [{"role": "user", "content": "hello"}], "n": 3, "max_tokens": 7,
+            "stream": True, "stream_options": {"include_usage": True}, "logprobs": True, "top_logprobs": 2,
+            "logit_bias": {"1": 1, "2": -1}, "metadata": {"policy_run_size": 9, "keep": "x"}}
+    headers = {"x-policy-user": "u1", "x-policy-project": "p1", "x-policy-run": "r1", "x-policy-output-type": "o1"}
+    inb = parse_request("chat", json.dumps(body).encode(), headers)
+    got = {f.name: getattr(inb, f.name) for f in dataclasses.fields(Inbound)}
+    assert got == {"route": "chat", "body": {**body, "metadata": {"keep": "x"}}, "model": "m1", "stream": True,
+                   "n": 3, "max_tokens": 7, "prompt": "hello", "prompt_tokens": inb.prompt_tokens, "top_logprobs": 2,
+                   "logit_bias_size": 2, "user": "u1", "project": "p1", "run": "r1", "output_type": "o1",
+                   "include_usage": True, "run_size": 9}
+    assert isinstance(inb.prompt_tokens, int) and inb.prompt_tokens > len(json.dumps(body)) // 2

@@ -1,12 +1,15 @@
 """``header_map``: the request headers the gateway reads, with their bounds (431, 400 for a repeated identity
-header), on the function itself; tests/adversarial/test_adv_requests.py sends the same over real HTTP."""
+header), and ``BodyReader``'s deadline (408), on the functions themselves; tests/adversarial/test_adv_requests.py
+sends the same over real HTTP."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
 from distillgate.gateway.errors import ApiError
-from distillgate.gateway.http import header_map
+from distillgate.gateway.http import BodyReader, Message, header_map
 
 
 def scope(*headers: tuple[str, str]) -> dict[str, object]:
@@ -33,3 +36,38 @@ def test_the_bound_counts_every_name_and_value_and_four_bytes_per_header() -> No
     with pytest.raises(ApiError) as err:
         header_map(scope(*headers), exact - 1)
     assert err.value.status == 431
+
+
+async def _never() -> Message:
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
+def test_a_body_past_its_deadline_is_408_and_a_cancellation_from_outside_stays_one() -> None:
+    async def main() -> None:
+        reader = BodyReader(1 << 10, 0.05, 4)
+        with pytest.raises(ApiError) as err:
+            await reader.read({}, _never)
+        assert err.value.status == 408 and err.value.code == "request_timeout" and reader.reading == 0
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0  # the deadline's own cancellation was taken back
+
+        waiting = asyncio.ensure_future(reader.read({}, _never))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert reader.reading == 0
+
+        both = asyncio.ensure_future(reader.read({}, _never))  # cancelled from outside as the deadline passes
+        asyncio.get_running_loop().call_later(0.05, both.cancel)
+        with pytest.raises(asyncio.CancelledError):
+            await both
+
+        async def whole() -> Message:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+        assert await reader.read({"content-length": "2"}, whole) == b"{}"
+        await asyncio.sleep(0.1)  # the timer of a body that arrived is gone: nothing is cancelled later
+        assert reader.reading == 0
+
+    asyncio.run(main())

@@ -91,3 +91,22 @@ def test_local_teacher_is_loaded_once_and_served(tmp_path: Path) -> None:
     finally:
         store.close()
         ks.close()
+
+
+def test_a_model_name_is_routed_once_and_an_unknown_one_is_refused_every_time() -> None:
+    from distillgate.gateway.errors import ApiError
+    from distillgate.teachers.http import HttpUpstreamConfig
+
+    router = Router({"a": HttpUpstreamConfig(name="a", base_url="http://127.0.0.1:9/v1"),
+                     "b": HttpUpstreamConfig(name="b", base_url="http://127.0.0.1:9/v1")},
+                    {"gpt-*": "a"}, local_models={"upper": "local/upper"})
+    first = router.route("gpt-4")
+    assert router.route("gpt-4") is first and first.upstream_name == "a"
+    assert router.route("b/m").upstream_name == "b" and router.route("local/upper").upstream_model == "upper"
+    a, b = router.http(first), router.http(router.route("b/m"))
+    assert a is not None and b is not None and a is not b
+    assert router.http(router.route("local/upper")) is None  # loaded by get(), off the event loop
+    for _ in range(2):
+        with pytest.raises(ApiError) as err:
+            router.route("nobody-serves-this")
+        assert err.value.status == 404

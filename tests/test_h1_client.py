@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -268,6 +269,54 @@ def test_read_timeout_is_between_bytes_not_total() -> None:
             with pytest.raises(ReadTimeout):
                 await pool.request("GET", "/")
             assert await (await pool.request("GET", "/")).read() == b"x" * 6
+
+    run(go())
+
+
+def test_a_keep_alive_connection_keeps_one_read_timer_and_each_request_gets_its_whole_timeout() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
+        if n == 3:  # silent: times out, a whole read timeout after it was sent
+            await asyncio.sleep(2.0)
+            return False
+        w.write(ok())
+        await w.drain()
+        return True
+
+    async def go() -> None:
+        async with Server(handler) as base:
+            pool = HttpPool(base, read_timeout_s=0.4)
+            await pool.request("GET", "/")
+            conn = pool._idle[0]
+            timer = conn._timer
+            assert timer is not None  # armed by the first request, left running after its answer
+            await asyncio.sleep(0.25)
+            await pool.request("GET", "/")
+            assert pool._idle == [conn] and conn._timer is timer  # the second request armed none
+            await asyncio.sleep(0.25)  # the first timer fired meanwhile: no request was in flight, it lapsed
+            assert conn._timer is None
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            with pytest.raises(ReadTimeout):
+                await pool.request("GET", "/")
+            assert time.monotonic() - started >= 0.39
+
+    run(go())
+
+
+def test_a_request_sent_just_before_the_timer_fires_is_given_the_rest_of_its_timeout() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> bool:
+        if n == 2:
+            await asyncio.sleep(0.3)  # slower than what the first request left of the timer, within its own
+        w.write(ok())
+        await w.drain()
+        return True
+
+    async def go() -> None:
+        async with Server(handler) as base:
+            pool = HttpPool(base, read_timeout_s=0.4)
+            await pool.request("GET", "/")
+            await asyncio.sleep(0.3)
+            assert await (await pool.request("GET", "/")).read() == b'{"ok": true}'
 
     run(go())
 

@@ -4,7 +4,9 @@ import ast
 import re
 from pathlib import Path
 
-from distillgate.policy import REASONS, Usage, decide, policy_from_data
+from distillgate.gateway.judge import gateway_request
+from distillgate.gateway.parse import parse_request
+from distillgate.policy import REASONS, Request, Usage, decide, policy_from_data
 from distillgate.policy.reasons import render_markdown, status_for
 
 from _foundation_support import SEED, request
@@ -27,6 +29,9 @@ def test_allowed_request_carries_allowed_code_and_policy_identity() -> None:
     d = decide(RICH, request(), Usage())
     assert d.allowed and d.reasons == ("ALLOWED",) and d.status == 200
     assert d.policy_id == "ml-research-distillation" and d.policy_hash == RICH.content_hash
+    assert d.message == "allowed" and d.details == () and d.as_dict()["decision"] == "allow"
+    other = policy_from_data({**SEED, "policy_id": "other"})  # the kept "allowed" decision is per policy
+    assert decide(other, request(), Usage()).policy_id == "other" and decide(RICH, request(), Usage()) == d
 
 
 def test_every_applicable_reason_is_returned_not_just_the_first() -> None:
@@ -95,6 +100,24 @@ def test_reviewer_rules() -> None:
 def test_decide_is_pure() -> None:
     r, u = request(), Usage(tokens_today_project=3)
     assert decide(RICH, r, u) == decide(RICH, r, u)
+
+
+def test_request_quick_equals_the_dataclass_constructor() -> None:
+    # the gateway builds its Request with Request.quick (one __dict__ instead of 22 object.__setattr__ calls)
+    values = dict(user="a", project="p", run="r", output_type="labels", model="m", max_tokens=16, prompt_tokens=9,
+                  n=2, auth="revoked", key_user="b", top_logprobs=3, logit_bias_size=1,
+                  screen_hits=frozenset({"x"}), kind="export", destination="file:///tmp/x", signed_off_by=("c",))
+    for given in (values, {"user": None, "project": None, "run": None, "output_type": None}):
+        quick, built = Request.quick(given), Request(**given)  # type: ignore[arg-type]
+        assert quick == built and hash(quick) == hash(built) and repr(quick) == repr(built)
+        assert vars(quick) == vars(built) and decide(RICH, quick, Usage()) == decide(RICH, built, Usage())
+    inb = parse_request("chat", b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}',
+                        {"x-policy-project": "internal-compression", "x-policy-run": "r"})
+    req = gateway_request(inb, RICH, auth="ok", key_user="alice", hits=frozenset({"h"}))
+    assert vars(req).keys() == vars(request()).keys()  # every field set, and no other name
+    assert req == Request(user="alice", project="internal-compression", run="r", output_type=None, model="m",
+                          max_tokens=RICH.quotas.default_max_tokens, prompt_tokens=inb.prompt_tokens, n=1,
+                          key_user="alice", screen_hits=frozenset({"h"}))
 
 
 def test_status_for_unknown_mix() -> None:

@@ -92,8 +92,19 @@ class SideTable:
         self.close()
 
 
+_MISSING, _INVALID = KeyCheck("missing"), KeyCheck("invalid")
+
+
 class KeyStore(SideTable):
-    """Create, list, revoke and check API keys. Thread-safe (one connection behind a lock)."""
+    """Create, list, revoke and check API keys. Thread-safe (one connection behind a lock).
+
+    ``check`` reads the key's row on every call (a revocation, made by any process, counts from the next check);
+    only the ``KeyCheck`` made of a row is kept, keyed by the row itself, so a revoked key's row (its
+    ``revoked_at`` set) makes a new one."""
+
+    def __init__(self, db_path: str | Path) -> None:
+        super().__init__(db_path)
+        self._checks: dict[tuple[str, str, str | None], KeyCheck] = {}
 
     def create(self, user: str, *, label: str | None = None) -> tuple[ApiKey, str]:
         """Make a new key for ``user``; returns the stored record and the secret (shown once, never stored)."""
@@ -138,13 +149,18 @@ class KeyStore(SideTable):
     def check(self, presented: str | None) -> KeyCheck:
         """Check a presented key (the bearer token); ``status`` is what the policy's ``auth`` field expects."""
         if not presented:
-            return KeyCheck("missing")
+            return _MISSING
         with self._lock:
             conn = self._live()
             row = conn.execute(
                 'SELECT "user", key_id, revoked_at FROM gateway_api_keys WHERE key_hash = ?',
                 (hash_key(presented),)).fetchone()
         if row is None:
-            return KeyCheck("invalid")
-        user, key_id, revoked_at = row
-        return KeyCheck("revoked" if revoked_at else "ok", user=user, key_id=key_id)
+            return _INVALID
+        check = self._checks.get(row)
+        if check is None:
+            user, key_id, revoked_at = row
+            check = KeyCheck("revoked" if revoked_at else "ok", user=user, key_id=key_id)
+            if len(self._checks) < 4096:  # one per key (and per revoked key): bounded by the table, and capped
+                self._checks[row] = check
+        return check

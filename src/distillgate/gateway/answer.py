@@ -20,18 +20,16 @@ from typing import Any
 from distillgate.canonical import canonical_json, sha256_hex
 
 DIGEST_VERSION = 2
-_CHOICE_FIELDS = ("refusal", "tool_calls", "function_call")
 
 
 def _normal_choice(c: Mapping[str, Any]) -> dict[str, Any]:
     msg = c.get("message")
-    src: Mapping[str, Any] = msg if isinstance(msg, Mapping) else {}
-    text = src.get("content") if isinstance(msg, Mapping) else c.get("text")
-    out: dict[str, Any] = {"index": c.get("index", 0), "text": text or "", "finish_reason": c.get("finish_reason"),
-                           "logprobs": c.get("logprobs"), "label_probs": c.get("label_probs")}
-    for key in _CHOICE_FIELDS:
-        out[key] = src.get(key)
-    return out
+    is_msg = type(msg) is dict or isinstance(msg, Mapping)  # a dict first: the ABC check costs far more
+    src: Mapping[str, Any] = msg if is_msg else {}  # type: ignore[assignment]
+    return {"index": c.get("index", 0), "text": (src.get("content") if is_msg else c.get("text")) or "",
+            "finish_reason": c.get("finish_reason"), "logprobs": c.get("logprobs"),
+            "label_probs": c.get("label_probs"), "refusal": src.get("refusal"), "tool_calls": src.get("tool_calls"),
+            "function_call": src.get("function_call")}
 
 
 def answer_digest(choices: Sequence[Mapping[str, Any]], model: Any = None) -> str:

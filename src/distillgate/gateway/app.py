@@ -60,10 +60,10 @@ from distillgate.gateway.upstreams import Route, Router, Upstream
 from distillgate.keys import KeyStore
 from distillgate.ledger.store import LogEntry, Store
 from distillgate.policy import Policy, PolicySet
-from distillgate.policy.extraction_rules import Signal
 
 _log = logging.getLogger("distillgate.gateway")
 _UPSTREAM_PATHS = {"chat": "/chat/completions", "completions": "/completions"}
+_STAMP_HEADER = STAMP_HEADER.encode()
 Handler = Callable[[Scope, Receive, Responder], Awaitable[None]]
 
 
@@ -125,6 +125,8 @@ class Gateway:
         self.bodies = BodyReader(max_body_bytes, body_timeout_s, max_body_readers)
         self.reclaim_interval_s = reclaim_interval_s
         self.metrics = metrics or Metrics()
+        self._handling = 0  # requests being handled: the in-flight gauge reads it when scraped
+        self.metrics.in_flight.set_function(lambda: self._handling)
         self.metrics.embed_backlog.set_function(lambda: self.monitor.status().backlog)
         self.metrics.embed_dropped.set_function(lambda: self.monitor.status().dropped)
         self.settle_before_reply = settle_before_reply
@@ -155,7 +157,7 @@ class Gateway:
         path = scope["path"]
         started = time.perf_counter()
         out = Responder(send)
-        self.metrics.in_flight.inc()
+        self._handling += 1
         try:
             route = self._routes.get(path)
             if route is None:
@@ -183,10 +185,9 @@ class Gateway:
                 500, "internal gateway error; the operator's log has the traceback", code="internal_error"))
             raise
         finally:
-            self.metrics.in_flight.dec()
-            label = path if path in self._routes else "other"
-            self.metrics.labelled(self.metrics.requests, label, str(out.status)).inc()
-            self.metrics.labelled(self.metrics.latency, label).observe(time.perf_counter() - started)
+            self._handling -= 1
+            self.metrics.answered(path if path in self._routes else "other", out.status,
+                                  time.perf_counter() - started)
 
     async def _answer_error(self, out: Responder, status: int, body: bytes,
                             headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
@@ -279,12 +280,13 @@ class Gateway:
         self._identify(ex)
         await self._judge(ex)
         started = time.perf_counter()  # a route's latency includes the student's classification
-        await self._route(ex)
+        if self.cascade is not None:  # no coroutine for the common case: a name no cascade routes
+            await self._route(ex)
         ticket = await self._admit(ex, out)
         async with ticket:
             choice = ex.choice
             upstream = Answered(choice.answer) if choice is not None and choice.answer is not None \
-                else await self.router.get(ex.route)  # type: ignore[arg-type]
+                else self.router.http(ex.route) or await self.router.get(ex.route)  # type: ignore[arg-type]
             if ex.inb.stream:
                 await self._forward_stream(ex, upstream, ticket, receive, out)
             else:
@@ -330,7 +332,12 @@ class Gateway:
                                                    declared_run_size=inb.run_size, prompt=inb.prompt)
         except UserError as exc:
             raise ApiError(400, exc.message, code="invalid_request") from exc
-        signals, ex.extra = await self._observe(features)
+        try:  # the extraction signals for this request and its decision entry's ``extra`` (inline: one
+            # coroutine less per request)
+            signals, ex.extra = await self.monitor.observe(features)
+        except MonitorUnavailable as exc:
+            raise ApiError(503, f"{exc.message}; nothing was decided or forwarded",
+                           code="extraction_monitor_unavailable") from exc
         # the same step `policy explain` and `policy test` run (gateway/judge.py)
         ex.request = gateway_request(inb, policy, auth=check.status, key_user=check.user, hits=hits,
                                      signals=signals)
@@ -348,14 +355,6 @@ class Gateway:
         ex.answered_by = choice.answered_by
         if choice.taken == "student":
             ex.route = Route("student", self.cascade.routes[ex.inb.model].student)
-
-    async def _observe(self, features: RequestFeatures) -> tuple[tuple[Signal, ...], dict[str, object]]:
-        """The extraction signals for this request and its decision entry's ``extra``."""
-        try:
-            return await self.monitor.observe(features)
-        except MonitorUnavailable as exc:
-            raise ApiError(503, f"{exc.message}; nothing was decided or forwarded",
-                           code="extraction_monitor_unavailable") from exc
 
     async def _admit(self, ex: Exchange, out: Responder) -> Ticket:
         """Decide, reserve and log; a denial is answered (after its commit) by raising. Returns the Ticket."""
@@ -377,9 +376,7 @@ class Gateway:
         out.gate = durable  # no byte of any answer before the decision is durable
         out.headers.append((b"x-distillgate-decision", str(adm.entry.index).encode()))
         decision = adm.decision
-        self.metrics.labelled(self.metrics.decisions, "allow" if decision.allowed else "deny").inc()
-        for code in decision.reasons:
-            self.metrics.reasons.labels(code).inc()
+        self.metrics.decided(decision.allowed, decision.reasons)
         if not decision.allowed:
             raise ApiError(decision.status, f"denied by policy {decision.policy_id!r}: {decision.message}",
                            code=decision.reasons[0].lower() if decision.reasons else "policy_denied",
@@ -423,7 +420,7 @@ class Gateway:
         header = final.pop("_header")
         resp["distillgate"] = final
         await out.whole(200, orjson.dumps(resp), [(b"content-type", b"application/json"),
-                                                  (STAMP_HEADER.encode(), header.encode())])
+                                                  (_STAMP_HEADER, header.encode())])
 
     def _upstream_failed(self, ex: Exchange, exc: UpstreamError) -> UpstreamError:
         assert ex.route is not None
@@ -513,7 +510,7 @@ class Gateway:
         last: dict[str, Any] = {"id": asm.upstream_id or "", "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": model, "choices": [], "distillgate": final}
         if not out.started:
-            await out.start(200, [*SSE_HEADERS, (STAMP_HEADER.encode(), header.encode())])
+            await out.start(200, [*SSE_HEADERS, (_STAMP_HEADER, header.encode())])
         await out.body(b"data: " + orjson.dumps(last) + b"\n\ndata: [DONE]\n\n")
 
     # -- settle and stamp -----------------------------------------------------------------------------------------
@@ -556,10 +553,14 @@ class Gateway:
             entry: LogEntry = await settling
             settlement_index = entry.index
         self._count_tokens(prompt_tokens, completion_tokens)
-        return {"stamp": stamp.as_dict(), "decision_index": adm.entry.index, "settlement_index": settlement_index,
-                "flags": list(reasons), **({"contract_problems": problems} if problems else {}),
-                **({"route": ex.choice.summary()} if ex.choice is not None else {}),
-                "_header": stamp.header_value()}
+        final: dict[str, Any] = {"stamp": stamp.as_dict(), "decision_index": adm.entry.index,
+                                 "settlement_index": settlement_index, "flags": list(reasons)}
+        if problems:
+            final["contract_problems"] = problems
+        if ex.choice is not None:
+            final["route"] = ex.choice.summary()
+        final["_header"] = stamp.header_value()
+        return final
 
     def _contract_problems(self, policy: Policy, output_type: str | None,
                            choices: list[dict[str, Any]]) -> tuple[list[str], str | None]:
@@ -582,9 +583,9 @@ class Gateway:
 
     def _count_tokens(self, prompt_tokens: Any, completion_tokens: Any) -> None:
         if isinstance(prompt_tokens, int):
-            self.metrics.labelled(self.metrics.tokens, "prompt").inc(prompt_tokens)
+            self.metrics.settled_tokens("prompt", prompt_tokens)
         if isinstance(completion_tokens, int):
-            self.metrics.labelled(self.metrics.tokens, "completion").inc(completion_tokens)
+            self.metrics.settled_tokens("completion", completion_tokens)
 
 
 def _settle_extra(policy: Policy, problems: list[str], enforcement: str | None,

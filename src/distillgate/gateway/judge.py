@@ -27,17 +27,19 @@ from distillgate.policy.extraction_rules import Signal
 
 def screen_hits(screens: Sequence[Screen], prompt: str) -> frozenset[str]:
     """The output classes the prompt screens find in ``prompt``."""
-    return frozenset(h.output_class for h in run_screens(screens, prompt)) if prompt else frozenset()
+    hits = run_screens(screens, prompt) if prompt else ()
+    return frozenset([h.output_class for h in hits]) if hits else frozenset()
 
 
 def gateway_request(inb: Inbound, policy: Policy, *, auth: str, key_user: str | None, hits: frozenset[str],
                     signals: tuple[Signal, ...] = ()) -> Request:
     """The ``Request`` the gateway judges for ``inb`` under ``policy`` (the policy of ``inb.project``)."""
-    return Request(
-        user=inb.user or key_user, project=inb.project, run=inb.run, output_type=inb.output_type, model=inb.model,
-        max_tokens=inb.max_tokens or policy.quotas.default_max_tokens, prompt_tokens=inb.prompt_tokens, n=inb.n,
-        auth=auth, key_user=key_user, top_logprobs=inb.top_logprobs, logit_bias_size=inb.logit_bias_size,
-        screen_hits=hits, signals=signals)
+    return Request.quick({
+        "user": inb.user or key_user, "project": inb.project, "run": inb.run, "output_type": inb.output_type,
+        "model": inb.model, "max_tokens": inb.max_tokens or policy.quotas.default_max_tokens,
+        "prompt_tokens": inb.prompt_tokens, "n": inb.n, "auth": auth, "key_user": key_user,
+        "top_logprobs": inb.top_logprobs, "logit_bias_size": inb.logit_bias_size, "screen_hits": hits,
+        "signals": signals})
 
 
 def _gateway_body(data: Mapping[str, Any]) -> tuple[str, bytes, dict[str, str]]:

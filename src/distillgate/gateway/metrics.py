@@ -40,6 +40,9 @@ class Metrics:
                                  registry=r)
 
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._answered: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._decided: dict[tuple[bool, tuple[str, ...]], tuple[Any, ...]] = {}
+        self._tokens: dict[str, Any] = {}
 
     def labelled(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, memoised: the request path asks for the same few children every time."""
@@ -48,6 +51,36 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*values)
         return child
+
+    # The request path's own memos (each one dict lookup on plain keys): a child is created on first use, as
+    # ``labels()`` would, so /metrics shows the same series at every moment.
+    def answered(self, route: str, status: int, seconds: float) -> None:
+        """One answered request: its count by route and status, and its latency by route."""
+        key = (route, status)
+        pair = self._answered.get(key)
+        if pair is None:
+            pair = self._answered[key] = (self.requests.labels(route, str(status)), self.latency.labels(route))
+        pair[0].inc()
+        pair[1].observe(seconds)
+
+    def decided(self, allowed: bool, reasons: tuple[str, ...]) -> None:
+        """One decision: its count by outcome, and one count per reason code."""
+        key = (allowed, reasons)
+        children = self._decided.get(key)
+        if children is None:
+            children = (self.decisions.labels("allow" if allowed else "deny"),
+                        *[self.reasons.labels(code) for code in reasons])
+            if len(self._decided) < 512:  # the combinations of codes seen: a few, but never an unbounded memo
+                self._decided[key] = children
+        for child in children:
+            child.inc()
+
+    def settled_tokens(self, kind: str, tokens: int) -> None:
+        """Tokens settled, by kind (``prompt`` or ``completion``)."""
+        child = self._tokens.get(kind)
+        if child is None:
+            child = self._tokens[kind] = self.tokens.labels(kind)
+        child.inc(tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

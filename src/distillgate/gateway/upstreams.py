@@ -88,6 +88,7 @@ class Router:
         self._listed: tuple[float, list[str]] | None = None
         self._students = dict(students or {})
         self._loaded_students: dict[str, StudentTeacher] = {}
+        self._routes: dict[str, Route] = {}  # model name -> its route (the config is fixed): found once
 
     @property
     def students(self) -> list[str]:
@@ -98,6 +99,15 @@ class Router:
         return sorted(self._http)
 
     def route(self, model: str) -> Route:
+        """The route of ``model`` (a 404 ``ApiError`` when none serves it). Each name is resolved once."""
+        route = self._routes.get(model)
+        if route is None:
+            route = self._resolve(model)
+            if len(self._routes) < 4096:  # names are the client's: the memo is capped, never unbounded
+                self._routes[model] = route
+        return route
+
+    def _resolve(self, model: str) -> Route:
         for pattern, name in self._models.items():
             if fnmatch.fnmatchcase(model, pattern):
                 return Route(name, model)
@@ -174,6 +184,11 @@ class Router:
             names += ids if len(self._http) == 1 else [f"{name}/{i}" for i in ids]
         self._listed = (now, names)
         return names
+
+    def http(self, route: Route) -> Upstream | None:
+        """The HTTP upstream of ``route`` without a coroutine; None for the others (``get`` loads those)."""
+        name = route.upstream_name
+        return self._http.get(name) if name != "student" and name != "local" else None
 
     async def get(self, route: Route) -> Upstream:
         if route.upstream_name == "student":

@@ -1,14 +1,15 @@
 """``decide(policy, request, usage) -> Decision``: the only place a request is judged.
 
-A pure function: no I/O, no clock, no globals. It returns *every* reason code that applies (not only the first),
-so a denied researcher sees all they must fix at once. Quota usage is passed in by the caller (the ledger reads it
+A pure function: no I/O, no clock, no state that changes a result (its one memo, of each policy's immutable
+"allowed" Decision, hands out what the general path would build). It returns *every* reason code that applies
+(not only the first), so a denied researcher sees all they must fix at once. Quota usage is passed in by the caller (the ledger reads it
 inside the same transaction that records the reservation, which keeps quotas exact under concurrency).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 from distillgate.destinations import url_allowed
@@ -50,6 +51,17 @@ class Request:
     signals: tuple[Signal, ...] = ()  # extraction-abuse signals from distillgate.extraction.ExtractionMonitor
     gates: tuple[GateEvidence, ...] = ()  # for kind="promote": measured evidence (distillgate.evals.promotion)
     promotion: GateThresholds | None = None  # for kind="promote": the project's own gates (tighten the policy's)
+
+    @classmethod
+    def quick(cls, values: Mapping[str, Any]) -> Request:
+        """``Request(**values)`` (``values`` maps field names to values), built without the frozen dataclass's
+        ``__init__``, which sets each of the 22 fields through ``object.__setattr__`` (and matches each keyword):
+        the instance's ``__dict__`` is set in one step, the defaults overlaid with ``values``. The gateway builds
+        one per request; tests check that it equals ``Request(**values)``. It does not check the names (a test
+        of every caller does)."""
+        request = object.__new__(cls)
+        object.__setattr__(request, "__dict__", {**_REQUEST_DEFAULTS, **values})
+        return request
 
     @property
     def tokens_requested(self) -> int:
@@ -97,11 +109,22 @@ class Request:
         )
 
 
+#: every field of ``Request`` with its default (``None`` for the four without one): ``Request.quick`` starts from it;
+#: every default is immutable, so instances may share them
+def _default(f: Field[Any]) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    return None if f.default_factory is MISSING else f.default_factory()
+
+
+_REQUEST_DEFAULTS: dict[str, Any] = {f.name: _default(f) for f in fields(Request)}
+
+
 def prompt_text(body: Mapping[str, Any]) -> str:
     """The text of a chat ``messages`` list or a completions ``prompt``, concatenated."""
     parts: list[str] = []
     for message in body.get("messages") or []:
-        if not isinstance(message, Mapping):
+        if type(message) is not dict and not isinstance(message, Mapping):  # a dict first: the ABC check is slow
             continue
         content = message.get("content")
         if isinstance(content, str):
@@ -173,15 +196,15 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
         add("AUTH_INVALID", f"unknown auth state {request.auth!r}")
     if request.key_user is not None and request.user is not None and request.key_user != request.user:
         add("USER_MISMATCH", f"policy_user {request.user!r} but the key belongs to {request.key_user!r}")
-    if request.kind == "inference":
+    if request.kind == "inference" and not (request.user and request.project and request.run
+                                            and request.output_type):
         missing = [
             name for name, value in (
                 ("policy_user", request.user), ("policy_project_id", request.project),
                 ("policy_run_id", request.run), ("policy_output_type", request.output_type),
             ) if not value
         ]
-        if missing:
-            add("IDENTITY_INCOMPLETE", f"missing {', '.join(missing)}")
+        add("IDENTITY_INCOMPLETE", f"missing {', '.join(missing)}")
 
     # scope
     if request.run and request.project and usage.run_project is not None and usage.run_project != request.project:
@@ -203,7 +226,8 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
         elif request.output_type not in policy.allowed_outputs:
             add("OUTPUT_TYPE_NOT_ALLOWED", f"output type {request.output_type!r} is not in allowed_outputs "
                 f"(allowed: {', '.join(policy.allowed_outputs)})")
-    screened = sorted(hit for hit in request.screen_hits if hit in policy.blocked_outputs)
+    screened = sorted(hit for hit in request.screen_hits if hit in policy.blocked_outputs) \
+        if request.screen_hits else ()
     if screened:
         add("BLOCKED_CONTENT_DETECTED", f"the prompt matches blocked class(es): {', '.join(screened)}")
     if request.model and not policy.model_approved(request.model):
@@ -289,6 +313,8 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
             add("RECORDS_PER_RUN_EXCEEDED", f"run has {usage.records_run} of {quotas.records_per_run} records; "
                 f"this request adds {records}")
 
+    if not found:  # the common case: allowed with nothing to note, one Decision per policy (it is immutable)
+        return _allowed(policy)
     codes = tuple(dict.fromkeys(code for code, _ in found))
     allowed = not any(REASONS[c].blocking for c in codes)
     if allowed:
@@ -305,3 +331,18 @@ def decide(policy: Policy, request: Request, usage: Usage) -> Decision:
         message=message,
         details=tuple(f"{code}: {detail}" for code, detail in found),
     )
+
+
+#: the decision "allowed, nothing to note" of each policy (by id and content hash) decide has judged
+_ALLOWED: dict[tuple[str, str], Decision] = {}
+
+
+def _allowed(policy: Policy) -> Decision:
+    key = (policy.policy_id, policy.content_hash)
+    decision = _ALLOWED.get(key)
+    if decision is None:
+        decision = Decision(allowed=True, reasons=("ALLOWED",), policy_id=policy.policy_id,
+                            policy_hash=policy.content_hash, status=status_for(("ALLOWED",)), message="allowed")
+        if len(_ALLOWED) < 256:  # a few policies per process; never an unbounded memo
+            _ALLOWED[key] = decision
+    return decision

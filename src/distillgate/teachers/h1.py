@@ -8,7 +8,9 @@ what an OpenAI-compatible upstream needs:
   at most ``max_connections`` open; callers wait for a free one beyond that;
 - responses framed by ``Content-Length``, ``chunked`` encoding or the end of the connection (parsed by ``httptools``,
   the parser uvicorn uses);
-- a connect timeout and a read timeout (time between bytes, not a total), one timer per request;
+- a connect timeout and a read timeout (time between bytes, not a total): one timer per connection, armed by a
+  request when none is pending and left running after the answer (when it fires it looks at the request in
+  flight, if any, and sets itself again for what is left), so a keep-alive request starts and stops no timer;
 - streaming bodies with back-pressure (reading pauses while the consumer is behind);
 - a request on a reused connection that the server had closed (no byte of an answer came back) is sent again once on
   a fresh connection; any other failure is the caller's to retry.
@@ -219,8 +221,7 @@ class _Conn(asyncio.Protocol):
     def on_message_complete(self) -> None:
         r = self.resp
         assert r is not None
-        r.complete = True
-        self._cancel_timer()
+        r.complete = True  # the timer stays: it finds no request in flight and lapses, or serves the next one
         r._wake()
 
     # -- use --------------------------------------------------------------------------------------------------
@@ -228,8 +229,10 @@ class _Conn(asyncio.Protocol):
         assert self.transport is not None
         self._reused = reused  # the parser carries on: llhttp resets itself after each complete answer
         r = self.resp = Response(self)
+        if self._timer is None or read_timeout < self._read_timeout:  # a shorter timeout cannot wait for the old
+            self._cancel_timer()
+            self._timer = asyncio.get_running_loop().call_later(read_timeout, self._check_timeout)
         self._read_timeout = read_timeout
-        self._timer = asyncio.get_running_loop().call_later(read_timeout, self._check_timeout)
         self.transport.write(data)
         return r
 
