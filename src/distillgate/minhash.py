@@ -9,7 +9,8 @@ only numpy so that both can, whatever their place in the layering.
   (a text with fewer words is one shingle) and an exact key of the word sequence, vectorised over a chunk of texts.
 - ``Permutations`` / ``signatures``: ``num_perm`` seeded 32-bit permutations of the folded item hash,
   ``h = ((x ^ b) * a) mod 2^32; h ^= h >> 15`` (a bijection), minimum per set: one (N, num_perm) uint32 block for
-  a chunk of sets.
+  a chunk of sets. ``ItemRows``: the same signature of one set from each item's permuted values kept for the
+  items seen recently (the extraction monitor's per-request signature, over words it has mostly seen before).
 - ``band_keys`` / ``band_pairs`` / ``candidate_pairs``: signatures cut into ``bands`` bands of ``r`` rows; sets
   sharing a band key are candidates (all pairs of a bucket of at most ``MAX_BUCKET_PAIRS_SIZE`` members, else
   every member with the bucket's first).
@@ -19,6 +20,7 @@ Why not ``rensa`` or ``datasketch``: docs/dataset.md ("MinHash: one implementati
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -95,6 +97,61 @@ def signature(hashes: U64, perms: Permutations) -> U32:
     permuted ^= permuted >> _SHIFT15
     one: U32 = permuted.min(axis=1)
     return one
+
+
+def _permuted(hashes: U64, perms: Permutations) -> U32:
+    """Each item's permuted values: shape (len(hashes), num_perm), one row per item (the rows ``signature`` takes
+    the minimum of)."""
+    folded = (hashes ^ (hashes >> _SHIFT32)).astype(np.uint32)
+    rows = folded[:, None] ^ perms.b  # (W, num_perm); array arithmetic wraps without warnings
+    rows *= perms.a
+    rows ^= rows >> _SHIFT15
+    return rows
+
+
+class ItemRows:
+    """``signature`` of one set as the minimum of its items' rows (``_permuted``), each row kept for the last
+    ``capacity`` distinct items: a request whose words were seen before costs one gather and one reduction instead
+    of permuting every word again (about a quarter of the instructions for a short prompt). Equal to ``signature``
+    for every set, whatever is kept.
+
+    Thread-safe: rows are only appended, each before its index entry, so a reader never finds an entry whose row is
+    not written; a full table is replaced by a fresh one (readers keep the one they took)."""
+
+    def __init__(self, perms: Permutations, capacity: int = 16384) -> None:
+        self.perms = perms
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._table: tuple[dict[int, int], U32] = ({}, np.empty((capacity, len(perms)), dtype=np.uint32))
+
+    def signature(self, hashes: Sequence[int]) -> U32:
+        """The MinHash signature of the non-empty set of 64-bit item hashes ``hashes`` (Python ints)."""
+        index, rows = self._table
+        try:
+            at = [index[h] for h in hashes]
+        except KeyError:
+            at, rows = self._add(hashes)
+            if not at:  # a set larger than the table: computed directly
+                return signature(np.array(hashes, dtype=np.uint64), self.perms)
+        one: U32 = rows.take(at, axis=0).min(axis=0)
+        return one
+
+    def _add(self, hashes: Sequence[int]) -> tuple[list[int], U32]:
+        with self._lock:
+            index, rows = self._table
+            new = [h for h in dict.fromkeys(hashes) if h not in index]
+            if len(index) + len(new) > self.capacity:
+                distinct = list(dict.fromkeys(hashes))
+                if len(distinct) > self.capacity:
+                    return [], rows
+                index, rows = {}, np.empty_like(rows)
+                new = distinct
+            start = len(index)
+            rows[start:start + len(new)] = _permuted(np.array(new, dtype=np.uint64), self.perms)
+            for offset, h in enumerate(new):
+                index[h] = start + offset
+            self._table = (index, rows)
+            return [index[h] for h in hashes], rows
 
 
 def _mix(h: U64) -> U64:

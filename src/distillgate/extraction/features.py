@@ -18,7 +18,7 @@ import numpy as np
 import xxhash
 
 from distillgate.errors import UserError
-from distillgate.minhash import Permutations, signature
+from distillgate.minhash import ItemRows, Permutations
 
 RECORD_VERSION = 1
 MINHASH_PERMS = 64
@@ -26,6 +26,8 @@ EXACT_MAX_WORDS = 256  # prompts (variable parts) up to this many distinct words
 _WORD_RE = re.compile(r"[a-z0-9']+")
 # fixed seed: signatures must be comparable across processes and releases (distillgate.minhash: the one MinHash)
 _PERMS = Permutations.make(MINHASH_PERMS, 20240611)
+_ROWS = ItemRows(_PERMS)  # the words' permuted values, kept: most of a request's words were seen before
+_EMPTY_WORD = xxhash.xxh64_intdigest(b"")  # what a prompt without words hashes as (one empty word)
 
 # phrases that ask a model to spell out its reasoning (chain-of-thought elicitation)
 _COT_RE = re.compile(
@@ -34,6 +36,19 @@ _COT_RE = re.compile(
     r"|before answering,? (?:think|reason)|full reasoning|internal monologue|scratchpad",
     re.IGNORECASE,
 )
+
+
+_D = TypeVar("_D")
+
+
+def frozen(cls: type[_D], values: dict[str, Any]) -> _D:
+    """An instance of the frozen dataclass ``cls`` from the values of all its fields: what its generated
+    ``__init__`` makes, without that ``__init__``'s one ``object.__setattr__`` call per field (a request makes a
+    ``RequestFeatures`` of 14 fields and a ``Sketch`` of 25; each call costs about as much as the rest of a field's
+    work). ``values`` must name every field (``tests/test_extraction_signals.py`` checks both classes)."""
+    obj = object.__new__(cls)
+    obj.__dict__.update(values)
+    return obj
 
 
 @dataclass(frozen=True)
@@ -65,30 +80,33 @@ class RequestFeatures:
                     declared_run_size: int | None = None, prompt: str | None = None) -> RequestFeatures:
         """Build from an OpenAI chat/completions request body (what the gateway parsed). ``prompt``: the body's
         prompt text when the caller has it already (``prompt_text(body)``)."""
-        from distillgate.policy.decision import prompt_text
+        raw_bias = body.get("logit_bias")
+        bias: tuple[tuple[int, float], ...] = ()
+        if raw_bias:
+            if not isinstance(raw_bias, Mapping):
+                raise UserError("logit_bias must be an object mapping token ids to biases",
+                                hint='send e.g. {"logit_bias": {"50256": -100}}')
+            try:
+                bias = tuple(sorted((int(k), float(v)) for k, v in raw_bias.items()))
+            except (TypeError, ValueError) as exc:
+                raise UserError(f"logit_bias has a non-integer token id or non-numeric bias: {exc}",
+                                hint="keys are token ids (integers as strings), values numbers in [-100, 100]") from exc
+        if prompt is None:
+            from distillgate.policy.decision import prompt_text
 
-        raw_bias = body.get("logit_bias") or {}
-        if not isinstance(raw_bias, Mapping):
-            raise UserError("logit_bias must be an object mapping token ids to biases",
-                            hint='send e.g. {"logit_bias": {"50256": -100}}')
-        try:
-            bias = tuple(sorted((int(k), float(v)) for k, v in raw_bias.items()))
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"logit_bias has a non-integer token id or non-numeric bias: {exc}",
-                            hint="keys are token ids (integers as strings), values numbers in [-100, 100]") from exc
+            prompt = prompt_text(body)
         top = body.get("top_logprobs")
         logprobs = body.get("logprobs")
         if isinstance(logprobs, int) and not isinstance(logprobs, bool) and top is None:
             top = logprobs  # legacy completions API: logprobs=N means top N
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        return cls(
-            ts=time.time() if ts is None else ts, user=user, key_id=key_id, project=project, run=run,
-            model=body.get("model"), output_type=output_type,
-            prompt=prompt_text(body) if prompt is None else prompt,
-            top_logprobs=int(top) if top is not None else None, logprobs=bool(logprobs) or bool(top),
-            logit_bias=bias, max_tokens=int(max_tokens) if max_tokens is not None else None,
-            n=int(body.get("n") or 1), declared_run_size=declared_run_size,
-        )
+        return frozen(cls, {
+            "ts": time.time() if ts is None else ts, "user": user, "key_id": key_id, "project": project, "run": run,
+            "model": body.get("model"), "output_type": output_type, "prompt": prompt,
+            "top_logprobs": int(top) if top is not None else None, "logprobs": bool(logprobs) or bool(top),
+            "logit_bias": bias, "max_tokens": int(max_tokens) if max_tokens is not None else None,
+            "n": int(body.get("n") or 1), "declared_run_size": declared_run_size,
+        })
 
 
 def words(text: str) -> list[str]:
@@ -97,16 +115,20 @@ def words(text: str) -> list[str]:
 
 def word_hashes(vocab: set[str]) -> np.ndarray:
     """xxh64 of each word of ``vocab`` (uint64; the empty set hashes as one empty word)."""
-    vocab = vocab or {""}
-    return np.fromiter((xxhash.xxh64_intdigest(w.encode()) for w in vocab), dtype=np.uint64, count=len(vocab))
+    return np.array(_word_hashes(vocab), dtype=np.uint64)
 
 
-def minhash(text: str, vocab: set[str] | None = None, hashes: np.ndarray | None = None) -> np.ndarray:
+def _word_hashes(vocab: set[str]) -> list[int]:
+    """``word_hashes`` as Python ints (what the signature and the exact word set are made of)."""
+    return [xxhash.xxh64_intdigest(w.encode()) for w in vocab] if vocab else [_EMPTY_WORD]
+
+
+def minhash(text: str, vocab: set[str] | None = None, hashes: np.ndarray | list[int] | None = None) -> np.ndarray:
     """MinHash signature (uint32, MINHASH_PERMS values) of the prompt's set of lower-cased words (``hashes``: their
     ``word_hashes``, when the caller has them)."""
     if hashes is None:
-        hashes = word_hashes(vocab if vocab is not None else set(words(text)))
-    return signature(hashes, _PERMS)
+        hashes = _word_hashes(vocab if vocab is not None else set(words(text)))
+    return _ROWS.signature(hashes if isinstance(hashes, list) else hashes.tolist())
 
 
 def prompt_fingerprint(text: str, tokens: list[str] | None = None) -> str:
@@ -122,11 +144,11 @@ def bias_pattern(bias: tuple[tuple[int, float], ...]) -> str | None:
 
 # every _COT_RE alternative contains one of these words: prompts without any skip the (slower) regex
 _COT_HINTS = ("step", "show", "reason", "chain", "think", "walk", "monologue", "scratchpad")
+_COT_HINTS_RE = re.compile("|".join(_COT_HINTS))  # one scan for any of them (plain substrings)
 
 
 def elicits_reasoning(text: str) -> bool:
-    folded = text.casefold()
-    if not any(h in folded for h in _COT_HINTS):
+    if _COT_HINTS_RE.search(text.casefold()) is None:
         return False
     return _COT_RE.search(text) is not None
 
@@ -234,21 +256,21 @@ class Sketch:
         """The sketch of ``f``; ``text``: what the word-level detectors read (the prompt's variable part when it
         fits an approved template, see ``templates.split``), else the whole prompt."""
         text = f.prompt if text is None else text
-        tokens = words(text)
+        tokens = _WORD_RE.findall(text.lower())
         vocab = set(tokens)
-        hashes = word_hashes(vocab)
+        hashes = _word_hashes(vocab)
         cot = elicits_reasoning(text)
-        return cls(
-            ts=f.ts, user=f.user, key_id=f.key_id, project=f.project, run=f.run, output_type=f.output_type,
-            minhash=minhash(text, hashes=hashes), vocab_size=len(vocab), prompt_chars=len(f.prompt),
-            prompt_fp=prompt_fingerprint(text, [template or "", *tokens]), top_logprobs=int(f.top_logprobs or 0),
-            logprobs=f.logprobs, bias_size=len(f.logit_bias), bias_pattern=bias_pattern(f.logit_bias),
-            max_tokens=f.max_tokens, n=f.n,
-            declared_run_size=f.declared_run_size if f.declared_run_size is not None else run_size, cot=cot,
-            task_minhash=minhash(task_text(text)) if cot else None, template=template, declared=declared,
-            resamples=resamples, unseen=unseen,
-            word_set=(frozenset(hashes.tolist()) if vocab else frozenset()) if len(vocab) <= EXACT_MAX_WORDS else None,
-        )
+        return frozen(cls, {
+            "ts": f.ts, "user": f.user, "key_id": f.key_id, "project": f.project, "run": f.run,
+            "output_type": f.output_type, "minhash": minhash(text, hashes=hashes), "vocab_size": len(vocab),
+            "prompt_chars": len(f.prompt), "prompt_fp": prompt_fingerprint(text, [template or "", *tokens]),
+            "top_logprobs": int(f.top_logprobs or 0), "logprobs": f.logprobs, "bias_size": len(f.logit_bias),
+            "bias_pattern": bias_pattern(f.logit_bias), "max_tokens": f.max_tokens, "n": f.n,
+            "declared_run_size": f.declared_run_size if f.declared_run_size is not None else run_size, "cot": cot,
+            "task_minhash": minhash(task_text(text)) if cot else None, "embedding": None, "template": template,
+            "declared": declared, "resamples": resamples, "unseen": unseen, "unobserved": None,
+            "word_set": (frozenset(hashes) if vocab else frozenset()) if len(vocab) <= EXACT_MAX_WORDS else None,
+        })
 
     def record(self) -> dict[str, Any]:
         rec: dict[str, Any] = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -44,10 +44,12 @@ Job = tuple[Sketch, tuple[str, ...], tuple[ScopeKey, ...]]  # what the embedder 
 
 Effective = dict[str, tuple[float, int, int, tuple[str, ...]]]  # name -> (threshold, window, min_requests, scopes)
 InScope = list[tuple[str, float, int, int]]  # (name, threshold, window, min_requests) of one scope's signals
-_EFFECTIVE: dict[int, tuple[ExtractionRules, Effective, dict[str, InScope]]] = {}
+_Entry = tuple[ExtractionRules, Effective, dict[str, InScope]]
+_EFFECTIVE: dict[int, _Entry] = {}
+_NO_EVENTS = Events()  # a cluster scope's: it only reads the windows (never changed)
 
 
-def _effective_entry(rules: ExtractionRules) -> tuple[ExtractionRules, Effective, dict[str, InScope]]:
+def _effective_entry(rules: ExtractionRules) -> _Entry:
     """The rules' signal table and its per-scope views (filled as scopes are met), computed once per rules object."""
     hit = _EFFECTIVE.get(id(rules))
     if hit is not None and hit[0] is rules:
@@ -62,14 +64,9 @@ def _effective_entry(rules: ExtractionRules) -> tuple[ExtractionRules, Effective
     return entry
 
 
-def _effective(rules: ExtractionRules) -> Effective:
-    """(threshold, window, min_requests, scopes) per signal."""
-    return _effective_entry(rules)[1]
-
-
-def _effective_in(rules: ExtractionRules, scope: str) -> InScope:
+def _in_scope(entry: _Entry, scope: str) -> InScope:
     """(name, threshold, window, min_requests) of the signals computed for ``scope``."""
-    _, table, by_scope = _effective_entry(rules)
+    _, table, by_scope = entry
     rows = by_scope.get(scope)
     if rows is None:
         rows = by_scope[scope] = [(name, t, w, m) for name, (t, w, m, scopes) in table.items() if scope in scopes]
@@ -243,22 +240,26 @@ class ExtractionMonitor:
         rules = self._rules_for(s.project)
         if not rules.enabled:
             return ()
+        entry = _effective_entry(rules)
         fp = s.fp_int
         fired: list[Signal] = []
         memo: dict[tuple[str, int, int], bool] = {}  # ring comparisons shared by this request's scopes
         with self._lock:
-            scopes = identities(s)
-            states = [(scope, ident, self._state(scope, ident, rules)) for scope, ident in scopes]
-            project_state = next((st for scope, _, st in states if scope == "project"), None)
-            user_state = next((st for scope, _, st in states if scope == "user"), None)
+            states = [(scope, ident, self._state(scope, ident, entry)) for scope, ident in identities(s)]
+            project_state = user_state = None
+            for scope, _, st in states:
+                if scope == "project":
+                    project_state = st
+                elif scope == "user":
+                    user_state = st
             if s.project and user_state is not None and user_state.count < NEW_IDENTITY:
-                states.append(("cluster", s.project, self._state("cluster", s.project, rules)))
+                states.append(("cluster", s.project, self._state("cluster", s.project, entry)))
             flagged = self._is_flagged(s)
             if project_state is not None and s.run is not None and not flagged:
                 project_state.add_run(s.run, max(1, s.n))  # the run-size baseline: unflagged identities only
             events: list[Events] = []
             for scope, _ident, st in states:
-                ev = Events()
+                ev = _NO_EVENTS
                 if scope != "cluster":
                     ev = st.events(s, fp, memo)
                     st.add(s, fp, ev)
@@ -269,14 +270,13 @@ class ExtractionMonitor:
                                        project_state if scope == "project" else None)
             # tenant isolation: a project/cluster signal attaches only to an identity with evidence of the same
             # kind of its own (its own pieces outside the reference for the content signals, its own suspicious
-            # word-level events for the others)
-            own = [st for scope, _, st in states if scope in ("user", "key")]
-            evidence = {"content": any(st.content_evidence() for st in own),
-                        "words": any(st.word_evidence() for st in own)}
+            # word-level events for the others); judged only for a gated signal that would fire
+            own = [st for scope, _, st in states if scope == "user" or scope == "key"]
+            evidence: dict[str, bool] = {}
             for (scope, ident, st), ev in zip(states, events, strict=True):
-                ungated = scope not in GATED
-                fired.extend(self._values(rules, scope, ident, st, s, ev, project_state, ungated, evidence))
-            if any(sig.scope not in GATED for sig in fired):
+                self._values(entry, scope, ident, st, s, ev, project_state, scope not in GATED,
+                             own, evidence, fired)
+            if fired and any(sig.scope not in GATED for sig in fired):
                 self._flag(s, project_state)
         return tuple(fired)
 
@@ -294,63 +294,72 @@ class ExtractionMonitor:
         if project_state is not None and s.run is not None:
             project_state.forget_run(s.run)
 
-    def _state(self, scope: str, ident: str, rules: ExtractionRules) -> ScopeState:
+    def _state(self, scope: str, ident: str, entry: _Entry) -> ScopeState:
         key = (scope, ident)
         scopes = self._scopes
         st = scopes.get(key)
         if st is not None:  # least recently seen first: this one moves to the end
             scopes.move_to_end(key)
             return st
-        st = scopes[key] = ScopeState({name: row[1] for name, row in _effective(rules).items()})
+        st = scopes[key] = ScopeState({name: row[1] for name, row in entry[1].items()})
         while len(scopes) > self.max_scopes:
             scopes.popitem(last=False)
         return st
 
-    def _values(self, rules: ExtractionRules, scope: str, ident: str, st: ScopeState, s: Sketch, ev: Events,
-                project_state: ScopeState | None, ungated: bool,
-                evidence: dict[str, bool] | None = None) -> Iterable[Signal]:
-        """The signals of ``scope`` that fire. Values are cheap counters; the evidence is built only for a signal
-        that fires (most requests fire none)."""
-        for name, threshold, window, min_req in _effective_in(rules, scope):
-            if not ungated and evidence is not None and not evidence[_EVIDENCE.get(name, "words")]:
-                continue
+    def _values(self, entry: _Entry, scope: str, ident: str, st: ScopeState, s: Sketch, ev: Events,
+                project_state: ScopeState | None, ungated: bool, own: list[ScopeState], evidence: dict[str, bool],
+                fired: list[Signal]) -> None:
+        """Append the signals of ``scope`` that fire to ``fired``. Values are cheap counters (a count of zero is a
+        value of zero, below every threshold); the evidence is built only for a signal that fires (most requests
+        fire none), and the identity's own evidence (``own``: its user's and key's states; ``evidence``: what this
+        request judged of it already) only for a gated scope's signal that would fire."""
+        for name, threshold, window, min_req in _in_scope(entry, scope):
             value: float | None = None
             contributes = True
             known: Any = None  # what the value was made of, when it is costly: the evidence reuses it
-            if name == "volume":
+            if name == "template_sweep":
+                flags = st.twin
+                if flags.true and len(flags.items) >= min_req:
+                    value, contributes = flags.true / len(flags.items), ev.twin
+            elif name == "logit_bias_sweep":
+                if st.bias_counts and len(st.bias) >= min_req:
+                    value, contributes = float(len(st.bias_counts)), s.bias_size > 0
+            elif name == "logprob_harvest":
+                flags = st.harvest
+                if flags.true and len(flags.items) >= min_req:
+                    value, contributes = float(flags.true), ev.harvest
+            elif name == "reasoning_elicitation":
+                flags = st.cot
+                if flags.true and len(flags.items) >= min_req:
+                    value, contributes = flags.true / len(flags.items), ev.cot_unrelated
+            elif name == "prompt_drift":
+                flags = st.drift
+                if flags.true and len(flags.items) >= min_req:
+                    value, contributes = flags.true / len(flags.items), flags.last
+            elif name == "distribution_shift":
+                if len(st.outside) >= min_req:
+                    value = st.shift
+            elif name == "volume":
                 known = expected, _ = st.expected_records(project_state, s.run)
                 if expected:
                     value = st.records / expected
-            elif name == "template_sweep":
-                n = len(st.twin.items)
-                if n >= min_req:
-                    value, contributes = st.twin.true / n, ev.twin
-            elif name == "logit_bias_sweep":
-                if len(st.bias) >= min_req:
-                    value, contributes = float(len(st.bias_counts)), s.bias_size > 0
-            elif name == "logprob_harvest":
-                if len(st.harvest.items) >= min_req:
-                    value, contributes = float(st.harvest.true), ev.harvest
-            elif name == "reasoning_elicitation":
-                n = len(st.cot.items)
-                if n >= min_req:
-                    value, contributes = st.cot.true / n, ev.cot_unrelated
             elif name == "key_coordination":
                 if st.count >= min_req and ev.suspicious:
                     known = keys = st.suspicious_keys(min_req)
                     value, contributes = float(len(keys)), (s.key_id or "") in keys
-            elif name == "prompt_drift":
-                n = len(st.drift.items)
-                if n >= min_req:
-                    value, contributes = st.drift.true / n, st.drift.last
-            elif name == "distribution_shift":
-                if len(st.outside) >= min_req:
-                    value = st.shift
             elif name == "embedding_mmd" and len(st.vectors) >= min_req:
                 value = st.mmd
             if value is None or value < threshold or not (ungated or contributes):
                 continue
-            yield Signal(name, float(value), threshold, window, scope, ident, _evidence(name, st, known))
+            if not ungated:
+                kind = _EVIDENCE.get(name, "words")
+                has = evidence.get(kind)
+                if has is None:
+                    has = evidence[kind] = any(o.content_evidence() if kind == "content" else o.word_evidence()
+                                               for o in own)
+                if not has:
+                    continue
+            fired.append(Signal(name, float(value), threshold, window, scope, ident, _evidence(name, st, known)))
 
     # -- the background worker ----------------------------------------------------------------------------------------
     def _work(self) -> None:

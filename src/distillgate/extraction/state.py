@@ -19,7 +19,7 @@ LOCAL_OUTSIDE = 3  # ... and at least this many of its own pieces outside (two e
 HARVEST_REPEATS = 4  # a logprob request counts as harvesting from the 5th time its prompt is seen in the window
 
 
-@dataclass
+@dataclass(slots=True)
 class Events:
     """What one request contributed, per detector (computed against a scope's state before it is added)."""
 
@@ -55,6 +55,8 @@ class Ring:
         self.content = 0
         self.size = 0
         self.pos = 0
+        self.last_fp: int | None = None  # the fingerprint of the last row added, and how many rows in a row had it
+        self.last_run = 0
 
     def add(self, mh: np.ndarray, vocab: int, fp: int, key: int = 0,
             word_set: frozenset[int] | None = None) -> None:
@@ -69,7 +71,7 @@ class Ring:
             self.pos = self.size
         if self.size == len(self.mh):  # full: the oldest row leaves
             self.content = (self.content - self.keys[self.pos]) & _MASK64
-        self.mh[self.pos] = mh if mh.dtype == np.uint8 else mh.astype(np.uint8)
+        self.mh[self.pos] = mh  # a wider signature is cast as astype(np.uint8) casts it (its low byte)
         self.vocab[self.pos] = vocab
         self.fp[self.pos] = fp
         self.keys[self.pos] = key
@@ -77,13 +79,19 @@ class Ring:
         self.content = (self.content + key) & _MASK64
         self.pos = (self.pos + 1) % len(self.mh)
         self.size = min(self.size + 1, len(self.mh))
+        if fp == self.last_fp:
+            self.last_run += 1
+        else:
+            self.last_fp, self.last_run = fp, 1
 
     def has_twin(self, s: Sketch, fp: int) -> bool:
         """Whether a row is a near-twin of ``s``: at most TWIN_MAX_WORDS words apart, yet not the same prompt. The
         MinHash estimate only picks candidates; the decision is the exact word difference when both rows keep their
         word sets (a long shared template made the estimate call 63% of distinct banking77 messages twins)."""
+        if self.last_fp == fp and self.last_run >= self.size:
+            return False  # every row is this very prompt (a resampling run): no twin, nothing to estimate
         other = self.fp[: self.size] != fp
-        if not other.any():  # every row is this very prompt (a resampling run): no twin, nothing to estimate
+        if not other.any():
             return False
         j = self.jaccard(s.minhash8)
         a, b = self.vocab[: self.size], float(s.vocab_size)
@@ -175,11 +183,11 @@ class ScopeState:
             ev.twin = twin
         wants_lp = s.logprobs or s.top_logprobs > 0
         if s.declared:  # a declared shape (e.g. a soft-label KD study): only resampling beyond the declaration
-            ev.harvest = wants_lp and self.fp_counts[s.prompt_fp] >= max(HARVEST_REPEATS, s.resamples)
+            ev.harvest = wants_lp and self.fp_counts.get(s.prompt_fp, 0) >= max(HARVEST_REPEATS, s.resamples)
         else:
-            ev.harvest = wants_lp and (self.fp_counts[s.prompt_fp] >= HARVEST_REPEATS
+            ev.harvest = wants_lp and (self.fp_counts.get(s.prompt_fp, 0) >= HARVEST_REPEATS
                                        or (s.top_logprobs >= 10 and (s.max_tokens or 0) <= 1))
-        ev.new_bias_pattern = s.bias_pattern is not None and self.bias_counts[s.bias_pattern] == 0
+        ev.new_bias_pattern = s.bias_pattern is not None and s.bias_pattern not in self.bias_counts
         if s.cot and s.task_minhash8 is not None and self.cot_recent.size >= 1:
             key = ("cot", self.cot_recent.content, self.cot_recent.size)
             unrelated = memo.get(key)
@@ -277,4 +285,4 @@ def _push_counted(window: deque[str | None] | deque[str], counts: Counter[str], 
                 del counts[old]
     window.append(item)  # type: ignore[arg-type]
     if item is not None:
-        counts[item] += 1
+        counts[item] = counts.get(item, 0) + 1  # (Counter's own += calls its __missing__ for a new item)

@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from distillgate.extraction.features import frozen
 from distillgate.policy.approved import SLOT, template_hash
 
 CHUNK_WORDS = 128  # all-MiniLM-L6-v2 reads 256 wordpieces: 128 words leave room for long words
@@ -51,9 +52,12 @@ def chunks(text: str, size: int = CHUNK_WORDS) -> list[str]:
 def _bounded(pieces: list[str], template: str | None, thash: str | None) -> Split:
     out: list[str] = []
     for piece in pieces:
-        out.extend(chunks(piece) if len(_SPLIT_WS.findall(piece)) > CHUNK_WORDS else [piece])
+        # a piece of n words has at least 2n - 1 characters: one this short cannot have more than CHUNK_WORDS
+        long = len(piece) > 2 * CHUNK_WORDS and len(_SPLIT_WS.findall(piece)) > CHUNK_WORDS
+        out.extend(chunks(piece) if long else [piece])
     out = [p for p in out if p.strip()] or [""]
-    return Split(template, thash, tuple(out[:MAX_PIECES]), max(0, len(out) - MAX_PIECES))
+    return frozen(Split, {"template": template, "template_hash": thash, "pieces": tuple(out[:MAX_PIECES]),
+                          "unseen": max(0, len(out) - MAX_PIECES)})
 
 
 @dataclass(frozen=True)
