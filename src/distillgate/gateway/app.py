@@ -536,7 +536,7 @@ class Gateway:
             self._settling.add(settling)
             settling.add_done_callback(self._settled)
         if blocked:
-            await settling
+            await _durable(settling)
             self._count_tokens(prompt_tokens, completion_tokens)
             raise ApiError(422, f"the teacher's answer broke the output contract of {inb.output_type!r}: "
                            + "; ".join(problems[:5]), code="output_format_violation",
@@ -550,7 +550,7 @@ class Gateway:
             request_hash=ex.request_hash, response_hash=response_hash)
         settlement_index: int | None = None
         if wait:
-            entry: LogEntry = await settling
+            entry: LogEntry = await _durable(settling)
             settlement_index = entry.index
         self._count_tokens(prompt_tokens, completion_tokens)
         final: dict[str, Any] = {"stamp": stamp.as_dict(), "decision_index": adm.entry.index,
@@ -586,6 +586,21 @@ class Gateway:
             self.metrics.settled_tokens("prompt", prompt_tokens)
         if isinstance(completion_tokens, int):
             self.metrics.settled_tokens("completion", completion_tokens)
+
+
+async def _durable(settling: Awaitable[LogEntry]) -> LogEntry:
+    """The settlement's commit; a failed one (disk full, the database gone) is the 503 the gate gives for the
+    decision committed with it, not an internal error (which would log a traceback and close the connection)."""
+    try:
+        return await settling
+    except DistillgateError as exc:
+        if not isinstance(exc, StoreUnavailable):
+            raise
+        raise ApiError(503, f"the decision log's database is unavailable ({exc.message}); nothing was answered: "
+                       "retry later", code="decision_log_unavailable") from exc
+    except Exception as exc:
+        raise ApiError(503, f"the settlement could not be written to the decision log ({exc}); nothing was "
+                       "answered: retry later", code="decision_log_unavailable") from exc
 
 
 def _settle_extra(policy: Policy, problems: list[str], enforcement: str | None,
