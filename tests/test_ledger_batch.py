@@ -190,14 +190,7 @@ def test_reclaim_skips_what_the_same_batch_already_settled(tmp_path: Path) -> No
 
 def test_a_lazy_settlement_shares_the_next_decisions_commit(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    commits: list[int] = []
-    real_finish = _Txn.finish
-
-    def counting_finish(self: _Txn) -> None:
-        commits.append(self.appended)
-        real_finish(self)
-
-    monkeypatch.setattr(_Txn, "finish", counting_finish)
+    commits = _counting_commits(monkeypatch)
 
     async def go(store: Store) -> None:
         first = await store.aadmit(QUOTA, request(max_tokens=10, prompt_tokens=0))
