@@ -12,7 +12,8 @@ from typing import Any
 
 import orjson
 
-_OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+#: the options of ``canonical_json`` (for callers that call ``orjson.dumps`` themselves, on a hot path)
+CANONICAL_OPTS = _OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 
 
 def canonical_json(value: Any) -> bytes:

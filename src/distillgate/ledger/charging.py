@@ -21,6 +21,9 @@ OUTCOME_REASONS = {"upstream_error": "UPSTREAM_ERROR", "timeout": "UPSTREAM_ERRO
                    "client_disconnected": "CLIENT_DISCONNECTED", "gateway_error": "GATEWAY_ERROR"}
 
 
+_new = object.__new__
+
+
 @dataclass(frozen=True)
 class Charge:
     tokens_charged: int
@@ -58,4 +61,8 @@ def charge(reservation: Reservation, *, outcome: str, prompt_tokens: int | None,
         codes.append(OUTCOME_REASONS[outcome])
     if overrun:
         codes.append("USAGE_OVERRUN")
-    return Charge(tokens - overrun, min(recs, r_res), state, overrun, late, tuple(dict.fromkeys(codes)))
+    # Charge(...) without the frozen __init__ (one object.__setattr__ per field): one per settlement
+    out = _new(Charge)
+    out.__dict__.update(tokens_charged=tokens - overrun, records_charged=min(recs, r_res), state=state,
+                        overrun=overrun, late=late, reasons=tuple(dict.fromkeys(codes)))
+    return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 EMPTY_ROOT = hashlib.sha256(b"").hexdigest()
+_sha256 = hashlib.sha256
 
 
 def leaf_hash(entry_hash_hex: str) -> bytes:
@@ -31,12 +32,16 @@ class Frontier:
     nodes: list[tuple[int, bytes]] = field(default_factory=list)
 
     def append(self, entry_hash_hex: str) -> None:
-        height, h = 0, leaf_hash(entry_hash_hex)
-        while self.nodes and self.nodes[-1][0] == height:
-            _, left = self.nodes.pop()
-            h = node_hash(left, h)
+        self.append_digest(bytes.fromhex(entry_hash_hex))
+
+    def append_digest(self, entry_hash: bytes) -> None:
+        """``append`` of an entry hash given as its 32 bytes (not its hex)."""
+        height, h = 0, _sha256(b"\x00" + entry_hash).digest()
+        nodes = self.nodes
+        while nodes and nodes[-1][0] == height:
+            h = _sha256(b"\x01" + nodes.pop()[1] + h).digest()
             height += 1
-        self.nodes.append((height, h))
+        nodes.append((height, h))
         self.size += 1
 
     def root(self) -> str:

@@ -228,7 +228,7 @@ class Store:
                    key_id: str | None, content: Any, extra: Mapping[str, Any] | None) -> Callable[[Txn], Admission]:
         def job(txn: Txn) -> Admission:
             policy = policies.select(request.project) if isinstance(policies, PolicySet) else policies
-            day = utc_day(txn.now)
+            day = txn.day  # utc_day(txn.now)
             # with the run's owner: a run belongs to one project, decided in this transaction (two cannot both claim it)
             usage = txn.usage(request.project, request.user, request.run, day)
             decision = decide(policy, request, usage)
@@ -274,7 +274,7 @@ class Store:
             if reservation_id is not None:
                 txn.add_reservation(reservation_id, entry.index, request.project, request.user, request.run, day,
                                     tokens, records)
-            return Admission(decision, entry, reservation_id, tokens, records)
+            return Admission.quick(decision, entry, reservation_id, tokens, records)
 
         return job
 

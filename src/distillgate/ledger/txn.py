@@ -11,16 +11,16 @@ table in ``finish`` (the same transaction, so still all-or-nothing). Each job ca
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import orjson
 
-from distillgate.canonical import canonical_json, sha256_hex
+from distillgate.canonical import CANONICAL_OPTS
 from distillgate.db import Conn
 from distillgate.errors import IntegrityError, InternalError
-from distillgate.ledger.entries import columns
 from distillgate.ledger.merkle import Frontier
 from distillgate.ledger.records import (
     GENESIS_HASH,
@@ -29,11 +29,14 @@ from distillgate.ledger.records import (
     LogEntry,
     Reservation,
     iso_now,
+    utc_day,
     utc_now,
 )
 from distillgate.ledger.signing import Signer
 from distillgate.policy.decision import Usage
 
+_dumps = orjson.dumps
+_sha256 = hashlib.sha256
 _MISSING = object()
 _COUNTER_CHANGES: dict[Any, Any] = {}  # marks an undo record of ``apply`` (its changes and the values they changed)
 CounterKey = tuple[str, str, str]  # (scope, key, day) of a row of the counters table
@@ -124,6 +127,7 @@ class Txn:
         self.store = store
         self.state = state
         self.now = utc_now()
+        self.day = utc_day(self.now)  # the UTC day of ``now`` (each admission's quota day)
         self.appended = 0
         self.head: Checkpoint | None = None  # the signed head ``finish`` wrote (for the witness)
         self.head_json = b""  # ... and its JSON, as stored in ``meta``
@@ -150,13 +154,14 @@ class Txn:
     # -- per-job undo -------------------------------------------------------------------------------------------
     def mark(self) -> tuple[Any, ...]:
         s = self.state
-        return (s.next_index, s.prev_hash, Frontier(s.frontier.size, list(s.frontier.nodes)), self.appended,
-                len(self._log), len(self.checkpoints), len(self._new_reservations),
-                len(self._reservation_updates), len(self._runs), len(self._undo))
+        fr = s.frontier
+        return (s.next_index, s.prev_hash, fr.size, fr.nodes[:], self.appended, len(self._log), len(self.checkpoints),
+                len(self._new_reservations), len(self._reservation_updates), len(self._runs), len(self._undo))
 
     def undo(self, mark: tuple[Any, ...]) -> None:
         s = self.state
-        (s.next_index, s.prev_hash, s.frontier, self.appended, n_log, n_cp, n_new, n_upd, n_runs, n_undo) = mark
+        (s.next_index, s.prev_hash, size, nodes, self.appended, n_log, n_cp, n_new, n_upd, n_runs, n_undo) = mark
+        s.frontier = Frontier(size, nodes)
         while len(self._undo) > n_undo:  # first: it may restore rows of ``_new_reservations`` cut off below
             mapping, key, old = self._undo.pop()
             if mapping is _COUNTER_CHANGES:  # see ``apply``
@@ -180,29 +185,35 @@ class Txn:
     # -- the log ------------------------------------------------------------------------------------------------
     def append(self, kind: str, fields: Mapping[str, Any]) -> LogEntry:
         s = self.state
+        index = s.next_index
+        ts = iso_now()
+        prev_hash = s.prev_hash
         body = {
             **fields,
             "schema_version": SCHEMA_VERSION,
-            "index": s.next_index,
-            "ts": iso_now(),
+            "index": index,
+            "ts": ts,
             "kind": kind,
-            "prev_hash": s.prev_hash,
+            "prev_hash": prev_hash,
         }
-        if s.next_index == 0:  # the log's first entry names the key that signs it (see Store._load_signer)
+        if index == 0:  # the log's first entry names the key that signs it (see Store._load_signer)
             signer = self.store.signer
             body["log_key"] = {"key_id": signer.key_id, "public_key_pem": signer.public_key_pem()}
-        data = canonical_json(body)
-        entry_hash = sha256_hex(data)
-        self._log.append((s.next_index, entry_hash, data, *columns(body)))
-        s.frontier.append(entry_hash)
-        entry = LogEntry(s.next_index, entry_hash, body)
-        s.next_index += 1
+        data = _dumps(body, option=CANONICAL_OPTS)  # canonical_json(body), without the call
+        digest = _sha256(data)
+        entry_hash = digest.hexdigest()
+        # the columns derived from the body (entries.columns): kind and ts are this entry's own
+        get = body.get
+        self._log.append((index, entry_hash, data, kind, ts, get("run"), get("project"), get("user")))
+        frontier = s.frontier
+        frontier.append_digest(digest.digest())
+        s.next_index = index + 1
         s.prev_hash = entry_hash
         self.appended += 1
         every = self.store.checkpoint_every
-        if every and s.frontier.size % every == 0:
-            self.add_checkpoint(self.store._signed_checkpoint(s.frontier))
-        return entry
+        if every and frontier.size % every == 0:
+            self.add_checkpoint(self.store._signed_checkpoint(frontier))
+        return LogEntry.quick(index, entry_hash, body)
 
     def add_checkpoint(self, cp: Checkpoint) -> None:
         self.checkpoints.append(cp)
@@ -223,10 +234,11 @@ class Txn:
     # -- quota counters -----------------------------------------------------------------------------------------
     def counters(self, keys: list[CounterKey]) -> list[list[int]]:
         cache = self.state.counters
-        missing = [k for k in keys if k not in cache]
-        if missing:  # a read fills the cache with committed values: no undo needed
-            cache.update(read_counters(self.conn, missing))
-        return [cache[k] for k in keys]
+        try:
+            return [cache[k] for k in keys]
+        except KeyError:  # a read fills the cache with committed values: no undo needed
+            cache.update(read_counters(self.conn, [k for k in keys if k not in cache]))
+            return [cache[k] for k in keys]
 
     def usage(self, project: str | None, user: str | None, run: str | None, day: str) -> Usage:
         """The counters ``decide`` reads and, for a request in a run, the project that owns the run."""
@@ -238,14 +250,18 @@ class Txn:
         if project is not None:
             changes.append((("project", project, day), tokens, 0))
             if run is not None:
-                changes.append((run_key(project, run), tokens, records))
+                changes.append((("run", f"{project}\x1f{run}", ""), tokens, records))  # run_key(project, run)
         if user is not None:
             changes.append((("user", user, day), tokens, 0))
         if not changes:
             return
-        values = self.counters([k for k, _, _ in changes])
+        cache = self.state.counters
+        try:
+            values = [cache[k] for k, _, _ in changes]
+        except KeyError:  # read before any change (a failed read leaves nothing to undo)
+            values = self.counters([k for k, _, _ in changes])
         deltas = self._deltas
-        for (key, t, r), value in zip(changes, values, strict=True):
+        for (key, t, r), value in zip(changes, values):
             value[0] += t
             value[1] += r
             d = deltas.get(key)
@@ -277,8 +293,8 @@ class Txn:
         self._new_reservations.append((reservation_id, decision_index, project, user, run, day, tokens, records,
                                        None, None, "held", created, created + self.store.reservation_ttl_s))
         self._remember(self.state.reservations, reservation_id)
-        self.state.reservations[reservation_id] = Reservation(reservation_id, decision_index, project, user, run,
-                                                              day, tokens, records, "held")
+        self.state.reservations[reservation_id] = Reservation.quick(reservation_id, decision_index, project, user,
+                                                                    run, day, tokens, records, "held")
 
     def close_reservation(self, reservation_id: str, state: str, tokens_charged: int, records_charged: int) -> None:
         res = self.reservation(reservation_id)
@@ -291,9 +307,7 @@ class Txn:
             self._undo.append((self._new_reservations, at, row))
             self._new_reservations[at] = (*row[:8], tokens_charged, records_charged, state, *row[11:])
         self._remember(self.state.reservations, reservation_id)
-        self.state.reservations[reservation_id] = Reservation(
-            res.id, res.decision_index, res.project, res.user, res.run, res.day, res.tokens_reserved,
-            res.records_reserved, state)
+        self.state.reservations[reservation_id] = res.with_state(state)
 
     # -- commit -------------------------------------------------------------------------------------------------
     def finish(self) -> None:
