@@ -188,7 +188,7 @@ class Store:
         """Hand ``fn`` to the writer now; the future (of the running loop) resolves after its COMMIT."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._submit(Job(fn, fut, loop=loop, lazy=lazy, settles=settles))
+        self._writer.submit(Job(fn, fut, None, loop, lazy, None, settles))
         return fut
 
     async def _acall(self, fn: Callable[[Txn], T], *, lazy: bool = False, settles: str | None = None) -> T:
@@ -229,29 +229,32 @@ class Store:
         def job(txn: Txn) -> Admission:
             policy = policies.select(request.project) if isinstance(policies, PolicySet) else policies
             day = txn.day  # utc_day(txn.now)
+            project, user, run, kind = request.project, request.user, request.run, request.kind
             # with the run's owner: a run belongs to one project, decided in this transaction (two cannot both claim it)
-            usage = txn.usage(request.project, request.user, request.run, day)
+            usage = txn.usage(project, user, run, day)
             decision = decide(policy, request, usage)
+            allowed = decision.allowed
+            tokens_requested, records_requested = request.tokens_requested, request.records_requested
             reservation_id = None
             tokens = records = 0
-            if decision.allowed and request.kind == "inference":
+            if allowed and kind == "inference":
                 reservation_id = os.urandom(16).hex()  # 128 random bits, as many hex digits as uuid4().hex
-                tokens, records = request.tokens_requested, request.records_requested
-                txn.apply(request.project, request.user, request.run, day, tokens, records)
+                tokens, records = tokens_requested, records_requested
+                txn.apply(project, user, run, day, tokens, records)
             fields: dict[str, Any] = {
                 "policy_id": decision.policy_id,
                 "policy_hash": decision.policy_hash,
-                "user": request.user,
-                "project": request.project,
-                "run": request.run,
+                "user": user,
+                "project": project,
+                "run": run,
                 "model": request.model,
                 "output_type": request.output_type,
-                "request_kind": request.kind,
-                "decision": "allow" if decision.allowed else "deny",
+                "request_kind": kind,
+                "decision": "allow" if allowed else "deny",
                 "reasons": list(decision.reasons),
                 "message": decision.message,
-                "tokens_requested": request.tokens_requested,
-                "records_requested": request.records_requested,
+                "tokens_requested": tokens_requested,
+                "records_requested": records_requested,
                 "tokens_reserved": tokens,
                 "reservation_id": reservation_id,
                 "request_hash": request_hash,
@@ -265,15 +268,13 @@ class Store:
                 fields["extra"] = dict(extra)
             if content is not None and policy.audit.log_content:
                 fields["content"] = content
-            if not decision.allowed:  # anyone can be denied: what they sent is stored bounded (ledger/entries.py)
+            if not allowed:  # anyone can be denied: what they sent is stored bounded (ledger/entries.py)
                 fields = bound_denial(fields, authenticated=request.auth == "ok")
             entry = txn.append("decision", fields)
-            if decision.allowed and request.kind == "inference" and request.run and request.project \
-                    and usage.run_project is None:
-                txn.claim_run(request.run, request.project, entry.index)
+            if allowed and kind == "inference" and run and project and usage.run_project is None:
+                txn.claim_run(run, project, entry.index)
             if reservation_id is not None:
-                txn.add_reservation(reservation_id, entry.index, request.project, request.user, request.run, day,
-                                    tokens, records)
+                txn.add_reservation(reservation_id, entry.index, project, user, run, day, tokens, records)
             return Admission.quick(decision, entry, reservation_id, tokens, records)
 
         return job
@@ -305,7 +306,7 @@ class Store:
                   hold=_held_reservation)
         durable: Durable[Admission] = Durable(self._writer, job, loop=loop)
         job.done = durable
-        self._submit(job)
+        self._writer.submit(job)
         try:
             return await early, durable
         except BaseException:

@@ -36,6 +36,7 @@ from distillgate.ledger.signing import Signer
 from distillgate.policy.decision import Usage
 
 _dumps = orjson.dumps
+_new = object.__new__
 _sha256 = hashlib.sha256
 _MISSING = object()
 _COUNTER_CHANGES: dict[Any, Any] = {}  # marks an undo record of ``apply`` (its changes and the values they changed)
@@ -242,7 +243,17 @@ class Txn:
 
     def usage(self, project: str | None, user: str | None, run: str | None, day: str) -> Usage:
         """The counters ``decide`` reads and, for a request in a run, the project that owns the run."""
-        return as_usage(self.counters(usage_keys(project, user, run, day)), self.run_owner(run) if run else None)
+        cache = self.state.counters
+        keys = (("project", project or "", day), ("user", user or "", day), run_key(project, run))  # usage_keys
+        try:
+            p, u, r = cache[keys[0]], cache[keys[1]], cache[keys[2]]
+        except KeyError:
+            p, u, r = self.counters(list(keys))
+        # as_usage(...), without the frozen __init__ (one object.__setattr__ per field): one per admission
+        out = _new(Usage)
+        out.__dict__.update(tokens_today_project=p[0], tokens_today_user=u[0], records_run=r[1],
+                            run_project=self.run_owner(run) if run else None)
+        return out
 
     def apply(self, project: str | None, user: str | None, run: str | None, day: str, tokens: int,
               records: int) -> None:
@@ -288,13 +299,15 @@ class Txn:
     def add_reservation(self, reservation_id: str, decision_index: int, project: str | None, user: str | None,
                         run: str | None, day: str, tokens: int, records: int) -> None:
         created = time.time()
-        self._remember(self._new_at, reservation_id)
-        self._new_at[reservation_id] = len(self._new_reservations)
+        new_at, reservations, undo = self._new_at, self.state.reservations, self._undo
+        # what _remember(new_at, ...) and _remember(reservations, ...) record: a new id is in neither
+        undo.append((new_at, reservation_id, new_at.get(reservation_id, _MISSING)))
+        undo.append((reservations, reservation_id, reservations.get(reservation_id, _MISSING)))
+        new_at[reservation_id] = len(self._new_reservations)
         self._new_reservations.append((reservation_id, decision_index, project, user, run, day, tokens, records,
                                        None, None, "held", created, created + self.store.reservation_ttl_s))
-        self._remember(self.state.reservations, reservation_id)
-        self.state.reservations[reservation_id] = Reservation.quick(reservation_id, decision_index, project, user,
-                                                                    run, day, tokens, records, "held")
+        reservations[reservation_id] = Reservation.quick(reservation_id, decision_index, project, user, run, day,
+                                                         tokens, records, "held")
 
     def close_reservation(self, reservation_id: str, state: str, tokens_charged: int, records_charged: int) -> None:
         res = self.reservation(reservation_id)

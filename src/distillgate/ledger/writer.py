@@ -104,18 +104,26 @@ def _resolve(items: list[tuple[Any, bool, Any]]) -> None:
 
 def deliver(jobs: list[Job], outcomes: list[tuple[bool, Any]], early: bool) -> None:
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, bool, Any]]] = {}
-    for job, (ok, value) in zip(jobs, outcomes, strict=True):
+    last_loop: asyncio.AbstractEventLoop | None = None  # the jobs of a batch mostly share one loop
+    last: list[tuple[Any, bool, Any]] = []
+    for job, outcome in zip(jobs, outcomes, strict=True):
         fut = job.early if early else job.done
         if fut is None:
             continue
-        if job.loop is None:
+        loop = job.loop
+        if loop is None:
             if not fut.done():
+                ok, value = outcome
                 if ok:
                     fut.set_result(value)
                 else:
                     fut.set_exception(value)
+        elif loop is last_loop:
+            last.append((fut, *outcome))
         else:
-            by_loop.setdefault(job.loop, []).append((fut, ok, value))
+            last_loop = loop
+            last = by_loop.get(loop) or by_loop.setdefault(loop, [])
+            last.append((fut, *outcome))
     for loop, items in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the loop was closed: nobody is waiting
             loop.call_soon_threadsafe(_resolve, items)
