@@ -325,7 +325,7 @@ class Store:
             project, user, run, t_res = res.project, res.user, res.run, res.tokens_reserved
             tokens_charged, records_charged = c.tokens_charged, c.records_charged
             txn.apply(project, user, run, res.day, *c.counter_deltas(res))
-            txn.close_reservation(reservation_id, c.state, tokens_charged, records_charged)
+            txn.close_reservation(reservation_id, c.state, tokens_charged, records_charged, res)
             fields: dict[str, Any] = {
                 "reservation_id": reservation_id, "decision_index": res.decision_index, "project": project,
                 "user": user, "run": run, "outcome": outcome, "reasons": list(c.reasons),

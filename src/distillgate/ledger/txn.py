@@ -272,7 +272,7 @@ class Txn:
         except KeyError:  # read before any change (a failed read leaves nothing to undo)
             values = self.counters([k for k, _, _ in changes])
         deltas = self._deltas
-        for (key, t, r), value in zip(changes, values):
+        for (key, t, r), value in zip(changes, values, strict=False):  # the same length by construction
             value[0] += t
             value[1] += r
             d = deltas.get(key)
@@ -309,8 +309,11 @@ class Txn:
         reservations[reservation_id] = Reservation.quick(reservation_id, decision_index, project, user, run, day,
                                                          tokens, records, "held")
 
-    def close_reservation(self, reservation_id: str, state: str, tokens_charged: int, records_charged: int) -> None:
-        res = self.reservation(reservation_id)
+    def close_reservation(self, reservation_id: str, state: str, tokens_charged: int, records_charged: int,
+                          res: Reservation | None = None) -> None:
+        """``res``: the reservation, when the caller has just read it (``reservation(reservation_id)``)."""
+        if res is None:
+            res = self.reservation(reservation_id)
         assert res is not None
         at = self._new_at.get(reservation_id)
         if at is None:
@@ -319,8 +322,9 @@ class Txn:
             row = self._new_reservations[at]
             self._undo.append((self._new_reservations, at, row))
             self._new_reservations[at] = (*row[:8], tokens_charged, records_charged, state, *row[11:])
-        self._remember(self.state.reservations, reservation_id)
-        self.state.reservations[reservation_id] = res.with_state(state)
+        reservations = self.state.reservations
+        self._undo.append((reservations, reservation_id, reservations.get(reservation_id, _MISSING)))  # _remember
+        reservations[reservation_id] = res.with_state(state)
 
     # -- commit -------------------------------------------------------------------------------------------------
     def finish(self) -> None:
