@@ -289,3 +289,38 @@ def test_a_ring_of_one_repeated_prompt_holds_no_twin_of_it_yet_finds_one_of_a_ne
     assert ring.has_twin(near, near.fp_int)  # one word apart
     ring.add(near.minhash8, near.vocab_size, near.fp_int, near.row_key, near.word_set)
     assert ring.has_twin(same, same.fp_int)
+
+
+def test_the_twin_table_gives_the_direct_estimates_answer_on_rows_near_its_thresholds() -> None:
+    """``Ring.has_twin`` reads the estimated word difference from a table (``state._twin_codes``); on traffic full of
+    rows near the estimate's thresholds (prompts one to a dozen words apart, short and long, with and without their
+    exact word sets, repeats of the prompt itself) it answers as the direct computation (``has_twin_full``)."""
+    import random
+
+    from distillgate.extraction.state import Ring
+
+    rng = random.Random(5)
+    texts = banking_texts()[:120]
+    long_text = " ".join(f"w{i}" for i in range(300))  # beyond EXACT_MAX_WORDS: no word set, estimate only
+    prompts: list[str] = []
+    for t in texts:
+        ws = t.split()
+        prompts.append(t)
+        for cut in (1, 2, 3, 4, 6, 9, 12):
+            prompts.append(" ".join(w for i, w in enumerate(ws) if i % max(1, len(ws) // cut or 1) or i == 0))
+            prompts.append(t + " " + " ".join(rng.choice(ws) + str(rng.randrange(9)) for _ in range(cut)))
+        prompts.append(long_text + " " + " ".join(ws[: rng.randrange(1, 6)]))
+    sketches = [Sketch.of(feat(p)) for p in prompts]
+    ring = Ring(128)
+    answers = set()
+    for i, s in enumerate(sketches):
+        if i % 3 == 0:
+            s = sketches[rng.randrange(max(1, i))]  # a prompt already in the ring
+        got = ring.has_twin(s, s.fp_int)
+        assert got == ring.has_twin_full(s, s.fp_int), prompts[i]
+        answers.add(got)
+        ring.add(s.minhash8, s.vocab_size, s.fp_int, s.row_key, s.word_set)
+    assert answers == {True, False}
+    for _ in range(8):  # a ring of one repeated prompt
+        ring.add(sketches[0].minhash8, sketches[0].vocab_size, sketches[0].fp_int, sketches[0].row_key)
+    assert ring.has_twin(sketches[0], sketches[0].fp_int) == ring.has_twin_full(sketches[0], sketches[0].fp_int)
