@@ -34,6 +34,7 @@ class Events:
 
 
 _MASK64 = (1 << 64) - 1
+_NO_ROW = np.zeros(MINHASH_PERMS, dtype=np.uint8)  # an empty slot's row in the signatures block
 
 
 class Ring:
@@ -51,7 +52,9 @@ class Ring:
     def __init__(self, cap: int) -> None:
         self.cap = cap
         first = min(8, cap)
-        self.mh = np.zeros((first, MINHASH_PERMS), dtype=np.uint8)  # 8-bit minwise hashing (b-bit MinHash)
+        self._mh = np.zeros((first, MINHASH_PERMS), dtype=np.uint8)  # 8-bit minwise hashing (b-bit MinHash)
+        self.rows: list[np.ndarray | None] = [None] * first  # each slot's signature (uint8), as added
+        self._pending: list[int] = []  # slots whose row is not in ``_mh`` yet (written when a comparison reads it)
         self.vocabs = [0] * first
         self.fps = [0] * first
         self.fp_counts: dict[int, int] = {}  # fingerprint -> rows holding it
@@ -62,6 +65,21 @@ class Ring:
         self.pos = 0
         self.top = 0  # the most words of a row ever added (what the twin table must cover)
         self._index: np.ndarray | None = None  # ``vocabs`` as an index array (None: a row changed since)
+
+    @property
+    def mh(self) -> np.ndarray:
+        """The signatures block (one uint8 row per slot): the rows added since the last read are written now, so a
+        ring that no comparison reads (a repeated prompt) costs no numpy store per request."""
+        block, pending = self._mh, self._pending
+        if pending:
+            if len(block) != len(self.rows) or len(pending) > 8:
+                block = self._mh = np.array([r if r is not None else _NO_ROW for r in self.rows], dtype=np.uint8)
+            else:
+                rows = self.rows
+                for slot in pending:
+                    block[slot] = rows[slot]
+            pending.clear()
+        return block
 
     @property
     def vocab(self) -> np.ndarray:
@@ -86,8 +104,9 @@ class Ring:
         slots = len(self.vocabs)
         if size == slots and size < self.cap:
             grow = min(self.cap, 2 * slots)
-            self.mh = np.resize(self.mh, (grow, MINHASH_PERMS))
             extra = grow - slots
+            self.rows += [None] * extra
+            self._pending.append(-1)  # the block is rebuilt at its next read
             self.vocabs += [0] * extra
             self.fps += [0] * extra
             self.keys += [0] * extra
@@ -105,7 +124,10 @@ class Ring:
                 del counts[old]
         else:
             size += 1
-        self.mh[pos] = mh  # a wider signature is cast as astype(np.uint8) casts it (its low byte)
+        # a wider signature is cast as astype(np.uint8) casts it (its low byte)
+        self.rows[pos] = mh if mh.dtype == np.uint8 else mh.astype(np.uint8)
+        if len(self._pending) <= 8:  # beyond, the next read rebuilds the block whatever the slots
+            self._pending.append(pos)
         self.vocabs[pos] = vocab
         if vocab > self.top:
             self.top = vocab
@@ -133,7 +155,8 @@ class Ring:
         if table is None:  # a very long prompt in the ring: computed directly
             return self.has_twin_full(s, fp)
         full = size == len(self.vocabs)
-        same = _equal_counts((self.mh if full else self.mh[:size]) == s.minhash8)  # (size, 1)
+        block = self.mh
+        same = _equal_counts((block if full else block[:size]) == s.minhash8)  # (size, 1)
         codes = table[self._vocab_index() if full else self._vocab_index()[:size], same]  # (size, 1)
         fps, sets, word_set = self.fps, self.sets, s.word_set
         if word_set is None:
