@@ -326,30 +326,64 @@ class ScopeState:
         return ev
 
     def add(self, s: Sketch, fp: int, ev: Events) -> None:
+        """Add a request (with its ``events`` against this scope) to the windows. ``Flags.append`` and
+        ``_push_counted`` are written out inline: a request adds to five flag windows and two counted windows of
+        each of its (usually four) scopes."""
         self.count += 1
-        self.records += max(1, s.n)
+        n = s.n
+        self.records += n if n > 1 else 1
         if s.declared_run_size is not None:
             self.declared = s.declared_run_size
         self.recent.add(s.minhash8, s.vocab_size, fp, s.row_key, s.word_set)
         if s.cot and s.task_minhash8 is not None:
             self.cot_recent.add(s.task_minhash8, s.vocab_size, fp, s.task_row_key)
-        self.twin.append(ev.twin)
+        twin, harvest, cot = ev.twin, ev.harvest, ev.cot_unrelated
+        suspicious = twin or harvest or ev.new_bias_pattern or cot
+        f = self.twin
+        items = f.items
+        if len(items) == f.size and items[0]:
+            f.true -= 1
+        items.append(twin)
+        if twin:
+            f.true += 1
         _push_counted(self.bias, self.bias_counts, s.bias_pattern)
-        self.harvest.append(ev.harvest)
+        f = self.harvest
+        items = f.items
+        if len(items) == f.size and items[0]:
+            f.true -= 1
+        items.append(harvest)
+        if harvest:
+            f.true += 1
         _push_counted(self.fps, self.fp_counts, s.prompt_fp)
-        self.cot.append(ev.cot_unrelated)
-        suspicious = ev.suspicious
-        self.suspicious.append(suspicious)
+        f = self.cot
+        items = f.items
+        if len(items) == f.size and items[0]:
+            f.true -= 1
+        items.append(cot)
+        if cot:
+            f.true += 1
+        f = self.suspicious
+        items = f.items
+        if len(items) == f.size and items[0]:
+            f.true -= 1
+        items.append(suspicious)
+        if suspicious:
+            f.true += 1
         key = s.key_id or ""
         key_events = self.key_events
-        flags = key_events.get(key)
-        if flags is None:
-            flags = key_events[key] = Flags(KEY_RECENT)
+        f = key_events.get(key)  # type: ignore[assignment]
+        if f is None:
+            f = key_events[key] = Flags(KEY_RECENT)
             while len(key_events) > 1000:
                 key_events.popitem(last=False)
         else:
             key_events.move_to_end(key)
-        flags.append(suspicious)
+        items = f.items
+        if len(items) == f.size and items[0]:
+            f.true -= 1
+        items.append(suspicious)
+        if suspicious:
+            f.true += 1
 
     def add_piece(self, key: int, outside: bool) -> None:
         """One embedded piece for ``distribution_shift``. A piece already in the window is not a new trial: the
