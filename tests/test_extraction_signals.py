@@ -289,3 +289,91 @@ def test_a_ring_of_one_repeated_prompt_holds_no_twin_of_it_yet_finds_one_of_a_ne
     assert ring.has_twin(near, near.fp_int)  # one word apart
     ring.add(near.minhash8, near.vocab_size, near.fp_int, near.row_key, near.word_set)
     assert ring.has_twin(same, same.fp_int)
+
+
+def test_the_twin_table_gives_the_direct_estimates_answer_on_rows_near_its_thresholds() -> None:
+    """``Ring.has_twin`` reads the estimated word difference from a table (``state._twin_codes``); on traffic full of
+    rows near the estimate's thresholds (prompts one to a dozen words apart, short and long, with and without their
+    exact word sets, repeats of the prompt itself) it answers as the direct computation (``has_twin_full``)."""
+    import random
+
+    from distillgate.extraction.state import Ring
+
+    rng = random.Random(5)
+    texts = banking_texts()[:120]
+    long_text = " ".join(f"w{i}" for i in range(300))  # beyond EXACT_MAX_WORDS: no word set, estimate only
+    prompts: list[str] = []
+    for t in texts:
+        ws = t.split()
+        prompts.append(t)
+        for cut in (1, 2, 3, 4, 6, 9, 12):
+            prompts.append(" ".join(w for i, w in enumerate(ws) if i % max(1, len(ws) // cut or 1) or i == 0))
+            prompts.append(t + " " + " ".join(rng.choice(ws) + str(rng.randrange(9)) for _ in range(cut)))
+        prompts.append(long_text + " " + " ".join(ws[: rng.randrange(1, 6)]))
+    sketches = [Sketch.of(feat(p)) for p in prompts]
+    ring = Ring(128)
+    lazy = Ring(128)  # the same rows, its signatures block read only now and then (rows written at the read)
+    answers = set()
+    for i, s in enumerate(sketches):
+        if i % 3 == 0:
+            s = sketches[rng.randrange(max(1, i))]  # a prompt already in the ring
+        got = ring.has_twin(s, s.fp_int)
+        assert got == ring.has_twin_full(s, s.fp_int), prompts[i]
+        answers.add(got)
+        if i % 13 in (0, 1) or i % 29 == 0:
+            assert lazy.has_twin(s, s.fp_int) == got
+            np.testing.assert_array_equal(lazy.jaccard(s.minhash8), ring.jaccard(s.minhash8))
+        ring.add(s.minhash8, s.vocab_size, s.fp_int, s.row_key, s.word_set)
+        lazy.add(s.minhash, s.vocab_size, s.fp_int, s.row_key, s.word_set)
+    assert answers == {True, False}
+    for _ in range(8):  # a ring of one repeated prompt
+        ring.add(sketches[0].minhash8, sketches[0].vocab_size, sketches[0].fp_int, sketches[0].row_key)
+    assert ring.has_twin(sketches[0], sketches[0].fp_int) == ring.has_twin_full(sketches[0], sketches[0].fp_int)
+
+
+def _mixed_traffic() -> list[RequestFeatures]:
+    """Streams near and past every word-level threshold, interleaved: legitimate banking questions, a template
+    sweep, logprob harvesting, a logit_bias sweep, reasoning elicitation on unrelated tasks, runs of several
+    sizes, keys of one user turning suspicious (key_coordination)."""
+    import random
+
+    rng = random.Random(3)
+    bank = banking_texts()
+    streams: list[list[RequestFeatures]] = [
+        legit_banking(150, user="ann", key="k-ann", run="r-ann"),
+        template_sweep(120, user="bob", key="k-bob", run="r-bob"),
+        [feat(bank[i % 7], user="cy", key=f"k-cy{i % 4}", run="r-cy", logprobs=True, top_logprobs=5)
+         for i in range(120)],
+        [feat(bank[i], user="dee", key="k-dee", run=f"r-dee{i // 40}", logit_bias=((i, -100.0),))
+         for i in range(120)],
+        [feat(f"{bank[i * 3]} Think step by step.", user="eve", key="k-eve", run="r-eve") for i in range(120)],
+        [feat(bank[i + 500], user=f"new{i % 30}", key=f"k-new{i % 30}", run=f"r-new{i % 5}") for i in range(150)],
+    ]
+    out: list[RequestFeatures] = []
+    while any(streams):
+        s = rng.choice([s for s in streams if s])
+        out.append(s.pop(0))
+    return out
+
+
+def test_a_quiet_scope_skips_the_window_statistics_with_the_same_signals_and_extras(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_values``'s quiet-scope fast path (nothing in the scope's windows near a threshold: only ``volume`` is
+    computed) fires the same signals, with the same values and evidence, as the full computation, on traffic that
+    crosses every word-level threshold."""
+    from distillgate.extraction import monitor as monitor_module
+    from distillgate.extraction.monitor import log_extra
+
+    def run() -> list[tuple[list[dict[str, object]], dict[str, object]]]:
+        m = ExtractionMonitor()
+        got = []
+        for f in _mixed_traffic():
+            sk, sig = m.observe_request(f)
+            got.append(([x.as_dict() for x in sig], log_extra(f, sig, None, sk)))
+        return got
+
+    fast = run()
+    monkeypatch.setattr(monitor_module, "QUIET", False)
+    assert fast == run()
+    names = {d["name"] for sig, _ in fast for d in sig}
+    assert {"template_sweep", "logprob_harvest", "logit_bias_sweep", "reasoning_elicitation"} <= names, names

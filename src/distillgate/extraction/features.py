@@ -235,6 +235,11 @@ class Sketch:
         return None if self.task_minhash is None else self.task_minhash.astype(np.uint8)
 
     @_once
+    def minhash_b64(self) -> str:
+        """The record's ``minhash`` (its decision entry's and its shared row's: encoded once)."""
+        return _b64(self.minhash)
+
+    @_once
     def fp_int(self) -> int:
         return int(self.prompt_fp, 16)
 
@@ -276,7 +281,7 @@ class Sketch:
         rec: dict[str, Any] = {
             "v": RECORD_VERSION, "ts": round(self.ts, 3), "user": self.user, "key_id": self.key_id,
             "project": self.project, "run": self.run, "output_type": self.output_type,
-            "minhash": _b64(self.minhash),
+            "minhash": self.minhash_b64,
             "vocab": self.vocab_size, "chars": self.prompt_chars, "fp": self.prompt_fp,
             "top_logprobs": self.top_logprobs, "logprobs": self.logprobs,
             "bias": {"size": self.bias_size, "pattern": self.bias_pattern},

@@ -73,6 +73,19 @@ def _in_scope(entry: _Entry, scope: str) -> InScope:
     return rows
 
 
+def _quiet_rows(entry: _Entry, scope: str) -> InScope:
+    """The rows of ``_in_scope`` a quiet scope computes (see ``_values``): ``volume``'s, the one signal whose value
+    is not a window's counter."""
+    key = f"{scope}/quiet"
+    rows = entry[2].get(key)
+    if rows is None:
+        rows = entry[2][key] = [row for row in _in_scope(entry, scope) if row[0] == "volume"]
+    return rows
+
+
+QUIET = True  # the quiet-scope fast path of ``_values`` (tests switch it off to compare with the full computation)
+
+
 def rules_from(policies: Policy | PolicySet | ExtractionRules | None) -> RulesFor:
     if policies is None:
         default = ExtractionRules()
@@ -312,8 +325,19 @@ class ExtractionMonitor:
         """Append the signals of ``scope`` that fire to ``fired``. Values are cheap counters (a count of zero is a
         value of zero, below every threshold); the evidence is built only for a signal that fires (most requests
         fire none), and the identity's own evidence (``own``: its user's and key's states; ``evidence``: what this
-        request judged of it already) only for a gated scope's signal that would fire."""
-        for name, threshold, window, min_req in _in_scope(entry, scope):
+        request judged of it already) only for a gated scope's signal that would fire.
+
+        A quiet scope (no near-twin, harvesting, reasoning or drift flag in its windows, no logit_bias pattern, no
+        outside-reference shift or MMD above zero, no suspicious event in this request) computes ``volume`` only:
+        every other value is None or zero, below every threshold (thresholds are > 0)."""
+        if (QUIET and not ev.suspicious and not st.twin.true and not st.harvest.true and not st.cot.true
+                and not st.drift.true and not st.bias_counts and st.shift <= 0.0 and st.mmd <= 0.0):
+            rows = _quiet_rows(entry, scope)
+            if not rows:
+                return
+        else:
+            rows = _in_scope(entry, scope)
+        for name, threshold, window, min_req in rows:
             value: float | None = None
             contributes = True
             known: Any = None  # what the value was made of, when it is costly: the evidence reuses it

@@ -34,6 +34,7 @@ class Events:
 
 
 _MASK64 = (1 << 64) - 1
+_NO_ROW = np.zeros(MINHASH_PERMS, dtype=np.uint8)  # an empty slot's row in the signatures block
 
 
 class Ring:
@@ -42,54 +43,139 @@ class Ring:
     ``content`` is a multiset hash of the rows (the sum of their ``Sketch.row_key`` mod 2**64): two rings with the
     same ``content`` and ``size`` hold the same rows, so a comparison made against one holds for the other. A
     request compares its prompt once per distinct ring, not once per scope (user, key, project, run).
+
+    Only the signatures are a numpy block (what ``jaccard`` compares); word counts, fingerprints, keys and word sets
+    are Python lists (a numpy item store costs about as much as a small array operation), the word counts made an
+    array only when a comparison needs them.
     """
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         first = min(8, cap)
-        self.mh = np.zeros((first, MINHASH_PERMS), dtype=np.uint8)  # 8-bit minwise hashing (b-bit MinHash)
-        self.vocab = np.zeros(first, dtype=np.float32)
-        self.fp = np.zeros(first, dtype=np.uint64)
+        self._mh = np.zeros((first, MINHASH_PERMS), dtype=np.uint8)  # 8-bit minwise hashing (b-bit MinHash)
+        self.rows: list[np.ndarray | None] = [None] * first  # each slot's signature (uint8), as added
+        self._pending: list[int] = []  # slots whose row is not in ``_mh`` yet (written when a comparison reads it)
+        self.vocabs = [0] * first
+        self.fps = [0] * first
+        self.fp_counts: dict[int, int] = {}  # fingerprint -> rows holding it
         self.keys = [0] * first
         self.sets: list[frozenset[int] | None] = [None] * first  # exact word sets (None: too long, estimate only)
         self.content = 0
         self.size = 0
         self.pos = 0
-        self.last_fp: int | None = None  # the fingerprint of the last row added, and how many rows in a row had it
-        self.last_run = 0
+        self.top = 0  # the most words of a row ever added (what the twin table must cover)
+        self._index: np.ndarray | None = None  # ``vocabs`` as an index array (None: a row changed since)
+
+    @property
+    def mh(self) -> np.ndarray:
+        """The signatures block (one uint8 row per slot): the rows added since the last read are written now, so a
+        ring that no comparison reads (a repeated prompt) costs no numpy store per request."""
+        block, pending = self._mh, self._pending
+        if pending:
+            if len(block) != len(self.rows) or len(pending) > 8:
+                block = self._mh = np.array([r if r is not None else _NO_ROW for r in self.rows], dtype=np.uint8)
+            else:
+                rows = self.rows
+                for slot in pending:
+                    block[slot] = rows[slot]
+            pending.clear()
+        return block
+
+    @property
+    def vocab(self) -> np.ndarray:
+        """Each row's word count (float32, one per slot)."""
+        return np.array(self.vocabs, dtype=np.float32)
+
+    def _vocab_index(self) -> np.ndarray:
+        v = self._index
+        if v is None:
+            v = self._index = np.array(self.vocabs, dtype=np.intp)[:, None]  # a column: rows of the table
+        return v
+
+    @property
+    def fp(self) -> np.ndarray:
+        """Each row's prompt fingerprint (uint64, one per slot)."""
+        return np.array(self.fps, dtype=np.uint64)
 
     def add(self, mh: np.ndarray, vocab: int, fp: int, key: int = 0,
             word_set: frozenset[int] | None = None) -> None:
         """Add a row: ``mh`` a MinHash signature (uint8 or wider), ``key`` its ``Sketch.row_key``."""
-        if self.size == len(self.mh) and self.size < self.cap:
-            grow = min(self.cap, 2 * len(self.mh))
-            self.mh = np.resize(self.mh, (grow, MINHASH_PERMS))
-            self.vocab = np.resize(self.vocab, grow)
-            self.fp = np.resize(self.fp, grow)
-            self.keys += [0] * (grow - len(self.keys))
-            self.sets += [None] * (grow - len(self.sets))
-            self.pos = self.size
-        if self.size == len(self.mh):  # full: the oldest row leaves
-            self.content = (self.content - self.keys[self.pos]) & _MASK64
-        self.mh[self.pos] = mh  # a wider signature is cast as astype(np.uint8) casts it (its low byte)
-        self.vocab[self.pos] = vocab
-        self.fp[self.pos] = fp
-        self.keys[self.pos] = key
-        self.sets[self.pos] = word_set
-        self.content = (self.content + key) & _MASK64
-        self.pos = (self.pos + 1) % len(self.mh)
-        self.size = min(self.size + 1, len(self.mh))
-        if fp == self.last_fp:
-            self.last_run += 1
+        size, pos = self.size, self.pos
+        slots = len(self.vocabs)
+        if size == slots and size < self.cap:
+            grow = min(self.cap, 2 * slots)
+            extra = grow - slots
+            self.rows += [None] * extra
+            self._pending.append(-1)  # the block is rebuilt at its next read
+            self.vocabs += [0] * extra
+            self.fps += [0] * extra
+            self.keys += [0] * extra
+            self.sets += [None] * extra
+            pos = size
+            slots = grow
+        counts = self.fp_counts
+        if size == slots:  # full: the oldest row leaves
+            self.content = (self.content - self.keys[pos]) & _MASK64
+            old = self.fps[pos]
+            left = counts[old] - 1
+            if left:
+                counts[old] = left
+            else:
+                del counts[old]
         else:
-            self.last_fp, self.last_run = fp, 1
+            size += 1
+        # a wider signature is cast as astype(np.uint8) casts it (its low byte)
+        self.rows[pos] = mh if mh.dtype == np.uint8 else mh.astype(np.uint8)
+        if len(self._pending) <= 8:  # beyond, the next read rebuilds the block whatever the slots
+            self._pending.append(pos)
+        self.vocabs[pos] = vocab
+        if vocab > self.top:
+            self.top = vocab
+        self.fps[pos] = fp
+        counts[fp] = counts.get(fp, 0) + 1
+        self.keys[pos] = key
+        self.sets[pos] = word_set
+        self._index = None
+        self.content = (self.content + key) & _MASK64
+        self.pos = pos + 1 if pos + 1 < slots else 0
+        self.size = size
 
     def has_twin(self, s: Sketch, fp: int) -> bool:
         """Whether a row is a near-twin of ``s``: at most TWIN_MAX_WORDS words apart, yet not the same prompt. The
         MinHash estimate only picks candidates; the decision is the exact word difference when both rows keep their
-        word sets (a long shared template made the estimate call 63% of distinct banking77 messages twins)."""
-        if self.last_fp == fp and self.last_run >= self.size:
+        word sets (a long shared template made the estimate call 63% of distinct banking77 messages twins).
+
+        The estimate of a row's word difference is a function of the row's word count, the prompt's and the
+        number of equal signature values: ``_twin_codes`` tabulates it once per prompt word count, so a comparison
+        is one equality count and one table lookup (``has_twin_full`` computes it directly: the same answer)."""
+        size = self.size
+        if self.fp_counts.get(fp, 0) >= size:
             return False  # every row is this very prompt (a resampling run): no twin, nothing to estimate
+        table = _twin_codes(s.vocab_size, self.top)
+        if table is None:  # a very long prompt in the ring: computed directly
+            return self.has_twin_full(s, fp)
+        full = size == len(self.vocabs)
+        block = self.mh
+        same = _equal_counts((block if full else block[:size]) == s.minhash8)  # (size, 1)
+        codes = table[self._vocab_index() if full else self._vocab_index()[:size], same]  # (size, 1)
+        fps, sets, word_set = self.fps, self.sets, s.word_set
+        if word_set is None:
+            return any(fps[i] != fp for i in np.flatnonzero(codes == 2).tolist())
+        for i in np.flatnonzero(codes).tolist():
+            if fps[i] == fp:
+                continue
+            row = sets[i]
+            if row is None:
+                if codes[i, 0] == 2:
+                    return True
+            elif len(row ^ word_set) <= TWIN_MAX_WORDS:
+                return True
+        return False
+
+    def has_twin_full(self, s: Sketch, fp: int) -> bool:
+        """``has_twin`` computed without its table (what the tests compare it with)."""
+        if not self.size:
+            return False
         other = self.fp[: self.size] != fp
         if not other.any():
             return False
@@ -113,6 +199,48 @@ class Ring:
         mh8 = mh if mh.dtype == np.uint8 else mh.astype(np.uint8)
         same = (self.mh[: self.size] == mh8).sum(axis=1, dtype=np.int32)
         return same.astype(np.float32) * np.float32(1.0 / MINHASH_PERMS)  # type: ignore[no-any-return]
+
+
+def _equal_counts(eq: np.ndarray) -> np.ndarray:
+    """The True values of each row of a (rows, MINHASH_PERMS) bool array, as a column: the bits packed and counted
+    (fewer instructions than numpy's sum along the short axis)."""
+    return np.bitwise_count(np.packbits(eq, axis=1).view(np.uint64))  # type: ignore[no-any-return]
+
+
+if not hasattr(np, "bitwise_count"):  # numpy < 2.0
+    def _equal_counts(eq: np.ndarray) -> np.ndarray:
+        return eq.sum(axis=1)[:, None]  # type: ignore[no-any-return]
+
+
+_TWIN_CODES: dict[int, np.ndarray] = {}
+_TWIN_BYTES = 8 << 20  # the tables kept, all together (one is 65 bytes per row word count, for a prompt word count)
+_TWIN_TOP = 4096  # rings holding a prompt of more words compare directly (the table would be too large)
+
+
+def _twin_codes(b: int, top: int) -> np.ndarray | None:
+    """For a prompt of ``b`` words: code[a, k] for a row of ``a`` words (``a`` up to at least ``top``) with ``k`` equal
+    signature values of MINHASH_PERMS: 2 when the estimated word difference is at most TWIN_MAX_WORDS, 1 when
+    within TWIN_MAX_WORDS + TWIN_CANDIDATE_SLACK, else 0. The estimate is computed exactly as ``has_twin_full``
+    computes it (float32, the same operations in the same order), so the codes give its answers bit for bit. None
+    when ``top`` is ``_TWIN_TOP`` or more."""
+    table = _TWIN_CODES.get(b)
+    if table is not None and len(table) > top:
+        return table
+    if top >= _TWIN_TOP:
+        return None
+    rows = 64
+    while rows <= top:
+        rows *= 2
+    j = np.arange(MINHASH_PERMS + 1, dtype=np.int32)[None, :].astype(np.float32) * np.float32(1.0 / MINHASH_PERMS)
+    a = np.arange(rows, dtype=np.float32)[:, None]
+    bf = float(b)
+    inter = j * (a + bf) / (1.0 + j)
+    delta = a + bf - 2.0 * inter
+    table = ((delta <= TWIN_MAX_WORDS).astype(np.int8) + (delta <= TWIN_MAX_WORDS + TWIN_CANDIDATE_SLACK)).astype(np.int8)
+    if sum(t.nbytes for t in _TWIN_CODES.values()) + table.nbytes > _TWIN_BYTES:
+        _TWIN_CODES.clear()
+    _TWIN_CODES[b] = table
+    return table
 
 
 class Flags:
@@ -198,30 +326,64 @@ class ScopeState:
         return ev
 
     def add(self, s: Sketch, fp: int, ev: Events) -> None:
+        """Add a request (with its ``events`` against this scope) to the windows. ``Flags.append`` and
+        ``_push_counted`` are written out inline: a request adds to five flag windows and two counted windows of
+        each of its (usually four) scopes."""
         self.count += 1
-        self.records += max(1, s.n)
+        n = s.n
+        self.records += n if n > 1 else 1
         if s.declared_run_size is not None:
             self.declared = s.declared_run_size
         self.recent.add(s.minhash8, s.vocab_size, fp, s.row_key, s.word_set)
         if s.cot and s.task_minhash8 is not None:
             self.cot_recent.add(s.task_minhash8, s.vocab_size, fp, s.task_row_key)
-        self.twin.append(ev.twin)
+        twin, harvest, cot = ev.twin, ev.harvest, ev.cot_unrelated
+        suspicious = twin or harvest or ev.new_bias_pattern or cot
+        f = self.twin
+        items = f.items
+        if len(items) == f.size and items[0]:
+            f.true -= 1
+        items.append(twin)
+        if twin:
+            f.true += 1
         _push_counted(self.bias, self.bias_counts, s.bias_pattern)
-        self.harvest.append(ev.harvest)
+        f = self.harvest
+        items = f.items
+        if len(items) == f.size and items[0]:
+            f.true -= 1
+        items.append(harvest)
+        if harvest:
+            f.true += 1
         _push_counted(self.fps, self.fp_counts, s.prompt_fp)
-        self.cot.append(ev.cot_unrelated)
-        suspicious = ev.suspicious
-        self.suspicious.append(suspicious)
+        f = self.cot
+        items = f.items
+        if len(items) == f.size and items[0]:
+            f.true -= 1
+        items.append(cot)
+        if cot:
+            f.true += 1
+        f = self.suspicious
+        items = f.items
+        if len(items) == f.size and items[0]:
+            f.true -= 1
+        items.append(suspicious)
+        if suspicious:
+            f.true += 1
         key = s.key_id or ""
         key_events = self.key_events
-        flags = key_events.get(key)
-        if flags is None:
-            flags = key_events[key] = Flags(KEY_RECENT)
+        f = key_events.get(key)  # type: ignore[assignment]
+        if f is None:
+            f = key_events[key] = Flags(KEY_RECENT)
             while len(key_events) > 1000:
                 key_events.popitem(last=False)
         else:
             key_events.move_to_end(key)
-        flags.append(suspicious)
+        items = f.items
+        if len(items) == f.size and items[0]:
+            f.true -= 1
+        items.append(suspicious)
+        if suspicious:
+            f.true += 1
 
     def add_piece(self, key: int, outside: bool) -> None:
         """One embedded piece for ``distribution_shift``. A piece already in the window is not a new trial: the
