@@ -1,0 +1,36 @@
+"""The stamp's signature: libsodium's where the system has it, byte-identical to OpenSSL's (Ed25519 is
+deterministic), and the key's own signature otherwise."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from distillgate import sodium
+from distillgate.gateway.stamps import Stamp, issue_stamp
+from distillgate.ledger.signing import Signer
+
+
+@pytest.mark.parametrize("data", [b"", b"x", b'{"a":1}', bytes(range(256)) * 40, "é€😀".encode()])
+def test_fast_sign_equals_the_keys_own_signature(data: bytes) -> None:
+    key = Ed25519PrivateKey.generate()
+    assert sodium.fast_sign(key)(data) == key.sign(data)
+
+
+def test_without_libsodium_the_keys_own_sign(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sodium, "_loaded", False)
+    monkeypatch.setattr(sodium, "_lib", None)
+    monkeypatch.setenv("DISTILLGATE_NO_SODIUM", "1")
+    key = Ed25519PrivateKey.generate()
+    assert sodium.fast_sign(key) == key.sign
+    monkeypatch.setattr(sodium, "_loaded", False)  # the next test loads it again
+
+
+def test_issued_stamp_verifies_and_matches_sign_json() -> None:
+    signer = Signer.generate()
+    stamp = issue_stamp(signer, entry_index=3, entry_hash="e" * 64, policy_id="p", policy_hash="h", user="u",
+                        project="pr", run=None, model="m", upstream_id=None, request_hash="r" * 64,
+                        response_hash="s" * 64)
+    assert stamp.signature == signer.sign_json(stamp.payload)  # the same bytes as the Signer's own
+    assert stamp.verify(signer.public_key_pem())
+    assert Stamp.from_header(stamp.header_value()) == stamp
