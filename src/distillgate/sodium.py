@@ -41,8 +41,9 @@ def _library() -> Any:
         for name in ("libsodium.so.23", "libsodium.so.26", ctypes.util.find_library("sodium")):
             if not name:
                 continue
-            try:
-                lib = ctypes.CDLL(name)
+            try:  # PyDLL: the call keeps the GIL, as cryptography's sign does (a ~25 us release on the event
+                # loop would hand the GIL to a busy thread and wait to get it back)
+                lib = ctypes.PyDLL(name)
                 break
             except OSError:
                 continue
