@@ -76,9 +76,10 @@ def fast_sign(key: Ed25519PrivateKey) -> Callable[[bytes], bytes]:
         return key.sign
     detached = lib.crypto_sign_detached
     sk = secret.raw  # bytes: passed as char* without a copy, read-only
+    buffer = ctypes.c_char * 64
 
     def sign(data: bytes) -> bytes:
-        out = ctypes.create_string_buffer(64)  # per call: any thread may sign
+        out = buffer()  # per call: any thread may sign
         if detached(out, None, data, len(data), sk) != 0:
             return key.sign(data)
         return out.raw
