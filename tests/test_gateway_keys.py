@@ -46,3 +46,56 @@ def test_keys_cli(tmp_path: Path) -> None:
     assert again.returncode == 1 and "already revoked" in again.stderr
     missing = run_cli("keys", "revoke", "0000", "--db", db)
     assert missing.returncode == 1 and "keys list" in missing.stderr
+
+
+def test_revocation_counts_on_the_next_check_in_every_process(tmp_path: Path) -> None:
+    """Checks are memoised per key generation: a revocation by another store (another worker, the CLI) is refused
+    on the very next check, with no SQL read on the checks in between."""
+    db = tmp_path / "k.db"
+    worker, other = KeyStore(db), KeyStore(db)
+    record, secret = worker.create("alice")
+    assert worker.check(secret).status == "ok"  # memoised now
+    reads = []
+    worker._conn.raw.set_trace_callback(reads.append)
+    assert worker.check(secret).status == "ok" and worker.check(secret).user == "alice"
+    assert reads == []  # the memo answered: no SQL
+    other.revoke(record.key_id)  # another process's revocation
+    assert worker.check(secret).status == "revoked"
+    assert worker.check(secret + "x").status == "invalid"
+    _, fresh = other.create("bob")  # a key made elsewhere is found at once (unknown keys are never memoised)
+    assert worker.check(fresh).user == "bob"
+    worker.close(), other.close()
+
+
+def test_revocation_by_the_cli_counts_on_the_next_check(tmp_path: Path) -> None:
+    db = tmp_path / "store.db"
+    ks = KeyStore(db)
+    record, secret = ks.create("carol")
+    assert ks.check(secret).status == "ok" and ks.check(secret).status == "ok"
+    assert run_cli("keys", "revoke", record.key_id, "--db", str(db)).returncode == 0
+    assert ks.check(secret).status == "revoked"
+    ks.close()
+
+
+def test_a_revocation_written_by_hand_counts_within_recheck_s(tmp_path: Path) -> None:
+    """Without the sidecar generation (an UPDATE by hand) the memo lasts RECHECK_S at most; without the sidecar
+    file at all, every check reads the row."""
+    import os
+    import time
+
+    db = tmp_path / "k.db"
+    ks = KeyStore(db)
+    record, secret = ks.create("dave")
+    assert ks.check(secret).status == "ok"
+    with ks._lock:
+        ks._conn.execute("UPDATE gateway_api_keys SET revoked_at = 'x' WHERE key_id = ?", (record.key_id,))
+    time.sleep(KeyStore.RECHECK_S + 0.05)
+    assert ks.check(secret).status == "revoked"
+    os.unlink(str(db) + "-keygen")
+    with ks._lock:
+        ks._conn.execute("UPDATE gateway_api_keys SET revoked_at = NULL WHERE key_id = ?", (record.key_id,))
+    assert ks.check(secret).status == "ok"
+    with ks._lock:
+        ks._conn.execute("UPDATE gateway_api_keys SET revoked_at = 'x' WHERE key_id = ?", (record.key_id,))
+    assert ks.check(secret).status == "revoked"
+    ks.close()

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,13 +100,55 @@ _MISSING, _INVALID = KeyCheck("missing"), KeyCheck("invalid")
 class KeyStore(SideTable):
     """Create, list, revoke and check API keys. Thread-safe (one connection behind a lock).
 
-    ``check`` reads the key's row on every call (a revocation, made by any process, counts from the next check);
-    only the ``KeyCheck`` made of a row is kept, keyed by the row itself, so a revoked key's row (its
-    ``revoked_at`` set) makes a new one."""
+    ``check`` keeps the ``KeyCheck`` of each key it found (by the key's hash, never the key), tagged with the
+    store's *key generation*: the identity, size and mtime of a sidecar file beside the database
+    (``<db>-keygen``), to which every revocation (in any process: the CLI, the web app, another worker) appends one
+    byte after its commit. A check reads the generation first (one ``stat``, no SQL) and uses its memo only when
+    the generation is the one the memo was read under, so a revocation counts from the very next check, in every
+    process. The generation is read before the row, so a row read concurrently with a revocation is tagged with
+    the older generation and re-read next time. A row changed outside ``revoke`` (a hand-written SQL ``UPDATE``)
+    counts within ``RECHECK_S``: no memo is older than that. Without the sidecar (PostgreSQL, an in-memory
+    database, a read-only directory, the file removed) every check reads the row."""
+
+    #: the oldest a memoised check may be (a revocation written without ``revoke`` counts within this time)
+    RECHECK_S = 1.0
 
     def __init__(self, db_path: str | Path) -> None:
         super().__init__(db_path)
         self._checks: dict[tuple[str, str, str | None], KeyCheck] = {}
+        #: sha256(key) -> (check, the generation it was read under, monotonic deadline)
+        self._known: dict[str, tuple[KeyCheck, tuple[int, int, int], float]] = {}
+        self._gen_path: str | None = None
+        db = str(db_path)
+        if not is_postgres(db) and db != ":memory:" and not db.startswith("file:"):
+            gen_path = db + "-keygen"
+            try:
+                with open(gen_path, "ab"):
+                    pass
+                self._gen_path = gen_path
+            except OSError:  # a read-only directory: no memo, every check reads the row
+                self._gen_path = None
+
+    def _generation(self) -> tuple[int, int, int] | None:
+        if self._gen_path is None:
+            return None
+        try:
+            st = os.stat(self._gen_path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _bump(self) -> None:
+        """A new key generation, for every process's memo (after the change is committed)."""
+        self._known.clear()
+        if self._gen_path is None:
+            return
+        try:
+            with open(self._gen_path, "ab") as f:
+                f.write(b".")
+        except OSError:  # cannot write it: remove it, so that nobody trusts a memo any more
+            with contextlib.suppress(OSError):
+                os.unlink(self._gen_path)
 
     def create(self, user: str, *, label: str | None = None) -> tuple[ApiKey, str]:
         """Make a new key for ``user``; returns the stored record and the secret (shown once, never stored)."""
@@ -137,6 +181,8 @@ class KeyStore(SideTable):
             cur = conn.execute(
                 "UPDATE gateway_api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
                 (now_iso(), key_id))
+            if cur.rowcount:  # committed (autocommit): every process's memo is stale from now on
+                self._bump()
             row = conn.execute(
                 'SELECT key_id, "user", created_at, revoked_at, label FROM gateway_api_keys WHERE key_id = ?',
                 (key_id,)).fetchone()
@@ -150,17 +196,27 @@ class KeyStore(SideTable):
         """Check a presented key (the bearer token); ``status`` is what the policy's ``auth`` field expects."""
         if not presented:
             return _MISSING
+        digest = hash_key(presented)
+        gen = self._generation()  # before the row: a row read under an older generation is re-read next time
+        known = self._known.get(digest)
+        if known is not None and gen is not None and known[1] == gen and known[2] > time.monotonic():
+            return known[0]
         with self._lock:
             conn = self._live()
             row = conn.execute(
                 'SELECT "user", key_id, revoked_at FROM gateway_api_keys WHERE key_hash = ?',
-                (hash_key(presented),)).fetchone()
+                (digest,)).fetchone()
         if row is None:
-            return _INVALID
+            return _INVALID  # never memoised: a key made a moment ago (by any process) is found next time
         check = self._checks.get(row)
         if check is None:
             user, key_id, revoked_at = row
             check = KeyCheck("revoked" if revoked_at else "ok", user=user, key_id=key_id)
             if len(self._checks) < 4096:  # one per key (and per revoked key): bounded by the table, and capped
                 self._checks[row] = check
+        if gen is not None:
+            known_now = self._known
+            if len(known_now) >= 4096:
+                known_now.clear()
+            known_now[digest] = (check, gen, time.monotonic() + self.RECHECK_S)
         return check

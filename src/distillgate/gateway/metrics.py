@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -40,9 +42,9 @@ class Metrics:
                                  registry=r)
 
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self._answered: dict[tuple[str, int], tuple[Any, Any]] = {}
-        self._decided: dict[tuple[bool, tuple[str, ...]], tuple[Any, ...]] = {}
-        self._tokens: dict[str, Any] = {}
+        self._answered: dict[tuple[str, int], tuple[Callable[[float], None], Callable[[float], None]]] = {}
+        self._decided: dict[tuple[bool, tuple[str, ...]], tuple[Callable[[float], None], ...]] = {}
+        self._tokens: dict[str, Callable[[float], None]] = {}
 
     def labelled(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, memoised: the request path asks for the same few children every time."""
@@ -53,34 +55,63 @@ class Metrics:
         return child
 
     # The request path's own memos (each one dict lookup on plain keys): a child is created on first use, as
-    # ``labels()`` would, so /metrics shows the same series at every moment.
+    # ``labels()`` would, so /metrics shows the same series at every moment. What is kept is the child's value's
+    # own ``inc`` (prometheus_client's ``Counter.inc`` checks the amount's sign and exemplars around it: two Python
+    # frames per count, for amounts that are 1 or settled token counts) and, for the latency histogram, its sum and
+    # bucket values (``Histogram.observe``, written out: the bucket found by bisection, not a Python loop).
+    @staticmethod
+    def _counting(child: Any) -> Callable[[float], None]:
+        value = getattr(child, "_value", None)
+        inc = getattr(value, "inc", None)
+        return inc if callable(inc) else child.inc
+
+    @staticmethod
+    def _observing(child: Any) -> Callable[[float], None]:
+        bounds, buckets, total = (getattr(child, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
+        if not (isinstance(bounds, list) and isinstance(buckets, list) and len(bounds) == len(buckets)
+                and bounds and bounds[-1] == float("inf") and callable(getattr(total, "inc", None))):
+            return child.observe  # type: ignore[no-any-return]
+        incs = [b.inc for b in buckets]
+        sum_inc = total.inc
+
+        def observe(amount: float) -> None:
+            sum_inc(amount)
+            i = bisect_left(bounds, amount)  # the first bucket whose bound is >= amount, as observe() finds it
+            if i < len(incs):
+                incs[i](1)
+
+        return observe
+
     def answered(self, route: str, status: int, seconds: float) -> None:
         """One answered request: its count by route and status, and its latency by route."""
         key = (route, status)
         pair = self._answered.get(key)
         if pair is None:
-            pair = self._answered[key] = (self.requests.labels(route, str(status)), self.latency.labels(route))
-        pair[0].inc()
-        pair[1].observe(seconds)
+            pair = self._answered[key] = (self._counting(self.requests.labels(route, str(status))),
+                                          self._observing(self.latency.labels(route)))
+        pair[0](1)
+        pair[1](seconds)
 
     def decided(self, allowed: bool, reasons: tuple[str, ...]) -> None:
         """One decision: its count by outcome, and one count per reason code."""
         key = (allowed, reasons)
         children = self._decided.get(key)
         if children is None:
-            children = (self.decisions.labels("allow" if allowed else "deny"),
-                        *[self.reasons.labels(code) for code in reasons])
+            children = (self._counting(self.decisions.labels("allow" if allowed else "deny")),
+                        *[self._counting(self.reasons.labels(code)) for code in reasons])
             if len(self._decided) < 512:  # the combinations of codes seen: a few, but never an unbounded memo
                 self._decided[key] = children
-        for child in children:
-            child.inc()
+        for inc in children:
+            inc(1)
 
     def settled_tokens(self, kind: str, tokens: int) -> None:
-        """Tokens settled, by kind (``prompt`` or ``completion``)."""
-        child = self._tokens.get(kind)
-        if child is None:
-            child = self._tokens[kind] = self.tokens.labels(kind)
-        child.inc(tokens)
+        """Tokens settled, by kind (``prompt`` or ``completion``); a negative count is refused as ``inc`` does."""
+        inc = self._tokens.get(kind)
+        if inc is None:
+            inc = self._tokens[kind] = self._counting(self.tokens.labels(kind))
+        if tokens < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        inc(tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
