@@ -52,3 +52,19 @@ def test_header_from_the_signed_bytes_is_the_canonical_json(user: str | None) ->
         raw = base64.urlsafe_b64decode(stamp.header_value() + "=" * (-len(stamp.header_value()) % 4))
         assert raw == canonical_json(stamp.as_dict())
         assert Stamp.from_header(stamp.header_value()) == stamp and stamp.verify(signer.public_key_pem())
+
+
+def test_the_logs_signatures_are_the_keys_own_bytes(tmp_path) -> None:
+    """Checkpoints and signed heads go through the same signer: byte-identical to OpenSSL's, verified by the
+    public key alone; where libsodium loads, it is the one signing (the cheaper path is not silently unused)."""
+    import base64
+
+    from distillgate.ledger.signing import verify_bytes
+
+    signer = Signer.load_or_create(tmp_path / "k.pem")
+    for data in (b"", b'{"head":"0"}', bytes(range(256)) * 8):
+        sig = signer.sign(data)
+        assert base64.b64decode(sig) == signer._key.sign(data)
+        assert verify_bytes(signer.public_key_pem(), data, sig)
+    if sodium._library() is not None:
+        assert signer.raw_sign != signer._key.sign

@@ -87,6 +87,6 @@ def fast_sign(key: Ed25519PrivateKey) -> Callable[[bytes], bytes]:
     try:
         if sign(_PROBE) != key.sign(_PROBE):
             return key.sign
-    except Exception:  # noqa: BLE001 - anything odd about the library: the key's own signature
+    except Exception:  # anything odd about the library: the key's own signature
         return key.sign
     return sign

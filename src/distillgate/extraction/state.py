@@ -77,7 +77,8 @@ class Ring:
             else:
                 rows = self.rows
                 for slot in pending:
-                    block[slot] = rows[slot]
+                    row = rows[slot]
+                    block[slot] = row if row is not None else _NO_ROW
             pending.clear()
         return block
 
@@ -223,9 +224,9 @@ def _twin_codes(b: int, top: int) -> np.ndarray | None:
     within TWIN_MAX_WORDS + TWIN_CANDIDATE_SLACK, else 0. The estimate is computed exactly as ``has_twin_full``
     computes it (float32, the same operations in the same order), so the codes give its answers bit for bit. None
     when ``top`` is ``_TWIN_TOP`` or more."""
-    table = _TWIN_CODES.get(b)
-    if table is not None and len(table) > top:
-        return table
+    known = _TWIN_CODES.get(b)
+    if known is not None and len(known) > top:
+        return known
     if top >= _TWIN_TOP:
         return None
     rows = 64
@@ -236,7 +237,7 @@ def _twin_codes(b: int, top: int) -> np.ndarray | None:
     bf = float(b)
     inter = j * (a + bf) / (1.0 + j)
     delta = a + bf - 2.0 * inter
-    table = ((delta <= TWIN_MAX_WORDS).astype(np.int8) + (delta <= TWIN_MAX_WORDS + TWIN_CANDIDATE_SLACK)).astype(np.int8)
+    table: np.ndarray = ((delta <= TWIN_MAX_WORDS).astype(np.int8) + (delta <= TWIN_MAX_WORDS + TWIN_CANDIDATE_SLACK)).astype(np.int8)
     if sum(t.nbytes for t in _TWIN_CODES.values()) + table.nbytes > _TWIN_BYTES:
         _TWIN_CODES.clear()
     _TWIN_CODES[b] = table

@@ -63,7 +63,7 @@ class Metrics:
     def _counting(child: Any) -> Callable[[float], None]:
         value = getattr(child, "_value", None)
         inc = getattr(value, "inc", None)
-        return inc if callable(inc) else child.inc
+        return inc if callable(inc) else child.inc  # type: ignore[no-any-return]
 
     @staticmethod
     def _observing(child: Any) -> Callable[[float], None]:
@@ -72,7 +72,7 @@ class Metrics:
                 and bounds and bounds[-1] == float("inf") and callable(getattr(total, "inc", None))):
             return child.observe  # type: ignore[no-any-return]
         incs = [b.inc for b in buckets]
-        sum_inc = total.inc
+        sum_inc = total.inc  # type: ignore[union-attr]
 
         def observe(amount: float) -> None:
             sum_inc(amount)

@@ -13,7 +13,7 @@ the body's ``distillgate.stamp`` object (streaming: in a last chunk with ``choic
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -24,7 +24,6 @@ from distillgate.canonical import canonical_json
 from distillgate.errors import IntegrityError
 from distillgate.ledger.records import iso_now
 from distillgate.ledger.signing import Signer, verify_json
-from distillgate.sodium import fast_sign
 
 STAMP_VERSION = 2  # 2: response_hash is answer_digest (all kept fields + model); 1 hashed text only
 STAMP_HEADER = "x-distillgate-stamp"
@@ -93,21 +92,6 @@ class Stamp:
         return verify_json(public_key_pem, self.payload, self.signature)
 
 
-#: id(signer) -> (signer, its stamp signing function): libsodium's equal signature where the system has it
-_SIGNERS: dict[int, tuple[Signer, Callable[[bytes], bytes]]] = {}
-
-
-def _stamp_sign(signer: Signer) -> Callable[[bytes], bytes]:
-    entry = _SIGNERS.get(id(signer))
-    if entry is None or entry[0] is not signer:
-        key = getattr(signer, "_key", None)
-        sign = fast_sign(key) if key is not None else None
-        if len(_SIGNERS) >= 64:  # a few signers per process; tests make many
-            _SIGNERS.clear()
-        entry = _SIGNERS[id(signer)] = (signer, sign or (lambda data: base64.b64decode(signer.sign(data))))
-    return entry[1]
-
-
 def issue_stamp(signer: Signer, *, entry_index: int, entry_hash: str, policy_id: str, policy_hash: str,
                 user: str | None, project: str | None, run: str | None, model: str | None,
                 upstream_id: str | None, request_hash: str, response_hash: str,
@@ -122,4 +106,4 @@ def issue_stamp(signer: Signer, *, entry_index: int, entry_hash: str, policy_id:
                "issued_at": when, "key_id": signer.key_id}
     # signed as Signer.sign_json signs (base64 of the signature over the canonical JSON), by the cheaper signer
     signed = canonical_json(payload)
-    return Stamp(payload, base64.b64encode(_stamp_sign(signer)(signed)).decode(), signed)
+    return Stamp(payload, base64.b64encode(signer.raw_sign(signed)).decode(), signed)
