@@ -37,7 +37,7 @@ def test_issued_stamp_verifies_and_matches_sign_json() -> None:
 
 
 @pytest.mark.parametrize("user", [None, 'x","upstream_id":"y', ',"upstream_id":', "é\\\"", "zz"])
-def test_header_from_the_signed_bytes_is_the_canonical_json(user: str | None) -> None:
+def test_header_is_the_canonical_json_for_hostile_strings(user: str | None) -> None:
     import base64
 
     from distillgate.canonical import canonical_json
@@ -47,8 +47,6 @@ def test_header_from_the_signed_bytes_is_the_canonical_json(user: str | None) ->
         stamp = issue_stamp(signer, entry_index=1, entry_hash="e", policy_id=',"upstream_id":', policy_hash="h",
                             user=user, project=user, run=user, model=user, upstream_id=upstream_id,
                             request_hash="r", response_hash="s")
-        assert stamp.signed is not None
-        assert stamp.canonical() == canonical_json(stamp.as_dict())
         raw = base64.urlsafe_b64decode(stamp.header_value() + "=" * (-len(stamp.header_value()) % 4))
         assert raw == canonical_json(stamp.as_dict())
         assert Stamp.from_header(stamp.header_value()) == stamp and stamp.verify(signer.public_key_pem())

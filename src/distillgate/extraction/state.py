@@ -327,64 +327,30 @@ class ScopeState:
         return ev
 
     def add(self, s: Sketch, fp: int, ev: Events) -> None:
-        """Add a request (with its ``events`` against this scope) to the windows. ``Flags.append`` and
-        ``_push_counted`` are written out inline: a request adds to five flag windows and two counted windows of
-        each of its (usually four) scopes."""
         self.count += 1
-        n = s.n
-        self.records += n if n > 1 else 1
+        self.records += max(1, s.n)
         if s.declared_run_size is not None:
             self.declared = s.declared_run_size
         self.recent.add(s.minhash8, s.vocab_size, fp, s.row_key, s.word_set)
         if s.cot and s.task_minhash8 is not None:
             self.cot_recent.add(s.task_minhash8, s.vocab_size, fp, s.task_row_key)
-        twin, harvest, cot = ev.twin, ev.harvest, ev.cot_unrelated
-        suspicious = twin or harvest or ev.new_bias_pattern or cot
-        f = self.twin
-        items = f.items
-        if len(items) == f.size and items[0]:
-            f.true -= 1
-        items.append(twin)
-        if twin:
-            f.true += 1
+        self.twin.append(ev.twin)
         _push_counted(self.bias, self.bias_counts, s.bias_pattern)
-        f = self.harvest
-        items = f.items
-        if len(items) == f.size and items[0]:
-            f.true -= 1
-        items.append(harvest)
-        if harvest:
-            f.true += 1
+        self.harvest.append(ev.harvest)
         _push_counted(self.fps, self.fp_counts, s.prompt_fp)
-        f = self.cot
-        items = f.items
-        if len(items) == f.size and items[0]:
-            f.true -= 1
-        items.append(cot)
-        if cot:
-            f.true += 1
-        f = self.suspicious
-        items = f.items
-        if len(items) == f.size and items[0]:
-            f.true -= 1
-        items.append(suspicious)
-        if suspicious:
-            f.true += 1
+        self.cot.append(ev.cot_unrelated)
+        suspicious = ev.suspicious
+        self.suspicious.append(suspicious)
         key = s.key_id or ""
         key_events = self.key_events
-        f = key_events.get(key)  # type: ignore[assignment]
-        if f is None:
-            f = key_events[key] = Flags(KEY_RECENT)
+        flags = key_events.get(key)
+        if flags is None:
+            flags = key_events[key] = Flags(KEY_RECENT)
             while len(key_events) > 1000:
                 key_events.popitem(last=False)
         else:
             key_events.move_to_end(key)
-        items = f.items
-        if len(items) == f.size and items[0]:
-            f.true -= 1
-        items.append(suspicious)
-        if suspicious:
-            f.true += 1
+        flags.append(suspicious)
 
     def add_piece(self, key: int, outside: bool) -> None:
         """One embedded piece for ``distribution_shift``. A piece already in the window is not a new trial: the

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -31,32 +31,16 @@ PAYLOAD_KEYS = ("v", "entry_index", "entry_hash", "policy_id", "policy_hash", "u
                 "upstream_id", "request_hash", "response_hash", "issued_at", "key_id")
 
 
-_SPLICE_AT = b',"upstream_id":'
-
-
 @dataclass(frozen=True)
 class Stamp:
     payload: dict[str, Any]
     signature: str
-    #: the payload's canonical JSON when this stamp was just signed over it: the header is made from these bytes
-    signed: bytes | None = field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.payload, "signature": self.signature}
 
-    def canonical(self) -> bytes:
-        """``canonical_json(self.as_dict())``. From the signed bytes, spliced: "signature" sorts right before
-        "upstream_id" (after "run"), and ``,"upstream_id":`` can only be that key in canonical JSON (a string
-        writes every ``"`` in it as ``\"``), so the one JSON written per stamp is the one signed."""
-        signed = self.signed
-        if signed is not None:
-            at = signed.find(_SPLICE_AT)
-            if at > 0:
-                return b'%s,"signature":"%s"%s' % (signed[:at], self.signature.encode(), signed[at:])
-        return canonical_json(self.as_dict())
-
     def header_value(self) -> str:
-        return base64.urlsafe_b64encode(self.canonical()).decode().rstrip("=")
+        return base64.urlsafe_b64encode(canonical_json(self.as_dict())).decode().rstrip("=")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Stamp:
@@ -104,6 +88,4 @@ def issue_stamp(signer: Signer, *, entry_index: int, entry_hash: str, policy_id:
                "policy_hash": policy_hash, "user": user, "project": project, "run": run, "model": model,
                "upstream_id": upstream_id, "request_hash": request_hash, "response_hash": response_hash,
                "issued_at": when, "key_id": signer.key_id}
-    # signed as Signer.sign_json signs (base64 of the signature over the canonical JSON), by the cheaper signer
-    signed = canonical_json(payload)
-    return Stamp(payload, base64.b64encode(signer.raw_sign(signed)).decode(), signed)
+    return Stamp(payload, signer.sign_json(payload))

@@ -21,6 +21,7 @@ import orjson
 from distillgate.canonical import CANONICAL_OPTS
 from distillgate.db import Conn
 from distillgate.errors import IntegrityError, InternalError
+from distillgate.ledger.entries import columns
 from distillgate.ledger.merkle import Frontier
 from distillgate.ledger.records import (
     GENESIS_HASH,
@@ -81,8 +82,11 @@ def read_counters(conn: Conn, keys: Sequence[CounterKey]) -> dict[CounterKey, li
 
 def as_usage(counters: Sequence[list[int]], run_project: str | None = None) -> Usage:
     project, user, run = counters
-    return Usage(tokens_today_project=project[0], tokens_today_user=user[0], records_run=run[1],
-                 run_project=run_project)
+    # Usage(...) without the frozen __init__ (one object.__setattr__ per field): one per admission
+    out = _new(Usage)
+    out.__dict__.update(tokens_today_project=project[0], tokens_today_user=user[0], records_run=run[1],
+                        run_project=run_project)
+    return out
 
 
 def log_key_pem(body: bytes | memoryview | None) -> str | None:
@@ -203,9 +207,7 @@ class Txn:
         data = _dumps(body, option=CANONICAL_OPTS)  # canonical_json(body), without the call
         digest = _sha256(data)
         entry_hash = digest.hexdigest()
-        # the columns derived from the body (entries.columns): kind and ts are this entry's own
-        get = body.get
-        self._log.append((index, entry_hash, data, kind, ts, get("run"), get("project"), get("user")))
+        self._log.append((index, entry_hash, data, *columns(body)))
         frontier = s.frontier
         frontier.append_digest(digest.digest())
         s.next_index = index + 1
@@ -243,17 +245,7 @@ class Txn:
 
     def usage(self, project: str | None, user: str | None, run: str | None, day: str) -> Usage:
         """The counters ``decide`` reads and, for a request in a run, the project that owns the run."""
-        cache = self.state.counters
-        keys = (("project", project or "", day), ("user", user or "", day), run_key(project, run))  # usage_keys
-        try:
-            p, u, r = cache[keys[0]], cache[keys[1]], cache[keys[2]]
-        except KeyError:
-            p, u, r = self.counters(list(keys))
-        # as_usage(...), without the frozen __init__ (one object.__setattr__ per field): one per admission
-        out = _new(Usage)
-        out.__dict__.update(tokens_today_project=p[0], tokens_today_user=u[0], records_run=r[1],
-                            run_project=self.run_owner(run) if run else None)
-        return out
+        return as_usage(self.counters(usage_keys(project, user, run, day)), self.run_owner(run) if run else None)
 
     def apply(self, project: str | None, user: str | None, run: str | None, day: str, tokens: int,
               records: int) -> None:
@@ -261,18 +253,14 @@ class Txn:
         if project is not None:
             changes.append((("project", project, day), tokens, 0))
             if run is not None:
-                changes.append((("run", f"{project}\x1f{run}", ""), tokens, records))  # run_key(project, run)
+                changes.append((run_key(project, run), tokens, records))
         if user is not None:
             changes.append((("user", user, day), tokens, 0))
         if not changes:
             return
-        cache = self.state.counters
-        try:
-            values = [cache[k] for k, _, _ in changes]
-        except KeyError:  # read before any change (a failed read leaves nothing to undo)
-            values = self.counters([k for k, _, _ in changes])
+        values = self.counters([k for k, _, _ in changes])  # read before any change: a failed read leaves no undo
         deltas = self._deltas
-        for (key, t, r), value in zip(changes, values, strict=False):  # the same length by construction
+        for (key, t, r), value in zip(changes, values, strict=True):
             value[0] += t
             value[1] += r
             d = deltas.get(key)
@@ -299,10 +287,9 @@ class Txn:
     def add_reservation(self, reservation_id: str, decision_index: int, project: str | None, user: str | None,
                         run: str | None, day: str, tokens: int, records: int) -> None:
         created = time.time()
-        new_at, reservations, undo = self._new_at, self.state.reservations, self._undo
-        # what _remember(new_at, ...) and _remember(reservations, ...) record: a new id is in neither
-        undo.append((new_at, reservation_id, new_at.get(reservation_id, _MISSING)))
-        undo.append((reservations, reservation_id, reservations.get(reservation_id, _MISSING)))
+        new_at, reservations = self._new_at, self.state.reservations
+        self._remember(new_at, reservation_id)
+        self._remember(reservations, reservation_id)
         new_at[reservation_id] = len(self._new_reservations)
         self._new_reservations.append((reservation_id, decision_index, project, user, run, day, tokens, records,
                                        None, None, "held", created, created + self.store.reservation_ttl_s))
@@ -323,7 +310,7 @@ class Txn:
             self._undo.append((self._new_reservations, at, row))
             self._new_reservations[at] = (*row[:8], tokens_charged, records_charged, state, *row[11:])
         reservations = self.state.reservations
-        self._undo.append((reservations, reservation_id, reservations.get(reservation_id, _MISSING)))  # _remember
+        self._remember(reservations, reservation_id)
         reservations[reservation_id] = res.with_state(state)
 
     # -- commit -------------------------------------------------------------------------------------------------
